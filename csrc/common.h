@@ -1,0 +1,76 @@
+// Shared helpers for the torch-free C++ API of resnet_kernels._C.
+// Kernels take raw device pointers, sizes, strides and a cudaStream_t. Every entry point
+// validates its arguments (throwing rk::ArgError -> Python ValueError) and checks every launch
+// (throwing rk::CudaError -> Python RuntimeError).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace rk {
+
+// Element type codes shared with Python (resnet_kernels/backends/cuda_backend.py).
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+    case DType::F64: return "float64";
+  }
+  return "unknown";
+}
+
+struct ArgError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... Args>
+std::string cat(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+inline DType check_dtype(int code, const char* fn, const char* arg) {
+  if (code < 0 || code > 3)
+    throw ArgError(cat(fn, ": ", arg, " has unsupported dtype code ", code,
+                       " (expected 0=float32, 1=float16, 2=bfloat16, 3=float64)"));
+  return static_cast<DType>(code);
+}
+
+inline void check_ptr(std::uintptr_t p, const char* fn, const char* arg) {
+  if (p == 0) throw ArgError(cat(fn, ": ", arg, " is a null device pointer"));
+}
+
+inline void check_nonneg(int64_t v, const char* fn, const char* arg) {
+  if (v < 0) throw ArgError(cat(fn, ": ", arg, " must be >= 0, got ", v));
+}
+
+inline void check_positive(int64_t v, const char* fn, const char* arg) {
+  if (v <= 0) throw ArgError(cat(fn, ": ", arg, " must be > 0, got ", v));
+}
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not poisoned
+    throw CudaError(cat(what, ": ", cudaGetErrorName(err), ": ", cudaGetErrorString(err)));
+  }
+}
+
+// Call right after a <<<>>> launch.
+inline void check_launch(const char* kernel_name) { check_cuda(cudaGetLastError(), kernel_name); }
+
+inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace rk

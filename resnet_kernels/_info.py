@@ -1,0 +1,84 @@
+"""``resnet_kernels.info()``: what is installed and which backends can run here, and why not."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import torch
+
+from . import __version__, _backend, _ext
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def info() -> dict[str, Any]:
+    """A dict with versions, the _C build, GPU visibility and per-backend usability."""
+    C = _ext.get_C()
+    ext: dict[str, Any] = {"built": C is not None}
+    if C is None:
+        ext["error"] = _ext.C_error()
+    else:
+        ext["archs"] = [f"sm_{a}" for a in C.built_archs.split(",") if a]
+        ext["cuda_version_built"] = C.cuda_version_built
+        rt = C.runtime_info()
+        ext["cuda_runtime"] = rt["runtime_version"]
+        ext["cuda_driver"] = rt["driver_version"]
+    gpu = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else []
+    backends = {}
+    for name in _backend.BACKENDS:
+        if name == "torch":
+            backends[name] = {"usable": True, "reason": "plain PyTorch, any device"}
+            continue
+        ok, why = _backend.backend_status(name)
+        backends[name] = {"usable": ok, "reason": why or "ready"}
+    if _backend.triton_interpreting():
+        backends["triton"]["reason"] = "TRITON_INTERPRET=1: Triton interpreter on the CPU"
+    return {
+        "resnet_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "extension": ext,
+        "gpu_visible": gpu,
+        "gpus": gpus,
+        "default_backend": _backend.get_backend(),
+        "backends": backends,
+        "torch_only": {
+            "conv2d": "groups != 1, dilation != 1 or padding modes other than zeros run on the torch backend "
+                      "under 'auto'",
+        },
+    }
+
+
+def format_info(d: dict[str, Any] | None = None) -> str:
+    d = info() if d is None else d
+    ext = d["extension"]
+    lines = [
+        f"resnet_kernels {d['resnet_kernels']}  (python {d['python']})",
+        f"torch          {d['torch']}  (built with CUDA {d['torch_cuda']})",
+        f"triton         {d['triton'] or 'not installed'}",
+    ]
+    if ext["built"]:
+        rt = ext["cuda_runtime"]
+        lines.append(f"_C extension   built for {', '.join(ext['archs'])} with CUDA {ext['cuda_version_built']}"
+                     f" (runtime {rt}, driver {ext['cuda_driver'] or 'none'})")
+    else:
+        lines.append(f"_C extension   NOT available: {ext['error']}")
+    lines.append(f"GPU            {', '.join(d['gpus']) if d['gpu_visible'] else 'none visible'}")
+    lines.append(f"default        backend={d['default_backend']!r} (auto: cuda, then triton, for CUDA tensors; "
+                 "torch for CPU tensors)")
+    for name, st in d["backends"].items():
+        mark = "yes" if st["usable"] else "no "
+        lines.append(f"  {name:<7} {mark}  {st['reason']}")
+    for op, note in d["torch_only"].items():
+        lines.append(f"note           {op}: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Residual epilogue modules: ``AddReLU`` and ``BNAddReLU``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..ops.bn_add_relu import add_relu, bn_add_relu
+from ._bn import bn_scale_shift
+
+
+class AddReLU(nn.Module):
+    """relu(x + identity) in one fused pass."""
+
+    def __init__(self, backend: Optional[str] = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: Tensor, identity: Tensor) -> Tensor:
+        return add_relu(x, identity, backend=self.backend)
+
+
+class BNAddReLU(nn.Module):
+    """relu(bn(x) + identity), or relu(bn(x) + shortcut_bn(identity)) with ``shortcut_bn``.
+
+    ``bn`` and ``shortcut_bn`` are real ``nn.BatchNorm2d`` modules (same parameter names,
+    ``state_dict`` keys, initialisation and train/eval behaviour, running statistics included);
+    their effect is applied as a per-channel affine inside one fused kernel with the add and
+    the ReLU.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, shortcut_bn: bool = False, device=None, dtype=None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        kw = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+                  device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(num_features, **kw)
+        self.shortcut_bn = nn.BatchNorm2d(num_features, **kw) if shortcut_bn else None
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, shortcut_bn: Optional[nn.BatchNorm2d] = None,
+                     backend: Optional[str] = None) -> "BNAddReLU":
+        """Wrap existing BatchNorm2d modules; their parameters and buffers are shared, not copied."""
+        for name, m in (("bn", bn), ("shortcut_bn", shortcut_bn)):
+            if m is not None and type(m) is not nn.BatchNorm2d:
+                raise TypeError(f"BNAddReLU.from_modules: {name} must be an nn.BatchNorm2d, got {type(m).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.bn = bn
+        self.shortcut_bn = shortcut_bn
+        self.backend = backend
+        return self
+
+    def forward(self, x: Tensor, identity: Tensor) -> Tensor:
+        scale, shift = bn_scale_shift(self.bn, x)
+        if self.shortcut_bn is None:
+            return bn_add_relu(x, scale, shift, identity, backend=self.backend)
+        id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity)
+        return bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"shortcut_bn={self.shortcut_bn is not None}, backend={self.backend!r}"

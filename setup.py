@@ -1,0 +1,173 @@
+"""Build script: drives CMake to compile the torch-free CUDA extension ``resnet_kernels._C``.
+
+Environment variables
+---------------------
+RESNET_KERNELS_CUDA_ARCHS     semicolon/comma separated SM list (default "80;90"); entries the
+                              nvcc in use cannot target are dropped with a message.
+RESNET_KERNELS_REQUIRE_CUDA   "1": a missing/unusable CUDA compiler is a hard build error
+                              (CI sets it). Otherwise the pure Python + Triton package installs
+                              and the build output says so.
+RESNET_KERNELS_SKIP_CUDA      "1": do not build the extension even if nvcc is present.
+MAX_JOBS                      parallel compile jobs (default: number of CPUs).
+CUDA_HOME / CUDA_PATH         where to look for nvcc before PATH.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;90"
+
+
+def _say(msg: str) -> None:
+    # setuptools swallows stdout of build steps unless verbose; stderr shows in pip -v and in
+    # failures. Print to both so the message is visible either way.
+    bar = "=" * 78
+    text = f"\n{bar}\nresnet-kernels: {msg}\n{bar}\n"
+    sys.stderr.write(text)
+    sys.stdout.write(text)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return _real_nvcc(found)
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+def _real_nvcc(nvcc: str) -> str:
+    """PATH may hold a wrapper script around the toolkit's nvcc; CMake needs the real one (it
+    locates the toolkit's headers and libraries next to it). nvcc --dryrun prints its home."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
+        m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+        if m and (Path(m.group(1)) / "nvcc").exists():
+            return str(Path(m.group(1)) / "nvcc")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return nvcc
+
+
+def nvcc_supported_archs(nvcc: str):
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    return {int(m) for m in re.findall(r"compute_(\d+)", out)}
+
+
+def requested_archs():
+    raw = os.environ.get("RESNET_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = []
+    for tok in re.split(r"[;,\s]+", raw.strip()):
+        if not tok:
+            continue
+        tok = tok.lower().replace("sm_", "").replace("compute_", "").replace(".", "")
+        if not tok.isdigit():
+            raise RuntimeError(f"RESNET_KERNELS_CUDA_ARCHS: cannot parse {tok!r} (expected e.g. '80;90')")
+        archs.append(int(tok))
+    return archs
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, sourcedir: Path):
+        super().__init__(name, sources=[])
+        self.sourcedir = str(sourcedir)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        require = _truthy("RESNET_KERNELS_REQUIRE_CUDA")
+        if _truthy("RESNET_KERNELS_SKIP_CUDA"):
+            if require:
+                raise RuntimeError("RESNET_KERNELS_SKIP_CUDA=1 contradicts RESNET_KERNELS_REQUIRE_CUDA=1")
+            _say("RESNET_KERNELS_SKIP_CUDA=1: NOT building the CUDA backend (resnet_kernels._C).")
+            return
+        nvcc = find_nvcc()
+        if nvcc is None:
+            msg = ("no CUDA compiler (nvcc) found in CUDA_HOME, CUDA_PATH, PATH or /usr/local/cuda: "
+                   "installing WITHOUT the CUDA backend (resnet_kernels._C). The triton and torch "
+                   "backends still work.")
+            if require:
+                raise RuntimeError("RESNET_KERNELS_REQUIRE_CUDA=1 but " + msg)
+            _say(msg)
+            return
+        try:
+            self._build_with_cmake(ext, nvcc)
+        except Exception as exc:  # noqa: BLE001 - reported below, never swallowed silently
+            if require:
+                raise
+            _say(f"building the CUDA backend FAILED ({exc}); installing without resnet_kernels._C. "
+                 "Set RESNET_KERNELS_REQUIRE_CUDA=1 to make this an error.")
+
+    def _build_with_cmake(self, ext: CMakeExtension, nvcc: str) -> None:
+        supported = nvcc_supported_archs(nvcc)
+        wanted = requested_archs()
+        archs = [a for a in wanted if a in supported]
+        dropped = [a for a in wanted if a not in supported]
+        if dropped:
+            _say(f"nvcc at {nvcc} cannot target sm_{', sm_'.join(map(str, dropped))}; dropping them.")
+        if not archs:
+            raise RuntimeError(f"none of the requested CUDA architectures {wanted} is supported by {nvcc} "
+                               f"(it supports {sorted(supported)})")
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp) / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        # A cache from an earlier build (another compiler, another isolated-build pybind11 path)
+        # makes CMake fail or silently reuse stale settings: always configure afresh.
+        (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
+        import pybind11
+
+        cfg = "Release"
+        cmake_args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(str(a) for a in archs)}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        ]
+        if shutil.which("ninja"):
+            cmake_args.append("-GNinja")
+        else:
+            try:
+                import ninja  # noqa: F401
+
+                cmake_args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}"]
+            except ImportError:
+                pass
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        _say(f"building resnet_kernels._C with {nvcc} for sm_{', sm_'.join(map(str, archs))} (MAX_JOBS={jobs})")
+        subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+
+
+setup(
+    packages=[
+        "resnet_kernels",
+        "resnet_kernels.backends",
+        "resnet_kernels.ops",
+        "resnet_kernels.nn",
+        "resnet_kernels.models",
+        "resnet_kernels.triton_ops",
+    ],
+    # triton_ops/ lives at the top of the repository (one file per fused op) and is installed
+    # inside the package, so importing it never shadows or pollutes a top-level name.
+    package_dir={"resnet_kernels.triton_ops": "triton_ops"},
+    ext_modules=[CMakeExtension("resnet_kernels._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
