@@ -1,6 +1,21 @@
-"""Triton implementations (kernels and launchers live in ``triton_ops/``, installed as
-``resnet_kernels.triton_ops``). Imported only when the triton backend is used."""
+"""Triton implementations (kernels and launchers live in ``triton_ops/``, one file per fused
+op, installed as ``resnet_kernels.triton_ops``). Imported only when the triton backend runs."""
 
 from __future__ import annotations
 
-from ..triton_ops.bn_add_relu import bn_add_relu_backward, bn_add_relu_forward  # noqa: F401
+import importlib
+
+# launcher name -> module in triton_ops that defines it
+_LAUNCHERS = {
+    "bn_add_relu_forward": "bn_add_relu",
+    "bn_add_relu_backward": "bn_add_relu",
+    "conv2d_forward": "conv2d",
+}
+
+
+def __getattr__(name: str):
+    try:
+        mod = _LAUNCHERS[name]
+    except KeyError:
+        raise AttributeError(f"the triton backend has no launcher {name!r}") from None
+    return getattr(importlib.import_module(f"resnet_kernels.triton_ops.{mod}"), name)
