@@ -5,7 +5,7 @@ Nothing here touches the GPU at import time.
 
 __version__ = "0.1.0"
 
-from . import nn, ops  # noqa: E402  (registers the torch.library ops)
+from . import functional, nn, ops  # noqa: E402  (registers the torch.library ops)
 from ._alloc import poison_outputs  # noqa: E402
 from ._backend import (BACKENDS, BackendUnavailableError, backend_status, get_backend, set_backend,  # noqa: E402
                        use_backend)
@@ -13,6 +13,6 @@ from ._info import format_info, info  # noqa: E402
 from .ops import add_relu, bn_add_relu  # noqa: E402
 
 __all__ = [
-    "__version__", "nn", "ops", "info", "format_info", "set_backend", "get_backend", "use_backend",
+    "__version__", "functional", "nn", "ops", "info", "format_info", "set_backend", "get_backend", "use_backend",
     "backend_status", "BackendUnavailableError", "BACKENDS", "add_relu", "bn_add_relu", "poison_outputs",
 ]
