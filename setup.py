@@ -82,6 +82,22 @@ def requested_archs():
     return archs
 
 
+def _cmake_binary() -> str:
+    """The pip-installed cmake (a build requirement, new enough for CUDA 13) before PATH's."""
+    try:
+        import cmake
+
+        cand = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if cand.exists():
+            return str(cand)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("cmake")
+    if not found:
+        raise RuntimeError("cmake not found: pip install cmake (>= 3.26)")
+    return found
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path):
         super().__init__(name, sources=[])
@@ -151,8 +167,9 @@ class CMakeBuild(build_ext):
                 pass
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         _say(f"building resnet_kernels._C with {nvcc} for sm_{', sm_'.join(map(str, archs))} (MAX_JOBS={jobs})")
-        subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+        cmake = _cmake_binary()
+        subprocess.run([cmake, ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
+        subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
 
 
 setup(
