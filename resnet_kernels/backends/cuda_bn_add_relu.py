@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _alloc
 from .._ext import require_C
 from .cuda_common import DTYPE_CODES, ptr, stream_of
 
@@ -25,7 +24,9 @@ def bn_add_relu_backward(grad_out, out, x, scale, identity, id_scale, grad_x, gr
     code = DTYPE_CODES[grad_out.dtype]
     with torch.cuda.device(grad_out.device):
         nbytes = C_.bn_add_relu_backward_workspace_bytes(dtype=code, numel=grad_out.numel(), C=C, inner=inner)
-        ws = _alloc.empty((max(nbytes, 1),), dtype=torch.uint8, device=grad_out.device)
+        # Scratch for the per-block partial sums: every byte read is written first, so it is not
+        # poisoned (and _alloc's integer poison value does not fit uint8).
+        ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=grad_out.device)
         C_.bn_add_relu_backward(
             dtype=code, grad_out=ptr(grad_out), out=ptr(out), x=ptr(x), scale=ptr(scale), identity=ptr(identity),
             id_scale=ptr(id_scale), grad_x=ptr(grad_x), grad_identity=ptr(grad_identity),
