@@ -39,7 +39,7 @@ def info() -> dict[str, Any]:
             continue
         ok, why = _backend.backend_status(name)
         backends[name] = {"usable": ok, "reason": why or "ready"}
-    if _backend.triton_interpreting():
+    if _backend.triton_interpreting() and backends["triton"]["usable"]:
         backends["triton"]["reason"] = "TRITON_INTERPRET=1: Triton interpreter on the CPU"
     return {
         "resnet_kernels": __version__,
@@ -59,6 +59,13 @@ def info() -> dict[str, Any]:
     }
 
 
+def _cuda_ver(v):
+    """CUDA's integer versions (13000) as text ("13.0"); anything else unchanged."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    return v
+
+
 def format_info(d: dict[str, Any] | None = None) -> str:
     d = info() if d is None else d
     ext = d["extension"]
@@ -68,9 +75,10 @@ def format_info(d: dict[str, Any] | None = None) -> str:
         f"triton         {d['triton'] or 'not installed'}",
     ]
     if ext["built"]:
-        rt = ext["cuda_runtime"]
-        lines.append(f"_C extension   built for {', '.join(ext['archs'])} with CUDA {ext['cuda_version_built']}"
-                     f" (runtime {rt}, driver {ext['cuda_driver'] or 'none'})")
+        rt = _cuda_ver(ext["cuda_runtime"])
+        built = _cuda_ver(ext["cuda_version_built"])
+        lines.append(f"_C extension   built for {', '.join(ext['archs'])} with CUDA {built}"
+                     f" (runtime {rt}, driver {_cuda_ver(ext['cuda_driver']) or 'none'})")
     else:
         lines.append(f"_C extension   NOT available: {ext['error']}")
     lines.append(f"GPU            {', '.join(d['gpus']) if d['gpu_visible'] else 'none visible'}")

@@ -37,3 +37,67 @@ REDUCTION_TOL = {
 
 def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Error bounds against a float64 reference computed from the inputs. A fused kernel computes
+# in the accumulation dtype (float32; float64 for float64 activations) and rounds once when it
+# stores. Its error against the exact result is then bounded by
+#   * the rounding of the stored result: ULP[dtype] * |result| (round-to-nearest gives half
+#     an ulp; a whole one is allowed because the Triton interpreter truncates fp32 -> bf16),
+#     plus TINY[dtype] for results in the subnormal range;
+#   * the arithmetic in the accumulation dtype: k * ACC_EPS * (sum of |terms|) for a chain of
+#     k roundings (cancellation makes the error relative to the terms, not to the result);
+#   * for a sum of n terms in any order: (n + 1) * ACC_EPS * sum |terms| (the classical
+#     worst-case bound gamma_n, with one more rounding for the products).
+# These are worst-case bounds: an index or channel mix-up, a dropped element or a missing
+# operand produces errors of the order of the values themselves, far above them.
+# --------------------------------------------------------------------------------------------
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -52}
+TINY = {torch.float32: 2.0 ** -149, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133,
+        torch.float64: 2.0 ** -1074}
+
+
+def acc_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_eps(dtype: torch.dtype) -> float:
+    """Unit roundoff (x2) of the accumulation dtype used for activations of ``dtype``."""
+    return ULP[acc_of(dtype)]
+
+
+def elementwise_bound(expected: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype, ops: int = 8,
+                      stored: torch.dtype | None = None) -> torch.Tensor:
+    """Allowed |error| of a fused elementwise result: ``ops`` roundings in the accumulation dtype
+    relative to ``magnitude`` (the sum of |terms|), plus one rounding to ``stored`` (default
+    ``dtype``) of the result."""
+    stored = dtype if stored is None else stored
+    e = expected.double().abs()
+    return ULP[stored] * e + ops * acc_eps(dtype) * magnitude.double() + TINY[stored]
+
+
+def reduction_bound(expected: torch.Tensor, abs_sum: torch.Tensor, n_terms: int, dtype: torch.dtype,
+                    stored: torch.dtype | None = None) -> torch.Tensor:
+    """Allowed |error| of a sum of ``n_terms`` products accumulated in the accumulation dtype,
+    stored as ``stored`` (default: the accumulation dtype)."""
+    stored = acc_of(dtype) if stored is None else stored
+    e = expected.double().abs()
+    return (n_terms + 2) * acc_eps(dtype) * abs_sum.double() + ULP[stored] * e + TINY[stored]
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    """|actual - expected| <= bound elementwise (float64 comparison); NaN/inf in ``actual`` fail
+    (so do outputs a kernel forgot to write: they are poisoned with NaN)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    b = bound.detach().double().cpu().expand_as(e)
+    err = (a - e).abs()
+    bad = ~(err <= b)  # NaN counts as bad
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        n = int(bad.sum())
+        raise AssertionError(f"{what}: {n} of {e.numel()} elements out of bounds; first at {idx}: "
+                             f"got {a[idx].item()!r}, expected {e[idx].item()!r} (bound {b[idx].item():.3g}); "
+                             f"max excess {float((err - b)[bad].max()):.3g}")

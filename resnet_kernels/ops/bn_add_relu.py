@@ -56,10 +56,13 @@ def bn_add_relu_op(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
                    identity_scale: Optional[Tensor], identity_shift: Optional[Tensor], relu: bool,
                    backend: str) -> Tensor:
     layout = _validate(x, scale, shift, identity, identity_scale, identity_shift)
+    # backend is concrete ('auto' means auto, not "the one in force": bn_add_relu() already
+    # substituted that); resolve it even for an empty batch so an unusable explicit backend
+    # always raises
+    name = _backend.resolve(backend, x.device, OP)
     out = _alloc.empty_like(x)
     if x.numel() == 0:
         return out
-    name = _backend.resolve(None if backend == "auto" else backend, x.device, OP)
     acc = acc_dtype(x.dtype)
     C, inner = _geometry(x, layout)
     get_impl(name).bn_add_relu_forward(
@@ -127,12 +130,12 @@ def bn_add_relu_backward_op(grad_out: Tensor, out: Optional[Tensor], x: Optional
     that was not requested is an empty tensor. grad_shift is also the identity_shift gradient."""
     layout = _validate_backward(grad_out, out, x, scale, identity, identity_scale, relu, need_scale, need_id_scale)
     C, inner = _geometry(grad_out, layout)
+    name = _backend.resolve(backend, grad_out.device, OP + "_backward")
     outs = _backward_outputs(grad_out, C, need_x, need_identity, need_scale, need_shift, need_id_scale, fake=False)
     if grad_out.numel() == 0:
         for v in outs[2:]:
             v.zero_()  # a sum over an empty batch is 0
         return outs
-    name = _backend.resolve(None if backend == "auto" else backend, grad_out.device, OP + "_backward")
     acc = acc_dtype(grad_out.dtype)
     gx, gi, gs, gb, gis = (t if t.numel() else None for t in outs)
     get_impl(name).bn_add_relu_backward(
@@ -221,6 +224,12 @@ def bn_add_relu(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], ide
     scale 1 / shift 0 (identity None: no residual). backend: None (the one in force, see
     ``resnet_kernels.use_backend``), 'auto', 'cuda', 'triton' or 'torch'.
     """
+    # the dispatcher would reject a non-tensor with a message that does not say which op/argument
+    for name, t in (("x", x), ("scale", scale), ("shift", shift), ("identity", identity),
+                    ("identity_scale", identity_scale), ("identity_shift", identity_shift)):
+        if not isinstance(t, Tensor) and (t is not None or name == "x"):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor{'' if name == 'x' else ' or None'}, "
+                            f"got {type(t).__name__}")
     return bn_add_relu_op(x, scale, shift, identity, identity_scale, identity_shift, bool(relu),
                           _backend.get_backend() if backend is None else _backend._check_name(backend))
 
