@@ -1,0 +1,354 @@
+"""The Triton implicit-GEMM conv launcher (``triton_ops/conv2d.py: conv2d_forward``), tested
+directly against ``torch.nn.functional.conv2d`` in float64 plus the epilogue computed in float64.
+
+Without a GPU this runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1 before the
+kernels are imported); shapes are tiny so each launch is a few dozen programs at most. Every output
+is allocated NaN-poisoned (``resnet_kernels._alloc`` in poison mode), so an element the kernel
+does not write fails the comparison.
+
+Tolerances (``_bound``), per element, derived from how the kernel computes rather than tuned:
+  y = act(acc * scale + bias + residual), acc = sum_k x_k w_k over K = Cin*KH*KW terms in fp32.
+  * accumulation: |acc - acc64| <= gamma * A with A = conv(|x|, |w|) (float64) and
+      gamma = (K + 1) * 2**-24                           (fp32 adds; 16-bit products are exact in fp32,
+                                                         fp32 products round once)
+            + 2**-9   for fp32 with allow_tf32: the tensor cores read fp32 operands as tf32 by
+                      dropping the low 13 mantissa bits (no cvt.rna in the PTX): < 2**-10 per operand
+            + 2**-18  for fp32 without tf32 (3xTF32 on the GPU: the dropped lo*lo product and the
+                      truncated lo parts are each < 2**-20 of |x w|)
+    (the interpreter computes the dot in plain fp32, the GPU terms just make the bound cover both);
+  * epilogue in fp32: 4 roundings of 2**-24 relative to |acc*scale| + |bias| + |residual|;
+  * output rounding: U_OUT[dtype] * |y| (fp32 2**-24, fp16 2**-11 = half an ulp, bf16 2**-7 = one
+    full ulp because the interpreter's fp32->bf16 cast truncates); ReLU is 1-Lipschitz;
+  * a floor of one subnormal spacing of the output dtype;
+  and the sum is doubled as a safety margin. A missing or wrong tap is an error of order |x w| =
+  A/K: for the shapes here that is > 30x the bound for fp32 (tf32 or not) and fp16, and ~2x for
+  bf16, where the output rounding dominates (an indexing bug shows up in every dtype's cases).
+Where PyTorch itself runs the conv in the same dtype on this device, the kernel's max error must
+also stay within 2x PyTorch's own max error plus 2 output-rounding units at the scale of max|y|.
+Statistics: mean/var vs ``torch.var_mean`` (biased) of the float64 conv, with the accumulator
+bound propagated (see ``_stats_tol``) plus M * 2**-24 relative for fp32 summation over M rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rk_testing import DEVICE, HAS_GPU, interpreting
+
+from resnet_kernels import _alloc
+
+conv = importlib.import_module("resnet_kernels.triton_ops.conv2d")
+
+# dtype ids: (torch dtype, allow_tf32)
+DTYPES = {
+    "fp32-tf32": (torch.float32, True),
+    "fp32": (torch.float32, False),
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+}
+U_OUT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
+U32 = 2.0 ** -24
+
+# every ResNet conv type, with odd sizes: (id, N, Cin, H, W, Cout, k, stride, pad)
+CONV_TYPES = [
+    ("stem7x7s2p3", 2, 3, 9, 11, 64, 7, 2, 3),
+    ("3x3s1p1", 2, 16, 7, 7, 24, 3, 1, 1),
+    ("3x3s2p1", 1, 5, 9, 9, 64, 3, 2, 1),
+    ("1x1s1p0", 2, 16, 7, 5, 24, 1, 1, 0),
+    ("1x1s2p0", 2, 5, 9, 9, 8, 1, 2, 0),
+    ("3x3s1p1_cin40", 1, 40, 5, 5, 8, 3, 1, 1),  # chunked K loop with a partial channel chunk
+]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def _fmt(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def _make(shape_id, dtype, layout, *, res=False, seed=0):
+    _, n, cin, h, w, cout, k, s, p = next(c for c in CONV_TYPES if c[0] == shape_id)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype)
+    wt = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dtype)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    r = torch.randn(n, cout, oh, ow, generator=g).to(dtype) if res else None
+    x = x.to(DEVICE).contiguous(memory_format=_fmt(layout))
+    wt = wt.to(DEVICE)
+    if r is not None:
+        r = r.to(DEVICE).contiguous(memory_format=_fmt(layout))
+    return x, wt, r, (s, s), (p, p)
+
+
+def _poisoned_out(x, cout, oh, ow, layout):
+    template = torch.empty((x.shape[0], cout, oh, ow), dtype=x.dtype, device=x.device,
+                           memory_format=_fmt(layout))
+    out = _alloc.empty_like(template)
+    assert torch.isnan(out).all(), "outputs must be poisoned (conftest poison mode)"
+    return out
+
+
+def _ref64(x, w, stride, padding):
+    """float64 conv of the (already rounded) inputs, and A = conv(|x|, |w|) for the error bound."""
+    xd, wd = x.detach().cpu().double(), w.detach().cpu().double()
+    y = F.conv2d(xd, wd, stride=stride, padding=padding)
+    a = F.conv2d(xd.abs(), wd.abs(), stride=stride, padding=padding)
+    return y, a
+
+
+def _gamma(dtype, allow_tf32, K):
+    g = (K + 1) * U32
+    if dtype == torch.float32:
+        g += 2.0 ** -9 if allow_tf32 else 2.0 ** -18
+    return g
+
+
+def _epilogue64(y, scale, bias, res, relu):
+    C = y.shape[1]
+    s = scale.cpu().double().view(1, C, 1, 1) if scale is not None else torch.ones(1, C, 1, 1, dtype=torch.float64)
+    b = bias.cpu().double().view(1, C, 1, 1) if bias is not None else torch.zeros(1, C, 1, 1, dtype=torch.float64)
+    r = res.cpu().double() if res is not None else torch.zeros((), dtype=torch.float64)
+    pre = y * s + b + r
+    out = torch.relu(pre) if relu else pre
+    return out, s, b, r
+
+
+def _bound(dtype, allow_tf32, K, y, a, scale, bias, res, relu):
+    out, s, b, r = _epilogue64(y, scale, bias, res, relu)
+    acc_err = _gamma(dtype, allow_tf32, K) * a
+    epi = 4 * U32 * ((y * s).abs() + b.abs() + r.abs())
+    fi = torch.finfo(dtype)
+    return out, 2 * (s.abs() * acc_err + epi + U_OUT[dtype] * out.abs()) + fi.tiny * fi.eps
+
+
+def _check_close(got, want, bound, what=""):
+    g = got.detach().cpu().double()
+    assert not torch.isnan(g).any(), f"{what}: NaN in the output (unwritten elements?)"
+    err = (g - want).abs()
+    bad = err > bound
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements out of bound; first at {i}: "
+                             f"got {g[tuple(i)].item()}, want {want[tuple(i)].item()}, bound {bound[tuple(i)].item()}; "
+                             f"max err {err.max().item()}")
+    return err.max().item()
+
+
+def _run(x, w, scale, bias, res, stride, padding, relu, stats, allow_tf32, layout, config=None):
+    n, _, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
+    out = _poisoned_out(x, cout, oh, ow, layout)
+    if config is None:
+        ret = conv.conv2d_forward(x, w, scale, bias, res, out, stride, padding, relu, stats, allow_tf32)
+    else:
+        ret = conv._launch(x, w, scale, bias, res, out, stride, padding, relu, stats, allow_tf32, config=config)
+    # layout preserved: the kernel wrote through out's strides
+    assert out.is_contiguous(memory_format=_fmt(layout))
+    return out, ret
+
+
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape_id", [c[0] for c in CONV_TYPES])
+def test_conv_fused_epilogue(shape_id, dt, layout):
+    """Every ResNet conv type x dtype x layout with the full epilogue: scale, bias, residual, ReLU."""
+    dtype, tf32 = DTYPES[dt]
+    x, w, r, stride, padding = _make(shape_id, dtype, layout, res=True)
+    cout = w.shape[0]
+    g = torch.Generator().manual_seed(1)
+    scale = (torch.rand(cout, generator=g) * 1.5 + 0.25).to(DEVICE)
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    out, ret = _run(x, w, scale, bias, r, stride, padding, True, False, tf32, layout)
+    assert ret is None
+    y, a = _ref64(x, w, stride, padding)
+    want, bound = _bound(dtype, tf32, w[0].numel(), y, a, scale, bias, r, True)
+    _check_close(out, want, bound, f"{shape_id} {dt} {layout}")
+    assert (out.cpu() == 0).any() and (out.cpu() > 0).any(), "ReLU case should have both signs before the clamp"
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)),
+                         ids=lambda f: "".join(n if on else "-" for n, on in zip(("S", "B", "R", "A"), f)))
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_conv_epilogue_combinations(flags, dt):
+    """All 16 combinations of scale / bias / residual / ReLU (3x3 s1, layouts alternating)."""
+    has_scale, has_bias, has_res, relu = flags
+    dtype, tf32 = DTYPES[dt]
+    layout = LAYOUTS[sum(flags) % 2]
+    x, w, r, stride, padding = _make("3x3s1p1", dtype, layout, res=has_res, seed=3)
+    cout = w.shape[0]
+    scale = (torch.rand(cout) * 2 - 0.5).to(DEVICE) if has_scale else None  # includes negative scales
+    bias = torch.randn(cout).to(DEVICE) if has_bias else None
+    out, ret = _run(x, w, scale, bias, r, stride, padding, relu, False, tf32, layout)
+    assert ret is None
+    y, a = _ref64(x, w, stride, padding)
+    want, bound = _bound(dtype, tf32, w[0].numel(), y, a, scale, bias, r, relu)
+    _check_close(out, want, bound, f"flags={flags} {dt}")
+
+
+def _stats_tol(dtype, allow_tf32, K, y, a):
+    """Per-channel tolerances for (mean, var) of y over M = N*OH*OW rows, from the elementwise
+    accumulator bound e_i = gamma*A_i: |d mean| <= mean(e); |d var| <= 2 sqrt(var) rms(e) + mean(e^2)
+    (var(y + e) - var(y) = 2 cov(y, e) + var(e)); plus fp32 summation over M terms (M * 2**-24 of
+    the summed magnitudes: mean|y|, and var + mean(|y - mu| |y|) for the centred squares). x2 margin."""
+    dims = (0, 2, 3)
+    M = y.numel() // y.shape[1]
+    e = _gamma(dtype, allow_tf32, K) * a
+    var, mean = torch.var_mean(y, dim=dims, unbiased=False)
+    mu = mean.view(1, -1, 1, 1)
+    tol_mean = 2 * (e.mean(dims) + M * U32 * y.abs().mean(dims)) + 1e-30
+    tol_var = 2 * (2 * var.sqrt() * e.pow(2).mean(dims).sqrt() + e.pow(2).mean(dims)
+                   + M * U32 * (var + ((y - mu).abs() * y.abs()).mean(dims))) + 1e-30
+    return mean, var, tol_mean, tol_var
+
+
+def _torch_err(x, w, stride, padding, want):
+    """PyTorch's own max error in x's dtype on this device (None where it does not run)."""
+    try:
+        yt = F.conv2d(x, w, stride=stride, padding=padding)
+    except RuntimeError:
+        return None
+    return (yt.cpu().double() - want).abs().max().item()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape_id", [c[0] for c in CONV_TYPES])
+def test_conv_batch_stats(shape_id, dt, layout):
+    """compute_stats: out == y = conv(x, w) and (mean, biased var) of y per channel."""
+    dtype, tf32 = DTYPES[dt]
+    x, w, _, stride, padding = _make(shape_id, dtype, layout, seed=5)
+    out, ret = _run(x, w, None, None, None, stride, padding, False, True, tf32, layout)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    want, bound = _bound(dtype, tf32, K, y, a, None, None, None, False)
+    err = _check_close(out, want, bound, f"{shape_id} {dt} {layout} y")
+    if not (dtype == torch.float32 and tf32 and HAS_GPU):  # torch's CPU fp32 conv is not tf32: not comparable
+        terr = _torch_err(x, w, stride, padding, want)
+        if terr is not None:
+            floor = 2 * U_OUT[dtype] * want.abs().max().item()
+            assert err <= 2 * terr + floor, f"kernel max err {err} vs torch's own {terr} (floor {floor})"
+
+    mean, var = ret
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (w.shape[0],)
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    assert ((mean.cpu().double() - rm).abs() <= tm).all(), f"mean: max err {(mean.cpu().double() - rm).abs().max()}"
+    assert ((var.cpu().double() - rv).abs() <= tv).all(), f"var: max err {(var.cpu().double() - rv).abs().max()}"
+
+
+def test_conv_batch_stats_many_tiles_large_mean():
+    """Many M tiles (more than one BLOCK_T chunk of the combine kernel, a partial last tile) and a
+    channel mean far from 0 relative to its spread: the per-tile two-step M2 + Chan merge must keep
+    the small variance (a one-pass E[y^2] - E[y]^2 in fp32 would lose it)."""
+    g = torch.Generator().manual_seed(7)
+    n, cin, h, cout = 2, 16, 19, 40
+    x = (50.0 + 0.05 * torch.randn(n, cin, h, h, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(cout, cin, 3, 3, generator=g) / 12).to(DEVICE)
+    out, (mean, var) = _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last")
+    y, a = _ref64(x, w, (1, 1), (0, 0))
+    M = y.numel() // cout
+    cfg = conv.select_config(M, cout, cin, 3, 3, x.dtype) if not HAS_GPU else None
+    if cfg is not None:
+        assert triton_cdiv(M, cfg.BLOCK_M) > 16 and M % cfg.BLOCK_M != 0
+    rm, rv, tm, tv = _stats_tol(torch.float32, False, w[0].numel(), y, a)
+    assert (rm.abs() > 100 * rv.sqrt()).all()  # the regime this test is about
+    assert ((mean.cpu().double() - rm).abs() <= tm).all()
+    rel = ((var.cpu().double() - rv).abs() / rv).max().item()
+    assert ((var.cpu().double() - rv).abs() <= tv).all(), f"var rel err {rel}"
+    assert rel < 1e-2, f"var rel err {rel}"
+
+
+def test_conv_stats_deterministic():
+    x, w, _, stride, padding = _make("3x3s1p1", torch.float32, "channels_last", seed=11)
+    _, (m1, v1) = _run(x, w, None, None, None, stride, padding, False, True, True, "channels_last")
+    _, (m2, v2) = _run(x, w, None, None, None, stride, padding, False, True, True, "channels_last")
+    assert torch.equal(m1, m2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["chunked", "packed"])
+@pytest.mark.parametrize("shape_id", ["stem7x7s2p3", "3x3s2p1", "3x3s1p1", "1x1s2p0"])
+def test_conv_k_loop_modes(shape_id, packed):
+    """Both K-loop shapes on the same problem (forcing the one the heuristic would not pick)."""
+    dtype = torch.float16
+    layout = "channels_last" if packed else "nchw"
+    x, w, r, stride, padding = _make(shape_id, dtype, layout, res=True, seed=13)
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, dtype)
+    cfg = conv.ConvConfig(base.BLOCK_M, base.BLOCK_N, base.BLOCK_K, base.GROUP_M, base.num_warps,
+                          base.num_stages, packed_k=packed)
+    bias = torch.randn(w.shape[0]).to(DEVICE)
+    out, _ = _run(x, w, None, bias, r, stride, padding, False, False, False, layout, config=cfg)
+    y, a = _ref64(x, w, stride, padding)
+    want, bound = _bound(dtype, False, w[0].numel(), y, a, None, bias, r, False)
+    _check_close(out, want, bound, f"{shape_id} packed={packed}")
+
+
+def test_conv_weight_layout_and_odd_strides():
+    """A channels_last weight with an NCHW input (the launcher re-lays the weight out), a
+    rectangular 3x1 kernel, unequal strides/paddings given as lists."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(1, 6, 8, 7, generator=g).to(DEVICE)
+    w = torch.randn(10, 6, 3, 1, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    out, _ = _run(x, w, None, None, None, [2, 1], [1, 0], False, False, False, "nchw")
+    y, a = _ref64(x, w, (2, 1), (1, 0))
+    want, bound = _bound(torch.float32, False, w[0].numel(), y, a, None, None, None, False)
+    _check_close(out, want, bound, "rect kernel")
+
+
+def test_conv_interpreter_config():
+    if interpreting():
+        assert conv.select_config(10 ** 6, 512, 512, 3, 3, torch.bfloat16) == conv.INTERPRETER_CONFIG
+    for arch in (80, 90):  # GPU heuristics: sane tiles for every dtype
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            cfg = _gpu_config(3211264, 64, 3, 7, 7, dt, arch)
+            assert cfg.BLOCK_M >= 64 and cfg.BLOCK_K >= 16 and cfg.num_stages >= 2
+
+
+def _gpu_config(*args):
+    old = conv.INTERPRET
+    conv.INTERPRET = False
+    try:
+        return conv.select_config(*args)
+    finally:
+        conv.INTERPRET = old
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument
+
+def _bad_call(**over):
+    x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    out = torch.empty(1, 4, 5, 5, device=DEVICE)
+    args = dict(x=x, weight=w, scale=None, bias=None, residual=None, out=out, stride=(1, 1), padding=(1, 1),
+                relu=False, compute_stats=False, allow_tf32=False)
+    args.update(over)
+    return conv.conv2d_forward(**args)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(x=torch.randn(1, 3, 5, 5, dtype=torch.float64)), "^x"),
+    (dict(x=torch.randn(3, 5, 5)), "^x"),
+    (dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float16)), "^weight"),
+    (dict(weight=torch.randn(4, 2, 3, 3)), "^weight"),
+    (dict(scale=torch.ones(4, dtype=torch.float16)), "^scale"),
+    (dict(bias=torch.ones(5)), "^bias"),
+    (dict(out=torch.empty(1, 4, 4, 5)), "^out"),
+    (dict(residual=torch.empty(1, 4, 5, 4)), "^residual"),
+    (dict(stride=(0, 1)), "^stride"),
+    (dict(padding=(-1, 0)), "^padding"),
+])
+def test_conv_bad_input(over, match):
+    over = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in over.items()}
+    with pytest.raises(ValueError, match=match):
+        _bad_call(**over)

@@ -1,0 +1,238 @@
+"""Ahead-of-time compilation of the Triton implicit-GEMM conv kernel for real GPUs (no GPU needed).
+
+The test process runs with TRITON_INTERPRET=1 (no GPU here), where ``@triton.jit`` yields
+interpreter objects that cannot be compiled. So the compile runs in a child process (this file run
+as a script) with TRITON_INTERPRET unset, against the same resnet_kernels and triton as the test
+process. The child builds the exact launch a ResNet-18 layer at batch 256 (channels_last) would
+do, from meta tensors: ``triton_ops.conv2d._prepare`` gives the GPU config (not the interpreter
+one), the kernel arguments and constexprs; each argument is specialized with triton's own
+``native_specialize_impl`` (ints equal to 1 become constexprs, multiples of 16 get the
+divisibility attribute; tensors are assumed 16-byte aligned, as the CUDA caching allocator
+guarantees), so the compiled code is what the JIT would build for that launch. ``triton.compile``
+then lowers it to PTX and a cubin for sm_90 and sm_80, and ptxas's ``-v`` log (printed by triton
+when TRITON_DUMP_PTXAS_LOG=1, with a fresh cache dir so ptxas really runs) gives registers and
+spills.
+
+Cases (see CASES): 4 ResNet-18 layers and a small-batch layer (64-row tiles) in bf16 and fp32 with
+tf32; fp16 on the stem and on a 3x3 stride-2 layer; fp32 without tf32 (3xTF32) on that layer; each
+for sm_90 and sm_80. Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the
+PTX uses tensor cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit inputs,
+``wgmma`` or ``mma.sync`` for fp32); the chunked K loop is software pipelined (``cp.async`` in
+the PTX and shared memory for at least two stages of the A and B tiles). Register counts are
+printed (``pytest -s``) as a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+# (name, N, Cin, H, Cout, k, stride, pad, epilogue) at batch 256, channels_last; epilogue:
+# "stats" = training forward (y + batch statistics), "fused" = inference (scale, bias, residual, relu)
+LAYERS = [
+    ("stem7x7s2", 256, 3, 224, 64, 7, 2, 3, "stats"),
+    ("l1_3x3s1", 256, 64, 56, 64, 3, 1, 1, "stats"),
+    ("l2_3x3s2", 256, 64, 56, 128, 3, 2, 1, "fused"),
+    ("ds_1x1s2", 256, 128, 28, 256, 1, 2, 0, "stats"),
+]
+DTYPES = ["bf16", "fp16", "fp32-tf32"]
+ARCHS = [90, 80]
+# small batch (M = 392 < 4096: the 64-row tile config), inference epilogue
+SMALL = ("l4_3x3_b8", 8, 512, 7, 512, 3, 1, 1, "fused")
+# every dtype on the stem (packed K loop) and on a chunked layer with the fused epilogue; fp16 is
+# the same code as bf16 elsewhere, so the other layers compile bf16 and tf32 only (compile time);
+# exact fp32 (allow_tf32=False -> 3xTF32) on one layer
+_DT_FOR = {"stem7x7s2": DTYPES, "l2_3x3s2": DTYPES + ["fp32-3xtf32"]}
+CASES = [(lay, dt) for lay in LAYERS + [SMALL] for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
+
+
+# ------------------------------------------------------------------------------------------------
+# child process: compile everything, write JSON
+
+def _child_compile_all(out_path: str) -> None:
+    import torch
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.runtime.jit import native_specialize_impl
+
+    from resnet_kernels.triton_ops import _common
+    from resnet_kernels.triton_ops import conv2d as conv
+
+    assert not _common.INTERPRET, "the AOT child must not run under the interpreter"
+    kernel = conv._conv2d_fwd_kernel
+    assert isinstance(kernel, triton.runtime.jit.JITFunction), type(kernel)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32-tf32": torch.float32,
+                   "fp32-3xtf32": torch.float32}
+
+    class _AlignedPtr:  # a tensor argument as the specializer sees it: dtype + 16-byte aligned address
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def data_ptr(self):
+            return 1 << 20
+
+    results = []
+    for ((name, n, cin, h, cout, k, s, p, epi), dt), cc in itertools.product(CASES, ARCHS):
+        dtype = torch_dtype[dt]
+        cl = torch.channels_last
+        x = torch.empty((n, cin, h, h), dtype=dtype, device="meta").to(memory_format=cl)
+        w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
+        oh = (h + 2 * p - k) // s + 1
+        out = torch.empty((n, cout, oh, oh), dtype=dtype, device="meta").to(memory_format=cl)
+        fused = epi == "fused"
+        scale = torch.empty((cout,), dtype=torch.float32, device="meta") if fused else None
+        bias = torch.empty((cout,), dtype=torch.float32, device="meta") if fused else None
+        res = torch.empty_like(out) if fused else None
+        allow_tf32 = dt != "fp32-3xtf32"
+        plan = conv._prepare(x, w, scale, bias, res, out, (s, s), (p, p), fused, not fused, allow_tf32, arch=cc)
+
+        names = [a for a in kernel.arg_names if a not in plan.constexprs]
+        assert len(names) == len(plan.args), (names, len(plan.args))
+        signature, constexprs, attrs = {}, {}, {}
+        for a, v in zip(names, plan.args):
+            if isinstance(v, torch.Tensor):
+                v = _AlignedPtr(v.dtype)
+            ty, attr = native_specialize_impl(BaseBackend, v, False, True, True)
+            signature[a] = ty
+            if ty == "constexpr":
+                constexprs[a] = attr
+            elif attr:
+                attrs[(kernel.arg_names.index(a),)] = BaseBackend.parse_attr(attr)
+        for a, v in plan.constexprs.items():
+            signature[a] = "constexpr"
+            constexprs[a] = v
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        log = io.StringIO()
+        entry = dict(layer=name, dtype=dt, arch=cc, config=vars(plan.config).copy(),
+                     packed=bool(plan.constexprs["PACKED_K"]))
+        try:
+            with contextlib.redirect_stdout(log):
+                ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                    options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+        except Exception as e:  # reported, asserted in the parent
+            entry.update(error=f"{type(e).__name__}: {e}"[:4000])
+            results.append(entry)
+            continue
+        ptx = ck.asm["ptx"]
+        text = log.getvalue()
+        regs = [int(m) for m in re.findall(r"Used (\d+) registers", text)]
+        spill = [int(a) + int(b) for a, b in
+                 re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
+        entry.update(
+            ptxas_log_found=bool(regs) and bool(spill),
+            n_regs=max(regs) if regs else None,
+            spill_bytes=sum(spill) if spill else None,
+            shared=int(ck.metadata.shared),
+            wgmma="wgmma.mma_async" in ptx,
+            mma_sync=bool(re.search(r"\bmma\.sync\.aligned\b", ptx)),
+            cp_async=("cp.async" in ptx),
+            elem_bytes=torch.empty((), dtype=dtype).element_size(),
+        )
+        results.append(entry)
+    # the statistics combine kernel (Chan merge of the per-tile partials), as the launcher runs it
+    comb = conv._stats_combine_kernel
+    for cc in ARCHS:
+        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", COUT="i32", M="i32",
+                   NUM_TILES="i32", ROWS_PER_TILE="constexpr", BLOCK_T="constexpr", BLOCK_C="constexpr")
+        consts = dict(ROWS_PER_TILE=128, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
+        attrs = {(comb.arg_names.index(a),): BaseBackend.parse_attr("D")
+                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "var_ptr", "COUT")}
+        log = io.StringIO()
+        entry = dict(layer="stats_combine", dtype="fp32", arch=cc)
+        try:
+            with contextlib.redirect_stdout(log):
+                ck = triton.compile(triton.compiler.ASTSource(fn=comb, signature=sig, constexprs=consts, attrs=attrs),
+                                    target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
+            regs = [int(m) for m in re.findall(r"Used (\d+) registers", log.getvalue())]
+            spill = [int(a) + int(b) for a, b in
+                     re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())]
+            entry.update(n_regs=max(regs) if regs else None, spill_bytes=sum(spill) if spill else None)
+        except Exception as e:
+            entry.update(error=f"{type(e).__name__}: {e}"[:4000])
+        results.append(entry)
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: one child run per session, then one test per (layer, dtype, arch)
+
+@pytest.fixture(scope="module")
+def aot_results(tmp_path_factory):
+    import triton
+
+    import resnet_kernels
+
+    tmp = tmp_path_factory.mktemp("conv_aot")
+    out_json = tmp / "results.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # fresh: ptxas must run so its -v log is printed
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    # the same resnet_kernels and triton as this process
+    roots = [os.path.dirname(os.path.dirname(resnet_kernels.__file__)),
+             os.path.dirname(os.path.dirname(triton.__file__))]
+    env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out_json)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"AOT child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    results = {(r["layer"], r["dtype"], r["arch"]): r for r in json.loads(out_json.read_text())}
+    lines = [f"triton {triton.__version__}: conv kernel AOT (batch 256, channels_last)",
+             f"{'layer':10} {'dtype':11} {'sm':>3} {'tile':>11} {'w/s':>4} {'regs':>4} {'spill':>5} "
+             f"{'smem':>6} tensor-core"]
+    for (layer, dt, cc), r in results.items():
+        if layer == "stats_combine" and "error" not in r:
+            lines.append(f"{layer:10} {dt:11} {cc:3} {'':>11} {'4/-':>4} {r['n_regs']!s:>4} {r['spill_bytes']!s:>5}")
+            continue
+        if "error" in r:
+            lines.append(f"{layer:10} {dt:11} {cc:3} ERROR {r['error'][:200]}")
+            continue
+        c = r["config"]
+        tc = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "NONE")
+        lines.append(f"{layer:10} {dt:11} {cc:3} {c['BLOCK_M']:>3}x{c['BLOCK_N']:>3}x{c['BLOCK_K']:<3} "
+                     f"{c['num_warps']}/{c['num_stages']} {r['n_regs']:>4} {r['spill_bytes']:>5} "
+                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}")
+    print("\n" + "\n".join(lines))
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES])
+def test_conv_kernel_aot(aot_results, layer, dtype, arch):
+    r = aot_results[(layer, dtype, arch)]
+    assert "error" not in r, r.get("error")
+    assert r["ptxas_log_found"], "no ptxas -v log captured (cache hit or log format changed)"
+    assert r["spill_bytes"] == 0, f"register spills: {r}"
+    assert 0 < r["n_regs"] <= 255, r
+    if arch == 80:
+        assert r["mma_sync"], f"no mma.sync in the sm_80 PTX: {r}"
+    elif dtype.startswith("fp32"):
+        assert r["wgmma"] or r["mma_sync"], f"no tensor-core instruction in the sm_90 PTX: {r}"
+    else:
+        assert r["wgmma"], f"16-bit conv on sm_90 should use wgmma: {r}"
+    if not r["packed"]:
+        # chunked K loop: A and B tiles staged through shared memory with cp.async, >= 2 stages
+        c = r["config"]
+        stage = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * r["elem_bytes"]
+        assert r["cp_async"], f"the K loop is not pipelined with cp.async: {r}"
+        assert r["shared"] >= 2 * stage, f"shared memory {r['shared']} < 2 pipeline stages ({2 * stage}): {r}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stats_combine_kernel_aot(aot_results, arch):
+    r = aot_results[("stats_combine", "fp32", arch)]
+    assert "error" not in r, r.get("error")
+    assert r["spill_bytes"] == 0 and r["n_regs"], r
+
+
+if __name__ == "__main__":
+    _child_compile_all(sys.argv[1])

@@ -1,0 +1,442 @@
+"""Triton implicit-GEMM 2-D convolution with a fused fp32 epilogue and batch statistics.
+
+GEMM view: M = N*OH*OW output pixels (rows), N_gemm = Cout (columns), K = Cin*KH*KW, reduced in
+the order (kh, kw, cin) so that a channels_last input gives contiguous cin runs. Each program owns
+a [BLOCK_M, BLOCK_N] tile of the output, accumulates it in fp32 with ``tl.dot`` over K in
+BLOCK_K chunks, then applies ``act(acc * scale[k] + bias[k] + residual)`` and stores it once in
+out's dtype with out's strides. The input is read through its strides, so one kernel serves NCHW
+and channels_last (channels_last is the fast layout: the B-tile and A-tile loads are contiguous).
+
+Two K-loop shapes (a constexpr switch):
+* chunked (``PACKED_K=False``): one loop iteration = one filter tap (kh, kw) x one BLOCK_K chunk
+  of input channels; the spatial address math is per row only. Used whenever Cin fills BLOCK_K
+  reasonably (every ResNet conv but the stem).
+* packed (``PACKED_K=True``): K is treated as one flat dense index k -> (kh, kw, cin), so a small
+  Cin (the 7x7 stem has Cin = 3, K = 147) does not pad every tap up to BLOCK_K.
+
+Statistics (``compute_stats``): every program writes, for its BLOCK_N channels, the mean and M2
+(sum of squared deviations from that mean) of its valid rows of the fp32 accumulator to a
+(num_m_tiles, Cout) scratch pair; a second kernel merges them per channel with Chan's formula in a
+fixed order (deterministic, no atomics) and returns (mean, biased var) in float32.
+
+Precision: fp16/bf16 operands go to the tensor cores with fp32 accumulation; fp32 uses tf32 when
+``allow_tf32`` (the op passes torch.backends.cudnn.allow_tf32) and 3xTF32 (``tf32x3``: fp32-level
+accuracy, still on the tensor cores) otherwise.
+
+Configs: on the GPU ``select_config`` picks one config per shape/dtype/arch by heuristic (no
+autotuning: a benchmark sweep would rerun the kernel on the caller's buffers); the AOT test
+(tests/test_triton_conv_aot.py) compiles those configs for sm_90/sm_80 and checks for tensor-core
+instructions, cp.async pipelining and zero spills. Under ``TRITON_INTERPRET=1`` one small config is
+used and the dot operands are upcast to fp32 (the interpreter computes bf16 dots wrongly).
+
+Known performance limits: with an NCHW input the A-tile gather is not contiguous along cin, so it
+is neither coalesced nor vectorized (correct, but channels_last is the layout to use); in the packed
+stem loop the 16-bit A gather is element-wise (k -> cin is not contiguous in runs the compiler can
+prove), so only the B tile goes through cp.async there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET
+
+__all__ = ["conv2d_forward", "ConvConfig", "select_config"]
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr,
+    C, H, W, COUT, OH, OW, M, KTOT,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- grouped tile order: GROUP_M row tiles sweep all column tiles together (L2 reuse of
+    # the A rows and of the weight columns).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # ---- rows: output pixel m -> (n, oh, ow) -> top-left input coordinate
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    nb = t // OH
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = nb.to(tl.int64) * sxn  # batch offset in int64: activations may exceed 2**31 elements
+
+    # ---- columns: output channels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    n_mask = offs_n < COUT
+    offs_kk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PACKED_K:
+        # flat K index k = (kh*KW + kw)*C + c, dense over [0, KTOT)
+        for k0 in range(0, KTOT, BLOCK_K):
+            offs_k = k0 + offs_kk
+            k_mask = offs_k < KTOT
+            c = offs_k % C
+            r = offs_k // C
+            kw = r % KW
+            kh = r // KW
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            a_mask = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a_ptrs = x_ptr + (x_row[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = w_ptr + (offs_k[:, None] * COUT + offs_n[None, :])
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # one iteration = one filter tap (kh, kw) x one BLOCK_K chunk of input channels
+        num_cb = tl.cdiv(C, BLOCK_K)
+        for it in range(0, KH * KW * num_cb):
+            cb = it % num_cb
+            r = it // num_cb
+            kw = r % KW
+            kh = r // KW
+            ih = ih0 + kh
+            iw = iw0 + kw
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_c = cb * BLOCK_K + offs_kk
+            offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
+            a_ptrs = x_ptr + ((x_row + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc)
+            b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * COUT + offs_n[None, :])
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                c_mask = offs_c < C
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- per-tile batch statistics of y = conv(x, w), from the fp32 accumulator
+    if STATS:
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        valid = m_mask[:, None]
+        tile_mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / cnt
+        d = tl.where(valid, acc - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(d * d, axis=0)
+        p_off = pid_m * COUT + offs_n
+        tl.store(pmean_ptr + p_off, tile_mean, mask=n_mask)
+        tl.store(pm2_ptr + p_off, tile_m2, mask=n_mask)
+
+    # ---- fused epilogue in fp32
+    y = acc
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        y = y * sc[None, :]
+    if HAS_BIAS:
+        bi = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        y = y + bi[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_RES:
+        r_off = (nb64 * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
+        res = tl.load(res_ptr + r_off, mask=out_mask, other=0.0)
+        y = y + res.to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    o_off = (nb64 * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _stats_combine_kernel(
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, COUT, M, NUM_TILES,
+    ROWS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Chan's parallel merge of the per-tile (count, mean, M2) partials, one channel block per
+    program, summed over the tiles in a fixed order (two passes: grand mean, then M2)."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < COUT
+    offs_t0 = tl.arange(0, BLOCK_T)
+
+    # pass 1: grand mean = sum_t n_t * mean_t / M
+    s = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, NUM_TILES, BLOCK_T):
+        offs_t = t0 + offs_t0
+        t_mask = offs_t < NUM_TILES
+        n_t = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(tl.float32)
+        mk = t_mask[:, None] & c_mask[None, :]
+        mt = tl.load(pmean_ptr + offs_t[:, None] * COUT + offs_c[None, :], mask=mk, other=0.0)
+        s += tl.where(mk, n_t[:, None] * mt, 0.0)
+    mean = tl.sum(s, axis=0) / M
+
+    # pass 2: M2 = sum_t M2_t + n_t * (mean_t - mean)^2
+    q = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, NUM_TILES, BLOCK_T):
+        offs_t = t0 + offs_t0
+        t_mask = offs_t < NUM_TILES
+        n_t = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(tl.float32)
+        mk = t_mask[:, None] & c_mask[None, :]
+        p = offs_t[:, None] * COUT + offs_c[None, :]
+        mt = tl.load(pmean_ptr + p, mask=mk, other=0.0)
+        m2t = tl.load(pm2_ptr + p, mask=mk, other=0.0)
+        dm = mt - mean[None, :]
+        q += tl.where(mk, m2t + n_t[:, None] * dm * dm, 0.0)
+    m2 = tl.sum(q, axis=0)
+    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(var_ptr + offs_c, m2 / M, mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+
+@dataclass(frozen=True)
+class ConvConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    packed_k: Optional[bool] = None  # None: decided from the shape (see _use_packed_k)
+
+
+# The interpreter runs one program at a time in numpy: one small config.
+INTERPRETER_CONFIG = ConvConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+
+
+# the statistics combine kernel: BLOCK_T partial rows x BLOCK_C channels per loop step
+STATS_BLOCK_T, STATS_BLOCK_C = (16, 32) if INTERPRET else (32, 64)
+
+
+def _use_packed_k(cin: int, kh: int, kw: int, block_k: int) -> bool:
+    """Packed K when padding every tap's channel chunk up to BLOCK_K would waste more than a
+    third of the K loop (e.g. the 7x7 stem on Cin=3: 49 chunked iterations vs 5 packed)."""
+    chunked = kh * kw * triton.cdiv(cin, block_k)
+    packed = triton.cdiv(cin * kh * kw, block_k)
+    return 3 * chunked > 4 * packed
+
+
+def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dtype,
+                  arch: Optional[int] = None, allow_tf32: bool = True) -> ConvConfig:
+    """Heuristic GPU config for ResNet shapes (batch 256, channels_last), chosen from the AOT
+    register/spill report (tests/test_triton_conv_aot.py) on triton 3.6 and 3.8:
+    * 128-row tiles (64 for tiny problems), 64- or 128-wide channel tiles (ResNet's Cout is 64 or
+      a multiple of 128), 8 warps (4 warps on 128x64 tiles needs ~200-250 registers on sm_80);
+    * 16-bit: BLOCK_K 64 (32 while Cin < 64), 3-4 stages (<= 96 KiB of shared memory);
+    * fp32/tf32: BLOCK_K 32 on sm_90 (wgmma reads the operands from shared memory), 16 with 4
+      stages below sm_90, where mma.sync holds the whole BLOCK_K slice of both operands in registers
+      (BLOCK_K 32 spills there with triton 3.6); without tf32 (3xTF32: three dots per chunk)
+      the channel tile is capped at 64 (128x128 needs ~252 registers);
+    * the stem (Cin = 3, K = 147) uses the packed K loop with BLOCK_K 32 (5 iterations).
+    ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    is_fp32 = dtype == torch.float32
+    block_m = 128 if M >= 4096 else 64
+    block_n = 128 if cout >= 128 and not (is_fp32 and not allow_tf32) else 64
+    tile = block_m * block_n
+    if cin * kh * kw <= 160 and cin < 16:
+        block_k, num_stages = 32, 3          # the stem: K = 147, packed
+    elif is_fp32:
+        if arch >= 90:
+            block_k, num_stages = 32, 3
+        else:
+            block_k, num_stages = 16, 4
+    else:
+        block_k = 64 if cin >= 64 else 32
+        num_stages = 3 if tile >= 128 * 128 else 4
+    return ConvConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+
+_TL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    try:
+        a, b = (int(e) for e in v)
+    except Exception:
+        raise ValueError(f"{name} must be a pair of ints, got {v!r}") from None
+    return a, b
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check(x, weight, scale, bias, residual, out, stride, padding):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, Cin, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _TL_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not supported by the triton conv (float32, float16, bfloat16)")
+    if not _is_dense(x):
+        raise ValueError("x must be NCHW-contiguous or channels_last")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        got = getattr(weight, "shape", type(weight))
+        raise ValueError(f"weight must be a 4-D (Cout, Cin, KH, KW) tensor, got {got}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+    n, cin, h, w = x.shape
+    cout, wcin, kh, kw = weight.shape
+    if wcin != cin:
+        raise ValueError(f"weight has {wcin} input channels, x has {cin} (groups are not supported)")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (w + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with padding {padding}")
+    devices = {x.device, weight.device}
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is not None:
+            if v.dtype != torch.float32 or v.shape != (cout,):
+                raise ValueError(f"{name} must be a float32 tensor of shape ({cout},), got {v.dtype} {tuple(v.shape)}")
+            if v.stride(0) != 1 and cout > 1:
+                raise ValueError(f"{name} must be contiguous")
+            devices.add(v.device)
+    oshape = (n, cout, oh, ow)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != oshape:
+        raise ValueError(f"out must have shape {oshape}, got {getattr(out, 'shape', type(out))}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out dtype {out.dtype} != x dtype {x.dtype}")
+    devices.add(out.device)
+    if residual is not None:
+        if tuple(residual.shape) != oshape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must have shape {oshape} and dtype {x.dtype}, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+        devices.add(residual.device)
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw)
+
+
+@dataclass
+class _Plan:
+    """Everything one launch needs: the kernel's positional arguments, its constexprs and the
+    launch options. Built from shapes, strides and dtypes only (works on meta tensors, which the
+    AOT test uses to compile exactly what a real launch would)."""
+    grid: Tuple[int]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    config: ConvConfig
+    pmean: Optional[torch.Tensor]
+    pm2: Optional[torch.Tensor]
+    M: int
+    num_m_tiles: int
+    cout: int
+
+
+def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
+             config: Optional[ConvConfig] = None, arch: Optional[int] = None) -> _Plan:
+    (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw) = _check(x, weight, scale, bias, residual, out,
+                                                                    stride, padding)
+    M = n * oh * ow
+    ktot = cin * kh * kw
+    if config is None and arch is None and not INTERPRET and x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = major * 10 + minor
+    cfg = config or select_config(M, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
+    packed = cfg.packed_k if cfg.packed_k is not None else _use_packed_k(cin, kh, kw, cfg.BLOCK_K)
+
+    # weight -> (KH*KW*Cin, Cout): row (kh*KW + kw)*Cin + c, contiguous along Cout (coalesced B tiles)
+    w2 = weight.permute(2, 3, 1, 0).reshape(ktot, cout).contiguous()
+
+    num_m_tiles = triton.cdiv(M, cfg.BLOCK_M)
+    pmean = pm2 = None
+    if compute_stats:
+        pmean = torch.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
+        pm2 = torch.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
+    res = residual if residual is not None else out
+    dummy = out  # stands in for absent optional pointers (never dereferenced: constexpr-disabled)
+
+    if x.dtype == torch.float32:
+        # tf32 exactly when PyTorch's conv would use it; otherwise 3xTF32 (fp32-accurate split
+        # products on the tensor cores) rather than the much slower FMA path.
+        precision = "tf32" if allow_tf32 else "tf32x3"
+    else:
+        precision = "tf32"  # ignored for 16-bit operands
+    args = (
+        x, w2, scale if scale is not None else dummy, bias if bias is not None else dummy, res, out,
+        pmean if compute_stats else dummy, pm2 if compute_stats else dummy,
+        cin, h, w, cout, oh, ow, M, ktot,
+        *x.stride(), *out.stride(), *res.stride(),
+        sh, sw, ph, pw,
+    )
+    constexprs = dict(
+        KH=kh, KW=kw,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        RELU=bool(relu), STATS=bool(compute_stats), PACKED_K=bool(packed),
+        EVEN_C=(cin % cfg.BLOCK_K == 0),
+        DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+    )
+    grid = (num_m_tiles * triton.cdiv(cout, cfg.BLOCK_N),)
+    return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, pmean, pm2, M, num_m_tiles, cout)
+
+
+def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
+            config: Optional[ConvConfig] = None):
+    if not INTERPRET and not x.is_cuda:
+        raise ValueError(f"x is on {x.device}: the triton conv needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+    plan = _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
+                    config)
+    M, cout = plan.M, plan.cout
+    if M > 0 and cout > 0:
+        _conv2d_fwd_kernel[plan.grid](*plan.args, **plan.constexprs,
+                                      num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if not compute_stats:
+        return None
+    mean = torch.empty((cout,), dtype=torch.float32, device=x.device)
+    var = torch.empty((cout,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        mean.fill_(float("nan"))
+        var.fill_(float("nan"))
+        return mean, var
+    _stats_combine_kernel[(triton.cdiv(cout, STATS_BLOCK_C),)](
+        plan.pmean, plan.pm2, mean, var, cout, M, plan.num_m_tiles,
+        ROWS_PER_TILE=plan.config.BLOCK_M, BLOCK_T=STATS_BLOCK_T, BLOCK_C=STATS_BLOCK_C, num_warps=4,
+    )
+    return mean, var
+
+
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32):
+    """out = act(conv2d(x, weight) * scale + bias + residual) (see the module docstring); returns
+    (mean, biased var) of conv2d(x, weight) per output channel when ``compute_stats``."""
+    return _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32)
