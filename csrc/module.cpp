@@ -7,6 +7,7 @@
 
 #include "bn_add_relu.h"
 #include "common.h"
+#include "conv2d.h"
 
 namespace py = pybind11;
 using rk::DType;
@@ -93,4 +94,49 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_scale"), py::arg("grad_shift"), py::arg("grad_id_scale"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("numel"), py::arg("C"), py::arg("inner"), py::arg("relu"),
       py::arg("stream"));
+
+  m.def(
+      "conv2d_workspace_bytes",
+      [](int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
+        return rk::conv2d_workspace_bytes(N, OH, OW, Cout, compute_stats);
+      },
+      py::arg("N"), py::arg("OH"), py::arg("OW"), py::arg("Cout"), py::arg("compute_stats"),
+      "bytes of device workspace conv2d_forward needs (0 without statistics)");
+
+  m.def(
+      "conv2d_forward",
+      [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t scale, std::uintptr_t bias,
+         std::uintptr_t residual, std::uintptr_t out, std::uintptr_t mean, std::uintptr_t var,
+         std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t Cin, int64_t H, int64_t W,
+         int64_t Cout, int64_t KH, int64_t KW, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+         int64_t OH, int64_t OW, int64_t ldw, std::vector<int64_t> x_stride, std::vector<int64_t> out_stride,
+         std::vector<int64_t> res_stride, bool relu, bool allow_tf32, std::uintptr_t stream) {
+        const char* fn = "conv2d_forward";
+        auto strides = [fn](const std::vector<int64_t>& v, const char* name, int64_t (&dst)[4]) {
+          if (v.size() != 4) throw rk::ArgError(rk::cat(fn, ": ", name, " must have 4 entries, got ", v.size()));
+          for (int i = 0; i < 4; ++i) dst[i] = v[i];
+        };
+        rk::Conv2dArgs a{};
+        a.dtype = rk::check_dtype(dtype, fn, "dtype");
+        a.x = x; a.w = w; a.scale = scale; a.bias = bias; a.residual = residual; a.out = out;
+        a.mean = mean; a.var = var; a.workspace = workspace; a.workspace_bytes = workspace_bytes;
+        a.N = N; a.Cin = Cin; a.H = H; a.W = W; a.Cout = Cout; a.KH = KH; a.KW = KW;
+        a.stride_h = stride_h; a.stride_w = stride_w; a.pad_h = pad_h; a.pad_w = pad_w;
+        a.OH = OH; a.OW = OW; a.ldw = ldw;
+        strides(x_stride, "x_stride", a.x_stride);
+        strides(out_stride, "out_stride", a.out_stride);
+        if (residual != 0 || !res_stride.empty()) strides(res_stride, "res_stride", a.res_stride);
+        a.relu = relu; a.allow_tf32 = allow_tf32; a.stream = stream;
+        py::gil_scoped_release nogil;
+        rk::conv2d_forward(a);
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("residual"),
+      py::arg("out"), py::arg("mean"), py::arg("var"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("N"), py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("Cout"), py::arg("KH"), py::arg("KW"),
+      py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("OH"), py::arg("OW"),
+      py::arg("ldw"), py::arg("x_stride"), py::arg("out_stride"), py::arg("res_stride"), py::arg("relu"),
+      py::arg("allow_tf32"), py::arg("stream"),
+      "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
+      "per-channel (mean, biased var) of conv(x, w); w is (Cout, ldw) with columns (r*KW+s)*Cin+c, zero "
+      "padded to ldw; pointer 0 = absent");
 }

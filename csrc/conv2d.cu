@@ -1,0 +1,698 @@
+// Implicit-GEMM convolution on tensor cores (sm_80+): cp.async multi-stage shared-memory
+// pipeline, ldmatrix, mma.sync (m16n8k16 bf16/fp16, m16n8k8 tf32 / 3xTF32), fused fp32
+// epilogue and deterministic per-channel batch statistics. Index math: conv2d_layout.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "conv2d.h"
+#include "conv2d_layout.h"
+
+namespace rk {
+namespace conv {
+namespace {
+
+enum Math : int { kMma16 = 0, kTf32 = 1, k3xTf32 = 2 };
+
+struct Params {
+  const void* x;
+  const void* w;
+  const float* scale;
+  const float* bias;
+  const void* res;
+  void* out;
+  float* part_mean;  // [m_tiles][Cout] or nullptr (no stats)
+  float* part_m2;
+  int N, Cin, H, W, Cout, KW;
+  int sh, sw, ph, pw, OH, OW;
+  int M, K, ldw, num_k_tiles;
+  long long xs[4], os[4], rs[4];
+  int relu;
+  int out_pair;  // out's channel stride is 1 and out is 2-element aligned: store channel pairs
+};
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  __device__ static float to_f(float v) { return v; }
+  __device__ static float from_f(float v) { return v; }
+};
+template <>
+struct Elem<__half> {
+  __device__ static float to_f(__half v) { return __half2float(v); }
+  __device__ static __half from_f(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+
+// ---- PTX wrappers ------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes 0 zero-fills the destination (padding, tails).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                     uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// fp32 bits -> tf32 (round to nearest, ties away), returned as fp32 bits with 13 low bits zero.
+__device__ __forceinline__ uint32_t to_tf32(uint32_t f) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(f)));
+  return r;
+}
+
+// ---- the convolution kernel --------------------------------------------------------------
+// VEC_A: x has unit channel stride, Cin and the other strides are multiples of 16/sizeof(T),
+// x is 16-byte aligned: every 16-byte chunk of an A tile row lies in one filter tap and is
+// copied with cp.async (zero-filled when outside the image or past K). Otherwise each thread
+// gathers its own A row element by element into registers (issued before the tile's math,
+// stored to shared memory after it).
+template <typename T, int MATH, bool VEC_A>
+__global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int EB = sizeof(T);
+  constexpr int BKE = bk_elems(EB);   // K elements per tile
+  constexpr int VEC = vec_elems(EB);  // elements per 16-byte chunk
+  static_assert(MATH == kMma16 ? EB == 2 : EB == 4, "math mode / element type mismatch");
+
+  __shared__ __align__(128) unsigned char smem[STAGES * (A_STAGE_BYTES + B_STAGE_BYTES)];
+  __shared__ float s_sum[2][BN];
+  __shared__ float s_m2[2][BN];
+  unsigned char* const smem_a = smem;
+  unsigned char* const smem_b = smem + STAGES * A_STAGE_BYTES;
+  const uint32_t a_base = smem_addr(smem_a);
+  const uint32_t b_base = smem_addr(smem_b);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp_m(warp), wn = warp_n(warp);
+  const int m0 = blockIdx.x * BM;
+  const int n0 = blockIdx.y * BN;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+
+  // ---- per-thread A-row bookkeeping (fixed over the K loop)
+  constexpr int AROWS = VEC_A ? A_VEC_ROWS : 1;
+  long long a_off[AROWS];  // n * x_stride_n
+  int a_h0[AROWS], a_w0[AROWS];
+  bool a_ok[AROWS];
+#pragma unroll
+  for (int i = 0; i < AROWS; ++i) {
+    const int row = VEC_A ? vec_row(tid, i) : tid;
+    const int m = m0 + row;
+    a_ok[i] = m < p.M;
+    const Pixel px = decompose_m(a_ok[i] ? m : 0, p.OH, p.OW);
+    a_off[i] = px.n * p.xs[0];
+    a_h0[i] = px.p * p.sh - p.ph;
+    a_w0[i] = px.q * p.sw - p.pw;
+  }
+
+  auto load_b = [&](int kt, int st) {
+    const int chunk = vec_chunk(tid);
+    const int k = kt * BKE + chunk * VEC;
+#pragma unroll
+    for (int i = 0; i < B_VEC_ROWS; ++i) {
+      const int row = vec_row(tid, i);
+      const int n = n0 + row;
+      const bool ok = n < p.Cout && k < p.ldw;
+      const T* src = ok ? w + static_cast<long long>(n) * p.ldw + k : w;
+      cp_async16(b_base + st * B_STAGE_BYTES + swz(row, chunk), src, ok ? 16 : 0);
+    }
+  };
+  auto load_a_vec = [&](int kt, int st) {
+    const int chunk = vec_chunk(tid);
+    const int k = kt * BKE + chunk * VEC;
+    const bool k_ok = k < p.K;  // K is a multiple of VEC here: the chunk is all in or all out
+    const Tap tp = decompose_k(k_ok ? k : 0, p.Cin, p.KW);
+#pragma unroll
+    for (int i = 0; i < AROWS; ++i) {
+      const int h = a_h0[i] + tp.r, ww = a_w0[i] + tp.s;
+      const bool ok = k_ok && a_ok[i] && in_image(h, ww, p.H, p.W);
+      const T* src = ok ? x + a_off[i] + h * p.xs[2] + ww * p.xs[3] + tp.c : x;
+      cp_async16(a_base + st * A_STAGE_BYTES + swz(vec_row(tid, i), chunk), src, ok ? 16 : 0);
+    }
+  };
+  // generic gather: this thread's row (tid), all BKE columns of K tile kt, into registers
+  constexpr int GREGS = BKE * EB / 4;  // unused (optimised away) on the VEC_A path
+  uint32_t g[GREGS];
+  auto gather_a = [&](int kt) {
+    const int k0 = kt * BKE;
+    Tap tp = decompose_k(k0 < p.K ? k0 : 0, p.Cin, p.KW);
+#pragma unroll
+    for (int j = 0; j < BKE; ++j) {
+      const int h = a_h0[0] + tp.r, ww = a_w0[0] + tp.s;
+      const bool ok = (k0 + j < p.K) && a_ok[0] && in_image(h, ww, p.H, p.W);
+      uint32_t bits = 0;
+      if (ok) {
+        const T* src = x + a_off[0] + tp.c * p.xs[1] + h * p.xs[2] + ww * p.xs[3];
+        if constexpr (EB == 4) {
+          bits = __ldg(reinterpret_cast<const unsigned int*>(src));
+        } else {
+          bits = __ldg(reinterpret_cast<const unsigned short*>(src));
+        }
+      }
+      if constexpr (EB == 4) {
+        g[j] = bits;
+      } else {
+        if (j & 1)
+          g[j >> 1] |= bits << 16;
+        else
+          g[j >> 1] = bits;
+      }
+      next_tap(tp, p.Cin, p.KW);
+    }
+  };
+  auto store_a = [&](int st) {
+    unsigned char* base = smem_a + st * A_STAGE_BYTES;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      if constexpr (!VEC_A) {
+        *reinterpret_cast<uint4*>(base + swz(tid, c)) = make_uint4(g[4 * c], g[4 * c + 1], g[4 * c + 2], g[4 * c + 3]);
+      }
+    }
+  };
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
+
+  auto compute = [&](int st) {
+    const uint32_t a_st = a_base + st * A_STAGE_BYTES;
+    const uint32_t b_st = b_base + st * B_STAGE_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      uint32_t af[MI][4];
+      uint32_t bf[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldsm_x4(af[mi], a_st + swz(wm * WARP_M + mi * 16 + a_ldsm_row(lane), a_ldsm_chunk(lane, ks)));
+#pragma unroll
+      for (int np = 0; np < NI / 2; ++np) {
+        uint32_t r[4];
+        ldsm_x4(r, b_st + swz(wn * WARP_N + np * 16 + b_ldsm_row(lane), b_ldsm_chunk(lane, ks)));
+        bf[2 * np][0] = r[0];
+        bf[2 * np][1] = r[1];
+        bf[2 * np + 1][0] = r[2];
+        bf[2 * np + 1][1] = r[3];
+      }
+      if constexpr (MATH == kMma16) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma16<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+      } else if constexpr (MATH == kTf32) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) af[mi][i] = to_tf32(af[mi][i]);
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          bf[ni][0] = to_tf32(bf[ni][0]);
+          bf[ni][1] = to_tf32(bf[ni][1]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) mma_tf32(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+      } else {
+        // 3xTF32: v = big + small with big = tf32(v), small = tf32(v - big); the small*small
+        // term (relative size 2^-22) is dropped. Small products first.
+        uint32_t as[MI][4], bs[NI][2];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t big = to_tf32(af[mi][i]);
+            as[mi][i] = to_tf32(__float_as_uint(__uint_as_float(af[mi][i]) - __uint_as_float(big)));
+            af[mi][i] = big;
+          }
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint32_t big = to_tf32(bf[ni][i]);
+            bs[ni][i] = to_tf32(__float_as_uint(__uint_as_float(bf[ni][i]) - __uint_as_float(big)));
+            bf[ni][i] = big;
+          }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) {
+            mma_tf32(acc[mi][ni], as[mi], bf[ni][0], bf[ni][1]);
+            mma_tf32(acc[mi][ni], af[mi], bs[ni][0], bs[ni][1]);
+            mma_tf32(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+          }
+      }
+    }
+  };
+
+  // ---- main loop: STAGES-deep pipeline
+  const int KT = p.num_k_tiles;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) {
+      load_b(s, s);
+      if constexpr (VEC_A) {
+        load_a_vec(s, s);
+      } else {
+        gather_a(s);
+        store_a(s);
+      }
+    }
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
+    const int nt = kt + STAGES - 1;
+    const bool more = nt < KT;
+    if (more) {
+      load_b(nt, nt % STAGES);
+      if constexpr (VEC_A) {
+        load_a_vec(nt, nt % STAGES);
+      } else {
+        gather_a(nt);
+      }
+    }
+    cp_async_commit();
+    compute(kt % STAGES);
+    if constexpr (!VEC_A) {
+      if (more) store_a(nt % STAGES);  // read after the __syncthreads of iteration nt
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue
+  const int g_row = wm * WARP_M;  // warp tile origin in the CTA tile
+  const int g_col = wn * WARP_N;
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const T* __restrict__ res = static_cast<const T*>(p.res);
+  float sc[NI][2], bi[NI][2];
+#pragma unroll
+  for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int col = n0 + g_col + ni * 8 + c_col(lane, j);
+      const bool ok = col < p.Cout;
+      sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
+      bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
+    }
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int m = m0 + g_row + mi * 16 + c_row(lane, 2 * hh);
+      if (m >= p.M) continue;
+      const Pixel px = decompose_m(m, p.OH, p.OW);
+      const long long obase = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3];
+      const long long rbase = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + g_col + ni * 8 + c_col(lane, 0);  // even; col + 1 is the pair
+        if (col >= p.Cout) continue;
+        const bool has2 = col + 1 < p.Cout;
+        float v0 = acc[mi][ni][2 * hh] * sc[ni][0] + bi[ni][0];
+        float v1 = acc[mi][ni][2 * hh + 1] * sc[ni][1] + bi[ni][1];
+        if (res != nullptr) {
+          const long long ro = rbase + col * p.rs[1];
+          v0 += Elem<T>::to_f(res[ro]);
+          if (has2) v1 += Elem<T>::to_f(res[ro + p.rs[1]]);
+        }
+        if (p.relu) {
+          v0 = fmaxf(v0, 0.f);
+          v1 = fmaxf(v1, 0.f);
+        }
+        const long long oo = obase + col * p.os[1];
+        if (p.out_pair && has2 && (oo & 1) == 0) {
+          if constexpr (EB == 4) {
+            *reinterpret_cast<float2*>(out + oo) = make_float2(v0, v1);
+          } else {
+            const T lo = Elem<T>::from_f(v0), hi = Elem<T>::from_f(v1);
+            const uint32_t packed = static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&lo)) |
+                                    (static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+            *reinterpret_cast<uint32_t*>(out + oo) = packed;
+          }
+        } else {
+          out[oo] = Elem<T>::from_f(v0);
+          if (has2) out[oo + p.os[1]] = Elem<T>::from_f(v1);
+        }
+      }
+    }
+
+  // ---- per-tile channel statistics of y = acc: (mean, M2) over this tile's valid rows, two
+  // passes in a fixed order (lane shuffles, then warp row wm = 0 plus wm = 1): deterministic.
+  if (p.part_mean != nullptr) {
+    const int cnt = min(BM, p.M - m0);
+    const float inv_cnt = 1.f / static_cast<float>(cnt);
+    float mean[NI][2];
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      float part[NI][2];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) part[ni][j] = 0.f;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (m0 + g_row + mi * 16 + c_row(lane, i) < p.M) {
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+              const float v = acc[mi][ni][i];
+              if (pass == 0) {
+                part[ni][i & 1] += v;
+              } else {
+                const float d = v - mean[ni][i & 1];
+                part[ni][i & 1] += d * d;
+              }
+            }
+          }
+        }
+      float(*dst)[BN] = pass == 0 ? s_sum : s_m2;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float v = part[ni][j];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 8);
+          v += __shfl_xor_sync(0xffffffffu, v, 16);
+          if (lane < 4) dst[wm][g_col + ni * 8 + c_col(lane, j)] = v;
+        }
+      __syncthreads();
+      if (pass == 0) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int c = g_col + ni * 8 + c_col(lane, j);
+            mean[ni][j] = (s_sum[0][c] + s_sum[1][c]) * inv_cnt;
+          }
+      }
+    }
+    if (tid < BN && n0 + tid < p.Cout) {
+      const long long o = static_cast<long long>(blockIdx.x) * p.Cout + n0 + tid;
+      p.part_mean[o] = (s_sum[0][tid] + s_sum[1][tid]) * inv_cnt;
+      p.part_m2[o] = s_m2[0][tid] + s_m2[1][tid];
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---- statistics: combine the per-tile (mean, M2) partials of one channel (block) in a fixed
+// order with Chan's formula, in float64: strided per-thread runs, then a fixed binary tree.
+constexpr int kFinThreads = 256;
+__global__ void __launch_bounds__(kFinThreads)
+    conv2d_stats_finalize_kernel(const float* __restrict__ part_mean, const float* __restrict__ part_m2,
+                                 int m_tiles, int M, int Cout, float* __restrict__ mean, float* __restrict__ var) {
+  const int c = blockIdx.x;
+  const int tid = threadIdx.x;
+  double n = 0.0, mu = 0.0, m2 = 0.0;
+  for (int t = tid; t < m_tiles; t += kFinThreads) {
+    const long long o = static_cast<long long>(t) * Cout + c;
+    const double nb = static_cast<double>(min(BM, M - t * BM));
+    chan_combine(n, mu, m2, nb, static_cast<double>(part_mean[o]), static_cast<double>(part_m2[o]));
+  }
+  __shared__ double s_n[kFinThreads], s_mu[kFinThreads], s_m2[kFinThreads];
+  s_n[tid] = n;
+  s_mu[tid] = mu;
+  s_m2[tid] = m2;
+  __syncthreads();
+  for (int half = kFinThreads / 2; half > 0; half >>= 1) {
+    if (tid < half) {
+      double na = s_n[tid], ma = s_mu[tid], qa = s_m2[tid];
+      chan_combine(na, ma, qa, s_n[tid + half], s_mu[tid + half], s_m2[tid + half]);
+      s_n[tid] = na;
+      s_mu[tid] = ma;
+      s_m2[tid] = qa;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    mean[c] = static_cast<float>(s_mu[0]);
+    var[c] = static_cast<float>(s_m2[0] / s_n[0]);
+  }
+}
+
+template <typename T, int MATH>
+void launch_conv(const Params& p, bool vec_a, dim3 grid, cudaStream_t stream) {
+  if (vec_a) {
+    conv2d_igemm_kernel<T, MATH, true><<<grid, kThreads, 0, stream>>>(p);
+    check_launch("conv2d_forward: conv2d_igemm_kernel (vectorised A loads)");
+  } else {
+    conv2d_igemm_kernel<T, MATH, false><<<grid, kThreads, 0, stream>>>(p);
+    check_launch("conv2d_forward: conv2d_igemm_kernel (generic A gather)");
+  }
+}
+
+constexpr int64_t kIntMax = 2147483647;
+
+void check_int32(int64_t v, const char* fn, const char* what) {
+  if (v > kIntMax) throw ArgError(cat(fn, ": ", what, " = ", v, " exceeds the 32-bit index range of the kernel"));
+}
+
+// dims/strides describe a tensor whose elements are all distinct and fill a dense block
+// (any dimension order): what out must be, since every element is written exactly once.
+bool non_overlapping_dense(const int64_t (&size)[4], const int64_t (&stride)[4]) {
+  int order[4] = {0, 1, 2, 3};
+  for (int i = 1; i < 4; ++i)  // insertion sort by stride (ties: keep order)
+    for (int j = i; j > 0 && stride[order[j]] < stride[order[j - 1]]; --j) {
+      int t = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = t;
+    }
+  int64_t expect = 1;
+  for (int i = 0; i < 4; ++i) {
+    const int d = order[i];
+    if (size[d] == 1) continue;
+    if (stride[d] != expect) return false;
+    expect *= size[d];
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace conv
+
+int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
+  const char* fn = "conv2d_workspace_bytes";
+  check_nonneg(N, fn, "N");
+  check_nonneg(OH, fn, "OH");
+  check_nonneg(OW, fn, "OW");
+  check_nonneg(Cout, fn, "Cout");
+  if (!compute_stats) return 0;
+  const int64_t m_tiles = ceil_div(N * OH * OW, conv::BM);
+  return 2 * m_tiles * Cout * static_cast<int64_t>(sizeof(float));
+}
+
+void conv2d_forward(const Conv2dArgs& a) {
+  using namespace conv;
+  const char* fn = "conv2d_forward";
+  // ---- dtype
+  int eb = 0;
+  switch (a.dtype) {
+    case DType::F32: eb = 4; break;
+    case DType::F16:
+    case DType::BF16: eb = 2; break;
+    case DType::F64:
+      throw ArgError(cat(fn, ": dtype float64 is not supported by the CUDA convolution kernel "
+                         "(use the torch backend)"));
+  }
+  // ---- sizes
+  check_nonneg(a.N, fn, "N");
+  check_positive(a.Cin, fn, "Cin");
+  check_nonneg(a.H, fn, "H");
+  check_nonneg(a.W, fn, "W");
+  check_nonneg(a.Cout, fn, "Cout");
+  check_positive(a.KH, fn, "KH");
+  check_positive(a.KW, fn, "KW");
+  check_positive(a.stride_h, fn, "stride_h");
+  check_positive(a.stride_w, fn, "stride_w");
+  check_nonneg(a.pad_h, fn, "pad_h");
+  check_nonneg(a.pad_w, fn, "pad_w");
+  for (auto [v, name] : {std::pair<int64_t, const char*>{a.N, "N"}, {a.Cin, "Cin"}, {a.H, "H"}, {a.W, "W"},
+                         {a.Cout, "Cout"}, {a.KH, "KH"}, {a.KW, "KW"}, {a.stride_h, "stride_h"},
+                         {a.stride_w, "stride_w"}, {a.pad_h, "pad_h"}, {a.pad_w, "pad_w"}})
+    check_int32(v, fn, name);
+  if (a.H + 2 * a.pad_h < a.KH || a.W + 2 * a.pad_w < a.KW)
+    throw ArgError(cat(fn, ": the padded input (", a.H + 2 * a.pad_h, " x ", a.W + 2 * a.pad_w,
+                       ") is smaller than the kernel (", a.KH, " x ", a.KW, ")"));
+  const int64_t OH = (a.H + 2 * a.pad_h - a.KH) / a.stride_h + 1;
+  const int64_t OW = (a.W + 2 * a.pad_w - a.KW) / a.stride_w + 1;
+  if (a.OH != OH) throw ArgError(cat(fn, ": OH = ", a.OH, " but the convolution gives ", OH));
+  if (a.OW != OW) throw ArgError(cat(fn, ": OW = ", a.OW, " but the convolution gives ", OW));
+  const int64_t M = a.N * OH * OW;
+  const int64_t K = a.KH * a.KW * a.Cin;
+  check_int32(M + BM, fn, "N*OH*OW (+ one tile)");
+  check_int32(K + 64, fn, "K = KH*KW*Cin (+ one tile)");
+  if (ceil_div(a.Cout, BN) > 65535) throw ArgError(cat(fn, ": Cout = ", a.Cout, " is too large (max ", 65535 * BN, ")"));
+  if (a.ldw < K) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cin = ", K));
+  if (a.ldw % 8 != 0) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be a multiple of 8"));
+  check_int32(a.ldw + 64, fn, "ldw");
+  // ---- pointers, alignment, strides
+  // empty tensors may have null data pointers: only tensors with elements must be non-null
+  if (a.N * a.Cin * a.H * a.W > 0) check_ptr(a.x, fn, "x");
+  if (a.Cout > 0) check_ptr(a.w, fn, "w");
+  if (M * a.Cout > 0) check_ptr(a.out, fn, "out");
+  if (a.w % 16 != 0) throw ArgError(cat(fn, ": w must be 16-byte aligned"));
+  if (a.x % eb != 0) throw ArgError(cat(fn, ": x is not aligned to its element size"));
+  if (a.out % eb != 0) throw ArgError(cat(fn, ": out is not aligned to its element size"));
+  if (a.residual % eb != 0) throw ArgError(cat(fn, ": residual is not aligned to its element size"));
+  if (a.scale % 4 != 0) throw ArgError(cat(fn, ": scale is not 4-byte aligned"));
+  if (a.bias % 4 != 0) throw ArgError(cat(fn, ": bias is not 4-byte aligned"));
+  for (int i = 0; i < 4; ++i) {
+    static const char* xn[4] = {"x_stride[0]", "x_stride[1]", "x_stride[2]", "x_stride[3]"};
+    static const char* on[4] = {"out_stride[0]", "out_stride[1]", "out_stride[2]", "out_stride[3]"};
+    static const char* rn[4] = {"res_stride[0]", "res_stride[1]", "res_stride[2]", "res_stride[3]"};
+    check_nonneg(a.x_stride[i], fn, xn[i]);
+    check_nonneg(a.out_stride[i], fn, on[i]);
+    if (a.residual) check_nonneg(a.res_stride[i], fn, rn[i]);
+  }
+  const int64_t out_size[4] = {a.N, a.Cout, OH, OW};
+  if (!non_overlapping_dense(out_size, a.out_stride))
+    throw ArgError(cat(fn, ": out_stride = (", a.out_stride[0], ", ", a.out_stride[1], ", ", a.out_stride[2], ", ",
+                       a.out_stride[3], ") does not describe a dense non-overlapping (N, Cout, OH, OW) tensor"));
+  const bool stats = a.mean != 0 || a.var != 0;
+  if (stats) {
+    check_ptr(a.mean, fn, "mean (var was given)");
+    check_ptr(a.var, fn, "var (mean was given)");
+    if (M * a.Cout > 0) check_ptr(a.workspace, fn, "workspace (statistics requested)");
+    if (a.mean % 4 != 0 || a.var % 4 != 0 || a.workspace % 4 != 0)
+      throw ArgError(cat(fn, ": mean, var and workspace must be 4-byte aligned"));
+    const int64_t need = conv2d_workspace_bytes(a.N, OH, OW, a.Cout, true);
+    if (a.workspace_bytes < need)
+      throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", need, " required"));
+  }
+  // ---- device
+  int dev = 0, major = 0;
+  check_cuda(cudaGetDevice(&dev), "conv2d_forward: cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+             "conv2d_forward: cudaDeviceGetAttribute");
+  if (major < 8)
+    throw ArgError(cat(fn, ": needs a GPU of compute capability >= 8.0 (tensor-core mma.sync, cp.async); device ",
+                       dev, " is ", major, ".x"));
+  cudaStream_t stream = as_stream(a.stream);
+  if (a.Cout == 0) return;
+  if (M == 0) {
+    if (stats) {  // statistics of an empty set: NaN (all-ones bit pattern), like torch.mean
+      check_cuda(cudaMemsetAsync(reinterpret_cast<void*>(a.mean), 0xFF, a.Cout * sizeof(float), stream),
+                 "conv2d_forward: cudaMemsetAsync(mean)");
+      check_cuda(cudaMemsetAsync(reinterpret_cast<void*>(a.var), 0xFF, a.Cout * sizeof(float), stream),
+                 "conv2d_forward: cudaMemsetAsync(var)");
+    }
+    return;
+  }
+
+  Params p{};
+  p.x = reinterpret_cast<const void*>(a.x);
+  p.w = reinterpret_cast<const void*>(a.w);
+  p.scale = reinterpret_cast<const float*>(a.scale);
+  p.bias = reinterpret_cast<const float*>(a.bias);
+  p.res = reinterpret_cast<const void*>(a.residual);
+  p.out = reinterpret_cast<void*>(a.out);
+  p.part_mean = stats ? reinterpret_cast<float*>(a.workspace) : nullptr;
+  const int64_t m_tiles = ceil_div(M, BM);
+  p.part_m2 = stats ? p.part_mean + m_tiles * a.Cout : nullptr;
+  p.N = static_cast<int>(a.N);
+  p.Cin = static_cast<int>(a.Cin);
+  p.H = static_cast<int>(a.H);
+  p.W = static_cast<int>(a.W);
+  p.Cout = static_cast<int>(a.Cout);
+  p.KW = static_cast<int>(a.KW);
+  p.sh = static_cast<int>(a.stride_h);
+  p.sw = static_cast<int>(a.stride_w);
+  p.ph = static_cast<int>(a.pad_h);
+  p.pw = static_cast<int>(a.pad_w);
+  p.OH = static_cast<int>(OH);
+  p.OW = static_cast<int>(OW);
+  p.M = static_cast<int>(M);
+  p.K = static_cast<int>(K);
+  p.ldw = static_cast<int>(a.ldw);
+  const int bke = BK_BYTES / eb;
+  p.num_k_tiles = static_cast<int>(ceil_div(K, bke));
+  for (int i = 0; i < 4; ++i) {
+    p.xs[i] = a.x_stride[i];
+    p.os[i] = a.out_stride[i];
+    p.rs[i] = a.residual ? a.res_stride[i] : 0;
+  }
+  p.relu = a.relu ? 1 : 0;
+  p.out_pair = (a.out_stride[1] == 1 && a.out % (2 * eb) == 0) ? 1 : 0;
+
+  const int vec = 16 / eb;
+  const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
+                     a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(ceil_div(a.Cout, BN)));
+  switch (a.dtype) {
+    case DType::F32:
+      if (a.allow_tf32)
+        launch_conv<float, kTf32>(p, vec_a, grid, stream);
+      else
+        launch_conv<float, k3xTf32>(p, vec_a, grid, stream);
+      break;
+    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, grid, stream); break;
+    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, grid, stream); break;
+    case DType::F64: break;  // rejected above
+  }
+  if (stats) {
+    conv2d_stats_finalize_kernel<<<static_cast<unsigned>(a.Cout), kFinThreads, 0, stream>>>(
+        p.part_mean, p.part_m2, static_cast<int>(m_tiles), p.M, p.Cout, reinterpret_cast<float*>(a.mean),
+        reinterpret_cast<float*>(a.var));
+    check_launch("conv2d_forward: conv2d_stats_finalize_kernel");
+  }
+}
+
+}  // namespace rk

@@ -1,0 +1,60 @@
+// Implicit-GEMM 2-D convolution with a fused fp32 epilogue and optional per-channel batch
+// statistics. Torch-free API: device pointers (as uintptr_t, 0 = absent), sizes, element
+// strides, stream.
+//
+//   out[n,k,p,q] = act( conv(x, w)[n,k,p,q] * scale[k] + bias[k] + residual[n,k,p,q] )
+//   act = ReLU if relu else identity; scale absent = 1, bias absent = 0, residual absent = 0.
+//   conv: dilation 1, groups 1, zero padding, stride (stride_h, stride_w), padding (pad_h, pad_w).
+//
+// Tensors
+//   x        (N, Cin, H, W) of `dtype`, any element strides x_stride[4] = (n, c, h, w) (NCHW and
+//            NHWC both work; NHWC with Cin a multiple of 8 (16-bit) / 4 (fp32) takes the fast
+//            16-byte cp.async path, anything else a generic gather path).
+//   w        weight re-laid out as a (Cout, ldw) row-major matrix whose row k_out holds
+//            w[k_out, c, r, s] at column (r*KW + s)*Cin + c, i.e. (Cout, KH, KW, Cin) contiguous
+//            per row; ldw >= K = KH*KW*Cin, ldw a multiple of 8, the columns [K, ldw) must be
+//            ZERO (they are multiplied by zeros and must not be NaN), pointer 16-byte aligned.
+//   scale, bias  (Cout,) float32 contiguous, or 0.
+//   residual (N, Cout, OH, OW) of `dtype`, element strides res_stride[4], or 0.
+//   out      (N, Cout, OH, OW) of `dtype`, element strides out_stride[4].
+//   Tensor elements must be naturally aligned; out must not overlap x, w or residual.
+// Statistics (optional): mean/var (Cout,) float32 receive the per-channel mean and BIASED
+//   variance over N*OH*OW of y = conv(x, w) (fp32 accumulators, before scale/bias/residual/act).
+//   They need a device workspace of conv2d_workspace_bytes(...) bytes (per-tile partials);
+//   the reduction is deterministic (fixed order, no atomics).
+// Math: float16/bfloat16 use mma.m16n8k16 tensor cores with fp32 accumulation; float32 uses
+//   TF32 mma.m16n8k8 when allow_tf32, else 3xTF32 (big/small split, error comparable to FP32 FMA).
+//   float64 is not supported (the op layer routes it to the torch backend).
+// Requires a device of compute capability >= 8.0.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace rk {
+
+struct Conv2dArgs {
+  DType dtype;
+  std::uintptr_t x, w, scale, bias, residual, out;  // 0 = absent (scale, bias, residual only)
+  std::uintptr_t mean, var;                          // stats outputs: both or neither
+  std::uintptr_t workspace;                          // required iff stats requested
+  int64_t workspace_bytes;
+  int64_t N, Cin, H, W, Cout, KH, KW;
+  int64_t stride_h, stride_w, pad_h, pad_w;
+  int64_t OH, OW;
+  int64_t ldw;
+  int64_t x_stride[4];    // element strides of x: n, c, h, w
+  int64_t out_stride[4];  // of out: n, k, p, q
+  int64_t res_stride[4];  // of residual (ignored when residual == 0)
+  bool relu;
+  bool allow_tf32;
+  std::uintptr_t stream;
+};
+
+// Bytes of device workspace conv2d_forward needs (0 when compute_stats is false).
+int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats);
+
+// Validates every argument (rk::ArgError naming it), then launches on `stream`.
+void conv2d_forward(const Conv2dArgs& a);
+
+}  // namespace rk

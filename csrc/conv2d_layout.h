@@ -1,0 +1,134 @@
+// Index math of the implicit-GEMM convolution (csrc/conv2d.cu), kept in __host__ __device__
+// helpers so that a host-side emulation can check the tiling, the shared-memory swizzle, the
+// ldmatrix addressing and the mma fragment mapping without a GPU.
+//
+// GEMM view: M = N*OH*OW output pixels (row m -> (n, p, q)), N_gemm = Cout, K = KH*KW*Cin with
+// k -> (r, s, c), c fastest (the weight is laid out (Cout, KH, KW, Cin), row stride ldw >= K).
+//
+// CTA tile BM x BN output, K tiles of BK_BYTES bytes per row (32 bf16/fp16 or 16 fp32 values).
+// Shared memory per stage: A tile [BM rows][BK_BYTES] and B tile [BN rows (= output channels)]
+// [BK_BYTES], both "K-contiguous"; every row is 4 chunks of 16 bytes, chunk index XOR-swizzled
+// with (row >> 1) & 3 so that the 8 row addresses of one ldmatrix 8x8 matrix hit 8 different
+// 16-byte bank groups.
+//
+// 4 warps as 2 (M) x 2 (N), warp tile 64 x 32 = MI (4) m16 tiles x NI (4) n8 tiles. One
+// "k-step" is 32 bytes of K: a m16n8k16 for 16-bit types, a m16n8k8 for tf32. For both, the A
+// fragment of one m16 tile is one ldmatrix.x4 (matrices: rows 0-7/8-15 x chunk 0/1 of the
+// k-step), and the B fragments of two n8 tiles are one ldmatrix.x4 (matrices: n 0-7 chunk 0,
+// n 0-7 chunk 1, n 8-15 chunk 0, n 8-15 chunk 1).
+#pragma once
+
+#if defined(__CUDACC__)
+#define RK_HD __host__ __device__ __forceinline__
+#else
+#define RK_HD inline
+#endif
+
+namespace rk {
+namespace conv {
+
+constexpr int kThreads = 128;
+constexpr int BM = 128;
+constexpr int BN = 64;
+constexpr int BK_BYTES = 64;
+constexpr int KSTEP_BYTES = 32;
+constexpr int KSTEPS = BK_BYTES / KSTEP_BYTES;  // 2
+constexpr int CHUNKS = BK_BYTES / 16;           // 4 16-byte chunks per tile row
+constexpr int STAGES = 3;
+constexpr int WARP_M = 64;
+constexpr int WARP_N = 32;
+constexpr int MI = WARP_M / 16;  // 4
+constexpr int NI = WARP_N / 8;   // 4
+constexpr int A_STAGE_BYTES = BM * BK_BYTES;
+constexpr int B_STAGE_BYTES = BN * BK_BYTES;
+// vectorised loads: each thread owns one chunk column and these many rows
+constexpr int A_VEC_ROWS = BM * CHUNKS / kThreads;  // 4
+constexpr int B_VEC_ROWS = BN * CHUNKS / kThreads;  // 2
+constexpr int ROW_STEP = kThreads / CHUNKS;         // 32
+static_assert(BM == kThreads, "the generic gather path gives one A row to each thread");
+static_assert(2 * WARP_M == BM && 2 * WARP_N == BN, "2 x 2 warps");
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row` inside one stage's A or B tile.
+RK_HD int swz(int row, int chunk) { return row * BK_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4); }
+
+// Elements per tile row (one K tile) and per 16-byte chunk for an element of `elem_bytes`.
+RK_HD constexpr int bk_elems(int elem_bytes) { return BK_BYTES / elem_bytes; }
+RK_HD constexpr int vec_elems(int elem_bytes) { return 16 / elem_bytes; }
+
+// Warp placement: warp w covers rows wm*64.., cols wn*32.. of the CTA tile.
+RK_HD int warp_m(int warp) { return warp >> 1; }
+RK_HD int warp_n(int warp) { return warp & 1; }
+
+// ldmatrix.x4 for the A fragment of the m16 tile starting at warp-tile row 16*mi, k-step ks:
+// the row (within the CTA tile, relative to the m16 tile start) and chunk this lane points at.
+RK_HD int a_ldsm_row(int lane) { return lane & 15; }
+RK_HD int a_ldsm_chunk(int lane, int ks) { return ks * 2 + (lane >> 4); }
+// ldmatrix.x4 for the B fragments of n8 tiles 2*np and 2*np+1 (16 output channels), k-step ks.
+// Result registers: r0 = b-reg0 of tile 2np, r1 = b-reg1 of tile 2np, r2/r3 the same for 2np+1.
+RK_HD int b_ldsm_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+RK_HD int b_ldsm_chunk(int lane, int ks) { return ks * 2 + ((lane >> 3) & 1); }
+
+// Accumulator (C/D) fragment of one m16n8 tile: register i (0..3) of `lane` holds this element.
+RK_HD int c_row(int lane, int i) { return (lane >> 2) + ((i >> 1) << 3); }
+RK_HD int c_col(int lane, int i) { return ((lane & 3) << 1) + (i & 1); }
+
+// Vectorised loads: thread `tid` copies chunk vec_chunk(tid) of rows vec_row(tid, i).
+RK_HD int vec_chunk(int tid) { return tid & (CHUNKS - 1); }
+RK_HD int vec_row(int tid, int i) { return (tid >> 2) + ROW_STEP * i; }
+
+// Output pixel of GEMM row m.
+struct Pixel {
+  int n, p, q;
+};
+RK_HD Pixel decompose_m(int m, int OH, int OW) {
+  const int ohw = OH * OW;
+  Pixel px;
+  px.n = m / ohw;
+  const int rem = m - px.n * ohw;
+  px.p = rem / OW;
+  px.q = rem - px.p * OW;
+  return px;
+}
+
+// Filter tap of GEMM column k (k < K): k = (r * KW + s) * Cin + c.
+struct Tap {
+  int r, s, c;
+};
+RK_HD Tap decompose_k(int k, int Cin, int KW) {
+  Tap t;
+  const int rs = k / Cin;
+  t.c = k - rs * Cin;
+  t.r = rs / KW;
+  t.s = rs - t.r * KW;
+  return t;
+}
+// Advance a tap to k + 1.
+RK_HD void next_tap(Tap& t, int Cin, int KW) {
+  if (++t.c == Cin) {
+    t.c = 0;
+    if (++t.s == KW) {
+      t.s = 0;
+      ++t.r;
+    }
+  }
+}
+
+// Is input pixel (h, w) inside the image (otherwise it is zero padding)?
+RK_HD bool in_image(int h, int w, int H, int W) {
+  return static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
+}
+
+// Chan et al. parallel combination of (count, mean, M2) partial statistics.
+template <typename F>
+RK_HD void chan_combine(F& n_a, F& mean_a, F& m2_a, F n_b, F mean_b, F m2_b) {
+  const F n = n_a + n_b;
+  if (n_b == F(0)) return;
+  const F delta = mean_b - mean_a;
+  const F frac = n_b / n;
+  mean_a = mean_a + delta * frac;
+  m2_a = m2_a + m2_b + delta * delta * n_a * frac;
+  n_a = n;
+}
+
+}  // namespace conv
+}  // namespace rk

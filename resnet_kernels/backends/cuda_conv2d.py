@@ -1,0 +1,55 @@
+"""CUDA convolution launcher: wraps ``_C.conv2d_forward`` (csrc/conv2d.cu), an implicit-GEMM
+tensor-core kernel with a fused fp32 epilogue and deterministic batch statistics.
+
+Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py.
+The kernel takes the weight as a (Cout, ldw) matrix whose columns are ordered (kh, kw, cin) with
+cin fastest, ldw = K rounded up to a multiple of 8, zero padded: prepared here (small next to the
+activations). x, out and residual are passed with their element strides (NCHW or channels_last).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _alloc
+from .._ext import require_C
+from .cuda_common import DTYPE_CODES, ptr, stream_of
+
+
+def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Cout, Cin, KH, KW) -> ((Cout, ldw) matrix, ldw): columns (kh, kw, cin), zero padded."""
+    Cout, Cin, KH, KW = weight.shape
+    K = Cin * KH * KW
+    ldw = (K + 7) // 8 * 8
+    packed = _alloc.empty((Cout, ldw), dtype=weight.dtype, device=weight.device)
+    packed[:, :K].copy_(weight.permute(0, 2, 3, 1).reshape(Cout, K))
+    if ldw > K:
+        packed[:, K:].zero_()  # the kernel multiplies these columns by zeros: they must be finite
+    return packed, ldw
+
+
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32):
+    C_ = require_C()
+    N, Cin, H, W = x.shape
+    Cout, _, KH, KW = weight.shape
+    OH, OW = out.shape[2], out.shape[3]
+    with torch.cuda.device(x.device):
+        wmat, ldw = pack_weight(weight)
+        mean = var = ws = None
+        nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
+        if compute_stats:
+            mean = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
+            var = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
+            # float32 elements: the kernel writes per-tile (mean, M2) partials here
+            ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=x.device)
+        C_.conv2d_forward(
+            dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
+            residual=ptr(residual), out=ptr(out), mean=ptr(mean), var=ptr(var), workspace=ptr(ws),
+            workspace_bytes=nbytes, N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW,
+            stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
+            OH=OH, OW=OW, ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()),
+            res_stride=list(residual.stride()) if residual is not None else [],
+            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x))
+    if compute_stats:
+        return mean, var
+    return None

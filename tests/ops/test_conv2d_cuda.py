@@ -1,0 +1,242 @@
+"""Parity of the CUDA implicit-GEMM convolution (csrc/conv2d.cu, launcher
+resnet_kernels/backends/cuda_conv2d.py) with a float64 reference.
+
+Reference: F.conv2d in float64 on the (exactly upcast) inputs, epilogue in float64.
+Tolerance, elementwise:  |ours - ref| <= 2 * E_torch + FLOOR[mode] * max|ref|
+  E_torch = the max error of PyTorch's own F.conv2d in the same dtype (same TF32 setting) with
+            the epilogue applied in float64 and the result rounded to the dtype, measured here on
+            the same data; our kernel should be no worse than twice that.
+  FLOOR   = what one rounding costs even when E_torch happens to be tiny: half an ulp of the output
+            dtype for float16/bfloat16 (kernel and reference may round to different neighbours:
+            one ulp), the TF32 input rounding (2**-11) for TF32, and a few float32 ulps summed over
+            K (2**-18) for exact float32 (3xTF32).
+Statistics: mean/var vs the float64 statistics of the float64 convolution, tolerance 2x the error
+of torch.var_mean over PyTorch's own convolution in the same dtype (upcast to float32 first)
+plus FLOOR * (max|y| for the mean, max|y|**2 for the variance).
+
+Outputs (and the launcher's mean/var and scratch) are poisoned with NaN by conftest, so an
+element the kernel forgets to write fails.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rk_testing import HAS_GPU
+
+from resnet_kernels import _alloc
+from resnet_kernels._ext import get_C
+
+C_ = get_C()
+
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="the CUDA convolution kernel needs a visible GPU")
+needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
+
+FLOOR = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -11, "fp32": 2.0 ** -18}
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
+
+# (N, Cin, H, W, Cout, k, stride, pad): every ResNet conv type, odd sizes, N = 1, partial tiles
+SHAPES = {
+    "stem7x7s2": (2, 3, 23, 21, 64, 7, 2, 3),
+    "3x3s1": (2, 16, 9, 11, 24, 3, 1, 1),
+    "3x3s2": (1, 32, 11, 13, 40, 3, 2, 1),
+    "1x1s1": (3, 64, 7, 7, 72, 1, 1, 0),
+    "1x1s2": (2, 24, 9, 9, 130, 1, 2, 0),
+    "3x3_cin12_cout3": (1, 12, 10, 9, 3, 3, 1, 1),
+    "3x3_multi_mtile": (4, 8, 17, 17, 64, 3, 1, 1),
+    "1x1_cin8": (1, 8, 5, 5, 16, 1, 1, 0),
+}
+EPILOGUES = {
+    "plain": dict(scale=False, bias=False, residual=False, relu=False),
+    "bn_relu": dict(scale=True, bias=True, residual=False, relu=True),
+    "bn_add_relu": dict(scale=True, bias=True, residual=True, relu=True),
+    "bias_add": dict(scale=False, bias=True, residual=True, relu=False),
+}
+
+
+def _fmt(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def _poisoned(shape, dtype, layout):
+    return _alloc._fill(torch.empty(shape, dtype=dtype, device="cuda", memory_format=_fmt(layout)))
+
+
+def _make(shape_name, mode, layout, epi):
+    N, Cin, H, W, Cout, k, s, p = SHAPES[shape_name]
+    dtype = DTYPE[mode]
+    x = torch.randn(N, Cin, H, W, device="cuda").to(dtype).contiguous(memory_format=_fmt(layout))
+    w = (torch.randn(Cout, Cin, k, k, device="cuda") / (Cin * k * k) ** 0.5).to(dtype)
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    scale = torch.rand(Cout, device="cuda") + 0.5 if epi["scale"] else None
+    bias = torch.randn(Cout, device="cuda") if epi["bias"] else None
+    res = (torch.randn(N, Cout, OH, OW, device="cuda").to(dtype).contiguous(memory_format=_fmt(layout))
+           if epi["residual"] else None)
+    return x, w, scale, bias, res, (s, s), (p, p), (N, Cout, OH, OW)
+
+
+def _epilogue64(y, scale, bias, res, relu):
+    C = y.shape[1]
+    if scale is not None:
+        y = y * scale.double().view(1, C, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, C, 1, 1)
+    if res is not None:
+        y = y + res.double()
+    return torch.relu(y) if relu else y
+
+
+def _torch_conv(x, w, stride, pad, mode):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    try:
+        return F.conv2d(x, w, None, stride, pad)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def _launch(x, w, scale, bias, res, out, stride, pad, relu, stats, mode):
+    from resnet_kernels.backends.cuda_conv2d import conv2d_forward
+
+    r = conv2d_forward(x, w, scale, bias, res, out, stride, pad, relu, stats, mode == "tf32")
+    torch.cuda.synchronize()
+    return r
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", list(DTYPE))
+@pytest.mark.parametrize("epi", list(EPILOGUES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_conv2d_epilogue_matches_float64(shape, epi, mode, layout):
+    e = EPILOGUES[epi]
+    x, w, scale, bias, res, stride, pad, oshape = _make(shape, mode, layout, e)
+    dtype = DTYPE[mode]
+    out = _poisoned(oshape, dtype, layout)
+    assert _launch(x, w, scale, bias, res, out, stride, pad, e["relu"], False, mode) is None
+    ref = _epilogue64(F.conv2d(x.double(), w.double(), None, stride, pad), scale, bias, res, e["relu"])
+    theirs = _epilogue64(_torch_conv(x, w, stride, pad, mode).double(), scale, bias, res, e["relu"]).to(dtype)
+    e_torch = (theirs.double() - ref).abs().max().item()
+    tol = 2 * e_torch + FLOOR[mode] * ref.abs().max().item()
+    assert out.shape == oshape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=_fmt(layout))
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) output elements"
+    err = (out.double() - ref).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {e_torch:.3g})"
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", list(DTYPE))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_conv2d_stats_matches_float64(shape, mode, layout):
+    x, w, _, _, _, stride, pad, oshape = _make(shape, mode, layout, EPILOGUES["plain"])
+    dtype = DTYPE[mode]
+    out = _poisoned(oshape, dtype, layout)
+    mean, var = _launch(x, w, None, None, None, out, stride, pad, False, True, mode)
+    y64 = F.conv2d(x.double(), w.double(), None, stride, pad)
+    rvar, rmean = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+    tvar, tmean = torch.var_mean(_torch_conv(x, w, stride, pad, mode).float(), dim=(0, 2, 3), correction=0)
+    ymax = y64.abs().max().item()
+    tol_m = 2 * (tmean.double() - rmean).abs().max().item() + FLOOR[mode] * ymax
+    tol_v = 2 * (tvar.double() - rvar).abs().max().item() + FLOOR[mode] * ymax ** 2
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    assert mean.shape == (oshape[1],) and var.shape == (oshape[1],)
+    assert (mean.double() - rmean).abs().max().item() <= tol_m
+    assert (var.double() - rvar).abs().max().item() <= tol_v
+    # out == y (no epilogue) is written too
+    ref = y64
+    theirs = _torch_conv(x, w, stride, pad, mode)
+    tol = 2 * (theirs.double() - ref).abs().max().item() + FLOOR[mode] * ymax
+    assert (out.double() - ref).abs().max().item() <= tol
+    # deterministic: a second run gives bit-identical statistics
+    out2 = _poisoned(oshape, dtype, layout)
+    mean2, var2 = _launch(x, w, None, None, None, out2, stride, pad, False, True, mode)
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+    assert torch.equal(out, out2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+def test_conv2d_mixed_strides_via_C(mode):
+    """The C++ API takes any element strides: NCHW x (generic gather path even though Cin is a
+    multiple of 8), channels_last out and an NCHW residual."""
+    from resnet_kernels.backends.cuda_conv2d import pack_weight
+
+    dtype = DTYPE[mode]
+    N, Cin, H, W, Cout = 2, 16, 9, 7, 20
+    x = torch.randn(N, Cin, H, W, device="cuda").to(dtype)
+    w = (torch.randn(Cout, Cin, 3, 3, device="cuda") / 12).to(dtype)
+    res = torch.randn(N, Cout, 5, 4, device="cuda").to(dtype)
+    out = _poisoned((N, Cout, 5, 4), dtype, "channels_last")
+    wm, ldw = pack_weight(w)
+    C_.conv2d_forward(
+        dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=x.data_ptr(), w=wm.data_ptr(), scale=0, bias=0,
+        residual=res.data_ptr(), out=out.data_ptr(), mean=0, var=0, workspace=0, workspace_bytes=0,
+        N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0, OH=5, OW=4,
+        ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()),
+        relu=True, allow_tf32=False, stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    ref = torch.relu(F.conv2d(x.double(), w.double(), None, (2, 2), (1, 0)) + res.double())
+    tol = FLOOR[mode] * 4 * ref.abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= tol
+
+
+@needs_gpu
+def test_conv2d_stats_empty_batch_is_nan():
+    from resnet_kernels.backends.cuda_conv2d import conv2d_forward
+
+    x = torch.randn(0, 8, 5, 5, device="cuda")
+    w = torch.randn(4, 8, 3, 3, device="cuda")
+    out = torch.empty(0, 4, 5, 5, device="cuda")
+    mean, var = conv2d_forward(x, w, None, None, None, out, (1, 1), (1, 1), False, True, False)
+    assert mean.isnan().all() and var.isnan().all()
+
+
+# ---- argument validation in the C++ API (raises before touching the device: needs _C only) ----
+def _valid_args(**over):
+    a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
+             workspace_bytes=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
+             pad_w=1, OH=9, OW=9, ldw=32, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1], res_stride=[],
+             relu=False, allow_tf32=False, stream=0)
+    a.update(over)
+    return a
+
+
+@needs_C
+@pytest.mark.parametrize("over, match", [
+    (dict(dtype=3), "float64"),
+    (dict(dtype=7), "dtype"),
+    (dict(x=0), "x is a null"),
+    (dict(w=0), "w is a null"),
+    (dict(out=0), "out is a null"),
+    (dict(w=4100), "w must be 16-byte aligned"),
+    (dict(Cin=0), "Cin"),
+    (dict(KH=0), "KH"),
+    (dict(stride_w=0), "stride_w"),
+    (dict(pad_h=-1), "pad_h"),
+    (dict(OH=8), "OH = 8"),
+    (dict(OW=10), "OW = 10"),
+    (dict(ldw=24), "ldw = 24 must be >= K"),
+    (dict(ldw=36), "multiple of 8"),
+    (dict(H=1, pad_h=0), "smaller than the kernel"),
+    (dict(out_stride=[648, 81, 9, 2]), "out_stride"),
+    (dict(out_stride=[648, 81, 9]), "out_stride must have 4"),
+    (dict(x_stride=[243, -81, 9, 1]), "x_stride"),
+    (dict(mean=4096), "var"),
+    (dict(mean=4096, var=4096), "workspace"),
+    (dict(mean=4096, var=4096, workspace=4096, workspace_bytes=4), "workspace_bytes"),
+    (dict(scale=4098), "scale"),
+])
+def test_conv2d_C_rejects_bad_arguments(over, match):
+    with pytest.raises(ValueError, match=match):
+        C_.conv2d_forward(**_valid_args(**over))
+
+
+@needs_C
+def test_conv2d_workspace_bytes():
+    assert C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=False) == 0
+    # 162 rows -> 2 tiles of 128 rows; (mean, M2) float32 per tile and channel
+    assert C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 2 * 2 * 8 * 4
+    with pytest.raises(ValueError, match="Cout"):
+        C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=-1, compute_stats=True)
