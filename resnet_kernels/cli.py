@@ -15,12 +15,96 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _csv(choices):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    try:
+        if args.plot:
+            bench.require_matplotlib()  # fail before spending minutes on the run
+        cfg = bench.make_config(model=args.model, mode=args.mode, batch=args.batch, image_size=args.image_size,
+                                dtype=args.dtype, layout=args.layout, backends=args.backends, iters=args.iters,
+                                warmup=args.warmup, num_classes=args.num_classes)
+        res = bench.run_bench(cfg, progress=None if args.quiet else sys.stderr)
+    except bench.BenchError as exc:
+        print(f"resnet-kernels bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(bench.format_table(res))
+    if args.json:
+        bench.write_json(res, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            bench.plot(res, args.plot)
+        except bench.BenchError as exc:
+            print(f"resnet-kernels bench: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
+    return 1 if bench.failed(res) else 0
+
+
+def _cmd_check(args) -> int:
+    from .check import main_check
+
+    return main_check(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnet-kernels", description="Fused CUDA/Triton kernels for ResNet.")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="versions, the CUDA extension build, GPUs and usable backends")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pi.set_defaults(func=_cmd_info)
+
+    from .bench import ARCHS, BACKENDS, DTYPES, LAYOUTS, MODES
+
+    pb = sub.add_parser(
+        "bench", help="whole-model images/s: fused kernels vs PyTorch eager vs torch.compile",
+        description="Times a ResNet train step or inference for each backend in one run (median over timed "
+                    "iterations after warm-up; CUDA events on a GPU). Without a GPU: a small CPU comparison "
+                    "(wall clock) of the eager and torch backends. Unset sizes default to batch 256, 224px, bf16, "
+                    "50 iterations, 10 warm-up on a GPU and batch 2, 64px, fp32, 5 iterations, 1 warm-up on a CPU.")
+    pb.add_argument("--model", choices=ARCHS, default="resnet50")
+    pb.add_argument("--mode", choices=MODES, default="train", help="train: forward+loss+backward+SGD step; infer: eval forward")
+    pb.add_argument("--batch", type=int, default=None)
+    pb.add_argument("--image-size", type=int, default=None)
+    pb.add_argument("--dtype", choices=tuple(DTYPES), default=None)
+    pb.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    pb.add_argument("--backends", type=_csv(BACKENDS), default=None,
+                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: eager,compile,cuda,triton on a "
+                         "GPU; eager,torch,cuda,triton on a CPU, where cuda and triton are listed as unavailable)")
+    pb.add_argument("--iters", type=int, default=None, help="timed iterations")
+    pb.add_argument("--warmup", type=int, default=None, help="untimed iterations first (>= 1)")
+    pb.add_argument("--num-classes", type=int, default=1000)
+    pb.add_argument("--json", metavar="PATH", help="write the results as JSON (schema resnet-kernels-bench/1)")
+    pb.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    pb.add_argument("--quiet", action="store_true", help="no progress output")
+    pb.set_defaults(func=_cmd_bench)
+
+    pc = sub.add_parser(
+        "check", help="parity self-test of every available backend against the PyTorch reference",
+        description="Runs add_relu, bn_add_relu, conv_bn_act, conv_bn_add_act (and a small resnet18 when the "
+                    "models package is installed) forward and backward on every backend usable here, compares "
+                    "with float64 PyTorch layers, prints a pass/fail table; exit status 1 on any failure. "
+                    "Unavailable backends are listed with the reason (not a failure).")
+    pc.add_argument("--backends", help="comma-separated subset of torch,triton,cuda (default: all)")
+    pc.add_argument("--dtypes", help="comma-separated subset of fp32,fp16,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
+    pc.add_argument("--cases", help="comma-separated case names (default: all)")
+    g = pc.add_mutually_exclusive_group()
+    g.add_argument("--model", dest="model", action="store_true", default=None, help="include the resnet18 cases")
+    g.add_argument("--no-model", dest="model", action="store_false", help="skip the resnet18 cases")
+    pc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    pc.add_argument("--verbose", "-v", action="store_true", help="print each case as it starts")
+    pc.set_defaults(func=_cmd_check)
     return p
 
 
