@@ -8,39 +8,127 @@ modules (so parameters, buffers and ``state_dict`` stay the user's own):
 
 Both follow the module's ``train()``/``eval()`` mode exactly like the unfused layers (batch
 statistics and running-statistics updates in training, running statistics in eval).
+
+How each mode runs (see docs/CONV.md):
+
+* running statistics (eval): BN is folded into a per-channel (scale, shift) computed from the
+  current parameters and buffers on every call (``conv.bias`` folded into the shift) and applied
+  in the convolution's fp32 epilogue, together with the residual add and the ReLU: one kernel
+  (``conv2d_epilogue``). A projection shortcut is its own ``conv2d_epilogue`` (relu=False) whose
+  output is the main convolution's residual.
+* batch statistics (train): ``conv2d_stats`` gives y = conv(x) and its per-channel batch mean and
+  variance from the convolution's epilogue; ``bn_scale_shift`` turns them into (scale, shift)
+  with the exact running-statistics update; ``bn_add_relu`` applies BN, adds the shortcut (for a
+  projection: the raw shortcut convolution with its own BN applied in the same pass) and the
+  ReLU. ``conv.bias`` (rare before BN) shifts the batch mean by the bias (the variance is
+  unchanged) and is added back in the shift, so the running mean sees it exactly as nn.BatchNorm2d
+  does while the normalized output, mathematically independent of it, is unchanged.
+
+Every ``nn.Conv2d`` configuration works: ``padding_mode`` other than 'zeros' and ``padding='same'``
+with an odd total padding pad the input explicitly first (exactly what nn.Conv2d itself does);
+groups != 1, dilation != 1 and float64 run on the torch backend under ``auto``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn._bn import bn_scale_shift
+from ._checks import layout_of
+from .nn._bn import bn_scale_shift, uses_batch_stats
 from .ops.bn_add_relu import bn_add_relu
+from .ops.conv2d import conv2d_epilogue, conv2d_stats
 
 
 def _check_pair(fn: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{fn}: conv must be an nn.Conv2d, got {type(conv).__name__}")
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if type(conv).forward is not nn.Conv2d.forward:
+        raise TypeError(f"{fn}: conv ({type(conv).__name__}) overrides nn.Conv2d.forward; the fused op computes "
+                        f"nn.Conv2d's own convolution and would ignore it")
+    if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"{fn}: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if type(bn).forward is not nn.BatchNorm2d.forward:
+        raise TypeError(f"{fn}: bn ({type(bn).__name__}) overrides nn.BatchNorm2d.forward; the fused op "
+                        f"reproduces nn.BatchNorm2d's own semantics and would ignore it")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"{fn}: bn.num_features ({bn.num_features}) != conv.out_channels ({conv.out_channels})")
 
 
-def _conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    # nn.Conv2d's own forward: handles padding modes, dilation, groups, bias.
-    return conv(x)
+def _dense(x: Tensor) -> Tensor:
+    """x as an NCHW-contiguous or channels_last tensor (a no-op for either)."""
+    if not isinstance(x, Tensor):
+        return x  # the op names the bad argument
+    if x.dim() == 4 and layout_of(x) is None:
+        return x.contiguous()
+    return x
+
+
+def _conv_input(x: Tensor, conv: nn.Conv2d) -> Tuple[Tensor, Tuple[int, int]]:
+    """(input to convolve with zero padding, that padding): explicit padding for what the ops do
+    not take directly, mirroring nn.Conv2d (F.pad with _reversed_padding_repeated_twice)."""
+    x = _dense(x)
+    pad4 = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
+    asymmetric = pad4[0] != pad4[1] or pad4[2] != pad4[3]  # only possible with padding='same'
+    if conv.padding_mode != "zeros" or asymmetric:
+        cl = isinstance(x, Tensor) and x.dim() == 4 and layout_of(x) == "nhwc"
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad4, mode=mode)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else _dense(x)
+        return x, (0, 0)
+    if isinstance(conv.padding, str):  # 'valid' or a symmetric 'same'
+        return x, (pad4[2], pad4[0])
+    return x, tuple(conv.padding)
+
+
+def _in_layout(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
+    """A residual/shortcut in the memory layout of ``ref`` (an op input or output: the outputs
+    take their input's layout). They differ only when one of them is ambiguous (a single channel
+    or 1x1 spatial size) or not dense; a copy then. Bad arguments are left for the op to name."""
+    if not (isinstance(t, Tensor) and isinstance(ref, Tensor) and t.dim() == 4 and ref.dim() == 4):
+        return t
+    if layout_of(ref) == "nhwc":
+        return t.contiguous(memory_format=torch.channels_last)  # no-op when it already is
+    return t.contiguous()
+
+
+def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str]):
+    """(y, scale, shift) with bn(conv(x)) == y * scale + shift, bn using batch statistics."""
+    xin, padding = _conv_input(x, conv)
+    y, mean, var = conv2d_stats(xin, conv.weight, stride=conv.stride, padding=padding, dilation=conv.dilation,
+                                groups=conv.groups, backend=backend)
+    if conv.bias is None:
+        return (y,) + bn_scale_shift(bn, y, batch_stats=(mean, var))
+    b = conv.bias.to(mean.dtype)
+    scale, shift = bn_scale_shift(bn, y, batch_stats=(mean + b, var))
+    return y, scale, shift + b * scale
+
+
+def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual: Optional[Tensor],
+                     backend: Optional[str]) -> Tensor:
+    """act(bn(conv(x)) + residual) with bn using running statistics: one conv2d_epilogue."""
+    xin, padding = _conv_input(x, conv)
+    # bn_scale_shift only reads the shape and dtype of its input in this mode.
+    proxy = xin.new_empty((0, conv.out_channels, 0, 0)) if isinstance(xin, Tensor) else xin
+    scale, shift = bn_scale_shift(bn, proxy)
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(shift.dtype) * scale
+    residual = _in_layout(residual, xin)
+    return conv2d_epilogue(xin, conv.weight, scale, shift, residual, stride=conv.stride, padding=padding,
+                           dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
                 residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """act(bn(conv(x)) + residual), with bn in its current train/eval mode."""
     _check_pair("conv_bn_act", conv, bn)
-    y = _conv(x, conv)
-    scale, shift = bn_scale_shift(bn, y)
-    return bn_add_relu(y, scale, shift, residual, relu=relu, backend=backend)
+    if uses_batch_stats(bn):
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend)
+        return bn_add_relu(y, scale, shift, _in_layout(residual, y), relu=relu, backend=backend)
+    return _folded_epilogue(x, conv, bn, relu, residual, backend)
 
 
 def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input: Tensor,
@@ -51,14 +139,23 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
     _check_pair("conv_bn_add_act", conv, bn)
     if (shortcut_conv is None) != (shortcut_bn is None):
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
-    y = _conv(x, conv)
-    scale, shift = bn_scale_shift(bn, y)
     if shortcut_conv is None:
-        return bn_add_relu(y, scale, shift, shortcut_input, relu=relu, backend=backend)
+        return conv_bn_act(x, conv, bn, relu=relu, residual=shortcut_input, backend=backend)
     _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
-    r = _conv(shortcut_input, shortcut_conv)
-    r_scale, r_shift = bn_scale_shift(shortcut_bn, r)
-    return bn_add_relu(y, scale, shift, r, r_scale, r_shift, relu=relu, backend=backend)
+    if uses_batch_stats(bn):
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend)
+        if uses_batch_stats(shortcut_bn):
+            # Both BNs, the add and the ReLU in one bn_add_relu pass over y and the raw shortcut conv.
+            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend)
+            return bn_add_relu(y, scale, shift, _in_layout(r, y), r_scale, r_shift, relu=relu, backend=backend)
+        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend)
+        return bn_add_relu(y, scale, shift, _in_layout(r, y), relu=relu, backend=backend)
+    if uses_batch_stats(shortcut_bn):
+        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend)
+        r = bn_add_relu(r, r_scale, r_shift, None, relu=False, backend=backend)
+    else:
+        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend)
+    return _folded_epilogue(x, conv, bn, relu, r, backend)
 
 
 __all__ = ["conv_bn_act", "conv_bn_add_act"]

@@ -1,5 +1,6 @@
 """Fused ops (each defined once with torch.library; backends in resnet_kernels.backends)."""
 
 from .bn_add_relu import add_relu, bn_add_relu
+from .conv2d import conv2d_epilogue, conv2d_stats
 
-__all__ = ["add_relu", "bn_add_relu"]
+__all__ = ["add_relu", "bn_add_relu", "conv2d_epilogue", "conv2d_stats"]

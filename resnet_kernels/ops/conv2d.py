@@ -1,0 +1,367 @@
+"""Fused 2-D convolution ops, defined once with ``torch.library``:
+
+    conv2d_epilogue(x, weight, scale, bias, residual) = act(conv(x, weight) * scale[k] + bias[k] + residual)
+        the inference path of conv + BN (+ add) (+ ReLU): BN folded into a per-output-channel
+        affine applied in the fp32 epilogue of the convolution (scale/bias are computed by the
+        caller from the current parameters and running statistics on every call, so they are
+        never stale); an optional residual of the output's shape is added before the ReLU.
+    conv2d_stats(x, weight) = (y, mean, var)
+        the training path: y = conv(x, weight) in the activation dtype plus the per-channel batch
+        mean and biased variance of y over N*OH*OW, taken from the fp32 accumulators (one pass).
+
+The forward runs on the backend in force (``cuda``/``triton`` kernels, or ``torch``); the
+backward uses PyTorch's ``aten.convolution_backward`` (cuDNN on GPU) for the input and weight
+gradients, and elementwise torch ops / per-channel reductions for the epilogue's gradients:
+
+    conv2d_epilogue: g_m = g * (out > 0) (relu) ; d residual = g_m ; d bias = sum g_m ;
+                     d scale = sum g_m * conv(x, w) (recomputed only when scale needs a grad) ;
+                     d x, d weight = convolution_backward(g_m * scale)
+    conv2d_stats:    d x, d weight = convolution_backward(g_y + g_mean/m + g_var * 2 (y - mean)/m),
+                     m = N*OH*OW.
+
+float64, groups != 1 and dilation != 1 run on the torch backend only: ``auto`` picks it, an
+explicit ``cuda``/``triton`` request raises ``BackendUnavailableError`` saying why.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _alloc, _backend
+from .._checks import acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout, layout_of
+from ..backends import get_impl
+from ..backends.torch_conv2d import conv_acc, cudnn_conv_tf32_enabled
+
+OP_EPILOGUE = "conv2d_epilogue"
+OP_STATS = "conv2d_stats"
+
+_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        pair = (v, v)
+    else:
+        try:
+            pair = tuple(v)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}") from None
+        if len(pair) == 1:
+            pair = (pair[0], pair[0])
+        if len(pair) != 2 or any(isinstance(e, bool) or not isinstance(e, int) for e in pair):
+            raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if pair[0] < minimum or pair[1] < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _validate_conv(op: str, x, weight, stride, padding, dilation, groups) -> Tuple[str, Tuple[int, int, int, int]]:
+    """Checks x/weight/geometry; returns (x's layout, output shape)."""
+    check_activation(op, "x", x)
+    layout = check_layout(op, "x", x)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be a 4-D (Cout, Cin/groups, KH, KW) tensor, "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight must be on x's device ({x.device}), got {weight.device}")
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    dh, dw = _pair(op, "dilation", dilation, 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    N, Cin, H, W = x.shape
+    Cout, Cin_g, KH, KW = weight.shape
+    if Cin < 1:
+        raise ValueError(f"{op}: x must have at least one channel, got shape {tuple(x.shape)}")
+    if Cin % groups != 0 or Cout % groups != 0:
+        raise ValueError(f"{op}: groups={groups} must divide x's channels ({Cin}) and weight's output "
+                         f"channels ({Cout})")
+    if Cin_g * groups != Cin:
+        raise ValueError(f"{op}: weight.shape[1] must be x's channels / groups = {Cin // groups}, got weight shape "
+                         f"{tuple(weight.shape)} for x shape {tuple(x.shape)}")
+    if KH < 1 or KW < 1:
+        raise ValueError(f"{op}: weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
+    OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{op}: x's spatial size {(H, W)} with padding {(ph, pw)} is smaller than the "
+                         f"{KH}x{KW} kernel (dilation {(dh, dw)}): no output pixel")
+    return layout, (N, Cout, OH, OW)
+
+
+def _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilation, groups):
+    op = OP_EPILOGUE
+    layout, shape = _validate_conv(op, x, weight, stride, padding, dilation, groups)
+    Cout = shape[1]
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None:
+            check_channel_vector(op, name, t, Cout, x)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{op}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != tuple(shape):
+            raise ValueError(f"{op}: residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{op}: residual must be on x's device ({x.device}), got {residual.device}")
+        ok = residual.is_contiguous() if layout == "nchw" else residual.is_contiguous(memory_format=torch.channels_last)
+        if not ok:
+            want = "NCHW-contiguous" if layout == "nchw" else "channels_last"
+            raise ValueError(f"{op}: residual must have the output's memory layout ({want}, like x), got strides "
+                             f"{residual.stride()} for shape {tuple(residual.shape)}")
+    return layout, shape
+
+
+def _unsupported(x: Tensor, dilation, groups) -> dict:
+    """What the cuda/triton conv kernels do not implement, as resolve()'s ``unsupported``."""
+    why = []
+    if x.dtype == torch.float64:
+        why.append("float64 (the conv kernels compute float32, float16 and bfloat16; float64 runs on the "
+                   "torch backend)")
+    if groups != 1:
+        why.append(f"groups={groups} (the conv kernels implement groups=1)")
+    if tuple(dilation) != (1, 1):
+        why.append(f"dilation={tuple(dilation)} (the conv kernels implement dilation 1)")
+    if not why:
+        return {}
+    reason = "; ".join(why)
+    return {"cuda": reason, "triton": reason}
+
+
+def _dense_weight(w: Tensor) -> Tensor:
+    return w if layout_of(w) is not None else w.contiguous()
+
+
+def _new_out(shape, x: Tensor, layout: str) -> Tensor:
+    return _alloc._fill(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_FORMATS[layout]))
+
+
+def _launch(name: str, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, relu,
+            compute_stats):
+    impl = get_impl(name)
+    allow_tf32 = cudnn_conv_tf32_enabled()
+    args = (x, _dense_weight(weight), scale, bias, residual, out, tuple(stride), tuple(padding), bool(relu),
+            bool(compute_stats), allow_tf32)
+    if name == "torch":
+        return impl.conv2d_forward(*args, dilation=tuple(dilation), groups=groups)
+    return impl.conv2d_forward(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d_epilogue
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("resnet_kernels::conv2d_epilogue", mutates_args=())
+def conv2d_epilogue_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
+                       residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                       groups: int, relu: bool, backend: str) -> Tensor:
+    layout, shape = _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilation, groups)
+    out = _new_out(shape, x, layout)
+    if out.numel() == 0:
+        return out
+    name = _backend.resolve(None if backend == "auto" else backend, x.device, OP_EPILOGUE,
+                            unsupported=_unsupported(x, dilation, groups))
+    acc = acc_dtype(x.dtype)
+    _launch(name, x, weight, channel_vector(scale, acc), channel_vector(bias, acc), residual, out, stride, padding,
+            dilation, groups, relu, False)
+    return out
+
+
+@conv2d_epilogue_op.register_fake
+def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, relu, backend):
+    layout, shape = _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilation, groups)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_FORMATS[layout])
+
+
+def _as_layout(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` (same shape as ``ref``) dense in ``ref``'s memory layout (a no-op when it already is)."""
+    if layout_of(ref) == "nhwc":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def _conv_input_grads(ctx, grad_y: Optional[Tensor], x: Tensor, weight: Tensor, need_x: bool, need_w: bool):
+    if not (need_x or need_w) or grad_y is None:
+        return None, None
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], ctx.groups,
+        [need_x, need_w, False])
+    return (gx if need_x else None), (gw if need_w else None)
+
+
+def _epilogue_setup_context(ctx, inputs, output):
+    x, weight, scale, bias, residual, stride, padding, dilation, groups, relu, backend = inputs
+    ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
+    ctx.relu = relu
+    ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
+    ctx.dtypes = (scale.dtype if scale is not None else None, bias.dtype if bias is not None else None)
+    need_scale = scale is not None and scale.requires_grad
+    # convolution_backward wants both x and weight (like PyTorch's own conv, which saves both).
+    keep = x.requires_grad or weight.requires_grad or need_scale
+    ctx.save_for_backward(x if keep else None, weight if keep else None, scale, output if relu else None)
+
+
+def _epilogue_backward(ctx, grad):
+    x, weight, scale, out = ctx.saved_tensors
+    nx, nw, ns, nb, nr = ctx.needs_input_grad[:5]
+    if out is not None:
+        grad = _as_layout(grad, out)
+        g = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    else:
+        g = grad
+    acc = acc_dtype(g.dtype)
+    grad_residual = g if nr else None
+    grad_bias = g.sum((0, 2, 3), dtype=acc).to(ctx.dtypes[1]) if (nb and ctx.has_bias) else None
+    grad_scale = None
+    if ns and ctx.has_scale:
+        y = conv_acc(x, weight, ctx.stride, ctx.padding, ctx.dilation, ctx.groups, cudnn_conv_tf32_enabled())
+        grad_scale = (g.to(acc) * y).sum((0, 2, 3)).to(ctx.dtypes[0])
+    grad_x = grad_w = None
+    if nx or nw:
+        if scale is not None:
+            C = g.shape[1]
+            gy = (g.to(acc) * scale.to(acc).view(1, C, 1, 1)).to(g.dtype)
+        else:
+            gy = g
+        grad_x, grad_w = _conv_input_grads(ctx, _as_layout(gy, x), x, weight, bool(nx), bool(nw))
+    return grad_x, grad_w, grad_scale, grad_bias, grad_residual, None, None, None, None, None, None
+
+
+conv2d_epilogue_op.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d_stats
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("resnet_kernels::conv2d_stats", mutates_args=())
+def conv2d_stats_op(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                    groups: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    layout, shape = _validate_conv(OP_STATS, x, weight, stride, padding, dilation, groups)
+    acc = acc_dtype(x.dtype)
+    Cout = shape[1]
+    y = _new_out(shape, x, layout)
+    if y.numel() == 0:
+        # Statistics of an empty batch are undefined (torch.var_mean gives NaN too).
+        nan = torch.full((Cout,), float("nan"), dtype=acc, device=x.device)
+        return y, nan, nan.clone()
+    name = _backend.resolve(None if backend == "auto" else backend, x.device, OP_STATS,
+                            unsupported=_unsupported(x, dilation, groups))
+    stats = _launch(name, x, weight, None, None, None, y, stride, padding, dilation, groups, False, True)
+    if not (isinstance(stats, tuple) and len(stats) == 2):
+        raise RuntimeError(f"{OP_STATS}: the {name} backend returned {type(stats).__name__}, expected (mean, var)")
+    mean, var = stats
+    for what, t in (("mean", mean), ("var", var)):
+        if tuple(t.shape) != (Cout,) or t.dtype != acc:
+            raise RuntimeError(f"{OP_STATS}: the {name} backend returned {what} of shape {tuple(t.shape)} and dtype "
+                               f"{t.dtype}, expected ({Cout},) {acc}")
+    mean = mean.contiguous()
+    var = var.contiguous()
+    if var.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr():
+        var = var.clone()  # op outputs must not alias each other
+    return y, mean, var
+
+
+@conv2d_stats_op.register_fake
+def _(x, weight, stride, padding, dilation, groups, backend):
+    layout, shape = _validate_conv(OP_STATS, x, weight, stride, padding, dilation, groups)
+    acc = acc_dtype(x.dtype)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_FORMATS[layout])
+    return y, x.new_empty((shape[1],), dtype=acc), x.new_empty((shape[1],), dtype=acc)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, weight, stride, padding, dilation, groups, backend = inputs
+    y, mean, _ = output
+    ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
+    keep = x.requires_grad or weight.requires_grad
+    ctx.save_for_backward(x if keep else None, weight if keep else None, y, mean)
+
+
+def _stats_backward(ctx, g_y, g_mean, g_var):
+    x, weight, y, mean = ctx.saved_tensors
+    nx, nw = ctx.needs_input_grad[:2]
+    if not (nx or nw):
+        return None, None, None, None, None, None, None
+    acc = acc_dtype(y.dtype)
+    N, C, OH, OW = y.shape
+    m = N * OH * OW
+    if g_y is None:
+        g = torch.zeros(y.shape, dtype=acc, device=y.device)
+    else:
+        g = _as_layout(g_y, y).to(acc)
+    if g_mean is not None:
+        g = g + (g_mean.to(acc) / m).view(1, C, 1, 1)
+    if g_var is not None:
+        # (tensor * 2) / m, not tensor * (2.0 / m): keeps m an integer under symbolic shapes
+        g = g + ((g_var.to(acc) * 2) / m).view(1, C, 1, 1) * (y.to(acc) - mean.view(1, C, 1, 1))
+    gy = _as_layout(g.to(y.dtype), y)
+    grad_x, grad_w = _conv_input_grads(ctx, _as_layout(gy, x), x, weight, bool(nx), bool(nw))
+    return grad_x, grad_w, None, None, None, None, None
+
+
+conv2d_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _check_types(op: str, **named) -> None:
+    """Named TypeErrors before the dispatcher sees a non-tensor (it would raise an anonymous one)."""
+    for name, t in named.items():
+        optional = name in ("scale", "bias", "residual")
+        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                            f"got {type(t).__name__}")
+    return None
+
+
+def _backend_arg(backend: Optional[str]) -> str:
+    return _backend.get_backend() if backend is None else _backend._check_name(backend)
+
+
+def conv2d_epilogue(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    residual: Optional[Tensor] = None, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                    dilation: IntOrPair = 1, groups: int = 1, relu: bool = False,
+                    backend: Optional[str] = None) -> Tensor:
+    """act(conv2d(x, weight) * scale[k] + bias[k] + residual), one pass, fp32 epilogue.
+
+    x: (N, Cin, H, W) float32/float16/bfloat16/float64, NCHW-contiguous or channels_last; weight:
+    (Cout, Cin/groups, KH, KW), x's dtype and device. scale/bias: (Cout,) per-channel (float32 or
+    x's dtype), None = 1 / 0. residual: None or the output's shape, dtype and layout (the output
+    has x's layout). Zero padding only (pad the input yourself for other modes). backend: None
+    (the one in force), 'auto', 'cuda', 'triton' or 'torch'.
+    """
+    op = OP_EPILOGUE
+    _check_types(op, x=x, weight=weight, scale=scale, bias=bias, residual=residual)
+    return conv2d_epilogue_op(x, weight, scale, bias, residual, list(_pair(op, "stride", stride, 1)),
+                              list(_pair(op, "padding", padding, 0)), list(_pair(op, "dilation", dilation, 1)),
+                              groups, bool(relu), _backend_arg(backend))
+
+
+def conv2d_stats(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                 dilation: IntOrPair = 1, groups: int = 1, backend: Optional[str] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): y = conv2d(x, weight) in x's dtype and layout, and the per-channel mean and
+    biased variance of y over N*OH*OW from the fp32 (float64 for float64) accumulators."""
+    op = OP_STATS
+    _check_types(op, x=x, weight=weight)
+    return conv2d_stats_op(x, weight, list(_pair(op, "stride", stride, 1)), list(_pair(op, "padding", padding, 0)),
+                           list(_pair(op, "dilation", dilation, 1)), groups, _backend_arg(backend))
+
+
+__all__ = ["conv2d_epilogue", "conv2d_stats"]
