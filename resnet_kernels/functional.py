@@ -95,10 +95,26 @@ def _in_layout(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
     return t.contiguous()
 
 
-def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str]):
+def _autocast_dtype(x) -> Optional[torch.dtype]:
+    """The autocast dtype in force for x's device, or None (autocast off)."""
+    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _cast(t, dtype: Optional[torch.dtype]):
+    """What autocast does to a convolution's inputs: floating tensors other than float64 are
+    cast to the autocast dtype (differentiably)."""
+    if dtype is None or not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
+def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str],
+                       wdt: Optional[torch.dtype] = None):
     """(y, scale, shift) with bn(conv(x)) == y * scale + shift, bn using batch statistics."""
     xin, padding = _conv_input(x, conv)
-    y, mean, var = conv2d_stats(xin, conv.weight, stride=conv.stride, padding=padding, dilation=conv.dilation,
+    y, mean, var = conv2d_stats(xin, _cast(conv.weight, wdt), stride=conv.stride, padding=padding, dilation=conv.dilation,
                                 groups=conv.groups, backend=backend)
     if conv.bias is None:
         return (y,) + bn_scale_shift(bn, y, batch_stats=(mean, var))
@@ -108,7 +124,7 @@ def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: 
 
 
 def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual: Optional[Tensor],
-                     backend: Optional[str]) -> Tensor:
+                     backend: Optional[str], wdt: Optional[torch.dtype] = None) -> Tensor:
     """act(bn(conv(x)) + residual) with bn using running statistics: one conv2d_epilogue."""
     xin, padding = _conv_input(x, conv)
     # bn_scale_shift only reads the shape and dtype of its input in this mode.
@@ -117,45 +133,69 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
     if conv.bias is not None:
         shift = shift + conv.bias.to(shift.dtype) * scale
     residual = _in_layout(residual, xin)
-    return conv2d_epilogue(xin, conv.weight, scale, shift, residual, stride=conv.stride, padding=padding,
+    return conv2d_epilogue(xin, _cast(conv.weight, wdt), scale, shift, residual, stride=conv.stride, padding=padding,
                            dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
                 residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    """act(bn(conv(x)) + residual), with bn in its current train/eval mode."""
+    """act(bn(conv(x)) + residual), with bn in its current train/eval mode.
+
+    Under autocast the convolution runs in the autocast dtype, as nn.Conv2d's would: x, the conv
+    weight and the residual are cast to it (differentiably; BN statistics and parameters stay
+    float32) and the result has that dtype.
+    """
     _check_pair("conv_bn_act", conv, bn)
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return _conv_bn_act(x, conv, bn, relu, residual, backend, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return _conv_bn_act(_cast(x, dt), conv, bn, relu, _cast(residual, dt), backend, dt)
+
+
+def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
     if uses_batch_stats(bn):
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend)
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt)
         return bn_add_relu(y, scale, shift, _in_layout(residual, y), relu=relu, backend=backend)
-    return _folded_epilogue(x, conv, bn, relu, residual, backend)
+    return _folded_epilogue(x, conv, bn, relu, residual, backend, wdt)
 
 
 def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input: Tensor,
                     shortcut_conv: Optional[nn.Conv2d] = None, shortcut_bn: Optional[nn.BatchNorm2d] = None, *,
                     relu: bool = True, backend: Optional[str] = None) -> Tensor:
     """act(bn(conv(x)) + shortcut), shortcut = shortcut_bn(shortcut_conv(shortcut_input)) when a
-    projection is given, else shortcut_input. Both BNs, the add and the ReLU run in one pass."""
+    projection is given, else shortcut_input. Both BNs, the add and the ReLU run in one pass.
+    Autocast: as for ``conv_bn_act``."""
     _check_pair("conv_bn_add_act", conv, bn)
     if (shortcut_conv is None) != (shortcut_bn is None):
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
+    if shortcut_conv is not None:
+        _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return _conv_bn_add_act(_cast(x, dt), conv, bn, _cast(shortcut_input, dt), shortcut_conv, shortcut_bn, relu,
+                                backend, dt)
+
+
+def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt):
     if shortcut_conv is None:
-        return conv_bn_act(x, conv, bn, relu=relu, residual=shortcut_input, backend=backend)
-    _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
+        return _conv_bn_act(x, conv, bn, relu, shortcut_input, backend, wdt)
     if uses_batch_stats(bn):
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend)
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt)
         if uses_batch_stats(shortcut_bn):
             # Both BNs, the add and the ReLU in one bn_add_relu pass over y and the raw shortcut conv.
-            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend)
+            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt)
             return bn_add_relu(y, scale, shift, _in_layout(r, y), r_scale, r_shift, relu=relu, backend=backend)
-        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend)
+        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
         return bn_add_relu(y, scale, shift, _in_layout(r, y), relu=relu, backend=backend)
     if uses_batch_stats(shortcut_bn):
-        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend)
+        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt)
         r = bn_add_relu(r, r_scale, r_shift, None, relu=False, backend=backend)
     else:
-        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend)
-    return _folded_epilogue(x, conv, bn, relu, r, backend)
+        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
+    return _folded_epilogue(x, conv, bn, relu, r, backend, wdt)
 
 
 __all__ = ["conv_bn_act", "conv_bn_add_act"]
