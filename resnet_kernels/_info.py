@@ -53,8 +53,8 @@ def info() -> dict[str, Any]:
         "default_backend": _backend.get_backend(),
         "backends": backends,
         "torch_only": {
-            "conv2d": "groups != 1, dilation != 1 or padding modes other than zeros run on the torch backend "
-                      "under 'auto'",
+            "conv2d": "groups != 1, dilation != 1 and float64 run on the torch backend under 'auto' "
+                      "(other padding modes pad the input first, then use the kernels)",
         },
     }
 
