@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -15,3 +16,27 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 
 def acc_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# The Triton interpreter converts float32 -> bfloat16 by truncation (round toward zero), while
+# the GPU rounds to nearest even (cvt.rn.bf16.f32). Truncation pulls every stored bf16 value
+# towards zero by half an ulp on average: a conv output y biased against its fp32 batch mean
+# moves BN-normalised values that sit within an ulp of zero across the ReLU threshold, and each
+# flipped ReLU mask element changes the gradients by O(grad_out) (found by `resnet-kernels
+# check --dtypes bf16`). Under the interpreter, ``cast_for_store`` rounds to nearest even
+# explicitly; on the GPU the flag is a compile-time False and it is a plain ``.to()``.
+BF16_RTNE_FIX = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_for_store(x, ptr):
+    """``x`` converted to the element type of ``ptr`` with round-to-nearest-even (the GPU's
+    conversion), also under the interpreter."""
+    if BF16_RTNE_FIX:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            f = x.to(tl.float32)
+            b = f.to(tl.uint32, bitcast=True)
+            # add half an ulp (minus one on an even kept mantissa: ties to even), then truncate
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            x = tl.where(f != f, f, b.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return x.to(ptr.dtype.element_ty)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._common import INTERPRET
+from ._common import INTERPRET, cast_for_store
 
 MODE_FLAT = 0
 MODE_PLANES = 1
@@ -140,7 +140,7 @@ def _fwd_kernel(x_ptr, scale_ptr, shift_ptr, id_ptr, id_scale_ptr, id_shift_ptr,
     if RELU:
         # where(y < 0, 0, y), not maximum: NaN propagates like torch.relu.
         x = tl.where(x < 0, 0.0, x)
-    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_for_store(x, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -183,14 +183,14 @@ def _bwd_cols_kernel(go_ptr, out_ptr, x_ptr, scale_ptr, id_ptr, id_scale_ptr,
             g = tl.where(o > 0, g, 0.0)
         if NEED_GX:
             if HAS_SCALE:
-                tl.store(gx_ptr + offs, (g * sc).to(gx_ptr.dtype.element_ty), mask=mask)
+                tl.store(gx_ptr + offs, cast_for_store(g * sc, gx_ptr), mask=mask)
             else:
-                tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+                tl.store(gx_ptr + offs, cast_for_store(g, gx_ptr), mask=mask)
         if NEED_GI:
             if HAS_ID_SCALE:
-                tl.store(gi_ptr + offs, (g * isc).to(gi_ptr.dtype.element_ty), mask=mask)
+                tl.store(gi_ptr + offs, cast_for_store(g * isc, gi_ptr), mask=mask)
             else:
-                tl.store(gi_ptr + offs, g.to(gi_ptr.dtype.element_ty), mask=mask)
+                tl.store(gi_ptr + offs, cast_for_store(g, gi_ptr), mask=mask)
         if NEED_GS:
             acc_s += g * tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if NEED_GB:
@@ -250,14 +250,14 @@ def _bwd_planes_kernel(go_ptr, out_ptr, x_ptr, scale_ptr, id_ptr, id_scale_ptr,
                 g = tl.where(o > 0, g, 0.0)
             if NEED_GX:
                 if HAS_SCALE:
-                    tl.store(gx_ptr + offs, (g * sc).to(gx_ptr.dtype.element_ty), mask=mask)
+                    tl.store(gx_ptr + offs, cast_for_store(g * sc, gx_ptr), mask=mask)
                 else:
-                    tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+                    tl.store(gx_ptr + offs, cast_for_store(g, gx_ptr), mask=mask)
             if NEED_GI:
                 if HAS_ID_SCALE:
-                    tl.store(gi_ptr + offs, (g * isc).to(gi_ptr.dtype.element_ty), mask=mask)
+                    tl.store(gi_ptr + offs, cast_for_store(g * isc, gi_ptr), mask=mask)
                 else:
-                    tl.store(gi_ptr + offs, g.to(gi_ptr.dtype.element_ty), mask=mask)
+                    tl.store(gi_ptr + offs, cast_for_store(g, gi_ptr), mask=mask)
             if NEED_GS:
                 acc_s += g * tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
             if NEED_GB:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, cast_for_store
 
 __all__ = ["conv2d_forward", "ConvConfig", "select_config"]
 
@@ -168,7 +168,7 @@ def _conv2d_fwd_kernel(
     if RELU:
         y = tl.maximum(y, 0.0)
     o_off = (nb64 * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + o_off, cast_for_store(y, out_ptr), mask=out_mask)
 
 
 @triton.jit
