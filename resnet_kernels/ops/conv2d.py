@@ -34,6 +34,7 @@ from .. import _alloc, _backend
 from .._checks import acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout, layout_of
 from ..backends import get_impl
 from ..backends.torch_conv2d import conv_acc, cudnn_conv_tf32_enabled
+from .bn_add_relu import bn_add_relu_op
 
 OP_EPILOGUE = "conv2d_epilogue"
 OP_STATS = "conv2d_stats"
@@ -285,6 +286,7 @@ def _stats_setup_context(ctx, inputs, output):
     x, weight, stride, padding, dilation, groups, backend = inputs
     y, mean, _ = output
     ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
+    ctx.backend = backend
     keep = x.requires_grad or weight.requires_grad
     ctx.save_for_backward(x if keep else None, weight if keep else None, y, mean)
 
@@ -297,16 +299,21 @@ def _stats_backward(ctx, g_y, g_mean, g_var):
     acc = acc_dtype(y.dtype)
     N, C, OH, OW = y.shape
     m = N * OH * OW
+    # g_total = g_y + g_mean[c] / m + g_var[c] * 2 (y - mean[c]) / m
+    #         = g_y * 1 + (g_mean/m - b*mean)[c] + y * b[c],   b = 2 g_var / m
+    # which is exactly one fused bn_add_relu pass (x = g_y, shift, identity = y, identity_scale = b,
+    # no ReLU): computed in fp32 per element and rounded once, on the same backend as the forward.
+    zeros = torch.zeros(C, dtype=acc, device=y.device)
+    gm = zeros if g_mean is None else g_mean.to(acc)
+    b = zeros if g_var is None else (g_var.to(acc) * 2) / m  # (t * 2) / m keeps m symbolic-friendly
+    shift = gm / m - b * mean.to(acc)
     if g_y is None:
-        g = torch.zeros(y.shape, dtype=acc, device=y.device)
+        g_y = torch.zeros_like(y)
+    g_y = _as_layout(g_y.to(y.dtype), y)
+    if y.numel() == 0:
+        gy = g_y
     else:
-        g = _as_layout(g_y, y).to(acc)
-    if g_mean is not None:
-        g = g + (g_mean.to(acc) / m).view(1, C, 1, 1)
-    if g_var is not None:
-        # (tensor * 2) / m, not tensor * (2.0 / m): keeps m an integer under symbolic shapes
-        g = g + ((g_var.to(acc) * 2) / m).view(1, C, 1, 1) * (y.to(acc) - mean.view(1, C, 1, 1))
-    gy = _as_layout(g.to(y.dtype), y)
+        gy = bn_add_relu_op(g_y, None, shift, y, b, None, False, ctx.backend)
     grad_x, grad_w = _conv_input_grads(ctx, _as_layout(gy, x), x, weight, bool(nx), bool(nw))
     return grad_x, grad_w, None, None, None, None, None
 
