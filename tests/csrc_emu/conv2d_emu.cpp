@@ -5,7 +5,15 @@
 // layouts written independently from the PTX ISA "Matrix Fragments" tables. Small integer data,
 // so the result must equal a direct convolution exactly; the per-tile (mean, M2) statistics and
 // their Chan combination are checked against a two-pass float64 reference.
+// Shared-memory hazards: cp.async copies land only at the cp.async.wait_group that retires their
+// commit group, and every 16-byte chunk remembers the barrier interval (__syncthreads epoch) of
+// its last write and read, so a read of an in-flight or same-interval write, or a write to a
+// chunk read in the same interval (a stage refilled while another warp may still read it), is
+// reported as a race. Built with -DEMU_BUG=1/2/3 the loop carries a typical pipeline bug
+// (wait_group too shallow / no barrier / refill issued before the barrier), which must be caught.
 #include <algorithm>
+#include <array>
+#include <deque>
 #include <cassert>
 #include <climits>
 #include <cmath>
@@ -15,6 +23,9 @@
 #include <vector>
 
 #include "conv2d_layout.h"
+#ifndef EMU_BUG
+#define EMU_BUG 0
+#endif
 using namespace rk::conv;
 
 struct Cfg {
@@ -124,14 +135,55 @@ int run(const Cfg& c, int seed) {
   std::vector<double> pmean((size_t)m_tiles * c.Cout), pm2((size_t)m_tiles * c.Cout);
   std::vector<unsigned char> smem(STAGES * (A_STAGE_BYTES + B_STAGE_BYTES));
   const uint32_t a_base = 0, b_base = STAGES * A_STAGE_BYTES;
-  int zero_fill_copies = 0;
+  int zero_fill_copies = 0, races = 0;
 
   for (int bx = 0; bx < m_tiles; ++bx) for (int by = 0; by < n_tiles; ++by) {
     const int m0 = bx * BM, n0 = by * BN;
     memset(smem.data(), 0xAB, smem.size());  // garbage: everything read must have been written
+    // hazard model, per 16-byte chunk: cp.async copies in flight, barrier interval of the last
+    // landed write (-1: never written) and of the last read
+    const size_t nchunks = smem.size() / 16;
+    std::vector<int> pending(nchunks, 0), landed(nchunks, -1), last_rd(nchunks, -1);
+    int iv = 0;  // barrier interval: incremented by every __syncthreads
+    using Copy = std::pair<uint32_t, std::array<unsigned char, 16>>;
+    std::vector<Copy> open_group;
+    std::deque<std::vector<Copy>> groups;  // committed, not yet retired by a wait_group
+    auto race = [&](const char* what, uint32_t addr) {
+      if (races++ < 3) printf("  race: %s (smem byte %u, barrier interval %d)\n", what, addr, iv);
+    };
     auto cp16 = [&](uint32_t dst, const unsigned char* src, int bytes) {
       assert(dst % 16 == 0 && dst + 16 <= smem.size());
-      if (bytes == 16) memcpy(&smem[dst], src, 16); else { memset(&smem[dst], 0, 16); ++zero_fill_copies; }
+      const size_t ci = dst / 16;
+      if (last_rd[ci] == iv) race("cp.async into a chunk read in the same barrier interval", dst);
+      if (pending[ci]) race("two cp.async in flight to one chunk", dst);
+      Copy cpy{dst, {}};
+      if (bytes == 16) memcpy(cpy.second.data(), src, 16); else { cpy.second.fill(0); ++zero_fill_copies; }
+      open_group.push_back(cpy);
+      ++pending[ci];
+    };
+    auto commit = [&]() { groups.push_back(std::move(open_group)); open_group.clear(); };
+    auto wait_group = [&](size_t n) {  // cp.async.wait_group n: all but the newest n groups land
+      for (; groups.size() > n; groups.pop_front())
+        for (const Copy& cpy : groups.front()) {
+          memcpy(&smem[cpy.first], cpy.second.data(), 16);
+          --pending[cpy.first / 16];
+          landed[cpy.first / 16] = iv;
+        }
+    };
+    auto sync = [&]() { ++iv; };
+    auto st16 = [&](uint32_t dst, const void* src) {  // st.shared.v4 (generic gather path)
+      const size_t ci = dst / 16;
+      if (last_rd[ci] == iv) race("st.shared into a chunk read in the same barrier interval", dst);
+      if (pending[ci]) race("st.shared into a chunk with a cp.async in flight", dst);
+      memcpy(&smem[dst], src, 16);
+      landed[ci] = iv;
+    };
+    auto rd16 = [&](uint32_t addr) {  // one ldmatrix row (16 bytes, written by other threads)
+      const size_t ci = addr / 16;
+      if (pending[ci]) race("ldmatrix of a chunk whose cp.async has not landed (wait_group)", addr);
+      else if (landed[ci] < 0) race("ldmatrix of a chunk never written", addr);
+      else if (landed[ci] == iv) race("ldmatrix of a chunk written in the same barrier interval", addr);
+      last_rd[ci] = iv;
     };
     // per-thread row data
     struct RowInfo { long long off; int h0, w0; bool ok; };
@@ -187,7 +239,7 @@ int run(const Cfg& c, int seed) {
     };
     auto store_a = [&](int stg) {
       for (int tid = 0; tid < kThreads; ++tid)
-        for (int ch = 0; ch < CHUNKS; ++ch) memcpy(&smem[a_base + stg * A_STAGE_BYTES + swz(tid, ch)], &g[tid][4 * ch], 16);
+        for (int ch = 0; ch < CHUNKS; ++ch) st16(a_base + stg * A_STAGE_BYTES + swz(tid, ch), &g[tid][4 * ch]);
     };
     // accumulators [warp][lane][mi][ni][4]
     std::vector<long long> acc(4 * 32 * MI * NI * 4, 0);
@@ -200,11 +252,13 @@ int run(const Cfg& c, int seed) {
           for (int mi = 0; mi < MI; ++mi) {
             uint32_t addr[32];
             for (int l = 0; l < 32; ++l) addr[l] = a_base + stg * A_STAGE_BYTES + swz(wm * WARP_M + mi * 16 + a_ldsm_row(l), a_ldsm_chunk(l, ks));
+            for (int l = 0; l < 32; ++l) rd16(addr[l]);
             ldsm_x4(smem.data(), addr, af[mi]);
           }
           for (int np = 0; np < NI / 2; ++np) {
             uint32_t addr[32], r[32][4];
             for (int l = 0; l < 32; ++l) addr[l] = b_base + stg * B_STAGE_BYTES + swz(wn * WARP_N + np * 16 + b_ldsm_row(l), b_ldsm_chunk(l, ks));
+            for (int l = 0; l < 32; ++l) rd16(addr[l]);
             ldsm_x4(smem.data(), addr, r);
             for (int l = 0; l < 32; ++l) {
               bfr[2 * np][l][0] = r[l][0]; bfr[2 * np][l][1] = r[l][1];
@@ -234,14 +288,23 @@ int run(const Cfg& c, int seed) {
         }
       }
     };
-    for (int s = 0; s < STAGES - 1; ++s)
+    // the kernel's main loop, statement for statement (csrc/conv2d.cu)
+    for (int s = 0; s < STAGES - 1; ++s) {
       if (s < KT) { load_b(s, s); if (vec_a) load_a_vec(s, s); else { gather_a(s); store_a(s); } }
+      commit();
+    }
     for (int kt = 0; kt < KT; ++kt) {
       int nt = kt + STAGES - 1; bool more = nt < KT;
-      if (more) { load_b(nt, nt % STAGES); if (vec_a) load_a_vec(nt, nt % STAGES); else gather_a(nt); }
+      if (EMU_BUG == 3 && more) { load_b(nt, nt % STAGES); if (vec_a) load_a_vec(nt, nt % STAGES); else gather_a(nt); }
+      wait_group(EMU_BUG == 1 ? STAGES - 1 : STAGES - 2);
+      if (EMU_BUG != 2) sync();
+      if (EMU_BUG != 3 && more) { load_b(nt, nt % STAGES); if (vec_a) load_a_vec(nt, nt % STAGES); else gather_a(nt); }
+      commit();
       compute(kt % STAGES);
       if (!vec_a && more) store_a(nt % STAGES);
     }
+    wait_group(0);
+    if (!open_group.empty()) { printf("  cp.async issued but never committed\n"); ++races; }
     // epilogue mapping (as in the kernel) + stats partials (count, mean, M2) in double
     std::vector<double> csum(BN, 0), cm2(BN, 0);
     int cnt = std::min(BM, M - m0);
@@ -262,7 +325,7 @@ int run(const Cfg& c, int seed) {
       pmean[(size_t)bx * c.Cout + n0 + col] = csum[col] / cnt; pm2[(size_t)bx * c.Cout + n0 + col] = cm2[col];
     }
   }
-  int bad = 0;
+  int bad = races;
   for (size_t i = 0; i < got.size(); ++i) if (got[i] != ref[i]) { if (bad < 5) printf("  mismatch at m=%zu k=%zu: got %lld ref %lld\n", i / c.Cout, i % c.Cout, got[i], ref[i]); ++bad; }
   // finalize as in conv2d_stats_finalize_kernel: 256 strided runs then a binary tree
   double worst = 0;
@@ -279,9 +342,9 @@ int run(const Cfg& c, int seed) {
     worst = std::max(worst, std::fabs(mu[0] - rmean) + std::fabs(q[0] / n[0] - rq / M) / (1 + rq / M));
   }
   if (worst > 1e-9) { printf("  stats mismatch %g\n", worst); ++bad; }
-  printf("%s EB=%d %s N=%d Cin=%d %dx%d Cout=%d k%dx%d s%d,%d p%d,%d -> M=%d K=%d KT=%d path=%s tiles=%dx%d zf=%d : %s\n",
+  printf("%s EB=%d %s N=%d Cin=%d %dx%d Cout=%d k%dx%d s%d,%d p%d,%d -> M=%d K=%d KT=%d path=%s tiles=%dx%d zf=%d races=%d : %s\n",
          bad ? "FAIL" : "ok  ", EB, c.nhwc ? "NHWC" : "NCHW", c.N, c.Cin, c.H, c.W, c.Cout, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw,
-         M, K, KT, vec_a ? "vec" : "gather", m_tiles, n_tiles, zero_fill_copies, bad ? "MISMATCH" : "exact");
+         M, K, KT, vec_a ? "vec" : "gather", m_tiles, n_tiles, zero_fill_copies, races, bad ? "MISMATCH" : "exact");
   fails += bad != 0;
   return bad;
 }
