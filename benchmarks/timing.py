@@ -118,7 +118,12 @@ def run(benchmark, fn: Callable, inputs: Sequence[Tuple[Any, ...]], *, info: Dic
         ex["images_per_s"] = m.per_second(images)
     if peak_memory:
         a = inputs[0]
-        ex["peak_mem_bytes"] = _timing.peak_memory(lambda: fn(*(setup(*a) if setup else a)), "cuda")
+
+        def one_call():
+            args = setup(*a) if setup else a
+            fn(*(args if isinstance(args, tuple) else (args,)))  # a single value is one argument, as in measure()
+
+        ex["peak_mem_bytes"] = _timing.peak_memory(one_call, "cuda")
     _pedantic(benchmark, fn, inputs, setup)
     RECORDS.append(dict(ex))
     path = os.environ.get("RK_BENCH_RECORDS")

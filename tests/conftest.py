@@ -29,3 +29,33 @@ def _poison_outputs():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def on_device():
+    """For test modules whose tensors and modules are created without naming a device (the
+    tests/conv_ref.py style): inside the test, factory calls and module constructors put them on
+    ``rk_testing.DEVICE``, so with a GPU the cuda/triton backends run their real kernels (on CPU
+    tensors with a GPU present they would raise BackendUnavailableError: no interpreter).
+
+    With a GPU, cuDNN's TF32 is also switched off for the test (PyTorch's default is on): these
+    modules compare float32 results with PyTorch's own float32 layers (the tests/conv_ref.py
+    rule), and two different TF32 roundings do not compare (the Triton kernel's tf32 dot truncates
+    its operands, biasing y by ~-2**-10 relative; cuDNN rounds them). The kernels follow the flag
+    (3xTF32, fp32-accurate). The TF32 paths are tested at the launcher level
+    (tests/ops/test_conv2d_cuda.py, tests/ops/test_conv2d_triton.py) with bounds made for them."""
+    import rk_testing
+
+    old_tf32 = None
+    if rk_testing.HAS_GPU:
+        try:
+            old_tf32 = torch.backends.cudnn.allow_tf32
+        except RuntimeError:  # conv and RNN were given different settings (new API): back to the default
+            old_tf32 = True
+        torch.backends.cudnn.allow_tf32 = False  # the legacy switch sets conv and RNN alike
+    try:
+        with torch.device(rk_testing.DEVICE):
+            yield
+    finally:
+        if rk_testing.HAS_GPU:
+            torch.backends.cudnn.allow_tf32 = old_tf32

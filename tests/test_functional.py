@@ -14,6 +14,9 @@ from torch import nn
 
 from resnet_kernels.functional import conv_bn_act, conv_bn_add_act
 
+# tensors/modules created without a device go to rk_testing.DEVICE (the GPU when there is one)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 # A downsampling basic block's second half: h (output of conv1, already strided) goes through
 # conv2 3x3 s1 p1; the block input s through the 1x1 s2 projection.
 C_IN, C_OUT, S_HW, H_HW = 6, 10, 7, 4

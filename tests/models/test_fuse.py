@@ -249,6 +249,7 @@ def test_torch_compile_fullgraph_fused_resnet18():
         torch.testing.assert_close(compiled(x), twin(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("on_device")  # on the GPU when there is one (CPU tensors need the interpreter)
 def test_tiny_net_on_triton_backend():
     # stem-like Sequential (fused by fuse) + one projection BasicBlock, 8x8 input: a few dozen programs
     torch.manual_seed(6)

@@ -21,6 +21,9 @@ from torch import nn
 import resnet_kernels
 from resnet_kernels.nn import ConvBN, ConvBNReLU
 
+# tensors/modules created without a device go to rk_testing.DEVICE (the GPU when there is one)
+pytestmark = pytest.mark.usefixtures("on_device")
+
 
 def _models(conv, bn, relu, backend):
     """(fused, PyTorch unfused conv -> bn in the same dtype, its float64 copy: the reference);

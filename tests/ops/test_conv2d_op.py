@@ -10,12 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conv_ref import (CFG_IDS, CONFIGS, DTYPES, LAYOUTS, assert_close_to_ref, is_layout, rand_input, to_layout)
-from rk_testing import ALL_BACKENDS, HAS_GPU
+from rk_testing import ALL_BACKENDS, DEVICE, HAS_GPU
 
 import resnet_kernels
 from resnet_kernels import BackendUnavailableError
 from resnet_kernels.ops import conv2d_epilogue, conv2d_stats
 from resnet_kernels.ops.conv2d import conv2d_epilogue_op, conv2d_stats_op
+
+# tensors/modules created without a device go to rk_testing.DEVICE (the GPU when there is one)
+pytestmark = pytest.mark.usefixtures("on_device")
 
 
 def _weight(cfg, dtype, layout):
@@ -290,6 +293,7 @@ def test_cuda_backend_on_cpu_raises():
     ("dilation", torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), dict(dilation=2), "dilation"),
 ])
 def test_kernel_backends_refuse_unsupported_configs(what, x, w, kw, msg):
+    x, w = x.to(DEVICE), w.to(DEVICE)  # made at collection time, outside the on_device fixture
     for backend in [b for b in ALL_BACKENDS if b != "torch"]:
         with pytest.raises(BackendUnavailableError, match=f"does not support this call: .*{msg}"):
             conv2d_epilogue(x, w, backend=backend, **kw)
