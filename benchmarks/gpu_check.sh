@@ -8,8 +8,8 @@
 #   install     RESNET_KERNELS_REQUIRE_CUDA=1 pip install --no-build-isolation --no-index .
 #               (RESNET_KERNELS_CUDA_ARCHS defaults to this GPU's SM, to halve the compile time)
 #   info        python -m resnet_kernels info
-#   check       resnet-kernels check (parity of every backend, fp32 + bf16)
-#   tests       pytest tests -q -x (on pytest-xdist workers; the CPU-only files are left out, see below)
+#   check       resnet-kernels check --no-model (parity of every backend, fp32 + bf16)
+#   tests       pytest tests -q --maxfail=100 (on pytest-xdist workers; the CPU-only files are left out)
 #   bench-ops   the fused residual-epilogue suite, reduced (RK_BENCH_FAST=1)
 #   bench-conv  the convolution suite, reduced (RK_BENCH_FAST=1)
 #   model-*     resnet-kernels bench: resnet18 and resnet50, train and infer, short runs (batch 64,
@@ -101,17 +101,18 @@ run_stage() {
 if [[ "${RK_GPU_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
   record install skipped 0 0
 else
-  run_stage install 150 "cd \"\$ROOT\" && RESNET_KERNELS_REQUIRE_CUDA=1 \"\$PY\" -m pip install --no-build-isolation --no-index -q ."
+  run_stage install 200 "cd \"\$ROOT\" && RESNET_KERNELS_REQUIRE_CUDA=1 \"\$PY\" -m pip install --no-build-isolation --no-index -q ."
 fi
 run_stage info 30 "cd \"\$WORK\" && \"\$PY\" -m resnet_kernels info && \"\$PY\" -m resnet_kernels info --json >\"\$RES/info.json\""
-run_stage check 60 "cd \"\$WORK\" && $RK check --json \"\$RES/check.json\""
+run_stage check 90 "cd \"\$WORK\" && $RK check --no-model --json \"\$RES/check.json\""
 # The test suite. Left out here (CI runs them, and they do not change with a GPU): the AOT/SASS
 # compiles and host-code emulations on the CPU and the CPU-only model/DDP tests. The rest runs on
 # pytest-xdist workers where the image has it: the Triton JIT compiles a few hundred kernel
 # variants (~0.5-1 s of one CPU core each), far beyond the cap serially; then the GPU timing tests
 # (marker gpu: bandwidth vs a copy) run alone, with the GPU to themselves.
 # RK_GPU_CHECK_ALL_TESTS=1 runs everything; RK_GPU_CHECK_TEST_WORKERS sets the worker count.
-TEST_ARGS="-q -x --durations=30"
+# --maxfail, not -x: one GPU run is precious, so it should show every failure it can.
+TEST_ARGS="-q --maxfail=100 --durations=30"
 if [[ "${RK_GPU_CHECK_ALL_TESTS:-0}" != 1 ]]; then
   for f in test_triton_aot.py test_triton_conv_aot.py test_sass.py test_conv_sass.py test_conv_emulation.py \
            test_bn_add_relu_index.py models/test_resnet.py models/test_ddp.py; do
@@ -126,7 +127,7 @@ else
   echo "(pytest-xdist is not installed: the tests run serially and may not finish within the cap)" | tee -a "$LOG"
   TESTS_CMD="$PYTEST \"\$ROOT/tests\" $TEST_ARGS"
 fi
-run_stage tests 120 "$TESTS_CMD"
+run_stage tests 150 "$TESTS_CMD"
 run_stage bench-ops 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_ops.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_bn_add_relu.py\" -q --benchmark-json=\"\$RES/bench_ops.json\""
 run_stage bench-conv 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_conv.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_conv.py\" -q --benchmark-json=\"\$RES/bench_conv.json\""
 
