@@ -169,11 +169,11 @@ def conv2d_epilogue_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias:
                        residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                        groups: int, relu: bool, backend: str) -> Tensor:
     layout, shape = _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilation, groups)
+    # resolved before the empty-batch return, so an unusable explicit backend always raises
+    name = _backend.resolve(backend, x.device, OP_EPILOGUE, unsupported=_unsupported(x, dilation, groups))
     out = _new_out(shape, x, layout)
     if out.numel() == 0:
         return out
-    name = _backend.resolve(None if backend == "auto" else backend, x.device, OP_EPILOGUE,
-                            unsupported=_unsupported(x, dilation, groups))
     acc = acc_dtype(x.dtype)
     _launch(name, x, weight, channel_vector(scale, acc), channel_vector(bias, acc), residual, out, stride, padding,
             dilation, groups, relu, False)
@@ -252,13 +252,12 @@ def conv2d_stats_op(x: Tensor, weight: Tensor, stride: List[int], padding: List[
     layout, shape = _validate_conv(OP_STATS, x, weight, stride, padding, dilation, groups)
     acc = acc_dtype(x.dtype)
     Cout = shape[1]
+    name = _backend.resolve(backend, x.device, OP_STATS, unsupported=_unsupported(x, dilation, groups))
     y = _new_out(shape, x, layout)
     if y.numel() == 0:
         # Statistics of an empty batch are undefined (torch.var_mean gives NaN too).
         nan = torch.full((Cout,), float("nan"), dtype=acc, device=x.device)
         return y, nan, nan.clone()
-    name = _backend.resolve(None if backend == "auto" else backend, x.device, OP_STATS,
-                            unsupported=_unsupported(x, dilation, groups))
     stats = _launch(name, x, weight, None, None, None, y, stride, padding, dilation, groups, False, True)
     if not (isinstance(stats, tuple) and len(stats) == 2):
         raise RuntimeError(f"{OP_STATS}: the {name} backend returned {type(stats).__name__}, expected (mean, var)")
