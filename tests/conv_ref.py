@@ -8,9 +8,10 @@ the same inputs and their error is measured against the same float64 reference) 
 
 The floor covers what makes the fused result legitimately differ from PyTorch's rounding
 pattern: the fused epilogue rounds once after BN/add/ReLU where PyTorch rounds the conv output
-and every later layer's output (so the two errors are not the same rounding), the fp32 sums run in
-another order, and fp32 -> bf16 casts truncate under the Triton interpreter (1 bf16 ulp). Two
-units in the last place at the tensor's largest magnitude for the 16-bit types; for float32,
+and every later layer's output (so the two errors are not the same rounding), and the fp32 sums run
+in another order. (Stores round to nearest, also under the Triton interpreter: see
+triton_ops/_common.py cast_for_store.) Two units in the last place at the tensor's largest
+magnitude for the 16-bit types (one per rounding pattern); for float32,
 1e-5 relative (reassociation of sums over up to ~10^3 terms, ~100 fp32 ulps); for float64 (torch
 backend only, where the reference itself is the float64 computation) 1e-10.
 """

@@ -3,15 +3,14 @@ a GPU: for sm_80 and sm_90 the fat binary holds every kernel variant, the tensor
 really use tensor cores (HMMA, fed by LDSM = ldmatrix; the 16-byte path uses LDGSTS = cp.async),
 and nothing spills to local memory (no LDL/STL, LOCAL:0 and STACK:0 in the resource usage)."""
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
-from resnet_kernels._ext import C_error, get_C
+# the cuobjdump lookup and the _C rule of test_sass (fail, not skip, when nvcc exists but _C is missing)
+from test_sass import _cuobjdump as cuobjdump_or_fail
+from test_sass import require_C_or_fail
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -30,40 +29,14 @@ VARIANTS = {
 FINALIZE = "conv2d_stats_finalize_kernel"
 
 
-def _cuobjdump():
-    cands = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            cands.append(Path(os.environ[var]) / "bin" / "cuobjdump")
-    if shutil.which("cuobjdump"):
-        cands.append(Path(shutil.which("cuobjdump")))
-    cands.append(Path("/usr/local/cuda/bin/cuobjdump"))
-    try:
-        import triton.backends.nvidia as tnv
-
-        cands.append(Path(tnv.__file__).parent / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    for c in cands:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    return None
-
-
 @pytest.fixture(scope="module")
 def so_path():
-    mod = get_C()
-    if mod is None:
-        pytest.skip(f"resnet_kernels._C is not available: {C_error()}")
-    return mod.__file__
+    return require_C_or_fail().__file__
 
 
 @pytest.fixture(scope="module")
 def tool():
-    t = _cuobjdump()
-    if t is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or the triton wheel's backends/nvidia/bin/)")
-    return t
+    return cuobjdump_or_fail()  # FAILS when there is none (test_sass's rule)
 
 
 def _run(tool, *args):
