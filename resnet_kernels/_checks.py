@@ -12,6 +12,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_tensor_args(op: str, optional, **named) -> None:
+    """Named TypeErrors before the dispatcher sees a non-tensor (it would raise an anonymous one);
+    the arguments named in ``optional`` may also be None."""
+    for name, t in named.items():
+        opt = name in optional
+        if not (isinstance(t, torch.Tensor) or (opt and t is None)):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if opt else ''}, got {type(t).__name__}")
+
+
 def check_activation(op: str, name: str, t, ndim: int = 4) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -29,6 +38,14 @@ def layout_of(t: torch.Tensor) -> str | None:
     if t.is_contiguous(memory_format=torch.channels_last):
         return "nhwc"
     return None
+
+
+def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (a 4-D tensor) dense in ``ref``'s memory layout: channels_last when ``ref`` is
+    'nhwc', else NCHW-contiguous (a no-op when it already is)."""
+    if layout_of(ref) == "nhwc":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 def check_layout(op: str, name: str, t: torch.Tensor) -> str:

@@ -68,6 +68,15 @@ def no_tf32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def _randomise_bn_(bn: nn.BatchNorm2d, g: torch.Generator, mean_std: float) -> None:
+    """Non-trivial BN parameters and running statistics drawn from ``g`` (call under no_grad)."""
+    n = bn.num_features
+    bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+    bn.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    bn.running_mean.copy_(torch.randn(n, generator=g) * mean_std)
+    bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
 @dataclass
 class Ctx:
     """How one run of a case computes: ``impl`` is 'ref', 'eager' or a backend name."""
@@ -111,11 +120,7 @@ class Ctx:
                     fan_in = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
                     mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / fan_in ** 0.5)
                 elif isinstance(mod, nn.BatchNorm2d):
-                    n = mod.num_features
-                    mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    mod.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                    mod.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                    mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                    _randomise_bn_(mod, g, mean_std=0.2)
         m = m.to(self.dtype).to(device=self.device, dtype=self.cdtype)
         return m.to(memory_format=self.mf)
 
@@ -272,11 +277,7 @@ def _model_case(ctx: Ctx, train: bool) -> Dict[str, Tensor]:
         g = torch.Generator().manual_seed(41)
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
-                n = mod.num_features
-                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                _randomise_bn_(mod, g, mean_std=0.1)
     if not ctx.fused:
         for mod in m.modules():
             if hasattr(mod, "fused"):

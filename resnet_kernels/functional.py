@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import layout_of
+from ._checks import in_layout_of, layout_of
 from .nn._bn import bn_scale_shift, uses_batch_stats
 from .ops.bn_add_relu import bn_add_relu
 from .ops.conv2d import conv2d_epilogue, conv2d_stats
@@ -90,9 +90,7 @@ def _in_layout(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
     or 1x1 spatial size) or not dense; a copy then. Bad arguments are left for the op to name."""
     if not (isinstance(t, Tensor) and isinstance(ref, Tensor) and t.dim() == 4 and ref.dim() == 4):
         return t
-    if layout_of(ref) == "nhwc":
-        return t.contiguous(memory_format=torch.channels_last)  # no-op when it already is
-    return t.contiguous()
+    return in_layout_of(t, ref)  # a no-op when it already is
 
 
 def _autocast_dtype(x) -> Optional[torch.dtype]:

@@ -37,6 +37,7 @@ prove), so only the B tile goes through cp.async there.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -344,6 +345,13 @@ def _check(x, weight, scale, bias, residual, out, stride, padding):
     return (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    """Compute capability of CUDA device ``index`` as major * 10 + minor (90 for sm_90)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
 @dataclass
 class _Plan:
     """Everything one launch needs: the kernel's positional arguments, its constexprs and the
@@ -369,8 +377,7 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     M = n * oh * ow
     ktot = cin * kh * kw
     if config is None and arch is None and not INTERPRET and x.is_cuda:
-        major, minor = torch.cuda.get_device_capability(x.device)
-        arch = major * 10 + minor
+        arch = _cuda_arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
     cfg = config or select_config(M, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
     packed = cfg.packed_k if cfg.packed_k is not None else _use_packed_k(cin, kh, kw, cfg.BLOCK_K)
 

@@ -3,7 +3,7 @@ into the torch-free ``_C`` API (device pointers, sizes, dtype codes, torch's cur
 
 from __future__ import annotations
 
-import importlib
+from . import lazy_launchers
 
 # launcher name -> module resnet_kernels.backends.cuda_<op> that defines it
 _LAUNCHERS = {
@@ -12,10 +12,4 @@ _LAUNCHERS = {
     "conv2d_forward": "cuda_conv2d",
 }
 
-
-def __getattr__(name: str):
-    try:
-        mod = _LAUNCHERS[name]
-    except KeyError:
-        raise AttributeError(f"the cuda backend has no launcher {name!r}") from None
-    return getattr(importlib.import_module(f"resnet_kernels.backends.{mod}"), name)
+__getattr__ = lazy_launchers("cuda", "resnet_kernels.backends", _LAUNCHERS)

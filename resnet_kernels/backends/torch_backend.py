@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib
+from . import lazy_launchers
 
 # launcher name -> module resnet_kernels.backends.torch_<op> that defines it
 _LAUNCHERS = {
@@ -12,10 +12,4 @@ _LAUNCHERS = {
     "conv2d_forward": "torch_conv2d",
 }
 
-
-def __getattr__(name: str):
-    try:
-        mod = _LAUNCHERS[name]
-    except KeyError:
-        raise AttributeError(f"the torch backend has no launcher {name!r}") from None
-    return getattr(importlib.import_module(f"resnet_kernels.backends.{mod}"), name)
+__getattr__ = lazy_launchers("torch", "resnet_kernels.backends", _LAUNCHERS)

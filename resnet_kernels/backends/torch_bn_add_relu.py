@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import acc_dtype
+
 
 def _per_channel(v: Tensor, C: int, inner: int) -> Tensor:
     # NCHW (inner = H*W): broadcast over (C, 1, 1); channels_last (inner = 1): same logical view.
@@ -15,7 +17,7 @@ def _per_channel(v: Tensor, C: int, inner: int) -> Tensor:
 
 
 def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner) -> None:
-    acc = scale.dtype if scale is not None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = scale.dtype if scale is not None else acc_dtype(x.dtype)
     y = x.to(acc)
     if scale is not None:
         y = y * _per_channel(scale, C, inner)
@@ -35,7 +37,7 @@ def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu
 
 def bn_add_relu_backward(grad_out, out, x, scale, identity, id_scale, grad_x, grad_identity, grad_scale,
                          grad_shift, grad_id_scale, relu, C, inner) -> None:
-    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad_out.dtype)
     g = grad_out.to(acc)
     if relu:
         g = torch.where(out > 0, g, torch.zeros((), dtype=acc, device=g.device))

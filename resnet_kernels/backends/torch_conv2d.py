@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._checks import acc_dtype
 
 
 def cudnn_conv_tf32_enabled() -> bool:
@@ -86,7 +84,7 @@ def _cudnn_tf32(enabled: bool) -> Iterator[None]:
 def conv_acc(x: Tensor, weight: Tensor, stride, padding, dilation=(1, 1), groups: int = 1,
              allow_tf32: bool = False) -> Tensor:
     """conv(x, weight) in the accumulation dtype (see the module docstring)."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa, wa = x.to(acc), weight.to(acc)
     if x.device.type == "cuda" and acc == torch.float32:
         with _cudnn_tf32(allow_tf32 or x.dtype != torch.float32):

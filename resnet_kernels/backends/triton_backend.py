@@ -3,7 +3,7 @@ op, installed as ``resnet_kernels.triton_ops``). Imported only when the triton b
 
 from __future__ import annotations
 
-import importlib
+from . import lazy_launchers
 
 # launcher name -> module in triton_ops that defines it
 _LAUNCHERS = {
@@ -12,10 +12,4 @@ _LAUNCHERS = {
     "conv2d_forward": "conv2d",
 }
 
-
-def __getattr__(name: str):
-    try:
-        mod = _LAUNCHERS[name]
-    except KeyError:
-        raise AttributeError(f"the triton backend has no launcher {name!r}") from None
-    return getattr(importlib.import_module(f"resnet_kernels.triton_ops.{mod}"), name)
+__getattr__ = lazy_launchers("triton", "resnet_kernels.triton_ops", _LAUNCHERS)

@@ -15,10 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import acc_dtype
+
 
 def _batch_mean_var(x: Tensor) -> Tuple[Tensor, Tensor]:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
     return mean, var
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend
 from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
-                       check_like)
+                       check_like, check_tensor_args)
 from ..backends import get_impl
 
 OP = "bn_add_relu"
@@ -224,14 +224,10 @@ def bn_add_relu(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], ide
     scale 1 / shift 0 (identity None: no residual). backend: None (the one in force, see
     ``resnet_kernels.use_backend``), 'auto', 'cuda', 'triton' or 'torch'.
     """
-    # the dispatcher would reject a non-tensor with a message that does not say which op/argument
-    for name, t in (("x", x), ("scale", scale), ("shift", shift), ("identity", identity),
-                    ("identity_scale", identity_scale), ("identity_shift", identity_shift)):
-        if not isinstance(t, Tensor) and (t is not None or name == "x"):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor{'' if name == 'x' else ' or None'}, "
-                            f"got {type(t).__name__}")
+    check_tensor_args(OP, ("scale", "shift", "identity", "identity_scale", "identity_shift"), x=x, scale=scale,
+                      shift=shift, identity=identity, identity_scale=identity_scale, identity_shift=identity_shift)
     return bn_add_relu_op(x, scale, shift, identity, identity_scale, identity_shift, bool(relu),
-                          _backend.get_backend() if backend is None else _backend._check_name(backend))
+                          _backend.op_arg(backend))
 
 
 def add_relu(x: Tensor, identity: Tensor, *, backend: Optional[str] = None) -> Tensor:

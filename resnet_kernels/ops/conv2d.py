@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend
-from .._checks import acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout, layout_of
+from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
+                       check_tensor_args, in_layout_of, layout_of, same_order)
 from ..backends import get_impl
 from ..backends.torch_conv2d import conv_acc, cudnn_conv_tf32_enabled
 from .bn_add_relu import bn_add_relu_op
@@ -118,8 +119,7 @@ def _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilati
             raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
         if residual.device != x.device:
             raise ValueError(f"{op}: residual must be on x's device ({x.device}), got {residual.device}")
-        ok = residual.is_contiguous() if layout == "nchw" else residual.is_contiguous(memory_format=torch.channels_last)
-        if not ok:
+        if not same_order(x, layout, residual):
             want = "NCHW-contiguous" if layout == "nchw" else "channels_last"
             raise ValueError(f"{op}: residual must have the output's memory layout ({want}, like x), got strides "
                              f"{residual.stride()} for shape {tuple(residual.shape)}")
@@ -186,13 +186,6 @@ def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, relu,
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_FORMATS[layout])
 
 
-def _as_layout(t: Tensor, ref: Tensor) -> Tensor:
-    """``t`` (same shape as ``ref``) dense in ``ref``'s memory layout (a no-op when it already is)."""
-    if layout_of(ref) == "nhwc":
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.contiguous()
-
-
 def _conv_input_grads(ctx, grad_y: Optional[Tensor], x: Tensor, weight: Tensor, need_x: bool, need_w: bool):
     if not (need_x or need_w) or grad_y is None:
         return None, None
@@ -218,7 +211,7 @@ def _epilogue_backward(ctx, grad):
     x, weight, scale, out = ctx.saved_tensors
     nx, nw, ns, nb, nr = ctx.needs_input_grad[:5]
     if out is not None:
-        grad = _as_layout(grad, out)
+        grad = in_layout_of(grad, out)
         g = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     else:
         g = grad
@@ -236,7 +229,7 @@ def _epilogue_backward(ctx, grad):
             gy = (g.to(acc) * scale.to(acc).view(1, C, 1, 1)).to(g.dtype)
         else:
             gy = g
-        grad_x, grad_w = _conv_input_grads(ctx, _as_layout(gy, x), x, weight, bool(nx), bool(nw))
+        grad_x, grad_w = _conv_input_grads(ctx, in_layout_of(gy, x), x, weight, bool(nx), bool(nw))
     return grad_x, grad_w, grad_scale, grad_bias, grad_residual, None, None, None, None, None, None
 
 
@@ -308,12 +301,12 @@ def _stats_backward(ctx, g_y, g_mean, g_var):
     shift = gm / m - b * mean.to(acc)
     if g_y is None:
         g_y = torch.zeros_like(y)
-    g_y = _as_layout(g_y.to(y.dtype), y)
+    g_y = in_layout_of(g_y.to(y.dtype), y)
     if y.numel() == 0:
         gy = g_y
     else:
         gy = bn_add_relu_op(g_y, None, shift, y, b, None, False, ctx.backend)
-    grad_x, grad_w = _conv_input_grads(ctx, _as_layout(gy, x), x, weight, bool(nx), bool(nw))
+    grad_x, grad_w = _conv_input_grads(ctx, in_layout_of(gy, x), x, weight, bool(nx), bool(nw))
     return grad_x, grad_w, None, None, None, None, None
 
 
@@ -324,20 +317,6 @@ conv2d_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_co
 # public functions
 # --------------------------------------------------------------------------------------------
 IntOrPair = Union[int, Sequence[int]]
-
-
-def _check_types(op: str, **named) -> None:
-    """Named TypeErrors before the dispatcher sees a non-tensor (it would raise an anonymous one)."""
-    for name, t in named.items():
-        optional = name in ("scale", "bias", "residual")
-        if not (isinstance(t, torch.Tensor) or (optional and t is None)):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
-                            f"got {type(t).__name__}")
-    return None
-
-
-def _backend_arg(backend: Optional[str]) -> str:
-    return _backend.get_backend() if backend is None else _backend._check_name(backend)
 
 
 def conv2d_epilogue(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -353,10 +332,10 @@ def conv2d_epilogue(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, b
     (the one in force), 'auto', 'cuda', 'triton' or 'torch'.
     """
     op = OP_EPILOGUE
-    _check_types(op, x=x, weight=weight, scale=scale, bias=bias, residual=residual)
+    check_tensor_args(op, ("scale", "bias", "residual"), x=x, weight=weight, scale=scale, bias=bias, residual=residual)
     return conv2d_epilogue_op(x, weight, scale, bias, residual, list(_pair(op, "stride", stride, 1)),
                               list(_pair(op, "padding", padding, 0)), list(_pair(op, "dilation", dilation, 1)),
-                              groups, bool(relu), _backend_arg(backend))
+                              groups, bool(relu), _backend.op_arg(backend))
 
 
 def conv2d_stats(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: IntOrPair = 0,
@@ -365,9 +344,9 @@ def conv2d_stats(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: I
     """(y, mean, var): y = conv2d(x, weight) in x's dtype and layout, and the per-channel mean and
     biased variance of y over N*OH*OW from the fp32 (float64 for float64) accumulators."""
     op = OP_STATS
-    _check_types(op, x=x, weight=weight)
+    check_tensor_args(op, (), x=x, weight=weight)
     return conv2d_stats_op(x, weight, list(_pair(op, "stride", stride, 1)), list(_pair(op, "padding", padding, 0)),
-                           list(_pair(op, "dilation", dilation, 1)), groups, _backend_arg(backend))
+                           list(_pair(op, "dilation", dilation, 1)), groups, _backend.op_arg(backend))
 
 
 __all__ = ["conv2d_epilogue", "conv2d_stats"]
