@@ -1,9 +1,11 @@
-"""Backend selection: ``cuda`` (csrc), ``triton`` (triton_ops) and ``torch`` (reference).
+"""Backend selection: which implementations the ops run (see ``resnet_kernels/_registry.py``).
 
 Per call (``backend=`` argument), per scope (``use_backend``) or globally (``set_backend``).
-``auto`` picks cuda, then triton, for CUDA tensors and torch for CPU tensors. An explicitly
-requested backend that cannot run raises ``BackendUnavailableError`` saying why; it never
-silently falls back.
+The names are the registry's backends (``cuda``, ``triton``, ``aten``, ``torch``) and ``auto``:
+on CUDA tensors ``auto`` measures and verifies the implementations per layer shape and uses the
+fastest correct one (``resnet_kernels/_tune.py``); on CPU tensors it uses ``aten`` (PyTorch's own
+kernels). An explicitly requested backend that cannot run raises ``BackendUnavailableError``
+saying why; it never silently falls back.
 """
 
 from __future__ import annotations
@@ -13,31 +15,32 @@ import contextvars
 import functools
 import importlib.util
 import os
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 
-from . import _ext
-
-BACKENDS = ("cuda", "triton", "torch")
-_CHOICES = ("auto",) + BACKENDS
+from . import _registry
+from ._registry import BackendUnavailableError
 
 _global_backend = "auto"
 _scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("resnet_kernels_backend", default=None)
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run this call."""
+def __getattr__(name: str):
+    if name == "BACKENDS":  # read from the registry, never written by hand
+        return _registry.backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name not in _CHOICES:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    choices = _registry.choices()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"backend must be one of {('auto',) + _registry.backend_names()}, got {name!r}")
     return name
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend ('auto', 'cuda', 'triton' or 'torch')."""
+    """Set the process-wide default backend ('auto' or a registered backend name)."""
     global _global_backend
     _global_backend = _check_name(name)
 
@@ -70,8 +73,7 @@ def triton_interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:
-    # cached: before triton is imported, find_spec searches sys.path (~0.1 ms), and backend_status
-    # runs on every auto-resolved call on a GPU without _C
+    # cached: before triton is imported, find_spec searches sys.path (~0.1 ms)
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     return None
@@ -79,62 +81,15 @@ def triton_import_error() -> str | None:
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
     """(usable, reason) for running backend ``name`` on tensors of ``device`` (None: any CUDA
-    device that is visible). Never raises; does not initialise CUDA unless ``device`` is CUDA."""
+    device that is visible). Never raises for a known name; does not initialise CUDA unless
+    ``device`` is CUDA."""
     _check_name(name)
     if name == "auto":
         return True, ""
     dev = torch.device(device) if device is not None else None
-    if name == "torch":
-        return True, ""
-    if name == "cuda":
-        if _ext.get_C() is None:
-            return False, _ext.C_error() or "resnet_kernels._C unavailable"
-        if dev is None:
-            if not torch.cuda.is_available():
-                return False, "no CUDA GPU is visible to torch"
-            return True, ""
-        if dev.type != "cuda":
-            return False, f"the cuda backend runs on CUDA tensors, got {dev.type} tensors"
-        return True, ""
-    # triton
-    err = triton_import_error()
-    if err:
-        return False, err
-    if dev is None:
-        if torch.cuda.is_available() or triton_interpreting():
-            return True, ""
-        return False, "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run the Triton interpreter on the CPU)"
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and triton_interpreting():
-        return True, ""
-    return False, (f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, "
-                   f"set before import), got {dev.type} tensors")
+    why = _registry.get_backend_decl(name).available(dev)
+    return why is None, why or ""
 
 
-def resolve(requested: str | None, device: torch.device, op: str,
-            unsupported: Mapping[str, str] | None = None) -> str:
-    """Turn the requested backend (None = the one in force) into a concrete one for ``device``.
-
-    ``unsupported`` maps a backend to the reason this particular call cannot run on it
-    (e.g. a convolution configuration a kernel does not implement): ``auto`` skips it, an
-    explicit request raises with that reason.
-    """
-    name = _check_name(get_backend() if requested is None else requested)
-    unsupported = unsupported or {}
-    if name == "auto":
-        if device.type != "cuda":
-            return "torch"
-        for cand in ("cuda", "triton"):
-            if cand in unsupported:
-                continue
-            ok, _ = backend_status(cand, device)
-            if ok:
-                return cand
-        return "torch"
-    ok, why = backend_status(name, device)
-    if not ok:
-        raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable: {why}")
-    if name in unsupported:
-        raise BackendUnavailableError(f"{op}: backend {name!r} does not support this call: {unsupported[name]}")
-    return name
+__all__ = ["BackendUnavailableError", "set_backend", "get_backend", "use_backend", "op_arg", "backend_status",
+           "triton_interpreting", "triton_import_error"]

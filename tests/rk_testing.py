@@ -4,11 +4,18 @@ import os
 
 import torch
 
+from resnet_kernels import _registry
+
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
-# cuda needs a GPU; triton runs on the GPU or, without one, in the interpreter (conftest sets it).
-KERNEL_BACKENDS = ["triton", "cuda"] if HAS_GPU else ["triton"]
-ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+# The backends come from the registry. The explicit torch backend (the reference decomposition)
+# is the tests' oracle; the others are tested against it. With a GPU every registered backend is
+# tested (a missing build then fails with its cause, never skips); without one, those that run on
+# CPU tensors (aten; triton under the interpreter, which conftest switches on).
+ORACLE = "torch"
+KERNEL_BACKENDS = [b.name for b in _registry.backends()
+                   if b.name != ORACLE and (HAS_GPU or b.available(torch.device("cpu")) is None)]
+ALL_BACKENDS = [ORACLE] + KERNEL_BACKENDS
 
 
 def interpreting() -> bool:

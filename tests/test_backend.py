@@ -3,7 +3,6 @@ backend_status, and that the ops really dispatch to the backend in force."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 
 import pytest
@@ -11,10 +10,9 @@ import torch
 
 import resnet_kernels as rk
 import rk_testing as rt
-from resnet_kernels import BackendUnavailableError, _backend, _ext
+from resnet_kernels import BackendUnavailableError, _backend, _ext, _registry, _tune
 
 CPU = torch.device("cpu")
-opmod = importlib.import_module("resnet_kernels.ops.bn_add_relu")
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +23,39 @@ def _restore_global_backend():
 
 
 @pytest.fixture
-def dispatched(monkeypatch):
-    """Records the backend name each bn_add_relu call dispatches to."""
-    calls = []
-    real = opmod.get_impl
+def dispatched():
+    """Records the implementation each op call dispatches to."""
+    with _tune.recording() as rec:
+        yield Names(rec)
 
-    def spy(name):
-        calls.append(name)
-        return real(name)
 
-    monkeypatch.setattr(opmod, "get_impl", spy)
-    return calls
+class Names:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def __getitem__(self, i):
+        return [d.impl for d in self.rec][i]
+
+    def __eq__(self, other):
+        return [d.impl for d in self.rec] == other
+
+
+def _resolve(requested, device, op="bn_add_relu", call=None):
+    """The implementation name a call of ``op`` on ``device`` resolves to (nothing runs)."""
+    call = call or _FakeCall(device)
+    requested = _backend.op_arg(requested)
+    if requested != "auto":
+        impl = _registry.resolve_explicit(op, requested, call, device)
+        if impl is not None:
+            return impl.backend
+    return _registry.static_choice(op, call, device).backend
+
+
+class _FakeCall:
+    def __init__(self, device, dtype=torch.float32, groups=1, dilation=(1, 1)):
+        self.device = device
+        self.x = torch.empty(0, dtype=dtype)
+        self.groups, self.dilation = groups, dilation
 
 
 def _args():
@@ -45,7 +65,8 @@ def _args():
 
 def test_default_is_auto():
     assert rk.get_backend() == "auto"
-    assert rk.BACKENDS == ("cuda", "triton", "torch")
+    assert rk.BACKENDS == _registry.backend_names()
+    assert set(rk.BACKENDS) >= {"cuda", "triton", "aten", "torch"}
 
 
 def test_set_get_backend():
@@ -53,7 +74,7 @@ def test_set_get_backend():
         rk.set_backend(name)
         assert rk.get_backend() == name
     rk.set_backend("torch")
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'torch'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'aten', 'torch'\), got 'gpu'"):
         rk.set_backend("gpu")
     with pytest.raises(ValueError, match=r"got None"):
         rk.set_backend(None)
@@ -92,33 +113,41 @@ def test_use_backend_is_per_thread():
 
 
 def test_auto_resolution_cpu():
-    assert _backend.resolve("auto", CPU, "op") == "torch"
-    assert _backend.resolve(None, CPU, "op") == "torch"  # the default is auto
+    # CPU tensors: PyTorch's own kernels (aten), never the Triton interpreter
+    for op in _registry.OPS:
+        assert _resolve("auto", CPU, op) == "aten"
+    assert _resolve(None, CPU) == "aten"  # the default is auto
     with rk.use_backend("torch"):
-        assert _backend.resolve(None, CPU, "op") == "torch"
+        assert _resolve(None, CPU) == "torch"
 
 
-def test_auto_resolution_cuda_device_prefers_cuda_then_triton():
+def test_auto_static_order_on_cuda_devices():
+    """Where auto does not measure (capture, tracing, RESNET_KERNELS_TUNE=0): the registry's
+    static order; a call an implementation does not support skips it."""
     dev = torch.device("cuda", 0)  # only the device type matters; nothing touches a GPU
     cuda_ok = _backend.backend_status("cuda", dev)[0]
-    assert _backend.resolve("auto", dev, "op") == ("cuda" if cuda_ok else "triton")
-    # a backend that cannot run this particular call is skipped by auto, and named by an explicit request
-    assert _backend.resolve("auto", dev, "op", unsupported={"cuda": "x", "triton": "y"}) == "torch"
-    assert _backend.resolve("auto", dev, "op", unsupported={"cuda": "no"}) == "triton"
-    with pytest.raises(BackendUnavailableError, match=r"op: backend 'triton' does not support this call: groups=2"):
-        _backend.resolve("triton", dev, "op", unsupported={"triton": "groups=2"})
+    assert _resolve("auto", dev, "bn_add_relu") == ("cuda" if cuda_ok else "triton")
+    assert _resolve("auto", dev, "conv2d_epilogue") == "aten"  # cuDNN is the floor until measured
+    grouped = _FakeCall(dev, groups=2)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"conv2d_epilogue: backend 'triton' does not support this call: groups=2"):
+        _resolve("triton", dev, "conv2d_epilogue", grouped)
+    cands, why = _registry.candidates("conv2d_stats", _FakeCall(dev, dtype=torch.float64), dev)
+    assert {c.backend for c in cands} == {"aten", "torch"}
+    assert "float64" in why["triton"]
 
 
 def test_explicit_backends_on_cpu():
-    assert _backend.resolve("torch", CPU, "op") == "torch"
+    assert _resolve("torch", CPU) == "torch"
+    assert _resolve("aten", CPU) == "aten"
     ok, why = _backend.backend_status("cuda", CPU)
     assert not ok
     expected = _ext.C_error() if _ext.get_C() is None else "the cuda backend runs on CUDA tensors, got cpu tensors"
     assert why == expected
-    with pytest.raises(BackendUnavailableError, match=r"myop: backend 'cuda' is unavailable: "):
-        _backend.resolve("cuda", CPU, "myop")
+    with pytest.raises(BackendUnavailableError, match=r"conv2d_stats: backend 'cuda' is unavailable: "):
+        _resolve("cuda", CPU, "conv2d_stats")
     if rt.interpreting():
-        assert _backend.resolve("triton", CPU, "op") == "triton"
+        assert _resolve("triton", CPU) == "triton"
 
 
 def test_triton_needs_interpreter_on_cpu(monkeypatch):
@@ -126,7 +155,7 @@ def test_triton_needs_interpreter_on_cpu(monkeypatch):
     ok, why = _backend.backend_status("triton", CPU)
     assert not ok and "TRITON_INTERPRET=1" in why
     with pytest.raises(BackendUnavailableError, match=r"backend 'triton' is unavailable: the triton backend runs on"):
-        _backend.resolve("triton", CPU, "op")
+        _resolve("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backend.backend_status("triton", CPU) == (True, "")
 
@@ -146,7 +175,7 @@ def test_backend_status_any_device_tells_the_truth():
 def test_ops_dispatch_to_the_backend_in_force(dispatched):
     x, s, b, i = _args()
     rk.bn_add_relu(x, s, b, i)
-    assert dispatched[-1] == "torch"  # auto on CPU
+    assert dispatched[-1] == "aten"  # auto on CPU
     if rt.interpreting():
         rk.set_backend("triton")
         rk.bn_add_relu(x, s, b, i)
@@ -157,7 +186,7 @@ def test_ops_dispatch_to_the_backend_in_force(dispatched):
             rk.bn_add_relu(x, s, b, i, backend="triton")  # the argument beats the scope
             assert dispatched[-1] == "triton"
         rk.bn_add_relu(x, s, b, i, backend="auto")  # explicit auto means auto, not the global triton
-        assert dispatched[-1] == "torch"
+        assert dispatched[-1] == "aten"
 
 
 def test_backward_uses_the_forward_backend(dispatched):

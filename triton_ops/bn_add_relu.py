@@ -495,12 +495,6 @@ def bn_add_relu_backward(grad_out, out, x, scale, identity, id_scale, grad_x, gr
             if v is not None:
                 v.zero_()
         return
-    if relu and out is None:
-        raise ValueError("bn_add_relu_backward: out is required when relu=True")
-    if grad_scale is not None and x is None:
-        raise ValueError("bn_add_relu_backward: x is required for grad_scale")
-    if grad_id_scale is not None and identity is None:
-        raise ValueError("bn_add_relu_backward: identity is required for grad_id_scale")
     layout = _layout(inner, HW)
     is64 = grad_out.dtype == torch.float64
     acc = torch.float64 if is64 else torch.float32

@@ -280,68 +280,15 @@ def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dt
 # ----------------------------------------------------------------------------------------------
 # launcher
 
-_TL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _pair(v, name: str) -> Tuple[int, int]:
-    try:
-        a, b = (int(e) for e in v)
-    except Exception:
-        raise ValueError(f"{name} must be a pair of ints, got {v!r}") from None
-    return a, b
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _check(x, weight, scale, bias, residual, out, stride, padding):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D (N, Cin, H, W) tensor, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _TL_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} is not supported by the triton conv (float32, float16, bfloat16)")
-    if not _is_dense(x):
-        raise ValueError("x must be NCHW-contiguous or channels_last")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        got = getattr(weight, "shape", type(weight))
-        raise ValueError(f"weight must be a 4-D (Cout, Cin, KH, KW) tensor, got {got}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+def _geometry(x, weight, out, stride, padding):
+    """Sizes of a call the op layer already validated (resnet_kernels/ops/conv2d.py: validation
+    happens once, there)."""
     n, cin, h, w = x.shape
-    cout, wcin, kh, kw = weight.shape
-    if wcin != cin:
-        raise ValueError(f"weight has {wcin} input channels, x has {cin} (groups are not supported)")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    oh = (h + 2 * ph - kh) // sh + 1
-    ow = (w + 2 * pw - kw) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with padding {padding}")
-    devices = {x.device, weight.device}
-    for name, v in (("scale", scale), ("bias", bias)):
-        if v is not None:
-            if v.dtype != torch.float32 or v.shape != (cout,):
-                raise ValueError(f"{name} must be a float32 tensor of shape ({cout},), got {v.dtype} {tuple(v.shape)}")
-            if v.stride(0) != 1 and cout > 1:
-                raise ValueError(f"{name} must be contiguous")
-            devices.add(v.device)
-    oshape = (n, cout, oh, ow)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != oshape:
-        raise ValueError(f"out must have shape {oshape}, got {getattr(out, 'shape', type(out))}")
-    if out.dtype != x.dtype:
-        raise ValueError(f"out dtype {out.dtype} != x dtype {x.dtype}")
-    devices.add(out.device)
-    if residual is not None:
-        if tuple(residual.shape) != oshape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must have shape {oshape} and dtype {x.dtype}, got "
-                             f"{tuple(residual.shape)} {residual.dtype}")
-        devices.add(residual.device)
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    cout, _, kh, kw = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
+    (sh, sw), (ph, pw) = (int(e) for e in stride), (int(e) for e in padding)
     return (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw)
 
 
@@ -372,8 +319,7 @@ class _Plan:
 
 def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
              config: Optional[ConvConfig] = None, arch: Optional[int] = None) -> _Plan:
-    (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw) = _check(x, weight, scale, bias, residual, out,
-                                                                    stride, padding)
+    (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw) = _geometry(x, weight, out, stride, padding)
     M = n * oh * ow
     ktot = cin * kh * kw
     if config is None and arch is None and not INTERPRET and x.is_cuda:
@@ -419,9 +365,6 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
 
 def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
             config: Optional[ConvConfig] = None):
-    if not INTERPRET and not x.is_cuda:
-        raise ValueError(f"x is on {x.device}: the triton conv needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
     plan = _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
                     config)
     M, cout = plan.M, plan.cout
@@ -443,7 +386,9 @@ def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, comput
     return mean, var
 
 
-def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32):
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
+                   dilation=(1, 1), groups: int = 1):
     """out = act(conv2d(x, weight) * scale + bias + residual) (see the module docstring); returns
-    (mean, biased var) of conv2d(x, weight) per output channel when ``compute_stats``."""
+    (mean, biased var) of conv2d(x, weight) per output channel when ``compute_stats``. dilation 1
+    and groups 1 only (the registry's ``supports`` routes the others elsewhere)."""
     return _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32)

@@ -28,7 +28,9 @@ def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     return packed, ldw
 
 
-def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32):
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
+                   dilation=(1, 1), groups: int = 1):
+    # dilation 1 and groups 1 only: the registry's ``supports`` routes the others elsewhere
     C_ = require_C()
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape

@@ -20,12 +20,13 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import _alloc, _backend
+from .. import _alloc, _backend, _tune
 from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
                        check_like, check_tensor_args)
-from ..backends import get_impl
+from .._numerics import mismatch, verify_rtol
 
 OP = "bn_add_relu"
+OP_BACKWARD = OP + "_backward"
 
 
 def _geometry(x: Tensor, layout: str) -> tuple[int, int]:
@@ -49,6 +50,91 @@ def _validate(x, scale, shift, identity, identity_scale, identity_shift, op: str
 
 
 # --------------------------------------------------------------------------------------------
+# what the registry and the measured 'auto' see of a call (resnet_kernels/_tune.py)
+# --------------------------------------------------------------------------------------------
+def _flags(*ts) -> str:
+    return "".join("1" if t is not None else "0" for t in ts)
+
+
+class ForwardCall:
+    """One validated bn_add_relu call: per-channel vectors already in the accumulation dtype.
+    ``out``: write there (it may be ``x`` itself: in place) instead of a fresh output."""
+
+    op = OP
+
+    def __init__(self, x, scale, shift, identity, id_scale, id_shift, relu, layout, out=None):
+        self.x, self.scale, self.shift, self.identity = x, scale, shift, identity
+        self.id_scale, self.id_shift, self.relu, self.layout, self.out = id_scale, id_shift, bool(relu), layout, out
+        self.device = x.device
+        self.C, self.inner = _geometry(x, layout)
+
+    def key(self) -> str:
+        return (f"{tuple(self.x.shape)}|{self.layout}|{self.x.dtype}|"
+                f"{_flags(self.scale, self.shift, self.identity, self.id_scale, self.id_shift)}|relu{int(self.relu)}")
+
+    def describe(self) -> str:
+        return f"x {tuple(self.x.shape)} {str(self.x.dtype).replace('torch.', '')} {self.layout}"
+
+    def run(self, impl, fresh: bool = False) -> Tensor:
+        out = self.out if (self.out is not None and not fresh) else _alloc.empty_like(self.x)
+        impl.load()(self.x, self.scale, self.shift, self.identity, self.id_scale, self.id_shift, out, self.relu,
+                    self.C, self.inner)
+        return out
+
+    def compare(self, got: Tensor, ref: Tensor):
+        return mismatch("out", got, ref, verify_rtol(self.x.dtype))
+
+
+class BackwardCall:
+    """One validated bn_add_relu_backward call; ``needs``: (x, identity, scale, shift, id_scale)."""
+
+    op = OP_BACKWARD
+    _NAMES = ("grad_x", "grad_identity", "grad_scale", "grad_shift", "grad_identity_scale")
+
+    def __init__(self, grad_out, out, x, scale, identity, id_scale, relu, layout, needs):
+        self.grad_out, self.out, self.x, self.scale = grad_out, out, x, scale
+        self.identity, self.id_scale, self.relu, self.layout = identity, id_scale, bool(relu), layout
+        self.needs = tuple(bool(n) for n in needs)
+        self.device = grad_out.device
+        self.C, self.inner = _geometry(grad_out, layout)
+
+    def key(self) -> str:
+        return (f"{tuple(self.grad_out.shape)}|{self.layout}|{self.grad_out.dtype}|"
+                f"{_flags(self.out, self.x, self.scale, self.identity, self.id_scale)}|"
+                f"{''.join(str(int(n)) for n in self.needs)}|relu{int(self.relu)}")
+
+    def describe(self) -> str:
+        g = self.grad_out
+        return f"grad_out {tuple(g.shape)} {str(g.dtype).replace('torch.', '')} {self.layout}"
+
+    def run(self, impl, fresh: bool = True) -> List[Tensor]:
+        outs = _backward_outputs(self.grad_out, self.C, *self.needs, fake=False)
+        gx, gi, gs, gb, gis = (t if t.numel() else None for t in outs)
+        impl.load()(self.grad_out, self.out, self.x, self.scale, self.identity, self.id_scale, gx, gi, gs, gb, gis,
+                    self.relu, self.C, self.inner)
+        return outs
+
+    def compare(self, got, ref):
+        rtol = verify_rtol(self.grad_out.dtype)
+        for name, g, r in zip(self._NAMES, got, ref):
+            err = mismatch(name, g, r, rtol)
+            if err is not None:
+                return err
+        return None
+
+
+def apply_in_place(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+                   relu: bool) -> Tensor:
+    """act(y * scale[c] + shift[c] + residual) written over y (a fresh, dense activation the caller
+    owns; the per-channel vectors in the accumulation dtype), by the implementation 'auto'
+    chooses for this bn_add_relu call. Returns the result (y, or a fresh tensor while 'auto' is
+    measuring). For implementations of other ops (e.g. the aten convolution's epilogue)."""
+    layout = "nhwc" if (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) else "nchw"
+    call = ForwardCall(y, scale, shift, residual, None, None, relu, layout, out=y)
+    return _tune.dispatch(OP, "auto", call)
+
+
+# --------------------------------------------------------------------------------------------
 # forward op
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("resnet_kernels::bn_add_relu", mutates_args=())
@@ -56,19 +142,16 @@ def bn_add_relu_op(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
                    identity_scale: Optional[Tensor], identity_shift: Optional[Tensor], relu: bool,
                    backend: str) -> Tensor:
     layout = _validate(x, scale, shift, identity, identity_scale, identity_shift)
-    # backend is concrete ('auto' means auto, not "the one in force": bn_add_relu() already
-    # substituted that); resolve it even for an empty batch so an unusable explicit backend
-    # always raises
-    name = _backend.resolve(backend, x.device, OP)
-    out = _alloc.empty_like(x)
-    if x.numel() == 0:
-        return out
     acc = acc_dtype(x.dtype)
-    C, inner = _geometry(x, layout)
-    get_impl(name).bn_add_relu_forward(
-        x, channel_vector(scale, acc), channel_vector(shift, acc), identity, channel_vector(identity_scale, acc),
-        channel_vector(identity_shift, acc), out, relu, C, inner)
-    return out
+    call = ForwardCall(x, channel_vector(scale, acc), channel_vector(shift, acc), identity,
+                       channel_vector(identity_scale, acc), channel_vector(identity_shift, acc), relu, layout)
+    # backend is concrete ('auto' means auto, not "the one in force": bn_add_relu() already
+    # substituted that); an explicit one is checked even for an empty batch, so an unusable
+    # explicit backend always raises
+    if x.numel() == 0:
+        _tune.check_requested(OP, backend, call)
+        return _alloc.empty_like(x)
+    return _tune.dispatch(OP, backend, call)
 
 
 @bn_add_relu_op.register_fake
@@ -99,7 +182,7 @@ def _backward_outputs(grad_out: Tensor, C: int, need_x: bool, need_identity: boo
 
 
 def _validate_backward(grad_out, out, x, scale, identity, identity_scale, relu, need_scale, need_id_scale):
-    op = OP + "_backward"
+    op = OP_BACKWARD
     check_activation(op, "grad_out", grad_out)
     layout = check_layout(op, "grad_out", grad_out)
     if relu:
@@ -129,20 +212,18 @@ def bn_add_relu_backward_op(grad_out: Tensor, out: Optional[Tensor], x: Optional
     """Returns [grad_x, grad_identity, grad_scale, grad_shift, grad_identity_scale]; a gradient
     that was not requested is an empty tensor. grad_shift is also the identity_shift gradient."""
     layout = _validate_backward(grad_out, out, x, scale, identity, identity_scale, relu, need_scale, need_id_scale)
-    C, inner = _geometry(grad_out, layout)
-    name = _backend.resolve(backend, grad_out.device, OP + "_backward")
-    outs = _backward_outputs(grad_out, C, need_x, need_identity, need_scale, need_shift, need_id_scale, fake=False)
+    acc = acc_dtype(grad_out.dtype)
+    call = BackwardCall(grad_out, out if relu else None, x if need_scale else None, channel_vector(scale, acc),
+                        identity if need_id_scale else None, channel_vector(identity_scale, acc), relu, layout,
+                        (need_x, need_identity, need_scale, need_shift, need_id_scale))
     if grad_out.numel() == 0:
+        _tune.check_requested(OP_BACKWARD, backend, call)
+        outs = _backward_outputs(grad_out, grad_out.shape[1], need_x, need_identity, need_scale, need_shift,
+                                 need_id_scale, fake=False)
         for v in outs[2:]:
             v.zero_()  # a sum over an empty batch is 0
         return outs
-    acc = acc_dtype(grad_out.dtype)
-    gx, gi, gs, gb, gis = (t if t.numel() else None for t in outs)
-    get_impl(name).bn_add_relu_backward(
-        grad_out, out if relu else None, x if need_scale else None, channel_vector(scale, acc),
-        identity if need_id_scale else None, channel_vector(identity_scale, acc),
-        gx, gi, gs, gb, gis, relu, C, inner)
-    return outs
+    return _tune.dispatch(OP_BACKWARD, backend, call)
 
 
 @bn_add_relu_backward_op.register_fake

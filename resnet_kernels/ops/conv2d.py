@@ -19,22 +19,23 @@ gradients, and elementwise torch ops / per-channel reductions for the epilogue's
     conv2d_stats:    d x, d weight = convolution_backward(g_y + g_mean/m + g_var * 2 (y - mean)/m),
                      m = N*OH*OW.
 
-float64, groups != 1 and dilation != 1 run on the torch backend only: ``auto`` picks it, an
-explicit ``cuda``/``triton`` request raises ``BackendUnavailableError`` saying why.
+Which implementations can run a call is declared in the registry (``resnet_kernels/backends``):
+float64, groups != 1 and dilation != 1 run on ``aten`` and ``torch`` only (``auto`` picks among
+those; an explicit ``cuda``/``triton`` request raises ``BackendUnavailableError`` saying why).
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .. import _alloc, _backend
+from .. import _alloc, _backend, _tune
 from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
                        check_tensor_args, in_layout_of, layout_of, same_order)
-from ..backends import get_impl
-from ..backends.torch_conv2d import conv_acc, cudnn_conv_tf32_enabled
+from .._numerics import conv_acc, cudnn_conv_tf32_enabled, mismatch, verify_rtol
 from .bn_add_relu import bn_add_relu_op
 
 OP_EPILOGUE = "conv2d_epilogue"
@@ -126,39 +127,81 @@ def _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilati
     return layout, shape
 
 
-def _unsupported(x: Tensor, dilation, groups) -> dict:
-    """What the cuda/triton conv kernels do not implement, as resolve()'s ``unsupported``."""
-    why = []
-    if x.dtype == torch.float64:
-        why.append("float64 (the conv kernels compute float32, float16 and bfloat16; float64 runs on the "
-                   "torch backend)")
-    if groups != 1:
-        why.append(f"groups={groups} (the conv kernels implement groups=1)")
-    if tuple(dilation) != (1, 1):
-        why.append(f"dilation={tuple(dilation)} (the conv kernels implement dilation 1)")
-    if not why:
-        return {}
-    reason = "; ".join(why)
-    return {"cuda": reason, "triton": reason}
-
-
 def _dense_weight(w: Tensor) -> Tensor:
     return w if layout_of(w) is not None else w.contiguous()
+
+
+def _dense_strides(shape, layout: str) -> Tuple[int, ...]:
+    N, C, H, W = shape
+    return (C * H * W, H * W, W, 1) if layout == "nchw" else (H * W * C, 1, W * C, C)
 
 
 def _new_out(shape, x: Tensor, layout: str) -> Tensor:
     return _alloc._fill(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_FORMATS[layout]))
 
 
-def _launch(name: str, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, relu,
-            compute_stats):
-    impl = get_impl(name)
-    allow_tf32 = cudnn_conv_tf32_enabled()
-    args = (x, _dense_weight(weight), scale, bias, residual, out, tuple(stride), tuple(padding), bool(relu),
-            bool(compute_stats), allow_tf32)
-    if name == "torch":
-        return impl.conv2d_forward(*args, dilation=tuple(dilation), groups=groups)
-    return impl.conv2d_forward(*args)
+class ConvCall:
+    """One validated conv2d_epilogue / conv2d_stats call, as the registry and the measured 'auto'
+    see it (resnet_kernels/_tune.py). Launcher contract: resnet_kernels/backends/torch_conv2d.py."""
+
+    def __init__(self, op, x, weight, scale, bias, residual, stride, padding, dilation, groups, relu, compute_stats,
+                 layout, shape):
+        self.op = op
+        self.x, self.weight, self.scale, self.bias, self.residual = x, _dense_weight(weight), scale, bias, residual
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.groups, self.relu, self.compute_stats = int(groups), bool(relu), bool(compute_stats)
+        self.layout, self.shape = layout, tuple(shape)
+        self.allow_tf32 = x.dtype == torch.float32 and cudnn_conv_tf32_enabled()
+        self.device = x.device
+
+    def key(self) -> str:
+        flags = "".join("1" if t is not None else "0" for t in (self.scale, self.bias, self.residual))
+        return (f"x{tuple(self.x.shape)}|{self.layout}|{self.x.dtype}|w{tuple(self.weight.shape)}|s{self.stride}"
+                f"|p{self.padding}|d{self.dilation}|g{self.groups}|{flags}|relu{int(self.relu)}"
+                f"|tf32{int(self.allow_tf32)}")
+
+    def describe(self) -> str:
+        return (f"x {tuple(self.x.shape)} {str(self.x.dtype).replace('torch.', '')} {self.layout}, weight "
+                f"{tuple(self.weight.shape)}, stride {self.stride}, padding {self.padding}")
+
+    def run(self, impl, fresh: bool = True):
+        """Fresh outputs: (out,) or (out, mean, var)."""
+        out = None if impl.returns_output else _new_out(self.shape, self.x, self.layout)
+        res = impl.load()(self.x, self.weight, self.scale, self.bias, self.residual, out, self.stride, self.padding,
+                          self.relu, self.compute_stats, self.allow_tf32, dilation=self.dilation, groups=self.groups)
+        if impl.returns_output:
+            out, res = res
+            if out.stride() != _dense_strides(self.shape, self.layout) or out.dtype != self.x.dtype:
+                # the op's outputs have x's layout (its fake says so): copy the rare ambiguous case
+                dense = _new_out(self.shape, self.x, self.layout)
+                dense.copy_(out)
+                out = dense
+        if not self.compute_stats:
+            return (out,)
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise RuntimeError(f"{self.op}: the {impl.backend} implementation returned {type(res).__name__}, "
+                               f"expected (mean, var)")
+        acc = acc_dtype(self.x.dtype)
+        Cout = self.shape[1]
+        mean, var = res
+        for what, t in (("mean", mean), ("var", var)):
+            if tuple(t.shape) != (Cout,) or t.dtype != acc:
+                raise RuntimeError(f"{self.op}: the {impl.backend} implementation returned {what} of shape "
+                                   f"{tuple(t.shape)} and dtype {t.dtype}, expected ({Cout},) {acc}")
+        mean = mean.contiguous()
+        var = var.contiguous()
+        if var.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr():
+            var = var.clone()  # op outputs must not alias each other
+        return out, mean, var
+
+    def compare(self, got, ref):
+        rtol = verify_rtol(self.x.dtype, self.allow_tf32)
+        err = mismatch("out", got[0], ref[0], rtol)
+        if err is None and self.compute_stats:
+            spread = float((ref[2].float().clamp_min(0).sqrt() + ref[1].float().abs()).max())
+            err = (mismatch("mean", got[1], ref[1], rtol, scale=spread)
+                   or mismatch("var", got[2], ref[2], 2 * rtol))
+        return err
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,15 +212,14 @@ def conv2d_epilogue_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias:
                        residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                        groups: int, relu: bool, backend: str) -> Tensor:
     layout, shape = _validate_epilogue(x, weight, scale, bias, residual, stride, padding, dilation, groups)
-    # resolved before the empty-batch return, so an unusable explicit backend always raises
-    name = _backend.resolve(backend, x.device, OP_EPILOGUE, unsupported=_unsupported(x, dilation, groups))
-    out = _new_out(shape, x, layout)
-    if out.numel() == 0:
-        return out
     acc = acc_dtype(x.dtype)
-    _launch(name, x, weight, channel_vector(scale, acc), channel_vector(bias, acc), residual, out, stride, padding,
-            dilation, groups, relu, False)
-    return out
+    call = ConvCall(OP_EPILOGUE, x, weight, channel_vector(scale, acc), channel_vector(bias, acc), residual, stride,
+                    padding, dilation, groups, relu, False, layout, shape)
+    if math.prod(shape) == 0:
+        # an explicit backend is still checked, so an unusable one always raises
+        _tune.check_requested(OP_EPILOGUE, backend, call)
+        return _new_out(shape, x, layout)
+    return _tune.dispatch(OP_EPILOGUE, backend, call)[0]
 
 
 @conv2d_epilogue_op.register_fake
@@ -244,26 +286,14 @@ def conv2d_stats_op(x: Tensor, weight: Tensor, stride: List[int], padding: List[
                     groups: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     layout, shape = _validate_conv(OP_STATS, x, weight, stride, padding, dilation, groups)
     acc = acc_dtype(x.dtype)
-    Cout = shape[1]
-    name = _backend.resolve(backend, x.device, OP_STATS, unsupported=_unsupported(x, dilation, groups))
-    y = _new_out(shape, x, layout)
-    if y.numel() == 0:
+    call = ConvCall(OP_STATS, x, weight, None, None, None, stride, padding, dilation, groups, False, True, layout,
+                    shape)
+    if math.prod(shape) == 0:
+        _tune.check_requested(OP_STATS, backend, call)
         # Statistics of an empty batch are undefined (torch.var_mean gives NaN too).
-        nan = torch.full((Cout,), float("nan"), dtype=acc, device=x.device)
-        return y, nan, nan.clone()
-    stats = _launch(name, x, weight, None, None, None, y, stride, padding, dilation, groups, False, True)
-    if not (isinstance(stats, tuple) and len(stats) == 2):
-        raise RuntimeError(f"{OP_STATS}: the {name} backend returned {type(stats).__name__}, expected (mean, var)")
-    mean, var = stats
-    for what, t in (("mean", mean), ("var", var)):
-        if tuple(t.shape) != (Cout,) or t.dtype != acc:
-            raise RuntimeError(f"{OP_STATS}: the {name} backend returned {what} of shape {tuple(t.shape)} and dtype "
-                               f"{t.dtype}, expected ({Cout},) {acc}")
-    mean = mean.contiguous()
-    var = var.contiguous()
-    if var.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr():
-        var = var.clone()  # op outputs must not alias each other
-    return y, mean, var
+        nan = torch.full((shape[1],), float("nan"), dtype=acc, device=x.device)
+        return _new_out(shape, x, layout), nan, nan.clone()
+    return _tune.dispatch(OP_STATS, backend, call)
 
 
 @conv2d_stats_op.register_fake

@@ -1,0 +1,52 @@
+"""The ``aten`` convolution: PyTorch's own convolution (cuDNN on CUDA tensors, oneDNN/native on
+CPU) in the activation dtype, exactly what ``nn.Conv2d`` runs, plus
+
+* ``conv2d_epilogue``: the per-channel affine (folded BN), residual and ReLU applied to the
+  convolution's output in place by the ``bn_add_relu`` op's implementation that 'auto' chooses
+  (our fused kernels on a GPU), computed in fp32 and rounded once;
+* ``conv2d_stats``: the per-channel batch mean and biased variance in one read pass of the output
+  (``torch.batch_norm_stats``, Welford, on CUDA; ``torch.var_mean`` in the accumulation dtype on
+  other devices).
+
+The floor the measured 'auto' can always fall back to on a GPU, and what 'auto' uses on CPU
+tensors. It allocates its output (``returns_output`` in the registry): an aten convolution has no
+out= variant that avoids a copy. Launcher contract: ``resnet_kernels/backends/torch_conv2d.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import acc_dtype
+
+
+def _conv(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
+    # allow_tf32 is PyTorch's own setting, which F.conv2d follows by itself
+    return F.conv2d(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def batch_mean_var(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of y over (N, H, W), in the accumulation dtype."""
+    acc = acc_dtype(y.dtype)
+    if y.device.type == "cuda" and y.dtype != torch.float64:
+        # one Welford pass; eps = 0 so var = invstd**-2 exactly as computed (var 0 -> invstd inf -> 0)
+        mean, invstd = torch.batch_norm_stats(y, 0.0)
+        return mean.to(acc), invstd.to(acc).pow(-2)
+    var, mean = torch.var_mean(y if y.dtype == acc else y.to(acc), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
+                   dilation=(1, 1), groups: int = 1):
+    y = _conv(x, weight, stride, padding, dilation, groups)
+    if compute_stats:
+        mean, var = batch_mean_var(y)
+        return y, (mean.contiguous(), var.contiguous())
+    if scale is not None or bias is not None or residual is not None or relu:
+        from ..ops.bn_add_relu import apply_in_place
+        apply_in_place(y, scale, bias, residual, relu)
+    return y, None
