@@ -13,10 +13,11 @@ from ._info import format_info, info  # noqa: E402
 from .ops import add_relu, bn_add_relu, conv2d_epilogue, conv2d_stats  # noqa: E402
 from . import models  # noqa: E402  (drop-in ResNets; needs functional)
 from .models import fuse, unfuse  # noqa: E402
+from .tune import explain  # noqa: E402
 
 __all__ = [
     "__version__", "functional", "nn", "ops", "info", "format_info", "set_backend", "get_backend", "use_backend",
     "backend_status", "BackendUnavailableError", "BACKENDS", "add_relu", "bn_add_relu", "conv2d_epilogue",
     "conv2d_stats", "poison_outputs",
-    "models", "fuse", "unfuse",
+    "models", "fuse", "unfuse", "explain",
 ]

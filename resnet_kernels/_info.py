@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, _backend, _ext
+from . import __version__, _backend, _ext, _registry, _tune
 
 
 def _version(dist: str) -> str | None:
@@ -33,13 +33,10 @@ def info() -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else []
     backends = {}
-    for name in _backend.BACKENDS:
-        if name == "torch":
-            backends[name] = {"usable": True, "reason": "plain PyTorch, any device"}
-            continue
-        ok, why = _backend.backend_status(name)
-        backends[name] = {"usable": ok, "reason": why or "ready"}
-    if _backend.triton_interpreting() and backends["triton"]["usable"]:
+    for b in _registry.backends():
+        ok, why = _backend.backend_status(b.name)
+        backends[b.name] = {"usable": ok, "reason": why or "ready", "description": b.description}
+    if _backend.triton_interpreting() and backends.get("triton", {}).get("usable"):
         backends["triton"]["reason"] = "TRITON_INTERPRET=1: Triton interpreter on the CPU"
     return {
         "resnet_kernels": __version__,
@@ -52,8 +49,14 @@ def info() -> dict[str, Any]:
         "gpus": gpus,
         "default_backend": _backend.get_backend(),
         "backends": backends,
+        "auto": {
+            "cuda": "measured and verified per layer shape on the GPU, cached (resnet-kernels tune)",
+            "cpu": "aten (PyTorch's own kernels)",
+            "tune": "off (RESNET_KERNELS_TUNE=0)" if _tune._env_off() else "on",
+        },
+        "tuning_cache": _tune.cache_summary(),
         "torch_only": {
-            "conv2d": "groups != 1, dilation != 1 and float64 run on the torch backend under 'auto' "
+            "conv2d": "groups != 1, dilation != 1 and float64 run on the aten and torch implementations "
                       "(other padding modes pad the input first, then use the kernels)",
         },
     }
@@ -82,11 +85,15 @@ def format_info(d: dict[str, Any] | None = None) -> str:
     else:
         lines.append(f"_C extension   NOT available: {ext['error']}")
     lines.append(f"GPU            {', '.join(d['gpus']) if d['gpu_visible'] else 'none visible'}")
-    lines.append(f"default        backend={d['default_backend']!r} (auto: cuda, then triton, for CUDA tensors; "
-                 "torch for CPU tensors)")
+    a = d["auto"]
+    lines.append(f"default        backend={d['default_backend']!r} (auto: CUDA tensors {a['cuda']}; CPU tensors "
+                 f"{a['cpu']}; tuning {a['tune']})")
     for name, st in d["backends"].items():
         mark = "yes" if st["usable"] else "no "
         lines.append(f"  {name:<7} {mark}  {st['reason']}")
+    c = d["tuning_cache"]
+    state = (f"{c['entries']} entries for {c['machines']} machine(s)" if c["exists"] else "not written yet")
+    lines.append(f"tuning cache   {c['path']} ({state}{'; ' + c['error'] if c['error'] else ''})")
     for op, note in d["torch_only"].items():
         lines.append(f"note           {op}: {note}")
     return "\n".join(lines)

@@ -51,6 +51,8 @@ class Backend:
     fallback_auto: bool = False
     # test-only backends: not offered to users (CLI choices, info, bench), still resolvable by name
     hidden: bool = False
+    # part of `resnet-kernels bench`'s default set (the slow reference is not)
+    benchmark: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class _ModuleAttr:
 _backends: Dict[str, Backend] = {}
 _impls: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
 _launchers: Dict[str, Callable[..., Any]] = {}
+_sorted: Dict[Tuple[str, bool], List[Impl]] = {}  # implementations(op, include_hidden), rebuilt on change
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _backends:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _backends[backend.name] = backend
+    _sorted.clear()
     return backend
 
 
@@ -120,6 +124,7 @@ def register(impl: Impl) -> Impl:
     if impl.backend in _impls[impl.op]:
         raise ValueError(f"{impl.op} already has a {impl.backend!r} implementation")
     _impls[impl.op][impl.backend] = impl
+    _sorted.clear()
     return impl
 
 
@@ -141,6 +146,7 @@ def registered(backend: Optional[Backend] = None, impls: Sequence[Impl] = ()) ->
             _impls[impl.op].pop(impl.backend, None)
         if added_backend:
             _backends.pop(backend.name, None)
+        _sorted.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,17 +174,29 @@ def get_backend_decl(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose from {('auto',) + backend_names()}") from None
 
 
+def auto_device_types(name: str) -> Tuple[str, ...]:
+    """The device types 'auto' may choose any implementation of backend ``name`` on."""
+    _ensure_declared()
+    return tuple(sorted({d for impls in _impls.values() for i in impls.values() if i.backend == name
+                         for d in i.auto_on}))
+
+
 def choices() -> Tuple[str, ...]:
     """What a ``backend`` argument accepts."""
     return ("auto",) + backend_names(include_hidden=True)
 
 
 def implementations(op: str, include_hidden: bool = False) -> List[Impl]:
-    _ensure_declared()
-    if op not in _impls:
-        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
-    return sorted((i for i in _impls[op].values() if include_hidden or not _backends[i.backend].hidden),
-                  key=lambda i: (i.priority, i.backend))
+    """The op's implementations in the static order of 'auto' (a shared list: do not modify)."""
+    got = _sorted.get((op, include_hidden))
+    if got is None:
+        _ensure_declared()
+        if op not in _impls:
+            raise ValueError(f"unknown op {op!r}; ops: {OPS}")
+        got = _sorted[(op, include_hidden)] = sorted(
+            (i for i in _impls[op].values() if include_hidden or not _backends[i.backend].hidden),
+            key=lambda i: (i.priority, i.backend))
+    return got
 
 
 def get_impl(op: str, backend: str) -> Optional[Impl]:
@@ -197,9 +215,10 @@ def candidates(op: str, call: Any, device: torch.device) -> Tuple[List[Impl], Di
     why: Dict[str, str] = {}
     det = deterministic_required()
     for impl in implementations(op, include_hidden=False):
-        reason = _backends[impl.backend].available(device)
-        if reason is None and device.type not in impl.auto_on:
+        if device.type not in impl.auto_on:
             reason = f"'auto' does not choose it for {device.type} tensors"
+        else:
+            reason = _backends[impl.backend].available(device)
         if reason is None:
             reason = impl.why_not(call)
         if reason is None and det and not impl.deterministic:

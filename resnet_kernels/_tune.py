@@ -72,6 +72,8 @@ _noticed = False
 _timer_override: Optional[Callable[[Callable[[], Any], torch.device], float]] = None
 _tunable_devices = {"cuda"}
 _recorder: contextvars.ContextVar[Optional[List[Decision]]] = contextvars.ContextVar("rk_recorder", default=None)
+# the module path the recorded calls are attributed to (explain's forward hooks push and pop it)
+_where: contextvars.ContextVar[Optional[List[str]]] = contextvars.ContextVar("rk_where", default=None)
 
 
 def _warn_once(token: str, msg: str, category=TuningWarning) -> None:
@@ -393,11 +395,11 @@ def choose(op: str, call: Any, device: torch.device) -> Tuple[Impl, Any, Decisio
     if not cands:
         detail = "; ".join(f"{k}: {v}" for k, v in why.items())
         raise BackendUnavailableError(f"{op}: no implementation can run this call on {device.type} tensors ({detail})")
-    key = f"{op}|{call.key()}|det={int(_registry.deterministic_required())}"
     if len(cands) == 1:
-        return cands[0], None, Decision(op, cands[0].backend, "only candidate", key)
+        return cands[0], None, Decision(op, cands[0].backend, "only candidate")
     if device.type not in _tunable_devices:
-        return cands[0], None, Decision(op, cands[0].backend, "static", key)
+        return cands[0], None, Decision(op, cands[0].backend, "static")
+    key = f"{op}|{call.key()}|det={int(_registry.deterministic_required())}"
     by_name = {c.backend: c for c in cands}
     fp = fingerprint(device)
     name = _memory.get(fp, {}).get(key)
@@ -470,6 +472,8 @@ def dispatch(op: str, requested: str, call: Any) -> Any:
     rec = _recorder.get()
     if rec is not None:
         decision.detail.setdefault("call", call.describe())
+        where = _where.get()
+        decision.detail.setdefault("module", where[-1] if where else "")
         rec.append(decision)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s -> %s (%s) for %s", op, decision.impl, decision.how, call.describe())

@@ -12,10 +12,11 @@ eager    the unfused model (torchvision's ResNet if torchvision is installed, el
          ``resnet_kernels.models.resnetXX`` with fusion switched off): cuDNN convolutions and
          separate BatchNorm / add / ReLU kernels.
 compile  ``torch.compile`` of that eager model (default mode).
-torch    ``resnet_kernels.models.resnetXX(backend="torch")``: the fused op layer running its
-         plain-PyTorch reference launchers (the CPU path).
-cuda     ``resnet_kernels.models.resnetXX(backend="cuda")``: the hand-written CUDA kernels.
-triton   ``resnet_kernels.models.resnetXX(backend="triton")``: the Triton kernels.
+auto     ``resnet_kernels.models.resnetXX()``: the fused model with the measured choice per layer
+         (``resnet_kernels/_tune.py``; the first step tunes, or uses the cache that
+         ``resnet-kernels tune`` wrote); the report lists the implementations it chose (``mix``).
+<name>   every backend of the registry (``resnet_kernels/backends/__init__.py``), e.g. ``cuda``,
+         ``triton``, ``aten``, ``torch``: the fused model with that backend forced for every op.
 
 Modes: ``infer`` times ``model(images)`` in ``eval()`` under ``torch.no_grad()``; ``train``
 times a full step: ``zero_grad``, forward, cross-entropy loss (in float32), backward and an
@@ -23,8 +24,9 @@ SGD (momentum 0.9) ``step``, in ``train()`` mode (batch statistics, running-stat
 The model's parameters and activations are all in ``--dtype`` (no autocast).
 
 Defaults: on a GPU batch 256, 224x224, bf16, 50 timed steps after 10 warm-up steps, backends
-eager,compile,cuda,triton. Without a GPU: a small CPU comparison (batch 2, 64x64, fp32, 5 steps
-after 1) of eager and torch; cuda and triton are listed as unavailable with the reason.
+eager, compile, auto and the registry's benchmark backends. Without a GPU: a small CPU comparison
+(batch 2, 64x64, fp32, 5 steps after 1) of eager, auto and the same backends (those that do not run
+on CPU tensors outside an interpreter are listed as unavailable with the reason).
 ``first_iter_ms`` is the wall-clock time of the first warm-up step (torch.compile, Triton JIT
 compilation and autotuning happen there); ``peak_mem_bytes`` is torch's peak allocated memory
 during the warm-up (after the first step) and timed steps, parameters and optimizer state included.
@@ -36,6 +38,7 @@ JSON schema (``--json``), ``"schema": "resnet-kernels-bench/1"``::
                 num_classes, device},
      "timer": "cuda_events" | "wall_clock_cpu", "eager_model": str, "notes": [str],
      "results": [{"backend", "status": "ok" | "unavailable" | "error", "reason": str | null,
+                  "mix" (auto only): {op: {implementation: calls per step}},
                   # status "ok" only:
                   "median_ms", "mean_ms", "min_ms", "max_ms", "iqr_ms", "iters", "warmup",
                   "images_per_s", "peak_mem_bytes" (null on CPU), "first_iter_ms",
@@ -56,19 +59,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _timing
+from . import _registry, _timing, _tune
 
 SCHEMA = "resnet-kernels-bench/1"
 ARCHS = ("resnet18", "resnet34", "resnet50")
-BACKENDS = ("eager", "compile", "torch", "cuda", "triton")
+BASELINES = ("eager", "compile")
+# the backends come from the registry: never listed by hand here
+BACKENDS = BASELINES + ("auto",) + _registry.backend_names()
+_BENCH_DEFAULT = tuple(b.name for b in _registry.backends() if b.benchmark)
 MODES = ("train", "infer")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 GPU_DEFAULTS = dict(batch=256, image_size=224, dtype="bf16", iters=50, warmup=10,
-                    backends=("eager", "compile", "cuda", "triton"))
-# on a CPU only eager and torch can run; cuda and triton are listed with the reason
+                    backends=BASELINES + ("auto",) + _BENCH_DEFAULT)
+# on a CPU torch.compile is skipped by default (minutes of compilation for a tiny comparison); the
+# backends that cannot run on CPU tensors are listed with the reason
 CPU_DEFAULTS = dict(batch=2, image_size=64, dtype="fp32", iters=5, warmup=1,
-                    backends=("eager", "torch", "cuda", "triton"))
+                    backends=("eager", "auto") + _BENCH_DEFAULT)
 CPU_NOTE = ("no CUDA GPU is visible: this is a small CPU comparison with host wall-clock times of the "
             "PyTorch paths; kernel timings need an NVIDIA GPU")
 
@@ -165,7 +172,7 @@ def eager_model(arch: str, num_classes: int) -> Tuple[nn.Module, str]:
 
 
 def ours_model(arch: str, num_classes: int, backend: str) -> nn.Module:
-    """The fused model running on ``backend`` ('torch', 'cuda' or 'triton')."""
+    """The fused model running on ``backend`` ('auto' or a registry backend)."""
     return _ours_constructor(arch)(num_classes=num_classes, backend=backend)
 
 
@@ -181,16 +188,14 @@ def backend_availability(backend: str, device: torch.device) -> Tuple[bool, str]
         _ours_constructor("resnet18")
     except BenchError as exc:
         return False, str(exc)
-    if backend == "torch":
+    if backend == "auto":
         return True, ""
-    if device.type != "cuda":
-        if backend == "cuda":
-            return False, "kernel timings need an NVIDIA GPU: the cuda backend runs on CUDA tensors only"
-        return False, ("kernel timings need an NVIDIA GPU: on a CPU Triton kernels only run in the "
-                       "interpreter (TRITON_INTERPRET=1), whose timings mean nothing")
     from ._backend import backend_status
 
     ok, why = backend_status(backend, device)
+    if ok and device.type not in _registry.auto_device_types(backend):
+        return False, (f"kernel timings need an NVIDIA GPU: the {backend} backend runs on {device.type} tensors only "
+                       f"in an emulator (e.g. the Triton interpreter), whose timings mean nothing")
     return ok, why
 
 
@@ -307,11 +312,16 @@ def _run_backend(cfg: BenchConfig, backend: str, state: Dict[str, torch.Tensor],
                  progress: Optional[TextIO]) -> Dict[str, Any]:
     step = build_step(cfg, backend, state, device)
     bar = Progress(progress, f"{cfg.model} {cfg.mode} {backend}", cfg.warmup + cfg.iters)
+    mix: Dict[str, Dict[str, int]] = {}
     try:
         _sync(device)
         t0 = time.perf_counter()
-        step(*inputs[0])  # first call: torch.compile / Triton JIT / autotuning happen here
+        with _tune.recording() as decisions:
+            step(*inputs[0])  # first call: torch.compile / Triton JIT / autotuning happen here
         _sync(device)
+        for d in decisions:
+            mix.setdefault(d.op, {}).setdefault(d.impl, 0)
+            mix[d.op][d.impl] += 1
         first_ms = (time.perf_counter() - t0) * 1e3
         bar(1, cfg.warmup + cfg.iters)
         if device.type == "cuda":
@@ -323,6 +333,8 @@ def _run_backend(cfg: BenchConfig, backend: str, state: Dict[str, torch.Tensor],
         bar.close("failed")
         raise
     res = {"backend": backend, "status": "ok", "reason": None}
+    if backend == "auto":
+        res["mix"] = mix
     res.update(m.to_dict())
     # the first warm-up step ran (and was timed on the wall clock) before measure()
     res.update(warmup=cfg.warmup, images_per_s=m.per_second(cfg.batch), peak_mem_bytes=peak, first_iter_ms=first_ms)
@@ -399,6 +411,10 @@ def format_table(result: Dict[str, Any]) -> str:
                          f"{_fmt_mem(r['peak_mem_bytes']):>11}{sp:>10}")
         else:
             lines.append(f"{r['backend']:<9}{r['status']}: {r['reason']}")
+    for r in result["results"]:
+        for op, used in sorted((r.get("mix") or {}).items()):
+            parts = ", ".join(f"{impl} x{n}" for impl, n in sorted(used.items(), key=lambda kv: -kv[1]))
+            lines.append(f"{r['backend']} chose, per step: {op}: {parts}")
     for n in result["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -49,7 +49,6 @@ TOL: Dict[torch.dtype, Dict[str, float]] = {
 EAGER_FACTOR = 3.0
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-KERNEL_BACKENDS = ("torch", "triton", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,12 +408,14 @@ def available_backends(device: torch.device, requested: Optional[Sequence[str]] 
                        ) -> Tuple[List[str], Dict[str, str]]:
     """(backends to check, {backend: why it is unavailable})."""
     from ._backend import backend_status
+    from ._registry import backend_names
 
-    names = list(requested) if requested else list(KERNEL_BACKENDS)
+    known = backend_names()  # the registry's backends, in its order
+    names = list(requested) if requested else list(known)
     run, skip = [], {}
     for n in names:
-        if n not in KERNEL_BACKENDS:
-            raise ValueError(f"unknown backend {n!r}; choose from {KERNEL_BACKENDS}")
+        if n not in known:
+            raise ValueError(f"unknown backend {n!r}; choose from {known}")
         ok, why = backend_status(n, device)
         if ok:
             run.append(n)

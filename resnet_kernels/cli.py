@@ -52,6 +52,34 @@ def _cmd_bench(args) -> int:
     return 1 if bench.failed(res) else 0
 
 
+def _cmd_tune(args) -> int:
+    import torch
+
+    from . import _tune, models
+    from .bench import DTYPES
+    from .tune import tune_model
+
+    if not torch.cuda.is_available():
+        print("resnet-kernels tune: needs a CUDA GPU: 'auto' measures implementations only on CUDA tensors. On CPU "
+              "tensors it uses aten (PyTorch's own kernels); there is nothing to tune here.", file=sys.stderr)
+        return 1
+    if args.batch < 1 or args.image_size < 32 or (args.mode == "train" and args.batch < 2):
+        print("resnet-kernels tune: error: --batch must be >= 1 (>= 2 for --mode train) and --image-size >= 32",
+              file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    mf = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    model = getattr(models, args.model)(num_classes=args.num_classes).cuda().to(dtype=dtype, memory_format=mf)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device="cuda", dtype=dtype)
+    images = images.contiguous(memory_format=mf)
+    print(f"tuning {args.model} {args.mode} batch {args.batch} {args.image_size}x{args.image_size} {args.dtype} "
+          f"{args.layout} on {torch.cuda.get_device_name()} (cache: {_tune.cache_path()})", file=sys.stderr)
+    exp = tune_model(model, images, args.mode, progress=None if args.quiet else sys.stderr)
+    print(exp.table(times=True))
+    print(f"choices cached in {_tune.cache_path()}")
+    return 0
+
+
 def _cmd_check(args) -> int:
     from .check import main_check
 
@@ -90,13 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--quiet", action="store_true", help="no progress output")
     pb.set_defaults(func=_cmd_bench)
 
+    pt = sub.add_parser(
+        "tune", help="measure and verify every implementation for each layer of a model; cache the choices",
+        description="Runs one step of the model on the GPU with backend 'auto' so that every fused layer shape is "
+                    "measured (CUDA events) and verified against the reference; prints a per-layer table (each "
+                    "implementation's time or failure, the choice, speed-up over aten/cuDNN) and writes the cache "
+                    "that later runs (and every rank of a distributed job) reuse. Needs a CUDA GPU.")
+    pt.add_argument("--model", choices=ARCHS, default="resnet50")
+    pt.add_argument("--mode", choices=MODES, default="train", help="train: forward and backward ops; infer: eval forward")
+    pt.add_argument("--batch", type=int, default=256)
+    pt.add_argument("--image-size", type=int, default=224)
+    pt.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    pt.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    pt.add_argument("--num-classes", type=int, default=1000)
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=_cmd_tune)
+
     pc = sub.add_parser(
         "check", help="parity self-test of every available backend against the PyTorch reference",
         description="Runs add_relu, bn_add_relu, conv_bn_act, conv_bn_add_act (and a small resnet18 when the "
                     "models package is installed) forward and backward on every backend usable here, compares "
                     "with float64 PyTorch layers, prints a pass/fail table; exit status 1 on any failure. "
                     "Unavailable backends are listed with the reason (not a failure).")
-    pc.add_argument("--backends", help="comma-separated subset of torch,triton,cuda (default: all)")
+    from ._registry import backend_names
+
+    pc.add_argument("--backends", help=f"comma-separated subset of {','.join(backend_names())} (default: all)")
     pc.add_argument("--dtypes", help="comma-separated subset of fp32,fp16,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
     pc.add_argument("--cases", help="comma-separated case names (default: all)")
     g = pc.add_mutually_exclusive_group()

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from .._backend import triton_import_error, triton_interpreting
 from .._registry import Backend, Impl, register, register_backend
 
 _P = "resnet_kernels.backends."
@@ -39,8 +40,6 @@ def _cuda_available(device: Optional[torch.device]) -> Optional[str]:
 
 
 def _triton_available(device: Optional[torch.device]) -> Optional[str]:
-    from .._backend import triton_import_error, triton_interpreting
-
     err = triton_import_error()
     if err:
         return err
@@ -61,7 +60,7 @@ register_backend(Backend(
             "reduction ops; the floor 'auto' falls back to, and what it uses on CPU tensors", _anywhere))
 register_backend(Backend(
     "torch", "the plain-PyTorch reference decomposition in the accumulation dtype (float64 capable): the "
-             "test oracle", _anywhere))
+             "test oracle", _anywhere, benchmark=False))
 
 
 # --------------------------------------------------------------------------------------------
