@@ -105,6 +105,10 @@ else
 fi
 run_stage info 30 "cd \"\$WORK\" && \"\$PY\" -m resnet_kernels info && \"\$PY\" -m resnet_kernels info --json >\"\$RES/info.json\""
 run_stage check 90 "cd \"\$WORK\" && $RK check --no-model --json \"\$RES/check.json\""
+# the measured 'auto': every ResNet-50 layer shape timed and verified, the per-layer table kept
+# (RESNET_KERNELS_CACHE_DIR keeps the cache inside this run's results)
+export RESNET_KERNELS_CACHE_DIR="$RES/tune_cache"
+run_stage tune 120 "cd \"\$WORK\" && $RK tune --model resnet50 --mode train --batch ${RK_GPU_CHECK_MODEL_BATCH:-64} --quiet >\"\$RES/tune.txt\""
 # The test suite. Left out here (CI runs them, and they do not change with a GPU): the AOT/SASS
 # compiles and host-code emulations on the CPU and the CPU-only model/DDP tests. The rest runs on
 # pytest-xdist workers where the image has it: the Triton JIT compiles a few hundred kernel
@@ -136,11 +140,13 @@ for model in resnet18 resnet50; do
   for mode in infer train; do
     # torch.compile of a whole model takes tens of seconds to minutes: by default only
     # resnet18 inference gets a compile baseline here (the model suite times all of them)
-    backends=eager,cuda,triton
-    cap=35
+    # auto (the measured choice) and every backend the registry benchmarks
+    ours=$("$PY" -c 'from resnet_kernels import _registry; print(",".join(b.name for b in _registry.backends() if b.benchmark))')
+    backends=eager,auto,$ours
+    cap=45
     if [[ "$model-$mode" == resnet18-infer || "${RK_GPU_CHECK_COMPILE_ALL:-0}" == 1 ]]; then
-      backends=eager,compile,cuda,triton
-      cap=75
+      backends=eager,compile,auto,$ours
+      cap=85
     fi
     run_stage "model-$model-$mode" $cap "cd \"\$WORK\" && $RK bench --model $model --mode $mode --batch $MB --iters 10 --warmup 3 --backends $backends --quiet --json \"\$RES/model_${model}_${mode}.json\""
   done
@@ -163,7 +169,7 @@ if ((${#models[@]})); then  # one file for the model runs (the $OUT file limit)
 fi
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/gpu_check"
-  for f in info.json check.json bench_ops.json bench_conv.json bench_models.json summary.json stages.tsv; do  # + the log: 8
+  for f in info.json check.json tune.txt bench_ops.json bench_conv.json bench_models.json summary.json stages.tsv; do  # + the log: 9
     [[ -f "$RES/$f" ]] && cp "$RES/$f" "$OUT/gpu_check/$f"
   done
   tail -c 2000000 "$LOG" >"$OUT/gpu_check/gpu_check.log"
@@ -172,6 +178,7 @@ fi
 failed=$(awk -F'\t' '$2 != "ok" && $2 != "skipped"' "$STAGES" | wc -l)
 echo
 echo "=================================== resnet-kernels GPU check summary ==================================="
+[[ -f "$RES/tune.txt" ]] && { echo "-- resnet-kernels tune (ResNet-50 train): the measured choice per layer"; cat "$RES/tune.txt"; echo; }
 cat "$SUMMARY"
 ((summary_rc == 0)) || echo "(the summary generator failed: rc $summary_rc)"
 echo "total $(($(date +%s) - T0))s; results in $RES${OUT:+ and $OUT/gpu_check}"

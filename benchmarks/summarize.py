@@ -21,8 +21,13 @@ import sys
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-OURS = ("cuda", "triton")
 BASELINES = ("eager", "compile", "cudnn")
+try:  # ours: 'auto' and the registry's benchmark backends (never listed by hand)
+    from resnet_kernels import _registry
+
+    OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark)
+except ImportError:  # summarising results on a machine without the package
+    OURS = ("auto", "cuda", "triton", "aten")
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_kernels as rk
+from resnet_kernels import _registry
 import shapes
 import timing
 
@@ -38,13 +39,15 @@ SHAPES = shapes.residual_shapes(256)
 if timing.FAST:
     SHAPES = SHAPES[:1]
 VARIANTS = ("add_relu", "bn_add_relu", "bn_add_relu_proj")
-IMPLS = ("cuda", "triton", "eager", "compile")
+BASELINES = ("eager", "compile")
+# 'auto' (the measured choice) and every backend of the registry that benchmarks, then the baselines
+IMPLS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark) + BASELINES
 FWD_T = {"add_relu": 3, "bn_add_relu": 3, "bn_add_relu_proj": 3}
 BWD_T = {"add_relu": 3, "bn_add_relu": 5, "bn_add_relu_proj": 6}
 
 
 def _available(impl):
-    if impl in ("eager", "compile"):
+    if impl in BASELINES or impl == "auto":
         return
     ok, why = rk.backend_status(impl, "cuda")
     if not ok:
@@ -72,7 +75,7 @@ def _make_set(variant, shape, grad):
 
 
 def _forward_fn(variant, impl, C):
-    if impl in ("cuda", "triton"):
+    if impl not in BASELINES:
         if variant == "add_relu":
             return lambda x, i, s, b, si, bi: rk.add_relu(x, i, backend=impl)
         return lambda x, i, s, b, si, bi: rk.bn_add_relu(x, s, b, i, si, bi, backend=impl)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_kernels as rk
+from resnet_kernels import _registry
 import shapes
 import timing
 
@@ -39,8 +40,13 @@ if timing.FAST:
 IDS = [c.id for c in CONVS]
 
 
+BASELINES = ("eager", "compile", "cudnn")
+# 'auto' (the measured choice) and every backend of the registry that benchmarks
+OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark)
+
+
 def _available(impl):
-    if impl in ("eager", "compile", "cudnn"):
+    if impl in BASELINES or impl == "auto":
         return
     ok, why = rk.backend_status(impl, "cuda")
     if not ok:
@@ -74,14 +80,14 @@ def _in_bytes(c, n):
     return n * c.cin * c.h * c.h * DTYPE.itemsize
 
 
-@pytest.mark.parametrize("impl", ("cuda", "triton", "eager", "compile"))
+@pytest.mark.parametrize("impl", OURS + ("eager", "compile"))
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_infer_conv_bn_relu(benchmark, c, n, impl):
     _available(impl)
     benchmark.group = f"infer {c.id} N{n}"
     conv, bn = _modules(c, train=False)
-    if impl in ("cuda", "triton"):
+    if impl in OURS:
         def f(x):
             return rk.functional.conv_bn_act(x, conv, bn, relu=True, backend=impl)
     else:
@@ -98,7 +104,11 @@ def test_infer_conv_bn_relu(benchmark, c, n, impl):
     timing.run(benchmark, fn, inputs, info=_info(c, n, "infer", impl), flops=c.flops(n))
 
 
-@pytest.mark.parametrize("impl", ("cuda", "triton", "cudnn"))
+# the convolution launchers alone (an implementation that allocates its own output is the aten
+# convolution itself: that is the 'cudnn' row)
+@pytest.mark.parametrize("impl", tuple(i.backend for i in _registry.implementations("conv2d_epilogue")
+                                       if _registry.get_backend_decl(i.backend).benchmark and not i.returns_output)
+                         + ("cudnn",))
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_conv_alone(benchmark, c, n, impl):
@@ -111,14 +121,12 @@ def test_conv_alone(benchmark, c, n, impl):
         def fn(x, out):
             F.conv2d(x, w, None, st, pd)
     else:
-        from resnet_kernels.backends import get_impl
+        from resnet_kernels._numerics import cudnn_conv_tf32_enabled
 
-        launcher = getattr(get_impl(impl), "conv2d_forward", None)
-        if launcher is None:
-            pytest.skip(f"backend {impl} has no conv2d_forward launcher")
+        launcher = _registry.get_impl("conv2d_epilogue", impl).load()
 
         def fn(x, out):
-            launcher(x, w, None, None, None, out, st, pd, False, False, torch.backends.cudnn.allow_tf32)
+            launcher(x, w, None, None, None, out, st, pd, False, False, cudnn_conv_tf32_enabled())
 
     def make():
         return _x(c, n), torch.empty(n, c.cout, c.oh, c.oh, device="cuda", dtype=DTYPE).contiguous(memory_format=CL)
@@ -127,7 +135,7 @@ def test_conv_alone(benchmark, c, n, impl):
     timing.run(benchmark, fn, inputs, info=_info(c, n, "conv", impl), flops=c.flops(n))
 
 
-@pytest.mark.parametrize("impl", ("cuda", "triton", "eager"))
+@pytest.mark.parametrize("impl", OURS + ("eager",))
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_train_conv_bn_relu(benchmark, c, n, impl):
@@ -136,7 +144,7 @@ def test_train_conv_bn_relu(benchmark, c, n, impl):
     conv, bn = _modules(c, train=True)
     need_dx = c.cin != 3  # the stem's input (the images) needs no gradient
     params = [conv.weight, bn.weight, bn.bias]
-    if impl in ("cuda", "triton"):
+    if impl in OURS:
         def f(x):
             return rk.functional.conv_bn_act(x, conv, bn, relu=True, backend=impl)
     else:

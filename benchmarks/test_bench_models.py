@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from resnet_kernels import bench
+from resnet_kernels import _registry, bench
 import timing
 
 pytestmark = timing.requires_gpu
@@ -19,7 +19,8 @@ pytestmark = timing.requires_gpu
 BATCH = int(os.environ.get("RK_BENCH_MODEL_BATCH", "64" if timing.FAST else "256"))
 
 
-@pytest.mark.parametrize("impl", ("cuda", "triton", "eager", "compile"))
+@pytest.mark.parametrize("impl", ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark)
+                         + bench.BASELINES)
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("model", ("resnet18", "resnet50"))
 def test_model(benchmark, model, mode, impl):

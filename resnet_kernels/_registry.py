@@ -230,6 +230,25 @@ def candidates(op: str, call: Any, device: torch.device) -> Tuple[List[Impl], Di
     return ok, why
 
 
+def first_candidate(op: str, call: Any, device: torch.device) -> Optional[Impl]:
+    """The first implementation 'auto' may choose for this call here, in static order (the hot
+    path of devices 'auto' does not measure on; ``candidates`` says why the others are out)."""
+    det = None
+    dtype = device.type
+    for impl in implementations(op, include_hidden=False):
+        if dtype not in impl.auto_on or _backends[impl.backend].available(device) is not None:
+            continue
+        if impl.supports is not None and impl.supports(call) is not None:
+            continue
+        if not impl.deterministic:
+            if det is None:
+                det = deterministic_required()
+            if det:
+                continue
+        return impl
+    return None
+
+
 def resolve_explicit(op: str, name: str, call: Any, device: torch.device) -> Optional[Impl]:
     """The implementation an explicit ``backend=name`` selects, or None when that backend leaves
     this op to 'auto'. Raises BackendUnavailableError saying why it cannot run."""

@@ -391,6 +391,10 @@ def _dist_sync():
 
 def choose(op: str, call: Any, device: torch.device) -> Tuple[Impl, Any, Decision]:
     """(implementation, its outputs if they were computed while measuring else None, decision)."""
+    if device.type not in _tunable_devices:  # the hot path on CPU tensors: the static order
+        impl = _registry.first_candidate(op, call, device)
+        if impl is not None:
+            return impl, None, Decision(op, impl.backend, "static")
     cands, why = _registry.candidates(op, call, device)
     if not cands:
         detail = "; ".join(f"{k}: {v}" for k, v in why.items())
@@ -449,6 +453,29 @@ def results() -> Dict[str, Dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # the op layer's entry point
 # --------------------------------------------------------------------------------------------
+UNIT = "conv_bn_unit"
+
+
+def plain_layers(x: Any, requested: str) -> bool:
+    """Whether a fused unit (conv -> BN [-> add] [-> ReLU], ``resnet_kernels.functional``) runs as
+    the user's own PyTorch layers: 'auto' on tensors of a device that 'auto' does not measure on
+    (CPU, meta). There no kernel of ours runs natively, and 'aten' is what 'auto' picks per op;
+    for a whole unit that is exactly the plain layers, as fast as plain PyTorch, with its numbers.
+    Not while torch.compile traces (the graph keeps the fused ops) nor for tensor subclasses
+    (fake tensors) or an explicit backend (the reference 'torch' stays the oracle)."""
+    if requested != "auto" or type(x) is not torch.Tensor or x.device.type in _tunable_devices:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    rec = _recorder.get()
+    if rec is not None:
+        where = _where.get()
+        rec.append(Decision(UNIT, "aten", f"static ({x.device.type}: the unit's own PyTorch layers)", "",
+                            {"call": f"x {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}",
+                             "module": where[-1] if where else ""}))
+    return True
+
+
 def check_requested(op: str, requested: str, call: Any) -> None:
     """Raise if an explicit backend cannot run this call (for calls that then run nothing, e.g. an
     empty batch)."""

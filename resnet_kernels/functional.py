@@ -24,6 +24,11 @@ How each mode runs (see docs/CONV.md):
   unchanged) and is added back in the shift, so the running mean sees it exactly as nn.BatchNorm2d
   does while the normalized output, mathematically independent of it, is unchanged.
 
+With ``backend='auto'`` on CPU (and meta) tensors a unit runs the user's own layers (``bn(conv(x))``,
+the add, the ReLU): no kernel of ours runs natively there, and PyTorch's own kernels are what
+'auto' picks per op anyway (``resnet_kernels/_tune.py``: ``plain_layers``); an explicit backend
+runs the fused ops.
+
 Every ``nn.Conv2d`` configuration works: ``padding_mode`` other than 'zeros' and ``padding='same'``
 with an odd total padding pad the input explicitly first (exactly what nn.Conv2d itself does);
 groups != 1, dilation != 1 and float64 run on the torch backend under ``auto``.
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _backend, _tune
 from ._checks import in_layout_of, layout_of
 from .nn._bn import bn_scale_shift, uses_batch_stats
 from .ops.bn_add_relu import bn_add_relu
@@ -144,11 +150,20 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     float32) and the result has that dtype.
     """
     _check_pair("conv_bn_act", conv, bn)
+    if _tune.plain_layers(x, _backend.op_arg(backend)):  # 'auto' on CPU tensors: PyTorch's own layers
+        return _plain(bn(conv(x)), residual, relu)
     dt = _autocast_dtype(x)
     if dt is None:
         return _conv_bn_act(x, conv, bn, relu, residual, backend, None)
     with torch.autocast(x.device.type, enabled=False):
         return _conv_bn_act(_cast(x, dt), conv, bn, relu, _cast(residual, dt), backend, dt)
+
+
+def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """The tail of a torchvision block: ``out += identity; relu(out, inplace=True)``."""
+    if residual is not None:
+        y += residual  # y is the BatchNorm's fresh output, which its backward does not need
+    return torch.relu_(y) if relu else y
 
 
 def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
@@ -169,6 +184,9 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
+    if _tune.plain_layers(x, _backend.op_arg(backend)):  # 'auto' on CPU tensors: PyTorch's own layers
+        shortcut = shortcut_input if shortcut_conv is None else shortcut_bn(shortcut_conv(shortcut_input))
+        return _plain(bn(conv(x)), shortcut, relu)
     dt = _autocast_dtype(x)
     if dt is None:
         return _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, None)

@@ -31,16 +31,18 @@ def test_info_text(capsys):
     rc, out, _ = _run(capsys, "info")
     assert rc == 0
     assert "resnet_kernels" in out and "torch" in out
-    for b in ("cuda", "triton", "torch"):
+    for b in resnet_kernels.BACKENDS:
         assert f"  {b}" in out
+    assert "tuning cache" in out
 
 
 def test_info_json(capsys):
     rc, out, _ = _run(capsys, "info", "--json")
     assert rc == 0
     d = json.loads(out)
-    assert set(d["backends"]) == {"cuda", "triton", "torch"}
-    assert d["backends"]["torch"]["usable"] is True
+    assert set(d["backends"]) == set(resnet_kernels.BACKENDS)
+    assert d["backends"]["torch"]["usable"] is True and d["backends"]["aten"]["usable"] is True
+    assert d["tuning_cache"]["path"].endswith("tuning.json")
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -161,7 +163,7 @@ def _check_schema(d, backends):
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_bench_cpu_writes_json_and_plot(capsys, tmp_path, tiny_models, mode):
     path, png = tmp_path / "b.json", tmp_path / "b.png"
-    argv = BENCH_ARGS + ["--mode", mode, "--backends", "eager,torch,cuda,triton", "--json", str(path)]
+    argv = BENCH_ARGS + ["--mode", mode, "--backends", "eager,auto,torch,cuda,triton", "--json", str(path)]
     try:
         import matplotlib  # noqa: F401
         have_mpl = True
@@ -171,9 +173,12 @@ def test_bench_cpu_writes_json_and_plot(capsys, tmp_path, tiny_models, mode):
     rc, out, err = _run(capsys, *argv)
     assert rc == 0, out + err
     d = json.loads(path.read_text())
-    _check_schema(d, ["eager", "torch", "cuda", "triton"])
+    _check_schema(d, ["eager", "auto", "torch", "cuda", "triton"])
     st = {r["backend"]: r for r in d["results"]}
-    assert st["eager"]["status"] == st["torch"]["status"] == "ok"
+    assert st["eager"]["status"] == st["torch"]["status"] == st["auto"]["status"] == "ok"
+    # auto on CPU tensors: PyTorch's own kernels for every fused op, reported per step
+    assert st["auto"]["mix"] and all(set(used) == {"aten"} for used in st["auto"]["mix"].values())
+    assert "auto chose, per step:" in out
     assert st["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert st["torch"]["speedup_vs_eager"] == pytest.approx(st["eager"]["median_ms"] / st["torch"]["median_ms"])
     assert st["torch"]["peak_mem_bytes"] is None  # no GPU memory on a CPU run
@@ -239,8 +244,10 @@ def test_bench_real_resnet18_cpu(capsys, tmp_path):
                         "32", "--iters", "2", "--warmup", "1", "--num-classes", "10", "--quiet", "--json", str(path))
     assert rc == 0, out + err
     d = json.loads(path.read_text())
-    # the CPU defaults: eager and torch run; cuda and triton are listed with the reason
-    assert [(r["backend"], r["status"]) for r in d["results"]] == [
-        ("eager", "ok"), ("torch", "ok"), ("cuda", "unavailable"), ("triton", "unavailable")]
+    # the CPU defaults: eager, auto and the registry's benchmark backends; those that cannot run on
+    # CPU tensors outside an interpreter are listed with the reason
+    got = [(r["backend"], r["status"]) for r in d["results"]]
+    assert got[:2] == [("eager", "ok"), ("auto", "ok")]
+    assert dict(got)["aten"] == "ok" and dict(got)["cuda"] == dict(got)["triton"] == "unavailable"
     assert "kernel timings need an NVIDIA GPU" in out
     assert resnet_kernels.__version__ == d["env"]["resnet_kernels"]

@@ -87,7 +87,8 @@ _EVERYWHERE = ("cuda", "cpu")
 for _op, _fn in (("bn_add_relu", "bn_add_relu_forward"), ("bn_add_relu_backward", "bn_add_relu_backward")):
     register(Impl(_op, "cuda", _P + "cuda_bn_add_relu:" + _fn, priority=20))
     register(Impl(_op, "triton", _TRITON + "bn_add_relu:" + _fn, priority=30))
-    register(Impl(_op, "aten", _P + "aten_bn_add_relu:" + _fn, priority=40, auto_on=_EVERYWHERE))
+    register(Impl(_op, "aten", _P + "aten_bn_add_relu:" + _fn, priority=40, auto_on=_EVERYWHERE,
+                  returns_output=_op == "bn_add_relu"))
     register(Impl(_op, "torch", _P + "torch_bn_add_relu:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
 
 for _op in ("conv2d_epilogue", "conv2d_stats"):

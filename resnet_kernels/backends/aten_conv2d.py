@@ -48,5 +48,5 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
         return y, (mean.contiguous(), var.contiguous())
     if scale is not None or bias is not None or residual is not None or relu:
         from ..ops.bn_add_relu import apply_in_place
-        apply_in_place(y, scale, bias, residual, relu)
+        y = apply_in_place(y, scale, bias, residual, relu)
     return y, None

@@ -76,6 +76,14 @@ class ForwardCall:
         return f"x {tuple(self.x.shape)} {str(self.x.dtype).replace('torch.', '')} {self.layout}"
 
     def run(self, impl, fresh: bool = False) -> Tensor:
+        if impl.returns_output:
+            out = impl.load()(self.x, self.scale, self.shift, self.identity, self.id_scale, self.id_shift, None,
+                              self.relu, self.C, self.inner)
+            if out.stride() != self.x.stride() or out.dtype != self.x.dtype:
+                dense = _alloc.empty_like(self.x)  # the op's output has x's strides (its fake says so)
+                dense.copy_(out)
+                out = dense
+            return out
         out = self.out if (self.out is not None and not fresh) else _alloc.empty_like(self.x)
         impl.load()(self.x, self.scale, self.shift, self.identity, self.id_scale, self.id_shift, out, self.relu,
                     self.C, self.inner)
@@ -125,10 +133,11 @@ class BackwardCall:
 
 def apply_in_place(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
                    relu: bool) -> Tensor:
-    """act(y * scale[c] + shift[c] + residual) written over y (a fresh, dense activation the caller
-    owns; the per-channel vectors in the accumulation dtype), by the implementation 'auto'
-    chooses for this bn_add_relu call. Returns the result (y, or a fresh tensor while 'auto' is
-    measuring). For implementations of other ops (e.g. the aten convolution's epilogue)."""
+    """act(y * scale[c] + shift[c] + residual) by the implementation 'auto' chooses for this
+    bn_add_relu call, written over y (a fresh, dense activation the caller owns; the per-channel
+    vectors in the accumulation dtype) where that implementation writes into its output, else
+    returned fresh. Returns the result. For implementations of other ops (e.g. the aten
+    convolution's epilogue)."""
     layout = "nhwc" if (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) else "nchw"
     call = ForwardCall(y, scale, shift, residual, None, None, relu, layout, out=y)
     return _tune.dispatch(OP, "auto", call)
