@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--size", type=int, default=32, help="input resolution (default 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, choices=("auto",) + resnet_kernels.BACKENDS,
+    from resnet_kernels import BACKENDS
+
+    p.add_argument("--backend", default=None, choices=("auto",) + BACKENDS,
                    help="resnet_kernels backend (default: the one in force: auto)")
     p.add_argument("--no-fuse", action="store_true", help="plain PyTorch layers, for comparison")
     p.add_argument("--seed", type=int, default=0)
