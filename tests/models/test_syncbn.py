@@ -1,0 +1,187 @@
+"""Fused nn.SyncBatchNorm (resnet_kernels/nn/_sync.py).
+
+Multi-process (gloo, 3 CPU processes on 127.0.0.1, bounded time; see sync_worker.py): a small
+ResNet (torchvision blocks: Conv(bias)+BN+ReLU stem, a downsampling block whose projection BN is
+applied in the same pass, an identity block with a momentum=None BN and an affine=False BN) is
+fused, converted with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (after ``fuse`` for DDP, before
+it for FSDP2) and trained 3 SGD+momentum steps in float64, every rank on its slice of each global
+batch (unequal slices, a rank with 0 samples in every step, on a different rank each step). The
+reference is what nn.SyncBatchNorm computes by definition (it refuses CPU tensors, so it cannot
+run here): one process running the plain model with nn.BatchNorm2d over the union of the slices.
+Per step the ranks' outputs (concatenated), every parameter gradient (after the wrapper's
+reduction) and, at the end, every parameter and buffer (running statistics with the global
+count, num_batches_tracked) and an eval forward must match it to float64 rounding.
+
+Also: one forward issues exactly one all_gather of 2C+2 numbers per SyncBatchNorm (never
+activations), one backward one all_reduce of 2C numbers per SyncBatchNorm, eval none; a step with
+no sample on any rank raises ValueError on every rank and changes no state. Single process:
+``fuse`` accepts SyncBatchNorm, and without torch.distributed (or with a world of 1) the fused
+SyncBatchNorm is plain BatchNorm, as nn.SyncBatchNorm falls back to F.batch_norm.
+
+GPU (NCCL, >= 2 GPUs): the same training under DDP against torch's own nn.SyncBatchNorm (skipped
+without 2 GPUs).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_kernels as rk
+import sync_worker as sw
+
+WORLD = 3
+TOL = dict(rtol=1e-9, atol=1e-11)  # float64: both sides differ only in summation order
+
+
+def _run_worker(tmp_path, mode, world):
+    model = sw.build_model()
+    data = sw.make_data(world)
+    data["state"] = model.state_dict()
+    inp = tmp_path / "in.pt"
+    torch.save(data, inp)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sync_worker.py")
+    proc = subprocess.run([sys.executable, worker, str(inp), str(tmp_path), mode, str(world)], capture_output=True,
+                          text=True, timeout=200, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _reference(data):
+    """Plain nn.BatchNorm2d model, one process, the union of the ranks' slices (float64)."""
+    model = sw.build_model().double()
+    model.load_state_dict(data["state"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs, grads = [], []
+    for st in data["steps"]:
+        opt.zero_grad()
+        out = model(st["x"])
+        (out * st["w"]).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        ev = model(data["x_eval"])
+    return {"outs": outs, "grads": grads, "state": state, "eval": ev}
+
+
+def _compare(tag, ranks, ref, data, tol):
+    for step, st in enumerate(data["steps"]):
+        out = torch.cat([r["outs"][step] for r in ranks])
+        torch.testing.assert_close(out, ref["outs"][step], **tol, msg=lambda m: f"{tag} step {step} output: {m}")
+        for rank, r in enumerate(ranks):
+            assert r["outs"][step].shape[0] == st["sizes"][rank]
+            assert r["grads"][step].keys() == ref["grads"][step].keys()
+            for n, g in ref["grads"][step].items():
+                torch.testing.assert_close(r["grads"][step][n], g, **tol,
+                                           msg=lambda m: f"{tag} step {step} rank {rank} grad {n}: {m}")
+    for rank, r in enumerate(ranks):
+        assert list(r["state"]) == list(ref["state"])
+        for k, v in ref["state"].items():
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(r["state"][k], v), f"{tag} rank {rank} {k}"
+            else:
+                torch.testing.assert_close(r["state"][k], v, **tol, msg=lambda m: f"{tag} rank {rank} final {k}: {m}")
+    torch.testing.assert_close(torch.cat([r["eval"] for r in ranks]), ref["eval"], **tol,
+                               msg=lambda m: f"{tag} eval output: {m}")
+
+
+def test_fused_syncbn_gloo_ddp_fsdp2_match_batchnorm_over_the_union(tmp_path):
+    data, ranks = _run_worker(tmp_path, "gloo", WORLD)
+    ref = _reference(data)
+    _compare("DDP", [r["ddp"] for r in ranks], ref, data, TOL)
+    _compare("FSDP2", [r["fsdp"] for r in ranks], ref, data, TOL)
+
+    # one all_gather of [mean, var, count_hi, count_lo] per SyncBatchNorm forward, one all_reduce
+    # of [d mean, d var] per backward, nothing in eval; no other collective
+    widths = [4, 8, 8, 8, 8, 8]  # stem, block0 bn1, bn2, downsample, block1 bn1, bn2 (forward order)
+    for rank, r in enumerate(ranks):
+        c = r["counts"]
+        assert sorted(c["forward"]) == sorted(("all_gather", 2 * w + 2) for w in widths), (rank, c)
+        assert sorted(c["backward"]) == sorted(("all_reduce", 2 * w) for w in widths), (rank, c)
+        assert c["eval"] == [], (rank, c)
+        e = r["all_empty"]
+        assert e["error"] is not None and "Expected more than 1 value per channel" in e["error"], (rank, e)
+        assert e["unchanged"], rank
+
+
+def _syncbn_models():
+    model = sw.build_model().double()
+    plain = copy.deepcopy(model)
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    report = rk.fuse(fused, backend="torch")
+    return plain, fused, report
+
+
+def _step_matches(plain, fused):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    for m in (plain, fused):
+        m.zero_grad()
+        (m(x) * torch.linspace(-1, 1, 20, dtype=torch.float64).reshape(4, 5)).sum().backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m: f"grad {n}: {m}")
+    for (n, p), (_, q) in zip(plain.state_dict().items(), fused.state_dict().items()):
+        torch.testing.assert_close(q, p, **TOL, msg=lambda m: f"{n}: {m}")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x[:1, :, :1, :1])  # per-process statistics: plain BN's check applies
+
+
+def test_fuse_accepts_syncbatchnorm_single_process_is_plain_batchnorm():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    plain, fused, report = _syncbn_models()
+    assert not report.skipped and len(report.changed) == 3, str(report)
+    assert type(fused.layer[0]).__module__ == "resnet_kernels.models.resnet"
+    _step_matches(plain, fused)
+
+
+def test_world_of_one_is_plain_batchnorm():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plain, fused, _ = _syncbn_models()
+        _step_matches(plain, fused)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_convert_sync_batchnorm_on_a_fused_resnet_keeps_it_fused(monkeypatch):
+    """convert_sync_batchnorm replaces the BN children that the fused blocks hold; the blocks
+    check their norm layers on every forward, so every unit still runs fused."""
+    from rk_models_testing import count_calls
+    from resnet_kernels.models import resnet as rk_resnet
+
+    counts = count_calls(monkeypatch, rk_resnet)
+    model = rk.models.resnet18(num_classes=10, backend="torch")
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(model.layer2[0].downsample[1], nn.SyncBatchNorm)
+    model(torch.randn(2, 3, 48, 48))
+    assert counts == {"conv_bn_act": 1 + 8, "conv_bn_add_act": 8}
+
+
+def _gpus():
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs >= 2 CUDA devices (NCCL)")
+def test_fused_syncbn_nccl_ddp_matches_torch_syncbatchnorm(tmp_path):
+    world = 3 if _gpus() >= 3 else 2
+    data, ranks = _run_worker(tmp_path, "nccl", world)
+    # float32 on the GPU backends against torch's SyncBatchNorm (cuDNN convolutions)
+    tol = dict(rtol=2e-4, atol=2e-5)
+    _compare("NCCL", [r["fused"] for r in ranks], {
+        "outs": [torch.cat([r["plain"]["outs"][s] for r in ranks]) for s in range(len(data["steps"]))],
+        "grads": ranks[0]["plain"]["grads"], "state": ranks[0]["plain"]["state"],
+        "eval": torch.cat([r["plain"]["eval"] for r in ranks])}, data, tol)
