@@ -115,8 +115,8 @@ def _syncbn_models():
     model = sw.build_model().double()
     plain = copy.deepcopy(model)
     fused = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    report = rk.fuse(fused, backend="torch")
-    return plain, fused, report
+    rk.fuse(fused, backend="torch")
+    return plain, fused
 
 
 def _step_matches(plain, fused):
@@ -137,9 +137,9 @@ def test_fuse_accepts_syncbatchnorm_single_process_is_plain_batchnorm():
     import torch.distributed as dist
 
     assert not dist.is_initialized()
-    plain, fused, report = _syncbn_models()
-    assert not report.skipped and len(report.changed) == 3, str(report)
-    assert type(fused.layer[0]).__module__ == "resnet_kernels.models.resnet"
+    plain, fused = _syncbn_models()
+    assert type(fused.stem).__name__ == "FusedSequential"
+    assert all(type(b).__module__ == "resnet_kernels.models.resnet" for b in fused.layer)
     _step_matches(plain, fused)
 
 
@@ -151,24 +151,39 @@ def test_world_of_one_is_plain_batchnorm():
     assert not dist.is_initialized()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        plain, fused, _ = _syncbn_models()
+        plain, fused = _syncbn_models()
         _step_matches(plain, fused)
     finally:
         dist.destroy_process_group()
 
 
-def test_convert_sync_batchnorm_on_a_fused_resnet_keeps_it_fused(monkeypatch):
-    """convert_sync_batchnorm replaces the BN children that the fused blocks hold; the blocks
-    check their norm layers on every forward, so every unit still runs fused."""
-    from rk_models_testing import count_calls
+@pytest.mark.parametrize("how", ["norm_layer", "convert_after_build"])
+def test_fused_resnet18_with_syncbatchnorm_runs_every_unit_fused(monkeypatch, how):
+    """norm_layer=nn.SyncBatchNorm, or convert_sync_batchnorm on a built (fused) resnet18: the
+    blocks hold the norm modules as children (which the conversion replaces) and check them on
+    every forward, so every unit runs fused; single process: plain BatchNorm semantics."""
+    import torchvision
+    from rk_models_testing import check, check_state, count_calls, fwd_bwd
     from resnet_kernels.models import resnet as rk_resnet
 
     counts = count_calls(monkeypatch, rk_resnet)
-    model = rk.models.resnet18(num_classes=10, backend="torch")
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert isinstance(model.layer2[0].downsample[1], nn.SyncBatchNorm)
-    model(torch.randn(2, 3, 48, 48))
+    kw = dict(norm_layer=nn.SyncBatchNorm) if how == "norm_layer" else {}
+    torch.manual_seed(5)
+    tv = torchvision.models.resnet18(num_classes=10, **kw)
+    ours = rk.models.resnet18(num_classes=10, backend="torch", **kw)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    if how != "norm_layer":
+        tv = nn.SyncBatchNorm.convert_sync_batchnorm(tv)
+        ours = nn.SyncBatchNorm.convert_sync_batchnorm(ours)
+    assert type(ours.layer2[0].downsample[1]) is nn.SyncBatchNorm
+    tv, ours = tv.double(), ours.double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    out_t, dx_t = fwd_bwd(tv, x)
+    out_o, dx_o = fwd_bwd(ours, x)
     assert counts == {"conv_bn_act": 1 + 8, "conv_bn_add_act": 8}
+    check("output", out_o, None, out_t, torch.float64)
+    check("input grad", dx_o, None, dx_t, torch.float64)
+    check_state(how, ours, None, tv, dtype=torch.float64)
 
 
 def _gpus():
