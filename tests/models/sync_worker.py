@@ -3,7 +3,8 @@
 
 MODE 'gloo': WORLD CPU processes on 127.0.0.1, float64, the torch backend. Each rank trains the
 fused tiny ResNet (below) with SyncBatchNorm on its slice of every global batch (unequal slices,
-some empty) under DistributedDataParallel and under FSDP2 (``fully_shard``), counts the collectives
+some empty) under DistributedDataParallel and under FSDP2 (``fully_shard``), trains under
+``torch.compile(DDP(model), backend='aot_eager')`` next to eager (equal slices), counts the collectives
 of one forward/backward without a wrapper, and checks that an all-empty step fails on every rank
 without changing any state. Every rank writes OUT_DIR/rank{r}.pt; test_syncbn.py compares them
 with one process running plain nn.BatchNorm2d over the union of the slices.
@@ -64,7 +65,14 @@ def make_data(world: int):
                       "w": torch.linspace(-1, 1, n * 5, dtype=torch.float64).reshape(n, 5) * (1 + len(steps)),
                       "sizes": s})
     x_eval = torch.randn(sum(sizes[1]), 3, 8, 8, generator=g, dtype=torch.float64)
-    return {"steps": steps, "x_eval": x_eval, "eval_sizes": sizes[1]}
+    # torch.compile: equal per-rank slices (every rank compiles the same graphs), 2 steps
+    eq = [2] * world
+    csteps = [{"x": torch.randn(2 * world, 3, 8, 8, generator=g, dtype=torch.float64),
+               "w": torch.linspace(-1, 1, 10 * world, dtype=torch.float64).reshape(2 * world, 5) * (i + 1),
+               "sizes": eq} for i in range(2)]
+    compiled = {"steps": csteps, "x_eval": torch.randn(2 * world, 3, 8, 8, generator=g, dtype=torch.float64),
+                "eval_sizes": eq}
+    return {"steps": steps, "x_eval": x_eval, "eval_sizes": sizes[1], "compile": compiled}
 
 
 def _slice(t, sizes, rank):
@@ -192,6 +200,17 @@ def _worker(rank: int, world: int, port: int, inp: str, outdir: str, mode: str) 
             fully_shard(blk)
         fully_shard(model)
         res["fsdp"] = train(model, model, data, rank, dev, dt)
+
+        # torch.compile(DDP(fused SyncBN model)) against the same in eager. (momentum=None reads
+        # num_batches_tracked on the host, which recompiles every step: momentum 0.1 here.)
+        runs = {}
+        for name in ("eager", "compiled"):
+            model = _fused_sync(data["state"], "torch", dt, dev, convert_first=False)
+            model.layer[1].bn1.momentum = 0.1
+            ddp = DDP(model)
+            runs[name] = train(model, ddp if name == "eager" else torch.compile(ddp, backend="aot_eager"),
+                               data["compile"], rank, dev, dt)
+        res["compile"] = runs
     else:
         import resnet_kernels as rk  # noqa: F401  (registers the ops)
 

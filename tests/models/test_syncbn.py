@@ -10,7 +10,8 @@ reference is what nn.SyncBatchNorm computes by definition (it refuses CPU tensor
 run here): one process running the plain model with nn.BatchNorm2d over the union of the slices.
 Per step the ranks' outputs (concatenated), every parameter gradient (after the wrapper's
 reduction) and, at the end, every parameter and buffer (running statistics with the global
-count, num_batches_tracked) and an eval forward must match it to float64 rounding.
+count, num_batches_tracked) and an eval forward must match it to float64 rounding. And
+``torch.compile(DDP(model), backend='aot_eager')`` (equal slices, 2 steps) equals eager DDP.
 
 Also: one forward issues exactly one all_gather of 2C+2 numbers per SyncBatchNorm (never
 activations), one backward one all_reduce of 2C numbers per SyncBatchNorm, eval none; a step with
@@ -97,6 +98,12 @@ def test_fused_syncbn_gloo_ddp_fsdp2_match_batchnorm_over_the_union(tmp_path):
     ref = _reference(data)
     _compare("DDP", [r["ddp"] for r in ranks], ref, data, TOL)
     _compare("FSDP2", [r["fsdp"] for r in ranks], ref, data, TOL)
+    # torch.compile(DDP(model)) (aot_eager: the same ops, traced, the sync ops opaque) == eager DDP
+    eager = [r["compile"]["eager"] for r in ranks]
+    _compare("compile", [r["compile"]["compiled"] for r in ranks], {
+        "outs": [torch.cat([r["outs"][s] for r in eager]) for s in range(len(data["compile"]["steps"]))],
+        "grads": eager[0]["grads"], "state": eager[0]["state"], "eval": torch.cat([r["eval"] for r in eager])},
+        data["compile"], TOL)
 
     # one all_gather of [mean, var, count_hi, count_lo] per SyncBatchNorm forward, one all_reduce
     # of [d mean, d var] per backward, nothing in eval; no other collective
