@@ -160,6 +160,20 @@ def test_world_of_one_is_plain_batchnorm():
     try:
         plain, fused = _syncbn_models()
         _step_matches(plain, fused)
+        # the custom ops themselves (over a group of 1: the union is this process's batch)
+        g = torch.Generator().manual_seed(7)
+        mean = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+        var = torch.rand(5, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
+        name = dist.group.WORLD.group_name
+        gm, gv, total = torch.ops.resnet_kernels.sync_batch_stats(mean, var, 2 ** 25 + 3, name)
+        torch.testing.assert_close(gm, mean.detach(), rtol=1e-15, atol=0)
+        torch.testing.assert_close(gv, var.detach(), rtol=1e-15, atol=0)
+        assert total.dtype == torch.float64 and total.item() == 2 ** 25 + 3  # exact past 2**24
+        torch.library.opcheck(torch.ops.resnet_kernels.sync_batch_stats.default, (mean, var, 12, name))
+        assert torch.autograd.gradcheck(lambda m, v: torch.ops.resnet_kernels.sync_batch_stats(m, v, 12, name)[:2],
+                                        (mean, var))
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            torch.ops.resnet_kernels.sync_batch_stats(mean, var, 1, name)
     finally:
         dist.destroy_process_group()
 
