@@ -48,7 +48,8 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
         group = sync_group(bn)
         if group is None:
             if m <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+                raise ValueError(f"Expected more than 1 value per channel when training, "
+                                 f"got input size {list(x.shape)}")
             mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
             unbias = m / (m - 1)
         else:

@@ -10,8 +10,8 @@ without changing any state. Every rank writes OUT_DIR/rank{r}.pt; test_syncbn.py
 with one process running plain nn.BatchNorm2d over the union of the slices.
 
 MODE 'nccl' (GPU, WORLD <= cuda device count): the same steps under DDP on cuda:rank, fused
-(float32, backend 'auto') next to the unfused model with torch's own nn.SyncBatchNorm; both
-results are written for the test to compare.
+(float64 on the torch backend, and float32 on 'auto') next to the unfused model with torch's own
+nn.SyncBatchNorm; both results are written for the test to compare.
 """
 
 import os
@@ -212,15 +212,16 @@ def _worker(rank: int, world: int, port: int, inp: str, outdir: str, mode: str) 
                                data["compile"], rank, dev, dt)
         res["compile"] = runs
     else:
-        import resnet_kernels as rk  # noqa: F401  (registers the ops)
-
-        dev, dt = torch.device("cuda", rank), torch.float32
-        model = _fused_sync(data["state"], "auto", dt, dev, convert_first=False)
-        res["fused"] = train(model, DDP(model, device_ids=[rank]), data, rank, dev, dt)
-        plain = nn.SyncBatchNorm.convert_sync_batchnorm(build_model())
-        plain.load_state_dict(data["state"])
-        plain = plain.to(device=dev, dtype=dt)
-        res["plain"] = train(plain, DDP(plain, device_ids=[rank]), data, rank, dev, dt)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        dev = torch.device("cuda", rank)
+        for tag, dt, kernels in (("float64", torch.float64, "torch"), ("float32", torch.float32, "auto")):
+            model = _fused_sync(data["state"], kernels, dt, dev, convert_first=False)
+            fused = train(model, DDP(model, device_ids=[rank]), data, rank, dev, dt)
+            plain = nn.SyncBatchNorm.convert_sync_batchnorm(build_model())
+            plain.load_state_dict(data["state"])
+            plain = plain.to(device=dev, dtype=dt)
+            res[tag] = {"fused": fused, "plain": train(plain, DDP(plain, device_ids=[rank]), data, rank, dev, dt)}
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -215,9 +215,11 @@ def _gpus():
 def test_fused_syncbn_nccl_ddp_matches_torch_syncbatchnorm(tmp_path):
     world = 3 if _gpus() >= 3 else 2
     data, ranks = _run_worker(tmp_path, "nccl", world)
-    # float32 on the GPU backends against torch's SyncBatchNorm (cuDNN convolutions)
-    tol = dict(rtol=2e-4, atol=2e-5)
-    _compare("NCCL", [r["fused"] for r in ranks], {
-        "outs": [torch.cat([r["plain"]["outs"][s] for r in ranks]) for s in range(len(data["steps"]))],
-        "grads": ranks[0]["plain"]["grads"], "state": ranks[0]["plain"]["state"],
-        "eval": torch.cat([r["plain"]["eval"] for r in ranks])}, data, tol)
+    # float64 (torch backend): to rounding; float32 on the GPU kernels (TF32 off): fp32 rounding
+    # through 3 SGD steps of a small net
+    for tag, tol in (("float64", TOL), ("float32", dict(rtol=1e-3, atol=1e-4))):
+        plain = [r[tag]["plain"] for r in ranks]
+        _compare(f"NCCL {tag}", [r[tag]["fused"] for r in ranks], {
+            "outs": [torch.cat([r["outs"][s] for r in plain]) for s in range(len(data["steps"]))],
+            "grads": plain[0]["grads"], "state": plain[0]["state"],
+            "eval": torch.cat([r["eval"] for r in plain])}, data, tol)
