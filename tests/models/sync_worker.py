@@ -4,7 +4,7 @@
 MODE 'gloo': WORLD CPU processes on 127.0.0.1, float64, the torch backend. Each rank trains the
 fused tiny ResNet (below) with SyncBatchNorm on its slice of every global batch (unequal slices,
 some empty) under DistributedDataParallel and under FSDP2 (``fully_shard``), trains under
-``torch.compile(DDP(model), backend='aot_eager')`` next to eager (equal slices), counts the collectives
+``torch.compile(DDP(model), backend='aot_eager')`` next to eager, counts the collectives
 of one forward/backward without a wrapper, and checks that an all-empty step fails on every rank
 without changing any state. Every rank writes OUT_DIR/rank{r}.pt; test_syncbn.py compares them
 with one process running plain nn.BatchNorm2d over the union of the slices.
@@ -65,13 +65,13 @@ def make_data(world: int):
                       "w": torch.linspace(-1, 1, n * 5, dtype=torch.float64).reshape(n, 5) * (1 + len(steps)),
                       "sizes": s})
     x_eval = torch.randn(sum(sizes[1]), 3, 8, 8, generator=g, dtype=torch.float64)
-    # torch.compile: equal per-rank slices (every rank compiles the same graphs), 2 steps
-    eq = [2] * world
-    csteps = [{"x": torch.randn(2 * world, 3, 8, 8, generator=g, dtype=torch.float64),
-               "w": torch.linspace(-1, 1, 10 * world, dtype=torch.float64).reshape(2 * world, 5) * (i + 1),
-               "sizes": eq} for i in range(2)]
-    compiled = {"steps": csteps, "x_eval": torch.randn(2 * world, 3, 8, 8, generator=g, dtype=torch.float64),
-                "eval_sizes": eq}
+    # torch.compile: 2 steps, unequal slices with an empty rank
+    csizes = [[2, 0, 3], [2, 2, 1]] if world == 3 else [[2, 0], [2, 3]]
+    csteps = [{"x": torch.randn(sum(s), 3, 8, 8, generator=g, dtype=torch.float64),
+               "w": torch.linspace(-1, 1, 5 * sum(s), dtype=torch.float64).reshape(sum(s), 5) * (i + 1),
+               "sizes": s} for i, s in enumerate(csizes)]
+    compiled = {"steps": csteps, "x_eval": torch.randn(sum(csizes[1]), 3, 8, 8, generator=g, dtype=torch.float64),
+                "eval_sizes": csizes[1]}
     return {"steps": steps, "x_eval": x_eval, "eval_sizes": sizes[1], "compile": compiled}
 
 

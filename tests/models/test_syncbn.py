@@ -11,7 +11,8 @@ run here): one process running the plain model with nn.BatchNorm2d over the unio
 Per step the ranks' outputs (concatenated), every parameter gradient (after the wrapper's
 reduction) and, at the end, every parameter and buffer (running statistics with the global
 count, num_batches_tracked) and an eval forward must match it to float64 rounding. And
-``torch.compile(DDP(model), backend='aot_eager')`` (equal slices, 2 steps) equals eager DDP.
+``torch.compile(DDP(model), backend='aot_eager')`` (2 steps, unequal slices, an empty rank) equals
+eager DDP.
 
 Also: one forward issues exactly one all_gather of 2C+2 numbers per SyncBatchNorm (never
 activations), one backward one all_reduce of 2C numbers per SyncBatchNorm, eval none; a step with
