@@ -7,7 +7,10 @@ modules (so parameters, buffers and ``state_dict`` stay the user's own):
         = act(bn(conv(x)) + shortcut_bn(shortcut_conv(shortcut_input)))   (or + shortcut_input)
 
 Both follow the module's ``train()``/``eval()`` mode exactly like the unfused layers (batch
-statistics and running-statistics updates in training, running statistics in eval).
+statistics and running-statistics updates in training, running statistics in eval). ``bn`` may
+also be an ``nn.SyncBatchNorm``: in training under torch.distributed its batch statistics are those
+of the union of the process group's batches, as nn.SyncBatchNorm's (only per-channel statistics
+cross processes: one all_gather per BN forward, one all_reduce per BN backward; see nn/_sync.py).
 
 How each mode runs (see docs/CONV.md):
 
@@ -55,11 +58,12 @@ def _check_pair(fn: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if type(conv).forward is not nn.Conv2d.forward:
         raise TypeError(f"{fn}: conv ({type(conv).__name__}) overrides nn.Conv2d.forward; the fused op computes "
                         f"nn.Conv2d's own convolution and would ignore it")
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"{fn}: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if type(bn).forward is not nn.BatchNorm2d.forward:
-        raise TypeError(f"{fn}: bn ({type(bn).__name__}) overrides nn.BatchNorm2d.forward; the fused op "
-                        f"reproduces nn.BatchNorm2d's own semantics and would ignore it")
+    base = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d
+    if not isinstance(bn, base):
+        raise TypeError(f"{fn}: bn must be an nn.BatchNorm2d or nn.SyncBatchNorm, got {type(bn).__name__}")
+    if type(bn).forward is not base.forward:
+        raise TypeError(f"{fn}: bn ({type(bn).__name__}) overrides {base.__name__}.forward; the fused op "
+                        f"reproduces {base.__name__}'s own semantics and would ignore it")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"{fn}: bn.num_features ({bn.num_features}) != conv.out_channels ({conv.out_channels})")
 

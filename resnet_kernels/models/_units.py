@@ -2,10 +2,11 @@
 
 A unit is fused only when the fused path computes exactly what the plain modules' forwards would:
 plain ``nn.Conv2d`` (zero padding, no dilation, no groups) followed by a plain ``nn.BatchNorm2d``
-of matching width, on a 4-D input, with no module hooks that the plain path would have fired.
-Anything else (dilation, grouped convolutions, other padding modes, a custom ``norm_layer`` such
-as GroupNorm or SyncBatchNorm, hooks) runs the plain PyTorch modules for that unit, so a model
-never breaks; it is just not fused there.
+or ``nn.SyncBatchNorm`` (exactly those classes; SyncBatchNorm's cross-process statistics are
+reproduced, see nn/_sync.py) of matching width, on a 4-D input, with no module hooks that the
+plain path would have fired. Anything else (dilation, grouped convolutions, other padding modes,
+a custom ``norm_layer`` such as GroupNorm, hooks) runs the plain PyTorch modules for that unit,
+so a model never breaks; it is just not fused there.
 """
 
 from __future__ import annotations
@@ -37,14 +38,12 @@ def conv_reason(conv: nn.Module) -> Optional[str]:
 
 
 def bn_reason(bn: nn.Module, conv: nn.Module) -> Optional[str]:
-    if isinstance(bn, nn.SyncBatchNorm):
-        return "SyncBatchNorm (cross-process statistics) is not fused"
-    if type(bn) is not nn.BatchNorm2d:
-        return f"norm layer {type(bn).__name__} is not an nn.BatchNorm2d"
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"norm layer {type(bn).__name__} is not an nn.BatchNorm2d or nn.SyncBatchNorm"
     if isinstance(conv, nn.Conv2d) and bn.num_features != conv.out_channels:
-        return f"BatchNorm2d({bn.num_features}) after a Conv2d with {conv.out_channels} output channels"
+        return f"{type(bn).__name__}({bn.num_features}) after a Conv2d with {conv.out_channels} output channels"
     if has_hooks(bn):
-        return "the BatchNorm2d has hooks"
+        return f"the {type(bn).__name__} has hooks"
     return None
 
 

@@ -17,12 +17,11 @@ Conv2d and a BatchNorm2d), and units the fused path does not cover (dilation, gr
 padding modes, a norm layer other than ``nn.BatchNorm2d``, module hooks); such units run the
 plain PyTorch modules, exactly as before.
 
-``SyncBatchNorm`` is rejected: ``fuse`` raises ``ValueError`` (before changing anything) when a
-SyncBatchNorm sits where a BatchNorm2d would be fused, because the fused kernels compute
-per-process batch statistics and would silently drop SyncBatchNorm's cross-process ones. (A
-model that already runs fused and is converted with ``nn.SyncBatchNorm.convert_sync_batchnorm``
-afterwards stays correct: every fused module checks its norm layers on each forward and runs
-SyncBatchNorm units with the plain PyTorch modules.)
+``nn.SyncBatchNorm`` fuses like ``nn.BatchNorm2d``: the fused units synchronise its per-channel
+batch statistics across its process group (see ``resnet_kernels/nn/_sync.py``), exactly as
+SyncBatchNorm does. ``nn.SyncBatchNorm.convert_sync_batchnorm`` works before or after ``fuse``:
+the fused modules keep the real norm modules as children (which the conversion replaces) and
+check them on every forward.
 
 ``unfuse(model)`` undoes ``fuse``: converted torchvision modules get their original class back,
 ``FusedSequential`` becomes ``nn.Sequential`` again, and this package's own modules get
@@ -117,13 +116,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _sync_error(where: str) -> ValueError:
-    return ValueError(
-        f"fuse(model): SyncBatchNorm at {where!r}. The fused kernels compute per-process batch statistics "
-        f"and cannot reproduce SyncBatchNorm's cross-process statistics, so fuse() rejects it (nothing was "
-        f"changed). Use nn.BatchNorm2d there, or leave this model unfused.")
-
-
 def _plan_block(name: str, m: nn.Module, kind: str, report: FuseReport) -> bool:
     """Check a ResNet / block; returns whether at least one unit will run fused."""
     units_ok, notes = [], []
@@ -131,13 +123,9 @@ def _plan_block(name: str, m: nn.Module, kind: str, report: FuseReport) -> bool:
         relu = m.relu
         for conv_n, bn_n, after in _UNITS[kind]:
             conv, bn = getattr(m, conv_n), getattr(m, bn_n)
-            if isinstance(bn, nn.SyncBatchNorm):
-                raise _sync_error(_join(name, bn_n))
             label = f"{conv_n}+{bn_n}"
             if after == "add":
                 ds = m.downsample
-                if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[1], nn.SyncBatchNorm):
-                    raise _sync_error(_join(name, "downsample.1"))
                 if ds is None:
                     label += "+add(identity)"
                 elif projection_reason(ds) is None:
@@ -173,8 +161,6 @@ def _plan_sequential(name: str, seq: nn.Sequential, report: FuseReport, exact: b
         (cn, conv), (bn_name, bn) = mods[i], mods[i + 1]
         if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
             continue
-        if isinstance(bn, nn.SyncBatchNorm):
-            raise _sync_error(_join(name, bn_name))
         why = unit_reason(conv, bn)
         if why is not None:
             notes.append((_join(name, f"{cn}+{bn_name}"), f"{why}; runs as plain modules"))
@@ -204,7 +190,6 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
 
     backend: None (the backend in force at each call, see ``resnet_kernels.use_backend``),
     'auto', 'cuda', 'triton' or 'torch'; stored on every converted module.
-    Raises ValueError, changing nothing, if a SyncBatchNorm sits where a BatchNorm2d would be fused.
     """
     backend = _check_args("fuse", model, backend)
     tv = _tv_classes()
@@ -247,7 +232,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
             report.skipped.append((name, f"{t.__name__} owns Conv2d/BatchNorm layers that its own forward() "
                                          f"calls; fuse() cannot see that data flow, left alone"))
 
-    # Everything checked (a SyncBatchNorm error above leaves the model untouched): apply.
+    # Everything checked: apply.
     for m, how, kind in actions:
         if how == "tv":
             m.__dict__[_ORIG] = type(m)

@@ -6,8 +6,9 @@ over the blocks' own ``nn.Conv2d``/``nn.BatchNorm2d`` modules.
 
 Every block and the stem decide per (conv, bn) unit, on every forward, whether the unit can be
 fused (see ``_units.py``); a unit that cannot (dilation, grouped conv, a ``norm_layer`` other than
-``nn.BatchNorm2d`` such as GroupNorm or SyncBatchNorm, module hooks) runs the plain PyTorch
-modules exactly like torchvision. ``module.fused = False`` (what :func:`resnet_kernels.unfuse`
+``nn.BatchNorm2d``/``nn.SyncBatchNorm`` such as GroupNorm, module hooks) runs the plain PyTorch
+modules exactly like torchvision. ``norm_layer=nn.SyncBatchNorm`` (or
+``nn.SyncBatchNorm.convert_sync_batchnorm``) gives fused units with cross-process statistics. ``module.fused = False`` (what :func:`resnet_kernels.unfuse`
 sets) makes a module run the plain PyTorch path throughout.
 
 torchvision is needed only for ``weights=`` (pretrained weights are fetched by torchvision).

@@ -6,6 +6,11 @@ in ``bn``'s current mode, and performs exactly the side effects ``bn(x)`` would:
 running mean and of the running variance (unbiased by m / (m - 1)). Batch statistics may be
 supplied (e.g. produced by a convolution epilogue); otherwise they are computed from ``x``.
 Gradients flow to ``x`` through the batch statistics, and to ``bn.weight``/``bn.bias``.
+
+An ``nn.SyncBatchNorm`` that synchronises in this call (training, torch.distributed initialised,
+a process group of more than one process: see ``_sync.sync_group``) uses the statistics of the
+union of the group's batches instead, gathered from the per-process (mean, var) (see _sync.py),
+and updates its running statistics with them and the global count, as nn.SyncBatchNorm does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import acc_dtype
+from ._sync import sync_batch_stats, sync_group
 
 
 def _batch_mean_var(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -34,7 +40,27 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     C = x.shape[1]
     if C != bn.num_features:
         raise ValueError(f"{type(bn).__name__}({bn.num_features}) got an input with {C} channels")
-    # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
+    # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward (and SyncBatchNorm.forward), except that
+    # every check (and, for a SyncBatchNorm, the collective) runs before any buffer changes, so a
+    # failed call leaves the module's state untouched.
+    if uses_batch_stats(bn):
+        m = x.numel() // C if C else 0
+        group = sync_group(bn)
+        if group is None:
+            if m <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, "
+                                 f"got input size {list(x.shape)}")
+            mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
+            unbias = m / (m - 1)
+        else:
+            # nn.SyncBatchNorm over the process group: the statistics of the union of the ranks'
+            # batches (a rank may have none), the running variance unbiased by the global count.
+            mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
+            mean, var, total = sync_batch_stats(mean, var, m, group)
+            unbias = total / (total - 1)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+
     if bn.momentum is None:
         factor = 0.0
     else:
@@ -42,19 +68,11 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-
-    if uses_batch_stats(bn):
-        m = x.numel() // C if C else 0
-        if m <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
-        if bn.training and bn.running_mean is not None:
-            with torch.no_grad():
-                bn.running_mean.mul_(1.0 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-                unbiased = var.detach() * (m / (m - 1))
-                bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-    else:
-        mean, var = bn.running_mean, bn.running_var
+    if uses_batch_stats(bn) and bn.training and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.running_mean.mul_(1.0 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var.detach() * unbias
+            bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
     acc = torch.float64 if (x.dtype == torch.float64 or mean.dtype == torch.float64) else torch.float32
     invstd = torch.rsqrt(var.to(acc) + bn.eps)
     if bn.weight is not None:

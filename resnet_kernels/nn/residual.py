@@ -27,7 +27,9 @@ class BNAddReLU(nn.Module):
     ``bn`` and ``shortcut_bn`` are real ``nn.BatchNorm2d`` modules (same parameter names,
     ``state_dict`` keys, initialisation and train/eval behaviour, running statistics included);
     their effect is applied as a per-channel affine inside one fused kernel with the add and
-    the ReLU.
+    the ReLU. Either may be replaced by an ``nn.SyncBatchNorm`` (e.g. by
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``): its statistics are then synchronised across the
+    process group in training, as nn.SyncBatchNorm's are.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -43,10 +45,12 @@ class BNAddReLU(nn.Module):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, shortcut_bn: Optional[nn.BatchNorm2d] = None,
                      backend: Optional[str] = None) -> "BNAddReLU":
-        """Wrap existing BatchNorm2d modules; their parameters and buffers are shared, not copied."""
+        """Wrap existing BatchNorm2d (or SyncBatchNorm) modules; their parameters and buffers are
+        shared, not copied."""
         for name, m in (("bn", bn), ("shortcut_bn", shortcut_bn)):
-            if m is not None and type(m) is not nn.BatchNorm2d:
-                raise TypeError(f"BNAddReLU.from_modules: {name} must be an nn.BatchNorm2d, got {type(m).__name__}")
+            if m is not None and type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+                raise TypeError(f"BNAddReLU.from_modules: {name} must be an nn.BatchNorm2d or nn.SyncBatchNorm, "
+                                f"got {type(m).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.bn = bn

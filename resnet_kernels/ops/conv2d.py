@@ -333,7 +333,10 @@ def _stats_backward(ctx, g_y, g_mean, g_var):
         g_y = torch.zeros_like(y)
     g_y = in_layout_of(g_y.to(y.dtype), y)
     if y.numel() == 0:
-        gy = g_y
+        # (empty, but keeps the statistics' gradients in the traced graph: under torch.compile a
+        # process with an empty batch must trace the same dependencies as the others, which order
+        # the fused SyncBatchNorm's backward all_reduces; see nn/_sync.py)
+        gy = g_y + (shift.view(1, -1, 1, 1) * 0).to(g_y.dtype)
     else:
         gy = bn_add_relu_op(g_y, None, shift, y, b, None, False, ctx.backend)
     grad_x, grad_w = _conv_input_grads(ctx, in_layout_of(gy, x), x, weight, bool(nx), bool(nw))

@@ -1,4 +1,4 @@
-"""fuse()/unfuse() on torchvision models and generic Sequentials; SyncBatchNorm rejection;
+"""fuse()/unfuse() on torchvision models and generic Sequentials; SyncBatchNorm acceptance;
 bf16 autocast + channels_last; torch.compile(fullgraph=True); one tiny net on the triton backend."""
 
 import copy
@@ -175,23 +175,23 @@ def test_fuse_leaves_unsupported_blocks_alone():
     assert type(model.layer1[1]) is rk_resnet.BasicBlock
 
 
-def test_syncbatchnorm_is_rejected_and_nothing_changes():
+def test_syncbatchnorm_fuses():
+    """fuse() accepts SyncBatchNorm (multi-process semantics: test_syncbn.py); without
+    torch.distributed it is plain BatchNorm, as nn.SyncBatchNorm falls back to F.batch_norm."""
     torch.manual_seed(4)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=10))
-    before = classes(model)
-    with pytest.raises(ValueError, match="SyncBatchNorm at 'bn1'.*cross-process"):
-        rk.fuse(model)
-    assert classes(model) == before
-    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
-    with pytest.raises(ValueError, match="SyncBatchNorm at '1'"):
-        rk.fuse(seq)
-    assert type(seq) is nn.Sequential
-    # a fused model converted afterwards keeps SyncBatchNorm semantics: those units run plain modules
-    native = nn.SyncBatchNorm.convert_sync_batchnorm(rk.models.resnet18(num_classes=10, backend="torch"))
-    plain = copy.deepcopy(native)
-    rk.unfuse(plain)
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(native(x), plain(x), rtol=0, atol=0)
+    plain = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=10)).double()
+    model = copy.deepcopy(plain)
+    rk.fuse(model, backend="torch")
+    assert type(model) is rk_resnet.ResNet and type(model.layer2[0]) is rk_resnet.BasicBlock
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
+    rk.fuse(seq)
+    assert type(seq) is rk_fuse.FusedSequential
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    out_p, dx_p = fwd_bwd(plain, x)
+    out_f, dx_f = fwd_bwd(model, x)
+    check("SyncBatchNorm output", out_f, None, out_p, torch.float64)
+    check("SyncBatchNorm input grad", dx_f, None, dx_p, torch.float64)
+    check_state("SyncBatchNorm", model, None, plain, dtype=torch.float64)
 
 
 def test_bf16_autocast_and_channels_last():

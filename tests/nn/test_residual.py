@@ -152,7 +152,7 @@ def test_from_modules_shares_parameters():
     clone.load_state_dict(fused.state_dict())
     no_short = BNAddReLU.from_modules(copy.deepcopy(bn))
     assert no_short.shortcut_bn is None
-    with pytest.raises(TypeError, match=r"bn must be an nn.BatchNorm2d, got BatchNorm1d"):
+    with pytest.raises(TypeError, match=r"bn must be an nn.BatchNorm2d or nn.SyncBatchNorm, got BatchNorm1d"):
         BNAddReLU.from_modules(nn.BatchNorm1d(3))
     with pytest.raises(TypeError, match=r"shortcut_bn must be an nn.BatchNorm2d"):
         BNAddReLU.from_modules(bn, nn.Identity())
