@@ -154,13 +154,22 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     float32) and the result has that dtype.
     """
     _check_pair("conv_bn_act", conv, bn)
-    if _tune.plain_layers(x, _backend.op_arg(backend)):  # 'auto' on CPU tensors: PyTorch's own layers
+    if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         return _plain(bn(conv(x)), residual, relu)
     dt = _autocast_dtype(x)
     if dt is None:
         return _conv_bn_act(x, conv, bn, relu, residual, backend, None)
     with torch.autocast(x.device.type, enabled=False):
         return _conv_bn_act(_cast(x, dt), conv, bn, relu, _cast(residual, dt), backend, dt)
+
+
+def _plain_ok(x, backend, *bns) -> bool:
+    """'auto' runs this unit as the user's own layers (``_tune.plain_layers``). Not with a
+    SyncBatchNorm: PyTorch's refuses CPU tensors in a distributed job, where the fused path syncs
+    over gloo."""
+    if any(isinstance(b, nn.SyncBatchNorm) for b in bns):
+        return False
+    return _tune.plain_layers(x, _backend.op_arg(backend))
 
 
 def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -188,7 +197,7 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
-    if _tune.plain_layers(x, _backend.op_arg(backend)):  # 'auto' on CPU tensors: PyTorch's own layers
+    if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         shortcut = shortcut_input if shortcut_conv is None else shortcut_bn(shortcut_conv(shortcut_input))
         return _plain(bn(conv(x)), shortcut, relu)
     dt = _autocast_dtype(x)
