@@ -340,7 +340,8 @@ def _measure(op: str, call: Any, device: torch.device, cands: List[Impl], key: s
     ref_out = None
     times: Dict[str, float] = {}
     failed: Dict[str, str] = {}
-    outs: Dict[str, Any] = {}
+    best_out: Any = None  # only the fastest so far is kept (outputs of big layers are big)
+    best_key: Optional[Tuple[float, str]] = None
     if ref is not None:
         try:
             ref_out = call.run(ref, fresh=True)
@@ -358,7 +359,9 @@ def _measure(op: str, call: Any, device: torch.device, cands: List[Impl], key: s
             if not (isinstance(t, float) and math.isfinite(t) and t >= 0):
                 raise RuntimeError(f"the timer returned {t!r}")
             times[impl.backend] = t
-            outs[impl.backend] = out
+            if best_key is None or (t, impl.backend) < best_key:
+                best_key, best_out = (t, impl.backend), out
+            del out
         except Exception as exc:  # noqa: BLE001 - excluded, reported once
             failed[impl.backend] = _first_line(exc)
     for name, err in failed.items():
@@ -371,10 +374,10 @@ def _measure(op: str, call: Any, device: torch.device, cands: List[Impl], key: s
     if not times:
         raise BackendUnavailableError(f"{op}: every implementation failed for {call.describe()}: "
                                       + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    best = min(times, key=lambda n: (times[n], n))
+    best = best_key[1]
     chosen = next(i for i in cands if i.backend == best)
     entry = {"choice": best, "times_ms": times, "failed": failed}
-    return chosen, outs[best], entry
+    return chosen, best_out, entry
 
 
 def _dist_sync():
