@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 import resnet_kernels  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every GPU-only test (skipped with rk_testing.GPU_SKIP_REASON without a GPU) gets the ``gpu``
+    marker: ``pytest -m gpu`` runs exactly them, ``-m "not gpu"`` the rest."""
+    import rk_testing
+
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith(rk_testing.GPU_SKIP_REASON)
+               for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(autouse=True)
 def _poison_outputs():
     with resnet_kernels.poison_outputs(True):

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
@@ -9,6 +10,14 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 # cuda needs a GPU; triton runs on the GPU or, without one, in the interpreter (conftest sets it).
 KERNEL_BACKENDS = ["triton", "cuda"] if HAS_GPU else ["triton"]
 ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+
+# GPU-only tests: ``@needs_gpu("why")`` (or in pytestmark). conftest.py marks every test skipped
+# with this reason prefix ``gpu``, so ``-m gpu`` / ``-m "not gpu"`` select them.
+GPU_SKIP_REASON = "needs a visible GPU"
+
+
+def needs_gpu(why: str):
+    return pytest.mark.skipif(not HAS_GPU, reason=f"{GPU_SKIP_REASON}: {why}")
 
 
 def interpreting() -> bool:

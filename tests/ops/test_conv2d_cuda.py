@@ -22,14 +22,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rk_testing import HAS_GPU
+import rk_testing
 
 from resnet_kernels import _alloc
 from resnet_kernels._ext import get_C
 
 C_ = get_C()
 
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="the CUDA convolution kernel needs a visible GPU")
+needs_gpu = rk_testing.needs_gpu("the CUDA convolution kernel")
 needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
 
 FLOOR = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -11, "fp32": 2.0 ** -18}
