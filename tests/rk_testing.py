@@ -1,9 +1,12 @@
 """Helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
+import contextlib
 import os
 
 import pytest
 import torch
+
+from resnet_kernels import testing
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -18,6 +21,24 @@ GPU_SKIP_REASON = "needs a visible GPU"
 
 def needs_gpu(why: str):
     return pytest.mark.skipif(not HAS_GPU, reason=f"{GPU_SKIP_REASON}: {why}")
+
+
+@contextlib.contextmanager
+def cudnn_tf32(allow: bool):
+    """cuDNN's TF32 for convolutions set to ``allow`` for the block (PyTorch's default is on: an
+    fp32 comparison with PyTorch's own error must switch it off). A no-op without a GPU."""
+    if not HAS_GPU:
+        yield
+        return
+    try:
+        old = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # conv and RNN were given different settings (new API): back to the default
+        old = True
+    torch.backends.cudnn.allow_tf32 = allow  # the legacy switch sets conv and RNN alike
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 def interpreting() -> bool:
@@ -66,7 +87,8 @@ def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
 # These are worst-case bounds: an index or channel mix-up, a dropped element or a missing
 # operand produces errors of the order of the values themselves, far above them.
 # --------------------------------------------------------------------------------------------
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -52}
+# (ULP = 2 x the unit roundoff of resnet_kernels.testing, the project's tolerance policy)
+ULP = {dt: 2 * u for dt, u in testing.UNIT_ROUNDOFF.items()}
 TINY = {torch.float32: 2.0 ** -149, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133,
         torch.float64: 2.0 ** -1074}
 
