@@ -57,16 +57,5 @@ def on_device():
     (tests/ops/test_conv2d_cuda.py, tests/ops/test_conv2d_triton.py) with bounds made for them."""
     import rk_testing
 
-    old_tf32 = None
-    if rk_testing.HAS_GPU:
-        try:
-            old_tf32 = torch.backends.cudnn.allow_tf32
-        except RuntimeError:  # conv and RNN were given different settings (new API): back to the default
-            old_tf32 = True
-        torch.backends.cudnn.allow_tf32 = False  # the legacy switch sets conv and RNN alike
-    try:
-        with torch.device(rk_testing.DEVICE):
-            yield
-    finally:
-        if rk_testing.HAS_GPU:
-            torch.backends.cudnn.allow_tf32 = old_tf32
+    with rk_testing.cudnn_tf32(False), torch.device(rk_testing.DEVICE):
+        yield
