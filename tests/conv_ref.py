@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import rk_testing
 from resnet_kernels import testing
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -70,8 +71,7 @@ def n_terms(cin, cout, kh, kw, n, oh, ow) -> int:
 N_TERMS = max(n_terms(c.cin, c.cout, c.k, c.k, 3, *c.out_hw()) for c in CONFIGS + [ASYM])
 
 
-def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t.contiguous()
+to_layout = rk_testing.layouts
 
 
 def is_layout(t: torch.Tensor, layout: str) -> bool:

@@ -68,8 +68,36 @@ REDUCTION_TOL = {
 }
 
 
+def memory_format(layout: str) -> torch.memory_format:
+    """"nchw" / "channels_last" (also "nhwc") -> the torch memory format."""
+    return torch.channels_last if layout in ("channels_last", "nhwc") else torch.contiguous_format
+
+
 def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+    return x.contiguous(memory_format=memory_format(layout))
+
+
+def poisoned(shape, dtype: torch.dtype, device, layout: str = "nchw") -> torch.Tensor:
+    """An output buffer in ``layout`` as the ops allocate them under the tests' poison mode: all
+    NaN (asserted), so an element a kernel does not write fails the comparison."""
+    from resnet_kernels import _alloc
+
+    out = _alloc.empty_like(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format(layout)))
+    assert out.numel() == 0 or torch.isnan(out).all(), "outputs must be poisoned (conftest poison mode)"
+    return out
+
+
+def epilogue64(y: torch.Tensor, scale=None, bias=None, res=None, relu: bool = False) -> torch.Tensor:
+    """The fused conv epilogue in float64 on y's device: relu?(y * scale[c] + bias[c] + res)."""
+    y = y.detach().double()
+    c = (1, y.shape[1], 1, 1)
+    if scale is not None:
+        y = y * scale.detach().to(y.device, torch.float64).view(c)
+    if bias is not None:
+        y = y + bias.detach().to(y.device, torch.float64).view(c)
+    if res is not None:
+        y = y + res.detach().to(y.device, torch.float64)
+    return torch.relu(y) if relu else y
 
 
 # --------------------------------------------------------------------------------------------

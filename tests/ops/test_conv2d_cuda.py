@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 import rk_testing
 
-from resnet_kernels import _alloc
 from resnet_kernels._ext import get_C
 
 C_ = get_C()
@@ -54,12 +53,11 @@ EPILOGUES = {
 }
 
 
-def _fmt(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+_fmt = rk_testing.memory_format
 
 
 def _poisoned(shape, dtype, layout):
-    return _alloc._fill(torch.empty(shape, dtype=dtype, device="cuda", memory_format=_fmt(layout)))
+    return rk_testing.poisoned(shape, dtype, "cuda", layout)
 
 
 def _make(shape_name, mode, layout, epi):
@@ -75,24 +73,12 @@ def _make(shape_name, mode, layout, epi):
     return x, w, scale, bias, res, (s, s), (p, p), (N, Cout, OH, OW)
 
 
-def _epilogue64(y, scale, bias, res, relu):
-    C = y.shape[1]
-    if scale is not None:
-        y = y * scale.double().view(1, C, 1, 1)
-    if bias is not None:
-        y = y + bias.double().view(1, C, 1, 1)
-    if res is not None:
-        y = y + res.double()
-    return torch.relu(y) if relu else y
+_epilogue64 = rk_testing.epilogue64
 
 
 def _torch_conv(x, w, stride, pad, mode):
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = mode == "tf32"
-    try:
+    with rk_testing.cudnn_tf32(mode == "tf32"):
         return F.conv2d(x, w, None, stride, pad)
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 def _launch(x, w, scale, bias, res, out, stride, pad, relu, stats, mode):

@@ -40,9 +40,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rk_testing
 from rk_testing import DEVICE, HAS_GPU, cudnn_tf32, interpreting
 
-from resnet_kernels import _alloc, testing
+from resnet_kernels import testing
 
 conv = importlib.import_module("resnet_kernels.triton_ops.conv2d")
 
@@ -69,8 +70,7 @@ CONV_TYPES = [
 LAYOUTS = ["nchw", "channels_last"]
 
 
-def _fmt(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+_fmt = rk_testing.memory_format
 
 
 def _make(shape_id, dtype, layout, *, res=False, seed=0):
@@ -89,11 +89,7 @@ def _make(shape_id, dtype, layout, *, res=False, seed=0):
 
 
 def _poisoned_out(x, cout, oh, ow, layout):
-    template = torch.empty((x.shape[0], cout, oh, ow), dtype=x.dtype, device=x.device,
-                           memory_format=_fmt(layout))
-    out = _alloc.empty_like(template)
-    assert torch.isnan(out).all(), "outputs must be poisoned (conftest poison mode)"
-    return out
+    return rk_testing.poisoned((x.shape[0], cout, oh, ow), x.dtype, x.device, layout)
 
 
 def _ref64(x, w, stride, padding):
@@ -112,13 +108,12 @@ def _gamma(dtype, allow_tf32, K):
 
 
 def _epilogue64(y, scale, bias, res, relu):
+    """(the float64 epilogue, and its per-channel scale, bias and residual for the bound)."""
     C = y.shape[1]
     s = scale.cpu().double().view(1, C, 1, 1) if scale is not None else torch.ones(1, C, 1, 1, dtype=torch.float64)
     b = bias.cpu().double().view(1, C, 1, 1) if bias is not None else torch.zeros(1, C, 1, 1, dtype=torch.float64)
     r = res.cpu().double() if res is not None else torch.zeros((), dtype=torch.float64)
-    pre = y * s + b + r
-    out = torch.relu(pre) if relu else pre
-    return out, s, b, r
+    return rk_testing.epilogue64(y, scale, bias, res, relu), s, b, r
 
 
 def _bound(dtype, allow_tf32, K, y, a, scale, bias, res, relu):
