@@ -35,6 +35,12 @@ or a reference that is itself not finite fails: a check that cannot fail is a de
 For 16-bit data the floor is about 2 u (2**-10 for fp16, 2**-7 ~ 0.8 % for bf16), so a 1 %
 error in a statistic computed in float32 (the batch mean/var, whose dtype is float32: pass that
 dtype, not the activations') is caught in every activation dtype.
+
+Measured on a CPU (torch backend and the Triton kernels under the interpreter; 2,300 checks of
+tests/ops/test_conv2d_op.py, tests/nn/test_conv_bn.py, tests/test_functional.py), largest
+error / bound: float32 0.16 (the floor is about 10x the largest float32 error), float16 0.80,
+bfloat16 0.85, float64 0.09; median 0.03 (fp32) and 0.3 (16-bit). ``resnet-kernels check``
+(torch and triton, fp32/fp16/bf16, no model cases): largest error / allowed 0.48.
 """
 
 from __future__ import annotations

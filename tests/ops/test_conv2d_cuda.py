@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import rk_testing
 
+from resnet_kernels import testing
 from resnet_kernels._ext import get_C
 
 C_ = get_C()
@@ -31,7 +32,10 @@ C_ = get_C()
 needs_gpu = rk_testing.needs_gpu("the CUDA convolution kernel")
 needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
 
-FLOOR = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -11, "fp32": 2.0 ** -18}
+# unit roundoffs from resnet_kernels.testing (tf32 keeps fp16's 10 mantissa bits); 3xTF32: 2**6 fp32 u
+_U = testing.UNIT_ROUNDOFF
+FLOOR = {"bf16": _U[torch.bfloat16], "fp16": _U[torch.float16], "tf32": _U[torch.float16],
+         "fp32": 2 ** 6 * _U[torch.float32]}
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
 # (N, Cin, H, W, Cout, k, stride, pad): every ResNet conv type, odd sizes, N = 1, partial tiles
