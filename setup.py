@@ -105,7 +105,36 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """Builds the CMake extension, or (SKIP_CUDA, no nvcc, a failed build without REQUIRE_CUDA)
+    leaves it out. An extension left out is also left out of the outputs this command reports
+    (get_outputs / get_output_mapping, used by ``pip install -e .``) and of the in-place copy:
+    declaring a file that was never produced fails the editable install."""
+
+    def initialize_options(self) -> None:
+        super().initialize_options()
+        self._skipped = set()
+
+    def _only_built(self, method, *args):
+        exts, self.extensions = self.extensions, [e for e in self.extensions if e.name not in self._skipped]
+        try:
+            return method(*args)
+        finally:
+            self.extensions = exts
+
+    def copy_extensions_to_source(self) -> None:
+        self._only_built(super().copy_extensions_to_source)
+
+    def get_outputs(self):
+        return self._only_built(super().get_outputs)
+
+    def get_output_mapping(self):
+        return self._only_built(super().get_output_mapping)
+
     def build_extension(self, ext: CMakeExtension) -> None:
+        self._skipped.add(ext.name)  # until the build below succeeds
+        self._build_or_skip(ext)
+
+    def _build_or_skip(self, ext: CMakeExtension) -> None:
         require = _truthy("RESNET_KERNELS_REQUIRE_CUDA")
         if _truthy("RESNET_KERNELS_SKIP_CUDA"):
             if require:
@@ -123,6 +152,7 @@ class CMakeBuild(build_ext):
             return
         try:
             self._build_with_cmake(ext, nvcc)
+            self._skipped.discard(ext.name)
         except Exception as exc:  # noqa: BLE001 - reported below, never swallowed silently
             if require:
                 raise
@@ -184,7 +214,9 @@ setup(
     # triton_ops/ lives at the top of the repository (one file per fused op) and is installed
     # inside the package, so importing it never shadows or pollutes a top-level name.
     package_dir={"resnet_kernels.triton_ops": "triton_ops"},
-    ext_modules=[CMakeExtension("resnet_kernels._C", ROOT)],
+    # RESNET_KERNELS_SKIP_CUDA=1: no extension is declared at all (the build step would skip it).
+    ext_modules=[] if _truthy("RESNET_KERNELS_SKIP_CUDA") and not _truthy("RESNET_KERNELS_REQUIRE_CUDA")
+    else [CMakeExtension("resnet_kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

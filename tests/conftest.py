@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 import resnet_kernels  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every GPU-only test (skipped with rk_testing.GPU_SKIP_REASON without a GPU) gets the ``gpu``
+    marker: ``pytest -m gpu`` runs exactly them, ``-m "not gpu"`` the rest."""
+    import rk_testing
+
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith(rk_testing.GPU_SKIP_REASON)
+               for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(autouse=True)
 def _poison_outputs():
     with resnet_kernels.poison_outputs(True):
@@ -46,16 +57,5 @@ def on_device():
     (tests/ops/test_conv2d_cuda.py, tests/ops/test_conv2d_triton.py) with bounds made for them."""
     import rk_testing
 
-    old_tf32 = None
-    if rk_testing.HAS_GPU:
-        try:
-            old_tf32 = torch.backends.cudnn.allow_tf32
-        except RuntimeError:  # conv and RNN were given different settings (new API): back to the default
-            old_tf32 = True
-        torch.backends.cudnn.allow_tf32 = False  # the legacy switch sets conv and RNN alike
-    try:
-        with torch.device(rk_testing.DEVICE):
-            yield
-    finally:
-        if rk_testing.HAS_GPU:
-            torch.backends.cudnn.allow_tf32 = old_tf32
+    with rk_testing.cudnn_tf32(False), torch.device(rk_testing.DEVICE):
+        yield

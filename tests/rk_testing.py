@@ -1,10 +1,12 @@
 """Helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
+import contextlib
 import os
 
+import pytest
 import torch
 
-from resnet_kernels import _registry
+from resnet_kernels import _registry, testing
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -16,6 +18,32 @@ ORACLE = "torch"
 KERNEL_BACKENDS = [b.name for b in _registry.backends()
                    if b.name != ORACLE and (HAS_GPU or b.available(torch.device("cpu")) is None)]
 ALL_BACKENDS = [ORACLE] + KERNEL_BACKENDS
+
+# GPU-only tests: ``@needs_gpu("why")`` (or in pytestmark). conftest.py marks every test skipped
+# with this reason prefix ``gpu``, so ``-m gpu`` / ``-m "not gpu"`` select them.
+GPU_SKIP_REASON = "needs a visible GPU"
+
+
+def needs_gpu(why: str):
+    return pytest.mark.skipif(not HAS_GPU, reason=f"{GPU_SKIP_REASON}: {why}")
+
+
+@contextlib.contextmanager
+def cudnn_tf32(allow: bool):
+    """cuDNN's TF32 for convolutions set to ``allow`` for the block (PyTorch's default is on: an
+    fp32 comparison with PyTorch's own error must switch it off). A no-op without a GPU."""
+    if not HAS_GPU:
+        yield
+        return
+    try:
+        old = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # conv and RNN were given different settings (new API): back to the default
+        old = True
+    torch.backends.cudnn.allow_tf32 = allow  # the legacy switch sets conv and RNN alike
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 def interpreting() -> bool:
@@ -45,8 +73,36 @@ REDUCTION_TOL = {
 }
 
 
+def memory_format(layout: str) -> torch.memory_format:
+    """"nchw" / "channels_last" (also "nhwc") -> the torch memory format."""
+    return torch.channels_last if layout in ("channels_last", "nhwc") else torch.contiguous_format
+
+
 def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+    return x.contiguous(memory_format=memory_format(layout))
+
+
+def poisoned(shape, dtype: torch.dtype, device, layout: str = "nchw") -> torch.Tensor:
+    """An output buffer in ``layout`` as the ops allocate them under the tests' poison mode: all
+    NaN (asserted), so an element a kernel does not write fails the comparison."""
+    from resnet_kernels import _alloc
+
+    out = _alloc.empty_like(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format(layout)))
+    assert out.numel() == 0 or torch.isnan(out).all(), "outputs must be poisoned (conftest poison mode)"
+    return out
+
+
+def epilogue64(y: torch.Tensor, scale=None, bias=None, res=None, relu: bool = False) -> torch.Tensor:
+    """The fused conv epilogue in float64 on y's device: relu?(y * scale[c] + bias[c] + res)."""
+    y = y.detach().double()
+    c = (1, y.shape[1], 1, 1)
+    if scale is not None:
+        y = y * scale.detach().to(y.device, torch.float64).view(c)
+    if bias is not None:
+        y = y + bias.detach().to(y.device, torch.float64).view(c)
+    if res is not None:
+        y = y + res.detach().to(y.device, torch.float64)
+    return torch.relu(y) if relu else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +120,8 @@ def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
 # These are worst-case bounds: an index or channel mix-up, a dropped element or a missing
 # operand produces errors of the order of the values themselves, far above them.
 # --------------------------------------------------------------------------------------------
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float64: 2.0 ** -52}
+# (ULP = 2 x the unit roundoff of resnet_kernels.testing, the project's tolerance policy)
+ULP = {dt: 2 * u for dt, u in testing.UNIT_ROUNDOFF.items()}
 TINY = {torch.float32: 2.0 ** -149, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133,
         torch.float64: 2.0 ** -1074}
 

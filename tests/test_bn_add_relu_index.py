@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_sass import find_nvcc
+from rk_build import find_nvcc
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,20 +17,18 @@ matches) to ``EXPECTED_KERNELS``, and to ``TENSOR_CORE_KERNELS`` if it must use 
 
 from __future__ import annotations
 
+import ast
 import functools
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from resnet_kernels import _ext
+from rk_build import find_cuobjdump, find_nvcc, rebuild_errors, require_C_or_fail  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_ARCHS = ("sm_80", "sm_90")
@@ -59,35 +57,6 @@ TENSOR_CORE_OPCODES = ("HMMA", "HGMMA", "IMMA", "DMMA")
 # --------------------------------------------------------------------------------------------
 # tools
 # --------------------------------------------------------------------------------------------
-def find_nvcc() -> str | None:
-    """Where setup.py looks for nvcc: CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
-
-
-def find_cuobjdump() -> str | None:
-    """cuobjdump from the triton wheel, else next to nvcc, else on PATH."""
-    spec = importlib.util.find_spec("triton")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / "backends" / "nvidia" / "bin" / "cuobjdump"
-            if cand.exists():
-                return str(cand)
-    nvcc = find_nvcc()
-    if nvcc:
-        cand = Path(nvcc).resolve().parent / "cuobjdump"
-        if cand.exists():
-            return str(cand)
-    return shutil.which("cuobjdump")
-
-
 def _run(cmd: list[str], timeout: float = 600) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
@@ -95,52 +64,9 @@ def _run(cmd: list[str], timeout: float = 600) -> str:
     return res.stdout
 
 
-def rebuild_errors(nvcc: str, arch: str = "sm_80") -> str:
-    """Compile every csrc/*.cu and csrc/*.cpp of this checkout (one arch, objects discarded) and
-    return the compiler's complaints: the build error text when _C failed to build."""
-    srcs = sorted((REPO / "csrc").glob("*.cu")) + sorted((REPO / "csrc").glob("*.cpp"))
-    if not srcs:
-        return f"(no sources under {REPO / 'csrc'} to rebuild)"
-    incs = [f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
-    try:
-        import pybind11
-
-        incs.append(f"-I{pybind11.get_include()}")
-    except ImportError:
-        pass
-    out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for src in srcs:
-            cmd = [nvcc, "-std=c++17", "--expt-relaxed-constexpr", f"-arch={arch}", *incs, "-c", str(src),
-                   "-o", str(Path(tmp) / (src.name + ".o"))]
-            if src.suffix == ".cpp":
-                cmd[1:1] = ["-x", "cu"]
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            except subprocess.TimeoutExpired:
-                out.append(f"{src.name}: compiler timed out")
-                continue
-            if res.returncode != 0:
-                out.append(f"--- {src.name} (exit {res.returncode}):\n{(res.stdout + res.stderr)[-6000:]}")
-    return "\n".join(out) if out else "(every source compiled: the failure is in linking or loading)"
-
-
 # --------------------------------------------------------------------------------------------
 # the extension and its machine code
 # --------------------------------------------------------------------------------------------
-def require_C_or_fail():
-    """_C, or: FAIL when nvcc exists (with the reason and the compiler's errors), skip when there
-    is no nvcc (then the package is legitimately installed without the CUDA backend)."""
-    mod = _ext.get_C()
-    if mod is not None:
-        return mod
-    nvcc = find_nvcc()
-    if nvcc is None:
-        pytest.skip(f"no nvcc on this machine and resnet_kernels._C is absent ({_ext.C_error()})")
-    pytest.fail(f"nvcc exists ({nvcc}) but resnet_kernels._C is unavailable: {_ext.C_error()}\n"
-                f"Rebuilding csrc/ of {REPO} with it gives:\n{rebuild_errors(nvcc)}", pytrace=False)
-
-
 @functools.lru_cache(maxsize=None)
 def so_path() -> str:
     return require_C_or_fail().__file__
@@ -306,3 +232,16 @@ if __name__ == "__main__":  # python tests/test_sass.py: quick summary
     for a, fs in resource_usage(so).items():
         print(a, len(fs), "functions, max REG", max(u["REG"] for u in fs.values()))
     sys.exit(0)
+
+
+def test_find_nvcc_matches_setup():
+    """tests/rk_build.py's nvcc lookup is setup.py's (the functions are compared by running
+    setup.py's own definitions, which cannot be imported: setup.py runs setup() at import)."""
+    import rk_build
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("find_nvcc", "_real_nvcc")]
+    assert len(defs) == 2, "setup.py must define find_nvcc and _real_nvcc"
+    ns = {"os": os, "re": re, "shutil": shutil, "subprocess": subprocess, "Path": Path}
+    exec(compile(ast.Module(body=defs, type_ignores=[]), "setup.py", "exec"), ns)  # noqa: S102
+    assert ns["find_nvcc"]() == rk_build.find_nvcc()

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _alloc
 from ._common import INTERPRET, cast_for_store
 
 __all__ = ["conv2d_forward", "ConvConfig", "select_config"]
@@ -333,8 +334,8 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     num_m_tiles = triton.cdiv(M, cfg.BLOCK_M)
     pmean = pm2 = None
     if compute_stats:
-        pmean = torch.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
-        pm2 = torch.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
+        pmean = _alloc.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
+        pm2 = _alloc.empty((num_m_tiles, cout), dtype=torch.float32, device=x.device)
     res = residual if residual is not None else out
     dummy = out  # stands in for absent optional pointers (never dereferenced: constexpr-disabled)
 
@@ -373,8 +374,8 @@ def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, comput
                                       num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not compute_stats:
         return None
-    mean = torch.empty((cout,), dtype=torch.float32, device=x.device)
-    var = torch.empty((cout,), dtype=torch.float32, device=x.device)
+    mean = _alloc.empty((cout,), dtype=torch.float32, device=x.device)
+    var = _alloc.empty((cout,), dtype=torch.float32, device=x.device)
     if M == 0:
         mean.fill_(float("nan"))
         var.fill_(float("nan"))

@@ -16,7 +16,10 @@ weights, same inputs):
   near-zero pre-ReLU values flip, and the last stage normalises over only 8 values per channel).
 * gradients and momentum buffers in fp32/bf16: floor 2e-2 (see GRAD_FLOOR: ReLU/max-pool ties).
 * bfloat16 autocast: the fp32 rule with a 3e-2 floor (bf16 has 8 significant bits and both models
-  round every layer's output to bf16).
+  round every layer's output to bf16); bf16 gradients: 1.5x torchvision's error + GRAD_FLOOR (see
+  BF16_GRAD_FACTOR).
+* every check can fail: the oracle and the result must be finite, and a bound >= MAX_BOUND (an
+  all-zero result has relative L2 error 1) is refused as vacuous.
 
 Inputs are 48x48 or 64x64 (not 32x32): at 32x32 with batch 2 the last stage (1x1)'s BatchNorm normalises over
 m = 2 values per channel, which is so ill-conditioned that torchvision's fp32 output is off by O(1).
@@ -31,8 +34,9 @@ import torch
 import torchvision
 
 import resnet_kernels as rk
+import resnet_kernels.testing  # noqa: F401 (rk.testing)
 
-FACTOR = 3.0
+FACTOR = rk.testing.K_CHAIN  # 3: whole networks (resnet_kernels.testing)
 FLOOR = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 FP64_RTOL = 1e-9
 # Gradients (input, parameters, momentum) in fp32: a pre-ReLU value (or two values of a max-pool
@@ -46,6 +50,16 @@ FP64_RTOL = 1e-9
 # keep the 1e-4 floor. Multi-step fp32 tests re-synchronise the models before every step: whole
 # fp32 trajectories are chaotic (see test_three_sgd_momentum_steps_match_torchvision_resnet18).
 GRAD_FLOOR = 2e-2
+# bf16 autocast gradients of a train-mode resnet18 are far from the float64 oracle for torchvision
+# itself (relative L2 0.3-0.56 per parameter, measured at 48x48 and 64x64, batch 2-4: every layer
+# rounds its output to bf16 and the BN backward cancels), so 3x that would exceed 1 and accept a
+# zero gradient. Ours and torchvision round the same tensors: measured ratio ours/torchvision
+# <= 1.43 over every parameter (seeds 0, 1), so 1.5x. This guards gross errors only (zero, sign,
+# a missing term of the gradient's size); bf16 gradient parity per op is checked at the ulp level
+# by tests/ops and tests/nn.
+BF16_GRAD_FACTOR = 1.5
+# Checks whose bound reaches MAX_BOUND are refused as vacuous (an all-zero result has error 1).
+MAX_BOUND = 0.9
 
 
 def make_models(arch: str, seed: int = 0, oracle: bool = True, backend: str = "torch", **kw):
@@ -87,6 +101,10 @@ def check(name: str, ours: torch.Tensor, tv, oracle: torch.Tensor, dtype=torch.f
         assert err <= FP64_RTOL * scale, (f"{name}: float64 max|ours - torchvision| = {err:.3g} > "
                                           f"{FP64_RTOL} * {scale:.3g}")
         return
+    # A reference that overflowed (inf - inf, inf <= 3 * inf) or a result that did would make the
+    # check vacuous: both must be finite.
+    assert torch.isfinite(o).all(), f"{name}: the float64 reference is not finite (the check would be vacuous)"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values in the result"
     norm = o.norm().item()
     if norm == 0.0:
         assert torch.count_nonzero(ours) == 0, f"{name}: expected all zeros"
@@ -94,8 +112,12 @@ def check(name: str, ours: torch.Tensor, tv, oracle: torch.Tensor, dtype=torch.f
     err_ours = (ours.double() - o).norm().item() / norm
     err_tv = (tv.double() - o).norm().item() / norm
     floor = FLOOR[dtype] if floor is None else floor
-    bound = FACTOR * err_tv + floor
-    assert err_ours <= bound, (f"{name}: relative L2 error {err_ours:.3g} > {FACTOR} * torchvision's ({err_tv:.3g}) "
+    factor = BF16_GRAD_FACTOR if (dtype == torch.bfloat16 and floor >= GRAD_FLOOR) else FACTOR
+    bound = factor * err_tv + floor
+    # An all-zero result has relative L2 error exactly 1: a bound that reaches it cannot fail.
+    assert bound < MAX_BOUND, (f"{name}: vacuous check, bound {bound:.3g} >= {MAX_BOUND} would accept an all-zero "
+                               f"result (torchvision's own error {err_tv:.3g})")
+    assert err_ours <= bound, (f"{name}: relative L2 error {err_ours:.3g} > {factor} * torchvision's ({err_tv:.3g}) "
                                f"+ {floor}")
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import resnet_kernels
-from rk_testing import HAS_GPU
+from rk_testing import needs_gpu
 
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="CUDA-graph capture needs a visible GPU")
+pytestmark = needs_gpu("CUDA-graph capture")
 
 BACKENDS = ["cuda", "triton"]
 

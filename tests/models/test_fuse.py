@@ -194,6 +194,17 @@ def test_syncbatchnorm_fuses():
     check_state("SyncBatchNorm", model, None, plain, dtype=torch.float64)
 
 
+def test_syncbatchnorm_only_in_downsample_is_rejected():
+    """The downsample's BN is checked on its own (the whole-model test above raises at the stem
+    already, so a check looking at downsample[0] would pass it: mutant M16 of tools/mutate.py)."""
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer2[0].downsample[1] = nn.SyncBatchNorm(128)
+    before = classes(model)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm at 'layer2\.0\.downsample\.1'"):
+        rk.fuse(model)
+    assert classes(model) == before
+
+
 def test_bf16_autocast_and_channels_last():
     tv, ours, ref = make_models("resnet18", num_classes=10)
     tv = tv.to(memory_format=torch.channels_last)

@@ -69,11 +69,14 @@ def test_strict_state_dict_both_ways_and_eval_equal(arch):
     ours = getattr(rk.models, arch)(num_classes=10, backend="torch")  # different random init
     ours.load_state_dict(tv.state_dict(), strict=True)
     _same_state(tv, ours)
-    # and the other way, after changing every tensor of ours (running stats included)
+    # and the other way, after changing every tensor of ours (running stats included). Each is
+    # scaled by a factor in [0.5, 1.5) and shifted by 0.05 * N(0, 1) (running_var stays > 0.4 from
+    # its init 1): the network keeps its scale, so the eval outputs stay finite and the check below
+    # can fail (the former rand_like + 0.5 drove the float32 outputs to inf).
     with torch.no_grad():
         for t in ours.state_dict().values():
             if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5)
+                t.mul_(torch.rand_like(t) + 0.5).add_(0.05 * torch.randn_like(t))
     torch.manual_seed(4)
     tv2 = getattr(torchvision.models, arch)(num_classes=10)
     tv2.load_state_dict(ours.state_dict(), strict=True)
@@ -86,6 +89,25 @@ def test_strict_state_dict_both_ways_and_eval_equal(arch):
     with torch.no_grad():
         check("eval output", ours(x), tv2(x), ref(x.double()))
     _same_state(tv2, ours)  # eval() must not touch the running statistics
+
+
+def test_check_itself_rejects_zero_nonfinite_and_vacuous():
+    """The checker of every model test: an all-zero result, a non-finite result or reference, and a
+    bound so loose that zero would pass (torchvision itself 1.0 off) all fail."""
+    g = torch.Generator().manual_seed(0)
+    oracle = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    tv = (oracle * (1 + 1e-6 * torch.randn(4, 10, generator=g, dtype=torch.float64))).float()
+    check("good", tv.clone(), tv, oracle)
+    for dtype, floor in ((torch.float32, None), (torch.float32, GRAD_FLOOR), (torch.bfloat16, None),
+                         (torch.bfloat16, GRAD_FLOOR)):
+        with pytest.raises(AssertionError, match="relative L2"):
+            check("zero", torch.zeros_like(tv), tv, oracle, dtype, floor)
+    with pytest.raises(AssertionError, match="non-finite"):
+        check("inf", torch.full_like(tv, float("inf")), tv, oracle)
+    with pytest.raises(AssertionError, match="reference is not finite"):
+        check("inf ref", tv, tv, oracle * float("inf"))
+    with pytest.raises(AssertionError, match="vacuous"):
+        check("loose", tv, torch.zeros_like(tv), oracle, torch.bfloat16, GRAD_FLOOR)
 
 
 def test_train_step_matches_torchvision_resnet50_fp64():

@@ -17,14 +17,18 @@ import torch
 from torch import nn
 
 import rk_testing as rt
+from resnet_kernels import testing
 from resnet_kernels.nn import AddReLU, BNAddReLU
 
 DEV = rt.DEVICE
 
-# (rtol, atol) for comparing with the unfused modules. float64: summation order only.
-# float32: the batch statistics and their backward (sums over N*H*W of products) are computed
-# in a different order than cuDNN/ATen's batch norm: a few hundred float32 ulps of the values.
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 2e-5)}
+# (rtol, atol) for comparing with the unfused modules (both sides in the same dtype). float64:
+# summation order only. float32: the batch statistics and their backward are sums over
+# M = N*H*W = 100 rows in a different order than ATen's batch norm; each side is within the
+# policy's floor (resnet_kernels.testing.floor: 2 roundings + 4 sqrt(M) fp32 unit roundoffs) of the
+# exact value, so the two within twice that: 5e-6 (was 2e-4, ~90x the largest error measured).
+_F32 = 2 * testing.floor(torch.float32, 4 * 5 * 5)
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (_F32, _F32)}
 
 
 class RefBlock(nn.Module):

@@ -24,7 +24,7 @@ from resnet_kernels._ext import get_C
 from resnet_kernels.ops.bn_add_relu import bn_add_relu
 
 C_ = get_C()
-needs_gpu = pytest.mark.skipif(not rt.HAS_GPU, reason="the CUDA kernels need a visible GPU")
+needs_gpu = rt.needs_gpu("the CUDA kernels")
 needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built (tests/test_sass.py fails "
                                                 "if nvcc exists and it is missing)")
 

@@ -22,17 +22,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rk_testing import HAS_GPU
+import rk_testing
 
-from resnet_kernels import _alloc
+from resnet_kernels import testing
 from resnet_kernels._ext import get_C
 
 C_ = get_C()
 
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="the CUDA convolution kernel needs a visible GPU")
+needs_gpu = rk_testing.needs_gpu("the CUDA convolution kernel")
 needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
 
-FLOOR = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -11, "fp32": 2.0 ** -18}
+# unit roundoffs from resnet_kernels.testing (tf32 keeps fp16's 10 mantissa bits); 3xTF32: 2**6 fp32 u
+_U = testing.UNIT_ROUNDOFF
+FLOOR = {"bf16": _U[torch.bfloat16], "fp16": _U[torch.float16], "tf32": _U[torch.float16],
+         "fp32": 2 ** 6 * _U[torch.float32]}
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
 # (N, Cin, H, W, Cout, k, stride, pad): every ResNet conv type, odd sizes, N = 1, partial tiles
@@ -54,12 +57,11 @@ EPILOGUES = {
 }
 
 
-def _fmt(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+_fmt = rk_testing.memory_format
 
 
 def _poisoned(shape, dtype, layout):
-    return _alloc._fill(torch.empty(shape, dtype=dtype, device="cuda", memory_format=_fmt(layout)))
+    return rk_testing.poisoned(shape, dtype, "cuda", layout)
 
 
 def _make(shape_name, mode, layout, epi):
@@ -75,24 +77,12 @@ def _make(shape_name, mode, layout, epi):
     return x, w, scale, bias, res, (s, s), (p, p), (N, Cout, OH, OW)
 
 
-def _epilogue64(y, scale, bias, res, relu):
-    C = y.shape[1]
-    if scale is not None:
-        y = y * scale.double().view(1, C, 1, 1)
-    if bias is not None:
-        y = y + bias.double().view(1, C, 1, 1)
-    if res is not None:
-        y = y + res.double()
-    return torch.relu(y) if relu else y
+_epilogue64 = rk_testing.epilogue64
 
 
 def _torch_conv(x, w, stride, pad, mode):
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = mode == "tf32"
-    try:
+    with rk_testing.cudnn_tf32(mode == "tf32"):
         return F.conv2d(x, w, None, stride, pad)
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 def _launch(x, w, scale, bias, res, out, stride, pad, relu, stats, mode):

@@ -1,15 +1,16 @@
 """The conv2d_epilogue / conv2d_stats ops: forward against float64 references on every backend,
 float64 gradchecks, torch.library.opcheck, argument validation and backend resolution.
 
-Tolerances: the rule of tests/conv_ref.py (2x PyTorch's own error in the same dtype vs float64,
-plus a per-dtype floor)."""
+Tolerances: the rule of tests/conv_ref.py (resnet_kernels.testing: max of 2x PyTorch's own error in
+the same dtype vs float64 and a floor from the dtype's unit roundoff and the reduction length)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conv_ref import (CFG_IDS, CONFIGS, DTYPES, LAYOUTS, assert_close_to_ref, is_layout, rand_input, to_layout)
+from conv_ref import (ASYM, CFG_IDS, CONFIGS, DTYPES, LAYOUTS, assert_close_to_ref, is_layout, rand_input,
+                      to_layout)
 from rk_testing import ALL_BACKENDS, DEVICE, HAS_GPU
 
 import resnet_kernels
@@ -28,14 +29,13 @@ def _weight(cfg, dtype, layout):
 
 
 def _out_shape(cfg, n):
-    o = (cfg.hw + 2 * cfg.padding - cfg.k) // cfg.stride + 1
-    return (n, cfg.cout, o, o)
+    return (n, cfg.cout) + cfg.out_hw()
 
 
 # ------------------------------------------------------------------------------------------------
 # forward: every backend x dtype x layout x ResNet conv configuration
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
+@pytest.mark.parametrize("cfg", CONFIGS + [ASYM], ids=CFG_IDS + [ASYM.name])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -79,8 +79,10 @@ def test_stats_forward(backend, dtype, layout, cfg):
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
     # PyTorch's BN takes the statistics of the rounded conv output, in fp32.
     var_pt, mean_pt = torch.var_mean(y_pt.float(), dim=(0, 2, 3), correction=0)
-    assert_close_to_ref("conv2d_stats mean", mean, mean_pt, mean64, dtype)
-    assert_close_to_ref("conv2d_stats var", var, var_pt, var64, dtype)
+    # the statistics are float32 whatever the activations' dtype: float32's floor (a 1 % error,
+    # a biased/unbiased mix-up over these N*OH*OW <= 72 rows, fails in every dtype)
+    assert_close_to_ref("conv2d_stats mean", mean, mean_pt, mean64, torch.float32)
+    assert_close_to_ref("conv2d_stats var", var, var_pt, var64, torch.float32)
     assert (var >= 0).all()
 
 
