@@ -7,7 +7,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..ops.bn_add_relu import add_relu, bn_add_relu
-from ._bn import bn_scale_shift
+from ._bn import bn_scale_shift, commit
+from .._script import no_script
+from .conv_bn import _check_backend
 
 
 class AddReLU(nn.Module):
@@ -15,10 +17,12 @@ class AddReLU(nn.Module):
 
     def __init__(self, backend: Optional[str] = None):
         super().__init__()
-        self.backend = backend
+        self.backend = _check_backend("AddReLU", backend)
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
         return add_relu(x, identity, backend=self.backend)
+
+    __prepare_scriptable__ = no_script
 
 
 class BNAddReLU(nn.Module):
@@ -38,7 +42,7 @@ class BNAddReLU(nn.Module):
                   device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(num_features, **kw)
         self.shortcut_bn = nn.BatchNorm2d(num_features, **kw) if shortcut_bn else None
-        self.backend = backend
+        self.backend = _check_backend("BNAddReLU", backend)
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, shortcut_bn: Optional[nn.BatchNorm2d] = None,
@@ -47,6 +51,7 @@ class BNAddReLU(nn.Module):
         for name, m in (("bn", bn), ("shortcut_bn", shortcut_bn)):
             if m is not None and type(m) is not nn.BatchNorm2d:
                 raise TypeError(f"BNAddReLU.from_modules: {name} must be an nn.BatchNorm2d, got {type(m).__name__}")
+        backend = _check_backend("BNAddReLU.from_modules", backend)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.bn = bn
@@ -55,11 +60,21 @@ class BNAddReLU(nn.Module):
         return self
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
-        scale, shift = bn_scale_shift(self.bn, x)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"BNAddReLU: x must be a torch.Tensor, got {type(x).__name__}")
+        updates: list = []  # the BNs' side effects, applied once the fused op has succeeded
+        scale, shift = bn_scale_shift(self.bn, x, updates=updates)
         if self.shortcut_bn is None:
-            return bn_add_relu(x, scale, shift, identity, backend=self.backend)
-        id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity)
-        return bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
+            out = bn_add_relu(x, scale, shift, identity, backend=self.backend)
+        else:
+            if not isinstance(identity, Tensor):
+                raise TypeError(f"BNAddReLU: identity must be a torch.Tensor, got {type(identity).__name__}")
+            id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity, updates=updates)
+            out = bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
+        commit(updates)
+        return out
 
     def extra_repr(self) -> str:
         return f"shortcut_bn={self.shortcut_bn is not None}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script
