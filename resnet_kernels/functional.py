@@ -38,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import in_layout_of, layout_of
+from ._checks import check_bool, in_layout_of, layout_of
 from .nn._bn import bn_scale_shift, commit, uses_batch_stats
 from .ops.bn_add_relu import bn_add_relu
 from .ops.conv2d import conv2d_epilogue, conv2d_stats
@@ -117,10 +117,7 @@ def _fx_node(fn, tensors, args, kwargs):
     return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
 
 
-def _check_bool(fn: str, name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{fn}: {name} must be a bool (True or False), got {v!r}")
-    return v
+_check_bool = check_bool
 
 
 def _cast(t, dtype: Optional[torch.dtype]):
