@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.bn_add_relu import add_relu, bn_add_relu
 from ._bn import bn_scale_shift, commit
+from .._checks import check_activation, check_layout, check_like
 from .._script import no_script
 from .conv_bn import _check_backend
 
@@ -60,15 +61,18 @@ class BNAddReLU(nn.Module):
         return self
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"BNAddReLU: x must be a torch.Tensor, got {type(x).__name__}")
+        # the op's own checks of x and identity first, so the BatchNorm statistics never see a bad
+        # identity (e.g. on another device: torch's error would not name it)
+        layout = check_layout("BNAddReLU", "x", x) if check_activation("BNAddReLU", "x", x) is None else None
+        if identity is not None:
+            check_like("BNAddReLU", "identity", identity, x, "x", layout)
         updates: list = []  # the BNs' side effects, applied once the fused op has succeeded
         scale, shift = bn_scale_shift(self.bn, x, updates=updates)
         if self.shortcut_bn is None:
             out = bn_add_relu(x, scale, shift, identity, backend=self.backend)
         else:
-            if not isinstance(identity, Tensor):
-                raise TypeError(f"BNAddReLU: identity must be a torch.Tensor, got {type(identity).__name__}")
+            if identity is None:
+                raise TypeError("BNAddReLU: identity must be a torch.Tensor (shortcut_bn normalises it), got None")
             id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity, updates=updates)
             out = bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
         commit(updates)
