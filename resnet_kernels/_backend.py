@@ -76,6 +76,8 @@ def triton_import_error() -> str | None:
     # cached: before triton is imported, find_spec searches sys.path (~0.1 ms)
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if importlib.util.find_spec("resnet_kernels.triton_ops") is None:  # a source checkout shadows the install
+        return _ext.source_tree_message("resnet_kernels.triton_ops") or "resnet_kernels.triton_ops is not installed"
     return None
 
 

@@ -21,6 +21,13 @@ def check_tensor_args(op: str, optional, **named) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if opt else ''}, got {type(t).__name__}")
 
 
+def check_bool(op: str, name: str, v) -> bool:
+    """A flag must be a real bool: ``relu="no"`` would otherwise be truthy and silently mean True."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be a bool (True or False), got {v!r}")
+    return v
+
+
 def check_activation(op: str, name: str, t, ndim: int = 4) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -76,8 +76,8 @@ GPU_DEFAULTS = dict(batch=256, image_size=224, dtype="bf16", iters=50, warmup=10
 # backends that cannot run on CPU tensors are listed with the reason
 CPU_DEFAULTS = dict(batch=2, image_size=64, dtype="fp32", iters=5, warmup=1,
                     backends=("eager", "auto") + _BENCH_DEFAULT)
-CPU_NOTE = ("no CUDA GPU is visible: this is a small CPU comparison with host wall-clock times of the "
-            "PyTorch paths; kernel timings need an NVIDIA GPU")
+CPU_NOTE = ("no CUDA GPU is visible: this is a CPU comparison with host wall-clock times of the "
+            "PyTorch paths (noisy on a shared machine: see min/max); kernel timings need an NVIDIA GPU")
 
 
 class BenchError(Exception):
@@ -205,18 +205,26 @@ def backend_availability(backend: str, device: torch.device) -> Tuple[bool, str]
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a start and an end line otherwise."""
+    """A one-line progress bar on a terminal; otherwise a start line, then a line with the elapsed
+    time every tenth of the steps (every step when there are at most 10), then an end line."""
 
     def __init__(self, stream: Optional[TextIO], label: str, total: int, width: int = 30):
         self.stream, self.label, self.total, self.width = stream, label, total, width
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self._last = -1
+        self._t0 = time.perf_counter()
+        self._every = max(1, -(-total // 10))
         if stream is not None and not self.tty:
             stream.write(f"{label}: {total} iterations ...\n")
             stream.flush()
 
     def __call__(self, done: int, total: int) -> None:
-        if self.stream is None or not self.tty:
+        if self.stream is None:
+            return
+        if not self.tty:
+            if done % self._every == 0 or done == total:
+                self.stream.write(f"{self.label}: {done}/{total} steps, {time.perf_counter() - self._t0:.1f} s\n")
+                self.stream.flush()
             return
         filled = self.width * done // max(total, 1)
         if filled == self._last and done != total:
@@ -342,16 +350,35 @@ def _run_backend(cfg: BenchConfig, backend: str, state: Dict[str, torch.Tensor],
     return res
 
 
-def run_bench(cfg: BenchConfig, *, progress: Optional[TextIO] = sys.stderr, timer: Any = None) -> Dict[str, Any]:
+def defaulted_notes(cfg: BenchConfig, given: Dict[str, Any]) -> List[str]:
+    """Notes for the sizes a CPU run took from its own defaults, which differ from the GPU ones
+    (``given``: the options the user set, None for unset)."""
+    if torch.device(cfg.device).type == "cuda":
+        return []
+    changed = [f"{k.replace('_', ' ')} {getattr(cfg, k)} (GPU default {GPU_DEFAULTS[k]})"
+               for k in ("batch", "image_size", "dtype", "iters", "warmup")
+               if given.get(k) is None and getattr(cfg, k) != GPU_DEFAULTS[k]]
+    if not changed:
+        return []
+    return ["CPU defaults used for the sizes not given: " + ", ".join(changed) +
+            "; pass --batch/--image-size/--dtype/--iters/--warmup to choose"]
+
+
+def run_bench(cfg: BenchConfig, *, progress: Optional[TextIO] = sys.stderr, timer: Any = None,
+              notes: Sequence[str] = ()) -> Dict[str, Any]:
     """Run every backend of ``cfg``; returns the result dict (see the module docstring)."""
     cfg.validate()
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("device is cuda but no CUDA GPU is visible to torch")
     timer = timer or _timing.default_timer(device)
-    notes: List[str] = []
-    if device.type != "cuda":
-        notes.append(CPU_NOTE)
+    if progress is not None:
+        progress.write(f"{cfg.model} {cfg.mode}: batch {cfg.batch}, {cfg.image_size}x{cfg.image_size}, {cfg.dtype}, "
+                       f"{cfg.layout}, {cfg.warmup} warm-up + {cfg.iters} timed steps per backend on {device}\n")
+        for n in notes:
+            progress.write(f"note: {n}\n")
+        progress.flush()
+    notes = list(notes) + ([CPU_NOTE] if device.type != "cuda" else [])
 
     state, eager_src = eager_state(cfg)
     inputs = make_inputs(cfg, device)
@@ -402,13 +429,15 @@ def format_table(result: Dict[str, Any]) -> str:
              "wall_clock_cpu": "CPU wall-clock time"}.get(result["timer"], result["timer"])
     lines = [f"{c['model']} {c['mode']}  batch {c['batch']}  {c['image_size']}x{c['image_size']}  {c['dtype']} "
              f"{c['layout']}  on {where}",
-             f"{timer}: median of {c['iters']} steps after {c['warmup']} warm-up steps; eager = {result['eager_model']}",
-             f"{'backend':<9}{'images/s':>12}{'step ms':>11}{'peak MiB':>11}{'vs eager':>10}"]
+             f"{timer} per step over {c['iters']} steps after {c['warmup']} warm-up steps (images/s and vs eager "
+             f"from the median); eager = {result['eager_model']}",
+             f"{'backend':<9}{'images/s':>12}{'min ms':>11}{'median ms':>11}{'max ms':>11}{'peak MiB':>11}"
+             f"{'vs eager':>10}"]
     for r in result["results"]:
         if r["status"] == "ok":
             sp = "-" if r.get("speedup_vs_eager") is None else f"{r['speedup_vs_eager']:.2f}x"
-            lines.append(f"{r['backend']:<9}{r['images_per_s']:>12,.1f}{r['median_ms']:>11.3f}"
-                         f"{_fmt_mem(r['peak_mem_bytes']):>11}{sp:>10}")
+            lines.append(f"{r['backend']:<9}{r['images_per_s']:>12,.1f}{r['min_ms']:>11.3f}{r['median_ms']:>11.3f}"
+                         f"{r['max_ms']:>11.3f}{_fmt_mem(r['peak_mem_bytes']):>11}{sp:>10}")
         else:
             lines.append(f"{r['backend']:<9}{r['status']}: {r['reason']}")
     for r in result["results"]:

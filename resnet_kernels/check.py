@@ -489,12 +489,26 @@ def format_report(res: Dict[str, Any]) -> str:
     if not res["checked"]:
         lines.append("FAILED: no backend could be checked")
     else:
-        lines.append(f"{len(res['rows']) - n_fail} passed, {n_fail} failed" + ("" if n_fail else ": all backends OK"))
+        kernels = [b for b in res["checked"] if b != "torch"]
+        if n_fail:
+            verdict = ""
+        elif kernels:
+            verdict = f": all checked backends OK ({', '.join(res['checked'])})"
+        else:
+            verdict = (": the torch backend (the plain-PyTorch reference path) is OK; no kernel backend "
+                       "(cuda, triton) was checked here")
+        lines.append(f"{len(res['rows']) - n_fail} passed, {n_fail} failed" + verdict)
     return "\n".join(lines)
 
 
 def main_check(args) -> int:
-    dtypes = [DTYPE_NAMES[d] for d in args.dtypes.split(",")] if args.dtypes else None
+    names = args.dtypes.split(",") if isinstance(args.dtypes, str) else args.dtypes
+    bad = [d for d in names or () if d not in DTYPE_NAMES]
+    if bad:
+        print(f"resnet-kernels check: error: unknown dtype(s) {bad}; choose from {','.join(DTYPE_NAMES)}",
+              file=sys.stderr)
+        return 2
+    dtypes = [DTYPE_NAMES[d] for d in names] if names else None
     backends = args.backends.split(",") if args.backends else None
     cases = [c.strip() for c in args.cases.split(",")] if args.cases else None
     try:

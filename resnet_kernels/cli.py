@@ -34,7 +34,10 @@ def _cmd_bench(args) -> int:
         cfg = bench.make_config(model=args.model, mode=args.mode, batch=args.batch, image_size=args.image_size,
                                 dtype=args.dtype, layout=args.layout, backends=args.backends, iters=args.iters,
                                 warmup=args.warmup, num_classes=args.num_classes)
-        res = bench.run_bench(cfg, progress=None if args.quiet else sys.stderr)
+        given = dict(batch=args.batch, image_size=args.image_size, dtype=args.dtype, iters=args.iters,
+                     warmup=args.warmup)
+        res = bench.run_bench(cfg, progress=None if args.quiet else sys.stderr,
+                              notes=bench.defaulted_notes(cfg, given))
     except bench.BenchError as exc:
         print(f"resnet-kernels bench: error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +83,17 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _check_dtypes(text: str):
+    from .check import DTYPE_NAMES
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if "fp64" in items or "float64" in items:
+        raise argparse.ArgumentTypeError(
+            "fp64 is not a check dtype: the reference itself runs in float64 (the float64 paths are covered by "
+            f"the test suite's gradcheck); choose from {','.join(DTYPE_NAMES)}")
+    return _csv(tuple(DTYPE_NAMES))(text)
+
+
 def _cmd_check(args) -> int:
     from .check import main_check
 
@@ -87,7 +101,10 @@ def _cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="resnet-kernels", description="Fused CUDA/Triton kernels for ResNet.")
+    p.add_argument("--version", action="version", version=f"resnet-kernels {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="versions, the CUDA extension build, GPUs and usable backends")
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -143,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._registry import backend_names
 
     pc.add_argument("--backends", help=f"comma-separated subset of {','.join(backend_names())} (default: all)")
-    pc.add_argument("--dtypes", help="comma-separated subset of fp32,fp16,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
+    pc.add_argument("--dtypes", type=_check_dtypes,
+                    help="comma-separated subset of fp32,fp16,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU; "
+                         "the reference always runs in float64)")
     pc.add_argument("--cases", help="comma-separated case names (default: all)")
     g = pc.add_mutually_exclusive_group()
     g.add_argument("--model", dest="model", action="store_true", default=None, help="include the resnet18 cases")

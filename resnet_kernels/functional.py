@@ -42,12 +42,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend, _tune
-from ._checks import in_layout_of, layout_of
-from .nn._bn import bn_scale_shift, uses_batch_stats
+from ._checks import check_bool, in_layout_of, layout_of
+from .nn._bn import bn_scale_shift, commit, uses_batch_stats
 from .ops.bn_add_relu import bn_add_relu
 from .ops.conv2d import conv2d_epilogue, conv2d_stats
 
@@ -104,10 +105,29 @@ def _in_layout(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
 
 
 def _autocast_dtype(x) -> Optional[torch.dtype]:
-    """The autocast dtype in force for x's device, or None (autocast off)."""
-    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
+    """The autocast dtype in force for x's device, or None (autocast off, or a device type such as
+    'meta' that has no autocast: torch.is_autocast_enabled would raise for it)."""
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        return None
+    dev = x.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _fx_node(fn, tensors, args, kwargs):
+    """Under torch.fx symbolic tracing (torch.fx.symbolic_trace, torchvision's
+    create_feature_extractor) the tensors are Proxies: record one call of the fused function as a
+    graph node (the modules become get_attr nodes) instead of tracing into it, so the traced graph
+    still runs the fused ops, in whatever train/eval mode the modules are in when it runs.
+    None when not tracing."""
+    proxy = next((t for t in tensors if isinstance(t, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+
+_check_bool = check_bool
 
 
 def _cast(t, dtype: Optional[torch.dtype]):
@@ -119,15 +139,16 @@ def _cast(t, dtype: Optional[torch.dtype]):
 
 
 def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str],
-                       wdt: Optional[torch.dtype] = None):
-    """(y, scale, shift) with bn(conv(x)) == y * scale + shift, bn using batch statistics."""
+                       wdt: Optional[torch.dtype], updates: list):
+    """(y, scale, shift) with bn(conv(x)) == y * scale + shift, bn using batch statistics; bn's
+    side effects (running statistics, num_batches_tracked) are appended to ``updates``."""
     xin, padding = _conv_input(x, conv)
     y, mean, var = conv2d_stats(xin, _cast(conv.weight, wdt), stride=conv.stride, padding=padding, dilation=conv.dilation,
                                 groups=conv.groups, backend=backend)
     if conv.bias is None:
-        return (y,) + bn_scale_shift(bn, y, batch_stats=(mean, var))
+        return (y,) + bn_scale_shift(bn, y, batch_stats=(mean, var), updates=updates)
     b = conv.bias.to(mean.dtype)
-    scale, shift = bn_scale_shift(bn, y, batch_stats=(mean + b, var))
+    scale, shift = bn_scale_shift(bn, y, batch_stats=(mean + b, var), updates=updates)
     return y, scale, shift + b * scale
 
 
@@ -154,6 +175,10 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     float32) and the result has that dtype.
     """
     _check_pair("conv_bn_act", conv, bn)
+    _check_bool("conv_bn_act", "relu", relu)
+    node = _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
+    if node is not None:
+        return node
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         return _plain(bn(conv(x)), residual, relu)
     dt = _autocast_dtype(x)
@@ -181,8 +206,13 @@ def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
 
 def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
     if uses_batch_stats(bn):
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt)
-        return bn_add_relu(y, scale, shift, _in_layout(residual, y), relu=relu, backend=backend)
+        # bn's running-statistics update is applied only once every op has succeeded, so a
+        # call that raises (a bad residual, an unusable backend) changes nothing
+        updates: list = []
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt, updates)
+        out = bn_add_relu(y, scale, shift, _in_layout(residual, y), relu=relu, backend=backend)
+        commit(updates)
+        return out
     return _folded_epilogue(x, conv, bn, relu, residual, backend, wdt)
 
 
@@ -193,10 +223,15 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
     projection is given, else shortcut_input. Both BNs, the add and the ReLU run in one pass.
     Autocast: as for ``conv_bn_act``."""
     _check_pair("conv_bn_add_act", conv, bn)
+    _check_bool("conv_bn_add_act", "relu", relu)
     if (shortcut_conv is None) != (shortcut_bn is None):
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
+    node = _fx_node(conv_bn_add_act, (x, shortcut_input), (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn),
+                    dict(relu=relu, backend=backend))
+    if node is not None:
+        return node
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         shortcut = shortcut_input if shortcut_conv is None else shortcut_bn(shortcut_conv(shortcut_input))
         return _plain(bn(conv(x)), shortcut, relu)
@@ -211,20 +246,26 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
 def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt):
     if shortcut_conv is None:
         return _conv_bn_act(x, conv, bn, relu, shortcut_input, backend, wdt)
+    updates: list = []  # both BNs' side effects, applied once every op has succeeded
     if uses_batch_stats(bn):
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt)
+        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt, updates)
         if uses_batch_stats(shortcut_bn):
             # Both BNs, the add and the ReLU in one bn_add_relu pass over y and the raw shortcut conv.
-            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt)
-            return bn_add_relu(y, scale, shift, _in_layout(r, y), r_scale, r_shift, relu=relu, backend=backend)
-        r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
-        return bn_add_relu(y, scale, shift, _in_layout(r, y), relu=relu, backend=backend)
+            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
+            out = bn_add_relu(y, scale, shift, _in_layout(r, y), r_scale, r_shift, relu=relu, backend=backend)
+        else:
+            r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
+            out = bn_add_relu(y, scale, shift, _in_layout(r, y), relu=relu, backend=backend)
+        commit(updates)
+        return out
     if uses_batch_stats(shortcut_bn):
-        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt)
+        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
         r = bn_add_relu(r, r_scale, r_shift, None, relu=False, backend=backend)
     else:
         r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
-    return _folded_epilogue(x, conv, bn, relu, r, backend, wdt)
+    out = _folded_epilogue(x, conv, bn, relu, r, backend, wdt)
+    commit(updates)
+    return out
 
 
 __all__ = ["conv_bn_act", "conv_bn_add_act"]

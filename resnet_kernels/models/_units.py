@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.fx
 from torch import Tensor, nn
 
 
@@ -51,8 +52,17 @@ def unit_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return conv_reason(conv) or bn_reason(bn, conv)
 
 
+def is_4d(x) -> bool:
+    """x is a 4-D tensor. Under ``torch.fx`` symbolic tracing x is a Proxy whose rank is unknown:
+    taken as 4-D, so the traced graph calls the fused functional ops (wrapped with
+    ``torch.fx.wrap``), which check the real tensors when the graph runs."""
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    return isinstance(x, Tensor) and x.dim() == 4
+
+
 def unit_ok(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
-    return x.dim() == 4 and unit_reason(conv, bn) is None
+    return is_4d(x) and unit_reason(conv, bn) is None
 
 
 def relu_ok(relu: nn.Module) -> bool:

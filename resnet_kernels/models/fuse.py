@@ -4,9 +4,11 @@ What ``fuse`` converts (parameters, buffers, ``state_dict`` keys, and therefore 
 optimizer and its state, are untouched: modules change class, never contents):
 
 * ``torchvision.models.resnet.ResNet`` / ``BasicBlock`` / ``Bottleneck`` (exactly those classes):
-  their ``__class__`` becomes :mod:`resnet_kernels.models.resnet`'s drop-in class, whose forward
-  runs the stem (conv+BN+ReLU), conv+BN+ReLU and conv+BN(+projection conv+BN)+add+ReLU through
-  the fused functional API over the very same submodules;
+  their ``__class__`` becomes a subclass of both :mod:`resnet_kernels.models.resnet`'s drop-in
+  class and the torchvision class (so ``isinstance(model, torchvision.models.ResNet)`` still
+  holds), whose forward runs the stem (conv+BN+ReLU), conv+BN+ReLU and
+  conv+BN(+projection conv+BN)+add+ReLU through the fused functional API over the very same
+  submodules;
 * this package's own ``ResNet``/``BasicBlock``/``Bottleneck`` (fused by default): ``fused = True``;
 * every plain ``nn.Sequential`` that contains ``Conv2d -> BatchNorm2d (-> ReLU)``: its class
   becomes :class:`FusedSequential`, which runs those runs of modules as one fused unit.
@@ -30,6 +32,7 @@ check them on every forward.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -37,6 +40,7 @@ from typing import List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import _backend
+from .._script import no_script
 from ..functional import conv_bn_act
 from ._units import projection_reason, relu_ok, unit_ok, unit_reason
 from .resnet import BasicBlock, Bottleneck, ResNet
@@ -58,7 +62,7 @@ class FusedSequential(nn.Sequential):
         i, n = 0, len(mods)
         while i < n:
             m = mods[i]
-            if i + 1 < n and isinstance(x, Tensor) and unit_ok(x, m, mods[i + 1]):
+            if i + 1 < n and unit_ok(x, m, mods[i + 1]):  # x: a 4-D tensor (or an fx Proxy)
                 relu = i + 2 < n and relu_ok(mods[i + 2])
                 x = conv_bn_act(x, m, mods[i + 1], relu=relu, backend=self.backend)
                 i += 3 if relu else 2
@@ -69,6 +73,8 @@ class FusedSequential(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script
 
 
 @dataclass
@@ -103,6 +109,28 @@ def _tv_classes():
 
 
 _OURS = {"ResNet": ResNet, "BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+_TV_PREFIX = "_Torchvision"
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_tv_class(tv_cls: type, kind: str) -> type:
+    """The class a torchvision ``kind`` module gets: our drop-in class first (its forward), then
+    torchvision's (isinstance checks keep working). Named like ours in reprs; reachable as
+    ``resnet_kernels.models.fuse._TorchvisionResNet`` etc., so pickle finds it."""
+    cls = type(kind, (_OURS[kind], tv_cls), {"__module__": __name__,
+                                            "__doc__": f"torchvision's {kind}, fused (see resnet_kernels.fuse)."})
+    cls.__qualname__ = _TV_PREFIX + kind
+    return cls
+
+
+def __getattr__(name: str):
+    # pickle/copy look the fused torchvision classes up by name (module __getattr__, PEP 562)
+    kind = name[len(_TV_PREFIX):] if name.startswith(_TV_PREFIX) else None
+    if kind in _OURS:
+        import torchvision.models.resnet as tvr
+
+        return _fused_tv_class(getattr(tvr, kind), kind)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # (conv, bn, what follows) per unit; "relu" or "add" (the block's last unit, with the shortcut)
 _UNITS = {
@@ -185,13 +213,23 @@ def _check_args(fn: str, model, backend) -> Optional[str]:
     return None if backend is None else _backend._check_name(backend)
 
 
-def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
-    """Convert ``model`` in place to run on the fused kernels; returns a :class:`FuseReport`.
+def fuse(model: nn.Module, backend: Optional[str] = None, *, report: bool = False):
+    """Convert ``model`` in place to run on the fused kernels and return it (like ``.to()`` or
+    ``SyncBatchNorm.convert_sync_batchnorm``: ``model = resnet_kernels.fuse(model)``).
 
     backend: None (the backend in force at each call, see ``resnet_kernels.use_backend``),
     'auto', 'cuda', 'triton' or 'torch'; stored on every converted module.
+    report: True returns ``(model, FuseReport)``: what was fused, what was left alone and why
+    (``print(report)``).
     """
     backend = _check_args("fuse", model, backend)
+    if not isinstance(report, bool):
+        raise TypeError(f"fuse: report must be a bool, got {report!r}")
+    result = _fuse(model, backend)
+    return (model, result) if report else model
+
+
+def _fuse(model: nn.Module, backend: Optional[str]) -> FuseReport:
     tv = _tv_classes()
     report = FuseReport("fuse", backend)
     actions = []  # (module, our class or None (flag only), FusedSequential)
@@ -236,7 +274,7 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
     for m, how, kind in actions:
         if how == "tv":
             m.__dict__[_ORIG] = type(m)
-            m.__class__ = _OURS[kind]
+            m.__class__ = _fused_tv_class(type(m), kind)
         elif how == "seq":
             m.__class__ = FusedSequential
             m.backend = backend
@@ -246,9 +284,17 @@ def fuse(model: nn.Module, backend: Optional[str] = None) -> FuseReport:
     return report
 
 
-def unfuse(model: nn.Module) -> FuseReport:
-    """Undo :func:`fuse` in place (same parameter and buffer objects); returns a report."""
+def unfuse(model: nn.Module, *, report: bool = False):
+    """Undo :func:`fuse` in place (same parameter and buffer objects) and return the model;
+    ``report=True`` returns ``(model, FuseReport)``."""
     _check_args("unfuse", model, None)
+    if not isinstance(report, bool):
+        raise TypeError(f"unfuse: report must be a bool, got {report!r}")
+    result = _unfuse(model)
+    return (model, result) if report else model
+
+
+def _unfuse(model: nn.Module) -> FuseReport:
     report = FuseReport("unfuse")
     for name, m in model.named_modules():
         if _ORIG in m.__dict__:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .. import _backend
 from ..functional import conv_bn_act, conv_bn_add_act
-from ._units import projection_reason, relu_ok, unit_ok
+from ._units import is_4d, projection_reason, relu_ok, unit_ok
+from .._script import no_script
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "conv1x1", "conv3x3",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -57,7 +58,7 @@ def _conv_bn_add_relu(blk: nn.Module, h: Tensor, conv: nn.Module, bn: nn.Module,
     """relu(bn(conv(h)) + shortcut(x)), shortcut = blk.downsample or the identity."""
     ds = blk.downsample
     main = unit_ok(h, conv, bn)
-    if main and ds is not None and x.dim() == 4 and projection_reason(ds) is None:
+    if main and ds is not None and is_4d(x) and projection_reason(ds) is None:
         # the 1x1 projection's BN, the block's last BN, the add and the ReLU in one pass
         return conv_bn_add_act(h, conv, bn, x, ds[0], ds[1], relu=True, backend=blk.backend)
     shortcut = x if ds is None else ds(x)
@@ -113,6 +114,8 @@ class BasicBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
 
+    __prepare_scriptable__ = no_script
+
 
 class Bottleneck(nn.Module):
     """torchvision's Bottleneck (ResNet v1.5: the stride is on the 3x3 conv)."""
@@ -159,6 +162,8 @@ class Bottleneck(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script
 
 
 class ResNet(nn.Module):
@@ -257,6 +262,8 @@ class ResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,12 +10,23 @@ Gradients flow to ``x`` through the batch statistics, and to ``bn.weight``/``bn.
 An ``nn.SyncBatchNorm`` that synchronises in this call (training, torch.distributed initialised,
 a process group of more than one process: see ``_sync.sync_group``) uses the statistics of the
 union of the group's batches instead, gathered from the per-process (mean, var) (see _sync.py),
-and updates its running statistics with them and the global count, as nn.SyncBatchNorm does.
+and updates its running statistics with them and the global count, as nn.SyncBatchNorm does
+(the collective runs before any buffer changes).
+
+Failed calls change nothing: the argument checks (and torch's "more than 1 value per channel"
+error) come before any side effect, and a caller that still has to run ops that may raise passes
+``updates=[]``: the side effects are then appended to that list as callables instead of being
+applied, and the caller runs them (``commit(updates)``) once everything has succeeded.
+
+Empty batches behave like ``nn.BatchNorm2d``: in training ``num_batches_tracked`` still counts
+the call, the running statistics are left unchanged, and (scale, shift) are (weight, bias) (torch
+returns ``input * weight[0] + bias[0]`` for an empty input), so the output is empty and the
+gradients of weight and bias are zeros, never NaN.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,47 +44,70 @@ def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+def commit(updates: Optional[List[Callable[[], None]]]) -> None:
+    """Apply the side effects deferred by ``bn_scale_shift(..., updates=...)``, in order."""
+    for u in updates or ():
+        u()
+
+
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
-                   batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+                   batch_stats: Optional[Tuple[Tensor, Tensor]] = None,
+                   updates: Optional[List[Callable[[], None]]] = None) -> Tuple[Tensor, Tensor]:
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D (N, C, H, W) input for {type(bn).__name__}, got shape {tuple(x.shape)}")
     C = x.shape[1]
     if C != bn.num_features:
         raise ValueError(f"{type(bn).__name__}({bn.num_features}) got an input with {C} channels")
-    # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward (and SyncBatchNorm.forward), except that
-    # every check (and, for a SyncBatchNorm, the collective) runs before any buffer changes, so a
-    # failed call leaves the module's state untouched.
-    if uses_batch_stats(bn):
-        m = x.numel() // C if C else 0
-        group = sync_group(bn)
-        if group is None:
-            if m <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, "
-                                 f"got input size {list(x.shape)}")
-            mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
-            unbias = m / (m - 1)
-        else:
-            # nn.SyncBatchNorm over the process group: the statistics of the union of the ranks'
-            # batches (a rank may have none), the running variance unbiased by the global count.
-            mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
-            mean, var, total = sync_batch_stats(mean, var, m, group)
-            unbias = total / (total - 1)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-
+    batch = uses_batch_stats(bn)
+    m = x.numel() // C if C else 0
+    group = sync_group(bn) if batch else None  # a synchronising SyncBatchNorm: the group's union counts
+    if batch and group is None and m == 1:
+        # torch's own check and message; raised before any side effect (torch increments
+        # num_batches_tracked first)
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward (the counter is read, the update deferred).
     if bn.momentum is None:
         factor = 0.0
     else:
         factor = bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if uses_batch_stats(bn) and bn.training and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.running_mean.mul_(1.0 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            unbiased = var.detach() * unbias
-            bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-    acc = torch.float64 if (x.dtype == torch.float64 or mean.dtype == torch.float64) else torch.float32
+    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if count and bn.momentum is None:
+        factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
+    effects: List[Callable[[], None]] = []
+    if count:
+        effects.append(lambda: bn.num_batches_tracked.add_(1))
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if batch and group is None and m == 0:
+        # nn.BatchNorm2d on an empty input: input * weight[0] + bias[0], running stats untouched
+        _run(effects, updates)
+        if bn.weight is not None:
+            dt = torch.float64 if bn.weight.dtype == torch.float64 else acc
+            return bn.weight.to(dt), bn.bias.to(dt)
+        return x.new_ones((C,), dtype=acc), x.new_zeros((C,), dtype=acc)
+    if batch:
+        mean, var = batch_stats if batch_stats is not None else _batch_mean_var(x)
+        if group is None:
+            unbias = m / (m - 1)
+        else:
+            # nn.SyncBatchNorm over the process group: the statistics of the union of the ranks'
+            # batches (a rank may have none), the running variance unbiased by the global count
+            mean, var, total = sync_batch_stats(mean, var, m, group)
+            unbias = total / (total - 1)
+        if bn.training and bn.running_mean is not None:
+            mean_d, unbiased = mean.detach(), var.detach() * unbias
+
+            def update_running():
+                with torch.no_grad():
+                    bn.running_mean.mul_(1.0 - factor).add_(mean_d.to(bn.running_mean.dtype), alpha=factor)
+                    bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+            effects.append(update_running)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    _run(effects, updates)
+    if mean.dtype == torch.float64:
+        acc = torch.float64
     invstd = torch.rsqrt(var.to(acc) + bn.eps)
     if bn.weight is not None:
         scale = bn.weight.to(acc) * invstd
@@ -82,3 +116,10 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
         scale = invstd
         shift = -mean.to(acc) * invstd
     return scale, shift
+
+
+def _run(effects: List[Callable[[], None]], updates: Optional[List[Callable[[], None]]]) -> None:
+    if updates is None:
+        commit(effects)
+    else:
+        updates.extend(effects)

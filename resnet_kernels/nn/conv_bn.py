@@ -14,8 +14,22 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .. import _backend
+from .._script import no_script
+
 # resnet_kernels.functional imports this package (for _bn): bind the module, use it at call time.
 from .. import functional as _functional
+
+
+def _check_backend(where: str, backend: Optional[str]) -> Optional[str]:
+    """A module's backend: None (the one in force at each call) or a valid name, checked when the
+    module is built rather than at its first forward."""
+    if backend is None:
+        return None
+    try:
+        return _backend._check_name(backend)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 class _ConvBNAct(nn.Module):
@@ -31,7 +45,7 @@ class _ConvBNAct(nn.Module):
                               device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats, device=device, dtype=dtype)
-        self.backend = backend
+        self.backend = _check_backend(type(self).__name__, backend)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[bool] = None,
@@ -44,6 +58,8 @@ class _ConvBNAct(nn.Module):
         _functional._check_pair(f"{cls.__name__}.from_modules", conv, bn)
         if relu is None:
             relu = cls._RELU
+        _functional._check_bool(f"{cls.__name__}.from_modules", "relu", relu)
+        backend = _check_backend(f"{cls.__name__}.from_modules", backend)
         target = ConvBNReLU if relu else ConvBN
         self = target.__new__(target)
         nn.Module.__init__(self)
@@ -58,6 +74,8 @@ class _ConvBNAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu={self._RELU}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script
 
 
 class ConvBNReLU(_ConvBNAct):

@@ -7,7 +7,10 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..ops.bn_add_relu import add_relu, bn_add_relu
-from ._bn import bn_scale_shift
+from ._bn import bn_scale_shift, commit
+from .._checks import check_activation, check_layout, check_like
+from .._script import no_script
+from .conv_bn import _check_backend
 
 
 class AddReLU(nn.Module):
@@ -15,10 +18,12 @@ class AddReLU(nn.Module):
 
     def __init__(self, backend: Optional[str] = None):
         super().__init__()
-        self.backend = backend
+        self.backend = _check_backend("AddReLU", backend)
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
         return add_relu(x, identity, backend=self.backend)
+
+    __prepare_scriptable__ = no_script
 
 
 class BNAddReLU(nn.Module):
@@ -40,7 +45,7 @@ class BNAddReLU(nn.Module):
                   device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(num_features, **kw)
         self.shortcut_bn = nn.BatchNorm2d(num_features, **kw) if shortcut_bn else None
-        self.backend = backend
+        self.backend = _check_backend("BNAddReLU", backend)
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, shortcut_bn: Optional[nn.BatchNorm2d] = None,
@@ -51,6 +56,7 @@ class BNAddReLU(nn.Module):
             if m is not None and type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
                 raise TypeError(f"BNAddReLU.from_modules: {name} must be an nn.BatchNorm2d or nn.SyncBatchNorm, "
                                 f"got {type(m).__name__}")
+        backend = _check_backend("BNAddReLU.from_modules", backend)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.bn = bn
@@ -59,11 +65,24 @@ class BNAddReLU(nn.Module):
         return self
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
-        scale, shift = bn_scale_shift(self.bn, x)
+        # the op's own checks of x and identity first, so the BatchNorm statistics never see a bad
+        # identity (e.g. on another device: torch's error would not name it)
+        layout = check_layout("BNAddReLU", "x", x) if check_activation("BNAddReLU", "x", x) is None else None
+        if identity is not None:
+            check_like("BNAddReLU", "identity", identity, x, "x", layout)
+        updates: list = []  # the BNs' side effects, applied once the fused op has succeeded
+        scale, shift = bn_scale_shift(self.bn, x, updates=updates)
         if self.shortcut_bn is None:
-            return bn_add_relu(x, scale, shift, identity, backend=self.backend)
-        id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity)
-        return bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
+            out = bn_add_relu(x, scale, shift, identity, backend=self.backend)
+        else:
+            if identity is None:
+                raise TypeError("BNAddReLU: identity must be a torch.Tensor (shortcut_bn normalises it), got None")
+            id_scale, id_shift = bn_scale_shift(self.shortcut_bn, identity, updates=updates)
+            out = bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
+        commit(updates)
+        return out
 
     def extra_repr(self) -> str:
         return f"shortcut_bn={self.shortcut_bn is not None}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = no_script

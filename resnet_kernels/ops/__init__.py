@@ -2,5 +2,8 @@
 
 from .bn_add_relu import add_relu, bn_add_relu
 from .conv2d import conv2d_epilogue, conv2d_stats
+from . import _flops
+
+_flops.register()  # FLOP formulas for torch.utils.flop_counter
 
 __all__ = ["add_relu", "bn_add_relu", "conv2d_epilogue", "conv2d_stats"]

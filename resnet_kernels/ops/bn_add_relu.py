@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, _tune
-from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
-                       check_like, check_tensor_args)
+from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
+                       check_layout, check_like, check_tensor_args)
 from .._numerics import mismatch, verify_rtol
 
 OP = "bn_add_relu"
@@ -316,7 +316,7 @@ def bn_add_relu(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], ide
     """
     check_tensor_args(OP, ("scale", "shift", "identity", "identity_scale", "identity_shift"), x=x, scale=scale,
                       shift=shift, identity=identity, identity_scale=identity_scale, identity_shift=identity_shift)
-    return bn_add_relu_op(x, scale, shift, identity, identity_scale, identity_shift, bool(relu),
+    return bn_add_relu_op(x, scale, shift, identity, identity_scale, identity_shift, check_bool(OP, "relu", relu),
                           _backend.op_arg(backend))
 
 

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, _tune
-from .._checks import (acc_dtype, channel_vector, check_activation, check_channel_vector, check_layout,
-                       check_tensor_args, in_layout_of, layout_of, same_order)
+from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
+                       check_layout, check_tensor_args, in_layout_of, layout_of, same_order)
 from .._numerics import conv_acc, cudnn_conv_tf32_enabled, mismatch, verify_rtol
 from .bn_add_relu import bn_add_relu_op
 
@@ -368,7 +368,7 @@ def conv2d_epilogue(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, b
     check_tensor_args(op, ("scale", "bias", "residual"), x=x, weight=weight, scale=scale, bias=bias, residual=residual)
     return conv2d_epilogue_op(x, weight, scale, bias, residual, list(_pair(op, "stride", stride, 1)),
                               list(_pair(op, "padding", padding, 0)), list(_pair(op, "dilation", dilation, 1)),
-                              groups, bool(relu), _backend.op_arg(backend))
+                              groups, check_bool(op, "relu", relu), _backend.op_arg(backend))
 
 
 def conv2d_stats(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: IntOrPair = 0,

@@ -49,8 +49,10 @@ def test_fuse_unfuse_round_trip_keeps_parameters_and_optimizer(monkeypatch):
     sd_before = model.state_dict()
     before = classes(model)
 
-    report = rk.fuse(model, backend="torch")
-    assert type(model) is rk_resnet.ResNet and type(model.layer1[0]) is rk_resnet.BasicBlock
+    _, report = rk.fuse(model, backend="torch", report=True)
+    # a subclass of both the drop-in class and torchvision's: isinstance keeps working
+    assert isinstance(model, rk_resnet.ResNet) and isinstance(model.layer1[0], rk_resnet.BasicBlock)
+    assert isinstance(model, TV.ResNet) and isinstance(model.layer1[0], TV.BasicBlock)
     assert sorted(report.fused) == sorted(["", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
                                            "layer3.1", "layer4.0", "layer4.1"])
     assert report.skipped == [] and "layer2.0" in str(report)
@@ -70,7 +72,7 @@ def test_fuse_unfuse_round_trip_keeps_parameters_and_optimizer(monkeypatch):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt_twin.state[q]["momentum_buffer"],
                                    rtol=1e-3, atol=1e-4, msg=n)
 
-    back = rk.unfuse(model)
+    _, back = rk.unfuse(model, report=True)
     assert classes(model) == before and len(back.changed) == 9
     assert not hasattr(model.layer1[0], "fused") and not hasattr(model, "backend")
     assert [id(t) for t in model.parameters()] + [id(t) for t in model.buffers()] == ids
@@ -82,14 +84,15 @@ def test_fuse_unfuse_round_trip_keeps_parameters_and_optimizer(monkeypatch):
 def test_fuse_bottleneck_and_unfuse_native_model(monkeypatch):
     torch.manual_seed(1)
     model = torchvision.models.resnet50(num_classes=10)
-    report = rk.fuse(model, backend="torch")
-    assert type(model.layer1[0]) is rk_resnet.Bottleneck and len(report.fused) == 17
+    _, report = rk.fuse(model, backend="torch", report=True)
+    assert isinstance(model.layer1[0], rk_resnet.Bottleneck) and isinstance(model.layer1[0], TV.Bottleneck)
+    assert len(report.fused) == 17
     counts = count_calls(monkeypatch, rk_resnet)
     model(torch.randn(2, 3, 32, 32))
     assert counts == {"conv_bn_act": 33, "conv_bn_add_act": 16}
 
     native = rk.models.resnet18(num_classes=10, backend="torch")
-    rep = rk.unfuse(native)
+    _, rep = rk.unfuse(native, report=True)
     assert len(rep.changed) == 9 and not native.fused and not native.layer1[0].fused
     counts.clear()
     native(torch.randn(2, 3, 32, 32))
@@ -130,7 +133,7 @@ def test_fuse_generic_sequential(monkeypatch):
     model = _generic_model()
     twin = copy.deepcopy(model)
     ids = [id(t) for t in model.state_dict(keep_vars=True).values()]
-    report = rk.fuse(model, backend="torch")
+    _, report = rk.fuse(model, backend="torch", report=True)
     assert type(model) is rk_fuse.FusedSequential and type(model[10]) is rk_fuse.FusedSequential
     assert type(model[9]) is _MySeq and type(model[8]) is _Custom
     assert dict(report.changed) == {"": "Sequential: 0+1+2(relu), 5+6", "10": "Sequential: 0+1+2(relu)"}
@@ -161,7 +164,7 @@ def test_fuse_generic_sequential(monkeypatch):
 def test_fuse_leaves_unsupported_blocks_alone():
     torch.manual_seed(3)
     gn = torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(8, c))
-    report = rk.fuse(gn)
+    _, report = rk.fuse(gn, report=True)
     assert report.changed == [] and type(gn.layer1[0]) is TV.BasicBlock
     assert any("GroupNorm" in why for _, why in report.skipped)
 
@@ -170,9 +173,9 @@ def test_fuse_leaves_unsupported_blocks_alone():
 
     model = torchvision.models.resnet18(num_classes=10)
     model.layer1[0].__class__ = MyBlock
-    report = rk.fuse(model)
+    _, report = rk.fuse(model, report=True)
     assert type(model.layer1[0]) is MyBlock and "layer1.0" in dict(report.skipped)
-    assert type(model.layer1[1]) is rk_resnet.BasicBlock
+    assert isinstance(model.layer1[1], rk_resnet.BasicBlock) and model.layer1[1]._rk_orig_class is TV.BasicBlock
 
 
 def test_syncbatchnorm_fuses():
@@ -271,7 +274,7 @@ def test_tiny_net_on_triton_backend():
         for p in ref.parameters():
             p.uniform_(0.5, 1.5) if p.dim() == 1 else None
     net = copy.deepcopy(ref)
-    report = rk.fuse(net, backend="triton")
+    _, report = rk.fuse(net, backend="triton", report=True)
     assert sorted(report.fused) == ["0", "1"]
     for train in (True, False):
         net.train(train)
@@ -292,8 +295,8 @@ def test_fuse_root_block_twice_and_back():
     block = TV.BasicBlock(8, 16, stride=2, downsample=nn.Sequential(TV.conv1x1(8, 16, 2), nn.BatchNorm2d(16)))
     twin = copy.deepcopy(block)
     for _ in range(2):  # fusing an already fused model changes nothing
-        report = rk.fuse(block, backend="torch")
-        assert report.fused == [""] and type(block) is rk_resnet.BasicBlock
+        _, report = rk.fuse(block, backend="torch", report=True)
+        assert report.fused == [""] and isinstance(block, rk_resnet.BasicBlock) and isinstance(block, TV.BasicBlock)
         assert type(block.downsample) is nn.Sequential  # owned by the block: used as its projection
     x = torch.randn(2, 8, 8, 8)
     out, dx = fwd_bwd(block, x)

@@ -168,5 +168,5 @@ def test_bn_add_relu_module_errors():
         m(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training"):
         m(torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1))
-    with pytest.raises(ValueError, match=r"expected a 4-D"):
+    with pytest.raises(ValueError, match=r"BNAddReLU: x must be a 4-D"):
         m(torch.randn(4, 4, 4), torch.randn(4, 4, 4))

@@ -1,0 +1,61 @@
+"""FLOP formulas for the ``resnet_kernels::`` ops (``torch.utils.flop_counter.FlopCounterMode``).
+
+They follow PyTorch's own counting so a fused model counts the same FLOPs as the unfused one:
+a convolution counts ``2 * N * Cout * OH * OW * (Cin / groups) * KH * KW`` (what the counter
+gives ``aten.convolution``; its backward, ``aten.convolution_backward``, which the fused ops'
+backward call, is counted by PyTorch itself), and elementwise work counts 0, as PyTorch counts
+BatchNorm, add and ReLU. So:
+
+* ``conv2d_epilogue``, ``conv2d_stats``: the convolution (the fp32 epilogue: BN affine,
+  residual add, ReLU, batch statistics: 0);
+* ``bn_add_relu``, ``bn_add_relu_backward``: 0 (registered, so the counter lists them).
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+
+try:
+    from torch.utils.flop_counter import register_flop_formula
+except ImportError:  # pragma: no cover - torch without flop formulas for custom ops
+    register_flop_formula = None
+
+
+def _conv_flops(x_shape, w_shape, out_shape) -> int:
+    # torch.utils.flop_counter.conv_flop_count for a non-transposed convolution
+    N = x_shape[0]
+    c_out, c_in_per_group, *kernel = w_shape
+    return 2 * N * c_out * c_in_per_group * prod(out_shape[2:]) * prod(kernel)
+
+
+def conv2d_epilogue_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(x_shape, w_shape, out_shape)
+
+
+def conv2d_stats_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(x_shape, w_shape, out_shape[0])  # out: (y, mean, var)
+
+
+def elementwise_flop(*args, out_shape=None, **kwargs) -> int:
+    return 0
+
+
+FORMULAS = {
+    "conv2d_epilogue": conv2d_epilogue_flop,
+    "conv2d_stats": conv2d_stats_flop,
+    "bn_add_relu": elementwise_flop,
+    "bn_add_relu_backward": elementwise_flop,
+}
+
+
+def register() -> None:
+    if register_flop_formula is None:
+        return
+    from torch.utils.flop_counter import flop_registry
+
+    for name, fn in FORMULAS.items():
+        target = getattr(torch.ops.resnet_kernels, name)
+        if target not in flop_registry:  # importing twice (reload) must not raise "duplicate"
+            register_flop_formula(target)(fn)
