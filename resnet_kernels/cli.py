@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pi.set_defaults(func=_cmd_info)
 
-    from .bench import ARCHS, BACKENDS, DTYPES, LAYOUTS, MODES
+    from .bench import ARCHS, BACKENDS, CPU_DEFAULTS, DTYPES, GPU_DEFAULTS, LAYOUTS, MODES
 
     pb = sub.add_parser(
         "bench", help="whole-model images/s: fused kernels vs PyTorch eager vs torch.compile",
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dtype", choices=tuple(DTYPES), default=None)
     pb.add_argument("--layout", choices=LAYOUTS, default="channels_last")
     pb.add_argument("--backends", type=_csv(BACKENDS), default=None,
-                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: eager,compile,cuda,triton on a "
-                         "GPU; eager,torch,cuda,triton on a CPU, where cuda and triton are listed as unavailable)")
+                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: {','.join(GPU_DEFAULTS['backends'])} "
+                         f"on a GPU; {','.join(CPU_DEFAULTS['backends'])} on a CPU, where the backends that cannot run "
+                         "on CPU tensors are listed as unavailable)")
     pb.add_argument("--iters", type=int, default=None, help="timed iterations")
     pb.add_argument("--warmup", type=int, default=None, help="untimed iterations first (>= 1)")
     pb.add_argument("--num-classes", type=int, default=1000)

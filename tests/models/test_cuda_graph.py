@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import resnet_kernels
-from rk_testing import needs_gpu
+from rk_testing import KERNEL_BACKENDS, needs_gpu
 
 pytestmark = needs_gpu("CUDA-graph capture")
 
-BACKENDS = ["cuda", "triton"]
+# every backend of the registry, and 'auto' (under capture: the cached or static choice, never timed)
+BACKENDS = KERNEL_BACKENDS + ["auto"]
 
 
 def _model(backend: str) -> torch.nn.Module:
