@@ -185,7 +185,7 @@ def test_syncbatchnorm_fuses():
     plain = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(num_classes=10)).double()
     model = copy.deepcopy(plain)
     rk.fuse(model, backend="torch")
-    assert type(model) is rk_resnet.ResNet and type(model.layer2[0]) is rk_resnet.BasicBlock
+    assert isinstance(model, rk_resnet.ResNet) and isinstance(model.layer2[0], rk_resnet.BasicBlock)
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
     rk.fuse(seq)
     assert type(seq) is rk_fuse.FusedSequential
@@ -197,15 +197,23 @@ def test_syncbatchnorm_fuses():
     check_state("SyncBatchNorm", model, None, plain, dtype=torch.float64)
 
 
-def test_syncbatchnorm_only_in_downsample_is_rejected():
-    """The downsample's BN is checked on its own (the whole-model test above raises at the stem
-    already, so a check looking at downsample[0] would pass it: mutant M16 of tools/mutate.py)."""
-    model = torchvision.models.resnet18(num_classes=10)
-    model.layer2[0].downsample[1] = nn.SyncBatchNorm(128)
-    before = classes(model)
-    with pytest.raises(ValueError, match=r"SyncBatchNorm at 'layer2\.0\.downsample\.1'"):
-        rk.fuse(model)
-    assert classes(model) == before
+def test_downsample_norm_is_checked_on_its_own():
+    """The successor of the downsample-SyncBatchNorm rejection (SyncBatchNorm now fuses): the
+    downsample's norm layer is checked on its own, so a GroupNorm there leaves the projection to
+    the plain modules (the block still fuses its first unit) and a SyncBatchNorm there fuses; both
+    models compute what their plain twins compute (mutant M16 of tools/mutate.py)."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for norm, fused_projection in ((nn.GroupNorm(4, 128), False), (nn.SyncBatchNorm(128), True)):
+        model = torchvision.models.resnet18(num_classes=10)
+        model.layer2[0].downsample[1] = norm
+        model = model.double().eval()
+        plain = copy.deepcopy(model)
+        with rk.use_backend("torch"):
+            model, report = rk.fuse(model, report=True)
+            out = model(x)
+        line = next(ln for ln in str(report).splitlines() if "layer2.0: " in ln)
+        assert ("add(downsample.0+downsample.1)" in line) == fused_projection, str(report)
+        torch.testing.assert_close(out, plain(x), rtol=1e-9, atol=1e-9)
 
 
 def test_bf16_autocast_and_channels_last():
