@@ -196,6 +196,8 @@ def backend_availability(backend: str, device: torch.device) -> Tuple[bool, str]
     if ok and device.type not in _registry.auto_device_types(backend):
         return False, (f"kernel timings need an NVIDIA GPU: the {backend} backend runs on {device.type} tensors only "
                        f"in an emulator (e.g. the Triton interpreter), whose timings mean nothing")
+    if not ok and device.type != "cuda":
+        why = f"kernel timings need an NVIDIA GPU: {why}"
     return ok, why
 
 
