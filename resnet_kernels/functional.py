@@ -180,7 +180,9 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     if node is not None:
         return node
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
-        return _plain(bn(conv(x)), residual, relu)
+        y = conv(x)
+        _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
+        return _plain(bn(y), residual, relu)
     dt = _autocast_dtype(x)
     if dt is None:
         return _conv_bn_act(x, conv, bn, relu, residual, backend, None)
@@ -195,6 +197,18 @@ def _plain_ok(x, backend, *bns) -> bool:
     if any(isinstance(b, nn.SyncBatchNorm) for b in bns):
         return False
     return _tune.plain_layers(x, _backend.op_arg(backend))
+
+
+def _check_residual(fn: str, name: str, r, y: Tensor) -> None:
+    """What the fused ops check of a residual, for the plain-layers path (before any state change)."""
+    if r is None:
+        return
+    if not isinstance(r, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(r).__name__}")
+    if tuple(r.shape) != tuple(y.shape):
+        raise ValueError(f"{fn}: {name} must have the output's shape {tuple(y.shape)}, got {tuple(r.shape)}")
+    if r.device != y.device:
+        raise ValueError(f"{fn}: {name} must be on the output's device ({y.device}), got {r.device}")
 
 
 def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -233,8 +247,14 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
     if node is not None:
         return node
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
-        shortcut = shortcut_input if shortcut_conv is None else shortcut_bn(shortcut_conv(shortcut_input))
-        return _plain(bn(conv(x)), shortcut, relu)
+        y = conv(x)
+        if shortcut_conv is None:
+            _check_residual("conv_bn_add_act", "shortcut_input", shortcut_input, y)
+            return _plain(bn(y), shortcut_input, relu)
+        s = shortcut_conv(shortcut_input)
+        _check_residual("conv_bn_add_act", "the shortcut", s, y)  # before the BatchNorms change state
+        y = bn(y)
+        return _plain(y, shortcut_bn(s), relu)
     dt = _autocast_dtype(x)
     if dt is None:
         return _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, None)
