@@ -105,8 +105,7 @@ def _in_layout(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
 
 def _autocast_dtype(x) -> Optional[torch.dtype]:
     """The autocast dtype in force for x's device, or None (autocast off)."""
-    if (isinstance(x, Tensor) and x.is_floating_point() and x.device.type != "meta"  # meta: no autocast
-            and torch.is_autocast_enabled(x.device.type)):
+    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
