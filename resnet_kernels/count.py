@@ -38,7 +38,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,8 @@ _BLOCK = re.compile(r"^layer\d+\.\d+$")
 
 # ops that launch nothing: allocations, metadata, scalar reads (views are detected from the schema)
 _FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "detach", "alias", "lift_fresh",
-         "_local_scalar_dense", "_unsafe_view", "as_strided_", "_reshape_alias", "set_", "resize_", "sym_size", "sym_stride",
-         "sym_numel", "sym_storage_offset", "_record_function_enter_new", "_record_function_exit"}
+         "_local_scalar_dense", "_unsafe_view", "as_strided_", "_reshape_alias", "set_", "resize_", "sym_size",
+         "sym_stride", "sym_numel", "sym_storage_offset", "_record_function_enter_new", "_record_function_exit"}
 _FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 
 

@@ -5,7 +5,6 @@ the roofline model's independent per-kernel tables (../shared/perf/roofline_mode
 import json
 
 import pytest
-import torch
 
 from resnet_kernels import _registry, cli, count
 
