@@ -29,6 +29,10 @@ def _cmd_count(args) -> int:
         print(count.to_json(counts))
         return 0
     print(count.format_counts(counts))
+    if args.ops:
+        for c in counts:
+            print()
+            print(count.format_ops(c))
     if args.json:
         with open(args.json, "w") as f:
             f.write(count.to_json(counts) + "\n")
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated subset of {','.join(count_backends())} (default: all)")
     pk.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="print JSON (schema resnet-kernels-count/1) instead of the table, or also write it to PATH")
+    pk.add_argument("--ops", action="store_true", help="also print each backend's launches and bytes per op")
     pk.set_defaults(func=_cmd_count)
 
     pc = sub.add_parser(

@@ -426,10 +426,25 @@ def format_counts(counts: List[Count]) -> str:
     return "\n".join(lines)
 
 
+def format_ops(c: Count) -> str:
+    """One backend's step by phase and op (summed over layers): calls, launches, GB."""
+    rows: "OrderedDict[Tuple[str, str, str], List[int]]" = OrderedDict()
+    for e in c.entries:
+        v = rows.setdefault((e.phase, e.op, e.impl), [0, 0, 0])
+        v[0] += e.calls
+        v[1] += e.launches
+        v[2] += e.bytes
+    lines = [f"{c.backend}: per op (all layers), counted", "", "| phase | op | implementation | calls | launches | GB |",
+             "|---|---|---|---|---|---|"]
+    for (phase, op, impl), (calls, launches, b) in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[1][1])):
+        lines.append(f"| {phase} | {op} | {impl} | {calls} | {launches} | {_gb(b)} |")
+    return "\n".join(lines)
+
+
 def to_json(counts: List[Count]) -> str:
     return json.dumps({"schema": "resnet-kernels-count/1", "counted": "meta device, not timed",
                        "results": [c.to_dict() for c in counts]}, indent=1)
 
 
 __all__ = ["count_step", "count_backends", "Count", "Entry", "Counter", "aten_cost", "counted_impl",
-           "format_counts", "to_json"]
+           "format_counts", "format_ops", "to_json"]

@@ -134,6 +134,7 @@ def test_cli_count_json(capsys):
 
 def test_cli_count_table(capsys):
     rc = cli.main(["count", "--model", "resnet18", "--mode", "infer", "--batch", "2", "--image-size", "64",
-                   "--backends", "eager"])
+                   "--backends", "eager", "--ops"])
     out, _ = capsys.readouterr()
     assert rc == 0 and "COUNTED" in out and "| **total** |" in out and "| layer4.1 |" in out
+    assert "| fwd | convolution | aten | 20 | 20 |" in out  # ResNet-18: 20 convolutions, one launch each
