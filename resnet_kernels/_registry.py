@@ -68,6 +68,10 @@ class Impl:
     # the launcher allocates and returns its activation output (out=None is passed) instead of
     # writing into a preallocated one: e.g. an aten convolution, which has no out= variant worth using
     returns_output: bool = False
+    # what one call launches on a GPU, for the accountant (resnet_kernels/count.py): cost(call) ->
+    # (kernel launches, HBM bytes read + written), computed from the call's shapes alone (no kernel
+    # runs); None: not declared (the accountant then says it cannot count this implementation)
+    cost: Optional[Callable[[Any], Tuple[int, int]]] = None
 
     @property
     def name(self) -> str:

@@ -15,6 +15,30 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_count(args) -> int:
+    from . import count
+
+    try:
+        counts = [count.count_step(args.model, args.mode, b, batch=args.batch, image_size=args.image_size,
+                                   dtype=args.dtype, layout=args.layout, num_classes=args.num_classes)
+                  for b in args.backends]
+    except (ValueError, NotImplementedError) as exc:
+        print(f"resnet-kernels count: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(count.to_json(counts))
+        return 0
+    print(count.format_counts(counts))
+    if args.ops:
+        for c in counts:
+            print()
+            print(count.format_ops(c))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(count.to_json(counts) + "\n")
+    return 0
+
+
 def _csv(choices):
     def parse(text: str):
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -151,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--num-classes", type=int, default=1000)
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_cmd_tune)
+
+    from .count import MODELS as COUNT_MODELS, count_backends
+
+    pk = sub.add_parser(
+        "count", help="kernel launches and HBM bytes per step, per layer, counted without a GPU (not timed)",
+        description="Runs one step of the model on the meta device (no memory, no kernel runs) under a dispatch "
+                    "counter: every aten op counts the kernels PyTorch launches for it on CUDA and the bytes its "
+                    "tensors occupy; every fused op counts what its implementation declares (Impl.cost). Prints "
+                    "launches / GB per layer and in total for each backend. Rules and limits: docs/COUNT.md.")
+    pk.add_argument("--model", choices=COUNT_MODELS, default="resnet50")
+    pk.add_argument("--mode", choices=MODES, default="train", help="train: forward+loss+backward+SGD step; infer: eval forward")
+    pk.add_argument("--batch", type=int, default=256)
+    pk.add_argument("--image-size", type=int, default=224)
+    pk.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    pk.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    pk.add_argument("--num-classes", type=int, default=1000)
+    pk.add_argument("--backends", type=_csv(count_backends()), default=list(count_backends()),
+                    help=f"comma-separated subset of {','.join(count_backends())} (default: all)")
+    pk.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                    help="print JSON (schema resnet-kernels-count/1) instead of the table, or also write it to PATH")
+    pk.add_argument("--ops", action="store_true", help="also print each backend's launches and bytes per op")
+    pk.set_defaults(func=_cmd_count)
 
     pc = sub.add_parser(
         "check", help="parity self-test of every available backend against the PyTorch reference",

@@ -80,21 +80,199 @@ def conv_kernel_supports(call) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# cost declarations: what one call launches on a GPU (kernels, HBM bytes read + written),
+# from the call's shapes alone, for the accountant (resnet_kernels/count.py, docs/COUNT.md).
+# Bytes are compulsory traffic: each tensor a kernel reads or writes counted once per kernel
+# (re-reads through L2 misses are not modelled); per-tile partial-sum scratch is counted.
+# --------------------------------------------------------------------------------------------
+def nbytes(t) -> int:
+    """Bytes of the memory a tensor addresses (broadcast / stride-0 dimensions counted once)."""
+    if t is None or t.numel() == 0:
+        return 0
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return span * t.element_size()
+
+
+def _act_bytes(shape, dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * (torch.empty((), dtype=dtype).element_size())
+
+
+def _vecs(*ts) -> int:
+    return sum(nbytes(t) for t in ts)
+
+
+def _fused_bar_cost(call):
+    """The one-pass bn_add_relu kernel (cuda, triton): read x (+identity) and the per-channel
+    vectors, write out."""
+    return 1, 2 * nbytes(call.x) + nbytes(call.identity) + _vecs(call.scale, call.shift, call.id_scale, call.id_shift)
+
+
+def _aten_bar_cost(call):
+    """aten_bn_add_relu.bn_add_relu_forward, pass by pass."""
+    x, acc = call.x, _acc(call.x.dtype)
+    a = nbytes(x)
+    a_acc = _act_bytes(x.shape, acc)
+    vec = _vecs(call.scale, call.shift, call.id_scale, call.id_shift)
+    ident = nbytes(call.identity)
+    if call.scale is not None and call.shift is not None and (call.identity is None or x.dtype == acc):
+        # eval batch_norm (read x, write y in x's dtype, or acc when an identity follows: x.dtype == acc then)
+        launches, b = 1, 2 * a
+        if call.identity is not None:
+            launches, b = launches + 1, b + 2 * a + ident  # addcmul_/add_
+            if call.id_shift is not None:
+                launches, b = launches + 1, b + 2 * a
+        if call.relu:
+            launches, b = launches + 1, b + 2 * a
+        return launches, b + vec
+    launches, b = 1, a + a_acc  # addcmul/mul/add/copy into the acc temporary
+    if call.identity is not None:
+        launches, b = launches + 1, b + 2 * a_acc + ident
+        if call.id_shift is not None:
+            launches, b = launches + 1, b + 2 * a_acc
+    if call.relu:
+        launches, b = launches + 1, b + 2 * a_acc
+    if acc != x.dtype:
+        launches, b = launches + 1, b + a_acc + a  # rounded to x's dtype
+    return launches, b + vec
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fused_bar_bwd_cost(call):
+    """The bn_add_relu backward kernel (cuda, triton): read grad_out, the mask (out), x for
+    d scale, identity for d identity_scale; write grad_x / grad_identity; per-block partial sums
+    then one small reduce launch when a per-channel gradient is needed."""
+    nx, ni, ns, nb, nis = call.needs
+    g = nbytes(call.grad_out)
+    b = g + (nbytes(call.out) if call.relu else 0) + nbytes(call.x) + nbytes(call.identity)
+    b += g * (int(nx) + int(ni)) + _vecs(call.scale, call.id_scale)
+    sums = int(ns) + int(nb) + int(nis)
+    vec = call.C * torch.empty((), dtype=_acc(call.grad_out.dtype)).element_size()
+    return 1 + (1 if sums else 0), b + 2 * sums * vec
+
+
+def _aten_bar_bwd_cost(call):
+    """aten_bn_add_relu.bn_add_relu_backward, pass by pass."""
+    nx, ni, ns, nb, nis = call.needs
+    go = call.grad_out
+    acc = _acc(go.dtype)
+    g = nbytes(go)
+    g_acc = _act_bytes(go.shape, acc)
+    vec = call.C * torch.empty((), dtype=acc).element_size()
+    launches = b = 0
+    if call.relu:
+        launches, b = 1, 3 * g  # where(out > 0, grad, 0): read grad, out; write g
+    for need, s in ((nx, call.scale), (ni, call.id_scale)):
+        if not need:
+            continue
+        if s is None or go.dtype == acc:
+            launches, b = launches + 1, b + 2 * g + nbytes(s)
+        else:
+            launches, b = launches + 2, b + g + g_acc + g_acc + g + nbytes(s)  # fp32 product, then rounded
+    if nb:
+        launches, b = launches + 1, b + g + vec
+    for need, t in ((ns, call.x), (nis, call.identity)):
+        if not need:
+            continue
+        if go.dtype == acc:
+            launches, b = launches + 3, b + g + nbytes(t) + g_acc + g_acc + 3 * vec  # mul, sum, copy_
+        else:
+            launches, b = launches + 5, b + (g + g_acc) + (nbytes(t) + g_acc) + 3 * g_acc + g_acc + 3 * vec
+    return launches, b
+
+
+_CONV_BM = 128  # rows (N*OH*OW) per tile of the statistics partials: csrc/conv2d.cu's BM; Triton's BLOCK_M varies
+
+
+def _conv_io(call) -> int:
+    out = _act_bytes(call.shape, call.x.dtype)
+    return nbytes(call.x) + out + nbytes(call.residual) + _vecs(call.scale, call.bias)
+
+
+def _partials(call) -> int:
+    N, Cout, OH, OW = call.shape
+    return 2 * ((N * OH * OW + _CONV_BM - 1) // _CONV_BM) * Cout * 4  # (mean, M2) per tile, float32
+
+
+def _cuda_conv_cost(call):
+    """pack_weight (a permute copy, plus a zero fill of the padding columns when K % 8 != 0), the
+    implicit-GEMM kernel (x, packed weight, the epilogue's operands, out; per-tile statistics
+    partials) and, with statistics, conv2d_stats_finalize_kernel."""
+    Cout, Cin, KH, KW = call.weight.shape
+    K = Cin * KH * KW
+    ldw = (K + 7) // 8 * 8
+    wsz = call.weight.element_size()
+    launches, b = 1, nbytes(call.weight) + Cout * K * wsz
+    if ldw > K:
+        launches, b = launches + 1, b + Cout * (ldw - K) * wsz
+    launches, b = launches + 1, b + _conv_io(call) + Cout * ldw * wsz
+    if call.compute_stats:
+        p = _partials(call)
+        launches, b = launches + 1, b + p + p + 2 * Cout * 4
+    return launches, b
+
+
+def _triton_conv_cost(call):
+    """the weight permuted to (K, Cout) (one copy), the conv kernel and, with statistics, the
+    stats-combine kernel (partials counted with 128-row tiles)."""
+    w = nbytes(call.weight)
+    launches, b = 2, 2 * w + _conv_io(call) + w
+    if call.compute_stats:
+        p = _partials(call)
+        Cout = call.shape[1]
+        launches, b = launches + 1, b + p + p + 2 * Cout * 4
+    return launches, b
+
+
+def _aten_conv_cost(call):
+    """cuDNN's convolution counted as one launch (x, weight, y); with statistics
+    torch.batch_norm_stats (read y) and invstd.pow(-2); with an epilogue, the bn_add_relu pass that
+    'auto' picks statically on CUDA tensors (the cuda kernel: read y (+ residual), write y)."""
+    Cout = call.shape[1]
+    y = _act_bytes(call.shape, call.x.dtype)
+    launches, b = 1, nbytes(call.x) + nbytes(call.weight) + y
+    if call.compute_stats:
+        return launches + 2, b + y + 2 * Cout * 4 + 2 * Cout * 4
+    if call.scale is not None or call.bias is not None or call.residual is not None or call.relu:
+        launches, b = launches + 1, b + 2 * y + nbytes(call.residual) + _vecs(call.scale, call.bias)
+    return launches, b
+
+
+_COSTS = {
+    ("bn_add_relu", "cuda"): _fused_bar_cost, ("bn_add_relu", "triton"): _fused_bar_cost,
+    ("bn_add_relu", "aten"): _aten_bar_cost,
+    ("bn_add_relu_backward", "cuda"): _fused_bar_bwd_cost, ("bn_add_relu_backward", "triton"): _fused_bar_bwd_cost,
+    ("bn_add_relu_backward", "aten"): _aten_bar_bwd_cost,
+    ("conv2d_epilogue", "cuda"): _cuda_conv_cost, ("conv2d_stats", "cuda"): _cuda_conv_cost,
+    ("conv2d_epilogue", "triton"): _triton_conv_cost, ("conv2d_stats", "triton"): _triton_conv_cost,
+    ("conv2d_epilogue", "aten"): _aten_conv_cost, ("conv2d_stats", "aten"): _aten_conv_cost,
+}
+
+
+# --------------------------------------------------------------------------------------------
 # the implementations ('priority': the static order of 'auto' where it does not measure)
 # --------------------------------------------------------------------------------------------
 _EVERYWHERE = ("cuda", "cpu")
 
 for _op, _fn in (("bn_add_relu", "bn_add_relu_forward"), ("bn_add_relu_backward", "bn_add_relu_backward")):
-    register(Impl(_op, "cuda", _P + "cuda_bn_add_relu:" + _fn, priority=20))
-    register(Impl(_op, "triton", _TRITON + "bn_add_relu:" + _fn, priority=30))
+    register(Impl(_op, "cuda", _P + "cuda_bn_add_relu:" + _fn, priority=20, cost=_COSTS[(_op, "cuda")]))
+    register(Impl(_op, "triton", _TRITON + "bn_add_relu:" + _fn, priority=30, cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "aten", _P + "aten_bn_add_relu:" + _fn, priority=40, auto_on=_EVERYWHERE,
-                  returns_output=_op == "bn_add_relu"))
+                  returns_output=_op == "bn_add_relu", cost=_COSTS[(_op, "aten")]))
     register(Impl(_op, "torch", _P + "torch_bn_add_relu:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
 
 for _op in ("conv2d_epilogue", "conv2d_stats"):
     # aten first: cuDNN is the floor until a kernel of ours is measured faster on this GPU
     register(Impl(_op, "aten", _P + "aten_conv2d:conv2d_forward", priority=10, auto_on=_EVERYWHERE, reference=True,
-                  returns_output=True))
-    register(Impl(_op, "cuda", _P + "cuda_conv2d:conv2d_forward", supports=conv_kernel_supports, priority=20))
-    register(Impl(_op, "triton", _TRITON + "conv2d:conv2d_forward", supports=conv_kernel_supports, priority=30))
+                  returns_output=True, cost=_COSTS[(_op, "aten")]))
+    register(Impl(_op, "cuda", _P + "cuda_conv2d:conv2d_forward", supports=conv_kernel_supports, priority=20,
+                  cost=_COSTS[(_op, "cuda")]))
+    register(Impl(_op, "triton", _TRITON + "conv2d:conv2d_forward", supports=conv_kernel_supports, priority=30,
+                  cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "torch", _P + "torch_conv2d:conv2d_forward", priority=90, auto_on=_EVERYWHERE))
+

@@ -1,0 +1,140 @@
+"""The accountant (resnet_kernels/count.py): kernel launches and HBM bytes per step, counted on the
+meta device. Counted, not timed: these tests check the counting against hand counts and against
+the roofline model's independent per-kernel tables (../shared/perf/roofline_model.py), not speed."""
+
+import json
+
+import pytest
+
+from resnet_kernels import _registry, cli, count
+
+# the small configuration of the hand counts: ResNet-18, batch 8, 64x64 images, fp32, channels_last.
+# layer1 activations: 8 x 64 x 16 x 16 fp32
+A = 8 * 64 * 16 * 16 * 4  # 524,288 bytes
+W = 64 * 64 * 3 * 3 * 4  # a 3x3 64->64 conv weight: 147,456 bytes
+V = 64 * 4  # one per-channel fp32 vector: 256 bytes
+
+
+@pytest.fixture(scope="module")
+def small():
+    return {b: count.count_step("resnet18", "train", b, batch=8, image_size=64, dtype="fp32",
+                                layout="channels_last", num_classes=10) for b in ("eager", "cuda", "auto")}
+
+
+def _layer(c, layer, phase):
+    es = [e for e in c.entries if e.layer == layer and e.phase == phase]
+    return sum(e.launches for e in es), sum(e.bytes for e in es), {(e.op, e.impl): e for e in es}
+
+
+def test_eager_layer_bytes_match_hand_count(small):
+    """Forward of torchvision's BasicBlock layer1.1 in training (conv-BN-ReLU, conv-BN, add, ReLU)."""
+    launches, got, ops = _layer(small["eager"], "layer1.1", "fwd")
+    conv = A + W + A  # read x and the weight, write y (one cuDNN launch each)
+    # native batch norm, 3 launches: statistics (read x), running stats + invstd, apply (read x,
+    # write y); per-channel: weight, bias, running mean, running var read, save_mean and
+    # save_invstd written (6 vectors)
+    bn = 2 * A + A + 6 * V
+    relu = 2 * A  # relu_ reads and writes in place
+    residual = 3 * A  # out += identity: read both, write out
+    nbt = 2 * 16  # num_batches_tracked.add_(1): one int64 read and written, per BN
+    want = 2 * conv + 2 * bn + 2 * relu + residual + nbt
+    assert want == 9_210_912
+    assert got == want
+    assert launches == 2 * 1 + 2 * 3 + 2 + 1 + 2  # convs, BNs, ReLUs, add, num_batches_tracked
+    assert ops[("convolution", "aten")].bytes == 2 * conv
+
+
+def test_fused_layer_counts_declared_cost_not_decomposition(small):
+    """layer1.1 of the fused model on the cuda backend: each conv2d_stats counts what the cuda
+    implementation declares, not the aten ops of any Python decomposition."""
+    _, _, ops = _layer(small["cuda"], "layer1.1", "fwd")
+    stats = ops[("conv2d_stats", "cuda")]
+    assert stats.calls == 2
+    # per call: pack_weight (read W, write the packed W: K = 576 is a multiple of 8, no zero fill),
+    # the implicit GEMM (read x and the packed weight, write y and the per-tile (mean, M2)
+    # partials: N*OH*OW = 2048 rows in 16 tiles of 128, 64 channels, fp32), the finalize kernel
+    # (read the partials, write mean and var)
+    partials = 2 * 16 * 64 * 4
+    per_call = (W + W) + (A + W + A + partials) + (partials + 2 * V)
+    assert stats.launches == 2 * 3
+    assert stats.bytes == 2 * per_call
+    assert ("convolution", "aten") not in ops  # the fused conv is not counted as aten ops
+    bar = ops[("bn_add_relu", "cuda")]
+    # conv-BN-ReLU: read y, write out; the tail: read y and the identity, write out; + scale, shift
+    assert bar.bytes == (2 * A + 2 * V) + (3 * A + 2 * V)
+    assert bar.launches == 2
+
+
+def test_auto_counts_its_static_cuda_choice(small):
+    """'auto' on CUDA without a measurement: aten (cuDNN) convolutions, the cuda bn_add_relu."""
+    impls = {(e.op, e.impl) for e in small["auto"].entries}
+    assert ("conv2d_stats", "aten") in impls and ("conv2d_stats", "cuda") not in impls
+    assert ("bn_add_relu", "cuda") in impls and ("bn_add_relu_backward", "cuda") in impls
+
+
+def test_phases_and_layers_cover_the_step(small):
+    for c in small.values():
+        phases = c.by_phase()
+        assert set(phases) == {"fwd", "bwd", "optim"}
+        layers = list(c.by_layer())
+        assert layers[0] == "stem" and "layer4.1" in layers and "head" in layers and "optimizer" in layers
+        assert c.launches == sum(v[0] for v in phases.values())
+        assert c.bytes == sum(v[1] for v in c.by_layer().values())
+    # the optimizer (SGD momentum, foreach): mul_ over the buffers, add_ into them, add_ into the params
+    opt = [e for e in small["eager"].entries if e.phase == "optim"]
+    assert {e.op for e in opt} == {"_foreach_mul_", "_foreach_add_"}
+    params = sum(p.numel() for p in count.build_model("resnet18", "eager", 10).parameters()) * 4
+    assert sum(e.bytes for e in opt) == 2 * params + 2 * (3 * params)
+
+
+@pytest.mark.parametrize("mode,launches,gbytes", [("infer", 174, 41.3), ("train", 735 - 2 * 53, 122.0)])
+def test_eager_resnet50_totals_agree_with_roofline_model(mode, launches, gbytes):
+    """The roofline model (batch 256, 224x224, bf16, channels_last) lists 174 kernels for an
+    inference forward and 735 for a training step, 2 x 53 of them autocast weight casts and
+    bf16->fp32 gradient casts that this fp32-free bf16 model does not run; its GB are
+    41.3 / 122.0. Launches must match within 5%, bytes within 5%."""
+    c = count.count_step("resnet50", mode, "eager", batch=256, image_size=224, dtype="bf16")
+    assert abs(c.launches - launches) <= 0.05 * launches, c.launches
+    assert abs(c.bytes / 1e9 - gbytes) <= 0.05 * gbytes, c.bytes
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="model"):
+        count.count_step("resnet7")
+    with pytest.raises(ValueError, match="backend"):
+        count.count_step("resnet18", backend="torch")  # no cost declared: listed as not countable
+    with pytest.raises(ValueError, match="mode"):
+        count.count_step("resnet18", mode="eval")
+
+
+def test_every_offered_countable_backend_declares_every_cost():
+    for b in count.count_backends()[2:]:
+        for op in _registry.OPS:
+            impl = _registry.get_impl(op, b)
+            assert impl is None or impl.cost is not None
+
+
+def test_cli_count_json(capsys):
+    rc = cli.main(["count", "--model", "resnet18", "--mode", "infer", "--batch", "2", "--image-size", "64",
+                   "--dtype", "fp32", "--backends", "eager,cuda", "--json"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    d = json.loads(out)
+    assert d["schema"] == "resnet-kernels-count/1"
+    eager, cuda = d["results"]
+    assert (eager["backend"], cuda["backend"]) == ("eager", "cuda")
+    assert eager["launches"] == sum(layer["launches"] for layer in eager["layers"]) > 0
+    assert cuda["bytes"] == sum(layer["bytes"] for layer in cuda["layers"]) > 0
+    # every conv of ours packs its weight on every call (read W, write W) before the GEMM reads it
+    # again: at batch 2 the weights dominate, so the fused model moves more bytes than eager here
+    weights = sum(p.numel() for n, p in count.build_model("resnet18", "eager", 1000).named_parameters()
+                  if p.dim() == 4) * 4
+    assert cuda["bytes"] > 3 * weights
+
+
+def test_cli_count_table(capsys):
+    rc = cli.main(["count", "--model", "resnet18", "--mode", "infer", "--batch", "2", "--image-size", "64",
+                   "--backends", "eager", "--ops"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "COUNTED" in out and "| **total** |" in out and "| layer4.1 |" in out
+    assert "| fwd | convolution | aten | 20 | 20 |" in out  # ResNet-18: 20 convolutions, one launch each
