@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from . import _registry
+from . import _ext, _registry
 from ._registry import BackendUnavailableError
 
 _global_backend = "auto"
