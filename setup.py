@@ -125,7 +125,7 @@ def _build_with_progress(cmd, cwd) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
-        m = re.match(r"\[(\d+)/(\d+)\]\s+(Building \S+ object|Linking)\s*(\S*)", line)
+        m = re.match(r"\[(\d+)/(\d+)\]\s+(Building \S+ object|Linking \S+ shared (?:module|library))\s*(\S*)", line)
         if m:
             what = Path(m.group(4)).name.replace(".o", "") if m.group(4) else ""
             _tty(f"resnet-kernels: [{m.group(1)}/{m.group(2)}] {m.group(3).split()[0].lower()} {what} "
