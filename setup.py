@@ -125,7 +125,7 @@ def _build_with_progress(cmd, cwd) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stdout.write(line)
-        m = re.match(r"\[(\d+)/(\d+)\]\s+(Building \S+ object|Linking)\s*(\S*)", line)
+        m = re.match(r"\[(\d+)/(\d+)\]\s+(Building \S+ object|Linking \S+ shared (?:module|library))\s*(\S*)", line)
         if m:
             what = Path(m.group(4)).name.replace(".o", "") if m.group(4) else ""
             _tty(f"resnet-kernels: [{m.group(1)}/{m.group(2)}] {m.group(3).split()[0].lower()} {what} "
@@ -232,7 +232,7 @@ class CMakeBuild(build_ext):
             except ImportError:
                 pass
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        srcs = sorted(p.name for p in (ROOT / "csrc").glob("*.cu")) + sorted(p.name for p in (ROOT / "csrc").glob("*.cpp"))
+        srcs = [p.name for ext_ in ("*.cu", "*.cpp") for p in sorted((ROOT / "csrc").glob(ext_))]
         _say(f"compiling the CUDA backend resnet_kernels._C ({len(srcs)} sources: {', '.join(srcs)}) with {nvcc} "
              f"for sm_{', sm_'.join(map(str, archs))}, MAX_JOBS={jobs}. This takes {BUILD_MINUTES_2_CORES} minutes on "
              f"2 CPU cores (less with more cores and fewer architectures: RESNET_KERNELS_CUDA_ARCHS); "

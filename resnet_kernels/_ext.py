@@ -51,9 +51,10 @@ def _load():
     except ImportError as exc:  # the reason is reported by info() and by backend errors
         msg = str(exc)
         if "No module named" in msg:
-            msg = source_tree_message("resnet_kernels._C") or ("resnet_kernels._C is not installed: the package was built without a CUDA "
-                   "compiler (nvcc) or with RESNET_KERNELS_SKIP_CUDA=1; reinstall with nvcc on PATH "
-                   "(RESNET_KERNELS_REQUIRE_CUDA=1 makes a missing compiler a build error)")
+            msg = source_tree_message("resnet_kernels._C") or (
+                "resnet_kernels._C is not installed: the package was built without a CUDA "
+                "compiler (nvcc) or with RESNET_KERNELS_SKIP_CUDA=1; reinstall with nvcc on PATH "
+                "(RESNET_KERNELS_REQUIRE_CUDA=1 makes a missing compiler a build error)")
         else:
             msg = f"resnet_kernels._C failed to import: {msg}"
         return None, msg

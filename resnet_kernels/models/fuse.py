@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from torch import Tensor, nn
+from torch import nn
 
 from .. import _backend
 from .._script import no_script

@@ -17,7 +17,7 @@ from torch import nn
 import resnet_kernels as rk
 import rk_testing as rt
 from resnet_kernels import functional as RF
-from resnet_kernels.nn import AddReLU, BNAddReLU, ConvBN, ConvBNReLU
+from resnet_kernels.nn import BNAddReLU, ConvBN, ConvBNReLU
 
 TV = torchvision.models.resnet
 DEV = rt.DEVICE
@@ -30,10 +30,6 @@ def _state(m: nn.Module):
 def _assert_state_equal(m: nn.Module, before, what=""):
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), f"{what}: {k} changed"
-
-
-def _grads(m: nn.Module):
-    return {n: p.grad for n, p in m.named_parameters()}
 
 
 def _pair(arch="resnet18", train=True):
@@ -109,10 +105,12 @@ def _bad_calls():
         "bnaddrelu unusable backend": (lambda: BNAddReLU(C, device=DEV, backend="cuda" if DEV == "cpu" else "torch"),
                                        lambda m: m(x, x) if DEV == "cpu" else m(x, x.cpu())),
         "convbnrelu residual shape": (lambda: ConvBNReLU(3, C, 3, device=DEV),
-                                      lambda m: m(torch.randn(2, 3, 7, 7, device=DEV), torch.randn(2, C, 4, 5, device=DEV))),
+                                      lambda m: m(torch.randn(2, 3, 7, 7, device=DEV),
+                                                  torch.randn(2, C, 4, 5, device=DEV))),
         "convbnrelu one value per channel": (lambda: ConvBNReLU(3, C, 3, device=DEV),
                                              lambda m: m(torch.randn(1, 3, 3, 3, device=DEV))),
-        "convbn wrong channels": (lambda: ConvBN(3, C, 3, device=DEV), lambda m: m(torch.randn(2, 5, 7, 7, device=DEV))),
+        "convbn wrong channels": (lambda: ConvBN(3, C, 3, device=DEV),
+                                  lambda m: m(torch.randn(2, 5, 7, 7, device=DEV))),
         "projection bad shortcut input": (
             lambda: _ProjBlock(),
             lambda m: m(torch.randn(2, 3, 8, 8, device=DEV), torch.randn(2, 3, 8, 9, device=DEV))),
