@@ -142,14 +142,15 @@ PYBIND11_MODULE(_C, m) {
   // ---- argument structs: bound once, field by field (def_readwrite). Python fills one and calls
   // the entry point with it (resnet_kernels/backends/cuda_common.py fill_args checks that every
   // field is set). Assigning an unknown attribute raises AttributeError; a wrong type TypeError.
-  py::class_<rk::BnAddReluArgs> fwd(m, "BnAddReluArgs",
+  // module_local: the test-only host runner (tests/host_runner.py) binds the same structs.
+  py::class_<rk::BnAddReluArgs> fwd(m, "BnAddReluArgs", py::module_local(),
                                     "arguments of bn_add_relu_forward (csrc/bn_add_relu.h); pointer 0 = absent");
   fwd.def(py::init<>());
   def_dtype(fwd, "BnAddReluArgs.dtype");
   RK_FIELDS(fwd, rk::BnAddReluArgs, x, scale, shift, identity, id_scale, id_shift, out, numel, C, inner, relu, stream);
   finish(fwd);
 
-  py::class_<rk::BnAddReluBackwardArgs> bwd(m, "BnAddReluBackwardArgs",
+  py::class_<rk::BnAddReluBackwardArgs> bwd(m, "BnAddReluBackwardArgs", py::module_local(),
                                             "arguments of bn_add_relu_backward (csrc/bn_add_relu.h); pointer 0 = absent");
   bwd.def(py::init<>());
   def_dtype(bwd, "BnAddReluBackwardArgs.dtype");
@@ -157,7 +158,8 @@ PYBIND11_MODULE(_C, m) {
             grad_scale, grad_shift, grad_id_scale, workspace, workspace_bytes, numel, C, inner, relu, stream);
   finish(bwd);
 
-  py::class_<rk::Conv2dArgs> conv(m, "Conv2dArgs", "arguments of conv2d_forward (csrc/conv2d.h); pointer 0 = absent");
+  py::class_<rk::Conv2dArgs> conv(m, "Conv2dArgs", py::module_local(),
+                                  "arguments of conv2d_forward (csrc/conv2d.h); pointer 0 = absent");
   conv.def(py::init<>());
   def_dtype(conv, "Conv2dArgs.dtype");
   RK_FIELDS(conv, rk::Conv2dArgs, x, w, scale, bias, residual, out, mean, var, workspace, workspace_bytes, N, Cin, H,

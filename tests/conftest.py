@@ -59,3 +59,43 @@ def on_device():
     finally:
         if rk_testing.HAS_GPU:
             torch.backends.cudnn.allow_tf32 = old_tf32
+
+
+# --------------------------------------------------------------------------------------------
+# The cuda backend without a GPU: the host runner (tests/host_runner.py, docs/DESIGN.md)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def host_runner_module():
+    """csrc/'s kernels compiled for the CPU (built once per session, cached across sessions)."""
+    import host_runner
+
+    if host_runner.compiler() is None:
+        pytest.skip("no C++ compiler (g++) on PATH: the host runner cannot be built")
+    return host_runner.HostRunner(host_runner.build())
+
+
+@pytest.fixture
+def cuda_target(request, monkeypatch):
+    """The device the cuda backend's parity tests put their tensors on: "cuda" with a GPU (the
+    real kernels); without one, "cpu" with the host runner swapped in for ``_C``
+    (``cuda_common.host_runner``) and the cuda backend reported usable on CPU tensors, so the
+    ops, the launchers and csrc's own kernel source all run."""
+    import rk_testing
+
+    if rk_testing.HAS_GPU:
+        yield "cuda"
+        return
+    mod = request.getfixturevalue("host_runner_module")
+    from resnet_kernels import _backend
+    from resnet_kernels.backends import cuda_common
+
+    real_status = _backend.backend_status
+
+    def status(name, device=None):
+        if name == "cuda" and (device is None or torch.device(device).type == "cpu"):
+            return True, ""
+        return real_status(name, device)
+
+    monkeypatch.setattr(_backend, "backend_status", status)
+    with cuda_common.host_runner(mod):
+        yield "cpu"

@@ -99,9 +99,17 @@ def build(patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | N
             texts[name] = texts[name].replace(old, new)
     runner_files = {p.relative_to(RUNNER).as_posix(): p.read_text() for p in sorted(RUNNER.rglob("*"))
                     if p.is_file() and p.suffix in (".h", ".cpp")}
-    headers = _digest(*(f"{k}\n{v}" for k, v in sorted(texts.items()) if not k.endswith((".cu", ".cpp"))),
-                      *(f"{k}\n{v}" for k, v in sorted(runner_files.items()) if k.endswith(".h")))
-    src_dir = root / "src" / _digest(headers, *(f"{k}\n{v}" for k, v in sorted(texts.items())))
+    headers = {**{k: v for k, v in texts.items() if not k.endswith((".cu", ".cpp"))},
+               **{Path(k).name: v for k, v in runner_files.items() if k.endswith(".h")}}
+
+    def deps(text: str, seen: set) -> set:  # the quoted includes of a file, transitively
+        for inc in re.findall(r'#\s*include\s*[<"]([\w./]+)[>"]', text):
+            if inc in headers and inc not in seen:
+                seen.add(inc)
+                deps(headers[inc], seen)
+        return seen
+
+    src_dir = root / "src" / _digest(*(f"{k}\n{v}" for k, v in sorted(texts.items())))
     if not src_dir.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))
@@ -123,7 +131,10 @@ def build(patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | N
     def compile_one(unit):
         src, extra = unit
         flags = [*COMMON_FLAGS, f"-I{INCLUDE}", f"-I{src_dir}", *extra]
-        obj = obj_dir / f"{src.stem}-{_digest(version, flags, headers, src.read_text())}.o"
+        text = src.read_text()
+        dep_text = [f"{h}\n{headers[h]}" for h in sorted(deps(text, set()))]
+        key_flags = [f for f in flags if f != f"-I{src_dir}"]  # a patch elsewhere must not rebuild this
+        obj = obj_dir / f"{src.stem}-{_digest(version, key_flags, text, *dep_text)}.o"
         if not obj.exists():
             tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
             r = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(tmp)], capture_output=True, text=True)
@@ -141,7 +152,7 @@ def build(patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | N
     if not so.exists():
         mod_dir.mkdir(parents=True, exist_ok=True)
         tmp = mod_dir / f"_C.{os.getpid()}.tmp.so"
-        r = subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs), "-ldl"], capture_output=True, text=True)
+        r = subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objs), "-ldl"], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"host runner: linking failed:\n{r.stderr[-6000:]}")
         nm = shutil.which("nm")

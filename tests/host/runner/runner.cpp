@@ -1,7 +1,7 @@
 // The host runner: executes the CUDA kernels of csrc/, compiled for the CPU (rk_host.h), one CTA
 // after another. Test-only (docs/DESIGN.md "Host runner").
 //
-// * Threads: each thread of the running CTA is a fiber (ucontext) with its own stack. A fiber runs
+// * Threads: each thread of the running CTA is a fiber with its own stack. A fiber runs
 //   until it blocks at __syncthreads or at a warp-collective operation; the scheduler then runs
 //   the next runnable fiber (fixed round-robin order, so every run is deterministic).
 // * __syncthreads is a barrier of every thread of the CTA. Reaching it after some threads of the
@@ -39,6 +39,70 @@
 #include "rk_host.h"
 #include "rk_host_ptx.h"
 
+// ---- context switching: a few instructions on x86-64 (callee-saved registers, MXCSR and the x87
+// control word, then the stack pointer), ucontext elsewhere (a signal-mask system call per switch).
+#if defined(__x86_64__)
+extern "C" void rk_host_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl rk_host_switch
+  .hidden rk_host_switch
+  .type rk_host_switch,@function
+rk_host_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size rk_host_switch,.-rk_host_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+struct Context {
+  void* sp = nullptr;
+};
+// A fresh context that starts in fn() on the stack [lo, hi) (fn never returns).
+inline void make_context(Context& c, char* lo, char* hi, void (*fn)()) {
+  (void)lo;
+  uintptr_t top = reinterpret_cast<uintptr_t>(hi) & ~uintptr_t(15);
+  auto* s = reinterpret_cast<uint64_t*>(top);
+  s[-1] = 0;                                  // fake return address of fn
+  s[-2] = reinterpret_cast<uint64_t>(fn);     // popped by ret
+  for (int i = 3; i <= 8; ++i) s[-i] = 0;     // rbp rbx r12 r13 r14 r15
+  s[-9] = 0x1f80ull | (0x037full << 32);      // MXCSR default, x87 control word default
+  c.sp = &s[-9];
+}
+inline void switch_context(Context& from, Context& to) { rk_host_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void make_context(Context& c, char* lo, char* hi, void (*fn)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = lo;
+  c.uc.uc_stack.ss_size = static_cast<size_t>(hi - lo);
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, fn, 0);
+}
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 namespace rk_host {
 namespace {
 
@@ -54,7 +118,7 @@ struct Copy {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   int tid = 0;
   int state = kDone;
   bool checking = false;
@@ -88,7 +152,7 @@ std::recursive_mutex g_launch_mutex;  // one launch at a time (the bindings rele
 // ---- run state
 Fiber g_fibers[kMaxThreads];
 char* g_stacks = nullptr;
-ucontext_t g_sched;
+Context g_sched;
 Fiber* g_cur = nullptr;
 bool g_checking = false;  // == g_cur && g_cur->checking, read on every instrumented access
 int g_nthreads = 0;
@@ -185,7 +249,7 @@ std::string where(int tid) {
     Fiber* f = g_cur;
     f->checking = false;
     g_checking = false;
-    swapcontext(&f->ctx, &g_sched);
+    switch_context(f->ctx, g_sched);
   }
   std::fprintf(stderr, "rk host runner: fatal outside a fiber: %s\n", msg.c_str());
   std::abort();
@@ -194,7 +258,7 @@ std::string where(int tid) {
 void yield() {
   Fiber* f = g_cur;
   g_checking = false;
-  swapcontext(&f->ctx, &g_sched);
+  switch_context(f->ctx, g_sched);
   // resumed by the scheduler (which set g_cur)
   g_checking = f->checking;
 }
@@ -281,7 +345,7 @@ void trampoline() {
   for (const Copy& c : f->pending) --word(g_shared_lo + c.dst).inflight;
   f->groups.clear();
   f->pending.clear();
-  swapcontext(&f->ctx, &g_sched);
+  switch_context(f->ctx, g_sched);
 }
 
 void run_cta() {
@@ -299,11 +363,7 @@ void run_cta() {
     f.tidx = uint3{t % g_block.x, (t / g_block.x) % g_block.y, t / (g_block.x * g_block.y)};
     f.pending.clear();
     f.groups.clear();
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack_lo;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, trampoline, 0);
+    make_context(f.ctx, f.stack_lo, f.stack_hi, trampoline);
     g_queue.push_back(t);
   }
   while (!g_abort) {
@@ -340,7 +400,7 @@ void run_cta() {
     Fiber& f = g_fibers[t];
     g_cur = &f;
     g_checking = f.checking;
-    swapcontext(&g_sched, &f.ctx);
+    switch_context(g_sched, f.ctx);
     g_cur = nullptr;
     g_checking = false;
   }
