@@ -32,45 +32,9 @@ py::dict runtime_info() {
   return d;
 }
 
-// One def_readwrite per field, each field named once: RK_FIELDS(cls, Struct, a, b, c) ->
-// cls.def_readwrite("a", &Struct::a) ... and the names recorded in the class's `fields` tuple.
-#define RK_FIELD_1(cls, S, f) (cls.def_readwrite(#f, &S::f), field_names(cls).append(#f));
-#define RK_EXPAND(x) x
-#define RK_FE_1(cls, S, f) RK_FIELD_1(cls, S, f)
-#define RK_FE_2(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_1(cls, S, __VA_ARGS__))
-#define RK_FE_3(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_2(cls, S, __VA_ARGS__))
-#define RK_FE_4(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_3(cls, S, __VA_ARGS__))
-#define RK_FE_5(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_4(cls, S, __VA_ARGS__))
-#define RK_FE_6(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_5(cls, S, __VA_ARGS__))
-#define RK_FE_7(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_6(cls, S, __VA_ARGS__))
-#define RK_FE_8(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_7(cls, S, __VA_ARGS__))
-#define RK_FE_9(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_8(cls, S, __VA_ARGS__))
-#define RK_FE_10(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_9(cls, S, __VA_ARGS__))
-#define RK_FE_11(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_10(cls, S, __VA_ARGS__))
-#define RK_FE_12(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_11(cls, S, __VA_ARGS__))
-#define RK_FE_13(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_12(cls, S, __VA_ARGS__))
-#define RK_FE_14(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_13(cls, S, __VA_ARGS__))
-#define RK_FE_15(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_14(cls, S, __VA_ARGS__))
-#define RK_FE_16(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_15(cls, S, __VA_ARGS__))
-#define RK_FE_17(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_16(cls, S, __VA_ARGS__))
-#define RK_FE_18(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_17(cls, S, __VA_ARGS__))
-#define RK_FE_19(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_18(cls, S, __VA_ARGS__))
-#define RK_FE_20(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_19(cls, S, __VA_ARGS__))
-#define RK_FE_21(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_20(cls, S, __VA_ARGS__))
-#define RK_FE_22(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_21(cls, S, __VA_ARGS__))
-#define RK_FE_23(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_22(cls, S, __VA_ARGS__))
-#define RK_FE_24(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_23(cls, S, __VA_ARGS__))
-#define RK_FE_25(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_24(cls, S, __VA_ARGS__))
-#define RK_FE_26(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_25(cls, S, __VA_ARGS__))
-#define RK_FE_27(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_26(cls, S, __VA_ARGS__))
-#define RK_FE_28(cls, S, f, ...) RK_FIELD_1(cls, S, f) RK_EXPAND(RK_FE_27(cls, S, __VA_ARGS__))
-#define RK_NARGS(...) RK_EXPAND(RK_NARGS_(__VA_ARGS__, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, \
-                                          12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1))
-#define RK_NARGS_(_1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, _17, _18, _19, _20, _21, \
-                  _22, _23, _24, _25, _26, _27, _28, N, ...) N
-#define RK_CAT(a, b) RK_CAT_(a, b)
-#define RK_CAT_(a, b) a##b
-#define RK_FIELDS(cls, S, ...) RK_EXPAND(RK_CAT(RK_FE_, RK_NARGS(__VA_ARGS__))(cls, S, __VA_ARGS__))
+// One def_readwrite per field, each field named once: RK_FIELD(cls, x) binds S::x of the struct S of
+// py::class_<S> cls as attribute "x" and records the name in the class's `fields` tuple.
+#define RK_FIELD(cls, f) bind_field(cls, #f, &std::decay_t<decltype(cls)>::type::f)
 
 // The names bound so far, kept on the class as `fields` (a tuple) by finish().
 template <typename C>
@@ -103,6 +67,12 @@ void def_dtype(C& cls, const char* what) {
       "dtype", [](const S& a) { return static_cast<int>(a.dtype); },
       [what](S& a, int code) { a.dtype = rk::check_dtype(code, what, "dtype"); });
   field_names(cls).append("dtype");
+}
+
+template <typename C, typename M>
+void bind_field(C& cls, const char* name, M member) {
+  cls.def_readwrite(name, member);
+  field_names(cls).append(name);
 }
 
 // int64_t[4] element strides as a list of 4 ints.
@@ -147,23 +117,32 @@ PYBIND11_MODULE(_C, m) {
                                     "arguments of bn_add_relu_forward (csrc/bn_add_relu.h); pointer 0 = absent");
   fwd.def(py::init<>());
   def_dtype(fwd, "BnAddReluArgs.dtype");
-  RK_FIELDS(fwd, rk::BnAddReluArgs, x, scale, shift, identity, id_scale, id_shift, out, numel, C, inner, relu, stream);
+  RK_FIELD(fwd, x); RK_FIELD(fwd, scale); RK_FIELD(fwd, shift); RK_FIELD(fwd, identity); RK_FIELD(fwd, id_scale);
+  RK_FIELD(fwd, id_shift); RK_FIELD(fwd, out); RK_FIELD(fwd, numel); RK_FIELD(fwd, C); RK_FIELD(fwd, inner);
+  RK_FIELD(fwd, relu); RK_FIELD(fwd, stream);
   finish(fwd);
 
   py::class_<rk::BnAddReluBackwardArgs> bwd(m, "BnAddReluBackwardArgs", py::module_local(),
-                                            "arguments of bn_add_relu_backward (csrc/bn_add_relu.h); pointer 0 = absent");
+                                            "arguments of bn_add_relu_backward (csrc/bn_add_relu.h); "
+                                            "pointer 0 = absent");
   bwd.def(py::init<>());
   def_dtype(bwd, "BnAddReluBackwardArgs.dtype");
-  RK_FIELDS(bwd, rk::BnAddReluBackwardArgs, grad_out, out, x, scale, identity, id_scale, grad_x, grad_identity,
-            grad_scale, grad_shift, grad_id_scale, workspace, workspace_bytes, numel, C, inner, relu, stream);
+  RK_FIELD(bwd, grad_out); RK_FIELD(bwd, out); RK_FIELD(bwd, x); RK_FIELD(bwd, scale); RK_FIELD(bwd, identity);
+  RK_FIELD(bwd, id_scale); RK_FIELD(bwd, grad_x); RK_FIELD(bwd, grad_identity); RK_FIELD(bwd, grad_scale);
+  RK_FIELD(bwd, grad_shift); RK_FIELD(bwd, grad_id_scale); RK_FIELD(bwd, workspace); RK_FIELD(bwd, workspace_bytes);
+  RK_FIELD(bwd, numel); RK_FIELD(bwd, C); RK_FIELD(bwd, inner); RK_FIELD(bwd, relu); RK_FIELD(bwd, stream);
   finish(bwd);
 
   py::class_<rk::Conv2dArgs> conv(m, "Conv2dArgs", py::module_local(),
                                   "arguments of conv2d_forward (csrc/conv2d.h); pointer 0 = absent");
   conv.def(py::init<>());
   def_dtype(conv, "Conv2dArgs.dtype");
-  RK_FIELDS(conv, rk::Conv2dArgs, x, w, scale, bias, residual, out, mean, var, workspace, workspace_bytes, N, Cin, H,
-            W, Cout, KH, KW, stride_h, stride_w, pad_h, pad_w, OH, OW, ldw, relu, allow_tf32, stream);
+  RK_FIELD(conv, x); RK_FIELD(conv, w); RK_FIELD(conv, scale); RK_FIELD(conv, bias); RK_FIELD(conv, residual);
+  RK_FIELD(conv, out); RK_FIELD(conv, mean); RK_FIELD(conv, var); RK_FIELD(conv, workspace);
+  RK_FIELD(conv, workspace_bytes); RK_FIELD(conv, N); RK_FIELD(conv, Cin); RK_FIELD(conv, H); RK_FIELD(conv, W);
+  RK_FIELD(conv, Cout); RK_FIELD(conv, KH); RK_FIELD(conv, KW); RK_FIELD(conv, stride_h); RK_FIELD(conv, stride_w);
+  RK_FIELD(conv, pad_h); RK_FIELD(conv, pad_w); RK_FIELD(conv, OH); RK_FIELD(conv, OW); RK_FIELD(conv, ldw);
+  RK_FIELD(conv, relu); RK_FIELD(conv, allow_tf32); RK_FIELD(conv, stream);
   def_strides<&rk::Conv2dArgs::x_stride>(conv, "x_stride");
   def_strides<&rk::Conv2dArgs::out_stride>(conv, "out_stride");
   def_strides<&rk::Conv2dArgs::res_stride>(conv, "res_stride");

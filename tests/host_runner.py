@@ -152,7 +152,8 @@ def build(patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | N
     if not so.exists():
         mod_dir.mkdir(parents=True, exist_ok=True)
         tmp = mod_dir / f"_C.{os.getpid()}.tmp.so"
-        r = subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objs), "-ldl"], capture_output=True, text=True)
+        r = subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objs), "-ldl"],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"host runner: linking failed:\n{r.stderr[-6000:]}")
         nm = shutil.which("nm")

@@ -86,19 +86,24 @@ def test_wrong_fragment_index_fails_parity(host_runner_module):
 
 
 def test_bn_backward_missing_barrier_is_reported():
+    """grad_shift and grad_scale: two block_sum calls per block, the second one's shared writes
+    race with the first one's reads once the barrier between them is gone."""
     shape, C = (2, 8, 4, 4), 8
-    g = torch.randn(shape, dtype=torch.float32)
-    grad_shift = torch.full((C,), float("nan"))
-    with cuda_common.host_runner(_runner("bn_block_sum_barrier")):
-        with pytest.raises(RuntimeError, match=r"shared-memory race: .* in the same barrier interval") as info:
-            cuda_bn_add_relu.bn_add_relu_backward(g, None, None, None, None, None, None, None, None, grad_shift,
+    g, x = torch.randn(shape), torch.randn(shape)
+
+    def run(runner):
+        grad_scale, grad_shift = torch.full((C,), float("nan")), torch.full((C,), float("nan"))
+        with cuda_common.host_runner(runner):
+            cuda_bn_add_relu.bn_add_relu_backward(g, None, x, None, None, None, None, None, grad_scale, grad_shift,
                                                   None, False, C, 16)
+        return grad_scale, grad_shift
+
+    with pytest.raises(RuntimeError, match=r"shared-memory race: .* in the same barrier interval") as info:
+        run(_runner("bn_block_sum_barrier"))
     assert "bn_add_relu_bwd_nchw_kernel" in str(info.value)
-    # the same call on the unmodified source is right
-    with cuda_common.host_runner(_runner(None)):
-        cuda_bn_add_relu.bn_add_relu_backward(g, None, None, None, None, None, None, None, None, grad_shift,
-                                              None, False, C, 16)
+    grad_scale, grad_shift = run(_runner(None))  # the unmodified source is right
     torch.testing.assert_close(grad_shift, g.sum((0, 2, 3)), **rt.REDUCTION_TOL[torch.float32])
+    torch.testing.assert_close(grad_scale, (g * x).sum((0, 2, 3)), **rt.REDUCTION_TOL[torch.float32])
 
 
 BUGS[None] = {}

@@ -176,7 +176,10 @@ def test_backward_launcher_every_output_subset(dtype, layout, shape, offset, cud
     grad_out, out, x, identity = act(), act(), act(), act()
     scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(cuda_target)
     id_scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(cuda_target)
-    for want, relu, with_scales in itertools.product(WANTS, (True, False), (True, False)):
+    cases = list(itertools.product(WANTS, (True, False), (True, False)))
+    if not cuda_target.startswith("cuda"):  # host runner: every third case (each subset, rotating flags)
+        cases = cases[::3]
+    for want, relu, with_scales in cases:
         sc, isc = (scale, id_scale) if with_scales else (None, None)
         got = _launch_backward(cuda_impl, grad_out, out, x, sc, identity, isc, want, C, inner, relu)
         exp = _launch_backward(torch_impl, grad_out, out, x, sc, identity, isc, want, C, inner, relu)

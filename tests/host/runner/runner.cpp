@@ -677,7 +677,8 @@ void cp_async_cg16(uint32_t dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16)
     fail(fmt("cp.async: src-size %d of %s is not in [0, 16]", src_bytes, where(f.tid).c_str()));
   const uintptr_t a = g_shared_lo + dst;
-  if (!in_shared(a, 16)) fail(fmt("cp.async: destination 0x%x of %s is outside shared memory", dst, where(f.tid).c_str()));
+  if (!in_shared(a, 16))
+    fail(fmt("cp.async: destination 0x%x of %s is outside shared memory", dst, where(f.tid).c_str()));
   Copy c{dst, {}};
   if (src_bytes > 0) {
     const uintptr_t s = reinterpret_cast<uintptr_t>(src);

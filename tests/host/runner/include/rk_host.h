@@ -228,7 +228,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
 inline cudaError_t cudaGetLastError() { return ::rk_host::take_error(); }
 inline cudaError_t cudaPeekAtLastError() { return ::rk_host::peek_error(); }
 inline const char* cudaGetErrorName(cudaError_t e) {
-  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorInvalidValue ? "cudaErrorInvalidValue" : "cudaErrorLaunchFailure";
+  if (e == cudaSuccess) return "cudaSuccess";
+  return e == cudaErrorInvalidValue ? "cudaErrorInvalidValue" : "cudaErrorLaunchFailure";
 }
 inline const char* cudaGetErrorString(cudaError_t e) { return ::rk_host::error_string(e); }
 inline cudaError_t cudaGetDevice(int* d) {
