@@ -39,8 +39,10 @@ INCLUDE = RUNNER / "include"
 # a kernel name (optionally a template-id without nested <>) followed by <<<config>>>(
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
+# -fno-gnu-unique: the static locals of template kernels (their __shared__ arrays) must stay private
+# to each loaded runner module (several, each with a planted bug, can be loaded in one process)
 COMMON_FLAGS = ["-std=c++17", "-O1", "-g0", "-fPIC", "-DRK_HOST_RUNNER", "-ffp-contract=off", "-fno-strict-aliasing",
-                "-Wno-unknown-pragmas", "-Wno-attributes"]
+                "-fno-gnu-unique", "-Wno-unknown-pragmas", "-Wno-attributes"]
 # kernel translation units: every load/store calls the runner's checks; __CUDA_ARCH__ selects the
 # device code paths (sm_80: cp.async, ldmatrix, mma.sync)
 KERNEL_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-D__CUDA_ARCH__=800"]

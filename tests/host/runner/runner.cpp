@@ -316,8 +316,12 @@ void shared_access(uintptr_t a, size_t n, bool write, int tid, const char* what)
 void check_global(uintptr_t a, size_t n, bool write, int tid) {
   for (const Range& r : g_buffers)
     if (a >= r.lo && a + n <= r.hi) return;
-  fail(fmt("out-of-bounds global access: %s of %zu bytes at 0x%lx by %s is inside no tensor passed to the kernel",
-           write ? "write" : "read", n, static_cast<unsigned long>(a), where(tid).c_str()));
+  const Fiber& f = g_fibers[tid];
+  fail(fmt("out-of-bounds global access: %s of %zu bytes at 0x%lx by %s is inside no tensor passed to the kernel "
+           "(%zu tensors; shared memory [0x%lx, 0x%lx), this thread's stack [%p, %p))",
+           write ? "write" : "read", n, static_cast<unsigned long>(a), where(tid).c_str(), g_buffers.size(),
+           static_cast<unsigned long>(g_shared_lo), static_cast<unsigned long>(g_shared_hi),
+           static_cast<void*>(f.stack_lo), static_cast<void*>(f.stack_hi)));
 }
 
 // Every instrumented load/store of kernel code while a kernel runs.
