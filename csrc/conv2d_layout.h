@@ -1,6 +1,6 @@
-// Index math of the implicit-GEMM convolution (csrc/conv2d.cu), kept in __host__ __device__
-// helpers so that a host-side emulation can check the tiling, the shared-memory swizzle, the
-// ldmatrix addressing and the mma fragment mapping without a GPU.
+// Index math of the implicit-GEMM convolution (csrc/conv2d.cu): tiling, shared-memory swizzle,
+// ldmatrix addressing, mma fragment mapping. (Without a GPU, the whole kernel runs in the test-only
+// host runner, tests/host_runner.py.)
 //
 // GEMM view: M = N*OH*OW output pixels (row m -> (n, p, q)), N_gemm = Cout, K = KH*KW*Cin with
 // k -> (r, s, c), c fastest (the weight is laid out (Cout, KH, KW, Cin), row stride ldw >= K).

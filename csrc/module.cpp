@@ -32,6 +32,63 @@ py::dict runtime_info() {
   return d;
 }
 
+// One def_readwrite per field, each field named once: RK_FIELD(cls, x) binds S::x of the struct S of
+// py::class_<S> cls as attribute "x" and records the name in the class's `fields` tuple.
+#define RK_FIELD(cls, f) bind_field(cls, #f, &std::decay_t<decltype(cls)>::type::f)
+
+// The names bound so far, kept on the class as `fields` (a tuple) by finish().
+template <typename C>
+py::list& field_names(C&) {
+  static py::list* names = new py::list();  // one per struct type; leaked on purpose (module lifetime)
+  return *names;
+}
+
+template <typename C>
+void finish(C& cls) {
+  cls.attr("fields") = py::tuple(field_names(cls));
+  cls.def("__repr__", [](py::object self) {
+    std::string s = py::str(py::type::handle_of(self).attr("__name__"));
+    s += "(";
+    bool first = true;
+    for (auto name : self.attr("fields")) {
+      if (!first) s += ", ";
+      first = false;
+      s += std::string(py::str(name)) + "=" + std::string(py::repr(self.attr(name)));
+    }
+    return s + ")";
+  });
+}
+
+// dtype as the integer code shared with Python (cuda_common.DTYPE_CODES), checked on assignment.
+template <typename C>
+void def_dtype(C& cls, const char* what) {
+  using S = typename C::type;
+  cls.def_property(
+      "dtype", [](const S& a) { return static_cast<int>(a.dtype); },
+      [what](S& a, int code) { a.dtype = rk::check_dtype(code, what, "dtype"); });
+  field_names(cls).append("dtype");
+}
+
+template <typename C, typename M>
+void bind_field(C& cls, const char* name, M member) {
+  cls.def_readwrite(name, member);
+  field_names(cls).append(name);
+}
+
+// int64_t[4] element strides as a list of 4 ints.
+template <auto Member, typename C>
+void def_strides(C& cls, const char* name) {
+  using S = typename C::type;
+  cls.def_property(
+      name, [](const S& a) { return std::vector<int64_t>(std::begin(a.*Member), std::end(a.*Member)); },
+      [name](S& a, const std::vector<int64_t>& v) {
+        if (v.size() != 4)
+          throw rk::ArgError(rk::cat("Conv2dArgs.", name, " must have 4 entries, got ", v.size()));
+        for (int i = 0; i < 4; ++i) (a.*Member)[i] = v[i];
+      });
+  field_names(cls).append(name);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -52,20 +109,52 @@ PYBIND11_MODULE(_C, m) {
         "CUDA runtime/driver versions and visible device count (initialises the CUDA runtime: "
         "never called at import time)");
 
+  // ---- argument structs: bound once, field by field (def_readwrite). Python fills one and calls
+  // the entry point with it (resnet_kernels/backends/cuda_common.py fill_args checks that every
+  // field is set). Assigning an unknown attribute raises AttributeError; a wrong type TypeError.
+  // module_local: the test-only host runner (tests/host_runner.py) binds the same structs.
+  py::class_<rk::BnAddReluArgs> fwd(m, "BnAddReluArgs", py::module_local(),
+                                    "arguments of bn_add_relu_forward (csrc/bn_add_relu.h); pointer 0 = absent");
+  fwd.def(py::init<>());
+  def_dtype(fwd, "BnAddReluArgs.dtype");
+  RK_FIELD(fwd, x); RK_FIELD(fwd, scale); RK_FIELD(fwd, shift); RK_FIELD(fwd, identity); RK_FIELD(fwd, id_scale);
+  RK_FIELD(fwd, id_shift); RK_FIELD(fwd, out); RK_FIELD(fwd, numel); RK_FIELD(fwd, C); RK_FIELD(fwd, inner);
+  RK_FIELD(fwd, relu); RK_FIELD(fwd, stream);
+  finish(fwd);
+
+  py::class_<rk::BnAddReluBackwardArgs> bwd(m, "BnAddReluBackwardArgs", py::module_local(),
+                                            "arguments of bn_add_relu_backward (csrc/bn_add_relu.h); "
+                                            "pointer 0 = absent");
+  bwd.def(py::init<>());
+  def_dtype(bwd, "BnAddReluBackwardArgs.dtype");
+  RK_FIELD(bwd, grad_out); RK_FIELD(bwd, out); RK_FIELD(bwd, x); RK_FIELD(bwd, scale); RK_FIELD(bwd, identity);
+  RK_FIELD(bwd, id_scale); RK_FIELD(bwd, grad_x); RK_FIELD(bwd, grad_identity); RK_FIELD(bwd, grad_scale);
+  RK_FIELD(bwd, grad_shift); RK_FIELD(bwd, grad_id_scale); RK_FIELD(bwd, workspace); RK_FIELD(bwd, workspace_bytes);
+  RK_FIELD(bwd, numel); RK_FIELD(bwd, C); RK_FIELD(bwd, inner); RK_FIELD(bwd, relu); RK_FIELD(bwd, stream);
+  finish(bwd);
+
+  py::class_<rk::Conv2dArgs> conv(m, "Conv2dArgs", py::module_local(),
+                                  "arguments of conv2d_forward (csrc/conv2d.h); pointer 0 = absent");
+  conv.def(py::init<>());
+  def_dtype(conv, "Conv2dArgs.dtype");
+  RK_FIELD(conv, x); RK_FIELD(conv, w); RK_FIELD(conv, scale); RK_FIELD(conv, bias); RK_FIELD(conv, residual);
+  RK_FIELD(conv, out); RK_FIELD(conv, mean); RK_FIELD(conv, var); RK_FIELD(conv, workspace);
+  RK_FIELD(conv, workspace_bytes); RK_FIELD(conv, N); RK_FIELD(conv, Cin); RK_FIELD(conv, H); RK_FIELD(conv, W);
+  RK_FIELD(conv, Cout); RK_FIELD(conv, KH); RK_FIELD(conv, KW); RK_FIELD(conv, stride_h); RK_FIELD(conv, stride_w);
+  RK_FIELD(conv, pad_h); RK_FIELD(conv, pad_w); RK_FIELD(conv, OH); RK_FIELD(conv, OW); RK_FIELD(conv, ldw);
+  RK_FIELD(conv, relu); RK_FIELD(conv, allow_tf32); RK_FIELD(conv, stream);
+  def_strides<&rk::Conv2dArgs::x_stride>(conv, "x_stride");
+  def_strides<&rk::Conv2dArgs::out_stride>(conv, "out_stride");
+  def_strides<&rk::Conv2dArgs::res_stride>(conv, "res_stride");
+  finish(conv);
+
   m.def(
       "bn_add_relu_forward",
-      [](int dtype, std::uintptr_t x, std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t identity,
-         std::uintptr_t id_scale, std::uintptr_t id_shift, std::uintptr_t out, int64_t numel, int64_t C,
-         int64_t inner, bool relu, std::uintptr_t stream) {
-        rk::BnAddReluArgs a{rk::check_dtype(dtype, "bn_add_relu_forward", "dtype"),
-                            x, scale, shift, identity, id_scale, id_shift, out, numel, C, inner, relu, stream};
+      [](const rk::BnAddReluArgs& a) {
         py::gil_scoped_release nogil;
         rk::bn_add_relu_forward(a);
       },
-      py::arg("dtype"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("identity"),
-      py::arg("id_scale"), py::arg("id_shift"), py::arg("out"), py::arg("numel"), py::arg("C"),
-      py::arg("inner"), py::arg("relu"), py::arg("stream"),
-      "out = act(x*scale[c] + shift[c] + identity*id_scale[c] + id_shift[c]); pointer 0 = absent");
+      py::arg("args"), "out = act(x*scale[c] + shift[c] + identity*id_scale[c] + id_shift[c]) (BnAddReluArgs)");
 
   m.def(
       "bn_add_relu_backward_workspace_bytes",
@@ -77,23 +166,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "bn_add_relu_backward",
-      [](int dtype, std::uintptr_t grad_out, std::uintptr_t out, std::uintptr_t x, std::uintptr_t scale,
-         std::uintptr_t identity, std::uintptr_t id_scale, std::uintptr_t grad_x, std::uintptr_t grad_identity,
-         std::uintptr_t grad_scale, std::uintptr_t grad_shift, std::uintptr_t grad_id_scale,
-         std::uintptr_t workspace, int64_t workspace_bytes, int64_t numel, int64_t C, int64_t inner, bool relu,
-         std::uintptr_t stream) {
-        rk::BnAddReluBackwardArgs a{rk::check_dtype(dtype, "bn_add_relu_backward", "dtype"),
-                                    grad_out, out, x, scale, identity, id_scale, grad_x, grad_identity,
-                                    grad_scale, grad_shift, grad_id_scale, workspace, workspace_bytes,
-                                    numel, C, inner, relu, stream};
+      [](const rk::BnAddReluBackwardArgs& a) {
         py::gil_scoped_release nogil;
         rk::bn_add_relu_backward(a);
       },
-      py::arg("dtype"), py::arg("grad_out"), py::arg("out"), py::arg("x"), py::arg("scale"),
-      py::arg("identity"), py::arg("id_scale"), py::arg("grad_x"), py::arg("grad_identity"),
-      py::arg("grad_scale"), py::arg("grad_shift"), py::arg("grad_id_scale"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("numel"), py::arg("C"), py::arg("inner"), py::arg("relu"),
-      py::arg("stream"));
+      py::arg("args"), "gradients of bn_add_relu_forward (BnAddReluBackwardArgs)");
 
   m.def(
       "conv2d_workspace_bytes",
@@ -105,38 +182,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv2d_forward",
-      [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t scale, std::uintptr_t bias,
-         std::uintptr_t residual, std::uintptr_t out, std::uintptr_t mean, std::uintptr_t var,
-         std::uintptr_t workspace, int64_t workspace_bytes, int64_t N, int64_t Cin, int64_t H, int64_t W,
-         int64_t Cout, int64_t KH, int64_t KW, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
-         int64_t OH, int64_t OW, int64_t ldw, std::vector<int64_t> x_stride, std::vector<int64_t> out_stride,
-         std::vector<int64_t> res_stride, bool relu, bool allow_tf32, std::uintptr_t stream) {
-        const char* fn = "conv2d_forward";
-        auto strides = [fn](const std::vector<int64_t>& v, const char* name, int64_t (&dst)[4]) {
-          if (v.size() != 4) throw rk::ArgError(rk::cat(fn, ": ", name, " must have 4 entries, got ", v.size()));
-          for (int i = 0; i < 4; ++i) dst[i] = v[i];
-        };
-        rk::Conv2dArgs a{};
-        a.dtype = rk::check_dtype(dtype, fn, "dtype");
-        a.x = x; a.w = w; a.scale = scale; a.bias = bias; a.residual = residual; a.out = out;
-        a.mean = mean; a.var = var; a.workspace = workspace; a.workspace_bytes = workspace_bytes;
-        a.N = N; a.Cin = Cin; a.H = H; a.W = W; a.Cout = Cout; a.KH = KH; a.KW = KW;
-        a.stride_h = stride_h; a.stride_w = stride_w; a.pad_h = pad_h; a.pad_w = pad_w;
-        a.OH = OH; a.OW = OW; a.ldw = ldw;
-        strides(x_stride, "x_stride", a.x_stride);
-        strides(out_stride, "out_stride", a.out_stride);
-        if (residual != 0 || !res_stride.empty()) strides(res_stride, "res_stride", a.res_stride);
-        a.relu = relu; a.allow_tf32 = allow_tf32; a.stream = stream;
+      [](const rk::Conv2dArgs& a) {
         py::gil_scoped_release nogil;
         rk::conv2d_forward(a);
       },
-      py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("residual"),
-      py::arg("out"), py::arg("mean"), py::arg("var"), py::arg("workspace"), py::arg("workspace_bytes"),
-      py::arg("N"), py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("Cout"), py::arg("KH"), py::arg("KW"),
-      py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("OH"), py::arg("OW"),
-      py::arg("ldw"), py::arg("x_stride"), py::arg("out_stride"), py::arg("res_stride"), py::arg("relu"),
-      py::arg("allow_tf32"), py::arg("stream"),
+      py::arg("args"),
       "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
-      "per-channel (mean, biased var) of conv(x, w); w is (Cout, ldw) with columns (r*KW+s)*Cin+c, zero "
-      "padded to ldw; pointer 0 = absent");
+      "per-channel (mean, biased var) of conv(x, w) (Conv2dArgs); w is (Cout, ldw) with columns "
+      "(r*KW+s)*Cin+c, zero padded to ldw");
 }

@@ -59,3 +59,40 @@ def on_device():
 
     with rk_testing.cudnn_tf32(False), torch.device(rk_testing.DEVICE):
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# The cuda backend without a GPU: the host runner (tests/host_runner.py, docs/DESIGN.md)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def host_runner_module():
+    """csrc/'s kernels compiled for the CPU (built once per session, cached across sessions).
+    Not built when a GPU is visible: the real kernels run then (and parallel test workers on a GPU
+    machine would all compile it)."""
+    import host_runner
+    import rk_testing
+
+    if rk_testing.HAS_GPU:
+        pytest.skip("a GPU is visible: the cuda tests run the real kernels, the host runner is not built")
+    if host_runner.compiler() is None:
+        pytest.skip("no C++ compiler (g++) on PATH: the host runner cannot be built")
+    return host_runner.HostRunner(host_runner.build())
+
+
+@pytest.fixture
+def cuda_target(request, monkeypatch):
+    """The device the cuda backend's parity tests put their tensors on: "cuda" with a GPU (the
+    real kernels); without one, "cpu" with the host runner swapped in for ``_C``
+    (``cuda_common.host_runner``) and the cuda backend reported usable on CPU tensors, so the
+    ops, the launchers and csrc's own kernel source all run."""
+    import rk_testing
+
+    if rk_testing.HAS_GPU:
+        yield "cuda"
+        return
+    mod = request.getfixturevalue("host_runner_module")
+    from resnet_kernels.backends import cuda_common
+
+    # the registry's cuda availability reports CPU tensors usable while the runner is swapped in
+    with cuda_common.host_runner(mod):
+        yield "cpu"

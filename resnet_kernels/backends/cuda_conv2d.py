@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _alloc
-from .._ext import require_C
-from .cuda_common import DTYPE_CODES, ptr, stream_of
+from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 
 
 def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -31,11 +30,11 @@ def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
 def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
                    dilation=(1, 1), groups: int = 1):
     # dilation 1 and groups 1 only: the registry's ``supports`` routes the others elsewhere
-    C_ = require_C()
+    C_ = C_module()
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     OH, OW = out.shape[2], out.shape[3]
-    with torch.cuda.device(x.device):
+    with device_guard(x):
         wmat, ldw = pack_weight(weight)
         mean = var = ws = None
         nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
@@ -44,14 +43,15 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
             var = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
             # float32 elements: the kernel writes per-tile (mean, M2) partials here
             ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=x.device)
-        C_.conv2d_forward(
-            dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
+        args = fill_args(
+            C_.Conv2dArgs, dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
             residual=ptr(residual), out=ptr(out), mean=ptr(mean), var=ptr(var), workspace=ptr(ws),
             workspace_bytes=nbytes, N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW,
             stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
             OH=OH, OW=OW, ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()),
-            res_stride=list(residual.stride()) if residual is not None else [],
+            res_stride=list(residual.stride()) if residual is not None else [0, 0, 0, 0],
             relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x))
+        call("conv2d_forward", args)
     if compute_stats:
         return mean, var
     return None

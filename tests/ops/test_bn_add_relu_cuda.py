@@ -7,8 +7,11 @@ dtype apart) and ``rk_testing.REDUCTION_TOL`` (per-channel sums in fp32/fp64, di
 summation order). Outputs the op allocates are poisoned with NaN (conftest), so an element the
 kernel does not write fails.
 
-The GPU tests are skipped only when no GPU is visible. The argument-validation tests of the
-C++ API need no GPU (validation happens before any CUDA call) and run wherever ``_C`` is built.
+Without a GPU the parity tests run csrc's own kernel source on CPU tensors through the host
+runner (the ``cuda_target`` fixture, tests/host_runner.py), at smaller shapes (``BIG`` below: still
+several partial sums per channel in both backward tilings). The argument-validation tests of the
+C++ API need no GPU (validation happens before any CUDA call) and run on ``_C`` when it is built
+and on the host runner's build of the same source.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from resnet_kernels import _alloc
 from resnet_kernels._ext import get_C
 from resnet_kernels.ops.bn_add_relu import bn_add_relu
 
+from resnet_kernels.backends import cuda_common
+
 C_ = get_C()
 needs_gpu = rt.needs_gpu("the CUDA kernels")
-needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built (tests/test_sass.py fails "
-                                                "if nvcc exists and it is missing)")
+# A real ResNet stage on a GPU; on the host runner (one CTA at a time on the CPU) a tensor that
+# still gives several partial sums per channel in both backward tilings (NCHW P = 2, NHWC P = 5).
+BIG = (2, 64, 56, 56) if rt.HAS_GPU else (1, 4, 96, 96)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
@@ -34,7 +40,7 @@ LAYOUTS = ["nchw", "channels_last"]
 # ResNet stage (C=64, 56x56: vector paths, several partial sums per channel), odd sizes, an
 # empty batch, 1x1 spatial (NCHW == NHWC), C not a multiple of the vector width, large C,
 # 14x14 planes and C = 12 (16-bit types: 8-byte vectors, 196 and 12 are multiples of 4, not 8).
-SHAPES = [(1, 3, 7, 7), (2, 64, 56, 56), (3, 5, 9, 11), (0, 4, 5, 5), (4, 16, 1, 1), (2, 24, 7, 7),
+SHAPES = [(1, 3, 7, 7), BIG, (3, 5, 9, 11), (0, 4, 5, 5), (4, 16, 1, 1), (2, 24, 7, 7),
           (2, 12, 4, 6), (3, 520, 2, 2), (2, 8, 14, 14)]
 # (scale, shift, identity, id_scale, id_shift, relu)
 COMBOS = {
@@ -53,17 +59,17 @@ def _name(v):
     return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else "x".join(map(str, v))
 
 
-def make(shape, dtype, layout, combo, requires_grad=False, seed=0):
+def make(shape, dtype, layout, combo, requires_grad=False, seed=0, dev="cuda"):
     g = torch.Generator().manual_seed(seed)
     acc = rt.acc_of(dtype)
     C = shape[1]
 
     def act():
-        t = rt.layouts(torch.randn(shape, generator=g).to(dtype), layout).to("cuda")
+        t = rt.layouts(torch.randn(shape, generator=g).to(dtype), layout).to(dev)
         return t.requires_grad_(requires_grad)
 
     def vec():
-        return (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to("cuda").requires_grad_(
+        return (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(dev).requires_grad_(
             requires_grad)
 
     s, b, i, is_, ib, relu = combo
@@ -84,19 +90,18 @@ def close(actual, expected, tol, what):
 # --------------------------------------------------------------------------------------------
 # op level: forward and autograd, cuda vs torch
 # --------------------------------------------------------------------------------------------
-@needs_gpu
 @pytest.mark.parametrize("combo", list(COMBOS), ids=list(COMBOS))
 @pytest.mark.parametrize("shape", SHAPES, ids=_name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_forward_backward_matches_torch(dtype, layout, shape, combo):
-    x, ops, relu = make(shape, dtype, layout, COMBOS[combo], requires_grad=True)
+def test_forward_backward_matches_torch(dtype, layout, shape, combo, cuda_target):
+    x, ops, relu = make(shape, dtype, layout, COMBOS[combo], requires_grad=True, dev=cuda_target)
     out = bn_add_relu(x, **ops, relu=relu, backend="cuda")
     ref = bn_add_relu(x, **ops, relu=relu, backend="torch")
     close(out, ref, rt.ELEMENTWISE_TOL[dtype], "out")
 
     leaves = [("x", x)] + [(k, v) for k, v in ops.items() if v is not None]
-    go = rt.layouts(torch.randn(shape, dtype=dtype, device="cuda"), layout)
+    go = rt.layouts(torch.randn(shape, dtype=dtype, device=cuda_target), layout)
     g_cuda = torch.autograd.grad(out, [v for _, v in leaves], go)
     g_ref = torch.autograd.grad(ref, [v for _, v in leaves], go)
     for (name, leaf), a, e in zip(leaves, g_cuda, g_ref):
@@ -153,12 +158,11 @@ OUTPUTS = ("grad_x", "grad_identity", "grad_scale", "grad_shift", "grad_id_scale
 WANTS = [dict(zip(OUTPUTS, bits)) for bits in itertools.product((0, 1), repeat=5) if any(bits)]
 
 
-@needs_gpu
 @pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("shape", [(2, 64, 56, 56), (2, 3, 7, 7), (3, 16, 4, 4), (2, 12, 14, 14)], ids=_name)
+@pytest.mark.parametrize("shape", [BIG, (2, 3, 7, 7), (3, 16, 4, 4), (2, 12, 14, 14)], ids=_name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_backward_launcher_every_output_subset(dtype, layout, shape, offset):
+def test_backward_launcher_every_output_subset(dtype, layout, shape, offset, cuda_target):
     from resnet_kernels.backends import cuda_bn_add_relu as cuda_impl, torch_bn_add_relu as torch_impl
 
     C, inner = _geometry(torch.empty(shape, device="meta"), layout)
@@ -166,13 +170,16 @@ def test_backward_launcher_every_output_subset(dtype, layout, shape, offset):
     acc = rt.acc_of(dtype)
 
     def act():
-        t = rt.layouts(torch.randn(shape, generator=g).to(dtype), layout).to("cuda")
+        t = rt.layouts(torch.randn(shape, generator=g).to(dtype), layout).to(cuda_target)
         return _offset_view(t, layout, _offset_elems(offset, dtype))
 
     grad_out, out, x, identity = act(), act(), act(), act()
-    scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).cuda()
-    id_scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).cuda()
-    for want, relu, with_scales in itertools.product(WANTS, (True, False), (True, False)):
+    scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(cuda_target)
+    id_scale = (torch.rand(C, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(cuda_target)
+    cases = list(itertools.product(WANTS, (True, False), (True, False)))
+    if not cuda_target.startswith("cuda"):  # host runner: every third case (each subset, rotating flags)
+        cases = cases[::3]
+    for want, relu, with_scales in cases:
         sc, isc = (scale, id_scale) if with_scales else (None, None)
         got = _launch_backward(cuda_impl, grad_out, out, x, sc, identity, isc, want, C, inner, relu)
         exp = _launch_backward(torch_impl, grad_out, out, x, sc, identity, isc, want, C, inner, relu)
@@ -182,16 +189,15 @@ def test_backward_launcher_every_output_subset(dtype, layout, shape, offset):
                 close(got[k], exp[k], tol, f"{k} (want={want}, relu={relu}, scales={with_scales})")
 
 
-@needs_gpu
 @pytest.mark.parametrize("offset", OFFSETS[1:])
-@pytest.mark.parametrize("shape", [(2, 64, 56, 56), (1, 3, 7, 7), (2, 24, 7, 7), (2, 12, 14, 14)], ids=_name)
+@pytest.mark.parametrize("shape", [BIG, (1, 3, 7, 7), (2, 24, 7, 7), (2, 12, 14, 14)], ids=_name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_forward_misaligned(dtype, layout, shape, offset):
+def test_forward_misaligned(dtype, layout, shape, offset, cuda_target):
     from resnet_kernels.backends import cuda_bn_add_relu as cuda_impl, torch_bn_add_relu as torch_impl
 
     C, inner = _geometry(torch.empty(shape, device="meta"), layout)
-    x, ops, relu = make(shape, dtype, layout, COMBOS["bn_add_relu_proj"])
+    x, ops, relu = make(shape, dtype, layout, COMBOS["bn_add_relu_proj"], dev=cuda_target)
     k = _offset_elems(offset, dtype)
     xo, io = _offset_view(x, layout, k), _offset_view(ops["identity"], layout, k)
     # per-channel vectors 4 bytes off a 16-byte boundary too (channels_last vector path needs them aligned)
@@ -210,7 +216,8 @@ def test_forward_misaligned(dtype, layout, shape, offset):
 @needs_gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_deterministic_and_on_stream(layout):
-    x, ops, relu = make((8, 64, 28, 28), torch.float32, layout, COMBOS["bn_add_relu_proj"], requires_grad=True)
+    x, ops, relu = make((8, 64, 28, 28), torch.float32, layout, COMBOS["bn_add_relu_proj"], requires_grad=True,
+                        dev="cuda")
     go = rt.layouts(torch.randn(x.shape, device="cuda"), layout)
     stream = torch.cuda.Stream()
     results = []
@@ -249,28 +256,37 @@ def test_forward_more_than_2_31_elements():
 
 
 # --------------------------------------------------------------------------------------------
-# C++ API validation (no GPU needed: checks run before any CUDA call)
+# C++ API validation (no GPU needed: checks run before any CUDA call), on _C when it is built
+# and on the host runner's build of the same source
 # --------------------------------------------------------------------------------------------
 F32 = 0
 P = 1 << 20  # a fake, 16-byte aligned "device pointer": never dereferenced by these calls
 
 
-def fwd(**kw):
+@pytest.fixture(params=["_C", "host"])
+def api(request):
+    if request.param == "_C":
+        if C_ is None:
+            pytest.skip("resnet_kernels._C is not built (tests/test_sass.py fails if nvcc exists and it is missing)")
+        return C_
+    return request.getfixturevalue("host_runner_module")
+
+
+def fwd(api, **kw):
     args = dict(dtype=F32, x=P, scale=0, shift=0, identity=0, id_scale=0, id_shift=0, out=P + 4096,
                 numel=2 * 3 * 4, C=3, inner=4, relu=True, stream=0)
     args.update(kw)
-    return C_.bn_add_relu_forward(**args)
+    return api.bn_add_relu_forward(cuda_common.fill_args(api.BnAddReluArgs, **args))
 
 
-def bwd(**kw):
+def bwd(api, **kw):
     args = dict(dtype=F32, grad_out=P, out=P + 4096, x=0, scale=0, identity=0, id_scale=0, grad_x=P + 8192,
                 grad_identity=0, grad_scale=0, grad_shift=0, grad_id_scale=0, workspace=0, workspace_bytes=0,
                 numel=2 * 3 * 4, C=3, inner=4, relu=True, stream=0)
     args.update(kw)
-    return C_.bn_add_relu_backward(**args)
+    return api.bn_add_relu_backward(cuda_common.fill_args(api.BnAddReluBackwardArgs, **args))
 
 
-@needs_C
 @pytest.mark.parametrize("kw, pattern", [
     (dict(x=0), r"x is a null device pointer"),
     (dict(out=0), r"out is a null device pointer"),
@@ -286,17 +302,15 @@ def bwd(**kw):
     (dict(dtype=3, identity=P + 4), r"identity .* not aligned to 8 bytes"),
     (dict(dtype=7), r"dtype"),
 ])
-def test_forward_argument_errors(kw, pattern):
+def test_forward_argument_errors(kw, pattern, api):
     with pytest.raises(ValueError, match=pattern):
-        fwd(**kw)
+        fwd(api, **kw)
 
 
-@needs_C
-def test_forward_empty_is_a_no_op():
-    assert fwd(numel=0, x=0, out=0) is None  # no pointer is touched, no CUDA call is made
+def test_forward_empty_is_a_no_op(api):
+    assert fwd(api, numel=0, x=0, out=0) is None  # no pointer is touched, no CUDA call is made
 
 
-@needs_C
 @pytest.mark.parametrize("kw, pattern", [
     (dict(grad_out=0), r"grad_out is a null device pointer"),
     (dict(out=0), r"out .* is required when relu=true"),
@@ -312,28 +326,26 @@ def test_forward_empty_is_a_no_op():
     (dict(grad_x=P + 2), r"grad_x .* not aligned"),
     (dict(grad_shift=P + 2, workspace=P + 16384, workspace_bytes=1 << 20), r"grad_shift .* not aligned"),
 ])
-def test_backward_argument_errors(kw, pattern):
+def test_backward_argument_errors(kw, pattern, api):
     with pytest.raises(ValueError, match=pattern):
-        bwd(**kw)
+        bwd(api, **kw)
 
 
-@needs_C
-def test_backward_empty_without_sums_is_a_no_op():
-    assert bwd(numel=0, grad_out=0, out=0, grad_x=0) is None
+def test_backward_empty_without_sums_is_a_no_op(api):
+    assert bwd(api, numel=0, grad_out=0, out=0, grad_x=0) is None
 
 
-@needs_C
 @pytest.mark.parametrize("dtype", [0, 1, 2, 3])
 @pytest.mark.parametrize("shape, inner_of", [((2, 64, 56, 56), "nchw"), ((2, 64, 56, 56), "nhwc"),
                                              ((1, 3, 7, 7), "nchw"), ((1, 3, 7, 7), "nhwc"),
                                              ((256, 512, 7, 7), "nchw"), ((256, 512, 7, 7), "nhwc")])
-def test_workspace_bytes(dtype, shape, inner_of):
+def test_workspace_bytes(dtype, shape, inner_of, api):
     N, C, H, W = shape
     inner = H * W if inner_of == "nchw" else 1
     acc = 8 if dtype == 3 else 4
-    n = C_.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=N * C * H * W, C=C, inner=inner)
+    n = api.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=N * C * H * W, C=C, inner=inner)
     # three sums x P partials x C channels, 1 <= P <= 1024
     assert n % (3 * C * acc) == 0 and 3 * C * acc <= n <= 3 * 1024 * C * acc, n
-    assert C_.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=0, C=C, inner=inner) == 0
+    assert api.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=0, C=C, inner=inner) == 0
     with pytest.raises(ValueError, match="multiple of C"):
-        C_.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=N * C * H * W + 1, C=C, inner=inner)
+        api.bn_add_relu_backward_workspace_bytes(dtype=dtype, numel=N * C * H * W + 1, C=C, inner=inner)

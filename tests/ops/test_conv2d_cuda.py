@@ -16,6 +16,11 @@ plus FLOOR * (max|y| for the mean, max|y|**2 for the variance).
 
 Outputs (and the launcher's mean/var and scratch) are poisoned with NaN by conftest, so an
 element the kernel forgets to write fails.
+
+Without a GPU the same tests run csrc/conv2d.cu's own source on CPU tensors through the host runner
+(the ``cuda_target`` fixture, tests/host_runner.py); PyTorch's own error E_torch is then that of a
+CPU convolution of the same dtype, and for TF32 that of a float64 convolution of the inputs rounded
+to TF32 (what cuDNN's TF32 path computes), so the tolerance rule stays the same.
 """
 
 import pytest
@@ -24,13 +29,13 @@ import torch.nn.functional as F
 
 import rk_testing
 
-from resnet_kernels import testing
+from resnet_kernels import _alloc, testing
 from resnet_kernels._ext import get_C
+from resnet_kernels.backends import cuda_common
 
 C_ = get_C()
 
 needs_gpu = rk_testing.needs_gpu("the CUDA convolution kernel")
-needs_C = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
 
 # unit roundoffs from resnet_kernels.testing (tf32 keeps fp16's 10 mantissa bits); 3xTF32: 2**6 fp32 u
 _U = testing.UNIT_ROUNDOFF
@@ -60,19 +65,19 @@ EPILOGUES = {
 _fmt = rk_testing.memory_format
 
 
-def _poisoned(shape, dtype, layout):
-    return rk_testing.poisoned(shape, dtype, "cuda", layout)
+def _poisoned(shape, dtype, layout, dev):
+    return _alloc._fill(torch.empty(shape, dtype=dtype, device=dev, memory_format=_fmt(layout)))
 
 
-def _make(shape_name, mode, layout, epi):
+def _make(shape_name, mode, layout, epi, dev):
     N, Cin, H, W, Cout, k, s, p = SHAPES[shape_name]
     dtype = DTYPE[mode]
-    x = torch.randn(N, Cin, H, W, device="cuda").to(dtype).contiguous(memory_format=_fmt(layout))
-    w = (torch.randn(Cout, Cin, k, k, device="cuda") / (Cin * k * k) ** 0.5).to(dtype)
+    x = torch.randn(N, Cin, H, W, device=dev).to(dtype).contiguous(memory_format=_fmt(layout))
+    w = (torch.randn(Cout, Cin, k, k, device=dev) / (Cin * k * k) ** 0.5).to(dtype)
     OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-    scale = torch.rand(Cout, device="cuda") + 0.5 if epi["scale"] else None
-    bias = torch.randn(Cout, device="cuda") if epi["bias"] else None
-    res = (torch.randn(N, Cout, OH, OW, device="cuda").to(dtype).contiguous(memory_format=_fmt(layout))
+    scale = torch.rand(Cout, device=dev) + 0.5 if epi["scale"] else None
+    bias = torch.randn(Cout, device=dev) if epi["bias"] else None
+    res = (torch.randn(N, Cout, OH, OW, device=dev).to(dtype).contiguous(memory_format=_fmt(layout))
            if epi["residual"] else None)
     return x, w, scale, bias, res, (s, s), (p, p), (N, Cout, OH, OW)
 
@@ -80,7 +85,17 @@ def _make(shape_name, mode, layout, epi):
 _epilogue64 = rk_testing.epilogue64
 
 
+def _tf32(t):
+    """float32 -> TF32 (round to nearest, ties away: cvt.rna.tf32.f32), as float32."""
+    return ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
 def _torch_conv(x, w, stride, pad, mode):
+    """PyTorch's own convolution in the dtype (and TF32 setting) of ``mode``."""
+    if not x.is_cuda:  # host runner: a CPU convolution; TF32 as cuDNN does it (rounded inputs)
+        if mode == "tf32":
+            return F.conv2d(_tf32(x).double(), _tf32(w).double(), None, stride, pad).float()
+        return F.conv2d(x.float(), w.float(), None, stride, pad).to(x.dtype)
     with rk_testing.cudnn_tf32(mode == "tf32"):
         return F.conv2d(x, w, None, stride, pad)
 
@@ -89,20 +104,20 @@ def _launch(x, w, scale, bias, res, out, stride, pad, relu, stats, mode):
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
 
     r = conv2d_forward(x, w, scale, bias, res, out, stride, pad, relu, stats, mode == "tf32")
-    torch.cuda.synchronize()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return r
 
 
-@needs_gpu
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", list(DTYPE))
 @pytest.mark.parametrize("epi", list(EPILOGUES))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_conv2d_epilogue_matches_float64(shape, epi, mode, layout):
+def test_conv2d_epilogue_matches_float64(shape, epi, mode, layout, cuda_target):
     e = EPILOGUES[epi]
-    x, w, scale, bias, res, stride, pad, oshape = _make(shape, mode, layout, e)
+    x, w, scale, bias, res, stride, pad, oshape = _make(shape, mode, layout, e, cuda_target)
     dtype = DTYPE[mode]
-    out = _poisoned(oshape, dtype, layout)
+    out = _poisoned(oshape, dtype, layout, cuda_target)
     assert _launch(x, w, scale, bias, res, out, stride, pad, e["relu"], False, mode) is None
     ref = _epilogue64(F.conv2d(x.double(), w.double(), None, stride, pad), scale, bias, res, e["relu"])
     theirs = _epilogue64(_torch_conv(x, w, stride, pad, mode).double(), scale, bias, res, e["relu"]).to(dtype)
@@ -115,14 +130,13 @@ def test_conv2d_epilogue_matches_float64(shape, epi, mode, layout):
     assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {e_torch:.3g})"
 
 
-@needs_gpu
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", list(DTYPE))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_conv2d_stats_matches_float64(shape, mode, layout):
-    x, w, _, _, _, stride, pad, oshape = _make(shape, mode, layout, EPILOGUES["plain"])
+def test_conv2d_stats_matches_float64(shape, mode, layout, cuda_target):
+    x, w, _, _, _, stride, pad, oshape = _make(shape, mode, layout, EPILOGUES["plain"], cuda_target)
     dtype = DTYPE[mode]
-    out = _poisoned(oshape, dtype, layout)
+    out = _poisoned(oshape, dtype, layout, cuda_target)
     mean, var = _launch(x, w, None, None, None, out, stride, pad, False, True, mode)
     y64 = F.conv2d(x.double(), w.double(), None, stride, pad)
     rvar, rmean = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
@@ -140,60 +154,74 @@ def test_conv2d_stats_matches_float64(shape, mode, layout):
     tol = 2 * (theirs.double() - ref).abs().max().item() + FLOOR[mode] * ymax
     assert (out.double() - ref).abs().max().item() <= tol
     # deterministic: a second run gives bit-identical statistics
-    out2 = _poisoned(oshape, dtype, layout)
+    out2 = _poisoned(oshape, dtype, layout, cuda_target)
     mean2, var2 = _launch(x, w, None, None, None, out2, stride, pad, False, True, mode)
     assert torch.equal(mean, mean2) and torch.equal(var, var2)
     assert torch.equal(out, out2)
 
 
-@needs_gpu
+def _conv_args(mod, **fields):
+    return cuda_common.fill_args(mod.Conv2dArgs, **fields)
+
+
 @pytest.mark.parametrize("mode", ["bf16", "fp32"])
-def test_conv2d_mixed_strides_via_C(mode):
+def test_conv2d_mixed_strides_via_C(mode, cuda_target):
     """The C++ API takes any element strides: NCHW x (generic gather path even though Cin is a
     multiple of 8), channels_last out and an NCHW residual."""
     from resnet_kernels.backends.cuda_conv2d import pack_weight
 
+    dev = cuda_target
     dtype = DTYPE[mode]
-    N, Cin, H, W, Cout = 2, 16, 9, 7, 20
-    x = torch.randn(N, Cin, H, W, device="cuda").to(dtype)
-    w = (torch.randn(Cout, Cin, 3, 3, device="cuda") / 12).to(dtype)
-    res = torch.randn(N, Cout, 5, 4, device="cuda").to(dtype)
-    out = _poisoned((N, Cout, 5, 4), dtype, "channels_last")
+    N, Cin, H, W, Cout = 2, 16, 9, 10, 20
+    x = torch.randn(N, Cin, H, W, device=dev).to(dtype)
+    w = (torch.randn(Cout, Cin, 3, 3, device=dev) / 12).to(dtype)
+    res = torch.randn(N, Cout, 5, 4, device=dev).to(dtype)
+    out = _poisoned((N, Cout, 5, 4), dtype, "channels_last", dev)
     wm, ldw = pack_weight(w)
-    C_.conv2d_forward(
-        dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=x.data_ptr(), w=wm.data_ptr(), scale=0, bias=0,
-        residual=res.data_ptr(), out=out.data_ptr(), mean=0, var=0, workspace=0, workspace_bytes=0,
-        N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0, OH=5, OW=4,
-        ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()),
-        relu=True, allow_tf32=False, stream=torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    ptr = cuda_common.ptr
+    cuda_common.call("conv2d_forward", _conv_args(
+        cuda_common.C_module(), dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=ptr(x), w=ptr(wm), scale=0,
+        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
+        W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0, OH=5, OW=4, ldw=ldw,
+        x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
+        allow_tf32=False, stream=cuda_common.stream_of(x)))
+    if x.is_cuda:
+        torch.cuda.synchronize()
     ref = torch.relu(F.conv2d(x.double(), w.double(), None, (2, 2), (1, 0)) + res.double())
     tol = FLOOR[mode] * 4 * ref.abs().max().item()
     assert (out.double() - ref).abs().max().item() <= tol
 
 
-@needs_gpu
-def test_conv2d_stats_empty_batch_is_nan():
+def test_conv2d_stats_empty_batch_is_nan(cuda_target):
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
 
-    x = torch.randn(0, 8, 5, 5, device="cuda")
-    w = torch.randn(4, 8, 3, 3, device="cuda")
-    out = torch.empty(0, 4, 5, 5, device="cuda")
+    x = torch.randn(0, 8, 5, 5, device=cuda_target)
+    w = torch.randn(4, 8, 3, 3, device=cuda_target)
+    out = torch.empty(0, 4, 5, 5, device=cuda_target)
     mean, var = conv2d_forward(x, w, None, None, None, out, (1, 1), (1, 1), False, True, False)
     assert mean.isnan().all() and var.isnan().all()
 
 
-# ---- argument validation in the C++ API (raises before touching the device: needs _C only) ----
+# ---- argument validation in the C++ API (raises before touching the device): on _C when it is
+# built, and on the host runner's build of the same source
+@pytest.fixture(params=["_C", "host"])
+def api(request):
+    if request.param == "_C":
+        if C_ is None:
+            pytest.skip("resnet_kernels._C is not built")
+        return C_
+    return request.getfixturevalue("host_runner_module")
+
+
 def _valid_args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
              workspace_bytes=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
-             pad_w=1, OH=9, OW=9, ldw=32, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1], res_stride=[],
-             relu=False, allow_tf32=False, stream=0)
+             pad_w=1, OH=9, OW=9, ldw=32, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1],
+             res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0)
     a.update(over)
     return a
 
 
-@needs_C
 @pytest.mark.parametrize("over, match", [
     (dict(dtype=3), "float64"),
     (dict(dtype=7), "dtype"),
@@ -218,15 +246,14 @@ def _valid_args(**over):
     (dict(mean=4096, var=4096, workspace=4096, workspace_bytes=4), "workspace_bytes"),
     (dict(scale=4098), "scale"),
 ])
-def test_conv2d_C_rejects_bad_arguments(over, match):
+def test_conv2d_C_rejects_bad_arguments(over, match, api):
     with pytest.raises(ValueError, match=match):
-        C_.conv2d_forward(**_valid_args(**over))
+        api.conv2d_forward(_conv_args(api, **_valid_args(**over)))
 
 
-@needs_C
-def test_conv2d_workspace_bytes():
-    assert C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=False) == 0
+def test_conv2d_workspace_bytes(api):
+    assert api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=False) == 0
     # 162 rows -> 2 tiles of 128 rows; (mean, M2) float32 per tile and channel
-    assert C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 2 * 2 * 8 * 4
+    assert api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 2 * 2 * 8 * 4
     with pytest.raises(ValueError, match="Cout"):
-        C_.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=-1, compute_stats=True)
+        api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=-1, compute_stats=True)

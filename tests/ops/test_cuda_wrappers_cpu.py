@@ -1,209 +1,188 @@
-"""The CUDA backend's Python wrappers (resnet_kernels/backends/cuda_*.py) call ``_C`` with exactly
-the keyword names, order and value types its pybind11 bindings declare (csrc/module.cpp), without
-a GPU. A mismatch would only show on a GPU, as a TypeError from pybind11.
+"""The CUDA backend's Python wrappers (resnet_kernels/backends/cuda_*.py) and the C++ argument
+structs they fill (csrc/*.h, bound once in csrc/module.cpp with py::class_), without a GPU.
 
-How: the public ops run with ``backend="cuda"`` on CPU tensors, with the backend check told that
-cuda is usable, ``torch.cuda.device`` made a no-op and ``torch.cuda.current_stream`` a fake that
-records the device it was asked for. ``_C`` is replaced by a proxy that checks every call against
-the signature pybind11 writes into the real function's docstring (``name(arg: type, ...) -> ret``)
-and records it; the kernels themselves do not run (outputs stay NaN-poisoned, which is fine: only
-the calls are checked). Where the C++ entry point validates everything on the host before touching
-the device (``conv2d_forward``), the recorded call is also replayed on the real ``_C``: it must get
-past the validation (no ValueError, no TypeError) and fail only at the first CUDA runtime call
-(RuntimeError), which checks sizes, strides, ldw, alignment and workspace size as well.
+* Every member of each C++ args struct is bound (the header's member list == the class's
+  ``fields``), and ``cuda_common.fill_args`` refuses a call that leaves a field unset or names one
+  the struct does not have; pybind11 refuses unknown attributes and wrong types.
+* The public ops with ``backend="cuda"`` on CPU tensors, through the host runner (csrc compiled for
+  the CPU, tests/host_runner.py) wrapped in a recorder: each entry point gets one fully filled
+  struct with the values the wrapper should derive (strides, workspace, absent operands = 0,
+  stream, dtype code). The kernels really run, so the outputs are checked too.
+* When ``_C`` itself is built, each recorded struct is replayed on it: it must get past the host
+  validation (no ValueError, no TypeError) and fail only at the first CUDA runtime call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-import resnet_kernels as rk
 import rk_testing as rt
-from resnet_kernels import _backend
+import resnet_kernels as rk
 from resnet_kernels._ext import get_C
-from resnet_kernels.backends import cuda_bn_add_relu, cuda_conv2d
+from resnet_kernels.backends import cuda_common
 from resnet_kernels.ops import conv2d_epilogue, conv2d_stats
 
 C_ = get_C()
-pytestmark = pytest.mark.skipif(C_ is None, reason="resnet_kernels._C is not built")
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+STRUCTS = {"Conv2dArgs": "conv2d.h", "BnAddReluArgs": "bn_add_relu.h", "BnAddReluBackwardArgs": "bn_add_relu.h"}
 
 
-def _split_top(s: str):
-    """Split on commas not nested in brackets."""
-    out, depth, cur = [], 0, ""
-    for ch in s:
-        if ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return out
+def header_members(header: str, struct: str) -> list[str]:
+    """Member names of ``struct`` in csrc/<header> (declarations like ``T a, b;`` / ``T a[4];``)."""
+    text = (CSRC / header).read_text()
+    body = re.search(r"struct\s+" + struct + r"\s*\{(.*?)\n\};", text, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    names = []
+    for decl in body.split(";"):
+        decl = decl.strip()
+        if not decl:
+            continue
+        m = re.match(r"^(?:[\w:]+\s+)+(.+)$", decl, re.S)
+        assert m, f"{header}: cannot parse member declaration {decl!r}"
+        names += [re.sub(r"\[.*\]", "", d).strip() for d in m.group(1).split(",")]
+    return names
 
 
-def pybind_signature(fn):
-    """[(name, kind)] from a pybind11 docstring's first line; kind is 'bool', 'seq' or 'int'."""
-    first = fn.__doc__.strip().splitlines()[0]
-    m = re.match(r"^(\w+)\((.*)\)\s*->", first)
-    assert m, f"unexpected pybind11 docstring: {first!r}"
-    params = []
-    for p in _split_top(m.group(2)):
-        name, _, ty = p.partition(":")
-        ty = ty.strip()
-        kind = "bool" if ty == "bool" else "seq" if ("Sequence" in ty or "List" in ty or "list" in ty) else "int"
-        assert kind != "int" or "int" in ty.lower() or "Index" in ty, f"{first}: unexpected type {ty!r}"
-        params.append((name.strip(), kind))
-    return params
+@pytest.mark.parametrize("struct", list(STRUCTS))
+@pytest.mark.parametrize("which", ["_C", "host"])
+def test_every_struct_member_is_bound(struct, which, request):
+    if which == "_C" and C_ is None:
+        pytest.skip("resnet_kernels._C is not built")
+    mod = C_ if which == "_C" else request.getfixturevalue("host_runner_module")
+    members = header_members(STRUCTS[struct], struct)
+    assert len(members) > 10
+    assert sorted(getattr(mod, struct).fields) == sorted(members)
 
 
-def test_pybind_signature_parser():
-    sig = dict(pybind_signature(C_.conv2d_forward))
-    assert sig["x_stride"] == "seq" and sig["relu"] == "bool" and sig["x"] == "int" and sig["stream"] == "int"
+def test_fill_args_rejects_missing_unknown_and_mistyped_fields(host_runner_module):
+    cls = host_runner_module.BnAddReluArgs
+    full = dict(dtype=0, x=16, scale=0, shift=0, identity=0, id_scale=0, id_shift=0, out=32, numel=4, C=1,
+                inner=4, relu=True, stream=0)
+    a = cuda_common.fill_args(cls, **full)
+    assert (a.dtype, a.x, a.out, a.numel, a.relu) == (0, 16, 32, 4, True)
+    with pytest.raises(TypeError, match=r"not set: \['stream'\]"):
+        cuda_common.fill_args(cls, **{k: v for k, v in full.items() if k != "stream"})
+    with pytest.raises(TypeError, match=r"unknown fields: \['nmuel'\]"):
+        cuda_common.fill_args(cls, **{**{k: v for k, v in full.items() if k != "numel"}, "nmuel": 4})
+    with pytest.raises(AttributeError):
+        a.nmuel = 3
+    with pytest.raises(TypeError):
+        a.numel = 2.5
+    with pytest.raises(ValueError, match="dtype"):
+        a.dtype = 9
+    conv = host_runner_module.Conv2dArgs()
+    with pytest.raises(ValueError, match="x_stride must have 4 entries"):
+        conv.x_stride = [1, 2, 3]
+    conv.x_stride = [4, 3, 2, 1]
+    assert conv.x_stride == [4, 3, 2, 1] and "x_stride=[4, 3, 2, 1]" in repr(conv)
 
 
-class _CheckingC:
-    """Stands in for ``_C``: every call must use keywords only, exactly the declared names in the
-    declared order, with values of the declared kinds (ints that are not bools, real bools, lists
-    of ints). Calls are recorded; workspace-size queries answer with a plausible size."""
+class _Recorder:
+    """The host runner, recording every entry-point call (name, {field: value})."""
 
-    def __init__(self):
+    def __init__(self, runner):
+        self.runner = runner
         self.calls = []
 
     def __getattr__(self, name):
-        real = getattr(C_, name)
-        sig = pybind_signature(real)
-
-        def call(*args, **kwargs):
-            assert not args, f"_C.{name} called with positional arguments {args!r}: use the keyword names"
-            names = [n for n, _ in sig]
-            assert list(kwargs) == names, f"_C.{name}: keywords {list(kwargs)} != declared {names}"
-            for n, kind in sig:
-                v = kwargs[n]
-                if kind == "bool":
-                    assert isinstance(v, bool), f"_C.{name}: {n} = {v!r} is not a bool"
-                elif kind == "seq":
-                    assert isinstance(v, (list, tuple)) and all(
-                        isinstance(e, int) and not isinstance(e, bool) for e in v), f"_C.{name}: {n} = {v!r}"
-                else:
-                    assert isinstance(v, int) and not isinstance(v, bool), f"_C.{name}: {n} = {v!r} is not an int"
-            self.calls.append((name, dict(kwargs)))
-            if name == "conv2d_workspace_bytes":
-                return real(**kwargs)  # host-only arithmetic
-            if name.endswith("_workspace_bytes"):
-                return 4096  # the real one asks the device for its SM count
-            return None
-
-        return call
-
-    def names(self):
-        return [n for n, _ in self.calls]
-
-
-class _FakeStream:
-    def __init__(self, device):
-        self.device = device
-        self.cuda_stream = 12345
+        attr = getattr(self.runner, name)
+        if name in ("conv2d_forward", "bn_add_relu_forward", "bn_add_relu_backward"):
+            def call(args):
+                self.calls.append((name, {f: getattr(args, f) for f in type(args).fields}))
+                return attr(args)
+            return call
+        return attr
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch):
-    """cuda backend 'usable' on CPU tensors; _C checked and recorded; stream lookups recorded."""
-    if rt.HAS_GPU:
+def recorder(cuda_target, host_runner_module):
+    if cuda_target != "cpu":
         pytest.skip("with a GPU the real cuda backend runs (tests/ops/test_*_cuda.py)")
-    fake = _CheckingC()
-    streams = []
-    real_status = _backend.backend_status
-
-    def status(name, device=None):
-        return (True, "") if name == "cuda" else real_status(name, device)
-
-    def current_stream(device=None):
-        streams.append(torch.device(device) if device is not None else None)
-        return _FakeStream(device)
-
-    monkeypatch.setattr(_backend, "backend_status", status)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
-    monkeypatch.setattr(cuda_conv2d, "require_C", lambda: fake)
-    monkeypatch.setattr(cuda_bn_add_relu, "require_C", lambda: fake)
-    fake.streams = streams
-    return fake
+    rec = _Recorder(host_runner_module)
+    with cuda_common.host_runner(rec):
+        yield rec
 
 
-def _replay_on_real_C(name, kwargs):
+def _replay_on_real_C(name, fields):
     """The real entry point validates on the host, then fails at its first CUDA call (no GPU)."""
+    if C_ is None:
+        return
+    struct = {"conv2d_forward": "Conv2dArgs", "bn_add_relu_forward": "BnAddReluArgs",
+              "bn_add_relu_backward": "BnAddReluBackwardArgs"}[name]
+    args = cuda_common.fill_args(getattr(C_, struct), **fields)
     with pytest.raises(RuntimeError) as info:
-        getattr(C_, name)(**kwargs)
+        getattr(C_, name)(args)
     assert not isinstance(info.value, (TypeError, ValueError)), info.value
     assert "cuda" in str(info.value).lower(), info.value
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_conv_ops_call_C_as_declared(fake_cuda, dtype, layout):
+def test_conv_ops_fill_the_struct(recorder, dtype, layout):
     x = rt.layouts(torch.randn(2, 3, 9, 9).to(dtype), layout)  # Cin = 3: K = 27, ldw = 32 (zero padded)
     w = torch.randn(8, 3, 3, 3).to(dtype)
     scale, bias = torch.rand(8) + 0.5, torch.randn(8)
     res = rt.layouts(torch.randn(2, 8, 5, 5).to(dtype), layout)
     out = conv2d_epilogue(x, w, scale, bias, res, stride=2, padding=1, relu=True, backend="cuda")
     assert out.shape == (2, 8, 5, 5)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), None, 2, 1) * scale.double().view(1, 8, 1, 1)
+                     + bias.double().view(1, 8, 1, 1) + res.double())
+    assert (out.double() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
     y, mean, var = conv2d_stats(x, w, stride=1, padding=1, backend="cuda")
     assert mean.shape == var.shape == (8,) and mean.dtype == var.dtype == torch.float32
-    convs = [kw for n, kw in fake_cuda.calls if n == "conv2d_forward"]
+    assert not (mean.isnan().any() or var.isnan().any() or y.isnan().any())
+    convs = [kw for n, kw in recorder.calls if n == "conv2d_forward"]
     assert len(convs) == 2
     epi, st = convs
     assert epi["mean"] == epi["var"] == epi["workspace"] == 0 and epi["workspace_bytes"] == 0
     assert epi["scale"] != 0 and epi["bias"] != 0 and epi["residual"] != 0 and epi["relu"] is True
     assert epi["x_stride"] == list(x.stride()) and epi["res_stride"] == list(res.stride())
+    assert epi["out_stride"] == list(out.stride())
+    assert (epi["N"], epi["Cin"], epi["H"], epi["W"], epi["Cout"], epi["KH"], epi["KW"]) == (2, 3, 9, 9, 8, 3, 3)
+    assert (epi["stride_h"], epi["stride_w"], epi["pad_h"], epi["pad_w"], epi["OH"], epi["OW"]) == (2, 2, 1, 1, 5, 5)
     assert st["mean"] != 0 and st["var"] != 0 and st["workspace"] != 0 and st["workspace_bytes"] > 0
-    assert st["scale"] == st["bias"] == st["residual"] == 0 and st["res_stride"] == []
-    # float32 passes PyTorch's cuDNN TF32 setting; 16-bit types pass it too (ignored by the kernel)
+    assert st["scale"] == st["bias"] == st["residual"] == 0 and st["res_stride"] == [0, 0, 0, 0]
     assert isinstance(epi["allow_tf32"], bool)
     for kw in convs:
-        assert kw["stream"] == 12345 and kw["ldw"] == 32
-    assert fake_cuda.streams and all(d == x.device for d in fake_cuda.streams)
-    for kw in convs:
+        assert kw["stream"] == 0 and kw["ldw"] == 32
+        assert kw["dtype"] == cuda_common.DTYPE_CODES[dtype]
         _replay_on_real_C("conv2d_forward", kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_bn_add_relu_calls_C_as_declared(fake_cuda, dtype, layout):
+def test_bn_add_relu_fills_the_structs(recorder, dtype, layout):
     acc = rt.acc_of(dtype)
     x = rt.layouts(torch.randn(2, 4, 3, 5, dtype=dtype), layout).requires_grad_()
     i = rt.layouts(torch.randn(2, 4, 3, 5, dtype=dtype), layout).requires_grad_()
     s, b, i_s, i_b = (torch.rand(4, dtype=acc).requires_grad_() for _ in range(4))
     y = rk.bn_add_relu(x, s, b, i, i_s, i_b, backend="cuda")
     y.backward(torch.ones_like(y))
-    assert fake_cuda.names() == ["bn_add_relu_forward", "bn_add_relu_backward_workspace_bytes",
-                                 "bn_add_relu_backward"]
-    fwd, ws, bwd = (kw for _, kw in fake_cuda.calls)
+    ref = rk.bn_add_relu(x, s, b, i, i_s, i_b, backend="torch")
+    torch.testing.assert_close(y, ref, **rt.ELEMENTWISE_TOL[dtype])
+    assert [n for n, _ in recorder.calls] == ["bn_add_relu_forward", "bn_add_relu_backward"]
+    fwd, bwd = (kw for _, kw in recorder.calls)
     C, inner = 4, (15 if layout == "nchw" else 1)
     assert (fwd["C"], fwd["inner"], fwd["numel"]) == (C, inner, x.numel())
     assert (bwd["C"], bwd["inner"], bwd["numel"]) == (C, inner, x.numel())
-    assert fwd["dtype"] == bwd["dtype"] == ws["dtype"] == {torch.float32: 0, torch.float16: 1,
-                                                            torch.bfloat16: 2, torch.float64: 3}[dtype]
-    assert bwd["workspace_bytes"] == 4096 and bwd["workspace"] != 0
+    assert fwd["dtype"] == bwd["dtype"] == cuda_common.DTYPE_CODES[dtype]
+    assert bwd["workspace_bytes"] > 0 and bwd["workspace"] != 0
     for k in ("grad_x", "grad_identity", "grad_scale", "grad_shift", "grad_id_scale", "out", "x", "identity"):
         assert bwd[k] != 0, k
-    assert fwd["stream"] == bwd["stream"] == 12345
+    assert fwd["stream"] == bwd["stream"] == 0
+    _replay_on_real_C("bn_add_relu_forward", fwd)
+    _replay_on_real_C("bn_add_relu_backward", bwd)
 
 
-def test_dtype_codes_match_the_C_enum():
-    """cuda_common.DTYPE_CODES against the codes _C documents in its error message
+def test_dtype_codes_match_the_C_enum(host_runner_module):
+    """cuda_common.DTYPE_CODES against the codes the C++ API documents in its error message
     ("expected 0=float32, 1=float16, 2=bfloat16, 3=float64")."""
-    from resnet_kernels.backends.cuda_common import DTYPE_CODES
-
     with pytest.raises(ValueError) as info:
-        C_.bn_add_relu_backward_workspace_bytes(dtype=99, numel=1, C=1, inner=1)
+        host_runner_module.bn_add_relu_backward_workspace_bytes(dtype=99, numel=1, C=1, inner=1)
     pairs = dict((name, int(code)) for code, name in re.findall(r"(\d+)=(\w+)", str(info.value)))
-    assert pairs == {str(d).replace("torch.", ""): c for d, c in DTYPE_CODES.items()}, str(info.value)
+    assert pairs == {str(d).replace("torch.", ""): c for d, c in cuda_common.DTYPE_CODES.items()}, str(info.value)

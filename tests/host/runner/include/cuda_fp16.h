@@ -1,0 +1,3 @@
+// Host runner stand-in for <cuda_fp16.h> (tests/host/runner/include/rk_host.h).
+#pragma once
+#include "rk_host.h"
