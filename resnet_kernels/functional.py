@@ -182,6 +182,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
+        _check_bn_input(bn, y)
         return _plain(bn(y), residual, relu)
     dt = _autocast_dtype(x)
     if dt is None:
@@ -209,6 +210,13 @@ def _check_residual(fn: str, name: str, r, y: Tensor) -> None:
         raise ValueError(f"{fn}: {name} must have the output's shape {tuple(y.shape)}, got {tuple(r.shape)}")
     if r.device != y.device:
         raise ValueError(f"{fn}: {name} must be on the output's device ({y.device}), got {r.device}")
+
+
+def _check_bn_input(bn: nn.BatchNorm2d, y: Tensor) -> None:
+    """nn.BatchNorm2d's 'one value per channel' error, raised before it counts the call (torch
+    increments num_batches_tracked first): a failed call changes nothing, as on the fused path."""
+    if bn.training and y.dim() == 4 and y.shape[1] and y.numel() // y.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
 
 
 def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -248,11 +256,13 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         return node
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
+        _check_bn_input(bn, y)
         if shortcut_conv is None:
             _check_residual("conv_bn_add_act", "shortcut_input", shortcut_input, y)
             return _plain(bn(y), shortcut_input, relu)
         s = shortcut_conv(shortcut_input)
         _check_residual("conv_bn_add_act", "the shortcut", s, y)  # before the BatchNorms change state
+        _check_bn_input(shortcut_bn, s)
         y = bn(y)
         return _plain(y, shortcut_bn(s), relu)
     dt = _autocast_dtype(x)

@@ -87,6 +87,7 @@ def _full(t):
 
 def _fused_sync(state, backend, dtype, device, convert_first):
     import resnet_kernels as rk
+    from resnet_kernels.models import resnet as rk_resnet
 
     model = build_model()
     model.load_state_dict(state)
@@ -99,7 +100,7 @@ def _fused_sync(state, backend, dtype, device, convert_first):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert sum(type(m) is nn.SyncBatchNorm for m in model.modules()) == N_SYNC_BN
     assert type(model.stem).__name__ == "FusedSequential", type(model.stem)
-    assert all(type(b).__module__ == "resnet_kernels.models.resnet" for b in model.layer)
+    assert all(isinstance(b, (rk_resnet.BasicBlock, rk_resnet.Bottleneck)) for b in model.layer)
     return model
 
 
