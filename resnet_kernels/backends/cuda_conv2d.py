@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _weight_cache
 from .._ext import require_C
 from .cuda_common import DTYPE_CODES, ptr, stream_of
 
@@ -36,7 +36,7 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     Cout, _, KH, KW = weight.shape
     OH, OW = out.shape[2], out.shape[3]
     with torch.cuda.device(x.device):
-        wmat, ldw = pack_weight(weight)
+        wmat, ldw = _weight_cache.packed(weight, "cuda_conv2d", pack_weight)  # cached across calls
         mean = var = ws = None
         nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
         if compute_stats:
