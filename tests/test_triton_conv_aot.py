@@ -134,17 +134,24 @@ def _child_compile_all(out_path: str) -> None:
             wgmma="wgmma.mma_async" in ptx,
             mma_sync=bool(re.search(r"\bmma\.sync\.aligned\b", ptx)),
             cp_async=("cp.async" in ptx),
+            # bytes per cp.async copy: 4-byte copies are a transposing or unvectorised load
+            cp_async_sizes=sorted({int(b, 0) for b in re.findall(
+                r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)",
+                ptx)}),
+            w_kmajor=dict(zip(names, plan.args))["swk"] == 1,
             elem_bytes=torch.empty((), dtype=dtype).element_size(),
         )
         results.append(entry)
     # the statistics combine kernel (Chan merge of the per-tile partials), as the launcher runs it
     comb = conv._stats_combine_kernel
     for cc in ARCHS:
-        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", COUT="i32", M="i32",
-                   NUM_TILES="i32", ROWS_PER_TILE="constexpr", BLOCK_T="constexpr", BLOCK_C="constexpr")
-        consts = dict(ROWS_PER_TILE=128, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
+        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", m2_ptr="*fp32", COUT="i32", M="i32",
+                   NUM_TILES="i32", TILES_PER_PROG="i32", ROWS_PER_TILE="i32", FINAL="constexpr",
+                   BLOCK_T="constexpr", BLOCK_C="constexpr")
+        # the first level (FINAL=False); the last level differs only in its store
+        consts = dict(FINAL=False, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
         attrs = {(comb.arg_names.index(a),): BaseBackend.parse_attr("D")
-                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "var_ptr", "COUT")}
+                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "m2_ptr", "COUT", "TILES_PER_PROG", "ROWS_PER_TILE")}
         log = io.StringIO()
         entry = dict(layer="stats_combine", dtype="fp32", arch=cc)
         try:
@@ -200,7 +207,8 @@ def aot_results(tmp_path_factory):
         tc = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "NONE")
         lines.append(f"{layer:10} {dt:11} {cc:3} {c['BLOCK_M']:>3}x{c['BLOCK_N']:>3}x{c['BLOCK_K']:<3} "
                      f"{c['num_warps']}/{c['num_stages']} {r['n_regs']:>4} {r['spill_bytes']:>5} "
-                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}")
+                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}"
+                     f" W{'k' if r['w_kmajor'] else 'n'}-major cp.async{r['cp_async_sizes']}")
     print("\n" + "\n".join(lines))
     return results
 
@@ -224,7 +232,13 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         c = r["config"]
         stage = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * r["elem_bytes"]
         assert r["cp_async"], f"the K loop is not pipelined with cp.async: {r}"
+        # every global->shared copy is 16 bytes (channels_last A rows along cin; the weight packed
+        # along the dimension the MMA wants it contiguous: K for fp32, whose 32-bit B operand
+        # neither wgmma nor ldmatrix can transpose: N-major fp32 gave 4-byte copies)
+        assert r["cp_async_sizes"] == [16], f"cp.async copies of {r['cp_async_sizes']} bytes: {r}"
         assert r["shared"] >= 2 * stage, f"shared memory {r['shared']} < 2 pipeline stages ({2 * stage}): {r}"
+    if dtype.startswith("fp32"):
+        assert r["w_kmajor"], "fp32 weights are packed K-major"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
