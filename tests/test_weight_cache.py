@@ -100,3 +100,35 @@ def test_cuda_backend_pack_cached_and_fresh():
         run()
     torch.cuda.synchronize()
     assert wc.stats()["packs"] == 3
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (CUDA graph capture)")
+def test_graph_capture_never_uses_a_cached_pack():
+    """A CUDA graph captured where the cache would hit must pack inside the graph: after an
+    in-place weight update, a replay computes with the new weight."""
+    from resnet_kernels.triton_ops import conv2d as tconv
+
+    w = torch.randn(32, 16, 3, 3, device="cuda")
+    x = torch.randn(2, 16, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+    out = torch.empty(2, 32, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def f():
+        tconv.conv2d_forward(x, w, None, None, None, out, (1, 1), (1, 1), False, False, False)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()  # compiles and caches a pack on stream s
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    before = wc.stats()["uncached"]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):  # same stream: without the capture rule this would hit
+        f()
+    assert wc.stats()["uncached"] == before + 1
+    with torch.no_grad():
+        w.mul_(-2)
+    g.replay()
+    torch.cuda.synchronize()
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    assert (out.double() - ref).abs().max().item() < 1e-3

@@ -249,9 +249,10 @@ def test_conv_batch_stats(shape_id, dt, layout):
 
 
 def test_conv_batch_stats_many_tiles_large_mean():
-    """Many M tiles (more than one BLOCK_T chunk of the combine kernel, a partial last tile) and a
-    channel mean far from 0 relative to its spread: the per-tile two-step M2 + Chan merge must keep
-    the small variance (a one-pass E[y^2] - E[y]^2 in fp32 would lose it)."""
+    """Many M tiles (more than one BLOCK_T chunk of the combine kernel and, under the interpreter,
+    both merge levels; a partial last tile) and a channel mean far from 0 relative to its spread:
+    the per-tile two-step M2 + Chan merge must keep the small variance (a one-pass
+    E[y^2] - E[y]^2 in fp32 would lose it)."""
     g = torch.Generator().manual_seed(7)
     n, cin, h, cout = 2, 16, 19, 40
     x = (50.0 + 0.05 * torch.randn(n, cin, h, h, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
@@ -261,7 +262,9 @@ def test_conv_batch_stats_many_tiles_large_mean():
     M = y.numel() // cout
     cfg = conv.select_config(M, cout, cin, 3, 3, x.dtype) if not HAS_GPU else None
     if cfg is not None:
-        assert triton_cdiv(M, cfg.BLOCK_M) > 16 and M % cfg.BLOCK_M != 0
+        nt = triton_cdiv(M, cfg.BLOCK_M)
+        assert nt > 16 and M % cfg.BLOCK_M != 0
+        assert triton_cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "both merge levels must run"
     rm, rv, tm, tv = _stats_tol(torch.float32, False, w[0].numel(), y, a)
     assert (rm.abs() > 100 * rv.sqrt()).all()  # the regime this test is about
     assert ((mean.cpu().double() - rm).abs() <= tm).all()
