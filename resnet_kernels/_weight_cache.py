@@ -78,8 +78,8 @@ def cacheable(w: torch.Tensor) -> bool:
     """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
     if not enabled() or w.device.type == "meta" or w.is_inference() or w.layout != torch.strided:
         return False
-    if isinstance(w, torch._subclasses.FakeTensor) or type(w) not in (torch.Tensor, torch.nn.Parameter):
-        return False  # fake/functional/DTensor and other subclasses
+    if type(w) not in (torch.Tensor, torch.nn.Parameter):
+        return False  # FakeTensor, DTensor, functional and other subclasses
     if w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size():
         return False
     if w.is_cuda and torch.cuda.is_current_stream_capturing():
