@@ -67,7 +67,7 @@ def _conv2d_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr,
+    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr, W_DESC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -135,11 +135,21 @@ def _conv2d_fwd_kernel(
             offs_c = cb * BLOCK_K + offs_kk
             offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
             a_ptrs = x_ptr + ((x_row + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc)
-            b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * swk + offs_n[None, :] * swn)
-            if EVEN_C:
+            if W_DESC == 1:
+                # TMA: w_ptr is a tensor descriptor of the K-major (COUT, KTOT) matrix; columns past
+                # COUT come back as zeros (out of bounds), and EVEN_C means no channel tail
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = w_ptr.load([pid_n * BLOCK_N, r * C + cb * BLOCK_K]).T
+            elif W_DESC == 2:
+                # TMA on the N-major (KTOT, COUT) matrix
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = w_ptr.load([r * C + cb * BLOCK_K, pid_n * BLOCK_N])
+            elif EVEN_C:
+                b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * swk + offs_n[None, :] * swn)
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
             else:
+                b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * swk + offs_n[None, :] * swn)
                 c_mask = offs_c < C
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
@@ -239,6 +249,7 @@ class ConvConfig:
     num_stages: int = 3
     packed_k: Optional[bool] = None  # None: decided from the shape (see _use_packed_k)
     w_kmajor: Optional[bool] = None  # weight operand K-contiguous; None: by dtype (see _weight_kmajor)
+    w_tma: bool = False  # weight tiles through a TMA tensor descriptor where _weight_descriptor allows
 
 
 # The interpreter runs one program at a time in numpy: one small config.
@@ -366,6 +377,26 @@ def pack_weight(weight: torch.Tensor, kmajor: bool) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(ktot, cout).contiguous()
 
 
+def _weight_descriptor(w2: torch.Tensor, kmajor: bool, packed: bool, even_c: bool, cfg: ConvConfig):
+    """A TMA tensor descriptor of the packed weight (K-major: the (Cout, K) matrix, block
+    [BLOCK_N, BLOCK_K]; N-major: (K, Cout), block [BLOCK_K, BLOCK_N]), or None where the chunked
+    K loop cannot use one: the packed K loop (the stem), a channel tail (Cin % BLOCK_K != 0: the
+    tile would run into the next tap's rows), or a matrix TMA cannot address (16-byte aligned
+    base and row pitch). Opt-in (``ConvConfig.w_tma``): compiled ahead of time for sm_90 on triton
+    3.6 and 3.8 and tested under the interpreter, not yet measured on a GPU."""
+    if packed or not even_c:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    mat = w2.t() if kmajor else w2  # contiguous either way
+    block = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
+    esize = mat.element_size()
+    if (mat.stride(1) != 1 or (mat.stride(0) * esize) % 16 or (mat.data_ptr() % 16 and mat.device.type != "meta")
+            or block[1] * esize < 16):
+        return None
+    return TensorDescriptor(mat, list(mat.shape), list(mat.stride()), block)
+
+
 # ----------------------------------------------------------------------------------------------
 # launcher
 
@@ -419,6 +450,13 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(x.dtype)
     w2 = _weight_cache.packed(weight, ("triton_conv2d", kmajor), functools.partial(pack_weight, kmajor=kmajor))
 
+    even_c = cin % cfg.BLOCK_K == 0
+    w_desc_mode, w_arg = 0, w2
+    if cfg.w_tma:
+        desc = _weight_descriptor(w2, kmajor, packed, even_c, cfg)
+        if desc is not None:
+            w_desc_mode, w_arg = (1 if kmajor else 2), desc
+
     num_m_tiles = triton.cdiv(M, cfg.BLOCK_M)
     pmean = pm2 = None
     if compute_stats:
@@ -434,7 +472,7 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     else:
         precision = "tf32"  # ignored for 16-bit operands
     args = (
-        x, w2, scale if scale is not None else dummy, bias if bias is not None else dummy, res, out,
+        x, w_arg, scale if scale is not None else dummy, bias if bias is not None else dummy, res, out,
         pmean if compute_stats else dummy, pm2 if compute_stats else dummy,
         cin, h, w, cout, oh, ow, M, ktot,
         *w2.stride(),
@@ -445,7 +483,7 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         KH=kh, KW=kw,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         RELU=bool(relu), STATS=bool(compute_stats), PACKED_K=bool(packed),
-        EVEN_C=(cin % cfg.BLOCK_K == 0),
+        EVEN_C=even_c, W_DESC=w_desc_mode,
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )

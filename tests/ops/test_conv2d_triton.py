@@ -544,3 +544,38 @@ def test_conv_weight_cache_bypassed(monkeypatch):
     _conv_check(x, w, "disabled")
     s = wc.stats()
     assert s["uncached"] == 7 and s["hits"] == 0 and s["packs"] == 0
+
+
+@pytest.mark.parametrize("kmajor", [False, True], ids=["n-major", "k-major"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape_id", ["3x3s1p1", "1x1s1p0", "3x3s1p1_cin40", "stem7x7s2p3"])
+def test_conv_weight_tma_descriptor(shape_id, dt, kmajor):
+    """The opt-in TMA weight path (ConvConfig.w_tma): the chunked K loop with Cin % BLOCK_K == 0
+    reads the weight tiles through a tensor descriptor (Cout = 24: a partial channel tile, whose
+    columns past Cout come back as zeros); a channel tail (Cin = 40) or the packed stem loop keeps
+    the pointer loads. Parity with stats and the full epilogue either way."""
+    dtype, tf32 = DTYPES[dt]
+    x, w, r, stride, padding = _make(shape_id, dtype, "channels_last", res=True, seed=29)
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, dtype)
+    cfg = conv.ConvConfig(base.BLOCK_M, base.BLOCK_N, base.BLOCK_K, base.GROUP_M, base.num_warps,
+                          base.num_stages, w_kmajor=kmajor, w_tma=True)
+    cout, cin = w.shape[0], w.shape[1]
+    oh = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    probe = _poisoned_out(x, cout, oh, ow, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, probe, stride, padding, False, True, tf32, config=cfg)
+    eligible = cin % cfg.BLOCK_K == 0 and not plan.constexprs["PACKED_K"]
+    assert plan.constexprs["W_DESC"] == ((1 if kmajor else 2) if eligible else 0)
+    g = torch.Generator().manual_seed(2)
+    scale = (torch.rand(cout, generator=g) + 0.5).to(DEVICE)
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    out, _ = _run(x, w, scale, bias, r, stride, padding, True, False, tf32, "channels_last", config=cfg)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    want, bound = _bound(dtype, tf32, K, y, a, scale, bias, r, True)
+    _check_close(out, want, bound, f"{shape_id} {dt} tma kmajor={kmajor}")
+    out, (mean, var) = _run(x, w, None, None, None, stride, padding, False, True, tf32, "channels_last", config=cfg)
+    want, bound = _bound(dtype, tf32, K, y, a, None, None, None, False)
+    _check_close(out, want, bound, f"{shape_id} {dt} tma stats")
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()
