@@ -37,7 +37,8 @@ used and the dot operands are upcast to fp32 (the interpreter computes bf16 dots
 Known performance limits: with an NCHW input the A-tile gather is not contiguous along cin, so it
 is neither coalesced nor vectorized (correct, but channels_last is the layout to use); in the packed
 stem loop the 16-bit A gather is element-wise (k -> cin is not contiguous in runs the compiler can
-prove), so only the B tile goes through cp.async there.
+prove), so only the B tile goes through cp.async there. Loads are cp.async; ``ConvConfig.w_tma``
+(opt-in, not yet measured on a GPU) takes the weight tiles through a TMA descriptor instead.
 """
 
 from __future__ import annotations
