@@ -51,8 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc, _weight_cache
+from .. import _alloc
 from ._common import INTERPRET, cast_for_store
+
+from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
 
 __all__ = ["conv2d_forward", "ConvConfig", "select_config"]
 
@@ -274,7 +276,8 @@ def stats_tiles_per_program(num_tiles: int, cout: int) -> int:
 
 
 def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows_per_tile: int,
-                  tiles_per_program: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  tiles_per_program: Optional[int] = None,
+                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) per channel (float32) from the (num_tiles, Cout) per-tile (mean, M2)
     partials of M rows, tile t holding min(M - t*rows_per_tile, rows_per_tile) rows.
 
@@ -284,10 +287,13 @@ def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows_per_tile:
     tiles_per_program * rows_per_tile rows, the same count rule one level up). Was: one program
     per 64 channels walking every tile twice (one program for Cout = 64: ~2 * num_tiles / 32
     dependent L2 round trips, 392 at 56x56 and 1568 for the stem at batch 256, P5 of the review).
-    Now, for Cout = 64: 196 programs of <= 4 steps, then one of <= 7 (counted, not measured)."""
+    Now, for Cout = 64: 196 programs of <= 4 steps, then one of <= 7 (counted, not measured).
+    ``out``: (mean, var) float32 (Cout,) tensors to write (default: new ones)."""
     num_tiles, cout = pmean.shape
-    mean = _alloc.empty((cout,), dtype=torch.float32, device=pmean.device)
-    var = _alloc.empty((cout,), dtype=torch.float32, device=pmean.device)
+    if out is None:
+        out = (_alloc.empty((cout,), dtype=torch.float32, device=pmean.device),
+               _alloc.empty((cout,), dtype=torch.float32, device=pmean.device))
+    mean, var = out
     tpp = tiles_per_program or stats_tiles_per_program(num_tiles, cout)
     cblocks = triton.cdiv(cout, STATS_BLOCK_C)
     common = dict(BLOCK_T=STATS_BLOCK_T, BLOCK_C=STATS_BLOCK_C, num_warps=4)
@@ -502,10 +508,13 @@ def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, comput
                                       num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not compute_stats:
         return None
+    mean = _alloc.empty((cout,), dtype=torch.float32, device=x.device)
+    var = _alloc.empty((cout,), dtype=torch.float32, device=x.device)
     if M == 0:
-        mean = torch.full((cout,), float("nan"), dtype=torch.float32, device=x.device)
-        return mean, mean.clone()
-    return combine_stats(plan.pmean, plan.pm2, M, plan.config.BLOCK_M)
+        mean.fill_(float("nan"))
+        var.fill_(float("nan"))
+        return mean, var
+    return combine_stats(plan.pmean, plan.pm2, M, plan.config.BLOCK_M, out=(mean, var))
 
 
 def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,

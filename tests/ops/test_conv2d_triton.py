@@ -249,10 +249,9 @@ def test_conv_batch_stats(shape_id, dt, layout):
 
 
 def test_conv_batch_stats_many_tiles_large_mean():
-    """Many M tiles (more than one BLOCK_T chunk of the combine kernel and, under the interpreter,
-    both merge levels; a partial last tile) and a channel mean far from 0 relative to its spread:
-    the per-tile two-step M2 + Chan merge must keep the small variance (a one-pass
-    E[y^2] - E[y]^2 in fp32 would lose it)."""
+    """Many M tiles (more than one BLOCK_T chunk of the combine kernel, a partial last tile) and a
+    channel mean far from 0 relative to its spread: the per-tile two-step M2 + Chan merge must keep
+    the small variance (a one-pass E[y^2] - E[y]^2 in fp32 would lose it)."""
     g = torch.Generator().manual_seed(7)
     n, cin, h, cout = 2, 16, 19, 40
     x = (50.0 + 0.05 * torch.randn(n, cin, h, h, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
@@ -262,9 +261,7 @@ def test_conv_batch_stats_many_tiles_large_mean():
     M = y.numel() // cout
     cfg = conv.select_config(M, cout, cin, 3, 3, x.dtype) if not HAS_GPU else None
     if cfg is not None:
-        nt = triton_cdiv(M, cfg.BLOCK_M)
-        assert nt > 16 and M % cfg.BLOCK_M != 0
-        assert triton_cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "both merge levels must run"
+        assert triton_cdiv(M, cfg.BLOCK_M) > 16 and M % cfg.BLOCK_M != 0
     rm, rv, tm, tv = _stats_tol(torch.float32, False, w[0].numel(), y, a)
     assert (rm.abs() > 100 * rv.sqrt()).all()  # the regime this test is about
     assert ((mean.cpu().double() - rm).abs() <= tm).all()
@@ -354,13 +351,28 @@ def _gpu_config(*args):
 # ------------------------------------------------------------------------------------------------
 # the statistics merge (combine_stats): two levels, fixed order
 
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def test_conv_stats_many_tiles_takes_two_levels():
+    """The regime of test_conv_batch_stats_many_tiles_large_mean (the interpreter's shape, and a
+    GPU's 128-row tiles at 4x16x35x35) merges its statistics in both levels."""
+    n, cin, h, cout = (2, 16, 19, 40) if interpreting() else (4, 16, 35, 40)
+    x = torch.empty(n, cin, h, h, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(cout, cin, 3, 3, device=DEVICE)
+    out = _poisoned_out(x, cout, h - 2, h - 2, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, out, (1, 1), (0, 0), False, True, False)
+    nt = plan.num_m_tiles
+    assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, (nt, conv.stats_tiles_per_program(nt, cout))
+
 def _tile_partials(M, cout, rows, seed, loc=100.0):
     """Rows y (M, cout) with |mean| = loc x std per channel and their per-tile (mean, M2) in
     float32, computed in float64 (what the conv kernel's fp32 tile reduction approximates)."""
     g = torch.Generator().manual_seed(seed)
     y = loc * (1 + torch.rand(cout, generator=g, dtype=torch.float64)) * torch.where(
         torch.arange(cout) % 2 == 0, 1.0, -1.0).double() + torch.randn(M, cout, generator=g, dtype=torch.float64)
-    nt = triton_cdiv(M, rows)
+    nt = _cdiv(M, rows)
     pmean = torch.empty(nt, cout, dtype=torch.float64)
     pm2 = torch.empty(nt, cout, dtype=torch.float64)
     for t in range(nt):
@@ -380,7 +392,7 @@ def test_stats_combine_two_level(tpp):
     y, pmean, pm2 = _tile_partials(M, cout, rows, seed=21)
     nt = pmean.shape[0]
     if tpp is None:
-        assert triton_cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "default must take two levels here"
+        assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "default must take two levels here"
     mean, var = conv.combine_stats(pmean, pm2, M, rows, tiles_per_program=tpp)
     var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
     assert (mean_ref.abs() >= 100 * var_ref.sqrt()).all()
@@ -415,11 +427,11 @@ def test_stats_tiles_per_program():
     for nt, cout in ((6272, 64), (25088, 64), (6272, 256), (1568, 512), (392, 2048), (3, 64)):
         tpp = conv.stats_tiles_per_program(nt, cout)
         assert tpp % bt == 0 and tpp >= bt
-        groups = triton_cdiv(nt, tpp)
-        programs = groups * triton_cdiv(cout, conv.STATS_BLOCK_C)
-        if nt * triton_cdiv(cout, conv.STATS_BLOCK_C) >= 128 * bt:
+        groups = _cdiv(nt, tpp)
+        programs = groups * _cdiv(cout, conv.STATS_BLOCK_C)
+        if nt * _cdiv(cout, conv.STATS_BLOCK_C) >= 128 * bt:
             assert programs >= 128, (nt, cout, programs)
-        assert triton_cdiv(groups, bt) <= 16 and tpp // bt <= 16, (nt, cout, tpp, groups)
+        assert _cdiv(groups, bt) <= 16 and tpp // bt <= 16, (nt, cout, tpp, groups)
 
 
 # ------------------------------------------------------------------------------------------------
