@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from .. import _alloc, _weight_cache
+from .. import _alloc
 from .._ext import require_C
 from .cuda_common import DTYPE_CODES, ptr, stream_of
 
 
 def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(Cout, Cin, KH, KW) -> ((Cout, ldw) matrix, ldw): columns (kh, kw, cin), zero padded."""
+    """(Cout, Cin, KH, KW) -> ((Cout, ldw) matrix, ldw): columns (kh, kw, cin), zero padded;
+    cached across calls, repacked whenever the weight may have changed (resnet_kernels/_weight_cache.py)."""
+    from .. import _weight_cache
+
+    return _weight_cache.packed(weight, "cuda_conv2d", _pack_weight)
+
+
+def _pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     Cout, Cin, KH, KW = weight.shape
     K = Cin * KH * KW
     ldw = (K + 7) // 8 * 8
@@ -36,7 +43,7 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     Cout, _, KH, KW = weight.shape
     OH, OW = out.shape[2], out.shape[3]
     with torch.cuda.device(x.device):
-        wmat, ldw = _weight_cache.packed(weight, "cuda_conv2d", pack_weight)  # cached across calls
+        wmat, ldw = pack_weight(weight)
         mean = var = ws = None
         nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
         if compute_stats:
