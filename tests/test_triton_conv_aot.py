@@ -25,6 +25,7 @@ printed (``pytest -s``) as a table.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -52,6 +53,8 @@ SMALL = ("l4_3x3_b8", 8, 512, 7, 512, 3, 1, 1, "fused")
 # exact fp32 (allow_tf32=False -> 3xTF32) on one layer
 _DT_FOR = {"stem7x7s2": DTYPES, "l2_3x3s2": DTYPES + ["fp32-3xtf32"]}
 CASES = [(lay, dt) for lay in LAYERS + [SMALL] for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
+# the opt-in TMA weight path (ConvConfig.w_tma): sm_90 only (TMA is Hopper's), chunked K loop
+TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") for dt in ("bf16", "fp32-tf32")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,8 +82,12 @@ def _child_compile_all(out_path: str) -> None:
         def data_ptr(self):
             return 1 << 20
 
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tl_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    jobs = [(case, cc, False) for case, cc in itertools.product(CASES, ARCHS)] + [(case, 90, True) for case in TMA_CASES]
     results = []
-    for ((name, n, cin, h, cout, k, s, p, epi), dt), cc in itertools.product(CASES, ARCHS):
+    for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma in jobs:
         dtype = torch_dtype[dt]
         cl = torch.channels_last
         x = torch.empty((n, cin, h, h), dtype=dtype, device="meta").to(memory_format=cl)
@@ -92,12 +99,22 @@ def _child_compile_all(out_path: str) -> None:
         bias = torch.empty((cout,), dtype=torch.float32, device="meta") if fused else None
         res = torch.empty_like(out) if fused else None
         allow_tf32 = dt != "fp32-3xtf32"
-        plan = conv._prepare(x, w, scale, bias, res, out, (s, s), (p, p), fused, not fused, allow_tf32, arch=cc)
+        cfg = conv.select_config(n * oh * oh, cout, cin, k, k, dtype, cc, allow_tf32)
+        if tma:
+            cfg = dataclasses.replace(cfg, w_tma=True)
+        plan = conv._prepare(x, w, scale, bias, res, out, (s, s), (p, p), fused, not fused, allow_tf32, config=cfg,
+                             arch=cc)
+        if tma:
+            assert plan.constexprs["W_DESC"] in (1, 2), plan.constexprs
+            name = name + "+tma"
 
         names = [a for a in kernel.arg_names if a not in plan.constexprs]
         assert len(names) == len(plan.args), (names, len(plan.args))
         signature, constexprs, attrs = {}, {}, {}
         for a, v in zip(names, plan.args):
+            if isinstance(v, TensorDescriptor):
+                signature[a] = f"tensordesc<{tl_name[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"
+                continue
             if isinstance(v, torch.Tensor):
                 v = _AlignedPtr(v.dtype)
             ty, attr = native_specialize_impl(BaseBackend, v, False, True, True)
@@ -134,17 +151,25 @@ def _child_compile_all(out_path: str) -> None:
             wgmma="wgmma.mma_async" in ptx,
             mma_sync=bool(re.search(r"\bmma\.sync\.aligned\b", ptx)),
             cp_async=("cp.async" in ptx),
+            # bytes per cp.async copy: 4-byte copies are a transposing or unvectorised load
+            cp_async_sizes=sorted({int(b, 0) for b in re.findall(
+                r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)",
+                ptx)}),
+            w_kmajor=dict(zip(names, plan.args))["swk"] == 1,
+            tma=("cp.async.bulk.tensor" in ptx),
             elem_bytes=torch.empty((), dtype=dtype).element_size(),
         )
         results.append(entry)
     # the statistics combine kernel (Chan merge of the per-tile partials), as the launcher runs it
     comb = conv._stats_combine_kernel
     for cc in ARCHS:
-        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", COUT="i32", M="i32",
-                   NUM_TILES="i32", ROWS_PER_TILE="constexpr", BLOCK_T="constexpr", BLOCK_C="constexpr")
-        consts = dict(ROWS_PER_TILE=128, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
+        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", m2_ptr="*fp32", COUT="i32", M="i32",
+                   NUM_TILES="i32", TILES_PER_PROG="i32", ROWS_PER_TILE="i32", FINAL="constexpr",
+                   BLOCK_T="constexpr", BLOCK_C="constexpr")
+        # the first level (FINAL=False); the last level differs only in its store
+        consts = dict(FINAL=False, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
         attrs = {(comb.arg_names.index(a),): BaseBackend.parse_attr("D")
-                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "var_ptr", "COUT")}
+                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "m2_ptr", "COUT", "TILES_PER_PROG", "ROWS_PER_TILE")}
         log = io.StringIO()
         entry = dict(layer="stats_combine", dtype="fp32", arch=cc)
         try:
@@ -200,7 +225,8 @@ def aot_results(tmp_path_factory):
         tc = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "NONE")
         lines.append(f"{layer:10} {dt:11} {cc:3} {c['BLOCK_M']:>3}x{c['BLOCK_N']:>3}x{c['BLOCK_K']:<3} "
                      f"{c['num_warps']}/{c['num_stages']} {r['n_regs']:>4} {r['spill_bytes']:>5} "
-                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}")
+                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}"
+                     f" W{'k' if r['w_kmajor'] else 'n'}-major cp.async{r['cp_async_sizes']}")
     print("\n" + "\n".join(lines))
     return results
 
@@ -224,7 +250,24 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         c = r["config"]
         stage = (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * r["elem_bytes"]
         assert r["cp_async"], f"the K loop is not pipelined with cp.async: {r}"
+        # every global->shared copy is 16 bytes (channels_last A rows along cin; the weight packed
+        # along the dimension the MMA wants it contiguous: K for fp32, whose 32-bit B operand
+        # neither wgmma nor ldmatrix can transpose: N-major fp32 gave 4-byte copies)
+        assert r["cp_async_sizes"] == [16], f"cp.async copies of {r['cp_async_sizes']} bytes: {r}"
         assert r["shared"] >= 2 * stage, f"shared memory {r['shared']} < 2 pipeline stages ({2 * stage}): {r}"
+    if dtype.startswith("fp32"):
+        assert r["w_kmajor"], "fp32 weights are packed K-major"
+
+
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES])
+def test_conv_kernel_tma_aot(aot_results, layer, dtype):
+    """ConvConfig.w_tma on sm_90: the weight tiles come through TMA (cp.async.bulk.tensor), the
+    activations still through 16-byte cp.async, wgmma, no spills."""
+    r = aot_results[(layer + "+tma", dtype, 90)]
+    assert "error" not in r, r.get("error")
+    assert r["ptxas_log_found"] and r["spill_bytes"] == 0 and 0 < r["n_regs"] <= 255, r
+    assert r["wgmma"] and r["tma"], r
+    assert r["cp_async"] and r["cp_async_sizes"] == [16], r
 
 
 @pytest.mark.parametrize("arch", ARCHS)

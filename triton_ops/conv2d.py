@@ -16,8 +16,13 @@ Two K-loop shapes (a constexpr switch):
 
 Statistics (``compute_stats``): every program writes, for its BLOCK_N channels, the mean and M2
 (sum of squared deviations from that mean) of its valid rows of the fp32 accumulator to a
-(num_m_tiles, Cout) scratch pair; a second kernel merges them per channel with Chan's formula in a
-fixed order (deterministic, no atomics) and returns (mean, biased var) in float32.
+(num_m_tiles, Cout) scratch pair; ``combine_stats`` merges them per channel with Chan's formula in
+two parallel levels of fixed order (deterministic, no atomics) and returns (mean, biased var) in
+float32.
+
+Weight operand: packed once per weight version and cached across calls
+(``resnet_kernels/_weight_cache.py``); K-contiguous for fp32 (what the tf32 MMA wants),
+N-contiguous for 16-bit types (see ``_weight_kmajor``); the kernel takes its two strides.
 
 Precision: fp16/bf16 operands go to the tensor cores with fp32 accumulation; fp32 uses tf32 when
 ``allow_tf32`` (the op passes torch.backends.cudnn.allow_tf32) and 3xTF32 (``tf32x3``: fp32-level
@@ -32,7 +37,8 @@ used and the dot operands are upcast to fp32 (the interpreter computes bf16 dots
 Known performance limits: with an NCHW input the A-tile gather is not contiguous along cin, so it
 is neither coalesced nor vectorized (correct, but channels_last is the layout to use); in the packed
 stem loop the 16-bit A gather is element-wise (k -> cin is not contiguous in runs the compiler can
-prove), so only the B tile goes through cp.async there.
+prove), so only the B tile goes through cp.async there. Loads are cp.async; ``ConvConfig.w_tma``
+(opt-in, not yet measured on a GPU) takes the weight tiles through a TMA descriptor instead.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import triton.language as tl
 from .. import _alloc
 from ._common import INTERPRET, cast_for_store
 
+from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
+
 __all__ = ["conv2d_forward", "ConvConfig", "select_config"]
 
 
@@ -55,13 +63,14 @@ __all__ = ["conv2d_forward", "ConvConfig", "select_config"]
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr,
     C, H, W, COUT, OH, OW, M, KTOT,
+    swk, swn,
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
     srn, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr,
+    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr, W_DESC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -109,7 +118,7 @@ def _conv2d_fwd_kernel(
             a_mask = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
             a_ptrs = x_ptr + (x_row[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc)
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            b_ptrs = w_ptr + (offs_k[:, None] * COUT + offs_n[None, :])
+            b_ptrs = w_ptr + (offs_k[:, None] * swk + offs_n[None, :] * swn)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -129,11 +138,21 @@ def _conv2d_fwd_kernel(
             offs_c = cb * BLOCK_K + offs_kk
             offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
             a_ptrs = x_ptr + ((x_row + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc)
-            b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * COUT + offs_n[None, :])
-            if EVEN_C:
+            if W_DESC == 1:
+                # TMA: w_ptr is a tensor descriptor of the K-major (COUT, KTOT) matrix; columns past
+                # COUT come back as zeros (out of bounds), and EVEN_C means no channel tail
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = w_ptr.load([pid_n * BLOCK_N, r * C + cb * BLOCK_K]).T
+            elif W_DESC == 2:
+                # TMA on the N-major (KTOT, COUT) matrix
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = w_ptr.load([r * C + cb * BLOCK_K, pid_n * BLOCK_N])
+            elif EVEN_C:
+                b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * swk + offs_n[None, :] * swn)
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
             else:
+                b_ptrs = w_ptr + ((r * C + offs_c)[:, None] * swk + offs_n[None, :] * swn)
                 c_mask = offs_c < C
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
@@ -175,42 +194,49 @@ def _conv2d_fwd_kernel(
 
 @triton.jit
 def _stats_combine_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, COUT, M, NUM_TILES,
-    ROWS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    pmean_ptr, pm2_ptr, mean_ptr, m2_ptr, COUT, M, NUM_TILES, TILES_PER_PROG, ROWS_PER_TILE,
+    FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Chan's parallel merge of the per-tile (count, mean, M2) partials, one channel block per
-    program, summed over the tiles in a fixed order (two passes: grand mean, then M2)."""
-    pid = tl.program_id(0)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    """One level of the statistics merge. Input: (NUM_TILES, COUT) partials (mean, M2), tile t
+    holding min(M - t*ROWS_PER_TILE, ROWS_PER_TILE) rows. Program (g, cb) merges tiles
+    [g*TILES_PER_PROG, (g+1)*TILES_PER_PROG) for channels [cb*BLOCK_C, (cb+1)*BLOCK_C), BLOCK_T
+    tiles per step: the step's (count, mean, M2) from its tiles (two passes over registers:
+    mean, then M2 = sum M2_t + n_t (mean_t - mean)^2), then merged into the running one with
+    Chan's pairwise formula. Fixed order and fixed shapes: bitwise reproducible.
+    Writes the group's (mean, M2) at row g, or (mean, M2 / M) when FINAL (a single group)."""
+    g = tl.program_id(0)
+    cb = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < COUT
     offs_t0 = tl.arange(0, BLOCK_T)
-
-    # pass 1: grand mean = sum_t n_t * mean_t / M
-    s = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, NUM_TILES, BLOCK_T):
+    t_begin = g * TILES_PER_PROG
+    t_end = tl.minimum(t_begin + TILES_PER_PROG, NUM_TILES)
+    n_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + offs_t0
-        t_mask = offs_t < NUM_TILES
-        n_t = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(tl.float32)
-        mk = t_mask[:, None] & c_mask[None, :]
-        mt = tl.load(pmean_ptr + offs_t[:, None] * COUT + offs_c[None, :], mask=mk, other=0.0)
-        s += tl.where(mk, n_t[:, None] * mt, 0.0)
-    mean = tl.sum(s, axis=0) / M
-
-    # pass 2: M2 = sum_t M2_t + n_t * (mean_t - mean)^2
-    q = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, NUM_TILES, BLOCK_T):
-        offs_t = t0 + offs_t0
-        t_mask = offs_t < NUM_TILES
-        n_t = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(tl.float32)
+        t_mask = offs_t < t_end
+        n_t = tl.where(t_mask, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE), 0).to(tl.float32)
         mk = t_mask[:, None] & c_mask[None, :]
         p = offs_t[:, None] * COUT + offs_c[None, :]
         mt = tl.load(pmean_ptr + p, mask=mk, other=0.0)
         m2t = tl.load(pm2_ptr + p, mask=mk, other=0.0)
-        dm = mt - mean[None, :]
-        q += tl.where(mk, m2t + n_t[:, None] * dm * dm, 0.0)
-    m2 = tl.sum(q, axis=0)
-    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
-    tl.store(var_ptr + offs_c, m2 / M, mask=c_mask)
+        n_b = tl.sum(n_t, axis=0)  # > 0: t0 < t_end
+        mean_b = tl.sum(n_t[:, None] * mt, axis=0) / n_b
+        dm = tl.where(mk, mt - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2t + n_t[:, None] * dm * dm, axis=0)
+        n_new = n_run + n_b
+        delta = mean_b - mean_run
+        mean_run = mean_run + delta * (n_b / n_new)
+        m2_run = m2_run + m2_b + delta * delta * (n_run * n_b / n_new)
+        n_run = n_new
+    o = g * COUT + offs_c
+    tl.store(mean_ptr + o, mean_run, mask=c_mask)
+    if FINAL:
+        tl.store(m2_ptr + o, m2_run / M, mask=c_mask)
+    else:
+        tl.store(m2_ptr + o, m2_run, mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +251,8 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 3
     packed_k: Optional[bool] = None  # None: decided from the shape (see _use_packed_k)
+    w_kmajor: Optional[bool] = None  # weight operand K-contiguous; None: by dtype (see _weight_kmajor)
+    w_tma: bool = False  # weight tiles through a TMA tensor descriptor where _weight_descriptor allows
 
 
 # The interpreter runs one program at a time in numpy: one small config.
@@ -233,6 +261,54 @@ INTERPRETER_CONFIG = ConvConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, n
 
 # the statistics combine kernel: BLOCK_T partial rows x BLOCK_C channels per loop step
 STATS_BLOCK_T, STATS_BLOCK_C = (16, 32) if INTERPRET else (32, 64)
+# first merge level: about this many programs (tiles x channel blocks / programs)
+STATS_TARGET_PROGRAMS = 256
+
+
+def stats_tiles_per_program(num_tiles: int, cout: int) -> int:
+    """Tiles one first-level program of the statistics merge walks: num_tiles * channel blocks
+    spread over about STATS_TARGET_PROGRAMS programs (more than an H100/H200 has SMs), a multiple of
+    STATS_BLOCK_T (at least one step). A function of the shape only, so the merge order, and with
+    it every bit of the result, is the same on every run and every GPU."""
+    cblocks = triton.cdiv(cout, STATS_BLOCK_C)
+    per = triton.cdiv(num_tiles * cblocks, STATS_TARGET_PROGRAMS)
+    return max(STATS_BLOCK_T, triton.cdiv(per, STATS_BLOCK_T) * STATS_BLOCK_T)
+
+
+def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, M: int, rows_per_tile: int,
+                  tiles_per_program: Optional[int] = None,
+                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel (float32) from the (num_tiles, Cout) per-tile (mean, M2)
+    partials of M rows, tile t holding min(M - t*rows_per_tile, rows_per_tile) rows.
+
+    Two levels of ``_stats_combine_kernel`` when there is more than one group: groups of
+    ``tiles_per_program`` tiles (default ``stats_tiles_per_program``) merged in parallel into
+    (num_groups, Cout) partials, then one program per channel block merges those (a group holds
+    tiles_per_program * rows_per_tile rows, the same count rule one level up). Was: one program
+    per 64 channels walking every tile twice (one program for Cout = 64: ~2 * num_tiles / 32
+    dependent L2 round trips, 392 at 56x56 and 1568 for the stem at batch 256, P5 of the review).
+    Now, for Cout = 64: 196 programs of <= 4 steps, then one of <= 7 (counted, not measured).
+    ``out``: (mean, var) float32 (Cout,) tensors to write (default: new ones)."""
+    num_tiles, cout = pmean.shape
+    if out is None:
+        out = (_alloc.empty((cout,), dtype=torch.float32, device=pmean.device),
+               _alloc.empty((cout,), dtype=torch.float32, device=pmean.device))
+    mean, var = out
+    tpp = tiles_per_program or stats_tiles_per_program(num_tiles, cout)
+    cblocks = triton.cdiv(cout, STATS_BLOCK_C)
+    common = dict(BLOCK_T=STATS_BLOCK_T, BLOCK_C=STATS_BLOCK_C, num_warps=4)
+    if num_tiles <= tpp:
+        _stats_combine_kernel[(1, cblocks)](pmean, pm2, mean, var, cout, M, num_tiles, num_tiles, rows_per_tile,
+                                            FINAL=True, **common)
+        return mean, var
+    groups = triton.cdiv(num_tiles, tpp)
+    gmean = _alloc.empty((groups, cout), dtype=torch.float32, device=pmean.device)
+    gm2 = _alloc.empty((groups, cout), dtype=torch.float32, device=pmean.device)
+    _stats_combine_kernel[(groups, cblocks)](pmean, pm2, gmean, gm2, cout, M, num_tiles, tpp, rows_per_tile,
+                                             FINAL=False, **common)
+    _stats_combine_kernel[(1, cblocks)](gmean, gm2, mean, var, cout, M, groups, groups, tpp * rows_per_tile,
+                                        FINAL=True, **common)
+    return mean, var
 
 
 def _use_packed_k(cin: int, kh: int, kw: int, block_k: int) -> bool:
@@ -276,6 +352,56 @@ def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dt
         block_k = 64 if cin >= 64 else 32
         num_stages = 3 if tile >= 128 * 128 else 4
     return ConvConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# the weight operand
+
+def _weight_kmajor(dtype: torch.dtype) -> bool:
+    """K-contiguous weight operand for fp32, N-contiguous for 16-bit types.
+
+    fp32 (tf32 / 3xTF32): wgmma (sm_90) reads a 32-bit B operand from shared memory only K-major
+    (the transposed form exists for 16-bit types only) and mma.sync's tf32 B fragment is K-pairs per
+    thread, so an N-major fp32 weight made Triton transpose it on the way into shared memory with
+    4-byte cp.async copies (review P9: 48 LDGSTS.E vs 12 LDGSTS.E.BYPASS.128). K-major, the B tile
+    loads with 16-byte cp.async along K.
+    16-bit: wgmma takes either major-ness for B (``.tnspB`` for N-major) and ldmatrix has a .trans
+    form on sm_80, and both packings give 16-byte copies; the AOT comparison (commit message and
+    docs/CONV.md) found no advantage for K-major there, so 16-bit keeps the N-major packing."""
+    return dtype == torch.float32
+
+
+def pack_weight(weight: torch.Tensor, kmajor: bool) -> torch.Tensor:
+    """(Cout, Cin, KH, KW) -> the (K, Cout) GEMM operand, K = KH*KW*Cin indexed
+    (kh*KW + kw)*Cin + c. K-major: the transpose of a contiguous (Cout, K) matrix, strides (1, K),
+    which is a view of the weight itself when it is channels_last (no copy); N-major: contiguous
+    (K, Cout), strides (Cout, 1). The kernel takes the two strides (a stride of 1 is specialised to a
+    constant by Triton, which gives it the contiguity)."""
+    cout, cin, kh, kw = weight.shape
+    ktot = cin * kh * kw
+    if kmajor:
+        return weight.permute(0, 2, 3, 1).reshape(cout, ktot).contiguous().t()
+    return weight.permute(2, 3, 1, 0).reshape(ktot, cout).contiguous()
+
+
+def _weight_descriptor(w2: torch.Tensor, kmajor: bool, packed: bool, even_c: bool, cfg: ConvConfig):
+    """A TMA tensor descriptor of the packed weight (K-major: the (Cout, K) matrix, block
+    [BLOCK_N, BLOCK_K]; N-major: (K, Cout), block [BLOCK_K, BLOCK_N]), or None where the chunked
+    K loop cannot use one: the packed K loop (the stem), a channel tail (Cin % BLOCK_K != 0: the
+    tile would run into the next tap's rows), or a matrix TMA cannot address (16-byte aligned
+    base and row pitch). Opt-in (``ConvConfig.w_tma``): compiled ahead of time for sm_90 on triton
+    3.6 and 3.8 and tested under the interpreter, not yet measured on a GPU."""
+    if packed or not even_c:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    mat = w2.t() if kmajor else w2  # contiguous either way
+    block = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
+    esize = mat.element_size()
+    if (mat.stride(1) != 1 or (mat.stride(0) * esize) % 16 or (mat.data_ptr() % 16 and mat.device.type != "meta")
+            or block[1] * esize < 16):
+        return None
+    return TensorDescriptor(mat, list(mat.shape), list(mat.stride()), block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +454,15 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     cfg = config or select_config(M, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
     packed = cfg.packed_k if cfg.packed_k is not None else _use_packed_k(cin, kh, kw, cfg.BLOCK_K)
 
-    # weight -> (KH*KW*Cin, Cout): row (kh*KW + kw)*Cin + c, contiguous along Cout (coalesced B tiles)
-    w2 = weight.permute(2, 3, 1, 0).reshape(ktot, cout).contiguous()
+    kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(x.dtype)
+    w2 = _weight_cache.packed(weight, ("triton_conv2d", kmajor), functools.partial(pack_weight, kmajor=kmajor))
+
+    even_c = cin % cfg.BLOCK_K == 0
+    w_desc_mode, w_arg = 0, w2
+    if cfg.w_tma:
+        desc = _weight_descriptor(w2, kmajor, packed, even_c, cfg)
+        if desc is not None:
+            w_desc_mode, w_arg = (1 if kmajor else 2), desc
 
     num_m_tiles = triton.cdiv(M, cfg.BLOCK_M)
     pmean = pm2 = None
@@ -346,9 +479,10 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     else:
         precision = "tf32"  # ignored for 16-bit operands
     args = (
-        x, w2, scale if scale is not None else dummy, bias if bias is not None else dummy, res, out,
+        x, w_arg, scale if scale is not None else dummy, bias if bias is not None else dummy, res, out,
         pmean if compute_stats else dummy, pm2 if compute_stats else dummy,
         cin, h, w, cout, oh, ow, M, ktot,
+        *w2.stride(),
         *x.stride(), *out.stride(), *res.stride(),
         sh, sw, ph, pw,
     )
@@ -356,7 +490,7 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         KH=kh, KW=kw,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         RELU=bool(relu), STATS=bool(compute_stats), PACKED_K=bool(packed),
-        EVEN_C=(cin % cfg.BLOCK_K == 0),
+        EVEN_C=even_c, W_DESC=w_desc_mode,
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
@@ -380,11 +514,7 @@ def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, comput
         mean.fill_(float("nan"))
         var.fill_(float("nan"))
         return mean, var
-    _stats_combine_kernel[(triton.cdiv(cout, STATS_BLOCK_C),)](
-        plan.pmean, plan.pm2, mean, var, cout, M, plan.num_m_tiles,
-        ROWS_PER_TILE=plan.config.BLOCK_M, BLOCK_T=STATS_BLOCK_T, BLOCK_C=STATS_BLOCK_C, num_warps=4,
-    )
-    return mean, var
+    return combine_stats(plan.pmean, plan.pm2, M, plan.config.BLOCK_M, out=(mean, var))
 
 
 def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,

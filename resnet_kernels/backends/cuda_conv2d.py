@@ -16,7 +16,14 @@ from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, p
 
 
 def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(Cout, Cin, KH, KW) -> ((Cout, ldw) matrix, ldw): columns (kh, kw, cin), zero padded."""
+    """(Cout, Cin, KH, KW) -> ((Cout, ldw) matrix, ldw): columns (kh, kw, cin), zero padded;
+    cached across calls, repacked whenever the weight may have changed (resnet_kernels/_weight_cache.py)."""
+    from .. import _weight_cache
+
+    return _weight_cache.packed(weight, "cuda_conv2d", _pack_weight)
+
+
+def _pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     Cout, Cin, KH, KW = weight.shape
     K = Cin * KH * KW
     ldw = (K + 7) // 8 * 8

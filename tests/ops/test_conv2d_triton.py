@@ -346,3 +346,248 @@ def _gpu_config(*args):
         conv.INTERPRET = old
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the statistics merge (combine_stats): two levels, fixed order
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def test_conv_stats_many_tiles_takes_two_levels():
+    """The regime of test_conv_batch_stats_many_tiles_large_mean (the interpreter's shape, and a
+    GPU's 128-row tiles at 4x16x35x35) merges its statistics in both levels."""
+    n, cin, h, cout = (2, 16, 19, 40) if interpreting() else (4, 16, 35, 40)
+    x = torch.empty(n, cin, h, h, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(cout, cin, 3, 3, device=DEVICE)
+    out = _poisoned_out(x, cout, h - 2, h - 2, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, out, (1, 1), (0, 0), False, True, False)
+    nt = plan.num_m_tiles
+    assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, (nt, conv.stats_tiles_per_program(nt, cout))
+
+def _tile_partials(M, cout, rows, seed, loc=100.0):
+    """Rows y (M, cout) with |mean| = loc x std per channel and their per-tile (mean, M2) in
+    float32, computed in float64 (what the conv kernel's fp32 tile reduction approximates)."""
+    g = torch.Generator().manual_seed(seed)
+    y = loc * (1 + torch.rand(cout, generator=g, dtype=torch.float64)) * torch.where(
+        torch.arange(cout) % 2 == 0, 1.0, -1.0).double() + torch.randn(M, cout, generator=g, dtype=torch.float64)
+    nt = _cdiv(M, rows)
+    pmean = torch.empty(nt, cout, dtype=torch.float64)
+    pm2 = torch.empty(nt, cout, dtype=torch.float64)
+    for t in range(nt):
+        blk = y[t * rows:(t + 1) * rows]
+        pmean[t] = blk.mean(0)
+        pm2[t] = ((blk - pmean[t]) ** 2).sum(0)
+    return y, pmean.float().to(DEVICE), pm2.float().to(DEVICE)
+
+
+@pytest.mark.parametrize("tpp", [None, 16, 48, 10 ** 6], ids=["default", "tpp16", "tpp48", "one-level"])
+def test_stats_combine_two_level(tpp):
+    """combine_stats on 300 tiles (partial last tile) x 40 channels (a partial channel block),
+    |mean| = 100..200 x std: (mean, var) against float64, as accurate in both levels as the float32
+    partials allow (relative var error < 1e-4: the rounding of the tile means, 2**-24 * 200 std,
+    against their spread of std / sqrt(32)); bitwise identical on a second run."""
+    rows, M, cout = 32, 299 * 32 + 5, 40
+    y, pmean, pm2 = _tile_partials(M, cout, rows, seed=21)
+    nt = pmean.shape[0]
+    if tpp is None:
+        assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "default must take two levels here"
+    mean, var = conv.combine_stats(pmean, pm2, M, rows, tiles_per_program=tpp)
+    var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
+    assert (mean_ref.abs() >= 100 * var_ref.sqrt()).all()
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (cout,)
+    md, vd = mean.cpu().double(), var.cpu().double()
+    assert ((md - mean_ref).abs() <= 4 * U32 * mean_ref.abs()).all(), f"mean err {(md - mean_ref).abs().max()}"
+    rel = ((vd - var_ref).abs() / var_ref).max().item()
+    assert rel < 1e-4, f"var rel err {rel}"
+    mean2, var2 = conv.combine_stats(pmean, pm2, M, rows, tiles_per_program=tpp)
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+
+
+def test_stats_combine_single_tile_and_poison():
+    """One tile (the one-level path) and unwritten partials: a NaN partial (what an unwritten
+    tile of the poisoned scratch holds) reaches the result instead of being skipped."""
+    y, pmean, pm2 = _tile_partials(7, 5, 32, seed=2, loc=0.0)
+    mean, var = conv.combine_stats(pmean, pm2, 7, 32)
+    var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
+    assert torch.allclose(mean.cpu().double(), mean_ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(var.cpu().double(), var_ref, rtol=1e-5)
+    _, pmean, pm2 = _tile_partials(40 * 32, 3, 32, seed=3)
+    pm2[37, 1] = float("nan")
+    mean, var = conv.combine_stats(pmean, pm2, 40 * 32, 32, tiles_per_program=16)
+    assert torch.isnan(var[1]) and not torch.isnan(var[0]) and not torch.isnan(var[2])
+
+
+def test_stats_tiles_per_program():
+    """The first level spreads ResNet-50-sized merges (batch 256: 6272 tiles at 56x56, 25088 for
+    the stem, of 128 rows) over >= 128 programs, each one a multiple of BLOCK_T tiles, and the
+    second level walks few steps; the split depends on the shape only."""
+    bt = conv.STATS_BLOCK_T
+    for nt, cout in ((6272, 64), (25088, 64), (6272, 256), (1568, 512), (392, 2048), (3, 64)):
+        tpp = conv.stats_tiles_per_program(nt, cout)
+        assert tpp % bt == 0 and tpp >= bt
+        groups = _cdiv(nt, tpp)
+        programs = groups * _cdiv(cout, conv.STATS_BLOCK_C)
+        if nt * _cdiv(cout, conv.STATS_BLOCK_C) >= 128 * bt:
+            assert programs >= 128, (nt, cout, programs)
+        assert _cdiv(groups, bt) <= 16 and tpp // bt <= 16, (nt, cout, tpp, groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# the packed weight: layouts and the cache across calls
+
+@pytest.mark.parametrize("kmajor", [False, True], ids=["n-major", "k-major"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape_id", ["stem7x7s2p3", "3x3s1p1_cin40", "1x1s2p0"])
+def test_conv_weight_packing(shape_id, dt, kmajor):
+    """Both packings of the weight operand (K- and N-contiguous) for both K loops, with stats."""
+    dtype, tf32 = DTYPES[dt]
+    layout = "channels_last" if kmajor else "nchw"
+    x, w, _, stride, padding = _make(shape_id, dtype, layout, seed=23)
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, dtype)
+    cfg = conv.ConvConfig(base.BLOCK_M, base.BLOCK_N, base.BLOCK_K, base.GROUP_M, base.num_warps,
+                          base.num_stages, w_kmajor=kmajor)
+    w2 = conv.pack_weight(w, kmajor)
+    assert w2.shape == (w[0].numel(), w.shape[0]) and w2.stride()[0 if kmajor else 1] == 1
+    out, (mean, var) = _run(x, w, None, None, None, stride, padding, False, True, tf32, layout, config=cfg)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    want, bound = _bound(dtype, tf32, K, y, a, None, None, None, False)
+    _check_close(out, want, bound, f"{shape_id} {dt} kmajor={kmajor}")
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()
+
+
+def test_conv_kmajor_pack_is_a_view_for_channels_last_weights():
+    w = torch.randn(8, 5, 3, 3).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    assert conv.pack_weight(w, True).data_ptr() == w.data_ptr()
+    assert conv._weight_kmajor(torch.float32) and not conv._weight_kmajor(torch.bfloat16)
+
+
+def _conv_check(x, w, what, stride=(1, 1), padding=(1, 1)):
+    out, _ = _run(x, w, None, None, None, stride, padding, False, False, False, "channels_last")
+    y, a = _ref64(x, w, stride, padding)
+    want, bound = _bound(x.dtype, False, w[0].numel(), y, a, None, None, None, False)
+    _check_close(out, want, bound, what)
+
+
+def test_conv_weight_cache_reuse_and_invalidation():
+    """The packed weight is cached across calls (counted) and repacked whenever the weight may
+    have changed: an in-place edit, an SGD step, load_state_dict, .half(), a memory-format change;
+    parity with the reference of the current weight after each."""
+    from resnet_kernels import _weight_cache as wc
+
+    m = torch.nn.Conv2d(6, 10, 3, padding=1, bias=False).to(DEVICE)
+    x = torch.randn(2, 6, 5, 7).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    wc.reset_stats()
+
+    def counts():
+        s = wc.stats()
+        return s["packs"], s["hits"]
+
+    _conv_check(x, m.weight, "first")
+    assert counts() == (1, 0)
+    _conv_check(x, m.weight, "cached")
+    assert counts() == (1, 1), "the second call must reuse the pack"
+    with torch.no_grad():
+        m.weight.mul_(-1.5)  # in-place edit
+    _conv_check(x, m.weight, "after in-place edit")
+    assert counts() == (2, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.weight.grad = torch.randn_like(m.weight)
+    opt.step()
+    _conv_check(x, m.weight, "after an SGD step")
+    assert counts() == (3, 1)
+    _conv_check(x, m.weight, "cached again")
+    assert counts() == (3, 2)
+    m.load_state_dict({"weight": torch.randn(10, 6, 3, 3)})
+    _conv_check(x, m.weight, "after load_state_dict")
+    assert counts() == (4, 2)
+    m.to(memory_format=torch.channels_last)  # new storage and strides
+    _conv_check(x, m.weight, "after a memory-format change")
+    assert counts() == (5, 2)
+    m.half()
+    _conv_check(x.half(), m.weight, "after .half()")
+    assert counts() == (6, 2)
+
+
+def test_conv_weight_cache_fresh_tensor_same_address():
+    """A weight freed and a new one allocated (possibly at the same address, with version 0):
+    the entry died with the old tensor, the new one is packed afresh."""
+    from resnet_kernels import _weight_cache as wc
+
+    x = torch.randn(1, 4, 6, 6).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    wc.reset_stats()
+    entries = wc.stats()["entries"]
+    for i in range(3):
+        w = torch.randn(8, 4, 3, 3).to(DEVICE)
+        _conv_check(x, w, f"fresh weight {i}")
+        del w
+    s = wc.stats()
+    assert s["packs"] == 3 and s["hits"] == 0 and s["entries"] == entries
+
+
+def test_conv_weight_cache_bypassed(monkeypatch):
+    """No caching where the version counter cannot be trusted: inference tensors, a window into a
+    larger storage, FSDP2 in use, or RESNET_KERNELS_WEIGHT_CACHE=0."""
+    from torch.distributed import _composable_state as cs
+
+    from resnet_kernels import _weight_cache as wc
+
+    x = torch.randn(1, 4, 6, 6).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    big = torch.randn(2 * 8 * 4 * 9).to(DEVICE)
+    with torch.inference_mode():
+        w_inf = torch.randn(8, 4, 3, 3).to(DEVICE)
+    w_win = big[8 * 4 * 9:].view(8, 4, 3, 3)
+    w = torch.randn(8, 4, 3, 3).to(DEVICE)
+    wc.reset_stats()
+    for t in (w_inf, w_win, w_win):
+        _conv_check(x, t, "uncached")
+    assert wc.stats()["uncached"] == 3 and wc.stats()["hits"] == 0
+    with torch.no_grad():
+        big.mul_(2)  # also changes w_win's values
+    _conv_check(x, w_win, "window after its base changed")
+    monkeypatch.setattr(cs, "_module_state_mapping", {object(): None})
+    _conv_check(x, w, "fsdp2")
+    _conv_check(x, w, "fsdp2")
+    monkeypatch.undo()
+    monkeypatch.setenv("RESNET_KERNELS_WEIGHT_CACHE", "0")
+    _conv_check(x, w, "disabled")
+    s = wc.stats()
+    assert s["uncached"] == 7 and s["hits"] == 0 and s["packs"] == 0
+
+
+@pytest.mark.parametrize("kmajor", [False, True], ids=["n-major", "k-major"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape_id", ["3x3s1p1", "1x1s1p0", "3x3s1p1_cin40", "stem7x7s2p3"])
+def test_conv_weight_tma_descriptor(shape_id, dt, kmajor):
+    """The opt-in TMA weight path (ConvConfig.w_tma): the chunked K loop with Cin % BLOCK_K == 0
+    reads the weight tiles through a tensor descriptor (Cout = 24: a partial channel tile, whose
+    columns past Cout come back as zeros); a channel tail (Cin = 40) or the packed stem loop keeps
+    the pointer loads. Parity with stats and the full epilogue either way."""
+    dtype, tf32 = DTYPES[dt]
+    x, w, r, stride, padding = _make(shape_id, dtype, "channels_last", res=True, seed=29)
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, dtype)
+    cfg = conv.ConvConfig(base.BLOCK_M, base.BLOCK_N, base.BLOCK_K, base.GROUP_M, base.num_warps,
+                          base.num_stages, w_kmajor=kmajor, w_tma=True)
+    cout, cin = w.shape[0], w.shape[1]
+    oh = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    probe = _poisoned_out(x, cout, oh, ow, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, probe, stride, padding, False, True, tf32, config=cfg)
+    eligible = cin % cfg.BLOCK_K == 0 and not plan.constexprs["PACKED_K"]
+    assert plan.constexprs["W_DESC"] == ((1 if kmajor else 2) if eligible else 0)
+    g = torch.Generator().manual_seed(2)
+    scale = (torch.rand(cout, generator=g) + 0.5).to(DEVICE)
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    out, _ = _run(x, w, scale, bias, r, stride, padding, True, False, tf32, "channels_last", config=cfg)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    want, bound = _bound(dtype, tf32, K, y, a, scale, bias, r, True)
+    _check_close(out, want, bound, f"{shape_id} {dt} tma kmajor={kmajor}")
+    out, (mean, var) = _run(x, w, None, None, None, stride, padding, False, True, tf32, "channels_last", config=cfg)
+    want, bound = _bound(dtype, tf32, K, y, a, None, None, None, False)
+    _check_close(out, want, bound, f"{shape_id} {dt} tma stats")
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()

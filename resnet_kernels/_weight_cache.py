@@ -1,0 +1,138 @@
+"""Packed convolution weights cached across calls, keyed so that a cached pack is never stale.
+
+The conv launchers re-lay the (Cout, Cin, KH, KW) weight out as the GEMM operand their kernel
+reads (triton_ops/conv2d.py, backends/cuda_conv2d.py). Packing on every forward costs an
+allocation, a permute-copy (and a zero fill) per conv: 2-3 launches and ~50 MB of memory
+traffic per ResNet-50 forward (counted in ../shared/reviews/2026-12-02-kernel-review.md, P10).
+``packed(weight, fmt, pack_fn)`` returns ``pack_fn(weight)`` from a cache instead when nothing the
+pack depends on can have changed since it was made. The entry is keyed on the tensor object
+(a weak reference: the entry goes when the weight does) and checked against its fingerprint:
+
+* ``weight._version``: every in-place write through the tensor or any view/detach of it bumps it
+  (optimizer steps, ``load_state_dict`` (``param.copy_`` under no_grad), ``nn.init``, ``w.mul_()``);
+* ``data_ptr()``, ``storage_offset()``: a new storage (``module.to()``/``.half()``/``.cuda()``,
+  which reassign ``param.data``, ``param.data = t``, ``set_``);
+* shape, strides, dtype, device, layout (a pack is only valid for the exact geometry);
+* on CUDA, the current stream (a pack is only read on the stream that wrote it);
+
+plus the pack format ``fmt`` (each launcher's own layout, e.g. K-major vs N-major).
+
+What bypasses the version counter cannot be seen, so those cases never use the cache:
+* inference tensors (no version counter), meta/fake tensors, CUDA stream capture (a graph that
+  captured a cache hit would replay the old pack after the weight changed: captures always pack
+  inside the graph);
+* a weight that is a window into a larger storage (storage offset != 0 or a storage larger
+  than the weight): FSDP1 flat parameters and similar packed-parameter schemes refill such
+  storages with collectives that do not bump the parameter's version;
+* while FSDP2 (``fully_shard``) is in use in the process: it all-gathers into the unsharded
+  parameters under ``torch.autograd._unsafe_preserve_version_counter`` (same tensor, same
+  address after the storage is re-allocated, same version, new values).
+What remains the user's to avoid: writes through ``param.data`` (``w.data.copy_(...)`` gives the
+write a fresh version counter, PyTorch's own documented pitfall) or under
+``_unsafe_preserve_version_counter`` between two forwards. For such code set
+``RESNET_KERNELS_WEIGHT_CACHE=0`` (read at each call) or call ``clear()`` after the write.
+
+The cache holds at most ``MAX_ENTRIES`` packs (least recently used dropped first); a pack lives
+as long as its weight (one extra copy of every conv weight that ran through a packing launcher).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Hashable, Tuple
+
+import torch
+
+MAX_ENTRIES = 4096
+
+_lock = threading.RLock()  # re-entrant: a weakref callback can run (GC) while the lock is held
+_cache: "OrderedDict[Tuple[Hashable, int], Tuple[weakref.ref, tuple, Any]]" = OrderedDict()
+_counts: Dict[str, int] = {"hits": 0, "packs": 0, "uncached": 0}
+
+
+def enabled() -> bool:
+    return os.environ.get("RESNET_KERNELS_WEIGHT_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _fsdp2_active() -> bool:
+    try:
+        from torch.distributed import _composable_state as cs
+    except Exception:  # torch built without distributed
+        return False
+    return len(getattr(cs, "_module_state_mapping", ())) > 0
+
+
+def fingerprint(w: torch.Tensor) -> tuple:
+    # CUDA: also the current stream. The pack was written on the stream current when it was made;
+    # reading it from another stream, with no ordering between the two, could see it half written
+    # (and the allocator frees it relative to its own stream only), so another stream repacks.
+    stream = torch.cuda.current_stream(w.device).cuda_stream if w.is_cuda else None
+    return (w.data_ptr(), w.storage_offset(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device,
+            w.layout, stream)
+
+
+def cacheable(w: torch.Tensor) -> bool:
+    """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
+    if not enabled() or w.device.type == "meta" or w.is_inference() or w.layout != torch.strided:
+        return False
+    if type(w) not in (torch.Tensor, torch.nn.Parameter):
+        return False  # FakeTensor, DTensor, functional and other subclasses
+    if w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size():
+        return False
+    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not _fsdp2_active()
+
+
+def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``pack_fn(weight)``, from the cache when ``weight`` is unchanged since it was packed with
+    this ``fmt``. ``pack_fn`` must depend only on ``weight``'s values and geometry and ``fmt``."""
+    if not cacheable(weight):
+        with _lock:
+            _counts["uncached"] += 1
+        return pack_fn(weight)
+    key = (fmt, id(weight))
+    fp = fingerprint(weight)
+    with _lock:
+        e = _cache.get(key)
+        if e is not None and e[0]() is weight and e[1] == fp:
+            _cache.move_to_end(key)
+            _counts["hits"] += 1
+            return e[2]
+    value = pack_fn(weight)
+
+    def drop(ref, key=key):
+        with _lock:
+            cur = _cache.get(key)
+            if cur is not None and cur[0] is ref:
+                del _cache[key]
+
+    with _lock:
+        _cache[key] = (weakref.ref(weight, drop), fp, value)
+        _cache.move_to_end(key)
+        while len(_cache) > MAX_ENTRIES:
+            _cache.popitem(last=False)
+        _counts["packs"] += 1
+    return value
+
+
+def clear() -> None:
+    """Drop every cached pack."""
+    with _lock:
+        _cache.clear()
+
+
+def stats() -> Dict[str, int]:
+    """Counters since start (or ``reset_stats``): hits, packs (cached misses), uncached packs,
+    and the current number of entries."""
+    with _lock:
+        return dict(_counts, entries=len(_cache))
+
+
+def reset_stats() -> None:
+    with _lock:
+        for k in _counts:
+            _counts[k] = 0
