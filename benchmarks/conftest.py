@@ -1,4 +1,5 @@
-"""pytest-benchmark suites (GPU only; every test is skipped with a reason without one).
+"""pytest-benchmark suites: GPU only (every test is skipped with a reason without one), except the
+CPU suites ``test_bench_cpu_*.py`` ('auto' and host time against plain PyTorch on a CPU).
 
 Run from the repository root, after ``pip install .``:
     pytest benchmarks --benchmark-json=bench.json          # everything (see README.md)

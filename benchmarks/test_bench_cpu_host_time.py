@@ -8,7 +8,7 @@ weights, process CPU time, interleaved step by step. ``extra_info``: the medians
 (a benchmark, not a test: nothing is asserted). 'auto' on CPU tensors runs the plain layers and
 is benchmarked in test_bench_cpu_auto.py; this measures what a GPU step pays on the host.
 
-Run: ``pytest benchmarks/test_bench_host_time.py --benchmark-only -s`` (CPU only; no GPU needed).
+Run: ``pytest benchmarks/test_bench_cpu_host_time.py --benchmark-only -s`` (CPU only; no GPU needed).
 """
 
 import copy
