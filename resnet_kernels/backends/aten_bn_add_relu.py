@@ -26,6 +26,18 @@ def _unit_stats(C: int, dtype: torch.dtype, device: torch.device):
     return got
 
 
+def _add_identity(dst: Tensor, identity, si, bi) -> None:
+    """dst += identity * id_scale + id_shift (in place, in dst's dtype)."""
+    if identity is None:
+        return
+    if si is not None:
+        dst.addcmul_(identity, si)
+    else:
+        dst.add_(identity)
+    if bi is not None:
+        dst.add_(bi)
+
+
 def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner):
     """Declared ``returns_output``: ``out`` is None and the result is returned (x's layout)."""
     acc = acc_dtype(x.dtype)
@@ -36,13 +48,7 @@ def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu
         # vectorised pass computed in fp32 and rounded once to x's dtype (mixed-dtype BN)
         zeros, ones = _unit_stats(C, scale.dtype, x.device)
         y = torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, torch.backends.cudnn.enabled)
-        if identity is not None:  # y is in the accumulation dtype here: no double rounding
-            if si is not None:
-                y.addcmul_(identity, si)
-            else:
-                y.add_(identity)
-            if bi is not None:
-                y.add_(bi)
+        _add_identity(y, identity, si, bi)  # y has the accumulation dtype here: no double rounding
         return y.relu_() if relu else y
     # fp32 (fp64) math in a temporary of the accumulation dtype, rounded once at the end
     dst = torch.empty_like(x, dtype=acc)
@@ -54,13 +60,7 @@ def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu
         torch.add(x, b, out=dst)
     else:
         dst.copy_(x)
-    if identity is not None:
-        if si is not None:
-            dst.addcmul_(identity, si)
-        else:
-            dst.add_(identity)
-        if bi is not None:
-            dst.add_(bi)
+    _add_identity(dst, identity, si, bi)
     if relu:
         dst.relu_()
     return dst if dst.dtype == x.dtype else dst.to(x.dtype)
