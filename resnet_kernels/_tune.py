@@ -313,7 +313,7 @@ def _time_ms(fn: Callable[[], Any], device: torch.device) -> float:
     return statistics.median(ts)
 
 
-def _reference(op: str, call: Any, device: torch.device, cands: List[Impl]) -> Optional[Impl]:
+def _reference(op: str, call: Any, device: torch.device) -> Optional[Impl]:
     for impl in _registry.implementations(op, include_hidden=False):
         if not impl.reference:
             continue
@@ -336,7 +336,7 @@ def _measure(op: str, call: Any, device: torch.device, cands: List[Impl], key: s
                       f"this GPU (about a second per layer shape, once; cached in {cache_path()}). "
                       f"`resnet-kernels tune` does it ahead of time; RESNET_KERNELS_TUNE=0 skips it.",
                       TuningNotice, stacklevel=5)
-    ref = _reference(op, call, device, cands)
+    ref = _reference(op, call, device)
     ref_out = None
     times: Dict[str, float] = {}
     failed: Dict[str, str] = {}
