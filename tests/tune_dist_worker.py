@@ -44,6 +44,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(every, f)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
