@@ -10,6 +10,8 @@
 #   info        python -m resnet_kernels info
 #   check       resnet-kernels check --no-model (parity of every backend, fp32 + bf16)
 #   tests       pytest tests -q --maxfail=100 (on pytest-xdist workers; the CPU-only files are left out)
+#   tune        resnet-kernels tune --model resnet50 --mode train: every implementation timed and
+#               verified per layer shape, the per-layer table printed before the summary
 #   bench-ops   the fused residual-epilogue suite, reduced (RK_BENCH_FAST=1)
 #   bench-conv  the convolution suite, reduced (RK_BENCH_FAST=1)
 #   model-*     resnet-kernels bench: resnet18 and resnet50, train and infer, short runs (batch 64,
@@ -105,10 +107,6 @@ else
 fi
 run_stage info 30 "cd \"\$WORK\" && \"\$PY\" -m resnet_kernels info && \"\$PY\" -m resnet_kernels info --json >\"\$RES/info.json\""
 run_stage check 90 "cd \"\$WORK\" && $RK check --no-model --json \"\$RES/check.json\""
-# the measured 'auto': every ResNet-50 layer shape timed and verified, the per-layer table kept
-# (RESNET_KERNELS_CACHE_DIR keeps the cache inside this run's results)
-export RESNET_KERNELS_CACHE_DIR="$RES/tune_cache"
-run_stage tune 120 "cd \"\$WORK\" && $RK tune --model resnet50 --mode train --batch ${RK_GPU_CHECK_MODEL_BATCH:-64} --quiet >\"\$RES/tune.txt\""
 # The test suite. Left out here (CI runs them, and they do not change with a GPU): the AOT/SASS
 # compiles and host-code emulations on the CPU and the CPU-only model/DDP tests. The rest runs on
 # pytest-xdist workers where the image has it: the Triton JIT compiles a few hundred kernel
@@ -133,6 +131,10 @@ else
 fi
 run_stage tests 150 "$TESTS_CMD"
 run_stage bandwidth 30 "$PYTEST \"\$ROOT/benchmarks/test_bandwidth_floor.py\" -q -s"
+# the measured 'auto': every ResNet-50 layer shape timed and verified, the per-layer table kept
+# (RESNET_KERNELS_CACHE_DIR keeps the cache inside this run's results)
+export RESNET_KERNELS_CACHE_DIR="$RES/tune_cache"
+run_stage tune 90 "cd \"\$WORK\" && $RK tune --model resnet50 --mode train --batch ${RK_GPU_CHECK_MODEL_BATCH:-64} --quiet >\"\$RES/tune.txt\""
 run_stage bench-ops 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_ops.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_bn_add_relu.py\" -q --benchmark-json=\"\$RES/bench_ops.json\""
 run_stage bench-conv 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_conv.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_conv.py\" -q --benchmark-json=\"\$RES/bench_conv.json\""
 
