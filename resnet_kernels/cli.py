@@ -124,6 +124,21 @@ def _cmd_check(args) -> int:
     return main_check(args)
 
 
+def _step_args(p, models, *, mode_help="train: forward+loss+backward+SGD step; infer: eval forward", batch=256,
+               image_size=224, dtype="bf16", num_classes=True) -> None:
+    """The model-step options bench, tune and count share (None: filled in by the command)."""
+    from .bench import DTYPES, LAYOUTS, MODES
+
+    p.add_argument("--model", choices=models, default="resnet50")
+    p.add_argument("--mode", choices=MODES, default="train", help=mode_help)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--image-size", type=int, default=image_size)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=dtype)
+    p.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    if num_classes:
+        p.add_argument("--num-classes", type=int, default=1000)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -134,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print JSON instead of text")
     pi.set_defaults(func=_cmd_info)
 
-    from .bench import ARCHS, BACKENDS, CPU_DEFAULTS, DTYPES, GPU_DEFAULTS, LAYOUTS, MODES
+    from .bench import ARCHS, BACKENDS, CPU_DEFAULTS, GPU_DEFAULTS
 
     pb = sub.add_parser(
         "bench", help="whole-model images/s: fused kernels vs PyTorch eager vs torch.compile",
@@ -142,12 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "iterations after warm-up; CUDA events on a GPU). Without a GPU: a small CPU comparison "
                     "(wall clock) of the eager and torch backends. Unset sizes default to batch 256, 224px, bf16, "
                     "50 iterations, 10 warm-up on a GPU and batch 2, 64px, fp32, 5 iterations, 1 warm-up on a CPU.")
-    pb.add_argument("--model", choices=ARCHS, default="resnet50")
-    pb.add_argument("--mode", choices=MODES, default="train", help="train: forward+loss+backward+SGD step; infer: eval forward")
-    pb.add_argument("--batch", type=int, default=None)
-    pb.add_argument("--image-size", type=int, default=None)
-    pb.add_argument("--dtype", choices=tuple(DTYPES), default=None)
-    pb.add_argument("--layout", choices=LAYOUTS, default="channels_last")
+    _step_args(pb, ARCHS, batch=None, image_size=None, dtype=None, num_classes=False)
     pb.add_argument("--backends", type=_csv(BACKENDS), default=None,
                     help=f"comma-separated subset of {','.join(BACKENDS)} (default: {','.join(GPU_DEFAULTS['backends'])} "
                          f"on a GPU; {','.join(CPU_DEFAULTS['backends'])} on a CPU, where the backends that cannot run "
@@ -166,13 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "measured (CUDA events) and verified against the reference; prints a per-layer table (each "
                     "implementation's time or failure, the choice, speed-up over aten/cuDNN) and writes the cache "
                     "that later runs (and every rank of a distributed job) reuse. Needs a CUDA GPU.")
-    pt.add_argument("--model", choices=ARCHS, default="resnet50")
-    pt.add_argument("--mode", choices=MODES, default="train", help="train: forward and backward ops; infer: eval forward")
-    pt.add_argument("--batch", type=int, default=256)
-    pt.add_argument("--image-size", type=int, default=224)
-    pt.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    pt.add_argument("--layout", choices=LAYOUTS, default="channels_last")
-    pt.add_argument("--num-classes", type=int, default=1000)
+    _step_args(pt, ARCHS, mode_help="train: forward and backward ops; infer: eval forward")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=_cmd_tune)
 
@@ -184,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "counter: every aten op counts the kernels PyTorch launches for it on CUDA and the bytes its "
                     "tensors occupy; every fused op counts what its implementation declares (Impl.cost). Prints "
                     "launches / GB per layer and in total for each backend. Rules and limits: docs/COUNT.md.")
-    pk.add_argument("--model", choices=COUNT_MODELS, default="resnet50")
-    pk.add_argument("--mode", choices=MODES, default="train", help="train: forward+loss+backward+SGD step; infer: eval forward")
-    pk.add_argument("--batch", type=int, default=256)
-    pk.add_argument("--image-size", type=int, default=224)
-    pk.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    pk.add_argument("--layout", choices=LAYOUTS, default="channels_last")
-    pk.add_argument("--num-classes", type=int, default=1000)
+    _step_args(pk, COUNT_MODELS)
     pk.add_argument("--backends", type=_csv(count_backends()), default=list(count_backends()),
                     help=f"comma-separated subset of {','.join(count_backends())} (default: all)")
     pk.add_argument("--json", nargs="?", const="-", metavar="PATH",
