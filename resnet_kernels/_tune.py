@@ -181,29 +181,35 @@ def fingerprint(device: torch.device) -> str:
     return _device_fingerprint(device.type, device.index) + "|" + _versions()
 
 
-def _read_file(path: Path) -> Dict[str, Dict[str, Dict[str, Any]]]:
+def _parse_file(path: Path) -> Tuple[Dict[str, Dict[str, Dict[str, Any]]], Optional[Tuple[str, str]]]:
+    """(entries, None) or ({}, (kind, why the file is ignored))."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return {}
+        return {}, None
     except OSError as exc:
-        _warn_once(f"read:{path}", f"resnet_kernels: cannot read the tuning cache {path} ({exc}); ignoring it")
-        return {}
+        return {}, ("read", f"resnet_kernels: cannot read the tuning cache {path} ({exc}); ignoring it")
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        _warn_once(f"corrupt:{path}", f"resnet_kernels: the tuning cache {path} is corrupt ({exc}); ignoring it "
-                                      f"(it is rewritten on the next tuning)")
-        return {}
+        return {}, ("corrupt", f"resnet_kernels: the tuning cache {path} is corrupt ({exc}); ignoring it "
+                               f"(it is rewritten on the next tuning)")
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), dict):
-        _warn_once(f"foreign:{path}", f"resnet_kernels: {path} is not a tuning cache of schema {SCHEMA!r} "
-                                      f"(found {doc.get('schema') if isinstance(doc, dict) else type(doc).__name__!r}); "
-                                      f"ignoring it")
-        return {}
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        return {}, ("foreign", f"resnet_kernels: {path} is not a tuning cache of schema {SCHEMA!r} "
+                               f"(found {found!r}); ignoring it")
     out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for fp, entries in doc["entries"].items():
         if isinstance(entries, dict):
             out[fp] = {k: e for k, e in entries.items() if isinstance(e, dict) and isinstance(e.get("choice"), str)}
+    return out, None
+
+
+def _read_file(path: Path) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """The file's entries; a file that cannot be used is ignored with one warning."""
+    out, problem = _parse_file(path)
+    if problem is not None:
+        _warn_once(f"{problem[0]}:{path}", problem[1])
     return out
 
 
@@ -267,15 +273,8 @@ def cache_summary() -> Dict[str, Any]:
     machines = 0
     error = None
     if path.exists():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            saved = set(_warned)
-            _warned.clear()
-            data = _read_file(path)
-            _warned.clear()
-            _warned.update(saved)
-        if caught:
-            error = str(caught[0].message)
+        data, problem = _parse_file(path)
+        error = problem[1] if problem is not None else None
         machines = len(data)
         entries = sum(len(v) for v in data.values())
     return {"path": str(path), "exists": path.exists(), "entries": entries, "machines": machines, "error": error}

@@ -380,3 +380,12 @@ def test_gpu_auto_measures_verifies_and_caches(tmp_path, monkeypatch, op):
     for t in (got[0], again[0]):
         assert float((t.float() - ref).abs().max()) <= 2 ** -7 * scale
     assert json.loads((tmp_path / "tuning.json").read_text())["schema"] == _tune.SCHEMA
+
+
+def test_cache_summary_reports_a_bad_cache_without_warning(cache_dir):
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "tuning.json").write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _tune.cache_summary()
+    assert got["exists"] and got["entries"] == 0 and "is corrupt" in got["error"]
