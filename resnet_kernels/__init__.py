@@ -10,7 +10,7 @@ from ._alloc import poison_outputs  # noqa: E402
 from ._backend import (BACKENDS, BackendUnavailableError, backend_status, get_backend, set_backend,  # noqa: E402
                        use_backend)
 from ._info import format_info, info  # noqa: E402
-from .ops import add_relu, bn_add_relu, conv2d_epilogue, conv2d_stats  # noqa: E402
+from .ops import add_relu, batch_norm_act, bn_add_relu, bn_running_update, conv2d_epilogue, conv2d_stats  # noqa: E402
 from . import models  # noqa: E402  (drop-in ResNets; needs functional)
 from .models import fuse, unfuse  # noqa: E402
 from .tune import explain  # noqa: E402

@@ -34,7 +34,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats")
+OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats", "batch_norm_act",
+                        "batch_norm_act_backward", "bn_running_update")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -506,7 +506,9 @@ def dispatch(op: str, requested: str, call: Any) -> Any:
         rec.append(decision)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s -> %s (%s) for %s", op, decision.impl, decision.how, call.describe())
-    return outs if outs is not None else call.run(impl)
+    if outs is not None and not getattr(call, "mutates", False):
+        return outs  # computed while measuring (an op that mutates its inputs measured on copies: run it)
+    return call.run(impl)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ pack depends on can have changed since it was made. The entry is keyed on the te
 plus the pack format ``fmt`` (each launcher's own layout, e.g. K-major vs N-major).
 
 What bypasses the version counter cannot be seen, so those cases never use the cache:
-* inference tensors (no version counter), meta/fake tensors, CUDA stream capture (a graph that
+* inference tensors (no version counter), fake tensors, CUDA stream capture (a graph that
   captured a cache hit would replay the old pack after the weight changed: captures always pack
   inside the graph);
 * a weight that is a window into a larger storage (storage offset != 0 or a storage larger
@@ -76,7 +76,7 @@ def fingerprint(w: torch.Tensor) -> tuple:
 
 def cacheable(w: torch.Tensor) -> bool:
     """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
-    if not enabled() or w.device.type == "meta" or w.is_inference() or w.layout != torch.strided:
+    if not enabled() or w.is_inference() or w.layout != torch.strided:
         return False
     if type(w) not in (torch.Tensor, torch.nn.Parameter):
         return False  # FakeTensor, DTensor, functional and other subclasses
@@ -87,22 +87,26 @@ def cacheable(w: torch.Tensor) -> bool:
     return not _fsdp2_active()
 
 
-def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``pack_fn(weight)``, from the cache when ``weight`` is unchanged since it was packed with
-    this ``fmt``. ``pack_fn`` must depend only on ``weight``'s values and geometry and ``fmt``."""
-    if not cacheable(weight):
+def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor], Any],
+           deps: Tuple[Any, ...] = ()) -> Any:
+    """``pack_fn(weight)``, from the cache when ``weight`` (and every tensor in ``deps``; None
+    entries allowed) is unchanged since it was packed with this ``fmt``. ``pack_fn`` must depend
+    only on the values and geometry of ``weight`` and ``deps``, and on ``fmt``. The value is made
+    outside inference mode (normal tensors, usable later with autograd)."""
+    if not cacheable(weight) or not all(d is None or cacheable(d) for d in deps):
         with _lock:
             _counts["uncached"] += 1
         return pack_fn(weight)
     key = (fmt, id(weight))
-    fp = fingerprint(weight)
+    fp = fingerprint(weight) + tuple(None if d is None else (id(d),) + fingerprint(d) for d in deps)
     with _lock:
         e = _cache.get(key)
         if e is not None and e[0]() is weight and e[1] == fp:
             _cache.move_to_end(key)
             _counts["hits"] += 1
             return e[2]
-    value = pack_fn(weight)
+    with torch.inference_mode(False):
+        value = pack_fn(weight)
 
     def drop(ref, key=key):
         with _lock:

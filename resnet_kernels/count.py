@@ -208,6 +208,10 @@ def _custom_call(name: str, args):
         return B.BackwardCall(g, out if relu else None, x if need_scale else None, channel_vector(scale, acc),
                               identity if need_id_scale else None, channel_vector(id_scale, acc), relu, layout,
                               (need_x, need_identity, need_scale, need_shift, need_id_scale)), backend
+    from .ops import batch_norm as BN
+
+    if name in BN.CALLS:
+        return BN.CALLS[name](*args[:-1]), args[-1]
     raise NotImplementedError(f"the accountant does not know resnet_kernels::{name}")
 
 
@@ -377,9 +381,13 @@ def count_step(model: str = "resnet50", mode: str = "train", backend: str = "eag
     with ctx, _layer_hooks(net, counter):
         if mode == "infer":
             net.eval()
-            with torch.no_grad(), counter:
-                counter.layer = "stem"
-                net(x)
+            with torch.no_grad():
+                for step in range(2):  # steady state: count the second (e.g. folded BN constants cached)
+                    counter.active = step == 1
+                    counter.entries.clear()
+                    with counter:
+                        counter.layer = "stem"
+                        net(x)
         else:
             net.train()
             opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, foreach=True)

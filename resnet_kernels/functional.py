@@ -46,9 +46,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _backend, _tune
+from . import _backend, _tune, _weight_cache
 from ._checks import check_bool, in_layout_of, layout_of
-from .nn._bn import bn_scale_shift, commit, uses_batch_stats
+from .nn._bn import BatchStats, batch_stats_args, bn_scale_shift, commit, uses_batch_stats
+from .ops.batch_norm import batch_norm_act
 from .ops.bn_add_relu import bn_add_relu
 from .ops.conv2d import conv2d_epilogue, conv2d_stats
 
@@ -138,32 +139,78 @@ def _cast(t, dtype: Optional[torch.dtype]):
     return t.to(dtype)
 
 
-def _batch_stats_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str],
-                       wdt: Optional[torch.dtype], updates: list):
-    """(y, scale, shift) with bn(conv(x)) == y * scale + shift, bn using batch statistics; bn's
-    side effects (running statistics, num_batches_tracked) are appended to ``updates``."""
+def _train_parts(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: Optional[str],
+                 wdt: Optional[torch.dtype], updates: list):
+    """(y, bn_of_y) with y = conv(x) and bn using batch statistics: ``bn_of_y`` a ``BatchStats``
+    (the batch_norm_act path: the statistics from the convolution's epilogue) or, where that path
+    does not apply (a synchronising SyncBatchNorm, a conv bias, an empty batch), a (scale, shift)
+    pair with bn(y) == y * scale + shift. bn's side effects (running statistics,
+    num_batches_tracked) are appended to ``updates``."""
     xin, padding = _conv_input(x, conv)
     y, mean, var = conv2d_stats(xin, _cast(conv.weight, wdt), stride=conv.stride, padding=padding, dilation=conv.dilation,
                                 groups=conv.groups, backend=backend)
     if conv.bias is None:
-        return (y,) + bn_scale_shift(bn, y, batch_stats=(mean, var), updates=updates)
+        st = batch_stats_args(bn, y, mean, var, updates, backend)
+        if st is not None:
+            return y, st
+        return y, bn_scale_shift(bn, y, batch_stats=(mean, var), updates=updates)
+    # a conv bias shifts the batch mean (the running mean sees it); the normalised output does not
     b = conv.bias.to(mean.dtype)
     scale, shift = bn_scale_shift(bn, y, batch_stats=(mean + b, var), updates=updates)
-    return y, scale, shift + b * scale
+    return y, (scale, shift + b * scale)
+
+
+def _affine(st) -> Tuple[Tensor, Tensor]:
+    return st.scale_shift() if isinstance(st, BatchStats) else st
+
+
+def _apply(y: Tensor, st, residual: Optional[Tensor], r_st, relu: bool, backend: Optional[str]) -> Tensor:
+    """act(bn(y) + shortcut), shortcut = r_bn(residual) when ``r_st`` is given, else residual (or
+    none): one batch_norm_act pass when every BN is a ``BatchStats``, else one bn_add_relu pass."""
+    residual = _in_layout(residual, y)
+    if isinstance(st, BatchStats) and (r_st is None or isinstance(r_st, BatchStats)):
+        if r_st is None:
+            return batch_norm_act(y, st.mean, st.var, st.weight, st.bias, residual, eps=st.eps, relu=relu,
+                                  backend=backend)
+        return batch_norm_act(y, st.mean, st.var, st.weight, st.bias, residual, r_st.mean, r_st.var, r_st.weight,
+                              r_st.bias, eps=st.eps, id_eps=r_st.eps, relu=relu, backend=backend)
+    scale, shift = _affine(st)
+    if r_st is None:
+        return bn_add_relu(y, scale, shift, residual, relu=relu, backend=backend)
+    r_scale, r_shift = _affine(r_st)
+    return bn_add_relu(y, scale, shift, residual, r_scale, r_shift, relu=relu, backend=backend)
 
 
 def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual: Optional[Tensor],
                      backend: Optional[str], wdt: Optional[torch.dtype] = None) -> Tensor:
     """act(bn(conv(x)) + residual) with bn using running statistics: one conv2d_epilogue."""
     xin, padding = _conv_input(x, conv)
-    # bn_scale_shift only reads the shape and dtype of its input in this mode.
-    proxy = xin.new_empty((0, conv.out_channels, 0, 0)) if isinstance(xin, Tensor) else xin
-    scale, shift = bn_scale_shift(bn, proxy)
-    if conv.bias is not None:
-        shift = shift + conv.bias.to(shift.dtype) * scale
+    scale, shift = _folded_scale_shift(xin, conv, bn)
     residual = _in_layout(residual, xin)
     return conv2d_epilogue(xin, _cast(conv.weight, wdt), scale, shift, residual, stride=conv.stride, padding=padding,
                            dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
+
+
+def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """bn (running statistics) with conv's bias folded into a per-channel (scale, shift). Cached
+    across calls (``_weight_cache``: keyed on the running statistics, weight, bias and conv bias, so
+    never stale after an optimizer step, a running-statistics update or load_state_dict) when no
+    gradient can flow through it and nothing is being traced: an inference forward then launches no
+    per-channel kernels at all."""
+    def fold(_=None):
+        # bn_scale_shift only reads the shape and dtype of its input in this mode
+        proxy = xin.new_empty((0, conv.out_channels, 0, 0)) if isinstance(xin, Tensor) else xin
+        scale, shift = bn_scale_shift(bn, proxy)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(shift.dtype) * scale
+        return scale, shift
+
+    params = (bn.weight, bn.bias, conv.bias)
+    if (not isinstance(xin, Tensor) or bn.running_var is None or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))):
+        return fold()
+    fmt = ("bn_fold", xin.dtype, float(bn.eps), xin.device)
+    return _weight_cache.packed(bn.running_var, fmt, fold, deps=(bn.running_mean,) + params)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
@@ -231,8 +278,8 @@ def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
         # bn's running-statistics update is applied only once every op has succeeded, so a
         # call that raises (a bad residual, an unusable backend) changes nothing
         updates: list = []
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt, updates)
-        out = bn_add_relu(y, scale, shift, _in_layout(residual, y), relu=relu, backend=backend)
+        y, st = _train_parts(x, conv, bn, backend, wdt, updates)
+        out = _apply(y, st, residual, None, relu, backend)
         commit(updates)
         return out
     return _folded_epilogue(x, conv, bn, relu, residual, backend, wdt)
@@ -278,19 +325,19 @@ def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, re
         return _conv_bn_act(x, conv, bn, relu, shortcut_input, backend, wdt)
     updates: list = []  # both BNs' side effects, applied once every op has succeeded
     if uses_batch_stats(bn):
-        y, scale, shift = _batch_stats_parts(x, conv, bn, backend, wdt, updates)
+        y, st = _train_parts(x, conv, bn, backend, wdt, updates)
         if uses_batch_stats(shortcut_bn):
-            # Both BNs, the add and the ReLU in one bn_add_relu pass over y and the raw shortcut conv.
-            r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
-            out = bn_add_relu(y, scale, shift, _in_layout(r, y), r_scale, r_shift, relu=relu, backend=backend)
+            # Both BNs, the add and the ReLU in one pass over y and the raw shortcut conv.
+            r, r_st = _train_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
+            out = _apply(y, st, r, r_st, relu, backend)
         else:
             r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
-            out = bn_add_relu(y, scale, shift, _in_layout(r, y), relu=relu, backend=backend)
+            out = _apply(y, st, r, None, relu, backend)
         commit(updates)
         return out
     if uses_batch_stats(shortcut_bn):
-        r, r_scale, r_shift = _batch_stats_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
-        r = bn_add_relu(r, r_scale, r_shift, None, relu=False, backend=backend)
+        r, r_st = _train_parts(shortcut_input, shortcut_conv, shortcut_bn, backend, wdt, updates)
+        r = _apply(r, r_st, None, None, False, backend)
     else:
         r = _folded_epilogue(shortcut_input, shortcut_conv, shortcut_bn, False, None, backend, wdt)
     out = _folded_epilogue(x, conv, bn, relu, r, backend, wdt)

@@ -246,6 +246,94 @@ def _aten_conv_cost(call):
     return launches, b
 
 
+def _fused_bn_cost(call):
+    """batch_norm_act's one-pass kernel (cuda, triton): per-channel scale/shift computed in the
+    kernel; read y (+ identity) and the per-channel vectors, write out."""
+    return 1, 2 * nbytes(call.y) + nbytes(call.identity) + _vecs(call.mean, call.var, *call.params(), call.id_mean,
+                                                                  call.id_var)
+
+
+def _bn_partials(call) -> int:
+    """per-channel partial sums of the backward's reduce pass: (sum g, sum g (y - mean)) per block of
+    rows (and the identity's), float32, blocks of about 2,048 elements per channel"""
+    N, C, H, W = call.grad_out.shape
+    blocks = max(1, (N * H * W + 2047) // 2048)
+    return blocks * C * 4 * (3 if call.id_mean is not None else 2)
+
+
+def _fused_bn_bwd_cost(call):
+    """batch_norm_act_backward (cuda, triton): the reduce pass (read grad_out, the mask, y, the
+    identity when it has its own BN; write per-block partials), the per-channel finalize (fixed-order
+    sums, the parameter gradients), the apply pass (read them again, write grad_y and grad_identity)."""
+    ny, ni, nw, nb, niw, nib = call.needs
+    g = nbytes(call.grad_out)
+    reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if call.id_mean is not None else 0)
+    p = _bn_partials(call)
+    vec = call.C * 4
+    reduce_b = reads + p
+    finalize_b = p + 8 * vec
+    apply_b = reads + g * (int(ny) + int(ni)) + 8 * vec
+    return 3, reduce_b + finalize_b + apply_b
+
+
+def _aten_bn_cost(call):
+    """torch_batch_norm.batch_norm_act_forward (aten/torch) op by op: the per-channel scale/shift
+    (add, rsqrt, mul, neg, mul, add: up to 6 launches on C values, plus casts of the vectors), a
+    cast of y to acc when it differs, mul, add, the identity (cast, its own 6 + mul, add; add),
+    relu, the rounding copy."""
+    y = call.y
+    acc = _acc(y.dtype)
+    a, a_acc = nbytes(y), _act_bytes(y.shape, acc)
+    launches, b = 6, _vecs(call.mean, call.var, *call.params(), call.id_mean, call.id_var)
+    cast = acc != y.dtype
+    launches, b = launches + 2 + int(cast), b + (a + a_acc if cast else 0) + 2 * (a_acc + a_acc)
+    if call.identity is not None:
+        launches, b = launches + 1 + int(cast), b + 3 * a_acc + (nbytes(call.identity) + a_acc if cast else 0)
+        if call.id_mean is not None:
+            launches, b = launches + 8, b + 4 * a_acc
+    if call.relu:
+        launches, b = launches + 1, b + 2 * a_acc
+    return launches + 1, b + a_acc + a
+
+
+def _aten_bn_bwd_cost(call):
+    """torch_batch_norm.batch_norm_act_backward (aten/torch) op by op (casts, where, sums, the
+    elementwise formula of each input gradient)."""
+    go = call.grad_out
+    acc = _acc(go.dtype)
+    g, g_acc = nbytes(go), _act_bytes(go.shape, acc)
+    cast = acc != go.dtype
+    launches, b = int(cast) + 1, (g + g_acc if cast else 0) + g_acc  # cast, sum g
+    if call.relu:
+        launches, b = launches + 1, b + 2 * g_acc + nbytes(call.out)
+    sides = [(call.needs[0] or call.needs[2] or call.needs[3], call.y, call.needs[0])]
+    if call.id_mean is not None:
+        sides.append((call.needs[1] or call.needs[4] or call.needs[5], call.identity, call.needs[1]))
+    elif call.identity is not None and call.needs[1]:
+        launches, b = launches + 1, b + g_acc + g
+    for needed, x, need_x in sides:
+        if not needed:
+            continue
+        launches, b = launches + 4 + int(cast), b + nbytes(x) + 2 * g_acc + g_acc + (g_acc if cast else 0)  # d, g*d, sum
+        if need_x:
+            launches, b = launches + 6, b + 6 * 2 * g_acc + g
+    return launches, b
+
+
+def _update_cost(call):
+    """bn_running_update: one kernel over C values (read the statistics and the buffers, write the buffers)."""
+    bufs = _vecs(call.running_mean, call.running_var)
+    return 1, _vecs(call.mean, call.var) + 2 * bufs + (16 if call.nbt is not None else 0)
+
+
+def _aten_update_cost(call):
+    n = 0
+    for t in (call.running_mean, call.running_var):
+        if t is not None:
+            n += 4  # to, mul, mul/add, copy_
+    return n + (1 if call.nbt is not None else 0), 4 * _vecs(call.mean, call.var, call.running_mean, call.running_var)
+
+
 _COSTS = {
     ("bn_add_relu", "cuda"): _fused_bar_cost, ("bn_add_relu", "triton"): _fused_bar_cost,
     ("bn_add_relu", "aten"): _aten_bar_cost,
@@ -254,6 +342,12 @@ _COSTS = {
     ("conv2d_epilogue", "cuda"): _cuda_conv_cost, ("conv2d_stats", "cuda"): _cuda_conv_cost,
     ("conv2d_epilogue", "triton"): _triton_conv_cost, ("conv2d_stats", "triton"): _triton_conv_cost,
     ("conv2d_epilogue", "aten"): _aten_conv_cost, ("conv2d_stats", "aten"): _aten_conv_cost,
+    ("batch_norm_act", "cuda"): _fused_bn_cost, ("batch_norm_act", "triton"): _fused_bn_cost,
+    ("batch_norm_act", "aten"): _aten_bn_cost,
+    ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _fused_bn_bwd_cost,
+    ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
+    ("bn_running_update", "cuda"): _update_cost, ("bn_running_update", "triton"): _update_cost,
+    ("bn_running_update", "aten"): _aten_update_cost,
 }
 
 
@@ -279,3 +373,11 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
                   cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "torch", _P + "torch_conv2d:conv2d_forward", priority=90, auto_on=_EVERYWHERE))
 
+
+# the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py); the torch reference's code
+# (PyTorch's native ops) is also the 'aten' implementation
+for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
+                 ("bn_running_update", "bn_running_update")):
+    register(Impl(_op, "aten", _P + "torch_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
+                  cost=_COSTS[(_op, "aten")]))
+    register(Impl(_op, "torch", _P + "torch_batch_norm:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))

@@ -26,7 +26,7 @@ gradients of weight and bias are zeros, never NaN.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +116,60 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
         scale = invstd
         shift = -mean.to(acc) * invstd
     return scale, shift
+
+
+class BatchStats(NamedTuple):
+    """A BatchNorm in training, as ``ops.batch_norm.batch_norm_act`` takes it: the batch statistics
+    of its input (from the convolution's epilogue) and its parameters."""
+
+    mean: Tensor
+    var: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+
+    def scale_shift(self) -> Tuple[Tensor, Tensor]:
+        """(scale, shift) of the same BN, differentiable through mean and var (for a unit that must
+        take the general path because of its other BN)."""
+        acc = self.mean.dtype
+        invstd = torch.rsqrt(self.var + self.eps)
+        scale = invstd if self.weight is None else self.weight.to(acc) * invstd
+        shift = -self.mean * scale
+        return scale, (shift if self.bias is None else shift + self.bias.to(acc))
+
+
+def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tensor, var: Tensor,
+                     updates: List[Callable[[], None]], backend: Optional[str]) -> Optional[BatchStats]:
+    """``bn`` (using batch statistics) applied to ``y``, whose batch mean and biased variance are
+    ``mean``/``var``, as a :class:`BatchStats` for ``batch_norm_act``; bn's side effects (the running
+    statistics and num_batches_tracked, one ``bn_running_update`` kernel) are appended to
+    ``updates``, exactly those of ``bn_scale_shift``. None (and nothing appended) where the general
+    path must run: a synchronising SyncBatchNorm, an empty batch. Raises (before any side effect)
+    what ``bn_scale_shift`` raises."""
+    if y.dim() != 4:
+        raise ValueError(f"expected a 4-D (N, C, H, W) input for {type(bn).__name__}, got shape {tuple(y.shape)}")
+    C = y.shape[1]
+    if C != bn.num_features:
+        raise ValueError(f"{type(bn).__name__}({bn.num_features}) got an input with {C} channels")
+    m = y.numel() // C if C else 0
+    if m == 0 or sync_group(bn) is not None:
+        return None
+    if m == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
+    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    running = bn.training and bn.running_mean is not None
+    if count or running:
+        if bn.momentum is None:
+            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0) if count else 0.0
+        else:
+            factor = bn.momentum
+        from ..ops.batch_norm import bn_running_update
+
+        rm, rv = (bn.running_mean, bn.running_var) if running else (None, None)
+        nbt = bn.num_batches_tracked if count else None
+        updates.append(lambda: bn_running_update(mean, var, rm, rv, nbt, factor=factor, unbias=m / (m - 1),
+                                                 backend=backend))
+    return BatchStats(mean, var, bn.weight, bn.bias, float(bn.eps))
 
 
 def _run(effects: List[Callable[[], None]], updates: Optional[List[Callable[[], None]]]) -> None:

@@ -309,6 +309,9 @@ def _stats_setup_context(ctx, inputs, output):
     y, mean, _ = output
     ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
     ctx.backend = backend
+    # unused outputs get None, not zeros: mean/var consumed by batch_norm_act (whose backward covers
+    # the path through the statistics) need no statistics pass here
+    ctx.set_materialize_grads(False)
     keep = x.requires_grad or weight.requires_grad
     ctx.save_for_backward(x if keep else None, weight if keep else None, y, mean)
 
@@ -318,6 +321,11 @@ def _stats_backward(ctx, g_y, g_mean, g_var):
     nx, nw = ctx.needs_input_grad[:2]
     if not (nx or nw):
         return None, None, None, None, None, None, None
+    if g_mean is None and g_var is None:
+        if g_y is None:
+            return None, None, None, None, None, None, None
+        grad_x, grad_w = _conv_input_grads(ctx, in_layout_of(g_y.to(y.dtype), x), x, weight, bool(nx), bool(nw))
+        return grad_x, grad_w, None, None, None, None, None
     acc = acc_dtype(y.dtype)
     N, C, OH, OW = y.shape
     m = N * OH * OW

@@ -1,0 +1,474 @@
+"""Training-mode BatchNorm from given batch statistics, defined once with ``torch.library``:
+
+    batch_norm_act(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+        = act(bn(y) + R),  bn(y) = (y - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c],
+          R = the identity's own BN (id_mean ... id_eps) of identity, or identity, or 0
+    bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias)
+        the running-statistics update of nn.BatchNorm2d, in place (one kernel)
+
+``mean``/``var`` are **the batch statistics of y** (biased variance), e.g. from ``conv2d_stats``'s
+epilogue, and likewise ``id_mean``/``id_var`` of ``identity``: the backward is nn.BatchNorm2d's
+training gradient, which includes the path through the batch statistics, so ``mean``/``var``
+receive no gradient of their own (their producer's backward skips its statistics pass). One
+pass forward (the per-channel scale/shift computed in the kernel, no separate launch); backward
+``batch_norm_act_backward``: a fixed-order per-channel reduce of the masked gradient g and of
+g * (y - mean), then one pass writing grad_y (and grad_identity) — no separate ReLU-mask pass, no
+statistics-correction pass. See ``resnet_kernels/backends/torch_batch_norm.py`` for the exact
+math every implementation follows.
+
+This is the path ``resnet_kernels.functional`` takes for a BatchNorm in training (see
+``nn/_bn.py``: ``batch_stats_args``); the general per-channel ``(scale, shift)`` path
+(``bn_scale_shift`` + ``bn_add_relu``) remains for what this op does not cover: a synchronising
+SyncBatchNorm, a convolution bias before the BN, empty batches.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _alloc, _backend, _tune
+from .._checks import (acc_dtype, check_activation, check_bool, check_channel_vector, check_layout, check_like,
+                       check_tensor_args, in_layout_of)
+from .._numerics import mismatch, verify_rtol
+
+OP = "batch_norm_act"
+OP_BACKWARD = OP + "_backward"
+OP_UPDATE = "bn_running_update"
+
+
+def _geometry(x: Tensor, layout: str):
+    N, C, H, W = x.shape
+    return C, (H * W if layout == "nchw" else 1)
+
+
+def _param(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """A per-channel parameter as the kernels take it: contiguous, in the accumulation dtype or the
+    activations' (a no-op for a float32 or same-dtype parameter: no cast launched)."""
+    if t is None:
+        return None
+    if t.dtype not in (acc_dtype(x.dtype), x.dtype):
+        t = t.to(acc_dtype(x.dtype))
+    return t.contiguous()
+
+
+def _stat(t: Tensor, x: Tensor) -> Tensor:
+    return t.to(acc_dtype(x.dtype)).contiguous()
+
+
+def _check_float(op: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+    return float(v)
+
+
+def _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, op: str = OP) -> str:
+    check_activation(op, "y", y)
+    layout = check_layout(op, "y", y)
+    C = y.shape[1]
+    for name, t in (("mean", mean), ("var", var)):
+        if t is None:
+            raise ValueError(f"{op}: {name} (y's batch statistics) is required")
+        check_channel_vector(op, name, t, C, y)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_channel_vector(op, name, t, C, y)
+    if identity is not None:
+        check_like(op, "identity", identity, y, "y", layout)
+    if (id_mean is None) != (id_var is None):
+        raise ValueError(f"{op}: give both id_mean and id_var (the identity's batch statistics), or neither")
+    if id_mean is not None and identity is None:
+        raise ValueError(f"{op}: id_mean/id_var were given without identity")
+    if (id_weight is not None or id_bias is not None) and id_mean is None:
+        raise ValueError(f"{op}: id_weight/id_bias were given without id_mean/id_var")
+    for name, t in (("id_mean", id_mean), ("id_var", id_var), ("id_weight", id_weight), ("id_bias", id_bias)):
+        if t is not None:
+            check_channel_vector(op, name, t, C, y)
+    return layout
+
+
+def _flags(*ts) -> str:
+    return "".join("1" if t is not None else "0" for t in ts)
+
+
+def _short(dt) -> str:
+    return str(dt).replace("torch.", "") if dt is not None else "-"
+
+
+# --------------------------------------------------------------------------------------------
+# what the registry and the measured 'auto' see of a call
+# --------------------------------------------------------------------------------------------
+class ForwardCall:
+    op = OP
+
+    def __init__(self, y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
+                 layout):
+        self.y, self.mean, self.var, self.weight, self.bias = y, mean, var, weight, bias
+        self.identity, self.id_mean, self.id_var, self.id_weight, self.id_bias = identity, id_mean, id_var, id_weight, id_bias
+        self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
+        self.device = y.device
+        self.dtype = y.dtype
+        self.C, self.inner = _geometry(y, layout)
+
+    def params(self):
+        return (self.weight, self.bias, self.id_weight, self.id_bias)
+
+    def key(self) -> str:
+        return (f"{tuple(self.y.shape)}|{self.layout}|{self.y.dtype}|"
+                f"{_flags(self.weight, self.bias, self.identity, self.id_mean, self.id_weight, self.id_bias)}|"
+                f"p{_short(self.weight.dtype if self.weight is not None else None)}|relu{int(self.relu)}")
+
+    def describe(self) -> str:
+        return f"y {tuple(self.y.shape)} {_short(self.y.dtype)} {self.layout}"
+
+    def run(self, impl, fresh: bool = True) -> Tensor:
+        out = _alloc.empty_like(self.y)
+        impl.load()(self.y, self.mean, self.var, self.weight, self.bias, self.identity, self.id_mean, self.id_var,
+                    self.id_weight, self.id_bias, out, self.eps, self.id_eps, self.relu, self.C, self.inner)
+        return out
+
+    def compare(self, got: Tensor, ref: Tensor):
+        return mismatch("out", got, ref, verify_rtol(self.y.dtype))
+
+
+class BackwardCall:
+    """``needs``: (grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias)."""
+
+    op = OP_BACKWARD
+    _NAMES = ("grad_y", "grad_identity", "grad_weight", "grad_bias", "grad_id_weight", "grad_id_bias")
+
+    def __init__(self, grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
+                 layout, needs, pdtypes):
+        self.grad_out, self.out, self.y, self.mean, self.var, self.weight = grad_out, out, y, mean, var, weight
+        self.identity, self.id_mean, self.id_var, self.id_weight = identity, id_mean, id_var, id_weight
+        self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
+        self.needs = tuple(bool(n) for n in needs)
+        self.pdtypes = pdtypes  # dtypes of (weight, bias, id_weight, id_bias) gradients
+        self.device = grad_out.device
+        self.dtype = grad_out.dtype
+        self.C, self.inner = _geometry(grad_out, layout)
+
+    def params(self):
+        return (self.weight, self.id_weight)
+
+    def key(self) -> str:
+        return (f"{tuple(self.grad_out.shape)}|{self.layout}|{self.grad_out.dtype}|"
+                f"{_flags(self.weight, self.identity, self.id_mean, self.id_weight)}|"
+                f"{''.join(str(int(n)) for n in self.needs)}|p{'/'.join(_short(d) for d in self.pdtypes)}|"
+                f"relu{int(self.relu)}")
+
+    def describe(self) -> str:
+        g = self.grad_out
+        return f"grad_out {tuple(g.shape)} {_short(g.dtype)} {self.layout}"
+
+    def run(self, impl, fresh: bool = True) -> List[Tensor]:
+        outs = _backward_outputs(self.grad_out, self.C, self.needs, self.pdtypes, fake=False)
+        gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
+        impl.load()(self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity, self.id_mean,
+                    self.id_var, self.id_weight, gy, gi, gw, gb, giw, gib, self.eps, self.id_eps, self.relu, self.C,
+                    self.inner)
+        return outs
+
+    def compare(self, got, ref):
+        rtol = verify_rtol(self.grad_out.dtype)
+        for name, g, r in zip(self._NAMES, got, ref):
+            err = mismatch(name, g, r, rtol)
+            if err is not None:
+                return err
+        return None
+
+
+class UpdateCall:
+    """A bn_running_update call. It mutates its buffers: the measured 'auto' runs candidates on
+    copies (``fresh=True`` returns them for verification) and then the chosen one in place."""
+
+    op = OP_UPDATE
+    mutates = True
+
+    def __init__(self, mean, var, running_mean, running_var, num_batches_tracked, factor, unbias):
+        self.mean, self.var = mean, var
+        self.running_mean, self.running_var, self.nbt = running_mean, running_var, num_batches_tracked
+        self.factor, self.unbias = factor, unbias
+        self.device = mean.device
+        self.dtype = running_mean.dtype if running_mean is not None else mean.dtype
+        self.C = mean.shape[0]
+
+    def params(self):
+        return (self.running_mean, self.running_var)
+
+    def key(self) -> str:
+        return f"{self.C}|{self.mean.dtype}|{_short(self.dtype)}|{_flags(self.running_mean, self.running_var, self.nbt)}"
+
+    def describe(self) -> str:
+        return f"C={self.C} {_short(self.dtype)} buffers"
+
+    def run(self, impl, fresh: bool = False):
+        bufs = (self.running_mean, self.running_var, self.nbt)
+        if fresh:
+            bufs = tuple(b.clone() if b is not None else None for b in bufs)
+        impl.load()(self.mean, self.var, *bufs, self.factor, self.unbias)
+        return bufs if fresh else None
+
+    def compare(self, got, ref):
+        rtol = verify_rtol(self.dtype if self.dtype.is_floating_point else torch.float32)
+        for name, g, r in zip(("running_mean", "running_var"), got[:2], ref[:2]):
+            err = mismatch(name, g, r, rtol)
+            if err is not None:
+                return err
+        if got[2] is not None and not torch.equal(got[2], ref[2]):
+            return "num_batches_tracked differs"
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# forward op
+# --------------------------------------------------------------------------------------------
+def forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps,
+                 relu) -> ForwardCall:
+    """The validated call of the op's arguments (also what the accountant costs)."""
+    layout = _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
+    return ForwardCall(y, _stat(mean, y), _stat(var, y), _param(weight, y), _param(bias, y), identity,
+                       None if id_mean is None else _stat(id_mean, y), None if id_var is None else _stat(id_var, y),
+                       _param(id_weight, y), _param(id_bias, y), eps, id_eps, relu, layout)
+
+
+@torch.library.custom_op("resnet_kernels::batch_norm_act", mutates_args=())
+def batch_norm_act_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      identity: Optional[Tensor], id_mean: Optional[Tensor], id_var: Optional[Tensor],
+                      id_weight: Optional[Tensor], id_bias: Optional[Tensor], eps: float, id_eps: float, relu: bool,
+                      backend: str) -> Tensor:
+    call = forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+    if y.numel() == 0:
+        _tune.check_requested(OP, backend, call)
+        return _alloc.empty_like(y)
+    return _tune.dispatch(OP, backend, call)
+
+
+@batch_norm_act_op.register_fake
+def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend):
+    _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
+    return torch.empty_like(y)
+
+
+# --------------------------------------------------------------------------------------------
+# backward op
+# --------------------------------------------------------------------------------------------
+def _backward_outputs(grad_out: Tensor, C: int, needs, pdtypes, fake: bool) -> List[Tensor]:
+    new = torch.empty_like if fake else _alloc.empty_like
+    acts = [new(grad_out) if needs[i] else grad_out.new_empty(0) for i in (0, 1)]
+    vecs = []
+    for i, dt in zip((2, 3, 4, 5), pdtypes):
+        dt = dt or acc_dtype(grad_out.dtype)
+        if fake:
+            vecs.append(grad_out.new_empty(C if needs[i] else 0, dtype=dt))
+        else:
+            vecs.append(_alloc.empty((C if needs[i] else 0,), dtype=dt, device=grad_out.device))
+    return acts + vecs
+
+
+def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs):
+    op = OP_BACKWARD
+    check_activation(op, "grad_out", grad_out)
+    layout = check_layout(op, "grad_out", grad_out)
+    if relu:
+        if out is None:
+            raise ValueError(f"{op}: out (the saved forward output, the ReLU mask) is required when relu=True")
+        check_like(op, "out", out, grad_out, "grad_out", layout)
+    check_like(op, "y", y, grad_out, "grad_out", layout)
+    C = grad_out.shape[1]
+    for name, t in (("mean", mean), ("var", var)):
+        check_channel_vector(op, name, t, C, grad_out)
+    if weight is not None:
+        check_channel_vector(op, "weight", weight, C, grad_out)
+    if needs[1]:
+        if identity is None:
+            raise ValueError(f"{op}: identity is required to compute its gradient")
+    if identity is not None:
+        check_like(op, "identity", identity, grad_out, "grad_out", layout)
+    if (needs[4] or needs[5]) and id_mean is None:
+        raise ValueError(f"{op}: id_mean/id_var are required for the identity BN's parameter gradients")
+    if (id_mean is None) != (id_var is None):
+        raise ValueError(f"{op}: give both id_mean and id_var, or neither")
+    for name, t in (("id_mean", id_mean), ("id_var", id_var), ("id_weight", id_weight)):
+        if t is not None:
+            check_channel_vector(op, name, t, C, grad_out)
+    return layout
+
+
+def backward_call(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu, need_y,
+                  need_identity, need_weight, need_bias, need_id_weight, need_id_bias, weight_dtype,
+                  id_weight_dtype) -> BackwardCall:
+    needs = (need_y, need_identity, need_weight, need_bias, need_id_weight, need_id_bias)
+    layout = _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs)
+    pdtypes = (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype)
+    g = grad_out
+    return BackwardCall(g, out if relu else None, y, _stat(mean, g), _stat(var, g), _param(weight, g),
+                        identity if (id_mean is not None or need_identity) else None,
+                        None if id_mean is None else _stat(id_mean, g), None if id_var is None else _stat(id_var, g),
+                        _param(id_weight, g), eps, id_eps, relu, layout, needs, pdtypes)
+
+
+@torch.library.custom_op("resnet_kernels::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward_op(grad_out: Tensor, out: Optional[Tensor], y: Tensor, mean: Tensor, var: Tensor,
+                               weight: Optional[Tensor], identity: Optional[Tensor], id_mean: Optional[Tensor],
+                               id_var: Optional[Tensor], id_weight: Optional[Tensor], eps: float, id_eps: float,
+                               relu: bool, need_y: bool, need_identity: bool, need_weight: bool, need_bias: bool,
+                               need_id_weight: bool, need_id_bias: bool, weight_dtype: Optional[torch.dtype],
+                               id_weight_dtype: Optional[torch.dtype], backend: str) -> List[Tensor]:
+    """[grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias]; one not
+    requested is an empty tensor. Parameter gradients have ``weight_dtype``/``id_weight_dtype``
+    (the parameters' own; None: the accumulation dtype)."""
+    call = backward_call(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
+                         need_y, need_identity, need_weight, need_bias, need_id_weight, need_id_bias, weight_dtype,
+                         id_weight_dtype)
+    g, needs, pdtypes = grad_out, call.needs, call.pdtypes
+    if g.numel() == 0:
+        _tune.check_requested(OP_BACKWARD, backend, call)
+        outs = _backward_outputs(g, g.shape[1], needs, pdtypes, fake=False)
+        for v in outs[2:]:
+            v.zero_()  # a sum over an empty batch is 0
+        return outs
+    return _tune.dispatch(OP_BACKWARD, backend, call)
+
+
+@batch_norm_act_backward_op.register_fake
+def _(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu, need_y,
+      need_identity, need_weight, need_bias, need_id_weight, need_id_bias, weight_dtype, id_weight_dtype, backend):
+    needs = (need_y, need_identity, need_weight, need_bias, need_id_weight, need_id_bias)
+    _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs)
+    return _backward_outputs(grad_out, grad_out.shape[1], needs,
+                             (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype), fake=True)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend = inputs
+    ctx.eps, ctx.id_eps, ctx.relu, ctx.backend = eps, id_eps, relu, backend
+    ctx.has_bias, ctx.has_id_bias = bias is not None, id_bias is not None
+    ctx.pdt = tuple(t.dtype if t is not None else None for t in (weight, bias, id_weight, id_bias))
+    # the identity is saved even when raw (its gradient is then the masked gradient, written by the
+    # same pass): it is the block's input or shortcut, which the convolutions save anyway
+    ctx.save_for_backward(output if relu else None, y, mean, var, weight, identity, id_mean, id_var, id_weight)
+
+
+def _backward(ctx, grad):
+    out, y, mean, var, weight, identity, id_mean, id_var, id_weight = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    ny, nw, nb, ni, niw, nib = bool(n[0]), bool(n[3]), bool(n[4]), bool(n[5]), bool(n[8]), bool(n[9])
+    if grad is None or not (ny or nw or nb or ni or niw or nib):
+        return (None,) * 14
+    # autograd may hand any strides (e.g. the expanded gradient of .sum()): y's layout (a no-op when it is)
+    grad = in_layout_of(grad, y)
+    w_dt, b_dt, iw_dt, ib_dt = ctx.pdt
+    ni = ni and identity is not None
+    gy, gi, gw, gb, giw, gib = batch_norm_act_backward_op(
+        grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, ctx.eps, ctx.id_eps, ctx.relu, ny, ni,
+        nw and weight is not None, nb and ctx.has_bias, niw and id_weight is not None, nib and ctx.has_id_bias,
+        w_dt or b_dt, iw_dt or ib_dt, ctx.backend)
+    return (gy if ny else None, None, None,
+            _as(gw, w_dt) if (nw and weight is not None) else None,
+            _as(gb, b_dt) if (nb and ctx.has_bias) else None,
+            gi if ni else None, None, None,
+            _as(giw, iw_dt) if (niw and id_weight is not None) else None,
+            _as(gib, ib_dt) if (nib and ctx.has_id_bias) else None,
+            None, None, None, None)
+
+
+def _as(t: Tensor, dt) -> Tensor:
+    return t if dt is None or t.dtype == dt else t.to(dt)
+
+
+batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# running statistics
+# --------------------------------------------------------------------------------------------
+def _validate_update(mean, var, running_mean, running_var, num_batches_tracked):
+    op = OP_UPDATE
+    for name, t in (("mean", mean), ("var", var)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a 1-D floating-point tensor of per-channel statistics")
+    C = mean.shape[0]
+    if var.shape != mean.shape or var.device != mean.device:
+        raise ValueError(f"{op}: var must match mean (shape {tuple(mean.shape)}, device {mean.device}), got "
+                         f"shape {tuple(var.shape)} on {var.device}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != C or not t.is_floating_point() or t.device != mean.device:
+            raise ValueError(f"{op}: {name} must be a 1-D floating-point tensor of C={C} values on {mean.device}, "
+                             f"got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
+    if num_batches_tracked is not None:
+        t = num_batches_tracked
+        if t.numel() != 1 or t.dtype != torch.long or t.device != mean.device:
+            raise ValueError(f"{op}: num_batches_tracked must be a one-element int64 tensor on {mean.device}, "
+                             f"got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def update_call(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> UpdateCall:
+    _validate_update(mean, var, running_mean, running_var, num_batches_tracked)
+    return UpdateCall(mean.contiguous(), var.contiguous(), running_mean, running_var, num_batches_tracked,
+                      float(factor), float(unbias))
+
+
+# the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
+CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call}
+
+
+@torch.library.custom_op("resnet_kernels::bn_running_update",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_running_update_op(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         num_batches_tracked: Optional[Tensor], factor: float, unbias: float, backend: str) -> None:
+    call = update_call(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias)
+    if mean.numel() == 0:
+        _tune.check_requested(OP_UPDATE, backend, call)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
+    _tune.dispatch(OP_UPDATE, backend, call)
+
+
+@bn_running_update_op.register_fake
+def _(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias, backend):
+    _validate_update(mean, var, running_mean, running_var, num_batches_tracked)
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+def batch_norm_act(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, identity: Optional[Tensor] = None, id_mean: Optional[Tensor] = None,
+                   id_var: Optional[Tensor] = None, id_weight: Optional[Tensor] = None,
+                   id_bias: Optional[Tensor] = None, *, eps: float = 1e-5, id_eps: float = 1e-5, relu: bool = True,
+                   backend: Optional[str] = None) -> Tensor:
+    """act(bn(y) + R) with bn using the batch statistics ``mean``/``var`` of y (see the module
+    docstring): y, identity (N, C, H, W) in one layout and dtype; per-channel tensors (C,), float32
+    or the activation dtype."""
+    check_tensor_args(OP, ("weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias"), y=y, mean=mean,
+                      var=var, weight=weight, bias=bias, identity=identity, id_mean=id_mean, id_var=id_var,
+                      id_weight=id_weight, id_bias=id_bias)
+    return batch_norm_act_op(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
+                             _check_float(OP, "eps", eps), _check_float(OP, "id_eps", id_eps),
+                             check_bool(OP, "relu", relu), _backend.op_arg(backend))
+
+
+def bn_running_update(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor] = None, *, factor: float, unbias: float,
+                      backend: Optional[str] = None) -> None:
+    """running = (1 - factor) running + factor (mean, var * unbias); num_batches_tracked += 1."""
+    check_tensor_args(OP_UPDATE, ("running_mean", "running_var", "num_batches_tracked"), mean=mean, var=var,
+                      running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked)
+    with torch.no_grad():
+        bn_running_update_op(mean.detach(), var.detach(), running_mean, running_var, num_batches_tracked,
+                             _check_float(OP_UPDATE, "factor", factor), _check_float(OP_UPDATE, "unbias", unbias),
+                             _backend.op_arg(backend))
+
+
+__all__ = ["batch_norm_act", "bn_running_update"]
