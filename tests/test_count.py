@@ -59,17 +59,23 @@ def test_fused_layer_counts_declared_cost_not_decomposition(small):
     assert stats.launches == 2 * 3
     assert stats.bytes == 2 * per_call
     assert ("convolution", "aten") not in ops  # the fused conv is not counted as aten ops
-    bar = ops[("bn_add_relu", "cuda")]
-    # conv-BN-ReLU: read y, write out; the tail: read y and the identity, write out; + scale, shift
-    assert bar.bytes == (2 * A + 2 * V) + (3 * A + 2 * V)
-    assert bar.launches == 2
+    bn = ops[("batch_norm_act", "cuda")]
+    # conv-BN-ReLU: read y, write out; the tail: read y and the identity, write out; + mean, var,
+    # weight, bias (the per-channel scale/shift is computed in the kernel, no separate launch)
+    assert bn.bytes == (2 * A + 4 * V) + (3 * A + 4 * V)
+    assert bn.launches == 2
+    upd = ops[("bn_running_update", "cuda")]
+    # per BN: read mean and var, read and write the running mean and var; num_batches_tracked (int64) read, written
+    assert upd.launches == 2 and upd.bytes == 2 * (2 * V + 4 * V + 16)
+    assert not any(op in ("mul", "rsqrt", "sub", "_to_copy", "add_", "mul_") for op, _ in ops), ops.keys()
 
 
 def test_auto_counts_its_static_cuda_choice(small):
     """'auto' on CUDA without a measurement: aten (cuDNN) convolutions, the cuda bn_add_relu."""
     impls = {(e.op, e.impl) for e in small["auto"].entries}
     assert ("conv2d_stats", "aten") in impls and ("conv2d_stats", "cuda") not in impls
-    assert ("bn_add_relu", "cuda") in impls and ("bn_add_relu_backward", "cuda") in impls
+    assert ("batch_norm_act", "cuda") in impls and ("batch_norm_act_backward", "cuda") in impls
+    assert ("bn_running_update", "cuda") in impls
 
 
 def test_phases_and_layers_cover_the_step(small):
@@ -96,6 +102,19 @@ def test_eager_resnet50_totals_agree_with_roofline_model(mode, launches, gbytes)
     c = count.count_step("resnet50", mode, "eager", batch=256, image_size=224, dtype="bf16")
     assert abs(c.launches - launches) <= 0.05 * launches, c.launches
     assert abs(c.bytes / 1e9 - gbytes) <= 0.05 * gbytes, c.bytes
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_fused_model_launches_and_bytes_at_most_eager(arch, mode):
+    """Issue 10's counted targets (batch 256, 224x224, bf16, channels_last): every countable
+    implementation and 'auto' launch at most as many kernels per step as plain PyTorch and move
+    fewer bytes. Counted on the meta device, not timed."""
+    e = count.count_step(arch, mode, "eager", batch=256, image_size=224, dtype="bf16")
+    for b in count.count_backends()[1:]:
+        c = count.count_step(arch, mode, b, batch=256, image_size=224, dtype="bf16")
+        assert c.launches <= e.launches, (b, c.launches, e.launches)
+        assert c.bytes < e.bytes, (b, c.bytes / 1e9, e.bytes / 1e9)
 
 
 def test_bad_arguments_are_named():
