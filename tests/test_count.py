@@ -109,9 +109,10 @@ def test_eager_resnet50_totals_agree_with_roofline_model(mode, launches, gbytes)
 def test_fused_model_launches_and_bytes_at_most_eager(arch, mode):
     """Issue 10's counted targets (batch 256, 224x224, bf16, channels_last): every countable
     implementation and 'auto' launch at most as many kernels per step as plain PyTorch and move
-    fewer bytes. Counted on the meta device, not timed."""
+    fewer bytes. Counted on the meta device, not timed. (The 'aten' backend is PyTorch's own
+    kernels around our statistics: eager's passes plus the statistics pass, not a target.)"""
     e = count.count_step(arch, mode, "eager", batch=256, image_size=224, dtype="bf16")
-    for b in count.count_backends()[1:]:
+    for b in [b for b in count.count_backends()[1:] if b != "aten"]:
         c = count.count_step(arch, mode, b, batch=256, image_size=224, dtype="bf16")
         assert c.launches <= e.launches, (b, c.launches, e.launches)
         assert c.bytes < e.bytes, (b, c.bytes / 1e9, e.bytes / 1e9)

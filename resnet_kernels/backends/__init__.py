@@ -277,47 +277,36 @@ def _fused_bn_bwd_cost(call):
 
 
 def _aten_bn_cost(call):
-    """torch_batch_norm.batch_norm_act_forward (aten/torch) op by op: the per-channel scale/shift
-    (add, rsqrt, mul, neg, mul, add: up to 6 launches on C values, plus casts of the vectors), a
-    cast of y to acc when it differs, mul, add, the identity (cast, its own 6 + mul, add; add),
-    relu, the rounding copy."""
-    y = call.y
-    acc = _acc(y.dtype)
-    a, a_acc = nbytes(y), _act_bytes(y.shape, acc)
-    launches, b = 6, _vecs(call.mean, call.var, *call.params(), call.id_mean, call.id_var)
-    cast = acc != y.dtype
-    launches, b = launches + 2 + int(cast), b + (a + a_acc if cast else 0) + 2 * (a_acc + a_acc)
+    """aten_batch_norm.batch_norm_act_forward: native_batch_norm (running-statistics form: read y,
+    write z), the identity's own (read, write), add_ (read both, write), relu_ (read, write)."""
+    a = nbytes(call.y)
+    launches, b = 1, 2 * a
     if call.identity is not None:
-        launches, b = launches + 1 + int(cast), b + 3 * a_acc + (nbytes(call.identity) + a_acc if cast else 0)
         if call.id_mean is not None:
-            launches, b = launches + 8, b + 4 * a_acc
+            launches, b = launches + 1, b + 2 * a
+        launches, b = launches + 1, b + 3 * a
     if call.relu:
-        launches, b = launches + 1, b + 2 * a_acc
-    return launches + 1, b + a_acc + a
+        launches, b = launches + 1, b + 2 * a
+    return launches, b + _vecs(call.mean, call.var, *call.params(), call.id_mean, call.id_var)
 
 
 def _aten_bn_bwd_cost(call):
-    """torch_batch_norm.batch_norm_act_backward (aten/torch) op by op (casts, where, sums, the
-    elementwise formula of each input gradient)."""
-    go = call.grad_out
-    acc = _acc(go.dtype)
-    g, g_acc = nbytes(go), _act_bytes(go.shape, acc)
-    cast = acc != go.dtype
-    launches, b = int(cast) + 1, (g + g_acc if cast else 0) + g_acc  # cast, sum g
+    """aten_batch_norm.batch_norm_act_backward: threshold_backward (read grad_out and out, write g),
+    per BN side rsqrt on C values and native_batch_norm_backward (2 kernels: reduce reads g and x;
+    apply reads them again and writes the input gradient)."""
+    ny, ni, nw, nb, niw, nib = call.needs
+    g = nbytes(call.grad_out)
+    launches, b = 0, 0
     if call.relu:
-        launches, b = launches + 1, b + 2 * g_acc + nbytes(call.out)
-    sides = [(call.needs[0] or call.needs[2] or call.needs[3], call.y, call.needs[0])]
+        launches, b = 1, 3 * g
+    sides = [(ny or nw or nb, call.y, ny)]
     if call.id_mean is not None:
-        sides.append((call.needs[1] or call.needs[4] or call.needs[5], call.identity, call.needs[1]))
-    elif call.identity is not None and call.needs[1]:
-        launches, b = launches + 1, b + g_acc + g
+        sides.append((ni or niw or nib, call.identity, ni))
     for needed, x, need_x in sides:
-        if not needed:
-            continue
-        launches, b = launches + 4 + int(cast), b + nbytes(x) + 2 * g_acc + g_acc + (g_acc if cast else 0)  # d, g*d, sum
-        if need_x:
-            launches, b = launches + 6, b + 6 * 2 * g_acc + g
-    return launches, b
+        if needed:  # rsqrt, the reduce, the apply (not without the input gradient)
+            launches += 3 if need_x else 2
+            b += (2 if need_x else 1) * (g + nbytes(x)) + (g if need_x else 0) + 8 * call.C * 4
+    return max(launches, 1), b
 
 
 def _update_cost(call):
@@ -327,11 +316,18 @@ def _update_cost(call):
 
 
 def _aten_update_cost(call):
-    n = 0
-    for t in (call.running_mean, call.running_var):
+    """aten_batch_norm.bn_running_update: lerp_ per buffer (plus a cast when the buffer's dtype is
+    not the statistics'), var * unbias, num_batches_tracked.add_."""
+    launches, b = 0, 0
+    for t, s in ((call.running_mean, call.mean), (call.running_var, call.var)):
         if t is not None:
-            n += 4  # to, mul, mul/add, copy_
-    return n + (1 if call.nbt is not None else 0), 4 * _vecs(call.mean, call.var, call.running_mean, call.running_var)
+            cast = t.dtype != s.dtype
+            launches, b = launches + 1 + int(cast), b + 2 * nbytes(t) + nbytes(s) + (nbytes(s) + nbytes(t) if cast else 0)
+    if call.running_var is not None:
+        launches, b = launches + 1, b + 2 * nbytes(call.var)
+    if call.nbt is not None:
+        launches, b = launches + 1, b + 16
+    return launches, b
 
 
 _COSTS = {
@@ -374,10 +370,10 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
     register(Impl(_op, "torch", _P + "torch_conv2d:conv2d_forward", priority=90, auto_on=_EVERYWHERE))
 
 
-# the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py); the torch reference's code
-# (PyTorch's native ops) is also the 'aten' implementation
+# the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py): 'aten' runs PyTorch's native
+# batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py)
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
                  ("bn_running_update", "bn_running_update")):
-    register(Impl(_op, "aten", _P + "torch_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
-                  cost=_COSTS[(_op, "aten")]))
+    register(Impl(_op, "aten", _P + "aten_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
+                  returns_output=_op != "bn_running_update", cost=_COSTS[(_op, "aten")]))
     register(Impl(_op, "torch", _P + "torch_batch_norm:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))

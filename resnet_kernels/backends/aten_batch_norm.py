@@ -1,0 +1,75 @@
+"""The 'aten' implementations of the training-mode BatchNorm ops: PyTorch's own native batch-norm
+kernels given our statistics (the contract: resnet_kernels/backends/torch_batch_norm.py).
+
+forward   ``native_batch_norm`` in its running-statistics form with (mean, var) = y's batch
+          statistics (one normalise pass), the identity's likewise, ``add_``, ``relu_``: PyTorch's
+          kernels, rounding after each like PyTorch's unfused layers;
+backward  ``threshold_backward`` (the ReLU mask; it is also a raw identity's gradient), then
+          ``native_batch_norm_backward`` in training form with save_mean = mean and save_invstd =
+          1/sqrt(var + eps): PyTorch's own reduce + apply kernels, the path through the batch
+          statistics included.
+Both return their outputs (``returns_output``) instead of copying into preallocated ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+
+
+def _bn_eval(x, mean, var, weight, bias, eps):
+    # native_batch_norm wants the parameters and statistics in one dtype (the statistics' dtype,
+    # float32/float64: a no-op for float32 parameters)
+    dt = mean.dtype
+    w = weight.to(dt) if weight is not None else None
+    b = bias.to(dt) if bias is not None else None
+    return _aten.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
+
+
+def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out, eps,
+                           id_eps, relu, C, inner):
+    z = _bn_eval(y, mean, var, weight, bias, eps)
+    if identity is not None:
+        z.add_(_bn_eval(identity, id_mean, id_var, id_weight, id_bias, id_eps) if id_mean is not None else identity)
+    if relu:
+        z.relu_()
+    return z
+
+
+def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
+    invstd = torch.rsqrt(var + eps)
+    w = weight.to(mean.dtype) if weight is not None else None
+    gx, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
+                                                  [need_x, need_w and w is not None, need_b])
+    if gw is not None and w_dtype is not None and gw.dtype != w_dtype:
+        gw = gw.to(w_dtype)
+    if gb is not None and w_dtype is not None and gb.dtype != w_dtype:
+        gb = gb.to(w_dtype)
+    return gx, gw, gb
+
+
+def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, needs, pdtypes,
+                            eps, id_eps, relu, C, inner):
+    """Returns [grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (None
+    where not needed)."""
+    ny, ni, nw, nb, niw, nib = needs
+    g = _aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    gy = gw = gb = gi = giw = gib = None
+    if ny or nw or nb:
+        gy, gw, gb = _bn_grads(g, y, mean, var, weight, eps, ny, nw, nb, pdtypes[0])
+    if identity is not None and id_mean is not None and (ni or niw or nib):
+        gi, giw, gib = _bn_grads(g, identity, id_mean, id_var, id_weight, id_eps, ni, niw, nib, pdtypes[2])
+    elif ni:
+        gi = g if g is not grad_out else grad_out.clone()
+    return [gy, gi, gw, gb, giw, gib]
+
+
+def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias):
+    """``lerp_`` per buffer (PyTorch's own kernels; the unbiased variance one more small launch)."""
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    if running_var is not None:
+        running_var.lerp_((var * unbias).to(running_var.dtype), factor)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
