@@ -57,12 +57,18 @@ def enabled() -> bool:
     return os.environ.get("RESNET_KERNELS_WEIGHT_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+_cs: Any = None
+
+
 def _fsdp2_active() -> bool:
-    try:
-        from torch.distributed import _composable_state as cs
-    except Exception:  # torch built without distributed
-        return False
-    return len(getattr(cs, "_module_state_mapping", ())) > 0
+    global _cs
+    if _cs is None:
+        try:
+            from torch.distributed import _composable_state as cs
+        except Exception:  # torch built without distributed
+            cs = False
+        _cs = cs
+    return bool(_cs) and len(getattr(_cs, "_module_state_mapping", ())) > 0
 
 
 def fingerprint(w: torch.Tensor) -> tuple:
@@ -74,17 +80,19 @@ def fingerprint(w: torch.Tensor) -> tuple:
             w.layout, stream)
 
 
-def cacheable(w: torch.Tensor) -> bool:
-    """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
-    if not enabled() or w.is_inference() or w.layout != torch.strided:
+def _tensor_ok(w: torch.Tensor) -> bool:
+    if w.is_inference() or w.layout != torch.strided:
         return False
     if type(w) not in (torch.Tensor, torch.nn.Parameter):
         return False  # FakeTensor, DTensor, functional and other subclasses
     if w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size():
         return False
-    if w.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return not _fsdp2_active()
+    return not (w.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def cacheable(w: torch.Tensor) -> bool:
+    """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
+    return enabled() and _tensor_ok(w) and not _fsdp2_active()
 
 
 def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor], Any],
@@ -93,7 +101,7 @@ def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor]
     entries allowed) is unchanged since it was packed with this ``fmt``. ``pack_fn`` must depend
     only on the values and geometry of ``weight`` and ``deps``, and on ``fmt``. The value is made
     outside inference mode (normal tensors, usable later with autograd)."""
-    if not cacheable(weight) or not all(d is None or cacheable(d) for d in deps):
+    if not (enabled() and _tensor_ok(weight) and all(d is None or _tensor_ok(d) for d in deps)) or _fsdp2_active():
         with _lock:
             _counts["uncached"] += 1
         return pack_fn(weight)

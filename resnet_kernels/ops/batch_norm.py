@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, _tune
+from .._eager import Eager
 from .._checks import (acc_dtype, check_activation, check_bool, check_channel_vector, check_layout, check_like,
                        check_tensor_args, in_layout_of)
 from .._numerics import mismatch, verify_rtol
@@ -359,6 +360,9 @@ def _(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
                              (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype), fake=True)
 
 
+_batch_norm_act_backward = Eager(batch_norm_act_backward_op)
+
+
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -382,7 +386,7 @@ def _backward(ctx, grad):
     grad = in_layout_of(grad, y)
     w_dt, b_dt, iw_dt, ib_dt = ctx.pdt
     ni = ni and identity is not None
-    gy, gi, gw, gb, giw, gib = batch_norm_act_backward_op(
+    gy, gi, gw, gb, giw, gib = _batch_norm_act_backward(
         grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, ctx.eps, ctx.id_eps, ctx.relu, ny, ni,
         nw and weight is not None, nb and ctx.has_bias, niw and id_weight is not None, nib and ctx.has_id_bias,
         w_dt or b_dt, iw_dt or ib_dt, ctx.backend)
@@ -400,6 +404,7 @@ def _as(t: Tensor, dt) -> Tensor:
 
 
 batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+_batch_norm_act = Eager(batch_norm_act_op, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +462,9 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias,
     _validate_update(mean, var, running_mean, running_var, num_batches_tracked)
 
 
+_bn_running_update = Eager(bn_running_update_op)
+
+
 # --------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------
@@ -471,7 +479,7 @@ def batch_norm_act(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor
     check_tensor_args(OP, ("weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias"), y=y, mean=mean,
                       var=var, weight=weight, bias=bias, identity=identity, id_mean=id_mean, id_var=id_var,
                       id_weight=id_weight, id_bias=id_bias)
-    return batch_norm_act_op(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
+    return _batch_norm_act(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
                              _check_float(OP, "eps", eps), _check_float(OP, "id_eps", id_eps),
                              check_bool(OP, "relu", relu), _backend.op_arg(backend))
 
@@ -483,7 +491,7 @@ def bn_running_update(mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
     check_tensor_args(OP_UPDATE, ("running_mean", "running_var", "num_batches_tracked"), mean=mean, var=var,
                       running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked)
     with torch.no_grad():
-        bn_running_update_op(mean.detach(), var.detach(), running_mean, running_var, num_batches_tracked,
+        _bn_running_update(mean.detach(), var.detach(), running_mean, running_var, num_batches_tracked,
                              _check_float(OP_UPDATE, "factor", factor), _check_float(OP_UPDATE, "unbias", unbias),
                              _backend.op_arg(backend))
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, _tune
+from .._eager import Eager
 from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
                        check_layout, check_like, check_tensor_args)
 from .._numerics import mismatch, verify_rtol
@@ -243,6 +244,9 @@ def _(grad_out, out, x, scale, identity, identity_scale, relu, need_x, need_iden
                              need_id_scale, fake=True)
 
 
+_bn_add_relu_backward = Eager(bn_add_relu_backward_op)
+
+
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -283,7 +287,7 @@ def _backward(ctx, grad):
     need_scale = bool(ns) and has_scale
     need_shift = (bool(nb) and has_shift) or (bool(nib) and has_id_shift)
     need_id_scale = bool(nis) and has_id_scale
-    gx, gi, gs, gb, gis = bn_add_relu_backward_op(
+    gx, gi, gs, gb, gis = _bn_add_relu_backward(
         grad, out, x, scale, identity, identity_scale, ctx.relu, need_x or share, need_identity, need_scale,
         need_shift, need_id_scale, ctx.backend)
     s_dt, b_dt, is_dt, ib_dt = ctx.pdtypes
@@ -299,6 +303,7 @@ def _backward(ctx, grad):
 
 
 bn_add_relu_op.register_autograd(_backward, setup_context=_setup_context)
+bn_add_relu_eager = Eager(bn_add_relu_op, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def bn_add_relu(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], ide
     """
     check_tensor_args(OP, ("scale", "shift", "identity", "identity_scale", "identity_shift"), x=x, scale=scale,
                       shift=shift, identity=identity, identity_scale=identity_scale, identity_shift=identity_shift)
-    return bn_add_relu_op(x, scale, shift, identity, identity_scale, identity_shift, check_bool(OP, "relu", relu),
+    return bn_add_relu_eager(x, scale, shift, identity, identity_scale, identity_shift, check_bool(OP, "relu", relu),
                           _backend.op_arg(backend))
 
 

@@ -36,7 +36,8 @@ from .. import _alloc, _backend, _tune
 from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
                        check_layout, check_tensor_args, in_layout_of, layout_of, same_order)
 from .._numerics import conv_acc, cudnn_conv_tf32_enabled, mismatch, verify_rtol
-from .bn_add_relu import bn_add_relu_op
+from .._eager import Eager
+from .bn_add_relu import bn_add_relu_eager
 
 OP_EPILOGUE = "conv2d_epilogue"
 OP_STATS = "conv2d_stats"
@@ -276,6 +277,7 @@ def _epilogue_backward(ctx, grad):
 
 
 conv2d_epilogue_op.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
+_conv2d_epilogue = Eager(conv2d_epilogue_op, _epilogue_setup_context, _epilogue_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,12 +348,13 @@ def _stats_backward(ctx, g_y, g_mean, g_var):
         # the fused SyncBatchNorm's backward all_reduces; see nn/_sync.py)
         gy = g_y + (shift.view(1, -1, 1, 1) * 0).to(g_y.dtype)
     else:
-        gy = bn_add_relu_op(g_y, None, shift, y, b, None, False, ctx.backend)
+        gy = bn_add_relu_eager(g_y, None, shift, y, b, None, False, ctx.backend)
     grad_x, grad_w = _conv_input_grads(ctx, in_layout_of(gy, x), x, weight, bool(nx), bool(nw))
     return grad_x, grad_w, None, None, None, None, None
 
 
 conv2d_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+_conv2d_stats = Eager(conv2d_stats_op, _stats_setup_context, _stats_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +377,7 @@ def conv2d_epilogue(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None, b
     """
     op = OP_EPILOGUE
     check_tensor_args(op, ("scale", "bias", "residual"), x=x, weight=weight, scale=scale, bias=bias, residual=residual)
-    return conv2d_epilogue_op(x, weight, scale, bias, residual, list(_pair(op, "stride", stride, 1)),
+    return _conv2d_epilogue(x, weight, scale, bias, residual, list(_pair(op, "stride", stride, 1)),
                               list(_pair(op, "padding", padding, 0)), list(_pair(op, "dilation", dilation, 1)),
                               groups, check_bool(op, "relu", relu), _backend.op_arg(backend))
 
@@ -386,7 +389,7 @@ def conv2d_stats(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: I
     biased variance of y over N*OH*OW from the fp32 (float64 for float64) accumulators."""
     op = OP_STATS
     check_tensor_args(op, (), x=x, weight=weight)
-    return conv2d_stats_op(x, weight, list(_pair(op, "stride", stride, 1)), list(_pair(op, "padding", padding, 0)),
+    return _conv2d_stats(x, weight, list(_pair(op, "stride", stride, 1)), list(_pair(op, "padding", padding, 0)),
                            list(_pair(op, "dilation", dilation, 1)), groups, _backend.op_arg(backend))
 
 
