@@ -6,8 +6,11 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+import torch
+
+from ..ops.batch_norm import batch_norm_act
 from ..ops.bn_add_relu import add_relu, bn_add_relu
-from ._bn import bn_scale_shift, commit
+from ._bn import batch_stats_args, bn_scale_shift, commit, uses_batch_stats
 from .._checks import check_activation, check_layout, check_like
 from .._script import no_script
 from .conv_bn import _check_backend
@@ -71,6 +74,21 @@ class BNAddReLU(nn.Module):
         if identity is not None:
             check_like("BNAddReLU", "identity", identity, x, "x", layout)
         updates: list = []  # the BNs' side effects, applied once the fused op has succeeded
+        st = self._batch_stats(self.bn, x, updates)
+        r_st = self._batch_stats(self.shortcut_bn, identity, updates) if self.shortcut_bn is not None else None
+        if st is not None and (self.shortcut_bn is None or r_st is not None):
+            # every BN uses batch statistics: batch_norm_act (its backward includes the path
+            # through the statistics, so they are computed without autograd here)
+            if r_st is None:
+                out = batch_norm_act(x, st.mean, st.var, st.weight, st.bias, identity, eps=st.eps, relu=True,
+                                     backend=self.backend)
+            else:
+                out = batch_norm_act(x, st.mean, st.var, st.weight, st.bias, identity, r_st.mean, r_st.var,
+                                     r_st.weight, r_st.bias, eps=st.eps, id_eps=r_st.eps, relu=True,
+                                     backend=self.backend)
+            commit(updates)
+            return out
+        updates.clear()  # the general path below defers the same side effects itself
         scale, shift = bn_scale_shift(self.bn, x, updates=updates)
         if self.shortcut_bn is None:
             out = bn_add_relu(x, scale, shift, identity, backend=self.backend)
@@ -81,6 +99,17 @@ class BNAddReLU(nn.Module):
             out = bn_add_relu(x, scale, shift, identity, id_scale, id_shift, backend=self.backend)
         commit(updates)
         return out
+
+    def _batch_stats(self, bn, t, updates):
+        """A ``BatchStats`` of bn applied to t (batch statistics from torch.var_mean, without
+        autograd), or None where the general path runs (eval, a synchronising SyncBatchNorm, an
+        empty batch)."""
+        if not uses_batch_stats(bn) or not isinstance(t, Tensor) or t.dim() != 4 or t.numel() == 0:
+            return None
+        with torch.no_grad():
+            var, mean = torch.var_mean(t, dim=(0, 2, 3), correction=0) if t.dtype in (torch.float32, torch.float64) \
+                else torch.var_mean(t.float(), dim=(0, 2, 3), correction=0)
+        return batch_stats_args(bn, t, mean, var, updates, self.backend)
 
     def extra_repr(self) -> str:
         return f"shortcut_bn={self.shortcut_bn is not None}, backend={self.backend!r}"
