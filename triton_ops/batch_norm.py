@@ -147,38 +147,35 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
         if HAS_IW:
             isc = isc * tl.load(iw_ptr + ch, mask=chmask, other=0.0).to(acc_t)
         if HAS_IB:
-            ish = tl.load(ib_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+            # one shift for both sides (fewer per-channel registers)
+            if HAS_B:
+                sh = sh + tl.load(ib_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+            else:
+                sh = tl.load(ib_ptr + ch, mask=chmask, other=0.0).to(acc_t)
     # broadcast along the tile's other axis (inline: nested jit calls are slow under the interpreter)
     if MODE == 1:
         mu = mu[:, None]
         sc = sc[:, None]
-        if HAS_B:
+        if HAS_B or HAS_IB:
             sh = sh[:, None]
         if ID_MODE == 2:
             imu = imu[:, None]
             isc = isc[:, None]
-            if HAS_IB:
-                ish = ish[:, None]
     elif MODE == 2:
         mu = mu[None, :]
         sc = sc[None, :]
-        if HAS_B:
+        if HAS_B or HAS_IB:
             sh = sh[None, :]
         if ID_MODE == 2:
             imu = imu[None, :]
             isc = isc[None, :]
-            if HAS_IB:
-                ish = ish[None, :]
     x = (tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t) - mu) * sc
-    if HAS_B:
-        x = x + sh
     if ID_MODE == 1:
         x = x + tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t)
     elif ID_MODE == 2:
-        r = (tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu) * isc
-        if HAS_IB:
-            r = r + ish
-        x = x + r
+        x = x + (tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu) * isc
+    if HAS_B or HAS_IB:  # HAS_IB only with ID_MODE 2 (the launcher)
+        x = x + sh
     if RELU:
         # where(x < 0, 0, x), not maximum: NaN propagates like torch.relu
         x = tl.where(x < 0, 0.0, x)
@@ -502,12 +499,20 @@ KERNELS = {
 # --------------------------------------------------------------------------------------------
 # heuristics (the tile sizes of triton_ops/bn_add_relu.py)
 # --------------------------------------------------------------------------------------------
-def _elementwise_config(N: int, C: int, HW: int, layout: str, itemsize: int, interpret: bool = None) -> dict:
+def _elementwise_config(N: int, C: int, HW: int, layout: str, itemsize: int, interpret: bool = None,
+                        streams: int = 3, vectors: int = 4) -> dict:
     """Tiling for _fwd_kernel and _apply_kernel: mode, (R, S) matrix view, block sizes, grid,
-    num_warps. The flat tiling gathers up to 8 per-channel values per element: on the GPU it
-    uses a quarter of the 2-D tile."""
+    num_warps. ``streams``: activation tensors read or written (forward: y, identity, out; apply:
+    grad_out, out, y, identity, grad_y, grad_identity); ``vectors``: per-channel values per
+    channel (forward: mean, var, weight, bias and the identity's four; apply: 4 per gradient).
+    Register budget on the GPU (tests/test_triton_batch_norm_aot.py: <= 64): with channels_last
+    each thread holds the per-channel values of its VEC columns, with the flat tiling one gathered
+    set per element; so the 2-D tile is halved when streams + vectors > 8, and the flat block
+    keeps at most 4096 / vectors elements (4-8 per thread)."""
     interpret = INTERPRET if interpret is None else interpret
     tile = _tile_elems(itemsize, interpret)
+    if streams + vectors > 8 and not interpret:
+        tile = max(tile // 2, 256)
     vmax = max(16 // itemsize, 1)
     numel = N * C * HW
     if layout == "nchw":
@@ -522,10 +527,21 @@ def _elementwise_config(N: int, C: int, HW: int, layout: str, itemsize: int, int
         return dict(MODE=mode, R=R, S_V=S // vmax, VEC=vmax, BLOCK_R=block_r, BLOCK_S=block_s, grid=grid,
                     num_warps=_num_warps(block_r * block_s, interpret))
     if not interpret:
-        tile = max(tile // 4, 256)
+        tile = max(min(tile // 2, 4096 // max(vectors, 1)), 256)
     block = min(tile, triton.next_power_of_2(numel))
     return dict(MODE=MODE_FLAT, R=0, S_V=0, VEC=1, BLOCK_R=1, BLOCK_S=block, grid=(triton.cdiv(numel, block),),
                 num_warps=_num_warps(block, interpret))
+
+
+def _fwd_load(id_mode: int) -> dict:
+    """streams / vectors (see _elementwise_config) of _fwd_kernel."""
+    return dict(streams=2 + (id_mode != ID_NONE), vectors=8 if id_mode == ID_BN else 4)
+
+
+def _apply_load(relu: bool, need_gy: bool, gi_mode: int) -> dict:
+    """streams / vectors (see _elementwise_config) of _apply_kernel."""
+    return dict(streams=1 + relu + 2 * need_gy + (gi_mode != ID_NONE) + (gi_mode == ID_BN),
+                vectors=4 * need_gy + 4 * (gi_mode == ID_BN))
 
 
 def _reduce_config(N: int, C: int, HW: int, layout: str, itemsize: int, device: torch.device,
@@ -600,7 +616,7 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     if numel == 0:
         return
     id_mode = ID_NONE if identity is None else (ID_BN if id_mean is not None else ID_RAW)
-    cfg = _elementwise_config(N, C, HW, _layout(inner, HW), y.element_size())
+    cfg = _elementwise_config(N, C, HW, _layout(inner, HW), y.element_size(), **_fwd_load(id_mode))
     e_hi, e_lo = _hi_lo(eps)
     ie_hi, ie_lo = _hi_lo(id_eps if id_eps is not None else 0.0)
     d = y  # stands in for absent operands; never dereferenced (their flags are False)
@@ -687,7 +703,8 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
                 COEF_Y=coef_y, COEF_I=coef_i, IS64=is64, num_warps=fc["num_warps"])
         if grad_y is not None or grad_identity is not None:
             gi_mode = ID_NONE if grad_identity is None else (ID_BN if id_bn else ID_RAW)
-            cfg = _elementwise_config(N, C, HW, layout, grad_out.element_size())
+            cfg = _elementwise_config(N, C, HW, layout, grad_out.element_size(),
+                                      **_apply_load(bool(relu), coef_y, gi_mode))
             _apply_kernel[cfg["grid"]](
                 grad_out, opt(out if relu else None), opt(y if coef_y else None), opt(mean if coef_y else None),
                 opt(identity if coef_i else None), opt(id_mean if coef_i else None), opt(coef), opt(grad_y),
