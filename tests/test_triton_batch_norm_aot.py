@@ -59,7 +59,8 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
     act, acc = ACT[dt], _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(y_ptr=act, mean_ptr=acc, var_ptr=acc, w_ptr=par, b_ptr=par, id_ptr=act, im_ptr=acc, iv_ptr=acc,
-               iw_ptr=par, ib_ptr=par, out_ptr=act, eps="fp32", eps_lo="fp32", id_eps="fp32", id_eps_lo="fp32")
+               iw_ptr=par, ib_ptr=par, out_ptr=act, eps="fp32", eps_lo="fp32", eps_lo2="fp32", id_eps="fp32", id_eps_lo="fp32",
+               id_eps_lo2="fp32")
     rt, div16 = _ew_runtime(cfg, N, C, HW, layout, int64)
     sig.update(rt)
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], HAS_W=True,
@@ -109,8 +110,9 @@ def _finalize_spec(dt, P, C, arch, param_dt=None):
     acc = _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(pg_ptr=acc, pd_ptr=acc, pi_ptr=acc, var_ptr=acc, w_ptr=par, iv_ptr=acc, iw_ptr=par, gw_ptr=par,
-               gb_ptr=par, giw_ptr=par, gib_ptr=par, coef_ptr=acc, eps="fp32", eps_lo="fp32", id_eps="fp32",
-               id_eps_lo="fp32", inv_m="fp32", inv_m_lo="fp32", P="i32", C="i32")
+               gb_ptr=par, giw_ptr=par, gib_ptr=par, coef_ptr=acc, eps="fp32", eps_lo="fp32", eps_lo2="fp32",
+               id_eps="fp32", id_eps_lo="fp32", id_eps_lo2="fp32", inv_m="fp32", inv_m_lo="fp32", inv_m_lo2="fp32",
+               P="i32", C="i32")
     flags = dict(NEED_G=True, NEED_D=True, NEED_I=True, HAS_W=True, HAS_IW=True, W_GW=True, W_GB=True, W_GIW=True,
                  W_GIB=True, COEF_Y=True, COEF_I=True)
     return KernelSpec(MOD, "_finalize_kernel", sig, dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
@@ -122,7 +124,8 @@ def _running_spec(buf_dt, C, arch):
     cfg = K._running_config(C)
     acc = "*fp64" if buf_dt == torch.float64 else "*fp32"
     sig = dict(mean_ptr=acc, var_ptr=acc, rm_ptr=ACT[buf_dt], rv_ptr=ACT[buf_dt], nbt_ptr="*i64", keep="fp32",
-               keep_lo="fp32", f="fp32", f_lo="fp32", fu="fp32", fu_lo="fp32", C="i32")
+               keep_lo="fp32", keep_lo2="fp32", f="fp32", f_lo="fp32", f_lo2="fp32", fu="fp32", fu_lo="fp32",
+               fu_lo2="fp32", C="i32")
     return KernelSpec(MOD, "_running_kernel", sig,
                       dict(BLOCK=cfg["BLOCK"], HAS_RM=True, HAS_RV=True, HAS_NBT=True,
                            RM64=buf_dt == torch.float64, RV64=buf_dt == torch.float64),

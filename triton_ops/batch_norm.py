@@ -19,8 +19,8 @@ the centred values. All arithmetic is in float32 (float64 for float64 activation
 running-statistics update in float32, or float64 for float64 buffers), every output is rounded
 once when stored. weight/bias/id_weight/id_bias may be float32 or the activation dtype (loaded as
 they are); grad_weight/grad_bias/... are stored in their own dtype. Python floats reach a kernel
-as float32: eps, id_eps and the running-update factors are passed as (hi, lo) float32 pairs whose
-sum is exact to ~48 bits, used as such in float64.
+as float32: eps, id_eps, 1/m and the running-update factors are passed as three float32 parts
+whose sum is exact to ~72 bits, added in float64 by the float64 paths (``_parts``).
 
 Layouts as in ``triton_ops/bn_add_relu.py``: NCHW-contiguous (channel of flat element i is
 (i // inner) % C, inner = H*W) or channels_last (inner = 1); the elementwise kernels use the
@@ -82,7 +82,7 @@ N_COEF = 6
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr,
-                eps, eps_lo, id_eps, id_eps_lo, R, S_V, C, inner, numel,
+                eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C, inner, numel,
                 MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
                 HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INNER_ONE: tl.constexpr,
@@ -130,7 +130,7 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
     mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0).to(acc_t)
     v = tl.load(var_ptr + ch, mask=chmask, other=1.0).to(acc_t)
     if IS64:
-        sc = 1.0 / tl.sqrt(v + (eps.to(tl.float64) + eps_lo.to(tl.float64)))
+        sc = 1.0 / tl.sqrt(v + (((tl.zeros_like(v) + eps) + eps_lo) + eps_lo2))
     else:
         sc = tl.rsqrt(v + eps)
     if HAS_W:
@@ -141,7 +141,7 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
         imu = tl.load(im_ptr + ch, mask=chmask, other=0.0).to(acc_t)
         iv = tl.load(iv_ptr + ch, mask=chmask, other=1.0).to(acc_t)
         if IS64:
-            isc = 1.0 / tl.sqrt(iv + (id_eps.to(tl.float64) + id_eps_lo.to(tl.float64)))
+            isc = 1.0 / tl.sqrt(iv + (((tl.zeros_like(iv) + id_eps) + id_eps_lo) + id_eps_lo2))
         else:
             isc = tl.rsqrt(iv + id_eps)
         if HAS_IW:
@@ -292,7 +292,7 @@ def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_p
 @triton.jit
 def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
                      gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr,
-                     eps, eps_lo, id_eps, id_eps_lo, inv_m, inv_m_lo, P, C,
+                     eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
                      NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
                      W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
@@ -319,8 +319,10 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
             acc_d += tl.load(pd_ptr + offs, mask=msk, other=0.0)
         if NEED_I:
             acc_i += tl.load(pi_ptr + offs, mask=msk, other=0.0)
-    if IS64:  # 1 / (N*H*W), passed from the host (an integer argument equal to 1 would be a constexpr)
-        inv_m = inv_m.to(tl.float64) + inv_m_lo.to(tl.float64)
+    # 1 / (N*H*W) from the host (an integer argument equal to 1 would be a constexpr); float64:
+    # its three float32 parts added in float64 (a float32 scalar + a float64 vector is float64)
+    if IS64:
+        inv_m = ((tl.zeros([BLOCK_C], dtype=tl.float64) + inv_m) + inv_m_lo) + inv_m_lo2
     if NEED_G:
         sg = tl.sum(acc_g, axis=0)
         if W_GB:
@@ -331,7 +333,7 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
         sd = tl.sum(acc_d, axis=0)
         v = tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_t)
         if IS64:
-            inv = 1.0 / tl.sqrt(v + (eps.to(tl.float64) + eps_lo.to(tl.float64)))
+            inv = 1.0 / tl.sqrt(v + (((tl.zeros_like(v) + eps) + eps_lo) + eps_lo2))
         else:
             inv = tl.rsqrt(v + eps)
         if W_GW:
@@ -348,7 +350,7 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
         si = tl.sum(acc_i, axis=0)
         iv = tl.load(iv_ptr + cols, mask=cmask, other=1.0).to(acc_t)
         if IS64:
-            iinv = 1.0 / tl.sqrt(iv + (id_eps.to(tl.float64) + id_eps_lo.to(tl.float64)))
+            iinv = 1.0 / tl.sqrt(iv + (((tl.zeros_like(iv) + id_eps) + id_eps_lo) + id_eps_lo2))
         else:
             iinv = tl.rsqrt(iv + id_eps)
         if W_GIW:
@@ -454,7 +456,7 @@ def _apply_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, coef_ptr, gy
 
 @triton.jit
 def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                    keep, keep_lo, f, f_lo, fu, fu_lo, C,
+                    keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo, fu_lo2, C,
                     BLOCK: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, HAS_NBT: tl.constexpr,
                     RM64: tl.constexpr, RV64: tl.constexpr):
     # running_mean = keep * running_mean + f * mean; running_var = keep * running_var + fu * var
@@ -465,18 +467,18 @@ def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
     cmask = cols < C
     if HAS_RM:
         if RM64:
-            rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
-            rm = rm * (keep.to(tl.float64) + keep_lo.to(tl.float64)) + \
-                tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (f.to(tl.float64) + f_lo.to(tl.float64))
+            z = tl.zeros([BLOCK], dtype=tl.float64)  # float64 factors: their float32 parts added in float64
+            rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
+                tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + f) + f_lo) + f_lo2)
         else:
             rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
                 tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * f
         tl.store(rm_ptr + cols, cast_for_store(rm, rm_ptr), mask=cmask)
     if HAS_RV:
         if RV64:
-            rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
-            rv = rv * (keep.to(tl.float64) + keep_lo.to(tl.float64)) + \
-                tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (fu.to(tl.float64) + fu_lo.to(tl.float64))
+            z = tl.zeros([BLOCK], dtype=tl.float64)
+            rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
+                tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + fu) + fu_lo) + fu_lo2)
         else:
             rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
                 tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * fu
@@ -597,13 +599,18 @@ def _shape(t: torch.Tensor, C: int, inner: int) -> tuple[int, int, int]:
     return N, C, H * W
 
 
-def _hi_lo(x: float) -> tuple[float, float]:
-    """x as a float32 pair (hi, lo) with hi + lo == x to ~48 bits (Python floats reach a kernel
-    as float32; the float64 paths add the pair)."""
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _parts(x: float) -> tuple[float, float, float]:
+    """x as three float32 values (hi, lo, lo2), hi the float32 rounding of x, whose sum is x to
+    ~72 bits (Python floats reach a kernel as float32; the float32 paths use hi, the float64 paths
+    add the three in float64: hi + lo is exact there, + lo2 rounds once)."""
     x = float(x)
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    lo = struct.unpack("f", struct.pack("f", x - hi))[0]
-    return hi, lo
+    hi = _f32(x)
+    lo = _f32(x - hi)
+    return hi, lo, _f32((x - hi) - lo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,8 +624,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
         return
     id_mode = ID_NONE if identity is None else (ID_BN if id_mean is not None else ID_RAW)
     cfg = _elementwise_config(N, C, HW, _layout(inner, HW), y.element_size(), **_fwd_load(id_mode))
-    e_hi, e_lo = _hi_lo(eps)
-    ie_hi, ie_lo = _hi_lo(id_eps if id_eps is not None else 0.0)
+    e3 = _parts(eps)
+    ie3 = _parts(id_eps if id_eps is not None else 0.0)
     d = y  # stands in for absent operands; never dereferenced (their flags are False)
 
     def opt(t):
@@ -629,7 +636,7 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
             y, mean, var, opt(weight), opt(bias), opt(identity),
             opt(id_mean if id_mode == ID_BN else None), opt(id_var if id_mode == ID_BN else None),
             opt(id_weight if id_mode == ID_BN else None), opt(id_bias if id_mode == ID_BN else None), out,
-            e_hi, e_lo, ie_hi, ie_lo, cfg["R"], cfg["S_V"], C, max(inner, 1), numel,
+            *e3, *ie3, cfg["R"], cfg["S_V"], C, max(inner, 1), numel,
             MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
             HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
             HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
@@ -665,8 +672,8 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
     def opt(t):
         return t if t is not None else dummy
 
-    e_hi, e_lo = _hi_lo(eps)
-    ie_hi, ie_lo = _hi_lo(id_eps if id_eps is not None else 0.0)
+    e3 = _parts(eps)
+    ie3 = _parts(id_eps if id_eps is not None else 0.0)
     coef_y = grad_y is not None
     coef_i = id_bn and grad_identity is not None
     coef = None
@@ -696,7 +703,7 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
             _finalize_kernel[fc["grid"]](
                 pg, pd, pi, var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
                 opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef),
-                e_hi, e_lo, ie_hi, ie_lo, *_hi_lo(C / numel), P, C,
+                *e3, *ie3, *_parts(C / numel), P, C,
                 BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=need_g, NEED_D=need_d, NEED_I=need_i,
                 HAS_W=weight is not None, HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None,
                 W_GB=grad_bias is not None, W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None,
@@ -720,9 +727,9 @@ def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked,
     C = mean.numel()
     cfg = _running_config(max(C, 1))
     factor = float(factor)
-    keep = _hi_lo(1.0 - factor)
-    f = _hi_lo(factor)
-    fu = _hi_lo(factor * float(unbias))
+    keep = _parts(1.0 - factor)
+    f = _parts(factor)
+    fu = _parts(factor * float(unbias))
     dummy = mean
 
     def opt(t):
