@@ -46,16 +46,17 @@ def _acc(dt) -> str:
 
 def _ew_runtime(cfg, N, C, HW, layout, int64):
     """Runtime integer arguments of the elementwise kernels and those triton would mark divisible by 16."""
-    numel = N * C * HW
-    vals = dict(R=cfg["R"], S_V=cfg["S_V"], C=C, inner=HW if layout == "nchw" else 1, numel=numel)
+    vals = dict(R=cfg["R"], S_V=cfg["S_V"], C=C)
     sig = {n: _i(int64) for n in vals}
     return sig, tuple(n for n, v in vals.items() if v % 16 == 0)
 
 
-def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None):
+def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None, want_vec=None):
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False, **K._fwd_load(id_mode))
     if want_mode is not None:
         assert cfg["MODE"] == want_mode, (cfg, want_mode)
+    if want_vec is not None:
+        assert cfg["VEC"] == want_vec, (cfg, want_vec)
     act, acc = ACT[dt], _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(y_ptr=act, mean_ptr=acc, var_ptr=acc, w_ptr=par, b_ptr=par, id_ptr=act, im_ptr=acc, iv_ptr=acc,
@@ -65,24 +66,25 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
     sig.update(rt)
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], HAS_W=True,
                       HAS_B=True, ID_MODE=id_mode, HAS_IW=id_mode == K.ID_BN, HAS_IB=id_mode == K.ID_BN,
-                      RELU=relu, IS64=dt == torch.float64, INNER_ONE=layout == "nhwc", INT64=int64)
+                      RELU=relu, IS64=dt == torch.float64, INT64=int64)
     return KernelSpec(MOD, "_fwd_kernel", sig, constexprs, num_warps=cfg["num_warps"], arch=arch,
                       divisible_by_16=div16)
 
 
-def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=True, int64=False, want_mode=None):
+def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=True, int64=False, want_mode=None, want_vec=None):
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False,
                                 **K._apply_load(relu, need_gy, gi_mode))
     if want_mode is not None:
         assert cfg["MODE"] == want_mode, (cfg, want_mode)
+    if want_vec is not None:
+        assert cfg["VEC"] == want_vec, (cfg, want_vec)
     act, acc = ACT[dt], _acc(dt)
     sig = dict(go_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=acc, id_ptr=act, im_ptr=acc, coef_ptr=acc, gy_ptr=act,
                gi_ptr=act)
     rt, div16 = _ew_runtime(cfg, N, C, HW, layout, int64)
     sig.update(rt)
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], RELU=relu,
-                      NEED_GY=need_gy, GI_MODE=gi_mode, IS64=dt == torch.float64, INNER_ONE=layout == "nhwc",
-                      INT64=int64)
+                      NEED_GY=need_gy, GI_MODE=gi_mode, IS64=dt == torch.float64, INT64=int64)
     return KernelSpec(MOD, "_apply_kernel", sig, constexprs, num_warps=cfg["num_warps"], arch=arch,
                       divisible_by_16=div16)
 
@@ -148,13 +150,19 @@ def _cases():
         out.append((f"reduce-cols-{n}", _reduce_spec(dt, 256, 64, 56 * 56, "nhwc", 90), True))
     for dt in (fp16, bf16):
         n = DT_NAME[dt]
-        out.append((f"fwd-flat-{n}-7x7", _fwd_spec(dt, 256, 512, 49, "nchw", 90, want_mode=K.MODE_FLAT), False))
-        out.append((f"apply-flat-{n}-7x7", _apply_spec(dt, 256, 512, 49, "nchw", 90, want_mode=K.MODE_FLAT), False))
+        # 7x7 planes (no vector width) and 14x14 planes (8-byte vectors for 16-bit data)
+        out.append((f"fwd-planes-{n}-7x7", _fwd_spec(dt, 256, 512, 49, "nchw", 90, want_vec=1), False))
+        out.append((f"apply-planes-{n}-7x7", _apply_spec(dt, 256, 512, 49, "nchw", 90, want_vec=1), False))
+        out.append((f"fwd-planes-{n}-14x14", _fwd_spec(dt, 256, 256, 196, "nchw", 90, want_vec=4), True))
+        out.append((f"apply-planes-{n}-14x14", _apply_spec(dt, 256, 256, 196, "nchw", 90, want_vec=4), True))
         # parameters in the activation dtype (model.to(bf16))
         out.append((f"fwd-cols-{n}-params-{n}", _fwd_spec(dt, 256, 64, 56 * 56, "nhwc", 90, param_dt=dt), True))
         out.append((f"finalize-{n}-params", _finalize_spec(fp32, 264, 512, 90, param_dt=dt), False))
     out += [
-        ("fwd-flat-fp16-C3-nhwc", _fwd_spec(fp16, 4, 3, 224 * 224, "nhwc", 90, want_mode=K.MODE_FLAT), False),
+        ("fwd-planes-fp32-7x7", _fwd_spec(fp32, 256, 512, 49, "nchw", 90, want_vec=1), False),
+        ("apply-planes-fp32-7x7", _apply_spec(fp32, 256, 512, 49, "nchw", 90, want_vec=1), False),
+        ("fwd-cols-fp16-C3", _fwd_spec(fp16, 4, 3, 224 * 224, "nhwc", 90, want_vec=1), False),
+        ("apply-cols-fp16-C3", _apply_spec(fp16, 4, 3, 224 * 224, "nhwc", 90, want_vec=1), False),
         ("fwd-cols-bf16-raw-identity", _fwd_spec(bf16, 256, 256, 196, "nhwc", 90, id_mode=K.ID_RAW), True),
         ("fwd-planes-fp32-no-identity-norelu", _fwd_spec(fp32, 8, 64, 112 * 112, "nchw", 90, id_mode=K.ID_NONE,
                                                          relu=False), True),

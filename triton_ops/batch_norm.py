@@ -23,10 +23,14 @@ as float32: eps, id_eps, 1/m and the running-update factors are passed as three 
 whose sum is exact to ~72 bits, added in float64 by the float64 paths (``_parts``).
 
 Layouts as in ``triton_ops/bn_add_relu.py``: NCHW-contiguous (channel of flat element i is
-(i // inner) % C, inner = H*W) or channels_last (inner = 1); the elementwise kernels use the
-same three tilings (``MODE_PLANES`` [planes, H*W] tiles for NCHW, ``MODE_COLS`` [pixels, channels]
-tiles for channels_last, ``MODE_FLAT`` 1-D blocks with per-element channel gathers when the
-contiguous extent is not a multiple of the 16-byte vector width).
+(i // inner) % C, inner = H*W) or channels_last (inner = 1). The elementwise kernels (forward,
+apply) always use a 2-D tiling: ``MODE_PLANES`` [planes, H*W] tiles for NCHW (per-channel values
+one per row), ``MODE_COLS`` [pixels, channels] tiles for channels_last (one vector per program);
+the vector width is the largest power of two <= 16 bytes dividing the contiguous extent (1 for
+7x7 planes or odd C). Unlike bn_add_relu there is no flat 1-D tiling with per-element channel
+gathers: with 4-8 per-channel values and an rsqrt per channel, a per-element integer division,
+modulo, gathers and rsqrt would cost more instructions than the 16-byte vectors save (modeled,
+not measured: no GPU here).
 
 Kernel launches per call (what the accountant declares):
 
@@ -41,10 +45,18 @@ Kernel launches per call (what the accountant declares):
   for every training step that needs grad_y, 1-2 otherwise.
 * ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
 
-Bytes moved (counted, per element of N*C*H*W, activation itemsize s): forward reads y (+ identity)
-and writes out: 2s (3s with identity); backward reduce reads grad_out, out (relu), y, identity
-(identity with BN), apply reads the same plus writes grad_y / grad_identity; per-channel traffic is
-O(C * P).
+Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
+
+* forward: reads y (+ identity when given), writes out: 2 E s (3 E s with an identity).
+* backward reduce (when a per-channel sum is needed): reads grad_out, out (relu), y (grad_y or
+  grad_weight requested), identity (identity with BN and grad_identity or grad_id_weight requested).
+* backward apply (when grad_y or grad_identity is requested): reads grad_out, out (relu), y
+  (grad_y), identity (grad_identity of an identity with BN); writes grad_y, grad_identity.
+  E.g. relu, no identity, all gradients: 3 + 4 = 7 E s; raw identity: 8 E s; identity with BN:
+  4 + 6 = 10 E s.
+* per-channel traffic: (K, P, C) partials (K <= 3 sums, P <= ~8 programs per SM in all, see
+  ``_reduce_config``), a (6, C) coefficient buffer, the (C,) vectors; each program of the
+  elementwise kernels reads the per-channel values of its channels (from L2).
 
 Block sizes come from heuristics (no autotuning). Under the Triton interpreter (``INTERPRET``) a
 single small configuration is used. float64 is supported (computed in float64).
@@ -63,7 +75,6 @@ from ._common import INTERPRET, cast_for_store
 from .bn_add_relu import (_block_for_extent, _layout, _num_warps, _on_device, _split, _target_programs,
                           _tile_elems, _vec_width)
 
-MODE_FLAT = 0
 MODE_PLANES = 1
 MODE_COLS = 2
 
@@ -82,50 +93,35 @@ N_COEF = 6
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr,
-                eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C, inner, numel,
+                eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C,
                 MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
-                HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INNER_ONE: tl.constexpr,
-                INT64: tl.constexpr):
-    # MODE_FLAT: 1-D block of BLOCK_S elements of the flat tensor; MODE_PLANES / MODE_COLS: the
-    # tensor is an [R, S] matrix (S = S_V * VEC) and the program owns the tile [BLOCK_R, BLOCK_S] at
-    # (program_id(0), program_id(1)); channel = row % C (planes) or column (cols). The per-channel
-    # values are computed on 1-D vectors (one per row / column / element) and broadcast once.
+                HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr):
+    # The tensor is an [R, S] matrix (S = S_V * VEC, so the compiler knows rows start on a VEC
+    # boundary); the program owns the tile [BLOCK_R, BLOCK_S] at (program_id(0), program_id(1));
+    # channel = row % C (MODE_PLANES) or column (MODE_COLS). The per-channel values are computed
+    # on 1-D vectors (one per row / column) and broadcast once.
     if IS64:
         acc_t = tl.float64
     else:
         acc_t = tl.float32
-    if MODE == 0:
-        pid = tl.program_id(0)
-        if INT64:
-            start = pid.to(tl.int64) * BLOCK_S
-        else:
-            start = pid * BLOCK_S
-        offs = start + tl.arange(0, BLOCK_S)
-        mask = offs < numel
-        if INNER_ONE:
-            ch = offs % C
-        else:
-            ch = (offs // inner) % C
-        chmask = mask
+    S = S_V * VEC
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < R
+    cmask = cols < S
+    if INT64:
+        roff = rows.to(tl.int64) * S
     else:
-        S = S_V * VEC
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        rmask = rows < R
-        cmask = cols < S
-        if INT64:
-            roff = rows.to(tl.int64) * S
-        else:
-            roff = rows * S
-        offs = roff[:, None] + cols[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        if MODE == 1:
-            ch = rows % C
-            chmask = rmask
-        else:
-            ch = cols
-            chmask = cmask
+        roff = rows * S
+    offs = roff[:, None] + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if MODE == 1:
+        ch = rows % C
+        chmask = rmask
+    else:
+        ch = cols
+        chmask = cmask
     # per-channel affine of the main input
     mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0).to(acc_t)
     v = tl.load(var_ptr + ch, mask=chmask, other=1.0).to(acc_t)
@@ -367,47 +363,33 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
 
 @triton.jit
 def _apply_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, coef_ptr, gy_ptr, gi_ptr,
-                  R, S_V, C, inner, numel,
+                  R, S_V, C,
                   MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                   RELU: tl.constexpr, NEED_GY: tl.constexpr, GI_MODE: tl.constexpr, IS64: tl.constexpr,
-                  INNER_ONE: tl.constexpr, INT64: tl.constexpr):
+                  INT64: tl.constexpr):
     # Tilings as _fwd_kernel. grad_y = A * g - B - K * (y - mean) with (A, B, K) = coef rows 0..2;
     # grad_identity likewise with rows 3..5 and id_mean (GI_MODE 2), or = g (GI_MODE 1).
     if IS64:
         acc_t = tl.float64
     else:
         acc_t = tl.float32
-    if MODE == 0:
-        pid = tl.program_id(0)
-        if INT64:
-            start = pid.to(tl.int64) * BLOCK_S
-        else:
-            start = pid * BLOCK_S
-        offs = start + tl.arange(0, BLOCK_S)
-        mask = offs < numel
-        if INNER_ONE:
-            ch = offs % C
-        else:
-            ch = (offs // inner) % C
-        chmask = mask
+    S = S_V * VEC
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < R
+    cmask = cols < S
+    if INT64:
+        roff = rows.to(tl.int64) * S
     else:
-        S = S_V * VEC
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        rmask = rows < R
-        cmask = cols < S
-        if INT64:
-            roff = rows.to(tl.int64) * S
-        else:
-            roff = rows * S
-        offs = roff[:, None] + cols[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        if MODE == 1:
-            ch = rows % C
-            chmask = rmask
-        else:
-            ch = cols
-            chmask = cmask
+        roff = rows * S
+    offs = roff[:, None] + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if MODE == 1:
+        ch = rows % C
+        chmask = rmask
+    else:
+        ch = cols
+        chmask = cmask
     if NEED_GY:
         a = tl.load(coef_ptr + ch, mask=chmask, other=0.0)
         b = tl.load(coef_ptr + C + ch, mask=chmask, other=0.0)
@@ -503,36 +485,35 @@ KERNELS = {
 # --------------------------------------------------------------------------------------------
 def _elementwise_config(N: int, C: int, HW: int, layout: str, itemsize: int, interpret: bool = None,
                         streams: int = 3, vectors: int = 4) -> dict:
-    """Tiling for _fwd_kernel and _apply_kernel: mode, (R, S) matrix view, block sizes, grid,
-    num_warps. ``streams``: activation tensors read or written (forward: y, identity, out; apply:
-    grad_out, out, y, identity, grad_y, grad_identity); ``vectors``: per-channel values per
-    channel (forward: mean, var, weight, bias and the identity's four; apply: 4 per gradient).
+    """Tiling for _fwd_kernel and _apply_kernel: mode, (R, S) matrix view, vector width, block
+    sizes, grid, num_warps. ``streams``: activation tensors read or written (forward: y, identity,
+    out; apply: grad_out, out, y, identity, grad_y, grad_identity); ``vectors``: per-channel values
+    per channel (forward: mean, var, weight, bias and the identity's four; apply: 4 per gradient).
     Register budget on the GPU (tests/test_triton_batch_norm_aot.py: <= 64): with channels_last
-    each thread holds the per-channel values of its VEC columns, with the flat tiling one gathered
-    set per element; so the 2-D tile is halved when streams + vectors > 8, and the flat block
-    keeps at most 4096 / vectors elements (4-8 per thread)."""
+    each thread holds the per-channel values of its VEC columns, so the tile is halved when
+    streams + vectors > 8, and again without vector access."""
     interpret = INTERPRET if interpret is None else interpret
     tile = _tile_elems(itemsize, interpret)
     if streams + vectors > 8 and not interpret:
         tile = max(tile // 2, 256)
-    vmax = max(16 // itemsize, 1)
-    numel = N * C * HW
     if layout == "nchw":
         R, S = N * C, HW
     else:
         R, S = N * HW, C
-    if S % vmax == 0 and S > 1:
-        block_s = _block_for_extent(S, tile)
-        block_r = max(1, min(tile // block_s, triton.next_power_of_2(R)))
-        mode = MODE_PLANES if layout == "nchw" else MODE_COLS
-        grid = (triton.cdiv(R, block_r), triton.cdiv(S, block_s))
-        return dict(MODE=mode, R=R, S_V=S // vmax, VEC=vmax, BLOCK_R=block_r, BLOCK_S=block_s, grid=grid,
-                    num_warps=_num_warps(block_r * block_s, interpret))
-    if not interpret:
-        tile = max(min(tile // 2, 4096 // max(vectors, 1)), 256)
-    block = min(tile, triton.next_power_of_2(numel))
-    return dict(MODE=MODE_FLAT, R=0, S_V=0, VEC=1, BLOCK_R=1, BLOCK_S=block, grid=(triton.cdiv(numel, block),),
-                num_warps=_num_warps(block, interpret))
+    vec = _vec_width(S, itemsize)
+    scalar = vec * itemsize < 8 and not interpret
+    if scalar:
+        # no 8-byte vectors (7x7 planes, odd C): each element has its own 64-bit address; at most
+        # 4 elements per thread keep the registers within the budget
+        tile = max(tile // 2, 256)
+    block_s = _block_for_extent(S, tile)
+    block_r = max(1, min(tile // block_s, triton.next_power_of_2(R)))
+    mode = MODE_PLANES if layout == "nchw" else MODE_COLS
+    grid = (triton.cdiv(R, block_r), triton.cdiv(S, block_s))
+    n = block_r * block_s
+    num_warps = max(1, min(8, n // 128)) if scalar else _num_warps(n, interpret)
+    return dict(MODE=mode, R=R, S_V=S // vec, VEC=vec, BLOCK_R=block_r, BLOCK_S=block_s, grid=grid,
+                num_warps=num_warps)
 
 
 def _fwd_load(id_mode: int) -> dict:
@@ -636,11 +617,11 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
             y, mean, var, opt(weight), opt(bias), opt(identity),
             opt(id_mean if id_mode == ID_BN else None), opt(id_var if id_mode == ID_BN else None),
             opt(id_weight if id_mode == ID_BN else None), opt(id_bias if id_mode == ID_BN else None), out,
-            *e3, *ie3, cfg["R"], cfg["S_V"], C, max(inner, 1), numel,
+            *e3, *ie3, cfg["R"], cfg["S_V"], C,
             MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
             HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
             HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
-            RELU=bool(relu), IS64=y.dtype == torch.float64, INNER_ONE=inner == 1, INT64=numel > _INT32_MAX,
+            RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX,
             num_warps=cfg["num_warps"])
 
 
@@ -715,9 +696,9 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
             _apply_kernel[cfg["grid"]](
                 grad_out, opt(out if relu else None), opt(y if coef_y else None), opt(mean if coef_y else None),
                 opt(identity if coef_i else None), opt(id_mean if coef_i else None), opt(coef), opt(grad_y),
-                opt(grad_identity), cfg["R"], cfg["S_V"], C, max(inner, 1), numel,
+                opt(grad_identity), cfg["R"], cfg["S_V"], C,
                 MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], RELU=bool(relu),
-                NEED_GY=coef_y, GI_MODE=gi_mode, IS64=is64, INNER_ONE=inner == 1, INT64=numel > _INT32_MAX,
+                NEED_GY=coef_y, GI_MODE=gi_mode, IS64=is64, INT64=numel > _INT32_MAX,
                 num_warps=cfg["num_warps"])
 
 

@@ -55,9 +55,9 @@ DTYPES = [
 ]
 TOL = {p.values[0]: p.values[1:] for p in DTYPES}
 LAYOUTS = ["nchw", "channels_last"]
-# C=3 with 7x7 planes and N=1 (flat tilings), 16-element planes / 8 channels (2-D tilings with
-# vector width), H=W=1 (both layouts are one [N, C] matrix), and shapes whose backward reduction
-# spans several programs under the interpreter's configuration (test_reduction_spans_programs).
+# C=3 with 7x7 planes and N=1 (no vector width), 16-element planes / 8 channels (vector width),
+# H=W=1 (both layouts are one [N, C] matrix), and shapes whose backward reduction spans several
+# programs under the interpreter's configuration (test_reduction_spans_programs).
 SHAPES = [(1, 3, 7, 7), (2, 8, 4, 4), (3, 16, 7, 7), (2, 6, 1, 1), (9, 2, 11, 12)]
 # identity: None / "raw" / "bn"; params: "acc" (float32 / float64) or "act" (the activation dtype)
 COMBOS = {
