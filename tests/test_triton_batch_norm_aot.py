@@ -51,7 +51,8 @@ def _ew_runtime(cfg, N, C, HW, layout, int64):
     return sig, tuple(n for n, v in vals.items() if v % 16 == 0)
 
 
-def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None, want_vec=None):
+def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None,
+              want_vec=None):
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False, **K._fwd_load(id_mode))
     if want_mode is not None:
         assert cfg["MODE"] == want_mode, (cfg, want_mode)
@@ -60,8 +61,8 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
     act, acc = ACT[dt], _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(y_ptr=act, mean_ptr=acc, var_ptr=acc, w_ptr=par, b_ptr=par, id_ptr=act, im_ptr=acc, iv_ptr=acc,
-               iw_ptr=par, ib_ptr=par, out_ptr=act, eps="fp32", eps_lo="fp32", eps_lo2="fp32", id_eps="fp32", id_eps_lo="fp32",
-               id_eps_lo2="fp32")
+               iw_ptr=par, ib_ptr=par, out_ptr=act, eps="fp32", eps_lo="fp32", eps_lo2="fp32", id_eps="fp32",
+               id_eps_lo="fp32", id_eps_lo2="fp32")
     rt, div16 = _ew_runtime(cfg, N, C, HW, layout, int64)
     sig.update(rt)
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], HAS_W=True,
@@ -71,7 +72,8 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
                       divisible_by_16=div16)
 
 
-def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=True, int64=False, want_mode=None, want_vec=None):
+def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=True, int64=False, want_mode=None,
+                want_vec=None):
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False,
                                 **K._apply_load(relu, need_gy, gi_mode))
     if want_mode is not None:
