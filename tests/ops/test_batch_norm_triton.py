@@ -516,3 +516,21 @@ def test_empty_batch(layout):
     TK.batch_norm_act_backward(y, out, y, mean, var, None, None, None, None, None, gy, None, gw, gb, None, None, EPS,
                                None, True, C, _inner(shape, layout))
     assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_grad_y_may_alias_grad_out(layout):
+    """grad_y written into grad_out's own buffer (the op layer may reuse it): the reduce pass reads
+    grad_out before the apply pass, which reads each element before writing it; the result is
+    bitwise the one with separate buffers."""
+    case = make_case((3, 16, 7, 7), torch.float32, layout, COMBOS["bn_add_proj_relu"], seed=9)
+    out = _out_for_mask(case)
+    grads = _alloc_grads(case, _possible_grads(case))
+    run_backward(TK, case, out, grads)
+    aliased = dict(case, grad_out=case["grad_out"].clone())
+    grads2 = _alloc_grads(case, _possible_grads(case))
+    grads2["grad_y"] = aliased["grad_out"]
+    run_backward(TK, aliased, out, grads2)
+    for n in GRADS:
+        if grads[n] is not None:
+            assert torch.equal(grads[n], grads2[n]), n
