@@ -42,7 +42,9 @@ Kernel launches per call (what the accountant declares):
   input gradients to a (6, C) buffer; ``_apply_kernel`` writes grad_y and grad_identity in one
   pass. The reduce + finalize pair is skipped when no per-channel sum is needed (only grad_identity
   of a raw identity), the apply kernel when neither grad_y nor grad_identity is requested: 3 launches
-  for every training step that needs grad_y, 1-2 otherwise.
+  for every training step that needs grad_y, 1-2 otherwise. grad_y may be grad_out's own buffer
+  (the reduce pass reads grad_out before the apply pass, which reads each element before writing
+  it; tests/ops/test_batch_norm_triton.py checks it bitwise).
 * ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
 
 Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
