@@ -1,0 +1,727 @@
+"""Triton kernels for the training-mode BatchNorm ops (see ``resnet_kernels/ops/batch_norm.py``;
+the contract, argument for argument, is ``resnet_kernels/backends/torch_batch_norm.py``):
+
+    forward   out = act((y - mean) * scale + bias + R)      scale = weight * rsqrt(var + eps)
+              R = (identity - id_mean) * id_scale + id_bias  (identity with its own BN)
+                = identity                                   (raw identity) / 0 (none)
+    backward  g = grad_out * (out > 0) (relu) or grad_out;  d = y - mean
+              sum_g = sum(g), sum_gd = sum(g * d)  (over N, H, W), and sum(g * (identity - id_mean))
+              grad_bias = sum_g, grad_weight = sum_gd * invstd,
+              grad_y = A * g - A * sum_g / m - A * invstd^2 * sum_gd / m * d   (A = weight * invstd)
+              the identity side alike with its own statistics, or grad_identity = g (raw identity)
+    running   running_mean = (1 - f) * running_mean + f * mean,
+              running_var = (1 - f) * running_var + f * unbias * var, num_batches_tracked += 1
+
+The per-channel affine (invstd, scale) is computed inside the kernels from mean/var/weight/bias/eps
+(no separate finalize launch in the forward). The normalisation works on ``y - mean`` (forward and
+backward), not ``y * scale + shift``: with |mean| >> std the result keeps its accuracy relative to
+the centred values. All arithmetic is in float32 (float64 for float64 activations; the
+running-statistics update in float32, or float64 for float64 buffers), every output is rounded
+once when stored. weight/bias/id_weight/id_bias may be float32 or the activation dtype (loaded as
+they are); grad_weight/grad_bias/... are stored in their own dtype. Python floats reach a kernel
+as float32: eps, id_eps, 1/m and the running-update factors are passed as three float32 parts
+whose sum is exact to ~72 bits, added in float64 by the float64 paths (``_parts``).
+
+Layouts as in ``triton_ops/bn_add_relu.py``: NCHW-contiguous (channel of flat element i is
+(i // inner) % C, inner = H*W) or channels_last (inner = 1). The elementwise kernels (forward,
+apply) always use a 2-D tiling: ``MODE_PLANES`` [planes, H*W] tiles for NCHW (per-channel values
+one per row), ``MODE_COLS`` [pixels, channels] tiles for channels_last (one vector per program);
+the vector width is the largest power of two <= 16 bytes dividing the contiguous extent (1 for
+7x7 planes or odd C). Unlike bn_add_relu there is no flat 1-D tiling with per-element channel
+gathers: with 4-8 per-channel values and an rsqrt per channel, a per-element integer division,
+modulo, gathers and rsqrt would cost more instructions than the 16-byte vectors save (modeled,
+not measured: no GPU here).
+
+Kernel launches per call (what the accountant declares):
+
+* ``batch_norm_act_forward``: 1 (``_fwd_kernel``).
+* ``batch_norm_act_backward``: at most 3, no atomics, deterministic: ``_reduce_cols_kernel``
+  (channels_last) or ``_reduce_planes_kernel`` (NCHW) writes per-program partial sums to a (K, P, C)
+  float32 buffer; ``_finalize_kernel`` sums the P partials of each channel in a fixed order and
+  writes grad_weight/grad_bias/grad_id_weight/grad_id_bias and the per-channel coefficients of the
+  input gradients to a (6, C) buffer; ``_apply_kernel`` writes grad_y and grad_identity in one
+  pass. The reduce + finalize pair is skipped when no per-channel sum is needed (only grad_identity
+  of a raw identity), the apply kernel when neither grad_y nor grad_identity is requested: 3 launches
+  for every training step that needs grad_y, 1-2 otherwise. grad_y may be grad_out's own buffer
+  (the reduce pass reads grad_out before the apply pass, which reads each element before writing
+  it; tests/ops/test_batch_norm_triton.py checks it bitwise).
+* ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
+
+Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
+
+* forward: reads y (+ identity when given), writes out: 2 E s (3 E s with an identity).
+* backward reduce (when a per-channel sum is needed): reads grad_out, out (relu), y (grad_y or
+  grad_weight requested), identity (identity with BN and grad_identity or grad_id_weight requested).
+* backward apply (when grad_y or grad_identity is requested): reads grad_out, out (relu), y
+  (grad_y), identity (grad_identity of an identity with BN); writes grad_y, grad_identity.
+  E.g. relu, no identity, all gradients: 3 + 4 = 7 E s; raw identity: 8 E s; identity with BN:
+  4 + 6 = 10 E s.
+* per-channel traffic: (K, P, C) partials (K <= 3 sums, P <= ~8 programs per SM in all, see
+  ``_reduce_config``), a (6, C) coefficient buffer, the (C,) vectors; each program of the
+  elementwise kernels reads the per-channel values of its channels (from L2).
+
+Block sizes come from heuristics (no autotuning). Under the Triton interpreter (``INTERPRET``) a
+single small configuration is used. float64 is supported (computed in float64).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._common import INTERPRET, cast_for_store
+from .bn_add_relu import (_block_for_extent, _layout, _num_warps, _on_device, _split, _target_programs,
+                          _tile_elems, _vec_width)
+
+MODE_PLANES = 1
+MODE_COLS = 2
+
+ID_NONE = 0
+ID_RAW = 1
+ID_BN = 2
+
+_INT32_MAX = 2 ** 31 - 1
+# rows of the (6, C) coefficient buffer written by _finalize_kernel for _apply_kernel:
+# grad = A * g - B - K * (x - mean)  for x = y (rows 0..2) and x = identity (rows 3..5)
+N_COEF = 6
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr,
+                eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C,
+                MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
+                HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr):
+    # The tensor is an [R, S] matrix (S = S_V * VEC, so the compiler knows rows start on a VEC
+    # boundary); the program owns the tile [BLOCK_R, BLOCK_S] at (program_id(0), program_id(1));
+    # channel = row % C (MODE_PLANES) or column (MODE_COLS). The per-channel values are computed
+    # on 1-D vectors (one per row / column) and broadcast once.
+    if IS64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    S = S_V * VEC
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < R
+    cmask = cols < S
+    if INT64:
+        roff = rows.to(tl.int64) * S
+    else:
+        roff = rows * S
+    offs = roff[:, None] + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if MODE == 1:
+        ch = rows % C
+        chmask = rmask
+    else:
+        ch = cols
+        chmask = cmask
+    # per-channel affine of the main input
+    mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    v = tl.load(var_ptr + ch, mask=chmask, other=1.0).to(acc_t)
+    if IS64:
+        sc = 1.0 / tl.sqrt(v + (((tl.zeros_like(v) + eps) + eps_lo) + eps_lo2))
+    else:
+        sc = tl.rsqrt(v + eps)
+    if HAS_W:
+        sc = sc * tl.load(w_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    if HAS_B:
+        sh = tl.load(b_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    if ID_MODE == 2:
+        imu = tl.load(im_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+        iv = tl.load(iv_ptr + ch, mask=chmask, other=1.0).to(acc_t)
+        if IS64:
+            isc = 1.0 / tl.sqrt(iv + (((tl.zeros_like(iv) + id_eps) + id_eps_lo) + id_eps_lo2))
+        else:
+            isc = tl.rsqrt(iv + id_eps)
+        if HAS_IW:
+            isc = isc * tl.load(iw_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+        if HAS_IB:
+            # one shift for both sides (fewer per-channel registers)
+            if HAS_B:
+                sh = sh + tl.load(ib_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+            else:
+                sh = tl.load(ib_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    # broadcast along the tile's other axis (inline: nested jit calls are slow under the interpreter)
+    if MODE == 1:
+        mu = mu[:, None]
+        sc = sc[:, None]
+        if HAS_B or HAS_IB:
+            sh = sh[:, None]
+        if ID_MODE == 2:
+            imu = imu[:, None]
+            isc = isc[:, None]
+    elif MODE == 2:
+        mu = mu[None, :]
+        sc = sc[None, :]
+        if HAS_B or HAS_IB:
+            sh = sh[None, :]
+        if ID_MODE == 2:
+            imu = imu[None, :]
+            isc = isc[None, :]
+    x = (tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t) - mu) * sc
+    if ID_MODE == 1:
+        x = x + tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    elif ID_MODE == 2:
+        x = x + (tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu) * isc
+    if HAS_B or HAS_IB:  # HAS_IB only with ID_MODE 2 (the launcher)
+        x = x + sh
+    if RELU:
+        # where(x < 0, 0, x), not maximum: NaN propagates like torch.relu
+        x = tl.where(x < 0, 0.0, x)
+    tl.store(out_ptr + offs, cast_for_store(x, out_ptr), mask=mask)
+
+
+@triton.jit
+def _reduce_cols_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr, pd_ptr, pi_ptr,
+                        M, C_V, TILES,
+                        VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RELU: tl.constexpr,
+                        NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
+                        INT64: tl.constexpr):
+    # channels_last: an [M, C] matrix (M = N*H*W pixels). Program (pr, pc) owns the channel block
+    # pc and the TILES consecutive row tiles starting at pr * TILES; it writes its column sums of
+    # g, g * (y - mean) and g * (identity - id_mean) to row pr of the (P, C) partial buffers.
+    pid_r = tl.program_id(0)
+    C = C_V * VEC
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if IS64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    if NEED_D:
+        mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(acc_t)[None, :]
+    if NEED_I:
+        imu = tl.load(im_ptr + cols, mask=cmask, other=0.0).to(acc_t)[None, :]
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_t)
+    acc_d = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_t)
+    acc_i = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_t)
+    for t in range(TILES):
+        rows = (pid_r * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if INT64:
+            roff = rows.to(tl.int64) * C
+        else:
+            roff = rows * C
+        offs = roff[:, None] + cols[None, :]
+        mask = (rows < M)[:, None] & cmask[None, :]
+        g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        if RELU:
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            g = tl.where(o > 0, g, 0.0)
+        if NEED_G:
+            acc_g += g
+        if NEED_D:
+            # masked elements: g = 0, so the (0 - mean) there adds nothing
+            acc_d += g * (tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t) - mu)
+        if NEED_I:
+            acc_i += g * (tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu)
+    poffs = pid_r * C + cols
+    if NEED_G:
+        tl.store(pg_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
+    if NEED_D:
+        tl.store(pd_ptr + poffs, tl.sum(acc_d, axis=0), mask=cmask)
+    if NEED_I:
+        tl.store(pi_ptr + poffs, tl.sum(acc_i, axis=0), mask=cmask)
+
+
+@triton.jit
+def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr, pd_ptr, pi_ptr,
+                          N, C, HW_V, N_TILES, HW_TILES,
+                          VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, RELU: tl.constexpr,
+                          NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
+                          INT64: tl.constexpr):
+    # NCHW: program (c, nb, hb) owns channel c, the N_TILES consecutive batch tiles starting at
+    # nb * N_TILES and the HW_TILES consecutive H*W tiles starting at hb * HW_TILES; tile
+    # [BLOCK_N, BLOCK_HW] reads BLOCK_N planes (n, c). The per-channel values are scalars. The
+    # program's sums go to row nb * num_programs(2) + hb of the (P, C) partial buffers.
+    c = tl.program_id(0)
+    nb = tl.program_id(1)
+    hb = tl.program_id(2)
+    HW = HW_V * VEC
+    if IS64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    if NEED_D:
+        mu = tl.load(mean_ptr + c).to(acc_t)
+    if NEED_I:
+        imu = tl.load(im_ptr + c).to(acc_t)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_HW], dtype=acc_t)
+    acc_d = tl.zeros([BLOCK_N, BLOCK_HW], dtype=acc_t)
+    acc_i = tl.zeros([BLOCK_N, BLOCK_HW], dtype=acc_t)
+    for i in range(N_TILES):
+        n = (nb * N_TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        if INT64:
+            base = (n.to(tl.int64) * C + c) * HW
+        else:
+            base = (n * C + c) * HW
+        for j in range(HW_TILES):
+            hw = (hb * HW_TILES + j) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+            offs = base[:, None] + hw[None, :]
+            mask = nmask[:, None] & (hw < HW)[None, :]
+            g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(acc_t)
+            if RELU:
+                o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+                g = tl.where(o > 0, g, 0.0)
+            if NEED_G:
+                acc_g += g
+            if NEED_D:
+                acc_d += g * (tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t) - mu)
+            if NEED_I:
+                acc_i += g * (tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu)
+    p = nb * tl.num_programs(2) + hb
+    if NEED_G:
+        tl.store(pg_ptr + p * C + c, tl.sum(tl.sum(acc_g, axis=1), axis=0))
+    if NEED_D:
+        tl.store(pd_ptr + p * C + c, tl.sum(tl.sum(acc_d, axis=1), axis=0))
+    if NEED_I:
+        tl.store(pi_ptr + p * C + c, tl.sum(tl.sum(acc_i, axis=1), axis=0))
+
+
+@triton.jit
+def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
+                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr,
+                     eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
+                     NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
+                     W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
+                     COEF_I: tl.constexpr, IS64: tl.constexpr):
+    # Program pc owns the channel block pc: sums the (P, C) partials of its channels over P,
+    # always in the same order (deterministic), and writes the parameter gradients (in their own
+    # dtypes) and the apply kernel's coefficients (A, B, K per side, see N_COEF).
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if IS64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+    acc_d = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+    acc_i = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_t)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        msk = (rows < P)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        if NEED_G:
+            acc_g += tl.load(pg_ptr + offs, mask=msk, other=0.0)
+        if NEED_D:
+            acc_d += tl.load(pd_ptr + offs, mask=msk, other=0.0)
+        if NEED_I:
+            acc_i += tl.load(pi_ptr + offs, mask=msk, other=0.0)
+    # 1 / (N*H*W) from the host (an integer argument equal to 1 would be a constexpr); float64:
+    # its three float32 parts added in float64 (a float32 scalar + a float64 vector is float64)
+    if IS64:
+        inv_m = ((tl.zeros([BLOCK_C], dtype=tl.float64) + inv_m) + inv_m_lo) + inv_m_lo2
+    if NEED_G:
+        sg = tl.sum(acc_g, axis=0)
+        if W_GB:
+            tl.store(gb_ptr + cols, cast_for_store(sg, gb_ptr), mask=cmask)
+        if W_GIB:
+            tl.store(gib_ptr + cols, cast_for_store(sg, gib_ptr), mask=cmask)
+    if NEED_D:
+        sd = tl.sum(acc_d, axis=0)
+        v = tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_t)
+        if IS64:
+            inv = 1.0 / tl.sqrt(v + (((tl.zeros_like(v) + eps) + eps_lo) + eps_lo2))
+        else:
+            inv = tl.rsqrt(v + eps)
+        if W_GW:
+            tl.store(gw_ptr + cols, cast_for_store(sd * inv, gw_ptr), mask=cmask)
+        if COEF_Y:
+            if HAS_W:
+                a = inv * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+            else:
+                a = inv
+            tl.store(coef_ptr + cols, a, mask=cmask)
+            tl.store(coef_ptr + C + cols, a * (sg * inv_m), mask=cmask)
+            tl.store(coef_ptr + 2 * C + cols, a * (inv * inv) * (sd * inv_m), mask=cmask)
+    if NEED_I:
+        si = tl.sum(acc_i, axis=0)
+        iv = tl.load(iv_ptr + cols, mask=cmask, other=1.0).to(acc_t)
+        if IS64:
+            iinv = 1.0 / tl.sqrt(iv + (((tl.zeros_like(iv) + id_eps) + id_eps_lo) + id_eps_lo2))
+        else:
+            iinv = tl.rsqrt(iv + id_eps)
+        if W_GIW:
+            tl.store(giw_ptr + cols, cast_for_store(si * iinv, giw_ptr), mask=cmask)
+        if COEF_I:
+            if HAS_IW:
+                ia = iinv * tl.load(iw_ptr + cols, mask=cmask, other=0.0).to(acc_t)
+            else:
+                ia = iinv
+            tl.store(coef_ptr + 3 * C + cols, ia, mask=cmask)
+            tl.store(coef_ptr + 4 * C + cols, ia * (sg * inv_m), mask=cmask)
+            tl.store(coef_ptr + 5 * C + cols, ia * (iinv * iinv) * (si * inv_m), mask=cmask)
+
+
+@triton.jit
+def _apply_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, coef_ptr, gy_ptr, gi_ptr,
+                  R, S_V, C,
+                  MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                  RELU: tl.constexpr, NEED_GY: tl.constexpr, GI_MODE: tl.constexpr, IS64: tl.constexpr,
+                  INT64: tl.constexpr):
+    # Tilings as _fwd_kernel. grad_y = A * g - B - K * (y - mean) with (A, B, K) = coef rows 0..2;
+    # grad_identity likewise with rows 3..5 and id_mean (GI_MODE 2), or = g (GI_MODE 1).
+    if IS64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    S = S_V * VEC
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < R
+    cmask = cols < S
+    if INT64:
+        roff = rows.to(tl.int64) * S
+    else:
+        roff = rows * S
+    offs = roff[:, None] + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if MODE == 1:
+        ch = rows % C
+        chmask = rmask
+    else:
+        ch = cols
+        chmask = cmask
+    if NEED_GY:
+        a = tl.load(coef_ptr + ch, mask=chmask, other=0.0)
+        b = tl.load(coef_ptr + C + ch, mask=chmask, other=0.0)
+        k = tl.load(coef_ptr + 2 * C + ch, mask=chmask, other=0.0)
+        mu = tl.load(mean_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    if GI_MODE == 2:
+        ia = tl.load(coef_ptr + 3 * C + ch, mask=chmask, other=0.0)
+        ib = tl.load(coef_ptr + 4 * C + ch, mask=chmask, other=0.0)
+        ik = tl.load(coef_ptr + 5 * C + ch, mask=chmask, other=0.0)
+        imu = tl.load(im_ptr + ch, mask=chmask, other=0.0).to(acc_t)
+    if MODE == 1:
+        if NEED_GY:
+            a = a[:, None]
+            b = b[:, None]
+            k = k[:, None]
+            mu = mu[:, None]
+        if GI_MODE == 2:
+            ia = ia[:, None]
+            ib = ib[:, None]
+            ik = ik[:, None]
+            imu = imu[:, None]
+    elif MODE == 2:
+        if NEED_GY:
+            a = a[None, :]
+            b = b[None, :]
+            k = k[None, :]
+            mu = mu[None, :]
+        if GI_MODE == 2:
+            ia = ia[None, :]
+            ib = ib[None, :]
+            ik = ik[None, :]
+            imu = imu[None, :]
+    g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if RELU:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    if NEED_GY:
+        d = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t) - mu
+        tl.store(gy_ptr + offs, cast_for_store(a * g - (b + k * d), gy_ptr), mask=mask)
+    if GI_MODE == 1:
+        tl.store(gi_ptr + offs, cast_for_store(g, gi_ptr), mask=mask)
+    elif GI_MODE == 2:
+        di = tl.load(id_ptr + offs, mask=mask, other=0.0).to(acc_t) - imu
+        tl.store(gi_ptr + offs, cast_for_store(ia * g - (ib + ik * di), gi_ptr), mask=mask)
+
+
+@triton.jit
+def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                    keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo, fu_lo2, C,
+                    BLOCK: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, HAS_NBT: tl.constexpr,
+                    RM64: tl.constexpr, RV64: tl.constexpr):
+    # running_mean = keep * running_mean + f * mean; running_var = keep * running_var + fu * var
+    # (keep = 1 - factor, fu = factor * unbias), each computed in float64 for a float64 buffer,
+    # else float32; program 0 also increments num_batches_tracked.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < C
+    if HAS_RM:
+        if RM64:
+            z = tl.zeros([BLOCK], dtype=tl.float64)  # float64 factors: their float32 parts added in float64
+            rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
+                tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + f) + f_lo) + f_lo2)
+        else:
+            rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
+                tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * f
+        tl.store(rm_ptr + cols, cast_for_store(rm, rm_ptr), mask=cmask)
+    if HAS_RV:
+        if RV64:
+            z = tl.zeros([BLOCK], dtype=tl.float64)
+            rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
+                tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + fu) + fu_lo) + fu_lo2)
+        else:
+            rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
+                tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * fu
+        tl.store(rv_ptr + cols, cast_for_store(rv, rv_ptr), mask=cmask)
+    if HAS_NBT:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+KERNELS = {
+    "_fwd_kernel": _fwd_kernel,
+    "_reduce_cols_kernel": _reduce_cols_kernel,
+    "_reduce_planes_kernel": _reduce_planes_kernel,
+    "_finalize_kernel": _finalize_kernel,
+    "_apply_kernel": _apply_kernel,
+    "_running_kernel": _running_kernel,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# heuristics (the tile sizes of triton_ops/bn_add_relu.py)
+# --------------------------------------------------------------------------------------------
+def _elementwise_config(N: int, C: int, HW: int, layout: str, itemsize: int, interpret: bool = None,
+                        streams: int = 3, vectors: int = 4) -> dict:
+    """Tiling for _fwd_kernel and _apply_kernel: mode, (R, S) matrix view, vector width, block
+    sizes, grid, num_warps. ``streams``: activation tensors read or written (forward: y, identity,
+    out; apply: grad_out, out, y, identity, grad_y, grad_identity); ``vectors``: per-channel values
+    per channel (forward: mean, var, weight, bias and the identity's four; apply: 4 per gradient).
+    Register budget on the GPU (tests/test_triton_batch_norm_aot.py: <= 64): with channels_last
+    each thread holds the per-channel values of its VEC columns, so the tile is halved when
+    streams + vectors > 8, and again without vector access."""
+    interpret = INTERPRET if interpret is None else interpret
+    tile = _tile_elems(itemsize, interpret)
+    if streams + vectors > 8 and not interpret:
+        tile = max(tile // 2, 256)
+    if layout == "nchw":
+        R, S = N * C, HW
+    else:
+        R, S = N * HW, C
+    vec = _vec_width(S, itemsize)
+    scalar = vec * itemsize < 8 and not interpret
+    if scalar:
+        # no 8-byte vectors (7x7 planes, odd C): each element has its own 64-bit address; at most
+        # 4 elements per thread keep the registers within the budget
+        tile = max(tile // 2, 256)
+    block_s = _block_for_extent(S, tile)
+    block_r = max(1, min(tile // block_s, triton.next_power_of_2(R)))
+    mode = MODE_PLANES if layout == "nchw" else MODE_COLS
+    grid = (triton.cdiv(R, block_r), triton.cdiv(S, block_s))
+    n = block_r * block_s
+    num_warps = max(1, min(8, n // 128)) if scalar else _num_warps(n, interpret)
+    return dict(MODE=mode, R=R, S_V=S // vec, VEC=vec, BLOCK_R=block_r, BLOCK_S=block_s, grid=grid,
+                num_warps=num_warps)
+
+
+def _fwd_load(id_mode: int) -> dict:
+    """streams / vectors (see _elementwise_config) of _fwd_kernel."""
+    return dict(streams=2 + (id_mode != ID_NONE), vectors=8 if id_mode == ID_BN else 4)
+
+
+def _apply_load(relu: bool, need_gy: bool, gi_mode: int) -> dict:
+    """streams / vectors (see _elementwise_config) of _apply_kernel."""
+    return dict(streams=1 + relu + 2 * need_gy + (gi_mode != ID_NONE) + (gi_mode == ID_BN),
+                vectors=4 * need_gy + 4 * (gi_mode == ID_BN))
+
+
+def _reduce_config(N: int, C: int, HW: int, layout: str, itemsize: int, device: torch.device,
+                   interpret: bool = None) -> dict:
+    """Tiling for the reduce kernels ("cols": channels_last, "planes": NCHW): up to three
+    accumulators per element, half the streaming tile."""
+    interpret = INTERPRET if interpret is None else interpret
+    tile = _tile_elems(itemsize, interpret)
+    if not interpret:
+        tile = max(tile // 2, 256)
+    target = _target_programs(device, interpret)
+    if layout == "nhwc":
+        M = N * HW
+        vec = _vec_width(C, itemsize)
+        block_c = _block_for_extent(C, tile)
+        block_r = max(1, min(tile // block_c, triton.next_power_of_2(M)))
+        c_blocks = triton.cdiv(C, block_c)
+        tiles, r_progs = _split(triton.cdiv(M, block_r), max(1, target // c_blocks))
+        return dict(kind="cols", M=M, C_V=C // vec, VEC=vec, BLOCK_R=block_r, BLOCK_C=block_c, TILES=tiles,
+                    P=r_progs, grid=(r_progs, c_blocks), num_warps=_num_warps(block_r * block_c, interpret))
+    vec = _vec_width(HW, itemsize)
+    block_hw = _block_for_extent(HW, tile)
+    block_n = max(1, min(tile // block_hw, triton.next_power_of_2(N)))
+    per_c = max(1, target // C)
+    n_tiles, nb = _split(triton.cdiv(N, block_n), per_c)
+    hw_tiles, hb = _split(triton.cdiv(HW, block_hw), max(1, per_c // nb))
+    return dict(kind="planes", HW_V=HW // vec, VEC=vec, BLOCK_N=block_n, BLOCK_HW=block_hw, N_TILES=n_tiles,
+                HW_TILES=hw_tiles, P=nb * hb, grid=(C, nb, hb), num_warps=_num_warps(block_n * block_hw, interpret))
+
+
+def _finalize_config(P: int, C: int, interpret: bool = None) -> dict:
+    interpret = INTERPRET if interpret is None else interpret
+    block_c = min(triton.next_power_of_2(C), 128)
+    tile = min(_tile_elems(8, interpret), 1024)
+    block_p = max(1, min(triton.next_power_of_2(P), tile // block_c))
+    return dict(BLOCK_P=block_p, BLOCK_C=block_c, grid=(triton.cdiv(C, block_c),), num_warps=4)
+
+
+def _running_config(C: int) -> dict:
+    block = min(triton.next_power_of_2(C), 1024)
+    return dict(BLOCK=block, grid=(triton.cdiv(C, block),), num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _shape(t: torch.Tensor, C: int, inner: int) -> tuple[int, int, int]:
+    """(N, C, H*W) of a dense 4-D tensor with the given channel geometry."""
+    N, C_, H, W = t.shape
+    if C_ != C or inner not in (1, H * W):
+        raise ValueError(f"batch_norm launcher: C={C}, inner={inner} do not describe a tensor of shape "
+                         f"{tuple(t.shape)}")
+    return N, C, H * W
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _parts(x: float) -> tuple[float, float, float]:
+    """x as three float32 values (hi, lo, lo2), hi the float32 rounding of x, whose sum is x to
+    ~72 bits (Python floats reach a kernel as float32; the float32 paths use hi, the float64 paths
+    add the three in float64: hi + lo is exact there, + lo2 rounds once)."""
+    x = float(x)
+    hi = _f32(x)
+    lo = _f32(x - hi)
+    return hi, lo, _f32((x - hi) - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (same names, arguments and semantics as resnet_kernels/backends/torch_batch_norm.py)
+# --------------------------------------------------------------------------------------------
+def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
+                           eps, id_eps, relu, C, inner) -> None:
+    N, C, HW = _shape(y, C, inner)
+    numel = y.numel()
+    if numel == 0:
+        return
+    id_mode = ID_NONE if identity is None else (ID_BN if id_mean is not None else ID_RAW)
+    cfg = _elementwise_config(N, C, HW, _layout(inner, HW), y.element_size(), **_fwd_load(id_mode))
+    e3 = _parts(eps)
+    ie3 = _parts(id_eps if id_eps is not None else 0.0)
+    d = y  # stands in for absent operands; never dereferenced (their flags are False)
+
+    def opt(t):
+        return t if t is not None else d
+
+    with _on_device(y):
+        _fwd_kernel[cfg["grid"]](
+            y, mean, var, opt(weight), opt(bias), opt(identity),
+            opt(id_mean if id_mode == ID_BN else None), opt(id_var if id_mode == ID_BN else None),
+            opt(id_weight if id_mode == ID_BN else None), opt(id_bias if id_mode == ID_BN else None), out,
+            *e3, *ie3, cfg["R"], cfg["S_V"], C,
+            MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
+            HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
+            HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
+            RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX,
+            num_warps=cfg["num_warps"])
+
+
+def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
+                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
+                            eps, id_eps, relu, C, inner) -> None:
+    N, C, HW = _shape(grad_out, C, inner)
+    numel = grad_out.numel()
+    id_bn = identity is not None and id_mean is not None
+    if identity is None:
+        grad_identity = None
+    if not id_bn:  # like the reference: the identity's parameter gradients exist only with its BN
+        grad_id_weight = grad_id_bias = None
+    need_g = grad_y is not None or grad_bias is not None or (
+        id_bn and (grad_identity is not None or grad_id_bias is not None))
+    need_d = grad_y is not None or grad_weight is not None
+    need_i = id_bn and (grad_identity is not None or grad_id_weight is not None)
+    if numel == 0:  # not reached through the op layer (it returns early for empty batches)
+        for t in (grad_weight, grad_bias, grad_id_weight, grad_id_bias):
+            if t is not None:
+                t.zero_()
+        return
+    layout = _layout(inner, HW)
+    is64 = grad_out.dtype == torch.float64
+    acc = torch.float64 if is64 else torch.float32
+    dev = grad_out.device
+    dummy = grad_out
+
+    def opt(t):
+        return t if t is not None else dummy
+
+    e3 = _parts(eps)
+    ie3 = _parts(id_eps if id_eps is not None else 0.0)
+    coef_y = grad_y is not None
+    coef_i = id_bn and grad_identity is not None
+    coef = None
+    with _on_device(grad_out):
+        if need_g or need_d or need_i:
+            rc = _reduce_config(N, C, HW, layout, grad_out.element_size(), dev)
+            P = rc["P"]
+            kinds = [k for k, need in (("g", need_g), ("d", need_d), ("i", need_i)) if need]
+            # every (P, C) row is written by exactly one program (poisoned in tests like outputs)
+            part = _alloc.empty((len(kinds), P, C), dtype=acc, device=dev)
+            pg, pd, pi = (part[kinds.index(k)] if k in kinds else dummy for k in ("g", "d", "i"))
+            ptrs = (grad_out, opt(out if relu else None), opt(y if need_d else None), mean,
+                    opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi)
+            flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64,
+                         INT64=numel > _INT32_MAX)
+            if rc["kind"] == "cols":
+                _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
+                                                BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],
+                                                num_warps=rc["num_warps"], **flags)
+            else:
+                _reduce_planes_kernel[rc["grid"]](*ptrs, N, C, rc["HW_V"], rc["N_TILES"], rc["HW_TILES"],
+                                                  VEC=rc["VEC"], BLOCK_N=rc["BLOCK_N"], BLOCK_HW=rc["BLOCK_HW"],
+                                                  num_warps=rc["num_warps"], **flags)
+            if coef_y or coef_i:
+                coef = _alloc.empty((N_COEF, C), dtype=acc, device=dev)
+            fc = _finalize_config(P, C)
+            _finalize_kernel[fc["grid"]](
+                pg, pd, pi, var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
+                opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef),
+                *e3, *ie3, *_parts(C / numel), P, C,
+                BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=need_g, NEED_D=need_d, NEED_I=need_i,
+                HAS_W=weight is not None, HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None,
+                W_GB=grad_bias is not None, W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None,
+                COEF_Y=coef_y, COEF_I=coef_i, IS64=is64, num_warps=fc["num_warps"])
+        if grad_y is not None or grad_identity is not None:
+            gi_mode = ID_NONE if grad_identity is None else (ID_BN if id_bn else ID_RAW)
+            cfg = _elementwise_config(N, C, HW, layout, grad_out.element_size(),
+                                      **_apply_load(bool(relu), coef_y, gi_mode))
+            _apply_kernel[cfg["grid"]](
+                grad_out, opt(out if relu else None), opt(y if coef_y else None), opt(mean if coef_y else None),
+                opt(identity if coef_i else None), opt(id_mean if coef_i else None), opt(coef), opt(grad_y),
+                opt(grad_identity), cfg["R"], cfg["S_V"], C,
+                MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], RELU=bool(relu),
+                NEED_GY=coef_y, GI_MODE=gi_mode, IS64=is64, INT64=numel > _INT32_MAX,
+                num_warps=cfg["num_warps"])
+
+
+def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:
+    if running_mean is None and running_var is None and num_batches_tracked is None:
+        return
+    C = mean.numel()
+    cfg = _running_config(max(C, 1))
+    factor = float(factor)
+    keep = _parts(1.0 - factor)
+    f = _parts(factor)
+    fu = _parts(factor * float(unbias))
+    dummy = mean
+
+    def opt(t):
+        return t if t is not None else dummy
+
+    with _on_device(mean):
+        _running_kernel[cfg["grid"]](
+            mean, var, opt(running_mean), opt(running_var), opt(num_batches_tracked), *keep, *f, *fu, C,
+            BLOCK=cfg["BLOCK"], HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
+            HAS_NBT=num_batches_tracked is not None,
+            RM64=running_mean is not None and running_mean.dtype == torch.float64,
+            RV64=running_var is not None and running_var.dtype == torch.float64, num_warps=cfg["num_warps"])
