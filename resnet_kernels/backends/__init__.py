@@ -374,6 +374,7 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
 # batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py)
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
                  ("bn_running_update", "bn_running_update")):
+    register(Impl(_op, "triton", _TRITON + "batch_norm:" + _fn, priority=30, cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "aten", _P + "aten_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
                   returns_output=_op != "bn_running_update", cost=_COSTS[(_op, "aten")]))
     register(Impl(_op, "torch", _P + "torch_batch_norm:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
