@@ -42,16 +42,25 @@ def _tensors(args):
                     yield t
 
 
+_C = torch._C
+
+
 def plain_eager(args) -> bool:
     """Whether nothing but plain eager execution sees a call with these arguments."""
     if not _ENABLED or torch.compiler.is_compiling():
         return False
-    C = torch._C
-    if C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled():
+    if _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled():
         return False
-    if C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled:
+    if _C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled:
         return False
-    return all(type(t) in _PLAIN for t in _tensors(args))
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN:
+                return False
+        elif isinstance(a, (list, tuple)):
+            if any(isinstance(t, Tensor) and type(t) not in _PLAIN for t in a):
+                return False
+    return True
 
 
 class Eager:
@@ -62,9 +71,17 @@ class Eager:
         self.fn = op._init_fn
         self.function = None
         if backward is not None:
+            fn = self.fn
+
+            def forward(ctx, *args):
+                # ctx-style forward (no separate setup_context: autograd would bind the arguments
+                # to the function's signature with inspect on every call)
+                out = fn(*args)
+                setup_context(ctx, args, out)
+                return out
+
             self.function = type(f"{op._name}_eager", (torch.autograd.Function,), {
-                "forward": staticmethod(self.fn),
-                "setup_context": staticmethod(setup_context),
+                "forward": staticmethod(forward),
                 "backward": staticmethod(backward),
             })
 
@@ -72,7 +89,7 @@ class Eager:
         if not plain_eager(args):
             return self.op(*args)
         if self.function is not None and torch.is_grad_enabled() and \
-                any(t.requires_grad for t in _tensors(args)):
+                any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return self.function.apply(*args)
         return self.fn(*args)
 
