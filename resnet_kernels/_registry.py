@@ -34,7 +34,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats")
+OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats", "maxpool2d",
+                         "maxpool2d_backward")
 
 
 class BackendUnavailableError(RuntimeError):
