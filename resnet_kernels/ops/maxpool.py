@@ -40,14 +40,14 @@ MAX_WINDOW = 256  # kh * kw: the argmax is one byte
 
 
 def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
-    if isinstance(v, bool) or not isinstance(v, (int, list, tuple, torch.Size)):
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt, list, tuple, torch.Size)):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {type(v).__name__}")
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+    t = (v, v) if isinstance(v, (int, torch.SymInt)) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool) for i in t):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-    if min(t) < minimum:
+    if t[0] < minimum or t[1] < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {v!r}")
-    return int(t[0]), int(t[1])
+    return t[0], t[1]  # ints (SymInts for the input size under dynamic shapes)
 
 
 def _out_size(H: int, W: int, k, s, p) -> Tuple[int, int]:
@@ -236,7 +236,7 @@ def maxpool2d_backward_op(grad_out: Tensor, argmax: Tensor, input_size: List[int
 @maxpool2d_backward_op.register_fake
 def _(grad_out, argmax, input_size, kernel_size, stride, padding, backend):
     layout = _validate_backward(grad_out, argmax, input_size, kernel_size, stride, padding)
-    shape = (grad_out.shape[0], grad_out.shape[1], int(input_size[0]), int(input_size[1]))
+    shape = (grad_out.shape[0], grad_out.shape[1], input_size[0], input_size[1])
     return _empty(shape, grad_out, layout, grad_out.dtype, fake=True)
 
 
@@ -271,7 +271,7 @@ maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------------
-def max_pool2d(x: Tensor, kernel_size=3, stride=None, padding=1, *, backend: Optional[str] = None) -> Tensor:
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, *, backend: Optional[str] = None) -> Tensor:
     """``torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)`` (dilation 1,
     ceil_mode False), saving a one-byte argmax for the backward instead of int64 indices (and
     nothing when no gradient is needed).
