@@ -208,6 +208,8 @@ def _custom_call(name: str, args):
         return B.BackwardCall(g, out if relu else None, x if need_scale else None, channel_vector(scale, acc),
                               identity if need_id_scale else None, channel_vector(id_scale, acc), relu, layout,
                               (need_x, need_identity, need_scale, need_shift, need_id_scale)), backend
+    if name in ("maxpool2d", "maxpool2d_backward"):
+        return importlib.import_module("resnet_kernels.ops.maxpool").count_call(name, args)
     raise NotImplementedError(f"the accountant does not know resnet_kernels::{name}")
 
 

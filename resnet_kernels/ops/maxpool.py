@@ -250,9 +250,14 @@ def _setup_context(ctx, inputs, output):
     ctx.layout = "nhwc" if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) else "nchw"
     ctx.backend = backend
     ctx.save_for_backward(argmax)
+    # the argmax (uint8) has no gradient: autograd must not materialise a zero tensor for it (a
+    # launch and a write of the argmax's size on every backward)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, grad_argmax):
+    if grad is None:  # out did not reach the loss
+        return None, None, None, None, None, None
     (argmax,) = ctx.saved_tensors
     hw, k, s, p = ctx.geometry
     if argmax.numel() == 0 and grad.numel() != 0:
@@ -266,6 +271,17 @@ def _backward(ctx, grad, grad_argmax):
 
 
 maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def count_call(name: str, args):
+    """(call, backend) of one dispatched op's arguments, for the accountant (resnet_kernels/count.py)."""
+    if name == OP:
+        x, k, s, p, need, backend = args
+        layout, osize = _validate(x, k, s, p)
+        return ForwardCall(x, k, s, p, layout, osize, need), backend
+    g, a, hw, k, s, p, backend = args
+    layout = _validate_backward(g, a, hw, k, s, p)
+    return BackwardCall(g, a, hw, k, s, p, layout), backend
 
 
 # --------------------------------------------------------------------------------------------
