@@ -57,7 +57,7 @@ def _pool(x: Tensor, m: nn.MaxPool2d, backend: Optional[str]) -> Tensor:
         # torch.fx symbolic tracing: one node calling this function (m as a get_attr node), so the
         # traced graph still runs the op
         return x.tracer.create_proxy("call_function", _pool, (x, m, backend), {})
-    if not (isinstance(x, Tensor) and x.dim() == 4) or _tune.plain_layers(x, _backend.op_arg(backend)):
+    if not (isinstance(x, Tensor) and x.dim() == 4) or _tune.plain_layers(x, _backend.op_arg(backend), "maxpool2d"):
         return nn.MaxPool2d.forward(m, x)
     return max_pool2d(x, m.kernel_size, m.stride, m.padding, backend=backend)
 
