@@ -279,3 +279,34 @@ def test_cuda_api_valid_arguments_pass_validation_on_the_real_module():
     for fn in (_fwd, _bwd):
         with pytest.raises(RuntimeError):
             fn(C_)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_configurations(backend, device):
+    """Random shapes, windows, strides, paddings, layouts and dtypes (seeded): outputs equal, the
+    argmax equal to PyTorch's indices, gradients within one rounding of float64."""
+    rng = torch.Generator().manual_seed(1234)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=rng))
+
+    for trial in range(6 if backend == "cuda" and device == "cpu" else 12):
+        k = (r(1, 5), r(1, 5))
+        s = (r(1, 3), r(1, 3))
+        p = (r(0, k[0] // 2), r(0, k[1] // 2))
+        H, W = r(max(1, k[0] - 2 * p[0]), 13), r(max(1, k[1] - 2 * p[1]), 13)
+        shape = (r(1, 2), r(1, 5), H, W)
+        dtype = DTYPES[r(0, 3)]
+        layout = LAYOUTS[r(0, 1)]
+        x = _input(shape, dtype, layout, device, seed=trial).requires_grad_(True)
+        what = f"trial {trial}: {shape} {dtype} {layout} k{k} s{s} p{p}"
+        out = max_pool2d(x, k, s, p, backend=backend)
+        ref, idx = F.max_pool2d(x.detach(), k, s, p, return_indices=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+        _, arg = maxpool2d_op(x.detach(), list(k), list(s), list(p), True, backend)
+        assert torch.equal(argmax_to_indices(arg, shape[2:], k, s, p), idx), what
+        go = torch.randn(ref.shape, generator=rng).to(dtype).to(device)
+        (gx,) = torch.autograd.grad(out, x, go)
+        x64 = x.detach().double().requires_grad_(True)
+        (g64,) = torch.autograd.grad(F.max_pool2d(x64, k, s, p), x64, go.double())
+        torch.testing.assert_close(gx, g64.to(dtype), **rt.ELEMENTWISE_TOL[dtype], msg=lambda m: f"{what}: {m}")
