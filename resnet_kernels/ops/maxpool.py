@@ -178,11 +178,10 @@ class BackwardCall:
 def maxpool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], need_argmax: bool,
                  backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (out, argmax); argmax is an empty uint8 tensor when need_argmax is False."""
-    layout, osize = _validate(x, kernel_size, stride, padding)
-    call = ForwardCall(x, kernel_size, stride, padding, layout, osize, need_argmax)
+    call = forward_call(x, kernel_size, stride, padding, need_argmax)
     if x.numel() == 0:
         _tune.check_requested(OP, backend, call)
-        return _outputs(x, layout, osize, need_argmax, fake=False)
+        return _outputs(x, call.layout, call.osize, need_argmax, fake=False)
     return _tune.dispatch(OP, backend, call)
 
 
@@ -225,11 +224,10 @@ def _validate_backward(grad_out, argmax, input_size, k, s, p) -> str:
 @torch.library.custom_op("resnet_kernels::maxpool2d_backward", mutates_args=())
 def maxpool2d_backward_op(grad_out: Tensor, argmax: Tensor, input_size: List[int], kernel_size: List[int],
                           stride: List[int], padding: List[int], backend: str) -> Tensor:
-    layout = _validate_backward(grad_out, argmax, input_size, kernel_size, stride, padding)
-    call = BackwardCall(grad_out, argmax, input_size, kernel_size, stride, padding, layout)
+    call = backward_call(grad_out, argmax, input_size, kernel_size, stride, padding)
     if grad_out.numel() == 0:
         _tune.check_requested(OP_BACKWARD, backend, call)
-        return _empty(call.input_shape(), grad_out, layout, grad_out.dtype, fake=False).zero_()
+        return _empty(call.input_shape(), grad_out, call.layout, grad_out.dtype, fake=False).zero_()
     return _tune.dispatch(OP_BACKWARD, backend, call)
 
 
@@ -273,15 +271,23 @@ def _backward(ctx, grad, grad_argmax):
 maxpool2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def forward_call(x, kernel_size, stride, padding, need_argmax) -> ForwardCall:
+    layout, osize = _validate(x, kernel_size, stride, padding)
+    return ForwardCall(x, kernel_size, stride, padding, layout, osize, need_argmax)
+
+
+def backward_call(grad_out, argmax, input_size, kernel_size, stride, padding) -> BackwardCall:
+    layout = _validate_backward(grad_out, argmax, input_size, kernel_size, stride, padding)
+    return BackwardCall(grad_out, argmax, input_size, kernel_size, stride, padding, layout)
+
+
+# the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
+CALLS = {OP: forward_call, OP_BACKWARD: backward_call}
+
+
 def count_call(name: str, args):
     """(call, backend) of one dispatched op's arguments, for the accountant (resnet_kernels/count.py)."""
-    if name == OP:
-        x, k, s, p, need, backend = args
-        layout, osize = _validate(x, k, s, p)
-        return ForwardCall(x, k, s, p, layout, osize, need), backend
-    g, a, hw, k, s, p, backend = args
-    layout = _validate_backward(g, a, hw, k, s, p)
-    return BackwardCall(g, a, hw, k, s, p, layout), backend
+    return CALLS[name](*args[:-1]), args[-1]
 
 
 # --------------------------------------------------------------------------------------------
