@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(kThreads)
     Acc best = -std::numeric_limits<Acc>::infinity();
     int arg = hs * g.kw + ws;  // the first real element: the argmax when every element is -inf
     for (int dh = hs; dh < he; ++dh) {
-      const T* row = x + base + ((h0 + dh) * W + w0) * wstep;
+      const I row = base + (h0 + dh) * W * wstep;  // h0 + dh and w0 + dw are >= 0 here
       for (int dw = ws; dw < we; ++dw) {
-        const Acc v = to_acc(row[dw * wstep]);
+        const Acc v = to_acc(x[row + (w0 + dw) * wstep]);
         if (v > best || v != v) {
           best = v;
           arg = dh * g.kw + dw;
@@ -202,7 +202,9 @@ Geometry geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_
                   static_cast<int>(sw), static_cast<int>(ph), static_cast<int>(pw)};
 }
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), kMaxBlocks))); }
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), kMaxBlocks)));
+}
 
 template <typename T, typename I, bool NHWC>
 void launch_fwd(const MaxPool2dArgs& a, const Geometry& g, int64_t total) {

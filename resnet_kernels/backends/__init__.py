@@ -280,7 +280,6 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
     register(Impl(_op, "torch", _P + "torch_conv2d:conv2d_forward", priority=90, auto_on=_EVERYWHERE))
 
 
-
 # maxpool2d (resnet_kernels/ops/maxpool.py): the one-byte argmax instead of int64 indices
 def _pool_elems(call) -> int:
     return call.x.shape[0] * call.x.shape[1] * call.osize[0] * call.osize[1]
@@ -316,8 +315,9 @@ def _aten_pool_bwd_cost(call):
     return launches + 1, b + nbytes(call.grad_out) + 8 * m + _act_bytes(call.input_shape(), call.grad_out.dtype)
 
 
-for _op, _fn, _fused, _aten in (("maxpool2d", "maxpool2d_forward", _fused_pool_cost, _aten_pool_cost),
-                                ("maxpool2d_backward", "maxpool2d_backward", _fused_pool_bwd_cost, _aten_pool_bwd_cost)):
+for _op, _fn, _fused, _aten in (
+        ("maxpool2d", "maxpool2d_forward", _fused_pool_cost, _aten_pool_cost),
+        ("maxpool2d_backward", "maxpool2d_backward", _fused_pool_bwd_cost, _aten_pool_bwd_cost)):
     register(Impl(_op, "cuda", _P + "cuda_maxpool:" + _fn, priority=20, cost=_fused))
     register(Impl(_op, "triton", _TRITON + "maxpool:" + _fn, priority=30, cost=_fused))
     register(Impl(_op, "aten", _P + "aten_maxpool:" + _fn, priority=40, auto_on=_EVERYWHERE, returns_output=True,

@@ -193,7 +193,8 @@ def test_opcheck(layout):
 
 def test_torch_compile_fullgraph():
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
-    f = torch.compile(lambda t: max_pool2d(t, 3, 2, 1, backend="torch").square().sum(), fullgraph=True, backend="aot_eager")
+    f = torch.compile(lambda t: max_pool2d(t, 3, 2, 1, backend="torch").square().sum(), fullgraph=True,
+                      backend="aot_eager")
     (g,) = torch.autograd.grad(f(x), x)
     xr = x.detach().clone().requires_grad_(True)
     (gr,) = torch.autograd.grad(F.max_pool2d(xr, 3, 2, 1).square().sum(), xr)
