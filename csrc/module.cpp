@@ -8,6 +8,7 @@
 #include "bn_add_relu.h"
 #include "common.h"
 #include "conv2d.h"
+#include "maxpool.h"
 
 namespace py = pybind11;
 using rk::DType;
@@ -147,6 +148,42 @@ PYBIND11_MODULE(_C, m) {
   def_strides<&rk::Conv2dArgs::out_stride>(conv, "out_stride");
   def_strides<&rk::Conv2dArgs::res_stride>(conv, "res_stride");
   finish(conv);
+
+  py::class_<rk::MaxPool2dArgs> pool(m, "MaxPool2dArgs", py::module_local(),
+                                     "arguments of maxpool2d_forward (csrc/maxpool.h); pointer 0 = absent");
+  pool.def(py::init<>());
+  def_dtype(pool, "MaxPool2dArgs.dtype");
+  RK_FIELD(pool, x); RK_FIELD(pool, out); RK_FIELD(pool, argmax); RK_FIELD(pool, N); RK_FIELD(pool, C);
+  RK_FIELD(pool, H); RK_FIELD(pool, W); RK_FIELD(pool, OH); RK_FIELD(pool, OW); RK_FIELD(pool, kh); RK_FIELD(pool, kw);
+  RK_FIELD(pool, sh); RK_FIELD(pool, sw); RK_FIELD(pool, ph); RK_FIELD(pool, pw); RK_FIELD(pool, nhwc);
+  RK_FIELD(pool, stream);
+  finish(pool);
+
+  py::class_<rk::MaxPool2dBackwardArgs> poolb(m, "MaxPool2dBackwardArgs", py::module_local(),
+                                              "arguments of maxpool2d_backward (csrc/maxpool.h)");
+  poolb.def(py::init<>());
+  def_dtype(poolb, "MaxPool2dBackwardArgs.dtype");
+  RK_FIELD(poolb, grad_out); RK_FIELD(poolb, argmax); RK_FIELD(poolb, grad_x); RK_FIELD(poolb, N); RK_FIELD(poolb, C);
+  RK_FIELD(poolb, H); RK_FIELD(poolb, W); RK_FIELD(poolb, OH); RK_FIELD(poolb, OW); RK_FIELD(poolb, kh);
+  RK_FIELD(poolb, kw); RK_FIELD(poolb, sh); RK_FIELD(poolb, sw); RK_FIELD(poolb, ph); RK_FIELD(poolb, pw);
+  RK_FIELD(poolb, nhwc); RK_FIELD(poolb, stream);
+  finish(poolb);
+
+  m.def(
+      "maxpool2d_forward",
+      [](const rk::MaxPool2dArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::maxpool2d_forward(a);
+      },
+      py::arg("args"), "out = max_pool2d(x) and its one-byte argmax (MaxPool2dArgs)");
+
+  m.def(
+      "maxpool2d_backward",
+      [](const rk::MaxPool2dBackwardArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::maxpool2d_backward(a);
+      },
+      py::arg("args"), "grad_x of maxpool2d_forward, gathered through the argmax (MaxPool2dBackwardArgs)");
 
   m.def(
       "bn_add_relu_forward",

@@ -6,7 +6,7 @@ Every case runs three ways on the same (dtype-rounded) inputs and the same param
             in float64: the reference;
 * ``eager`` the same unfused layers in the case's dtype: PyTorch's own error, shown for scale;
 * each backend (``torch``, ``triton``, ``cuda``) through the fused public API
-  (``add_relu``, ``bn_add_relu``, ``functional.conv_bn_act`` / ``conv_bn_add_act``, and a small
+  (``add_relu``, ``bn_add_relu``, ``ops.max_pool2d``, ``functional.conv_bn_act`` / ``conv_bn_add_act``, and a small
   ``models.resnet18`` when the models package is installed).
 
 Forward outputs, every gradient (inputs, weights, BN affine parameters, per-channel scale and
@@ -139,6 +139,15 @@ def case_add_relu(ctx: Ctx) -> Dict[str, Tensor]:
     x, i = ctx.act(1, 2, 8, 6, 6), ctx.act(2, 2, 8, 6, 6)
     out = add_relu(x, i, backend=ctx.impl) if ctx.fused else F.relu(x + i)
     return {"out": out, **_grads(out, {"x": x, "identity": i}, ctx, 3)}
+
+
+def case_maxpool(ctx: Ctx) -> Dict[str, Tensor]:
+    """The stem's max pool (3x3, stride 2, padding 1; odd sizes) and its gradient."""
+    from .ops.maxpool import max_pool2d
+
+    x = ctx.act(21, 2, 8, 9, 11)
+    out = max_pool2d(x, 3, 2, 1, backend=ctx.impl) if ctx.fused else F.max_pool2d(x, 3, 2, 1)
+    return {"out": out, **_grads(out, {"x": x}, ctx, 22)}
 
 
 def _bn_add_relu_case(ctx: Ctx, proj: bool) -> Dict[str, Tensor]:
@@ -297,6 +306,7 @@ OP_CASES: List[Tuple[str, Callable[[Ctx], Dict[str, Tensor]], Tuple[str, ...]]] 
     ("add_relu", case_add_relu, ("channels_last", "nchw")),
     ("bn_add_relu", case_bn_add_relu, ("channels_last", "nchw")),
     ("bn_add_relu +proj", case_bn_add_relu_proj, ("channels_last",)),
+    ("maxpool2d 3x3 s2", case_maxpool, ("channels_last", "nchw")),
     ("conv_bn_act train 3x3", case_conv_bn_act_train, ("channels_last", "nchw")),
     ("conv_bn_act eval 3x3 s2", case_conv_bn_act_eval_s2, ("channels_last",)),
     ("conv_bn_act eval 1x1 +res", case_conv_bn_act_eval_residual, ("channels_last",)),

@@ -91,8 +91,9 @@ def _module_paths(model: nn.Module) -> Iterator[None]:
             stack.pop()
 
     # Not on the layers a fused unit is made of (convolutions, BatchNorms, ReLUs, the downsample
-    # Sequential): a hook there makes the unit run its plain modules, as it must for user hooks.
-    plain = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Sequential)
+    # Sequential, the stem's max pool): a hook there makes the unit run its plain modules, as it
+    # must for user hooks.
+    plain = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Sequential, nn.MaxPool2d)
     for name, mod in model.named_modules():
         if isinstance(mod, plain):
             continue

@@ -67,7 +67,8 @@ def test_check_torch_passes_and_prints_table(capsys, tmp_path):
     assert "case" in out and "result" in out
     res = json.loads(path.read_text())
     cases = {r["case"] for r in res["rows"]}
-    for c in ("add_relu", "bn_add_relu", "bn_add_relu +proj", "conv_bn_act train 3x3", "conv_bn_add_act proj"):
+    for c in ("add_relu", "bn_add_relu", "bn_add_relu +proj", "maxpool2d 3x3 s2", "conv_bn_act train 3x3",
+              "conv_bn_add_act proj"):
         assert c in cases
     assert all(r["status"] == "PASS" for r in res["rows"])
     assert res["passed"] is True

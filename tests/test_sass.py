@@ -41,6 +41,9 @@ EXPECTED_KERNELS = [
     "bn_add_relu_bwd_nhwc_kernel",
     "bn_add_relu_bwd_nchw_kernel",
     "bn_add_relu_bwd_reduce_kernel",
+    # csrc/maxpool.cu
+    "maxpool2d_fwd_kernel",
+    "maxpool2d_bwd_kernel",
 ]
 
 # kernel identifier -> {arch: tensor-core opcodes of which at least one must appear in the SASS

@@ -33,7 +33,8 @@ def test_explain_lists_every_fused_call_and_changes_nothing():
     counts = exp.counts()
     # 20 convolutions in ResNet-18 (17 3x3/7x7 + 3 projections), each with batch statistics
     assert counts["conv2d_stats"] == {"aten": 20}
-    assert set(counts) == {"conv2d_stats", "bn_add_relu", "bn_add_relu_backward"}
+    assert set(counts) == {"conv2d_stats", "bn_add_relu", "bn_add_relu_backward", "maxpool2d", "maxpool2d_backward"}
+    assert counts["maxpool2d"] == counts["maxpool2d_backward"] == {"aten": 1}  # the stem's max pool
     fwd = [r for r in exp.rows if r.module != "(backward)"]
     assert {r.module for r in fwd} >= {"ResNet", "layer1.0", "layer4.1"}
     assert all(r.how == "explicit" and r.impl == "aten" for r in exp.rows)
@@ -47,8 +48,9 @@ def test_explain_auto_on_cpu_runs_the_plain_layers():
     m = _model().train()
     x = torch.randn(2, 3, 32, 32)
     exp = rk.explain(m, x)
-    # ResNet-18: the stem and two units per basic block (the projections run inside the second)
-    assert exp.counts() == {"conv_bn_unit": {"aten": 17}}
+    # ResNet-18: the stem and two units per basic block (the projections run inside the second),
+    # and the stem's max pool
+    assert exp.counts() == {"conv_bn_unit": {"aten": 17}, "maxpool2d": {"aten": 1}}
     assert all(r.how.startswith("static (cpu: the unit's own PyTorch layers)") for r in exp.rows)
     ref = _model().train()  # the same weights, unfused: bitwise the same output
     rk.unfuse(ref)

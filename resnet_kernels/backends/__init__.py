@@ -378,3 +378,48 @@ for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_
     register(Impl(_op, "aten", _P + "aten_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
                   returns_output=_op != "bn_running_update", cost=_COSTS[(_op, "aten")]))
     register(Impl(_op, "torch", _P + "torch_batch_norm:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
+
+
+# maxpool2d (resnet_kernels/ops/maxpool.py): the one-byte argmax instead of int64 indices
+def _pool_elems(call) -> int:
+    return call.x.shape[0] * call.x.shape[1] * call.osize[0] * call.osize[1]
+
+
+def _fused_pool_cost(call):
+    """One kernel: read x, write out (+ the one-byte argmax when a gradient is needed)."""
+    m = _pool_elems(call)
+    return 1, nbytes(call.x) + m * call.x.element_size() + (m if call.need_argmax else 0)
+
+
+def _fused_pool_bwd_cost(call):
+    """One gather kernel: read grad_out and the argmax, write grad_x."""
+    g = nbytes(call.grad_out)
+    return 1, g + call.grad_out.numel() + _act_bytes(call.input_shape(), call.grad_out.dtype)
+
+
+def _aten_pool_cost(call):
+    """aten_maxpool.maxpool2d_forward: max_pool2d_with_indices (x, out, int64 indices: CUDA writes
+    them even without a gradient), then with an argmax: idx // W, idx + ih * (kw - W), - base, to uint8."""
+    m = _pool_elems(call)
+    launches, b = 1, nbytes(call.x) + m * call.x.element_size() + 8 * m
+    if call.need_argmax:
+        launches, b = launches + 4, b + 16 * m + 24 * m + 16 * m + 9 * m
+    return launches, b
+
+
+def _aten_pool_bwd_cost(call):
+    """aten_maxpool.maxpool2d_backward: argmax to int64 (long, + base, // kw, add_), then
+    max_pool2d_with_indices_backward (read grad_out and the int64 indices, write grad_x)."""
+    m = call.grad_out.numel()
+    launches, b = 4, 9 * m + 16 * m + 16 * m + 24 * m
+    return launches + 1, b + nbytes(call.grad_out) + 8 * m + _act_bytes(call.input_shape(), call.grad_out.dtype)
+
+
+for _op, _fn, _fused, _aten in (
+        ("maxpool2d", "maxpool2d_forward", _fused_pool_cost, _aten_pool_cost),
+        ("maxpool2d_backward", "maxpool2d_backward", _fused_pool_bwd_cost, _aten_pool_bwd_cost)):
+    register(Impl(_op, "cuda", _P + "cuda_maxpool:" + _fn, priority=20, cost=_fused))
+    register(Impl(_op, "triton", _TRITON + "maxpool:" + _fn, priority=30, cost=_fused))
+    register(Impl(_op, "aten", _P + "aten_maxpool:" + _fn, priority=40, auto_on=_EVERYWHERE, returns_output=True,
+                  cost=_aten))
+    register(Impl(_op, "torch", _P + "torch_maxpool:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))

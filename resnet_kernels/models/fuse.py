@@ -6,7 +6,8 @@ optimizer and its state, are untouched: modules change class, never contents):
 * ``torchvision.models.resnet.ResNet`` / ``BasicBlock`` / ``Bottleneck`` (exactly those classes):
   their ``__class__`` becomes a subclass of both :mod:`resnet_kernels.models.resnet`'s drop-in
   class and the torchvision class (so ``isinstance(model, torchvision.models.ResNet)`` still
-  holds), whose forward runs the stem (conv+BN+ReLU), conv+BN+ReLU and
+  holds), whose forward runs the stem (conv+BN+ReLU, and its ``maxpool`` through the
+  one-byte-argmax max pool op when it is a plain ``nn.MaxPool2d`` the op covers), conv+BN+ReLU and
   conv+BN(+projection conv+BN)+add+ReLU through the fused functional API over the very same
   submodules;
 * this package's own ``ResNet``/``BasicBlock``/``Bottleneck`` (fused by default): ``fused = True``;
@@ -42,6 +43,7 @@ from torch import nn
 from .. import _backend
 from .._script import no_script
 from ..functional import conv_bn_act
+from ..nn.pool import pool_reason
 from ._units import projection_reason, relu_ok, unit_ok, unit_reason
 from .resnet import BasicBlock, Bottleneck, ResNet
 
@@ -177,6 +179,12 @@ def _plan_block(name: str, m: nn.Module, kind: str, report: FuseReport) -> bool:
     if not units_ok:
         report.skipped.append((name, "no unit can be fused: " + "; ".join(w for _, w in notes)))
         return False
+    if kind == "ResNet":  # the stem's max pool: the one-byte-argmax op (resnet_kernels/nn/pool.py)
+        why = pool_reason(getattr(m, "maxpool", None))
+        if why is None:
+            units_ok.append("maxpool")
+        else:
+            notes.append((_join(name, "maxpool"), f"{why}; runs as the plain module"))
     report.changed.append((name, f"{kind}: " + ", ".join(units_ok)))
     report.skipped.extend(notes)
     return True

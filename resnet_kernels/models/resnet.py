@@ -25,6 +25,7 @@ from .. import _backend
 from ..functional import conv_bn_act, conv_bn_add_act
 from ._units import is_4d, projection_reason, relu_ok, unit_ok
 from .._script import no_script
+from ..nn.pool import stem_pool
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "conv1x1", "conv3x3",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -167,7 +168,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet with a fused stem (conv7x7 + BN + ReLU) and fused blocks."""
+    """torchvision's ResNet with a fused stem (conv7x7 + BN + ReLU, then the max pool through
+    ``resnet_kernels.ops.max_pool2d``: a one-byte argmax instead of int64 indices) and fused blocks."""
 
     fused: bool = True
     backend: Optional[str] = None
@@ -247,7 +249,7 @@ class ResNet(nn.Module):
             x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+        x = stem_pool(self.maxpool, x, self.backend) if self.fused else self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -8,7 +8,8 @@ BatchNorm, add and ReLU. So:
 
 * ``conv2d_epilogue``, ``conv2d_stats``: the convolution (the fp32 epilogue: BN affine,
   residual add, ReLU, batch statistics: 0);
-* ``bn_add_relu``, ``bn_add_relu_backward``: 0 (registered, so the counter lists them).
+* ``bn_add_relu``, ``bn_add_relu_backward``, ``maxpool2d``, ``maxpool2d_backward``: 0 (registered, so the
+  counter lists them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ FORMULAS = {
     "conv2d_stats": conv2d_stats_flop,
     "bn_add_relu": elementwise_flop,
     "bn_add_relu_backward": elementwise_flop,
+    "maxpool2d": elementwise_flop,  # PyTorch counts no FLOPs for max_pool2d either
+    "maxpool2d_backward": elementwise_flop,
 }
 
 
