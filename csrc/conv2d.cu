@@ -27,10 +27,12 @@ struct Params {
   void* out;
   float* part_mean;  // [m_tiles][Cout] or nullptr (no stats)
   float* part_m2;
-  int N, Cin, H, W, Cout, KW;
+  int N, Cin, H, W, Cout, KH, KW;
   int sh, sw, ph, pw, OH, OW;
   int M, K, ldw, num_k_tiles;
   long long xs[4], os[4], rs[4];
+  TapDeltas td;       // filter-tap iterator deltas (host-computed: kernel-parameter constants)
+  long long tile_dc;  // offset of one K tile's worth of channels: BK elements * xs[1]
   int relu;
   int out_pair;  // out's channel stride is 1 and out is 2-element aligned: store channel pairs
 };
@@ -61,8 +63,12 @@ struct Elem<__nv_bfloat16> {
 // copied with cp.async (zero-filled when outside the image or past K). Otherwise each thread
 // gathers its own A row element by element into registers (issued before the tile's math,
 // stored to shared memory after it).
+// Occupancy: 4 CTAs of 128 threads per SM (<= 128 registers) for the 16-bit types; 3 for fp32,
+// whose TF32 conversions (emulated cvt.rna.tf32 on sm_8x; 3xTF32's big/small split fragments)
+// would spill at 128 registers.
 template <typename T, int MATH, bool VEC_A>
-__global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
+    conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
   constexpr int BKE = bk_elems(EB);   // K elements per tile
@@ -87,60 +93,70 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w = static_cast<const T*>(p.w);
 
-  // ---- per-thread A-row bookkeeping (fixed over the K loop)
+  // ---- per-thread A-row bookkeeping (fixed over the K loop): the input offset of each row's
+  // pixel origin (n, p*sh - ph, q*sw - pw); a row past M gets an origin far outside the image, so
+  // the in-image test alone masks it.
   constexpr int AROWS = VEC_A ? A_VEC_ROWS : 1;
-  long long a_off[AROWS];  // n * x_stride_n
+  long long a_off[AROWS];
   int a_h0[AROWS], a_w0[AROWS];
-  bool a_ok[AROWS];
 #pragma unroll
   for (int i = 0; i < AROWS; ++i) {
     const int row = VEC_A ? vec_row(tid, i) : tid;
     const int m = m0 + row;
-    a_ok[i] = m < p.M;
-    const Pixel px = decompose_m(a_ok[i] ? m : 0, p.OH, p.OW);
-    a_off[i] = px.n * p.xs[0];
-    a_h0[i] = px.p * p.sh - p.ph;
+    const Pixel px = decompose_m(m < p.M ? m : 0, p.OH, p.OW);
+    a_h0[i] = m < p.M ? px.p * p.sh - p.ph : -(1 << 30);
     a_w0[i] = px.q * p.sw - p.pw;
+    a_off[i] = px.n * p.xs[0] + static_cast<long long>(a_h0[i]) * p.xs[2] + static_cast<long long>(a_w0[i]) * p.xs[3];
   }
+  // ---- filter-tap iterator of the next tile to load (this thread's chunk column on the
+  // vectorised path, the tile's first column on the gather path) and the weight rows: advanced by
+  // one tile per load with precomputed deltas, no division in the main loop.
+  const int chunk = vec_chunk(tid);
+  const TapDeltas& td = p.td;
+  TapIter tap = tap_iter_at(VEC_A ? chunk * VEC : 0, td, p.xs[2], p.xs[3]);
+  // weight rows n0 + vec_row(tid, i) = row0 + ROW_STEP * i: one pointer, per-row validity
+  const int w_n = n0 + vec_row(tid, 0);
+  const T* const w_row = w + static_cast<long long>(w_n < p.Cout ? w_n : 0) * p.ldw;
+  const long long w_row_step = static_cast<long long>(ROW_STEP) * p.ldw;
+  int w_k = chunk * VEC;  // weight column of this thread's chunk in the next tile to load
+  // shared-memory destinations of this thread's chunks in stage 0: rows ROW_STEP apart keep the
+  // swizzle phase ((row >> 1) & 3), so chunk i is ROW_STEP rows after chunk 0
+  static_assert(ROW_STEP % 8 == 0, "rows ROW_STEP apart share the swizzle phase");
+  const uint32_t a_dst = a_base + swz(vec_row(tid, 0), chunk);
+  const uint32_t b_dst = b_base + swz(vec_row(tid, 0), chunk);
 
-  auto load_b = [&](int kt, int st) {
-    const int chunk = vec_chunk(tid);
-    const int k = kt * BKE + chunk * VEC;
+  // the next tile's B chunks (stage st), then step the weight column on
+  auto load_b = [&](int st) {
 #pragma unroll
     for (int i = 0; i < B_VEC_ROWS; ++i) {
-      const int row = vec_row(tid, i);
-      const int n = n0 + row;
-      const bool ok = n < p.Cout && k < p.ldw;
-      const T* src = ok ? w + static_cast<long long>(n) * p.ldw + k : w;
-      cp_async16(b_base + st * B_STAGE_BYTES + swz(row, chunk), src, ok ? 16 : 0);
+      const bool ok = w_n + ROW_STEP * i < p.Cout && w_k < p.ldw;
+      cp_async16(b_dst + st * B_STAGE_BYTES + i * ROW_STEP * BK_BYTES, ok ? w_row + (i * w_row_step + w_k) : w,
+                 ok ? 16 : 0);
     }
+    w_k += BKE;
   };
-  auto load_a_vec = [&](int kt, int st) {
-    const int chunk = vec_chunk(tid);
-    const int k = kt * BKE + chunk * VEC;
-    const bool k_ok = k < p.K;  // K is a multiple of VEC here: the chunk is all in or all out
-    const Tap tp = decompose_k(k_ok ? k : 0, p.Cin, p.KW);
+  // the next tile's A chunks (stage st): one filter tap per chunk (Cin % VEC == 0), zero-filled
+  // outside the image and past K; then step the tap on
+  auto load_a_vec = [&](int st) {
+    const bool k_ok = tap.r < p.KH;  // column < K; K is a multiple of VEC: the chunk is all in or out
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
-      const int h = a_h0[i] + tp.r, ww = a_w0[i] + tp.s;
-      const bool ok = k_ok && a_ok[i] && in_image(h, ww, p.H, p.W);
-      const T* src = ok ? x + a_off[i] + h * p.xs[2] + ww * p.xs[3] + tp.c : x;
-      cp_async16(a_base + st * A_STAGE_BYTES + swz(vec_row(tid, i), chunk), src, ok ? 16 : 0);
+      const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
+      cp_async16(a_dst + st * A_STAGE_BYTES + i * ROW_STEP * BK_BYTES, ok ? x + (a_off[i] + tap.off) : x, ok ? 16 : 0);
     }
+    tap_advance(tap, BKE, p.tile_dc, td);
   };
-  // generic gather: this thread's row (tid), all BKE columns of K tile kt, into registers
+  // generic gather: this thread's row (tid), all BKE columns of the next tile, into registers
   constexpr int GREGS = BKE * EB / 4;  // unused (optimised away) on the VEC_A path
   uint32_t g[GREGS];
-  auto gather_a = [&](int kt) {
-    const int k0 = kt * BKE;
-    Tap tp = decompose_k(k0 < p.K ? k0 : 0, p.Cin, p.KW);
+  auto gather_a = [&]() {
+    TapIter t = tap;
 #pragma unroll
     for (int j = 0; j < BKE; ++j) {
-      const int h = a_h0[0] + tp.r, ww = a_w0[0] + tp.s;
-      const bool ok = (k0 + j < p.K) && a_ok[0] && in_image(h, ww, p.H, p.W);
+      const bool ok = t.r < p.KH && in_image(a_h0[0] + t.r, a_w0[0] + t.s, p.H, p.W);
       uint32_t bits = 0;
       if (ok) {
-        const T* src = x + a_off[0] + tp.c * p.xs[1] + h * p.xs[2] + ww * p.xs[3];
+        const T* src = x + (a_off[0] + t.off);
         if constexpr (EB == 4) {
           bits = __ldg(reinterpret_cast<const unsigned int*>(src));
         } else {
@@ -155,8 +171,9 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
         else
           g[j >> 1] = bits;
       }
-      next_tap(tp, p.Cin, p.KW);
+      tap_advance(t, 1, td.dc, td);
     }
+    tap_advance(tap, BKE, p.tile_dc, td);
   };
   auto store_a = [&](int st) {
     unsigned char* base = smem_a + st * A_STAGE_BYTES;
@@ -246,39 +263,41 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
     }
   };
 
-  // ---- main loop: STAGES-deep pipeline
+  // ---- main loop: STAGES-deep pipeline; stage indices advance by compare-and-wrap (no modulo)
   const int KT = p.num_k_tiles;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < KT) {
-      load_b(s, s);
+      load_b(s);
       if constexpr (VEC_A) {
-        load_a_vec(s, s);
+        load_a_vec(s);
       } else {
-        gather_a(s);
+        gather_a();
         store_a(s);
       }
     }
     cp_async_commit();
   }
+  int st_read = 0, st_write = STAGES - 1;
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
-    const int nt = kt + STAGES - 1;
-    const bool more = nt < KT;
+    const bool more = kt + STAGES - 1 < KT;
     if (more) {
-      load_b(nt, nt % STAGES);
+      load_b(st_write);
       if constexpr (VEC_A) {
-        load_a_vec(nt, nt % STAGES);
+        load_a_vec(st_write);
       } else {
-        gather_a(nt);
+        gather_a();
       }
     }
     cp_async_commit();
-    compute(kt % STAGES);
+    compute(st_read);
     if constexpr (!VEC_A) {
-      if (more) store_a(nt % STAGES);  // read after the __syncthreads of iteration nt
+      if (more) store_a(st_write);  // read after the __syncthreads of iteration nt
     }
+    st_read = st_read == STAGES - 1 ? 0 : st_read + 1;
+    st_write = st_write == STAGES - 1 ? 0 : st_write + 1;
   }
   cp_async_wait<0>();
 
@@ -601,6 +620,7 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.H = static_cast<int>(a.H);
   p.W = static_cast<int>(a.W);
   p.Cout = static_cast<int>(a.Cout);
+  p.KH = static_cast<int>(a.KH);
   p.KW = static_cast<int>(a.KW);
   p.sh = static_cast<int>(a.stride_h);
   p.sw = static_cast<int>(a.stride_w);
@@ -618,6 +638,8 @@ void conv2d_forward(const Conv2dArgs& a) {
     p.os[i] = a.out_stride[i];
     p.rs[i] = a.residual ? a.res_stride[i] : 0;
   }
+  p.td = tap_deltas(p.Cin, p.KW, p.xs[1], p.xs[2], p.xs[3]);
+  p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.relu = a.relu ? 1 : 0;
   p.out_pair = (a.out_stride[1] == 1 && a.out % (2 * eb) == 0) ? 1 : 0;
 

@@ -113,6 +113,56 @@ RK_HD void next_tap(Tap& t, int Cin, int KW) {
   }
 }
 
+// Filter-tap iterator of the main loop: the tap (r, s, c) of GEMM column k and its element offset
+// off = r * xs_h + s * xs_w + c * xs_c from the output pixel's input origin, advanced with
+// precomputed deltas (no division or multiplication): a step of `step` columns adds step to c and
+// step * xs_c to off, then every wrap of c past Cin moves one tap on (s + 1: off += ds, with
+// ds = xs_w - Cin * xs_c; s past KW: r + 1, off += dr, dr = xs_h - KW * xs_w). A step of at most
+// Cin columns wraps at most once; smaller channel counts loop (bounded by step / Cin + 1).
+struct TapDeltas {
+  int Cin, KW;
+  long long dc;      // offset of one channel (xs_c)
+  long long ds, dr;  // offset added when c wraps (next s), when s wraps too (next r)
+};
+RK_HD TapDeltas tap_deltas(int Cin, int KW, long long xs_c, long long xs_h, long long xs_w) {
+  TapDeltas d;
+  d.Cin = Cin;
+  d.KW = KW;
+  d.dc = xs_c;
+  d.ds = xs_w - static_cast<long long>(Cin) * xs_c;
+  d.dr = xs_h - static_cast<long long>(KW) * xs_w;
+  return d;
+}
+// Column k < K exactly while r < KH (c < Cin and s < KW always hold), so the iterator keeps no k.
+struct TapIter {
+  int r, s, c;
+  long long off;  // r * xs_h + s * xs_w + c * xs_c
+};
+// The iterator at column k (divisions: call it once, before the main loop).
+RK_HD TapIter tap_iter_at(int k, const TapDeltas& d, long long xs_h, long long xs_w) {
+  const Tap t = decompose_k(k, d.Cin, d.KW);
+  TapIter it;
+  it.r = t.r;
+  it.s = t.s;
+  it.c = t.c;
+  it.off = t.r * xs_h + t.s * xs_w + t.c * d.dc;
+  return it;
+}
+// Advance by `step` columns; step_off = step * xs_c (precomputed by the caller).
+RK_HD void tap_advance(TapIter& it, int step, long long step_off, const TapDeltas& d) {
+  it.c += step;
+  it.off += step_off;
+  while (it.c >= d.Cin) {
+    it.c -= d.Cin;
+    it.off += d.ds;
+    if (++it.s == d.KW) {
+      it.s = 0;
+      ++it.r;
+      it.off += d.dr;
+    }
+  }
+}
+
 // Is input pixel (h, w) inside the image (otherwise it is zero padding)?
 RK_HD bool in_image(int h, int w, int H, int W) {
   return static_cast<unsigned>(h) < static_cast<unsigned>(H) && static_cast<unsigned>(w) < static_cast<unsigned>(W);
