@@ -30,6 +30,7 @@ struct Params {
   int N, Cin, H, W, Cout, KH, KW;
   int sh, sw, ph, pw, OH, OW;
   int M, K, ldw, num_k_tiles;
+  int m_tiles, n_tiles;  // grid: m_tiles * n_tiles CTAs in grouped order (tile_of)
   long long xs[4], os[4], rs[4];
   TapDeltas td;       // filter-tap iterator deltas (host-computed: kernel-parameter constants)
   long long tile_dc;  // offset of one K tile's worth of channels: BK elements * xs[1]
@@ -87,8 +88,9 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int wm = warp_m(warp), wn = warp_n(warp);
-  const int m0 = blockIdx.x * BM;
-  const int n0 = blockIdx.y * BN;
+  const TileCoord tile = tile_of(static_cast<int>(blockIdx.x), p.m_tiles, p.n_tiles);
+  const int m0 = tile.m * BM;
+  const int n0 = tile.n * BN;
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w = static_cast<const T*>(p.w);
@@ -411,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
       }
     }
     if (tid < BN && n0 + tid < p.Cout) {
-      const long long o = static_cast<long long>(blockIdx.x) * p.Cout + n0 + tid;
+      const long long o = static_cast<long long>(tile.m) * p.Cout + n0 + tid;
       p.part_mean[o] = (s_sum[0][tid] + s_sum[1][tid]) * inv_cnt;
       p.part_m2[o] = s_m2[0][tid] + s_m2[1][tid];
     }
@@ -547,7 +549,8 @@ void conv2d_forward(const Conv2dArgs& a) {
   const int64_t K = a.KH * a.KW * a.Cin;
   check_int32(M + BM, fn, "N*OH*OW (+ one tile)");
   check_int32(K + 64, fn, "K = KH*KW*Cin (+ one tile)");
-  if (ceil_div(a.Cout, BN) > 65535) throw ArgError(cat(fn, ": Cout = ", a.Cout, " is too large (max ", 65535 * BN, ")"));
+  if (ceil_div(M, BM) * ceil_div(a.Cout, BN) > kIntMax)
+    throw ArgError(cat(fn, ": N*OH*OW = ", M, " and Cout = ", a.Cout, " make more than 2^31 - 1 tiles of ", BM, " x ", BN));
   if (a.ldw < K) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cin = ", K));
   if (a.ldw % 8 != 0) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be a multiple of 8"));
   check_int32(a.ldw + 64, fn, "ldw");
@@ -646,7 +649,9 @@ void conv2d_forward(const Conv2dArgs& a) {
   const int vec = 16 / eb;
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
                      a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(ceil_div(a.Cout, BN)));
+  p.m_tiles = static_cast<int>(m_tiles);
+  p.n_tiles = static_cast<int>(ceil_div(a.Cout, BN));
+  const dim3 grid(static_cast<unsigned>(m_tiles * p.n_tiles));  // grouped order: tile_of
   switch (a.dtype) {
     case DType::F32:
       if (a.allow_tf32)

@@ -76,6 +76,26 @@ RK_HD int c_col(int lane, int i) { return ((lane & 3) << 1) + (i & 1); }
 RK_HD int vec_chunk(int tid) { return tid & (CHUNKS - 1); }
 RK_HD int vec_row(int tid, int i) { return (tid >> 2) + ROW_STEP * i; }
 
+// Grouped CTA order (1-D grid, CTA b = blockIdx.x): the m tiles form bands of GROUP_M; a band's
+// CTAs are consecutive, m fastest, walking all n tiles (m-band x n tile 0, then n tile 1, ...), so
+// a band of output rows (and the input rows it reads) is fetched from DRAM once and reused from L2
+// by every output-channel tile, and the weight tile of one n tile by GROUP_M m tiles; the last band
+// may be narrower. (Divisions: once per CTA, before the main loop.)
+constexpr int GROUP_M = 8;
+struct TileCoord {
+  int m, n;  // m tile (rows m*BM..), n tile (channels n*BN..)
+};
+RK_HD TileCoord tile_of(int b, int m_tiles, int n_tiles) {
+  const int band = b / (GROUP_M * n_tiles);
+  const int first = band * GROUP_M;
+  const int width = m_tiles - first < GROUP_M ? m_tiles - first : GROUP_M;
+  const int in_band = b - band * GROUP_M * n_tiles;
+  TileCoord t;
+  t.n = in_band / width;
+  t.m = first + (in_band - t.n * width);
+  return t;
+}
+
 // Output pixel of GEMM row m.
 struct Pixel {
   int n, p, q;

@@ -53,6 +53,8 @@ SHAPES = {
     "3x3_cin12_cout3": (1, 12, 10, 9, 3, 3, 1, 1),
     "3x3_multi_mtile": (4, 8, 17, 17, 64, 3, 1, 1),
     "1x1_cin8": (1, 8, 5, 5, 16, 1, 1, 0),
+    # 10 m tiles x 2 n tiles: a full band of 8 m tiles and a partial one (grouped CTA order)
+    "3x3_grouped_order": (3, 8, 20, 20, 72, 3, 1, 1),
 }
 EPILOGUES = {
     "plain": dict(scale=False, bias=False, residual=False, relu=False),
