@@ -35,7 +35,10 @@ struct Params {
   TapDeltas td;       // filter-tap iterator deltas (host-computed: kernel-parameter constants)
   long long tile_dc;  // offset of one K tile's worth of channels: BK elements * xs[1]
   int relu;
-  int out_pair;  // out's channel stride is 1 and out is 2-element aligned: store channel pairs
+  // epilogue vector (16-byte) access: out_cvec: out's channel stride is 1 (vectors along channels,
+  // else along pixels); out_al16: out is 16-byte aligned; out_pvec: out_al16 and pixels of one
+  // image are contiguous (w stride 1, h stride OW); res_cvec / res_pvec: the same for the residual
+  int out_cvec, out_al16, out_pvec, res_cvec, res_pvec;
 };
 
 template <typename T>
@@ -301,9 +304,11 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
     st_read = st_read == STAGES - 1 ? 0 : st_read + 1;
     st_write = st_write == STAGES - 1 ? 0 : st_write + 1;
   }
-  cp_async_wait<0>();
-
-  // ---- epilogue
+  // ---- epilogue: v = acc * scale + bias (fp32) staged through shared memory (the pipeline
+  // buffers), then written with 16-byte vectors along out's contiguous dimension: channels when
+  // out's channel stride is 1 (channels_last; staged [BM][EP_LD_C]), else pixels (NCHW; staged
+  // [BN][EP_LD_P]), the residual read the same way. A vector that would be misaligned, cross an
+  // image or hang over the tile's edge is done element by element.
   const int g_row = wm * WARP_M;  // warp tile origin in the CTA tile
   const int g_col = wn * WARP_N;
   T* __restrict__ out = static_cast<T*>(p.out);
@@ -318,47 +323,123 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
       sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
       bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
     }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done reading the pipeline stages: the staging tile reuses them
+  float* const s_ep = reinterpret_cast<float*>(smem);
+  const bool ch_major = p.out_cvec != 0;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int m = m0 + g_row + mi * 16 + c_row(lane, 2 * hh);
-      if (m >= p.M) continue;
-      const Pixel px = decompose_m(m, p.OH, p.OW);
-      const long long obase = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3];
-      const long long rbase = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3];
+    for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + g_col + ni * 8 + c_col(lane, 0);  // even; col + 1 is the pair
-        if (col >= p.Cout) continue;
-        const bool has2 = col + 1 < p.Cout;
-        float v0 = acc[mi][ni][2 * hh] * sc[ni][0] + bi[ni][0];
-        float v1 = acc[mi][ni][2 * hh + 1] * sc[ni][1] + bi[ni][1];
-        if (res != nullptr) {
-          const long long ro = rbase + col * p.rs[1];
-          v0 += Elem<T>::to_f(res[ro]);
-          if (has2) v1 += Elem<T>::to_f(res[ro + p.rs[1]]);
-        }
-        if (p.relu) {
-          v0 = fmaxf(v0, 0.f);
-          v1 = fmaxf(v1, 0.f);
-        }
-        const long long oo = obase + col * p.os[1];
-        if (p.out_pair && has2 && (oo & 1) == 0) {
+      for (int i = 0; i < 4; ++i) {
+        const int row = g_row + mi * 16 + c_row(lane, i);
+        const int col = g_col + ni * 8 + c_col(lane, i);
+        s_ep[ch_major ? row * EP_LD_C + col : col * EP_LD_P + row] = acc[mi][ni][i] * sc[ni][i & 1] + bi[ni][i & 1];
+      }
+  __syncthreads();
+  constexpr int VO = 16 / EB;  // elements per 16-byte vector
+  // residual (when present), ReLU, rounding and the store of one vector v[0..nv) of consecutive
+  // elements along out's contiguous dimension, element 0 at offsets o0 (out) / r0 (residual).
+  // vec_r / vec_o: one 16-byte access is possible. Element by element, element e is at
+  // o0 + e (channels: out's channel stride is 1) / r0 + e * rs[1], or (pix) at the pixel e steps
+  // after px (walked, no division) in channel col.
+  auto finish = [&](float(&v)[VO], int nv, bool vec_r, bool vec_o, long long o0, long long r0, bool pix, Pixel px,
+                    int col) {
+    if (res != nullptr) {
+      if (vec_r) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(res + r0));
+        const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int e = 0; e < VO; ++e) {
           if constexpr (EB == 4) {
-            *reinterpret_cast<float2*>(out + oo) = make_float2(v0, v1);
+            v[e] += __uint_as_float(w4[e]);
           } else {
-            const T lo = Elem<T>::from_f(v0), hi = Elem<T>::from_f(v1);
-            const uint32_t packed = static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&lo)) |
-                                    (static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
-            *reinterpret_cast<uint32_t*>(out + oo) = packed;
+            const unsigned short b = static_cast<unsigned short>(w4[e >> 1] >> ((e & 1) * 16));
+            v[e] += Elem<T>::to_f(*reinterpret_cast<const T*>(&b));
           }
-        } else {
-          out[oo] = Elem<T>::from_f(v0);
-          if (has2) out[oo + p.os[1]] = Elem<T>::from_f(v1);
+        }
+      } else {
+        Pixel w = px;
+#pragma unroll
+        for (int e = 0; e < VO; ++e) {
+          if (e < nv) {
+            const long long ro = pix ? w.n * p.rs[0] + col * p.rs[1] + w.p * p.rs[2] + w.q * p.rs[3] : r0 + e * p.rs[1];
+            v[e] += Elem<T>::to_f(res[ro]);
+            if (pix) next_pixel(w, p.OH, p.OW);
+          }
         }
       }
     }
+    if (p.relu) {
+#pragma unroll
+      for (int e = 0; e < VO; ++e) v[e] = fmaxf(v[e], 0.f);
+    }
+    if (vec_o) {
+      uint32_t w4[4];
+#pragma unroll
+      for (int e = 0; e < VO; ++e) {
+        if constexpr (EB == 4) {
+          w4[e] = __float_as_uint(v[e]);
+        } else {
+          const T h = Elem<T>::from_f(v[e]);
+          const uint32_t b = *reinterpret_cast<const unsigned short*>(&h);
+          w4[e >> 1] = (e & 1) ? (w4[e >> 1] | (b << 16)) : b;
+        }
+      }
+      *reinterpret_cast<uint4*>(out + o0) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+    } else {
+      Pixel w = px;
+#pragma unroll
+      for (int e = 0; e < VO; ++e) {
+        if (e < nv) {
+          const long long oo = pix ? w.n * p.os[0] + col * p.os[1] + w.p * p.os[2] + w.q * p.os[3] : o0 + e;
+          out[oo] = Elem<T>::from_f(v[e]);
+          if (pix) next_pixel(w, p.OH, p.OW);
+        }
+      }
+    }
+  };
+  if (ch_major) {
+    // vectors of VO channels of one pixel; consecutive threads take consecutive vectors of a row
+    constexpr int VPR = BN / VO;
+    for (int j = tid; j < BM * VPR; j += kThreads) {
+      const int r = j / VPR, cv = j % VPR;
+      const int m = m0 + r;
+      const int col0 = n0 + cv * VO;
+      if (m >= p.M) continue;
+      if (col0 >= p.Cout) continue;
+      const int nv = min(VO, p.Cout - col0);
+      const Pixel px = decompose_m(m, p.OH, p.OW);
+      const long long o = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3] + col0;  // os[1] == 1
+      const long long rr = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3] + col0 * p.rs[1];
+      float v[VO];
+#pragma unroll
+      for (int e = 0; e < VO; ++e) v[e] = s_ep[r * EP_LD_C + cv * VO + e];
+      finish(v, nv, p.res_cvec && nv == VO && rr % VO == 0, p.out_al16 && nv == VO && o % VO == 0, o, rr, false,
+             px, col0);
+    }
+  } else {
+    // vectors of VO consecutive GEMM rows (pixels) of one channel; consecutive threads take
+    // consecutive vectors of a channel
+    constexpr int GPC = BM / VO;
+    const int ohw = p.OH * p.OW;
+    for (int j = tid; j < BN * GPC; j += kThreads) {
+      const int cl = j / GPC, rg = j % GPC;
+      const int col = n0 + cl;
+      const int m = m0 + rg * VO;
+      if (m >= p.M || col >= p.Cout) continue;
+      const int nv = min(VO, p.M - m);
+      const Pixel px = decompose_m(m, p.OH, p.OW);
+      const bool full = nv == VO && px.p * p.OW + px.q + VO <= ohw;  // all in one image
+      const long long o = px.n * p.os[0] + col * p.os[1] + px.p * p.os[2] + px.q * p.os[3];
+      const long long rr = px.n * p.rs[0] + col * p.rs[1] + px.p * p.rs[2] + px.q * p.rs[3];
+      float v[VO];
+#pragma unroll
+      for (int e = 0; e < VO; ++e) v[e] = s_ep[cl * EP_LD_P + rg * VO + e];
+      finish(v, nv, p.res_pvec && full && rr % VO == 0, p.out_pvec && full && o % VO == 0, o, rr, true, px, col);
+    }
+  }
 
   // ---- per-tile channel statistics of y = acc: (mean, M2) over this tile's valid rows, two
   // passes in a fixed order (lane shuffles, then warp row wm = 0 plus wm = 1): deterministic.
@@ -644,7 +725,11 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.td = tap_deltas(p.Cin, p.KW, p.xs[1], p.xs[2], p.xs[3]);
   p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.relu = a.relu ? 1 : 0;
-  p.out_pair = (a.out_stride[1] == 1 && a.out % (2 * eb) == 0) ? 1 : 0;
+  p.out_cvec = a.out_stride[1] == 1 ? 1 : 0;
+  p.out_al16 = a.out % 16 == 0 ? 1 : 0;
+  p.out_pvec = (p.out_al16 && a.out_stride[3] == 1 && a.out_stride[2] == OW) ? 1 : 0;
+  p.res_cvec = (a.residual && a.residual % 16 == 0 && a.res_stride[1] == 1) ? 1 : 0;
+  p.res_pvec = (a.residual && a.residual % 16 == 0 && a.res_stride[3] == 1 && a.res_stride[2] == OW) ? 1 : 0;
 
   const int vec = 16 / eb;
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&

@@ -45,6 +45,13 @@ constexpr int B_STAGE_BYTES = BN * BK_BYTES;
 constexpr int A_VEC_ROWS = BM * CHUNKS / kThreads;  // 4
 constexpr int B_VEC_ROWS = BN * CHUNKS / kThreads;  // 2
 constexpr int ROW_STEP = kThreads / CHUNKS;         // 32
+// Epilogue staging tile (fp32, in the pipeline buffers): [BM][EP_LD_C] when out's channels are
+// contiguous, else [BN][EP_LD_P]; rows padded by 4 floats (16-byte aligned rows, fewer conflicts).
+constexpr int EP_LD_C = BN + 4;
+constexpr int EP_LD_P = BM + 4;
+static_assert(BM * EP_LD_C * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES) &&
+                  BN * EP_LD_P * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES),
+              "the epilogue staging tile fits in the pipeline buffers");
 static_assert(BM == kThreads, "the generic gather path gives one A row to each thread");
 static_assert(2 * WARP_M == BM && 2 * WARP_N == BN, "2 x 2 warps");
 
@@ -108,6 +115,17 @@ RK_HD Pixel decompose_m(int m, int OH, int OW) {
   px.p = rem / OW;
   px.q = rem - px.p * OW;
   return px;
+}
+
+// The pixel after px in GEMM-row order (q fastest, then p, then n).
+RK_HD void next_pixel(Pixel& px, int OH, int OW) {
+  if (++px.q == OW) {
+    px.q = 0;
+    if (++px.p == OH) {
+      px.p = 0;
+      ++px.n;
+    }
+  }
 }
 
 // Filter tap of GEMM column k (k < K): k = (r * KW + s) * Cin + c.

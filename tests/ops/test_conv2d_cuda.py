@@ -194,6 +194,48 @@ def test_conv2d_mixed_strides_via_C(mode, cuda_target):
     assert (out.double() - ref).abs().max().item() <= tol
 
 
+def _offset_view(shape, dtype, layout, dev, offset):
+    """A NaN-filled (N, C, H, W) tensor of ``layout`` starting ``offset`` elements into its buffer."""
+    N, C, H, W = shape
+    buf = torch.full((N * C * H * W + offset,), float("nan"), dtype=dtype, device=dev)
+    flat = buf[offset:]
+    if layout == "channels_last":
+        return flat.view(N, H, W, C).permute(0, 3, 1, 2)
+    return flat.view(N, C, H, W)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+def test_conv2d_unaligned_out_and_residual_via_C(mode, layout, cuda_target):
+    """out and residual one element past a 16-byte boundary (OH*OW and Cout multiples of 8, so
+    only the base breaks the alignment): the epilogue's 16-byte vectors fall back to element
+    accesses, every element still written once and exact."""
+    from resnet_kernels.backends.cuda_conv2d import pack_weight
+
+    dev = cuda_target
+    dtype = DTYPE[mode]
+    N, Cin, H, W, Cout = 2, 16, 8, 8, 24
+    x = torch.randn(N, Cin, H, W, device=dev).to(dtype).contiguous(memory_format=_fmt(layout))
+    w = (torch.randn(Cout, Cin, 3, 3, device=dev) / 12).to(dtype)
+    res = _offset_view((N, Cout, H, W), dtype, layout, dev, 1)
+    res.copy_(torch.randn(N, Cout, H, W, device=dev))
+    out = _offset_view((N, Cout, H, W), dtype, layout, dev, 1)
+    wm, ldw = pack_weight(w)
+    ptr = cuda_common.ptr
+    cuda_common.call("conv2d_forward", _conv_args(
+        cuda_common.C_module(), dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=ptr(x), w=ptr(wm), scale=0,
+        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
+        W=W, Cout=Cout, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, OH=H, OW=W, ldw=ldw,
+        x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
+        allow_tf32=False, stream=cuda_common.stream_of(x)))
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) output elements"
+    ref = torch.relu(F.conv2d(x.double(), w.double(), None, 1, 1) + res.double())
+    tol = FLOOR[mode] * 4 * ref.abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= tol
+
+
 def test_conv2d_stats_empty_batch_is_nan(cuda_target):
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
 
