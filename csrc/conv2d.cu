@@ -62,16 +62,20 @@ struct Elem<__nv_bfloat16> {
 // PTX wrappers (cp.async, ldmatrix, mma.sync, cvt.rna.tf32): csrc/ptx.cuh.
 
 // ---- the convolution kernel --------------------------------------------------------------
-// VEC_A: x has unit channel stride, Cin and the other strides are multiples of 16/sizeof(T),
-// x is 16-byte aligned: every 16-byte chunk of an A tile row lies in one filter tap and is
-// copied with cp.async (zero-filled when outside the image or past K). Otherwise each thread
-// gathers its own A row element by element into registers (issued before the tile's math,
-// stored to shared memory after it).
-// Occupancy: 4 CTAs of 128 threads per SM (<= 128 registers) for the 16-bit types; 3 for fp32,
-// whose TF32 conversions (emulated cvt.rna.tf32 on sm_8x; 3xTF32's big/small split fragments)
-// would spill at 128 registers.
+// K runs over (r, s, c) with c < Cp = Cin rounded up to a multiple of VEC = 16/sizeof(T) (the
+// packed weight's zero channels): every 16-byte chunk of an A tile row lies in one filter tap.
+// VEC_A: x has unit channel stride, Cin and the other strides are multiples of VEC, x is 16-byte
+// aligned: each chunk is copied with cp.async (zero-filled outside the image and past K).
+// Otherwise (NCHW, Cin % VEC != 0 such as the stem's 3 channels, odd strides) each chunk is
+// gathered element by element (stride x_stride[1], channels >= Cin zero) into registers, the
+// loads issued before the tile's math and the chunks stored to shared memory after it: the same
+// chunk/tap bookkeeping as the vector path, one tap per chunk.
+// Occupancy: 4 CTAs of 128 threads per SM (<= 128 registers) for the 16-bit vector path; 3 for
+// fp32, whose TF32 conversions (emulated cvt.rna.tf32 on sm_8x; 3xTF32's big/small split
+// fragments) would spill at 128 registers, and for the gather path (its chunks' element loads in
+// flight across the tile's math).
 template <typename T, int MATH, bool VEC_A>
-__global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
+__global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
     conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
@@ -101,12 +105,12 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
   // ---- per-thread A-row bookkeeping (fixed over the K loop): the input offset of each row's
   // pixel origin (n, p*sh - ph, q*sw - pw); a row past M gets an origin far outside the image, so
   // the in-image test alone masks it.
-  constexpr int AROWS = VEC_A ? A_VEC_ROWS : 1;
+  constexpr int AROWS = A_VEC_ROWS;
   long long a_off[AROWS];
   int a_h0[AROWS], a_w0[AROWS];
 #pragma unroll
   for (int i = 0; i < AROWS; ++i) {
-    const int row = VEC_A ? vec_row(tid, i) : tid;
+    const int row = vec_row(tid, i);
     const int m = m0 + row;
     const Pixel px = decompose_m(m < p.M ? m : 0, p.OH, p.OW);
     a_h0[i] = m < p.M ? px.p * p.sh - p.ph : -(1 << 30);
@@ -118,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
   // one tile per load with precomputed deltas, no division in the main loop.
   const int chunk = vec_chunk(tid);
   const TapDeltas& td = p.td;
-  TapIter tap = tap_iter_at(VEC_A ? chunk * VEC : 0, td, p.xs[2], p.xs[3]);
+  TapIter tap = tap_iter_at(chunk * VEC, td, p.xs[2], p.xs[3]);
   // weight rows n0 + vec_row(tid, i) = row0 + ROW_STEP * i: one pointer, per-row validity
   const int w_n = n0 + vec_row(tid, 0);
   const T* const w_row = w + static_cast<long long>(w_n < p.Cout ? w_n : 0) * p.ldw;
@@ -151,41 +155,44 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 ? 4 : 3)
     }
     tap_advance(tap, BKE, p.tile_dc, td);
   };
-  // generic gather: this thread's row (tid), all BKE columns of the next tile, into registers
-  constexpr int GREGS = BKE * EB / 4;  // unused (optimised away) on the VEC_A path
-  uint32_t g[GREGS];
+  // generic path: this thread's chunks of the next tile, element by element into registers
+  // (channels c..c+VEC-1 of the chunk's tap, those >= Cin zero), then step the tap on
+  uint32_t g[AROWS][4];  // unused (optimised away) on the VEC_A path
   auto gather_a = [&]() {
-    TapIter t = tap;
+    const bool k_ok = tap.r < p.KH;
+    const int nc = p.Cin - tap.c;  // valid channels in the chunk (>= VEC: all)
 #pragma unroll
-    for (int j = 0; j < BKE; ++j) {
-      const bool ok = t.r < p.KH && in_image(a_h0[0] + t.r, a_w0[0] + t.s, p.H, p.W);
-      uint32_t bits = 0;
-      if (ok) {
-        const T* src = x + (a_off[0] + t.off);
+    for (int i = 0; i < AROWS; ++i) {
+      const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
+      const T* src = x + (a_off[i] + tap.off);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        uint32_t bits = 0;
+        if (ok && e < nc) {
+          if constexpr (EB == 4) {
+            bits = __ldg(reinterpret_cast<const unsigned int*>(src + e * p.xs[1]));
+          } else {
+            bits = __ldg(reinterpret_cast<const unsigned short*>(src + e * p.xs[1]));
+          }
+        }
         if constexpr (EB == 4) {
-          bits = __ldg(reinterpret_cast<const unsigned int*>(src));
+          g[i][e] = bits;
         } else {
-          bits = __ldg(reinterpret_cast<const unsigned short*>(src));
+          if (e & 1)
+            g[i][e >> 1] |= bits << 16;
+          else
+            g[i][e >> 1] = bits;
         }
       }
-      if constexpr (EB == 4) {
-        g[j] = bits;
-      } else {
-        if (j & 1)
-          g[j >> 1] |= bits << 16;
-        else
-          g[j >> 1] = bits;
-      }
-      tap_advance(t, 1, td.dc, td);
     }
     tap_advance(tap, BKE, p.tile_dc, td);
   };
   auto store_a = [&](int st) {
-    unsigned char* base = smem_a + st * A_STAGE_BYTES;
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
+    for (int i = 0; i < AROWS; ++i) {
       if constexpr (!VEC_A) {
-        *reinterpret_cast<uint4*>(base + swz(tid, c)) = make_uint4(g[4 * c], g[4 * c + 1], g[4 * c + 2], g[4 * c + 3]);
+        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(vec_row(tid, i), chunk)) =
+            make_uint4(g[i][0], g[i][1], g[i][2], g[i][3]);
       }
     }
   };
@@ -627,12 +634,16 @@ void conv2d_forward(const Conv2dArgs& a) {
   if (a.OH != OH) throw ArgError(cat(fn, ": OH = ", a.OH, " but the convolution gives ", OH));
   if (a.OW != OW) throw ArgError(cat(fn, ": OW = ", a.OW, " but the convolution gives ", OW));
   const int64_t M = a.N * OH * OW;
-  const int64_t K = a.KH * a.KW * a.Cin;
+  const int vec = 16 / eb;
+  const int64_t Cp = ceil_div(a.Cin, vec) * vec;  // channels per tap in the packed weight and in K
+  const int64_t K = a.KH * a.KW * Cp;
   check_int32(M + BM, fn, "N*OH*OW (+ one tile)");
-  check_int32(K + 64, fn, "K = KH*KW*Cin (+ one tile)");
+  check_int32(K + 64, fn, "K = KH*KW*Cp (+ one tile)");
   if (ceil_div(M, BM) * ceil_div(a.Cout, BN) > kIntMax)
     throw ArgError(cat(fn, ": N*OH*OW = ", M, " and Cout = ", a.Cout, " make more than 2^31 - 1 tiles of ", BM, " x ", BN));
-  if (a.ldw < K) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cin = ", K));
+  if (a.ldw < K)
+    throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cp = ", K, " (Cp = Cin rounded up to a multiple of ",
+                       vec, ")"));
   if (a.ldw % 8 != 0) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be a multiple of 8"));
   check_int32(a.ldw + 64, fn, "ldw");
   // ---- pointers, alignment, strides
@@ -722,7 +733,7 @@ void conv2d_forward(const Conv2dArgs& a) {
     p.os[i] = a.out_stride[i];
     p.rs[i] = a.residual ? a.res_stride[i] : 0;
   }
-  p.td = tap_deltas(p.Cin, p.KW, p.xs[1], p.xs[2], p.xs[3]);
+  p.td = tap_deltas(static_cast<int>(Cp), p.KW, p.xs[1], p.xs[2], p.xs[3]);
   p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.relu = a.relu ? 1 : 0;
   p.out_cvec = a.out_stride[1] == 1 ? 1 : 0;
@@ -731,7 +742,6 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.res_cvec = (a.residual && a.residual % 16 == 0 && a.res_stride[1] == 1) ? 1 : 0;
   p.res_pvec = (a.residual && a.residual % 16 == 0 && a.res_stride[3] == 1 && a.res_stride[2] == OW) ? 1 : 0;
 
-  const int vec = 16 / eb;
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
                      a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
   p.m_tiles = static_cast<int>(m_tiles);

@@ -2,8 +2,10 @@
 // ldmatrix addressing, mma fragment mapping. (Without a GPU, the whole kernel runs in the test-only
 // host runner, tests/host_runner.py.)
 //
-// GEMM view: M = N*OH*OW output pixels (row m -> (n, p, q)), N_gemm = Cout, K = KH*KW*Cin with
-// k -> (r, s, c), c fastest (the weight is laid out (Cout, KH, KW, Cin), row stride ldw >= K).
+// GEMM view: M = N*OH*OW output pixels (row m -> (n, p, q)), N_gemm = Cout, K = KH*KW*Cp with
+// k -> (r, s, c), c fastest, Cp = Cin rounded up to a multiple of 16 bytes' worth of elements
+// (the weight is laid out (Cout, KH, KW, Cp) with zero channels c >= Cin, row stride ldw >= K), so
+// every 16-byte chunk of K lies in one filter tap.
 //
 // CTA tile BM x BN output, K tiles of BK_BYTES bytes per row (32 bf16/fp16 or 16 fp32 values).
 // Shared memory per stage: A tile [BM rows][BK_BYTES] and B tile [BN rows (= output channels)]
@@ -52,7 +54,6 @@ constexpr int EP_LD_P = BM + 4;
 static_assert(BM * EP_LD_C * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES) &&
                   BN * EP_LD_P * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES),
               "the epilogue staging tile fits in the pipeline buffers");
-static_assert(BM == kThreads, "the generic gather path gives one A row to each thread");
 static_assert(2 * WARP_M == BM && 2 * WARP_N == BN, "2 x 2 warps");
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row` inside one stage's A or B tile.

@@ -87,8 +87,11 @@ def test_conv_kernels_present_and_use_tensor_cores(cubins, tool, arch):
         assert hmma in flavours, f"{arch} {frag}: no {hmma} in its SASS (found {sorted(flavours)})"
         assert "LDSM" in body, f"{arch} {frag}: tensor-core operands not loaded with ldmatrix (LDSM)"
         assert "LDGSTS" in body, f"{arch} {frag}: no cp.async (LDGSTS) in the shared-memory pipeline"
-        if frag.endswith("Lb1E"):  # the 16-byte path zero-fills padding with cp.async src-size 0
-            assert "ZFILL" in body, f"{arch} {frag}: vectorised A loads without zero-fill"
+        if frag.endswith("Lb1E"):  # the 16-byte path zero-fills padding with cp.async src-size 0:
+            # LDGSTS ...ZFILL (src-size in a register) or the ignore-src predicate operand form
+            # LDGSTS [dst], [src], Px that ptxas emits when src-size is 16 or 0 (sm_90: desc[URx][src])
+            zfill = "ZFILL" in body or re.search(r"LDGSTS\S*\s+\[[^\]]*\],\s*(?:desc\[\w+\])?\[[^\]]*\],\s*!?P\d", body)
+            assert zfill, f"{arch} {frag}: vectorised A loads without zero-fill"
     assert any(FINALIZE in n for n in convs), f"{arch}: {FINALIZE} missing"
 
 
@@ -123,11 +126,11 @@ def test_conv_kernels_do_not_spill(cubins, tool, arch):
 # Budgets (counted from nvcc 13.0 SASS, sm_80 / sm_90, plus ~5% slack for other compilers):
 # before the filter-tap iterators (2026-12-02 review) the loop was 180 / 785 / 228 / 484 / 384 / 634
 # instructions per k-step for 16-bit vector / 16-bit gather / TF32 vector / TF32 gather / 3xTF32
-# vector / 3xTF32 gather; with them 109 / 630 / 155 / 391 / 307 / 543 (sm_90, the larger).
+# vector / 3xTF32 gather (sm_90); with them and the chunk gather 111 / 273 / 168 / 232 / 320 / 384.
 MAIN_LOOP_BUDGET = {  # (MATH, VEC_A) fragment -> max instructions per k-step
-    "Li0ELb1E": 115, "Li0ELb0E": 660,
-    "Li1ELb1E": 165, "Li1ELb0E": 410,
-    "Li2ELb1E": 320, "Li2ELb0E": 570,
+    "Li0ELb1E": 118, "Li0ELb0E": 290,
+    "Li1ELb1E": 178, "Li1ELb0E": 245,
+    "Li2ELb1E": 336, "Li2ELb0E": 405,
 }
 HMMA_PER_KSTEP = {"Li0E": 16, "Li1E": 16, "Li2E": 48}
 DIVISION_OPS = ("I2F", "F2I", "MUFU.RCP", "IMAD.HI", "IMUL.HI")

@@ -55,6 +55,9 @@ SHAPES = {
     "1x1_cin8": (1, 8, 5, 5, 16, 1, 1, 0),
     # 10 m tiles x 2 n tiles: a full band of 8 m tiles and a partial one (grouped CTA order)
     "3x3_grouped_order": (3, 8, 20, 20, 72, 3, 1, 1),
+    # channel padding (Cp = 8 for 16-bit, 4 / 8 for fp32): the stem with N = 1, an odd Cin
+    "stem7x7s2_n1": (1, 3, 15, 17, 16, 7, 2, 3),
+    "5x5_cin5": (1, 5, 7, 7, 9, 5, 1, 2),
 }
 EPILOGUES = {
     "plain": dict(scale=False, bias=False, residual=False, relu=False),
@@ -260,7 +263,7 @@ def api(request):
 def _valid_args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
              workspace_bytes=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
-             pad_w=1, OH=9, OW=9, ldw=32, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1],
+             pad_w=1, OH=9, OW=9, ldw=72, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1],
              res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0)
     a.update(over)
     return a
@@ -279,8 +282,8 @@ def _valid_args(**over):
     (dict(pad_h=-1), "pad_h"),
     (dict(OH=8), "OH = 8"),
     (dict(OW=10), "OW = 10"),
-    (dict(ldw=24), "ldw = 24 must be >= K"),
-    (dict(ldw=36), "multiple of 8"),
+    (dict(ldw=64), r"ldw = 64 must be >= K = KH\*KW\*Cp = 72"),
+    (dict(ldw=76), "multiple of 8"),
     (dict(H=1, pad_h=0), "smaller than the kernel"),
     (dict(out_stride=[648, 81, 9, 2]), "out_stride"),
     (dict(out_stride=[648, 81, 9]), "out_stride must have 4"),
