@@ -73,9 +73,14 @@ struct Elem<__nv_bfloat16> {
 // Occupancy: 4 CTAs of 128 threads per SM (<= 128 registers) for the 16-bit vector path; 3 for
 // fp32, whose TF32 conversions (emulated cvt.rna.tf32 on sm_8x; 3xTF32's big/small split
 // fragments) would spill at 128 registers, and for the gather path (its chunks' element loads in
-// flight across the tile's math).
-template <typename T, int MATH, bool VEC_A>
-__global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
+// flight across the tile's math); the 3xTF32 gather path would spill even at 168 on sm_80 and
+// gets up to 255 (198 with nvcc 13.0: 2 CTAs per SM).
+// The wide tile (BN_ = 128, 256 threads): 2 CTAs per SM at <= 128 registers.
+template <typename T, int MATH, bool VEC_A, int BN_>
+__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128                 ? 2
+                                                          : MATH == kMma16 && VEC_A    ? 4
+                                                          : MATH == k3xTf32 && !VEC_A ? 2
+                                                                                      : 3)
     conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
@@ -83,9 +88,11 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
   constexpr int VEC = vec_elems(EB);  // elements per 16-byte chunk
   static_assert(MATH == kMma16 ? EB == 2 : EB == 4, "math mode / element type mismatch");
 
-  __shared__ __align__(128) unsigned char smem[STAGES * (A_STAGE_BYTES + B_STAGE_BYTES)];
-  __shared__ float s_sum[2][BN];
-  __shared__ float s_m2[2][BN];
+  using C = TileCfg<BN_>;
+  constexpr int B_STAGE_BYTES = C::B_STAGE_BYTES;
+  constexpr int ROW_STEP = C::ROW_STEP;
+  // pipeline stages; after the main loop the epilogue's staging tile, then the statistics
+  __shared__ __align__(128) unsigned char smem[C::SMEM_BYTES];
   unsigned char* const smem_a = smem;
   unsigned char* const smem_b = smem + STAGES * A_STAGE_BYTES;
   const uint32_t a_base = smem_addr(smem_a);
@@ -94,10 +101,10 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wm = warp_m(warp), wn = warp_n(warp);
+  const int wm = C::warp_m(warp), wn = C::warp_n(warp);
   const TileCoord tile = tile_of(static_cast<int>(blockIdx.x), p.m_tiles, p.n_tiles);
   const int m0 = tile.m * BM;
-  const int n0 = tile.n * BN;
+  const int n0 = tile.n * BN_;
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w = static_cast<const T*>(p.w);
@@ -105,12 +112,12 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
   // ---- per-thread A-row bookkeeping (fixed over the K loop): the input offset of each row's
   // pixel origin (n, p*sh - ph, q*sw - pw); a row past M gets an origin far outside the image, so
   // the in-image test alone masks it.
-  constexpr int AROWS = A_VEC_ROWS;
+  constexpr int AROWS = C::A_VEC_ROWS;
   long long a_off[AROWS];
   int a_h0[AROWS], a_w0[AROWS];
 #pragma unroll
   for (int i = 0; i < AROWS; ++i) {
-    const int row = vec_row(tid, i);
+    const int row = C::vec_row(tid, i);
     const int m = m0 + row;
     const Pixel px = decompose_m(m < p.M ? m : 0, p.OH, p.OW);
     a_h0[i] = m < p.M ? px.p * p.sh - p.ph : -(1 << 30);
@@ -124,20 +131,19 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
   const TapDeltas& td = p.td;
   TapIter tap = tap_iter_at(chunk * VEC, td, p.xs[2], p.xs[3]);
   // weight rows n0 + vec_row(tid, i) = row0 + ROW_STEP * i: one pointer, per-row validity
-  const int w_n = n0 + vec_row(tid, 0);
+  const int w_n = n0 + C::vec_row(tid, 0);
   const T* const w_row = w + static_cast<long long>(w_n < p.Cout ? w_n : 0) * p.ldw;
   const long long w_row_step = static_cast<long long>(ROW_STEP) * p.ldw;
   int w_k = chunk * VEC;  // weight column of this thread's chunk in the next tile to load
   // shared-memory destinations of this thread's chunks in stage 0: rows ROW_STEP apart keep the
   // swizzle phase ((row >> 1) & 3), so chunk i is ROW_STEP rows after chunk 0
-  static_assert(ROW_STEP % 8 == 0, "rows ROW_STEP apart share the swizzle phase");
-  const uint32_t a_dst = a_base + swz(vec_row(tid, 0), chunk);
-  const uint32_t b_dst = b_base + swz(vec_row(tid, 0), chunk);
+  const uint32_t a_dst = a_base + swz(C::vec_row(tid, 0), chunk);
+  const uint32_t b_dst = b_base + swz(C::vec_row(tid, 0), chunk);
 
   // the next tile's B chunks (stage st), then step the weight column on
   auto load_b = [&](int st) {
 #pragma unroll
-    for (int i = 0; i < B_VEC_ROWS; ++i) {
+    for (int i = 0; i < C::B_VEC_ROWS; ++i) {
       const bool ok = w_n + ROW_STEP * i < p.Cout && w_k < p.ldw;
       cp_async16(b_dst + st * B_STAGE_BYTES + i * ROW_STEP * BK_BYTES, ok ? w_row + (i * w_row_step + w_k) : w,
                  ok ? 16 : 0);
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
       if constexpr (!VEC_A) {
-        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(vec_row(tid, i), chunk)) =
+        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(C::vec_row(tid, i), chunk)) =
             make_uint4(g[i][0], g[i][1], g[i][2], g[i][3]);
       }
     }
@@ -320,31 +326,6 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
   const int g_col = wn * WARP_N;
   T* __restrict__ out = static_cast<T*>(p.out);
   const T* __restrict__ res = static_cast<const T*>(p.res);
-  float sc[NI][2], bi[NI][2];
-#pragma unroll
-  for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int col = n0 + g_col + ni * 8 + c_col(lane, j);
-      const bool ok = col < p.Cout;
-      sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
-      bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
-    }
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done reading the pipeline stages: the staging tile reuses them
-  float* const s_ep = reinterpret_cast<float*>(smem);
-  const bool ch_major = p.out_cvec != 0;
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = g_row + mi * 16 + c_row(lane, i);
-        const int col = g_col + ni * 8 + c_col(lane, i);
-        s_ep[ch_major ? row * EP_LD_C + col : col * EP_LD_P + row] = acc[mi][ni][i] * sc[ni][i & 1] + bi[ni][i & 1];
-      }
-  __syncthreads();
   constexpr int VO = 16 / EB;  // elements per 16-byte vector
   // residual (when present), ReLU, rounding and the store of one vector v[0..nv) of consecutive
   // elements along out's contiguous dimension, element 0 at offsets o0 (out) / r0 (residual).
@@ -407,50 +388,86 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
       }
     }
   };
-  if (ch_major) {
-    // vectors of VO channels of one pixel; consecutive threads take consecutive vectors of a row
-    constexpr int VPR = BN / VO;
-    for (int j = tid; j < BM * VPR; j += kThreads) {
-      const int r = j / VPR, cv = j % VPR;
-      const int m = m0 + r;
-      const int col0 = n0 + cv * VO;
-      if (m >= p.M) continue;
-      if (col0 >= p.Cout) continue;
-      const int nv = min(VO, p.Cout - col0);
-      const Pixel px = decompose_m(m, p.OH, p.OW);
-      const long long o = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3] + col0;  // os[1] == 1
-      const long long rr = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3] + col0 * p.rs[1];
-      float v[VO];
+  cp_async_wait<0>();
+  float* const s_ep = reinterpret_cast<float*>(smem);
+  const bool ch_major = p.out_cvec != 0;
 #pragma unroll
-      for (int e = 0; e < VO; ++e) v[e] = s_ep[r * EP_LD_C + cv * VO + e];
-      finish(v, nv, p.res_cvec && nv == VO && rr % VO == 0, p.out_al16 && nv == VO && o % VO == 0, o, rr, false,
-             px, col0);
+  for (int half = 0; half < BN_ / BN; ++half) {  // 64 output channels at a time
+    __syncthreads();  // every warp is done with the pipeline stages / the previous half's tile
+    const int nh = n0 + half * BN;
+    if (g_col / BN == half) {
+      float sc[NI][2], bi[NI][2];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = n0 + g_col + ni * 8 + c_col(lane, j);
+          const bool ok = col < p.Cout;
+          sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
+          bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
+        }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = g_row + mi * 16 + c_row(lane, i);
+            const int col = g_col - half * BN + ni * 8 + c_col(lane, i);
+            s_ep[ch_major ? row * EP_LD_C + col : col * EP_LD_P + row] = acc[mi][ni][i] * sc[ni][i & 1] + bi[ni][i & 1];
+          }
     }
-  } else {
-    // vectors of VO consecutive GEMM rows (pixels) of one channel; consecutive threads take
-    // consecutive vectors of a channel
-    constexpr int GPC = BM / VO;
-    const int ohw = p.OH * p.OW;
-    for (int j = tid; j < BN * GPC; j += kThreads) {
-      const int cl = j / GPC, rg = j % GPC;
-      const int col = n0 + cl;
-      const int m = m0 + rg * VO;
-      if (m >= p.M || col >= p.Cout) continue;
-      const int nv = min(VO, p.M - m);
-      const Pixel px = decompose_m(m, p.OH, p.OW);
-      const bool full = nv == VO && px.p * p.OW + px.q + VO <= ohw;  // all in one image
-      const long long o = px.n * p.os[0] + col * p.os[1] + px.p * p.os[2] + px.q * p.os[3];
-      const long long rr = px.n * p.rs[0] + col * p.rs[1] + px.p * p.rs[2] + px.q * p.rs[3];
-      float v[VO];
+    __syncthreads();
+    if (ch_major) {
+      // vectors of VO channels of one pixel; consecutive threads take consecutive vectors of a row
+      constexpr int VPR = BN / VO;
+#pragma unroll 1
+      for (int j = tid; j < BM * VPR; j += C::THREADS) {
+        const int r = j / VPR, cv = j % VPR;
+        const int m = m0 + r;
+        const int col0 = nh + cv * VO;
+        if (m >= p.M) continue;
+        if (col0 >= p.Cout) continue;
+        const int nv = min(VO, p.Cout - col0);
+        const Pixel px = decompose_m(m, p.OH, p.OW);
+        const long long o = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3] + col0;  // os[1] == 1
+        const long long rr = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3] + col0 * p.rs[1];
+        float v[VO];
 #pragma unroll
-      for (int e = 0; e < VO; ++e) v[e] = s_ep[cl * EP_LD_P + rg * VO + e];
-      finish(v, nv, p.res_pvec && full && rr % VO == 0, p.out_pvec && full && o % VO == 0, o, rr, true, px, col);
+        for (int e = 0; e < VO; ++e) v[e] = s_ep[r * EP_LD_C + cv * VO + e];
+        finish(v, nv, p.res_cvec && nv == VO && rr % VO == 0, p.out_al16 && nv == VO && o % VO == 0, o, rr, false,
+               px, col0);
+      }
+    } else {
+      // vectors of VO consecutive GEMM rows (pixels) of one channel; consecutive threads take
+      // consecutive vectors of a channel
+      constexpr int GPC = BM / VO;
+      const int ohw = p.OH * p.OW;
+#pragma unroll 1
+      for (int j = tid; j < BN * GPC; j += C::THREADS) {
+        const int cl = j / GPC, rg = j % GPC;
+        const int col = nh + cl;
+        const int m = m0 + rg * VO;
+        if (m >= p.M || col >= p.Cout) continue;
+        const int nv = min(VO, p.M - m);
+        const Pixel px = decompose_m(m, p.OH, p.OW);
+        const bool full = nv == VO && px.p * p.OW + px.q + VO <= ohw;  // all in one image
+        const long long o = px.n * p.os[0] + col * p.os[1] + px.p * p.os[2] + px.q * p.os[3];
+        const long long rr = px.n * p.rs[0] + col * p.rs[1] + px.p * p.rs[2] + px.q * p.rs[3];
+        float v[VO];
+#pragma unroll
+        for (int e = 0; e < VO; ++e) v[e] = s_ep[cl * EP_LD_P + rg * VO + e];
+        finish(v, nv, p.res_pvec && full && rr % VO == 0, p.out_pvec && full && o % VO == 0, o, rr, true, px, col);
+      }
     }
   }
 
   // ---- per-tile channel statistics of y = acc: (mean, M2) over this tile's valid rows, two
   // passes in a fixed order (lane shuffles, then warp row wm = 0 plus wm = 1): deterministic.
   if (p.part_mean != nullptr) {
+    __syncthreads();  // the staging tile is read: the partial sums reuse its memory
+    float(*const s_sum)[BN_] = reinterpret_cast<float(*)[BN_]>(smem);
+    float(*const s_m2)[BN_] = reinterpret_cast<float(*)[BN_]>(smem + 2 * BN_ * sizeof(float));
     const int cnt = min(BM, p.M - m0);
     const float inv_cnt = 1.f / static_cast<float>(cnt);
     float mean[NI][2];
@@ -478,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
             }
           }
         }
-      float(*dst)[BN] = pass == 0 ? s_sum : s_m2;
+      float(*dst)[BN_] = pass == 0 ? s_sum : s_m2;
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
@@ -500,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, MATH == kMma16 && VEC_A ? 4 : 3)
           }
       }
     }
-    if (tid < BN && n0 + tid < p.Cout) {
+    if (tid < BN_ && n0 + tid < p.Cout) {
       const long long o = static_cast<long long>(tile.m) * p.Cout + n0 + tid;
       p.part_mean[o] = (s_sum[0][tid] + s_sum[1][tid]) * inv_cnt;
       p.part_m2[o] = s_m2[0][tid] + s_m2[1][tid];
@@ -546,13 +563,21 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
+// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances)
 template <typename T, int MATH>
-void launch_conv(const Params& p, bool vec_a, dim3 grid, cudaStream_t stream) {
+void launch_conv(const Params& p, bool vec_a, bool wide, dim3 grid, cudaStream_t stream) {
+  if constexpr (MATH == kMma16) {
+    if (wide) {
+      conv2d_igemm_kernel<T, MATH, true, 128><<<grid, TileCfg<128>::THREADS, 0, stream>>>(p);
+      check_launch("conv2d_forward: conv2d_igemm_kernel (128 x 128 tile, vectorised A loads)");
+      return;
+    }
+  }
   if (vec_a) {
-    conv2d_igemm_kernel<T, MATH, true><<<grid, kThreads, 0, stream>>>(p);
+    conv2d_igemm_kernel<T, MATH, true, 64><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
     check_launch("conv2d_forward: conv2d_igemm_kernel (vectorised A loads)");
   } else {
-    conv2d_igemm_kernel<T, MATH, false><<<grid, kThreads, 0, stream>>>(p);
+    conv2d_igemm_kernel<T, MATH, false, 64><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
     check_launch("conv2d_forward: conv2d_igemm_kernel (generic A gather)");
   }
 }
@@ -639,11 +664,12 @@ void conv2d_forward(const Conv2dArgs& a) {
   const int64_t K = a.KH * a.KW * Cp;
   check_int32(M + BM, fn, "N*OH*OW (+ one tile)");
   check_int32(K + 64, fn, "K = KH*KW*Cp (+ one tile)");
-  if (ceil_div(M, BM) * ceil_div(a.Cout, BN) > kIntMax)
-    throw ArgError(cat(fn, ": N*OH*OW = ", M, " and Cout = ", a.Cout, " make more than 2^31 - 1 tiles of ", BM, " x ", BN));
+  if (ceil_div(M, BM) * ceil_div(a.Cout, BN) > kIntMax)  // the 128 x 64 tile: the most tiles
+    throw ArgError(cat(fn, ": N*OH*OW = ", M, " and Cout = ", a.Cout, " make more than 2^31 - 1 tiles of ", BM,
+                       " x ", BN));
   if (a.ldw < K)
-    throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cp = ", K, " (Cp = Cin rounded up to a multiple of ",
-                       vec, ")"));
+    throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cp = ", K,
+                       " (Cp = Cin rounded up to a multiple of ", vec, ")"));
   if (a.ldw % 8 != 0) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be a multiple of 8"));
   check_int32(a.ldw + 64, fn, "ldw");
   // ---- pointers, alignment, strides
@@ -744,18 +770,22 @@ void conv2d_forward(const Conv2dArgs& a) {
 
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
                      a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
+  // the 128 x 128 tile where it helps: 16-bit, vector path, at least 128 output channels (half
+  // the shared-memory and L2 traffic per MAC of the 128 x 64 tile); layers narrower than 128
+  // would waste half of it
+  const bool wide = eb == 2 && vec_a && a.Cout >= 128;
   p.m_tiles = static_cast<int>(m_tiles);
-  p.n_tiles = static_cast<int>(ceil_div(a.Cout, BN));
+  p.n_tiles = static_cast<int>(ceil_div(a.Cout, wide ? 128 : BN));
   const dim3 grid(static_cast<unsigned>(m_tiles * p.n_tiles));  // grouped order: tile_of
   switch (a.dtype) {
     case DType::F32:
       if (a.allow_tf32)
-        launch_conv<float, kTf32>(p, vec_a, grid, stream);
+        launch_conv<float, kTf32>(p, vec_a, false, grid, stream);
       else
-        launch_conv<float, k3xTf32>(p, vec_a, grid, stream);
+        launch_conv<float, k3xTf32>(p, vec_a, false, grid, stream);
       break;
-    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, grid, stream); break;
-    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, grid, stream); break;
+    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, grid, stream); break;
+    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, grid, stream); break;
     case DType::F64: break;  // rejected above
   }
   if (stats) {

@@ -13,7 +13,8 @@
 // with (row >> 1) & 3 so that the 8 row addresses of one ldmatrix 8x8 matrix hit 8 different
 // 16-byte bank groups.
 //
-// 4 warps as 2 (M) x 2 (N), warp tile 64 x 32 = MI (4) m16 tiles x NI (4) n8 tiles. One
+// Two CTA shapes (TileCfg<BN_>): 128 x 64 with 4 warps as 2 (M) x 2 (N), and 128 x 128 with 8 warps
+// as 2 x 4; warp tile 64 x 32 = MI (4) m16 tiles x NI (4) n8 tiles in both. One
 // "k-step" is 32 bytes of K: a m16n8k16 for 16-bit types, a m16n8k8 for tf32. For both, the A
 // fragment of one m16 tile is one ldmatrix.x4 (matrices: rows 0-7/8-15 x chunk 0/1 of the
 // k-step), and the B fragments of two n8 tiles are one ldmatrix.x4 (matrices: n 0-7 chunk 0,
@@ -43,11 +44,8 @@ constexpr int MI = WARP_M / 16;  // 4
 constexpr int NI = WARP_N / 8;   // 4
 constexpr int A_STAGE_BYTES = BM * BK_BYTES;
 constexpr int B_STAGE_BYTES = BN * BK_BYTES;
-// vectorised loads: each thread owns one chunk column and these many rows
-constexpr int A_VEC_ROWS = BM * CHUNKS / kThreads;  // 4
-constexpr int B_VEC_ROWS = BN * CHUNKS / kThreads;  // 2
-constexpr int ROW_STEP = kThreads / CHUNKS;         // 32
-// Epilogue staging tile (fp32, in the pipeline buffers): [BM][EP_LD_C] when out's channels are
+// Epilogue staging tile (fp32, in the pipeline buffers), 64 output channels at a time (BN = 64
+// columns; the wide tile stages its two halves in turn): [BM][EP_LD_C] when out's channels are
 // contiguous, else [BN][EP_LD_P]; rows padded by 4 floats (16-byte aligned rows, fewer conflicts).
 constexpr int EP_LD_C = BN + 4;
 constexpr int EP_LD_P = BM + 4;
@@ -56,6 +54,26 @@ static_assert(BM * EP_LD_C * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES) &&
               "the epilogue staging tile fits in the pipeline buffers");
 static_assert(2 * WARP_M == BM && 2 * WARP_N == BN, "2 x 2 warps");
 
+// CTA shape by its output-channel width BN_ (64: the default; 128: the wide tile, 16-bit vector
+// path): 2 x (BN_ / 32) warps of 64 x 32; vectorised loads: each thread owns one chunk column
+// (vec_chunk) and the rows vec_row(tid, i) = tid / 4 + ROW_STEP * i.
+template <int BN_>
+struct TileCfg {
+  static constexpr int BN = BN_;
+  static constexpr int WARPS_N = BN_ / WARP_N;
+  static constexpr int THREADS = 32 * 2 * WARPS_N;
+  static constexpr int B_STAGE_BYTES = BN_ * BK_BYTES;
+  static constexpr int SMEM_BYTES = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
+  static constexpr int ROW_STEP = THREADS / CHUNKS;  // 32 / 64
+  static constexpr int A_VEC_ROWS = BM / ROW_STEP;   // 4 / 2
+  static constexpr int B_VEC_ROWS = BN_ / ROW_STEP;  // 2 / 2
+  static RK_HD int warp_m(int warp) { return warp / WARPS_N; }
+  static RK_HD int warp_n(int warp) { return warp % WARPS_N; }
+  static RK_HD int vec_row(int tid, int i) { return (tid >> 2) + ROW_STEP * i; }
+  static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory (48 KiB)");
+  static_assert(ROW_STEP % 8 == 0, "rows ROW_STEP apart share the swizzle phase ((row >> 1) & 3)");
+};
+
 // Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row` inside one stage's A or B tile.
 RK_HD int swz(int row, int chunk) { return row * BK_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4); }
 
@@ -63,9 +81,7 @@ RK_HD int swz(int row, int chunk) { return row * BK_BYTES + ((chunk ^ ((row >> 1
 RK_HD constexpr int bk_elems(int elem_bytes) { return BK_BYTES / elem_bytes; }
 RK_HD constexpr int vec_elems(int elem_bytes) { return 16 / elem_bytes; }
 
-// Warp placement: warp w covers rows wm*64.., cols wn*32.. of the CTA tile.
-RK_HD int warp_m(int warp) { return warp >> 1; }
-RK_HD int warp_n(int warp) { return warp & 1; }
+// Warp placement: warp w covers rows wm*64.., cols wn*32.. of the CTA tile (TileCfg::warp_m/n).
 
 // ldmatrix.x4 for the A fragment of the m16 tile starting at warp-tile row 16*mi, k-step ks:
 // the row (within the CTA tile, relative to the m16 tile start) and chunk this lane points at.
@@ -80,9 +96,8 @@ RK_HD int b_ldsm_chunk(int lane, int ks) { return ks * 2 + ((lane >> 3) & 1); }
 RK_HD int c_row(int lane, int i) { return (lane >> 2) + ((i >> 1) << 3); }
 RK_HD int c_col(int lane, int i) { return ((lane & 3) << 1) + (i & 1); }
 
-// Vectorised loads: thread `tid` copies chunk vec_chunk(tid) of rows vec_row(tid, i).
+// Vectorised loads: thread `tid` copies chunk vec_chunk(tid) of rows TileCfg::vec_row(tid, i).
 RK_HD int vec_chunk(int tid) { return tid & (CHUNKS - 1); }
-RK_HD int vec_row(int tid, int i) { return (tid >> 2) + ROW_STEP * i; }
 
 // Grouped CTA order (1-D grid, CTA b = blockIdx.x): the m tiles form bands of GROUP_M; a band's
 // CTAs are consecutive, m fastest, walking all n tiles (m-band x n tile 0, then n tile 1, ...), so

@@ -14,17 +14,20 @@ from test_sass import require_C_or_fail
 
 ARCHS = ("sm_80", "sm_90")
 
-# mangled-name fragment of each conv2d_igemm_kernel<T, MATH, VEC_A> variant -> required HMMA flavour
-# (MATH 0 = mma.m16n8k16 bf16/fp16, 1 = TF32 m16n8k8, 2 = 3xTF32 m16n8k8)
+# mangled-name fragment of each conv2d_igemm_kernel<T, MATH, VEC_A, BN> variant -> required HMMA
+# flavour (MATH 0 = mma.m16n8k16 bf16/fp16, 1 = TF32 m16n8k8, 2 = 3xTF32 m16n8k8; BN 64 = the
+# 128 x 64 tile, 128 = the 128 x 128 tile of the 16-bit vector path)
 VARIANTS = {
-    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb0E": "HMMA.16816.F32.BF16",
-    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1E": "HMMA.16816.F32.BF16",
-    "conv2d_igemm_kernelI6__halfLi0ELb0E": "HMMA.16816.F32",
-    "conv2d_igemm_kernelI6__halfLi0ELb1E": "HMMA.16816.F32",
-    "conv2d_igemm_kernelIfLi1ELb0E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi1ELb1E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi2ELb0E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi2ELb1E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb0ELi64E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1ELi64E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1ELi128E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI6__halfLi0ELb0ELi64E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelI6__halfLi0ELb1ELi64E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelI6__halfLi0ELb1ELi128E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelIfLi1ELb0ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi1ELb1ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi2ELb0ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi2ELb1ELi64E": "HMMA.1688.F32.TF32",
 }
 FINALIZE = "conv2d_stats_finalize_kernel"
 
@@ -87,7 +90,7 @@ def test_conv_kernels_present_and_use_tensor_cores(cubins, tool, arch):
         assert hmma in flavours, f"{arch} {frag}: no {hmma} in its SASS (found {sorted(flavours)})"
         assert "LDSM" in body, f"{arch} {frag}: tensor-core operands not loaded with ldmatrix (LDSM)"
         assert "LDGSTS" in body, f"{arch} {frag}: no cp.async (LDGSTS) in the shared-memory pipeline"
-        if frag.endswith("Lb1E"):  # the 16-byte path zero-fills padding with cp.async src-size 0:
+        if "Lb1E" in frag:  # the 16-byte path zero-fills padding with cp.async src-size 0:
             # LDGSTS ...ZFILL (src-size in a register) or the ignore-src predicate operand form
             # LDGSTS [dst], [src], Px that ptxas emits when src-size is 16 or 0 (sm_90: desc[URx][src])
             zfill = "ZFILL" in body or re.search(r"LDGSTS\S*\s+\[[^\]]*\],\s*(?:desc\[\w+\])?\[[^\]]*\],\s*!?P\d", body)
@@ -120,17 +123,18 @@ def test_conv_kernels_do_not_spill(cubins, tool, arch):
 # The main loop is the largest loop of the kernel (a backward branch) whose body holds the HMMAs;
 # its static instruction count (inner loops, e.g. the filter-tap wrap, counted once) is divided by
 # the k-steps it computes (2 per K tile: one m16n8k16 / m16n8k8 column of the 64 x 32 warp tile,
-# 16 HMMA, 48 for 3xTF32). Integer division or modulo shows in SASS as the reciprocal sequence of
-# a runtime divisor (I2F.U32.RP, MUFU.RCP, F2I.FTZ.U32.TRUNC, IMAD.HI) or, for a constant divisor,
+# 16 HMMA, 48 for 3xTF32), per warp. Integer division or modulo shows in SASS as the reciprocal
+# sequence of a runtime divisor (I2F.U32.RP, MUFU.RCP, F2I.FTZ.U32.TRUNC, IMAD.HI) or, for a constant divisor,
 # a multiply-high (IMAD.HI / IMUL.HI): none may appear in the loop.
 # Budgets (counted from nvcc 13.0 SASS, sm_80 / sm_90, plus ~5% slack for other compilers):
 # before the filter-tap iterators (2026-12-02 review) the loop was 180 / 785 / 228 / 484 / 384 / 634
 # instructions per k-step for 16-bit vector / 16-bit gather / TF32 vector / TF32 gather / 3xTF32
-# vector / 3xTF32 gather (sm_90); with them and the chunk gather 111 / 273 / 168 / 232 / 320 / 384.
-MAIN_LOOP_BUDGET = {  # (MATH, VEC_A) fragment -> max instructions per k-step
-    "Li0ELb1E": 118, "Li0ELb0E": 290,
-    "Li1ELb1E": 178, "Li1ELb0E": 245,
-    "Li2ELb1E": 336, "Li2ELb0E": 405,
+# vector / 3xTF32 gather (sm_90); now 113 / 277 / 170 / 234 / 322 / 376, and 109 for the 128 x 128
+# tile (16-bit vector; per warp: every warp tile is 64 x 32).
+MAIN_LOOP_BUDGET = {  # (MATH, VEC_A, BN) fragment -> max instructions per k-step
+    "Li0ELb1ELi64E": 120, "Li0ELb0ELi64E": 292, "Li0ELb1ELi128E": 116,
+    "Li1ELb1ELi64E": 180, "Li1ELb0ELi64E": 248,
+    "Li2ELb1ELi64E": 340, "Li2ELb0ELi64E": 400,
 }
 HMMA_PER_KSTEP = {"Li0E": 16, "Li1E": 16, "Li2E": 48}
 DIVISION_OPS = ("I2F", "F2I", "MUFU.RCP", "IMAD.HI", "IMUL.HI")
@@ -153,8 +157,8 @@ def main_loop(body: str) -> list[tuple[int, str]]:
 def test_main_loop_finder_sees_division():
     """The finder and the division check on a hand-made listing (a loop with a reciprocal)."""
     body = "\n".join(f"        /*{a:04x}*/  {t} ;" for a, t in [
-        (0x10, "MOV R1, R2"), (0x20, "I2F.U32.RP R3, R4"), (0x30, "MUFU.RCP R3, R3"), (0x40, "HMMA.16816.F32 R8, R4, R6, R8"),
-        (0x50, "@P0 BRA 0x20"), (0x60, "EXIT")])
+        (0x10, "MOV R1, R2"), (0x20, "I2F.U32.RP R3, R4"), (0x30, "MUFU.RCP R3, R3"),
+        (0x40, "HMMA.16816.F32 R8, R4, R6, R8"), (0x50, "@P0 BRA 0x20"), (0x60, "EXIT")])
     loop = main_loop(body)
     assert [a for a, _ in loop] == [0x20, 0x30, 0x40, 0x50]
     assert [o for _, o in loop if o.startswith(DIVISION_OPS)] == ["I2F.U32.RP", "MUFU.RCP"]

@@ -58,6 +58,9 @@ SHAPES = {
     # channel padding (Cp = 8 for 16-bit, 4 / 8 for fp32): the stem with N = 1, an odd Cin
     "stem7x7s2_n1": (1, 3, 15, 17, 16, 7, 2, 3),
     "5x5_cin5": (1, 5, 7, 7, 9, 5, 1, 2),
+    # the 128 x 128 tile (16-bit channels_last, Cout >= 128): 9 m tiles (a full band and one more)
+    # x 2 n tiles, the second partial
+    "3x3_wide_tile": (2, 16, 23, 25, 200, 3, 1, 1),
 }
 EPILOGUES = {
     "plain": dict(scale=False, bias=False, residual=False, relu=False),
