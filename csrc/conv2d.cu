@@ -27,12 +27,18 @@ struct Params {
   void* out;
   float* part_mean;  // [m_tiles][Cout] or nullptr (no stats)
   float* part_m2;
-  int N, Cin, H, W, Cout, KW;
+  int N, Cin, H, W, Cout, KH, KW;
   int sh, sw, ph, pw, OH, OW;
   int M, K, ldw, num_k_tiles;
+  int m_tiles, n_tiles;  // grid: m_tiles * n_tiles CTAs in grouped order (tile_of)
   long long xs[4], os[4], rs[4];
+  TapDeltas td;       // filter-tap iterator deltas (host-computed: kernel-parameter constants)
+  long long tile_dc;  // offset of one K tile's worth of channels: BK elements * xs[1]
   int relu;
-  int out_pair;  // out's channel stride is 1 and out is 2-element aligned: store channel pairs
+  // epilogue vector (16-byte) access: out_cvec: out's channel stride is 1 (vectors along channels,
+  // else along pixels); out_al16: out is 16-byte aligned; out_pvec: out_al16 and pixels of one
+  // image are contiguous (w stride 1, h stride OW); res_cvec / res_pvec: the same for the residual
+  int out_cvec, out_al16, out_pvec, res_cvec, res_pvec;
 };
 
 template <typename T>
@@ -56,22 +62,37 @@ struct Elem<__nv_bfloat16> {
 // PTX wrappers (cp.async, ldmatrix, mma.sync, cvt.rna.tf32): csrc/ptx.cuh.
 
 // ---- the convolution kernel --------------------------------------------------------------
-// VEC_A: x has unit channel stride, Cin and the other strides are multiples of 16/sizeof(T),
-// x is 16-byte aligned: every 16-byte chunk of an A tile row lies in one filter tap and is
-// copied with cp.async (zero-filled when outside the image or past K). Otherwise each thread
-// gathers its own A row element by element into registers (issued before the tile's math,
-// stored to shared memory after it).
-template <typename T, int MATH, bool VEC_A>
-__global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) {
+// K runs over (r, s, c) with c < Cp = Cin rounded up to a multiple of VEC = 16/sizeof(T) (the
+// packed weight's zero channels): every 16-byte chunk of an A tile row lies in one filter tap.
+// VEC_A: x has unit channel stride, Cin and the other strides are multiples of VEC, x is 16-byte
+// aligned: each chunk is copied with cp.async (zero-filled outside the image and past K).
+// Otherwise (NCHW, Cin % VEC != 0 such as the stem's 3 channels, odd strides) each chunk is
+// gathered element by element (stride x_stride[1], channels >= Cin zero) into registers, the
+// loads issued before the tile's math and the chunks stored to shared memory after it: the same
+// chunk/tap bookkeeping as the vector path, one tap per chunk.
+// Occupancy: 4 CTAs of 128 threads per SM (<= 128 registers) for the 16-bit vector path; 3 for
+// fp32, whose TF32 conversions (emulated cvt.rna.tf32 on sm_8x; 3xTF32's big/small split
+// fragments) would spill at 128 registers, and for the gather path (its chunks' element loads in
+// flight across the tile's math); the 3xTF32 gather path would spill even at 168 on sm_80 and
+// gets up to 255 (198 with nvcc 13.0: 2 CTAs per SM).
+// The wide tile (BN_ = 128, 256 threads): 2 CTAs per SM at <= 128 registers.
+template <typename T, int MATH, bool VEC_A, int BN_>
+__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128                 ? 2
+                                                          : MATH == kMma16 && VEC_A    ? 4
+                                                          : MATH == k3xTf32 && !VEC_A ? 2
+                                                                                      : 3)
+    conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
   constexpr int BKE = bk_elems(EB);   // K elements per tile
   constexpr int VEC = vec_elems(EB);  // elements per 16-byte chunk
   static_assert(MATH == kMma16 ? EB == 2 : EB == 4, "math mode / element type mismatch");
 
-  __shared__ __align__(128) unsigned char smem[STAGES * (A_STAGE_BYTES + B_STAGE_BYTES)];
-  __shared__ float s_sum[2][BN];
-  __shared__ float s_m2[2][BN];
+  using C = TileCfg<BN_>;
+  constexpr int B_STAGE_BYTES = C::B_STAGE_BYTES;
+  constexpr int ROW_STEP = C::ROW_STEP;
+  // pipeline stages; after the main loop the epilogue's staging tile, then the statistics
+  __shared__ __align__(128) unsigned char smem[C::SMEM_BYTES];
   unsigned char* const smem_a = smem;
   unsigned char* const smem_b = smem + STAGES * A_STAGE_BYTES;
   const uint32_t a_base = smem_addr(smem_a);
@@ -80,90 +101,104 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wm = warp_m(warp), wn = warp_n(warp);
-  const int m0 = blockIdx.x * BM;
-  const int n0 = blockIdx.y * BN;
+  const int wm = C::warp_m(warp), wn = C::warp_n(warp);
+  const TileCoord tile = tile_of(static_cast<int>(blockIdx.x), p.m_tiles, p.n_tiles);
+  const int m0 = tile.m * BM;
+  const int n0 = tile.n * BN_;
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w = static_cast<const T*>(p.w);
 
-  // ---- per-thread A-row bookkeeping (fixed over the K loop)
-  constexpr int AROWS = VEC_A ? A_VEC_ROWS : 1;
-  long long a_off[AROWS];  // n * x_stride_n
+  // ---- per-thread A-row bookkeeping (fixed over the K loop): the input offset of each row's
+  // pixel origin (n, p*sh - ph, q*sw - pw); a row past M gets an origin far outside the image, so
+  // the in-image test alone masks it.
+  constexpr int AROWS = C::A_VEC_ROWS;
+  long long a_off[AROWS];
   int a_h0[AROWS], a_w0[AROWS];
-  bool a_ok[AROWS];
 #pragma unroll
   for (int i = 0; i < AROWS; ++i) {
-    const int row = VEC_A ? vec_row(tid, i) : tid;
+    const int row = C::vec_row(tid, i);
     const int m = m0 + row;
-    a_ok[i] = m < p.M;
-    const Pixel px = decompose_m(a_ok[i] ? m : 0, p.OH, p.OW);
-    a_off[i] = px.n * p.xs[0];
-    a_h0[i] = px.p * p.sh - p.ph;
+    const Pixel px = decompose_m(m < p.M ? m : 0, p.OH, p.OW);
+    a_h0[i] = m < p.M ? px.p * p.sh - p.ph : -(1 << 30);
     a_w0[i] = px.q * p.sw - p.pw;
+    a_off[i] = px.n * p.xs[0] + static_cast<long long>(a_h0[i]) * p.xs[2] + static_cast<long long>(a_w0[i]) * p.xs[3];
   }
+  // ---- filter-tap iterator of the next tile to load (this thread's chunk column on the
+  // vectorised path, the tile's first column on the gather path) and the weight rows: advanced by
+  // one tile per load with precomputed deltas, no division in the main loop.
+  const int chunk = vec_chunk(tid);
+  const TapDeltas& td = p.td;
+  TapIter tap = tap_iter_at(chunk * VEC, td, p.xs[2], p.xs[3]);
+  // weight rows n0 + vec_row(tid, i) = row0 + ROW_STEP * i: one pointer, per-row validity
+  const int w_n = n0 + C::vec_row(tid, 0);
+  const T* const w_row = w + static_cast<long long>(w_n < p.Cout ? w_n : 0) * p.ldw;
+  const long long w_row_step = static_cast<long long>(ROW_STEP) * p.ldw;
+  int w_k = chunk * VEC;  // weight column of this thread's chunk in the next tile to load
+  // shared-memory destinations of this thread's chunks in stage 0: rows ROW_STEP apart keep the
+  // swizzle phase ((row >> 1) & 3), so chunk i is ROW_STEP rows after chunk 0
+  const uint32_t a_dst = a_base + swz(C::vec_row(tid, 0), chunk);
+  const uint32_t b_dst = b_base + swz(C::vec_row(tid, 0), chunk);
 
-  auto load_b = [&](int kt, int st) {
-    const int chunk = vec_chunk(tid);
-    const int k = kt * BKE + chunk * VEC;
+  // the next tile's B chunks (stage st), then step the weight column on
+  auto load_b = [&](int st) {
 #pragma unroll
-    for (int i = 0; i < B_VEC_ROWS; ++i) {
-      const int row = vec_row(tid, i);
-      const int n = n0 + row;
-      const bool ok = n < p.Cout && k < p.ldw;
-      const T* src = ok ? w + static_cast<long long>(n) * p.ldw + k : w;
-      cp_async16(b_base + st * B_STAGE_BYTES + swz(row, chunk), src, ok ? 16 : 0);
+    for (int i = 0; i < C::B_VEC_ROWS; ++i) {
+      const bool ok = w_n + ROW_STEP * i < p.Cout && w_k < p.ldw;
+      cp_async16(b_dst + st * B_STAGE_BYTES + i * ROW_STEP * BK_BYTES, ok ? w_row + (i * w_row_step + w_k) : w,
+                 ok ? 16 : 0);
     }
+    w_k += BKE;
   };
-  auto load_a_vec = [&](int kt, int st) {
-    const int chunk = vec_chunk(tid);
-    const int k = kt * BKE + chunk * VEC;
-    const bool k_ok = k < p.K;  // K is a multiple of VEC here: the chunk is all in or all out
-    const Tap tp = decompose_k(k_ok ? k : 0, p.Cin, p.KW);
+  // the next tile's A chunks (stage st): one filter tap per chunk (Cin % VEC == 0), zero-filled
+  // outside the image and past K; then step the tap on
+  auto load_a_vec = [&](int st) {
+    const bool k_ok = tap.r < p.KH;  // column < K; K is a multiple of VEC: the chunk is all in or out
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
-      const int h = a_h0[i] + tp.r, ww = a_w0[i] + tp.s;
-      const bool ok = k_ok && a_ok[i] && in_image(h, ww, p.H, p.W);
-      const T* src = ok ? x + a_off[i] + h * p.xs[2] + ww * p.xs[3] + tp.c : x;
-      cp_async16(a_base + st * A_STAGE_BYTES + swz(vec_row(tid, i), chunk), src, ok ? 16 : 0);
+      const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
+      cp_async16(a_dst + st * A_STAGE_BYTES + i * ROW_STEP * BK_BYTES, ok ? x + (a_off[i] + tap.off) : x, ok ? 16 : 0);
     }
+    tap_advance(tap, BKE, p.tile_dc, td);
   };
-  // generic gather: this thread's row (tid), all BKE columns of K tile kt, into registers
-  constexpr int GREGS = BKE * EB / 4;  // unused (optimised away) on the VEC_A path
-  uint32_t g[GREGS];
-  auto gather_a = [&](int kt) {
-    const int k0 = kt * BKE;
-    Tap tp = decompose_k(k0 < p.K ? k0 : 0, p.Cin, p.KW);
+  // generic path: this thread's chunks of the next tile, element by element into registers
+  // (channels c..c+VEC-1 of the chunk's tap, those >= Cin zero), then step the tap on
+  uint32_t g[AROWS][4];  // unused (optimised away) on the VEC_A path
+  auto gather_a = [&]() {
+    const bool k_ok = tap.r < p.KH;
+    const int nc = p.Cin - tap.c;  // valid channels in the chunk (>= VEC: all)
 #pragma unroll
-    for (int j = 0; j < BKE; ++j) {
-      const int h = a_h0[0] + tp.r, ww = a_w0[0] + tp.s;
-      const bool ok = (k0 + j < p.K) && a_ok[0] && in_image(h, ww, p.H, p.W);
-      uint32_t bits = 0;
-      if (ok) {
-        const T* src = x + a_off[0] + tp.c * p.xs[1] + h * p.xs[2] + ww * p.xs[3];
+    for (int i = 0; i < AROWS; ++i) {
+      const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
+      const T* src = x + (a_off[i] + tap.off);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        uint32_t bits = 0;
+        if (ok && e < nc) {
+          if constexpr (EB == 4) {
+            bits = __ldg(reinterpret_cast<const unsigned int*>(src + e * p.xs[1]));
+          } else {
+            bits = __ldg(reinterpret_cast<const unsigned short*>(src + e * p.xs[1]));
+          }
+        }
         if constexpr (EB == 4) {
-          bits = __ldg(reinterpret_cast<const unsigned int*>(src));
+          g[i][e] = bits;
         } else {
-          bits = __ldg(reinterpret_cast<const unsigned short*>(src));
+          if (e & 1)
+            g[i][e >> 1] |= bits << 16;
+          else
+            g[i][e >> 1] = bits;
         }
       }
-      if constexpr (EB == 4) {
-        g[j] = bits;
-      } else {
-        if (j & 1)
-          g[j >> 1] |= bits << 16;
-        else
-          g[j >> 1] = bits;
-      }
-      next_tap(tp, p.Cin, p.KW);
     }
+    tap_advance(tap, BKE, p.tile_dc, td);
   };
   auto store_a = [&](int st) {
-    unsigned char* base = smem_a + st * A_STAGE_BYTES;
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
+    for (int i = 0; i < AROWS; ++i) {
       if constexpr (!VEC_A) {
-        *reinterpret_cast<uint4*>(base + swz(tid, c)) = make_uint4(g[4 * c], g[4 * c + 1], g[4 * c + 2], g[4 * c + 3]);
+        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(C::vec_row(tid, i), chunk)) =
+            make_uint4(g[i][0], g[i][1], g[i][2], g[i][3]);
       }
     }
   };
@@ -246,102 +281,193 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
     }
   };
 
-  // ---- main loop: STAGES-deep pipeline
+  // ---- main loop: STAGES-deep pipeline; stage indices advance by compare-and-wrap (no modulo)
   const int KT = p.num_k_tiles;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < KT) {
-      load_b(s, s);
+      load_b(s);
       if constexpr (VEC_A) {
-        load_a_vec(s, s);
+        load_a_vec(s);
       } else {
-        gather_a(s);
+        gather_a();
         store_a(s);
       }
     }
     cp_async_commit();
   }
+  int st_read = 0, st_write = STAGES - 1;
   for (int kt = 0; kt < KT; ++kt) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
-    const int nt = kt + STAGES - 1;
-    const bool more = nt < KT;
+    const bool more = kt + STAGES - 1 < KT;
     if (more) {
-      load_b(nt, nt % STAGES);
+      load_b(st_write);
       if constexpr (VEC_A) {
-        load_a_vec(nt, nt % STAGES);
+        load_a_vec(st_write);
       } else {
-        gather_a(nt);
+        gather_a();
       }
     }
     cp_async_commit();
-    compute(kt % STAGES);
+    compute(st_read);
     if constexpr (!VEC_A) {
-      if (more) store_a(nt % STAGES);  // read after the __syncthreads of iteration nt
+      if (more) store_a(st_write);  // read after the __syncthreads of iteration nt
     }
+    st_read = st_read == STAGES - 1 ? 0 : st_read + 1;
+    st_write = st_write == STAGES - 1 ? 0 : st_write + 1;
   }
-  cp_async_wait<0>();
-
-  // ---- epilogue
+  // ---- epilogue: v = acc * scale + bias (fp32) staged through shared memory (the pipeline
+  // buffers), then written with 16-byte vectors along out's contiguous dimension: channels when
+  // out's channel stride is 1 (channels_last; staged [BM][EP_LD_C]), else pixels (NCHW; staged
+  // [BN][EP_LD_P]), the residual read the same way. A vector that would be misaligned, cross an
+  // image or hang over the tile's edge is done element by element.
   const int g_row = wm * WARP_M;  // warp tile origin in the CTA tile
   const int g_col = wn * WARP_N;
   T* __restrict__ out = static_cast<T*>(p.out);
   const T* __restrict__ res = static_cast<const T*>(p.res);
-  float sc[NI][2], bi[NI][2];
+  constexpr int VO = 16 / EB;  // elements per 16-byte vector
+  // residual (when present), ReLU, rounding and the store of one vector v[0..nv) of consecutive
+  // elements along out's contiguous dimension, element 0 at offsets o0 (out) / r0 (residual).
+  // vec_r / vec_o: one 16-byte access is possible. Element by element, element e is at
+  // o0 + e (channels: out's channel stride is 1) / r0 + e * rs[1], or (pix) at the pixel e steps
+  // after px (walked, no division) in channel col.
+  auto finish = [&](float(&v)[VO], int nv, bool vec_r, bool vec_o, long long o0, long long r0, bool pix, Pixel px,
+                    int col) {
+    if (res != nullptr) {
+      if (vec_r) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(res + r0));
+        const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int col = n0 + g_col + ni * 8 + c_col(lane, j);
-      const bool ok = col < p.Cout;
-      sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
-      bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
-    }
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int m = m0 + g_row + mi * 16 + c_row(lane, 2 * hh);
-      if (m >= p.M) continue;
-      const Pixel px = decompose_m(m, p.OH, p.OW);
-      const long long obase = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3];
-      const long long rbase = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3];
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + g_col + ni * 8 + c_col(lane, 0);  // even; col + 1 is the pair
-        if (col >= p.Cout) continue;
-        const bool has2 = col + 1 < p.Cout;
-        float v0 = acc[mi][ni][2 * hh] * sc[ni][0] + bi[ni][0];
-        float v1 = acc[mi][ni][2 * hh + 1] * sc[ni][1] + bi[ni][1];
-        if (res != nullptr) {
-          const long long ro = rbase + col * p.rs[1];
-          v0 += Elem<T>::to_f(res[ro]);
-          if (has2) v1 += Elem<T>::to_f(res[ro + p.rs[1]]);
-        }
-        if (p.relu) {
-          v0 = fmaxf(v0, 0.f);
-          v1 = fmaxf(v1, 0.f);
-        }
-        const long long oo = obase + col * p.os[1];
-        if (p.out_pair && has2 && (oo & 1) == 0) {
+        for (int e = 0; e < VO; ++e) {
           if constexpr (EB == 4) {
-            *reinterpret_cast<float2*>(out + oo) = make_float2(v0, v1);
+            v[e] += __uint_as_float(w4[e]);
           } else {
-            const T lo = Elem<T>::from_f(v0), hi = Elem<T>::from_f(v1);
-            const uint32_t packed = static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&lo)) |
-                                    (static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
-            *reinterpret_cast<uint32_t*>(out + oo) = packed;
+            const unsigned short b = static_cast<unsigned short>(w4[e >> 1] >> ((e & 1) * 16));
+            v[e] += Elem<T>::to_f(*reinterpret_cast<const T*>(&b));
           }
-        } else {
-          out[oo] = Elem<T>::from_f(v0);
-          if (has2) out[oo + p.os[1]] = Elem<T>::from_f(v1);
+        }
+      } else {
+        Pixel w = px;
+#pragma unroll
+        for (int e = 0; e < VO; ++e) {
+          if (e < nv) {
+            const long long ro = pix ? w.n * p.rs[0] + col * p.rs[1] + w.p * p.rs[2] + w.q * p.rs[3] : r0 + e * p.rs[1];
+            v[e] += Elem<T>::to_f(res[ro]);
+            if (pix) next_pixel(w, p.OH, p.OW);
+          }
         }
       }
     }
+    if (p.relu) {
+#pragma unroll
+      for (int e = 0; e < VO; ++e) v[e] = fmaxf(v[e], 0.f);
+    }
+    if (vec_o) {
+      uint32_t w4[4];
+#pragma unroll
+      for (int e = 0; e < VO; ++e) {
+        if constexpr (EB == 4) {
+          w4[e] = __float_as_uint(v[e]);
+        } else {
+          const T h = Elem<T>::from_f(v[e]);
+          const uint32_t b = *reinterpret_cast<const unsigned short*>(&h);
+          w4[e >> 1] = (e & 1) ? (w4[e >> 1] | (b << 16)) : b;
+        }
+      }
+      *reinterpret_cast<uint4*>(out + o0) = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+    } else {
+      Pixel w = px;
+#pragma unroll
+      for (int e = 0; e < VO; ++e) {
+        if (e < nv) {
+          const long long oo = pix ? w.n * p.os[0] + col * p.os[1] + w.p * p.os[2] + w.q * p.os[3] : o0 + e;
+          out[oo] = Elem<T>::from_f(v[e]);
+          if (pix) next_pixel(w, p.OH, p.OW);
+        }
+      }
+    }
+  };
+  cp_async_wait<0>();
+  float* const s_ep = reinterpret_cast<float*>(smem);
+  const bool ch_major = p.out_cvec != 0;
+#pragma unroll
+  for (int half = 0; half < BN_ / BN; ++half) {  // 64 output channels at a time
+    __syncthreads();  // every warp is done with the pipeline stages / the previous half's tile
+    const int nh = n0 + half * BN;
+    if (g_col / BN == half) {
+      float sc[NI][2], bi[NI][2];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = n0 + g_col + ni * 8 + c_col(lane, j);
+          const bool ok = col < p.Cout;
+          sc[ni][j] = (p.scale != nullptr && ok) ? __ldg(p.scale + col) : 1.f;
+          bi[ni][j] = (p.bias != nullptr && ok) ? __ldg(p.bias + col) : 0.f;
+        }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = g_row + mi * 16 + c_row(lane, i);
+            const int col = g_col - half * BN + ni * 8 + c_col(lane, i);
+            s_ep[ch_major ? row * EP_LD_C + col : col * EP_LD_P + row] = acc[mi][ni][i] * sc[ni][i & 1] + bi[ni][i & 1];
+          }
+    }
+    __syncthreads();
+    if (ch_major) {
+      // vectors of VO channels of one pixel; consecutive threads take consecutive vectors of a row
+      constexpr int VPR = BN / VO;
+#pragma unroll 1
+      for (int j = tid; j < BM * VPR; j += C::THREADS) {
+        const int r = j / VPR, cv = j % VPR;
+        const int m = m0 + r;
+        const int col0 = nh + cv * VO;
+        if (m >= p.M) continue;
+        if (col0 >= p.Cout) continue;
+        const int nv = min(VO, p.Cout - col0);
+        const Pixel px = decompose_m(m, p.OH, p.OW);
+        const long long o = px.n * p.os[0] + px.p * p.os[2] + px.q * p.os[3] + col0;  // os[1] == 1
+        const long long rr = px.n * p.rs[0] + px.p * p.rs[2] + px.q * p.rs[3] + col0 * p.rs[1];
+        float v[VO];
+#pragma unroll
+        for (int e = 0; e < VO; ++e) v[e] = s_ep[r * EP_LD_C + cv * VO + e];
+        finish(v, nv, p.res_cvec && nv == VO && rr % VO == 0, p.out_al16 && nv == VO && o % VO == 0, o, rr, false,
+               px, col0);
+      }
+    } else {
+      // vectors of VO consecutive GEMM rows (pixels) of one channel; consecutive threads take
+      // consecutive vectors of a channel
+      constexpr int GPC = BM / VO;
+      const int ohw = p.OH * p.OW;
+#pragma unroll 1
+      for (int j = tid; j < BN * GPC; j += C::THREADS) {
+        const int cl = j / GPC, rg = j % GPC;
+        const int col = nh + cl;
+        const int m = m0 + rg * VO;
+        if (m >= p.M || col >= p.Cout) continue;
+        const int nv = min(VO, p.M - m);
+        const Pixel px = decompose_m(m, p.OH, p.OW);
+        const bool full = nv == VO && px.p * p.OW + px.q + VO <= ohw;  // all in one image
+        const long long o = px.n * p.os[0] + col * p.os[1] + px.p * p.os[2] + px.q * p.os[3];
+        const long long rr = px.n * p.rs[0] + col * p.rs[1] + px.p * p.rs[2] + px.q * p.rs[3];
+        float v[VO];
+#pragma unroll
+        for (int e = 0; e < VO; ++e) v[e] = s_ep[cl * EP_LD_P + rg * VO + e];
+        finish(v, nv, p.res_pvec && full && rr % VO == 0, p.out_pvec && full && o % VO == 0, o, rr, true, px, col);
+      }
+    }
+  }
 
   // ---- per-tile channel statistics of y = acc: (mean, M2) over this tile's valid rows, two
   // passes in a fixed order (lane shuffles, then warp row wm = 0 plus wm = 1): deterministic.
   if (p.part_mean != nullptr) {
+    __syncthreads();  // the staging tile is read: the partial sums reuse its memory
+    float(*const s_sum)[BN_] = reinterpret_cast<float(*)[BN_]>(smem);
+    float(*const s_m2)[BN_] = reinterpret_cast<float(*)[BN_]>(smem + 2 * BN_ * sizeof(float));
     const int cnt = min(BM, p.M - m0);
     const float inv_cnt = 1.f / static_cast<float>(cnt);
     float mean[NI][2];
@@ -369,7 +495,7 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
             }
           }
         }
-      float(*dst)[BN] = pass == 0 ? s_sum : s_m2;
+      float(*dst)[BN_] = pass == 0 ? s_sum : s_m2;
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
@@ -391,8 +517,8 @@ __global__ void __launch_bounds__(kThreads) conv2d_igemm_kernel(const Params p) 
           }
       }
     }
-    if (tid < BN && n0 + tid < p.Cout) {
-      const long long o = static_cast<long long>(blockIdx.x) * p.Cout + n0 + tid;
+    if (tid < BN_ && n0 + tid < p.Cout) {
+      const long long o = static_cast<long long>(tile.m) * p.Cout + n0 + tid;
       p.part_mean[o] = (s_sum[0][tid] + s_sum[1][tid]) * inv_cnt;
       p.part_m2[o] = s_m2[0][tid] + s_m2[1][tid];
     }
@@ -437,13 +563,21 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
+// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances)
 template <typename T, int MATH>
-void launch_conv(const Params& p, bool vec_a, dim3 grid, cudaStream_t stream) {
+void launch_conv(const Params& p, bool vec_a, bool wide, dim3 grid, cudaStream_t stream) {
+  if constexpr (MATH == kMma16) {
+    if (wide) {
+      conv2d_igemm_kernel<T, MATH, true, 128><<<grid, TileCfg<128>::THREADS, 0, stream>>>(p);
+      check_launch("conv2d_forward: conv2d_igemm_kernel (128 x 128 tile, vectorised A loads)");
+      return;
+    }
+  }
   if (vec_a) {
-    conv2d_igemm_kernel<T, MATH, true><<<grid, kThreads, 0, stream>>>(p);
+    conv2d_igemm_kernel<T, MATH, true, 64><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
     check_launch("conv2d_forward: conv2d_igemm_kernel (vectorised A loads)");
   } else {
-    conv2d_igemm_kernel<T, MATH, false><<<grid, kThreads, 0, stream>>>(p);
+    conv2d_igemm_kernel<T, MATH, false, 64><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
     check_launch("conv2d_forward: conv2d_igemm_kernel (generic A gather)");
   }
 }
@@ -525,11 +659,17 @@ void conv2d_forward(const Conv2dArgs& a) {
   if (a.OH != OH) throw ArgError(cat(fn, ": OH = ", a.OH, " but the convolution gives ", OH));
   if (a.OW != OW) throw ArgError(cat(fn, ": OW = ", a.OW, " but the convolution gives ", OW));
   const int64_t M = a.N * OH * OW;
-  const int64_t K = a.KH * a.KW * a.Cin;
+  const int vec = 16 / eb;
+  const int64_t Cp = ceil_div(a.Cin, vec) * vec;  // channels per tap in the packed weight and in K
+  const int64_t K = a.KH * a.KW * Cp;
   check_int32(M + BM, fn, "N*OH*OW (+ one tile)");
-  check_int32(K + 64, fn, "K = KH*KW*Cin (+ one tile)");
-  if (ceil_div(a.Cout, BN) > 65535) throw ArgError(cat(fn, ": Cout = ", a.Cout, " is too large (max ", 65535 * BN, ")"));
-  if (a.ldw < K) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cin = ", K));
+  check_int32(K + 64, fn, "K = KH*KW*Cp (+ one tile)");
+  if (ceil_div(M, BM) * ceil_div(a.Cout, BN) > kIntMax)  // the 128 x 64 tile: the most tiles
+    throw ArgError(cat(fn, ": N*OH*OW = ", M, " and Cout = ", a.Cout, " make more than 2^31 - 1 tiles of ", BM,
+                       " x ", BN));
+  if (a.ldw < K)
+    throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be >= K = KH*KW*Cp = ", K,
+                       " (Cp = Cin rounded up to a multiple of ", vec, ")"));
   if (a.ldw % 8 != 0) throw ArgError(cat(fn, ": ldw = ", a.ldw, " must be a multiple of 8"));
   check_int32(a.ldw + 64, fn, "ldw");
   // ---- pointers, alignment, strides
@@ -601,6 +741,7 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.H = static_cast<int>(a.H);
   p.W = static_cast<int>(a.W);
   p.Cout = static_cast<int>(a.Cout);
+  p.KH = static_cast<int>(a.KH);
   p.KW = static_cast<int>(a.KW);
   p.sh = static_cast<int>(a.stride_h);
   p.sw = static_cast<int>(a.stride_w);
@@ -618,22 +759,33 @@ void conv2d_forward(const Conv2dArgs& a) {
     p.os[i] = a.out_stride[i];
     p.rs[i] = a.residual ? a.res_stride[i] : 0;
   }
+  p.td = tap_deltas(static_cast<int>(Cp), p.KW, p.xs[1], p.xs[2], p.xs[3]);
+  p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.relu = a.relu ? 1 : 0;
-  p.out_pair = (a.out_stride[1] == 1 && a.out % (2 * eb) == 0) ? 1 : 0;
+  p.out_cvec = a.out_stride[1] == 1 ? 1 : 0;
+  p.out_al16 = a.out % 16 == 0 ? 1 : 0;
+  p.out_pvec = (p.out_al16 && a.out_stride[3] == 1 && a.out_stride[2] == OW) ? 1 : 0;
+  p.res_cvec = (a.residual && a.residual % 16 == 0 && a.res_stride[1] == 1) ? 1 : 0;
+  p.res_pvec = (a.residual && a.residual % 16 == 0 && a.res_stride[3] == 1 && a.res_stride[2] == OW) ? 1 : 0;
 
-  const int vec = 16 / eb;
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
                      a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(ceil_div(a.Cout, BN)));
+  // the 128 x 128 tile where it helps: 16-bit, vector path, at least 128 output channels (half
+  // the shared-memory and L2 traffic per MAC of the 128 x 64 tile); layers narrower than 128
+  // would waste half of it
+  const bool wide = eb == 2 && vec_a && a.Cout >= 128;
+  p.m_tiles = static_cast<int>(m_tiles);
+  p.n_tiles = static_cast<int>(ceil_div(a.Cout, wide ? 128 : BN));
+  const dim3 grid(static_cast<unsigned>(m_tiles * p.n_tiles));  // grouped order: tile_of
   switch (a.dtype) {
     case DType::F32:
       if (a.allow_tf32)
-        launch_conv<float, kTf32>(p, vec_a, grid, stream);
+        launch_conv<float, kTf32>(p, vec_a, false, grid, stream);
       else
-        launch_conv<float, k3xTf32>(p, vec_a, grid, stream);
+        launch_conv<float, k3xTf32>(p, vec_a, false, grid, stream);
       break;
-    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, grid, stream); break;
-    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, grid, stream); break;
+    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, grid, stream); break;
+    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, grid, stream); break;
     case DType::F64: break;  // rejected above
   }
   if (stats) {

@@ -9,11 +9,13 @@
 // Tensors
 //   x        (N, Cin, H, W) of `dtype`, any element strides x_stride[4] = (n, c, h, w) (NCHW and
 //            NHWC both work; NHWC with Cin a multiple of 8 (16-bit) / 4 (fp32) takes the fast
-//            16-byte cp.async path, anything else a generic gather path).
+//            16-byte cp.async path, anything else a 16-byte-chunk gather path).
 //   w        weight re-laid out as a (Cout, ldw) row-major matrix whose row k_out holds
-//            w[k_out, c, r, s] at column (r*KW + s)*Cin + c, i.e. (Cout, KH, KW, Cin) contiguous
-//            per row; ldw >= K = KH*KW*Cin, ldw a multiple of 8, the columns [K, ldw) must be
-//            ZERO (they are multiplied by zeros and must not be NaN), pointer 16-byte aligned.
+//            w[k_out, c, r, s] at column (r*KW + s)*Cp + c, i.e. (Cout, KH, KW, Cp) contiguous
+//            per row, where Cp = Cin rounded up to a multiple of 16 / sizeof(dtype) (8 for
+//            16-bit, 4 for fp32): the columns of channels c in [Cin, Cp) must be ZERO; ldw >= K =
+//            KH*KW*Cp, ldw a multiple of 8, the columns [K, ldw) must be ZERO too (zero columns are
+//            multiplied by zeros and must not be NaN), pointer 16-byte aligned.
 //   scale, bias  (Cout,) float32 contiguous, or 0.
 //   residual (N, Cout, OH, OW) of `dtype`, element strides res_stride[4], or 0.
 //   out      (N, Cout, OH, OW) of `dtype`, element strides out_stride[4].

@@ -14,17 +14,20 @@ from test_sass import require_C_or_fail
 
 ARCHS = ("sm_80", "sm_90")
 
-# mangled-name fragment of each conv2d_igemm_kernel<T, MATH, VEC_A> variant -> required HMMA flavour
-# (MATH 0 = mma.m16n8k16 bf16/fp16, 1 = TF32 m16n8k8, 2 = 3xTF32 m16n8k8)
+# mangled-name fragment of each conv2d_igemm_kernel<T, MATH, VEC_A, BN> variant -> required HMMA
+# flavour (MATH 0 = mma.m16n8k16 bf16/fp16, 1 = TF32 m16n8k8, 2 = 3xTF32 m16n8k8; BN 64 = the
+# 128 x 64 tile, 128 = the 128 x 128 tile of the 16-bit vector path)
 VARIANTS = {
-    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb0E": "HMMA.16816.F32.BF16",
-    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1E": "HMMA.16816.F32.BF16",
-    "conv2d_igemm_kernelI6__halfLi0ELb0E": "HMMA.16816.F32",
-    "conv2d_igemm_kernelI6__halfLi0ELb1E": "HMMA.16816.F32",
-    "conv2d_igemm_kernelIfLi1ELb0E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi1ELb1E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi2ELb0E": "HMMA.1688.F32.TF32",
-    "conv2d_igemm_kernelIfLi2ELb1E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb0ELi64E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1ELi64E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI13__nv_bfloat16Li0ELb1ELi128E": "HMMA.16816.F32.BF16",
+    "conv2d_igemm_kernelI6__halfLi0ELb0ELi64E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelI6__halfLi0ELb1ELi64E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelI6__halfLi0ELb1ELi128E": "HMMA.16816.F32",
+    "conv2d_igemm_kernelIfLi1ELb0ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi1ELb1ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi2ELb0ELi64E": "HMMA.1688.F32.TF32",
+    "conv2d_igemm_kernelIfLi2ELb1ELi64E": "HMMA.1688.F32.TF32",
 }
 FINALIZE = "conv2d_stats_finalize_kernel"
 
@@ -87,8 +90,11 @@ def test_conv_kernels_present_and_use_tensor_cores(cubins, tool, arch):
         assert hmma in flavours, f"{arch} {frag}: no {hmma} in its SASS (found {sorted(flavours)})"
         assert "LDSM" in body, f"{arch} {frag}: tensor-core operands not loaded with ldmatrix (LDSM)"
         assert "LDGSTS" in body, f"{arch} {frag}: no cp.async (LDGSTS) in the shared-memory pipeline"
-        if frag.endswith("Lb1E"):  # the 16-byte path zero-fills padding with cp.async src-size 0
-            assert "ZFILL" in body, f"{arch} {frag}: vectorised A loads without zero-fill"
+        if "Lb1E" in frag:  # the 16-byte path zero-fills padding with cp.async src-size 0:
+            # LDGSTS ...ZFILL (src-size in a register) or the ignore-src predicate operand form
+            # LDGSTS [dst], [src], Px that ptxas emits when src-size is 16 or 0 (sm_90: desc[URx][src])
+            zfill = "ZFILL" in body or re.search(r"LDGSTS\S*\s+\[[^\]]*\],\s*(?:desc\[\w+\])?\[[^\]]*\],\s*!?P\d", body)
+            assert zfill, f"{arch} {frag}: vectorised A loads without zero-fill"
     assert any(FINALIZE in n for n in convs), f"{arch}: {FINALIZE} missing"
 
 
@@ -111,3 +117,69 @@ def test_conv_kernels_do_not_spill(cubins, tool, arch):
         assert local == 0 and stack == 0, f"{arch} {name}: {stats.strip()}"
         assert regs <= 255, f"{arch} {name}: {regs} registers"
     assert found == len(VARIANTS) + 1, f"{arch}: resource usage found for {found} conv kernels"
+
+
+# ---- the main loop (csrc/conv2d.cu): no integer division, a stated instruction budget per k-step.
+# The main loop is the largest loop of the kernel (a backward branch) whose body holds the HMMAs;
+# its static instruction count (inner loops, e.g. the filter-tap wrap, counted once) is divided by
+# the k-steps it computes (2 per K tile: one m16n8k16 / m16n8k8 column of the 64 x 32 warp tile,
+# 16 HMMA, 48 for 3xTF32), per warp. Integer division or modulo shows in SASS as the reciprocal
+# sequence of a runtime divisor (I2F.U32.RP, MUFU.RCP, F2I.FTZ.U32.TRUNC, IMAD.HI) or, for a constant divisor,
+# a multiply-high (IMAD.HI / IMUL.HI): none may appear in the loop.
+# Budgets (counted from nvcc 13.0 SASS, sm_80 / sm_90, plus ~5% slack for other compilers):
+# before the filter-tap iterators (2026-12-02 review) the loop was 180 / 785 / 228 / 484 / 384 / 634
+# instructions per k-step for 16-bit vector / 16-bit gather / TF32 vector / TF32 gather / 3xTF32
+# vector / 3xTF32 gather (sm_90); now 113 / 277 / 170 / 234 / 322 / 376, and 109 for the 128 x 128
+# tile (16-bit vector; per warp: every warp tile is 64 x 32).
+MAIN_LOOP_BUDGET = {  # (MATH, VEC_A, BN) fragment -> max instructions per k-step
+    "Li0ELb1ELi64E": 120, "Li0ELb0ELi64E": 292, "Li0ELb1ELi128E": 116,
+    "Li1ELb1ELi64E": 180, "Li1ELb0ELi64E": 248,
+    "Li2ELb1ELi64E": 340, "Li2ELb0ELi64E": 400,
+}
+HMMA_PER_KSTEP = {"Li0E": 16, "Li1E": 16, "Li2E": 48}
+DIVISION_OPS = ("I2F", "F2I", "MUFU.RCP", "IMAD.HI", "IMUL.HI")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def main_loop(body: str) -> list[tuple[int, str]]:
+    """(address, opcode with modifiers) of the instructions of the largest loop holding HMMA."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _INSTR.finditer(body)]
+    best: list = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= addr:
+            seg = [(a, o) for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+            if any(o.startswith("HMMA") for _, o in seg) and len(seg) > len(best):
+                best = seg
+    return best
+
+
+def test_main_loop_finder_sees_division():
+    """The finder and the division check on a hand-made listing (a loop with a reciprocal)."""
+    body = "\n".join(f"        /*{a:04x}*/  {t} ;" for a, t in [
+        (0x10, "MOV R1, R2"), (0x20, "I2F.U32.RP R3, R4"), (0x30, "MUFU.RCP R3, R3"),
+        (0x40, "HMMA.16816.F32 R8, R4, R6, R8"), (0x50, "@P0 BRA 0x20"), (0x60, "EXIT")])
+    loop = main_loop(body)
+    assert [a for a, _ in loop] == [0x20, 0x30, 0x40, 0x50]
+    assert [o for _, o in loop if o.startswith(DIVISION_OPS)] == ["I2F.U32.RP", "MUFU.RCP"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_main_loop_has_no_division_and_fits_budget(cubins, tool, arch):
+    convs = _conv_functions(tool, cubins[arch])
+    report = []
+    for frag in VARIANTS:
+        (name,) = [n for n in convs if frag in n]
+        loop = main_loop(convs[name])
+        assert loop, f"{arch} {frag}: no loop with HMMA found"
+        div = [o for _, o in loop if o.startswith(DIVISION_OPS)]
+        assert not div, f"{arch} {frag}: integer division in the main loop: {div}"
+        math = re.search(r"Li\dE", frag).group(0)
+        hmma = sum(1 for _, o in loop if o.startswith("HMMA"))
+        ksteps, rem = divmod(hmma, HMMA_PER_KSTEP[math])
+        assert rem == 0 and ksteps >= 1, f"{arch} {frag}: {hmma} HMMA in the main loop"
+        per_kstep = len(loop) / ksteps
+        budget = MAIN_LOOP_BUDGET[frag[frag.index("Li"):]]
+        report.append(f"{frag}: {per_kstep:.0f}/{budget}")
+        assert per_kstep <= budget, f"{arch} {frag}: {per_kstep:.0f} instructions per k-step > budget {budget}"
+    print(arch, "instructions per k-step (count/budget):", ", ".join(report))

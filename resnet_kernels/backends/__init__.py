@@ -203,16 +203,19 @@ def _partials(call) -> int:
 
 
 def _cuda_conv_cost(call):
-    """pack_weight (a permute copy, plus a zero fill of the padding columns when K % 8 != 0), the
-    implicit-GEMM kernel (x, packed weight, the epilogue's operands, out; per-tile statistics
+    """pack_weight (a permute copy, plus a zero fill of the whole packed matrix first when it has
+    padding: channels Cin -> Cp, a multiple of 16 bytes' worth, or columns up to a multiple of 8),
+    the implicit-GEMM kernel (x, packed weight, the epilogue's operands, out; per-tile statistics
     partials) and, with statistics, conv2d_stats_finalize_kernel."""
     Cout, Cin, KH, KW = call.weight.shape
-    K = Cin * KH * KW
-    ldw = (K + 7) // 8 * 8
     wsz = call.weight.element_size()
+    K = Cin * KH * KW
+    vec = 16 // wsz
+    Cp = (Cin + vec - 1) // vec * vec  # cuda_conv2d.padded_channels
+    ldw = (KH * KW * Cp + 7) // 8 * 8
     launches, b = 1, nbytes(call.weight) + Cout * K * wsz
     if ldw > K:
-        launches, b = launches + 1, b + Cout * (ldw - K) * wsz
+        launches, b = launches + 1, b + Cout * ldw * wsz
     launches, b = launches + 1, b + _conv_io(call) + Cout * ldw * wsz
     if call.compute_stats:
         p = _partials(call)

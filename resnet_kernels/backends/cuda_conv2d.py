@@ -3,7 +3,9 @@ tensor-core kernel with a fused fp32 epilogue and deterministic batch statistics
 
 Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py.
 The kernel takes the weight as a (Cout, ldw) matrix whose columns are ordered (kh, kw, cin) with
-cin fastest, ldw = K rounded up to a multiple of 8, zero padded: prepared here (small next to the
+cin fastest and cin padded with zero channels to Cp, a multiple of 16 bytes' worth of elements (so
+each 16-byte chunk of K is one filter tap: the stem's 3 channels become 8 for 16-bit types, 4 for
+fp32), ldw = KH*KW*Cp rounded up to a multiple of 8, zero padded: prepared here (small next to the
 activations). x, out and residual are passed with their element strides (NCHW or channels_last).
 """
 
@@ -23,14 +25,21 @@ def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _weight_cache.packed(weight, "cuda_conv2d", _pack_weight)
 
 
+def padded_channels(Cin: int, element_size: int) -> int:
+    """Cp: Cin rounded up to a multiple of 16 bytes' worth of elements (csrc/conv2d.h)."""
+    vec = 16 // element_size
+    return (Cin + vec - 1) // vec * vec
+
+
 def _pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     Cout, Cin, KH, KW = weight.shape
-    K = Cin * KH * KW
+    Cp = padded_channels(Cin, weight.element_size())
+    K = Cp * KH * KW
     ldw = (K + 7) // 8 * 8
     packed = _alloc.empty((Cout, ldw), dtype=weight.dtype, device=weight.device)
-    packed[:, :K].copy_(weight.permute(0, 2, 3, 1).reshape(Cout, K))
-    if ldw > K:
-        packed[:, K:].zero_()  # the kernel multiplies these columns by zeros: they must be finite
+    if ldw > Cin * KH * KW:
+        packed.zero_()  # padding channels and columns: multiplied by zeros, they must be finite
+    packed[:, :K].view(Cout, KH, KW, Cp)[..., :Cin].copy_(weight.permute(0, 2, 3, 1))
     return packed, ldw
 
 

@@ -125,7 +125,8 @@ def _replay_on_real_C(name, fields):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_conv_ops_fill_the_struct(recorder, dtype, layout):
-    x = rt.layouts(torch.randn(2, 3, 9, 9).to(dtype), layout)  # Cin = 3: K = 27, ldw = 32 (zero padded)
+    # Cin = 3, padded to Cp = 8 channels (16-bit) / 4 (fp32): K = 72 / 36, ldw = 72 / 40 (zero padded)
+    x = rt.layouts(torch.randn(2, 3, 9, 9).to(dtype), layout)
     w = torch.randn(8, 3, 3, 3).to(dtype)
     scale, bias = torch.rand(8) + 0.5, torch.randn(8)
     res = rt.layouts(torch.randn(2, 8, 5, 5).to(dtype), layout)
@@ -150,7 +151,7 @@ def test_conv_ops_fill_the_struct(recorder, dtype, layout):
     assert st["scale"] == st["bias"] == st["residual"] == 0 and st["res_stride"] == [0, 0, 0, 0]
     assert isinstance(epi["allow_tf32"], bool)
     for kw in convs:
-        assert kw["stream"] == 0 and kw["ldw"] == 32
+        assert kw["stream"] == 0 and kw["ldw"] == (40 if dtype == torch.float32 else 72)
         assert kw["dtype"] == cuda_common.DTYPE_CODES[dtype]
         _replay_on_real_C("conv2d_forward", kw)
 
@@ -187,3 +188,35 @@ def test_dtype_codes_match_the_C_enum(host_runner_module):
         host_runner_module.bn_add_relu_backward_workspace_bytes(dtype=99, numel=1, C=1, inner=1)
     pairs = dict((name, int(code)) for code, name in re.findall(r"(\d+)=(\w+)", str(info.value)))
     assert pairs == {str(d).replace("torch.", ""): c for d, c in cuda_common.DTYPE_CODES.items()}, str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Cin, k", [(3, 7), (5, 3), (12, 3), (64, 1)])
+def test_pack_weight_pads_channels_and_the_cost_agrees(dtype, Cin, k):
+    """pack_weight pads each tap's channels with zeros to Cp (a multiple of 16 bytes' worth of
+    elements, csrc/conv2d.h) and the columns to ldw (a multiple of 8); the accountant's declared
+    cost of the cuda conv (backends/__init__.py) uses the same ldw."""
+    from types import SimpleNamespace
+
+    from resnet_kernels.backends import _cuda_conv_cost, cuda_conv2d, nbytes
+
+    Cout = 10
+    w = torch.randn(Cout, Cin, k, k).to(dtype)
+    packed, ldw = cuda_conv2d._pack_weight(w)
+    vec = 16 // w.element_size()
+    Cp = cuda_conv2d.padded_channels(Cin, w.element_size())
+    assert Cp % vec == 0 and Cin <= Cp < Cin + vec
+    K = k * k * Cp
+    assert packed.shape == (Cout, ldw) and ldw % 8 == 0 and K <= ldw < K + 8
+    taps = packed[:, :K].view(Cout, k, k, Cp)
+    assert torch.equal(taps[..., :Cin], w.permute(0, 2, 3, 1))
+    assert not taps[..., Cin:].any() and not packed[:, K:].any()
+    # the declared cost: pack (read w, write its K*Cin part, zero the whole matrix first when padded),
+    # the conv (x, packed weight, out)
+    x = torch.empty(2, Cin, 9, 9, dtype=dtype)
+    call = SimpleNamespace(weight=w, x=x, shape=(2, Cout, 9, 9), residual=None, scale=None, bias=None,
+                           compute_stats=False)
+    wsz = w.element_size()
+    padded = ldw > Cin * k * k
+    want_b = 2 * nbytes(w) + (Cout * ldw * wsz if padded else 0) + nbytes(x) + 2 * Cout * 81 * wsz + Cout * ldw * wsz
+    assert _cuda_conv_cost(call) == (2 + padded, want_b)
