@@ -8,10 +8,16 @@
 #include "bn_add_relu.h"
 #include "common.h"
 #include "conv2d.h"
+#if RK_WITH_SM90
+#include "sm90/conv2d_sm90.h"
+#endif
 
 namespace py = pybind11;
 using rk::DType;
 
+#ifndef RK_SM90_NOTE
+#define RK_SM90_NOTE "not configured"
+#endif
 #ifndef RK_CUDA_ARCHS
 #define RK_CUDA_ARCHS ""
 #endif
@@ -190,4 +196,25 @@ PYBIND11_MODULE(_C, m) {
       "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
       "per-channel (mean, biased var) of conv(x, w) (Conv2dArgs); w is (Cout, ldw) with columns "
       "(r*KW+s)*Cin+c, zero padded to ldw");
+
+  // ---- the CUTLASS sm_90a convolution (csrc/sm90/): present only when the build found CUTLASS
+#if RK_WITH_SM90
+  m.attr("sm90_kernels") = true;
+  m.attr("sm90_note") = std::string();
+  m.def(
+      "conv2d_sm90_workspace_bytes", [](const rk::Conv2dArgs& a) { return rk::conv2d_sm90_workspace_bytes(a); },
+      py::arg("args"), "bytes of device workspace conv2d_sm90_forward needs for these arguments");
+  m.def(
+      "conv2d_sm90_forward",
+      [](const rk::Conv2dArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_sm90_forward(a);
+      },
+      py::arg("args"),
+      "sm_90a CUTLASS implicit-GEMM conv2d (Conv2dArgs; csrc/sm90/conv2d_sm90.h): channels_last bf16/fp16, "
+      "out = act(conv(x, w)*scale + bias + residual) or per-channel (mean, biased var) of conv(x, w)");
+#else
+  m.attr("sm90_kernels") = false;
+  m.attr("sm90_note") = std::string(RK_SM90_NOTE);
+#endif
 }
