@@ -210,6 +210,7 @@ class CMakeBuild(build_ext):
     def initialize_options(self) -> None:
         super().initialize_options()
         self._skipped = set()
+        self._sm90_on = False
 
     def _only_built(self, method, *args):
         exts, self.extensions = self.extensions, [e for e in self.extensions if e.name not in self._skipped]
@@ -248,7 +249,20 @@ class CMakeBuild(build_ext):
             _say(msg)
             return
         try:
-            self._build_with_cmake(ext, nvcc)
+            try:
+                self._build_with_cmake(ext, nvcc)
+            except Exception as exc:  # noqa: BLE001
+                if require or not self._sm90_on:
+                    raise
+                # the CUTLASS translation unit (e.g. other CUTLASS headers than the pinned ones) must
+                # not cost the rest of _C: build again without it, and say so
+                _say(f"building with the sm_90a (CUTLASS) kernels FAILED ({exc}); building resnet_kernels._C "
+                     "again without them (RESNET_KERNELS_SKIP_SM90=1 skips this attempt).", tty=True)
+                os.environ["RESNET_KERNELS_SKIP_SM90"] = "1"
+                try:
+                    self._build_with_cmake(ext, nvcc)
+                finally:
+                    os.environ.pop("RESNET_KERNELS_SKIP_SM90", None)
             self._skipped.discard(ext.name)
         except Exception as exc:  # noqa: BLE001 - reported below, never swallowed silently
             if require:
@@ -293,6 +307,7 @@ class CMakeBuild(build_ext):
             except ImportError:
                 pass
         sm90_args, sm90_msg = sm90_config(nvcc, archs)
+        self._sm90_on = "-DRK_SM90A=ON" in sm90_args
         cmake_args += sm90_args
         _say(sm90_msg, tty=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
