@@ -8,6 +8,7 @@
 #include "bn_add_relu.h"
 #include "common.h"
 #include "conv2d.h"
+#include "nhwc_stats.h"
 #if RK_WITH_SM90
 #include "sm90/conv2d_sm90.h"
 #endif
@@ -196,6 +197,25 @@ PYBIND11_MODULE(_C, m) {
       "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
       "per-channel (mean, biased var) of conv(x, w) (Conv2dArgs); w is (Cout, ldw) with columns "
       "(r*KW+s)*Cin+c, zero padded to ldw");
+
+  // ---- per-channel statistics of an fp32 NHWC matrix (csrc/nhwc_stats.h; the sm_90a conv's)
+  py::class_<rk::NhwcStatsArgs> nst(m, "NhwcStatsArgs", py::module_local(),
+                                    "arguments of nhwc_stats_forward (csrc/nhwc_stats.h); pointer 0 = absent");
+  nst.def(py::init<>());
+  def_dtype(nst, "NhwcStatsArgs.dtype");
+  RK_FIELD(nst, yf); RK_FIELD(nst, y); RK_FIELD(nst, mean); RK_FIELD(nst, var); RK_FIELD(nst, workspace);
+  RK_FIELD(nst, workspace_bytes); RK_FIELD(nst, M); RK_FIELD(nst, C); RK_FIELD(nst, stream);
+  finish(nst);
+  m.def(
+      "nhwc_stats_workspace_bytes", [](int64_t M, int64_t C) { return rk::nhwc_stats_workspace_bytes(M, C); },
+      py::arg("M"), py::arg("C"));
+  m.def(
+      "nhwc_stats_forward",
+      [](const rk::NhwcStatsArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::nhwc_stats_forward(a);
+      },
+      py::arg("args"), "per-column (mean, biased var) of a float32 (M, C) matrix, and y = its rounding to dtype");
 
   // ---- the CUTLASS sm_90a convolution (csrc/sm90/): present only when the build found CUTLASS
 #if RK_WITH_SM90

@@ -41,6 +41,9 @@ EXPECTED_KERNELS = [
     "bn_add_relu_bwd_nhwc_kernel",
     "bn_add_relu_bwd_nchw_kernel",
     "bn_add_relu_bwd_reduce_kernel",
+    # csrc/nhwc_stats.cu (the statistics of the sm_90a convolution's training path)
+    "nhwc_tile_stats_kernel",
+    "nhwc_stats_finalize_kernel",
 ]
 
 # kernel identifier -> {arch: tensor-core opcodes of which at least one must appear in the SASS

@@ -96,7 +96,7 @@ def opcode_counts(tool: str, so: str, arch: str) -> dict[str, dict[str, int]]:
 
 def short_name(mangled: str) -> str:
     """A readable label: our kernels by identifier; CUTLASS's by conv kind, dtype and epilogue."""
-    m = re.search(r"\d+(conv2d_sm90_\w+?_kernel)", mangled)
+    m = re.search(r"\d+(nhwc_\w+?_kernel)", mangled)
     if m:
         dt = "bf16" if "bfloat16" in mangled else "fp16" if "half" in mangled else ""
         return f"{m.group(1)}<{dt}>" if dt else m.group(1)

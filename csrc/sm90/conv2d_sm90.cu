@@ -12,8 +12,8 @@
 //     loaded), and the activation is Clamp with lower bound 0 (ReLU) or -inf (identity), a
 //     runtime argument, so ReLU costs no second instance.
 //   * PlainConv<T>: yf = conv(x, w) in float32 (the statistics path), then our own deterministic
-//     statistics kernels (conv2d_sm90_stats.cuh) round yf to T into out and reduce per-channel
-//     (mean, M2) partials in a fixed order.
+//     statistics kernels (csrc/nhwc_stats.cu, built for every architecture) round yf to T into out
+//     and reduce per-channel (mean, M2) partials in a fixed order.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -35,8 +35,8 @@
 
 #include "../common.h"
 #include "../conv2d.h"
+#include "../nhwc_stats.h"
 #include "conv2d_sm90.h"
-#include "conv2d_sm90_stats.cuh"
 
 namespace rk {
 namespace sm90 {
@@ -164,10 +164,10 @@ typename PlainConv<T>::Conv::Arguments plain_args(const Conv2dArgs& a, float* yf
   return args;
 }
 
-// Layout of the caller's workspace: [yf: M*Cout floats][part_mean, part_m2: m_tiles*Cout floats
-// each][CUTLASS's own workspace], each piece 256-byte aligned.
+// Layout of the caller's workspace: [yf: M*Cout floats][nhwc_stats' partials][CUTLASS's own
+// workspace], each piece 256-byte aligned.
 struct Workspace {
-  int64_t yf = 0, part_mean = 0, part_m2 = 0, cutlass = 0, cutlass_bytes = 0, total = 0;
+  int64_t yf = 0, stats = 0, stats_bytes = 0, cutlass = 0, cutlass_bytes = 0, total = 0;
 };
 
 int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
@@ -183,13 +183,11 @@ Workspace layout(const Conv2dArgs& a, bool stats) {
   const int64_t M = a.N * a.OH * a.OW;
   int64_t off = 0;
   if (stats && M > 0 && a.Cout > 0) {
-    const int64_t tiles = ceil_div(M, kStatRows);
     w.yf = off;
     off += align256(M * a.Cout * 4);
-    w.part_mean = off;
-    off += align256(tiles * a.Cout * 4);
-    w.part_m2 = off;
-    off += align256(tiles * a.Cout * 4);
+    w.stats = off;
+    w.stats_bytes = nhwc_stats_workspace_bytes(M, a.Cout);
+    off += align256(w.stats_bytes);
   }
   w.cutlass = off;
   if (M > 0 && a.Cout > 0)
@@ -272,7 +270,7 @@ void require_sm90(const char* fn) {
                        " is ", major, ".", minor));
 }
 
-template <typename T, typename TCuda>
+template <typename T>
 void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
   char* ws = reinterpret_cast<char*>(a.workspace);
   void* cws = w.cutlass_bytes ? ws + w.cutlass : nullptr;
@@ -283,19 +281,20 @@ void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
     return;
   }
   float* yf = reinterpret_cast<float*>(ws + w.yf);
-  float* pm = reinterpret_cast<float*>(ws + w.part_mean);
-  float* pq = reinterpret_cast<float*>(ws + w.part_m2);
   run_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, yf), cws, w.cutlass_bytes, stream,
                                         "conv2d_sm90 fp32-output kernel");
-  const int M = static_cast<int>(a.N * a.OH * a.OW), C = static_cast<int>(a.Cout);
-  const int tiles = static_cast<int>(ceil_div(M, kStatRows));
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(C, kStatCols)));
-  conv2d_sm90_tile_stats_kernel<TCuda>
-      <<<grid, kStatThreads, 0, stream>>>(yf, reinterpret_cast<TCuda*>(a.out), pm, pq, M, C);
-  check_launch("conv2d_sm90_forward: conv2d_sm90_tile_stats_kernel");
-  conv2d_sm90_stats_finalize_kernel<<<static_cast<unsigned>(C), kStatFinThreads, 0, stream>>>(
-      pm, pq, tiles, M, C, reinterpret_cast<float*>(a.mean), reinterpret_cast<float*>(a.var));
-  check_launch("conv2d_sm90_forward: conv2d_sm90_stats_finalize_kernel");
+  NhwcStatsArgs s{};
+  s.dtype = a.dtype;
+  s.yf = reinterpret_cast<std::uintptr_t>(yf);
+  s.y = a.out;
+  s.mean = a.mean;
+  s.var = a.var;
+  s.workspace = reinterpret_cast<std::uintptr_t>(ws + w.stats);
+  s.workspace_bytes = w.stats_bytes;
+  s.M = a.N * a.OH * a.OW;
+  s.C = a.Cout;
+  s.stream = a.stream;
+  nhwc_stats_forward(s);
 }
 
 }  // namespace
@@ -327,9 +326,9 @@ void conv2d_sm90_forward(const Conv2dArgs& a) {
     return;
   }
   if (a.dtype == DType::BF16)
-    sm90::launch<cutlass::bfloat16_t, __nv_bfloat16>(a, w, stream);
+    sm90::launch<cutlass::bfloat16_t>(a, w, stream);
   else
-    sm90::launch<cutlass::half_t, __half>(a, w, stream);
+    sm90::launch<cutlass::half_t>(a, w, stream);
 }
 
 }  // namespace rk

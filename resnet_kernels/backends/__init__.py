@@ -331,8 +331,8 @@ def _aten_conv_cost(call):
 def _cutlass_conv_cost(call):
     """pack_weight (a permute copy: Cin % 8 == 0, no padding), then either the fused-epilogue
     kernel (x, packed weight, the epilogue's operands, out) or, with statistics, the fp32-output
-    kernel (writes y in float32), conv2d_sm90_tile_stats_kernel (reads it, writes out and the
-    per-tile (mean, M2) partials) and conv2d_sm90_stats_finalize_kernel."""
+    kernel (writes y in float32), nhwc_tile_stats_kernel (csrc/nhwc_stats.cu: reads it, writes out
+    and the per-tile (mean, M2) partials) and nhwc_stats_finalize_kernel."""
     Cout, Cin, KH, KW = call.weight.shape
     wk = Cout * Cin * KH * KW * call.weight.element_size()
     launches, b = 1, nbytes(call.weight) + wk
