@@ -100,18 +100,26 @@ Stride output_stride(const ProblemShape& ps) {
 
 const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
 
+// CUTLASS's own host-side checks of the arguments we built (no device access): run before the
+// device check, so they are exercised (and tested) on machines without an sm_90 GPU.
 template <typename Conv>
-void run_conv(const typename Conv::Arguments& args, void* workspace, int64_t workspace_bytes, cudaStream_t stream,
-              const char* what) {
+void check_conv(const typename Conv::Arguments& args, int64_t workspace_bytes, const char* what) {
   const size_t need = Conv::get_workspace_size(args);
   if (static_cast<int64_t>(need) > workspace_bytes)
     throw ArgError(cat("conv2d_sm90_forward: ", what, " needs ", need, " bytes of CUTLASS workspace, got ",
                        workspace_bytes));
-  cutlass::Status st = Conv::can_implement(args);
+  const cutlass::Status st = Conv::can_implement(args);
   if (st != cutlass::Status::kSuccess)
     throw ArgError(cat("conv2d_sm90_forward: CUTLASS cannot implement this convolution (", what, "): ",
                        status_name(st), " (TMA limits: channels multiple of 8, padding <= 128, "
                        "pad - (kernel - 1) >= -128, kernel size <= 255)"));
+}
+
+template <typename Conv>
+void run_conv(const typename Conv::Arguments& args, void* workspace, int64_t workspace_bytes, cudaStream_t stream,
+              const char* what) {
+  check_conv<Conv>(args, workspace_bytes, what);
+  cutlass::Status st;
   Conv op;
   st = op.initialize(args, workspace, stream);
   if (st != cutlass::Status::kSuccess)
@@ -271,6 +279,15 @@ void require_sm90(const char* fn) {
 }
 
 template <typename T>
+void check(const Conv2dArgs& a, const Workspace& w) {
+  if (a.mean == 0)
+    check_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), w.cutlass_bytes, "conv2d_sm90 fused-epilogue kernel");
+  else
+    check_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, reinterpret_cast<float*>(a.workspace + w.yf)),
+                                            w.cutlass_bytes, "conv2d_sm90 fp32-output kernel");
+}
+
+template <typename T>
 void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
   char* ws = reinterpret_cast<char*>(a.workspace);
   void* cws = w.cutlass_bytes ? ws + w.cutlass : nullptr;
@@ -314,6 +331,12 @@ void conv2d_sm90_forward(const Conv2dArgs& a) {
   if (a.workspace_bytes < w.total)
     throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", w.total, " required"));
   if (a.workspace % 256) throw ArgError(cat(fn, ": workspace must be 256-byte aligned"));
+  if (a.Cout > 0 && a.N * a.OH * a.OW > 0) {
+    if (a.dtype == DType::BF16)
+      sm90::check<cutlass::bfloat16_t>(a, w);
+    else
+      sm90::check<cutlass::half_t>(a, w);
+  }
   sm90::require_sm90(fn);
   cudaStream_t stream = as_stream(a.stream);
   const int64_t M = a.N * a.OH * a.OW;

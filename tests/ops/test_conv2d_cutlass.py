@@ -321,9 +321,21 @@ def test_C_workspace_bytes():
 
 
 @needs_kernels
-def test_C_refuses_a_device_that_is_not_sm90():
-    """Valid arguments on a machine without an sm_90 GPU: an error naming the requirement, no launch."""
+@pytest.mark.parametrize("over", [
+    dict(),
+    dict(residual=1 << 20, res_stride=[1944, 1, 216, 24], scale=2048, bias=3072, relu=True, dtype=1),
+    dict(mean=2048, var=3072),
+    dict(Cin=8, H=23, W=21, KH=7, KW=7, stride_h=2, stride_w=2, pad_h=3, pad_w=3, OH=12, OW=11, ldw=392,
+         x_stride=[3864, 1, 168, 8], out_stride=[3168, 1, 264, 24]),
+    dict(KH=1, KW=1, stride_h=2, stride_w=2, pad_h=0, pad_w=0, OH=5, OW=5, ldw=16, out_stride=[600, 1, 120, 24]),
+])
+def test_C_valid_arguments_pass_cutlass_checks_and_stop_at_the_device(over):
+    """Valid arguments get through our validation and CUTLASS's host-side can_implement (run before
+    the device check on purpose) and, without an sm_90 GPU, stop at the device check: an error naming
+    the requirement, no launch."""
     if _sm90_gpu():
         pytest.skip("this machine has an sm_90 GPU")
-    with pytest.raises((ValueError, RuntimeError), match="9.0|cudaGetDevice|no CUDA"):
-        C_.conv2d_sm90_forward(_args(workspace=4096, workspace_bytes=1 << 20))
+    need = C_.conv2d_sm90_workspace_bytes(_args(**over))
+    with pytest.raises((ValueError, RuntimeError), match="9.0|cudaGetDevice|no CUDA") as e:
+        C_.conv2d_sm90_forward(_args(workspace=1 << 24, workspace_bytes=need, **over))
+    assert "CUTLASS cannot implement" not in str(e.value)
