@@ -8,6 +8,15 @@ RESNET_KERNELS_REQUIRE_CUDA   "1": a missing/unusable CUDA compiler is a hard bu
                               (CI sets it). Otherwise the pure Python + Triton package installs
                               and the build output says so.
 RESNET_KERNELS_SKIP_CUDA      "1": do not build the extension even if nvcc is present.
+RESNET_KERNELS_CUTLASS_DIR    CUTLASS source root for the sm_90a kernels (csrc/sm90/): the directory
+                              holding include/cutlass (e.g. an installed nvidia-cutlass wheel's
+                              cutlass_library/source). Default: the cutlass_library package importable by
+                              the build's Python. Pinned version: CUTLASS_PIN below
+                              (pip install --no-deps nvidia-cutlass==4.2.0.0: headers only).
+RESNET_KERNELS_SKIP_SM90      "1": leave the sm_90a kernels out even if CUTLASS is found.
+                              Without CUTLASS, an nvcc < 12.4 or sm_90 not among the architectures they
+                              are left out with a message (an error with RESNET_KERNELS_REQUIRE_CUDA=1
+                              when sm_90 is requested).
 MAX_JOBS                      parallel compile jobs (default: number of CPUs).
 CUDA_HOME / CUDA_PATH         where to look for nvcc before PATH.
 """
@@ -25,6 +34,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "80;90"
+CUTLASS_PIN = "4.2.0.0"  # nvidia-cutlass wheel version the sm_90a kernels are written against
+MIN_NVCC_SM90A = (12, 4)
 
 
 # Measured on a shared 2-core machine (see the README): the whole CUDA build, both default
@@ -134,6 +145,56 @@ def _build_with_progress(cmd, cwd) -> None:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
+def _nvcc_version(nvcc: str):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def find_cutlass():
+    """(CUTLASS source root holding include/cutlass, None) or (None, why not found)."""
+    env = os.environ.get("RESNET_KERNELS_CUTLASS_DIR", "").strip()
+    if env:
+        base = Path(env)
+        for cand in (base, base / "source", base / "cutlass_library" / "source"):
+            if (cand / "include" / "cutlass" / "cutlass.h").exists():
+                return cand.resolve(), None
+        return None, f"RESNET_KERNELS_CUTLASS_DIR={env} holds no include/cutlass/cutlass.h"
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported (its deps are not needed)
+    if spec is None or not spec.submodule_search_locations:
+        return None, (f"CUTLASS not found: pip install --no-deps nvidia-cutlass=={CUTLASS_PIN} and set "
+                      "RESNET_KERNELS_CUTLASS_DIR to its cutlass_library/source (or make cutlass_library "
+                      "importable by the build)")
+    cand = Path(list(spec.submodule_search_locations)[0]).resolve() / "source"
+    if (cand / "include" / "cutlass" / "cutlass.h").exists():
+        return cand, None
+    return None, f"the cutlass_library package at {cand.parent} has no source/include/cutlass/cutlass.h"
+
+
+def sm90_config(nvcc: str, archs):
+    """(CMake arguments, message) for the CUTLASS sm_90a kernels (csrc/sm90/)."""
+    why = None
+    if _truthy("RESNET_KERNELS_SKIP_SM90"):
+        why = "RESNET_KERNELS_SKIP_SM90=1"
+    elif 90 not in archs:
+        why = "sm_90 is not among the architectures built"
+    elif _nvcc_version(nvcc) < MIN_NVCC_SM90A:
+        why = (f"nvcc {'.'.join(map(str, _nvcc_version(nvcc)))} cannot build them "
+               f"(sm_90a and CUTLASS 3.x need CUDA >= {'.'.join(map(str, MIN_NVCC_SM90A))})")
+    cutlass = None
+    if why is None:
+        cutlass, why = find_cutlass()
+    if why is not None:
+        if _truthy("RESNET_KERNELS_REQUIRE_CUDA") and 90 in archs and not _truthy("RESNET_KERNELS_SKIP_SM90"):
+            raise RuntimeError(f"RESNET_KERNELS_REQUIRE_CUDA=1 but the sm_90a kernels cannot be built: {why} "
+                               "(RESNET_KERNELS_SKIP_SM90=1 leaves them out)")
+        note = why.replace('"', "'").replace(";", ",")
+        return ["-DRK_SM90A=OFF", f"-DRK_SM90_NOTE={note}"], f"NOT building the sm_90a (CUTLASS) kernels: {why}"
+    return ["-DRK_SM90A=ON", f"-DRK_CUTLASS_DIR={cutlass}"], f"building the sm_90a (CUTLASS) kernels with {cutlass}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path):
         super().__init__(name, sources=[])
@@ -149,6 +210,7 @@ class CMakeBuild(build_ext):
     def initialize_options(self) -> None:
         super().initialize_options()
         self._skipped = set()
+        self._sm90_on = False
 
     def _only_built(self, method, *args):
         exts, self.extensions = self.extensions, [e for e in self.extensions if e.name not in self._skipped]
@@ -187,7 +249,20 @@ class CMakeBuild(build_ext):
             _say(msg)
             return
         try:
-            self._build_with_cmake(ext, nvcc)
+            try:
+                self._build_with_cmake(ext, nvcc)
+            except Exception as exc:  # noqa: BLE001
+                if require or not self._sm90_on:
+                    raise
+                # the CUTLASS translation unit (e.g. other CUTLASS headers than the pinned ones) must
+                # not cost the rest of _C: build again without it, and say so
+                _say(f"building with the sm_90a (CUTLASS) kernels FAILED ({exc}); building resnet_kernels._C "
+                     "again without them (RESNET_KERNELS_SKIP_SM90=1 skips this attempt).", tty=True)
+                os.environ["RESNET_KERNELS_SKIP_SM90"] = "1"
+                try:
+                    self._build_with_cmake(ext, nvcc)
+                finally:
+                    os.environ.pop("RESNET_KERNELS_SKIP_SM90", None)
             self._skipped.discard(ext.name)
         except Exception as exc:  # noqa: BLE001 - reported below, never swallowed silently
             if require:
@@ -231,8 +306,14 @@ class CMakeBuild(build_ext):
                 cmake_args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}"]
             except ImportError:
                 pass
+        sm90_args, sm90_msg = sm90_config(nvcc, archs)
+        self._sm90_on = "-DRK_SM90A=ON" in sm90_args
+        cmake_args += sm90_args
+        _say(sm90_msg, tty=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         srcs = [p.name for ext_ in ("*.cu", "*.cpp") for p in sorted((ROOT / "csrc").glob(ext_))]
+        if "-DRK_SM90A=ON" in sm90_args:
+            srcs.append("sm90/conv2d_sm90.cu")
         _say(f"compiling the CUDA backend resnet_kernels._C ({len(srcs)} sources: {', '.join(srcs)}) with {nvcc} "
              f"for sm_{', sm_'.join(map(str, archs))}, MAX_JOBS={jobs}. This takes {BUILD_MINUTES_2_CORES} minutes on "
              f"2 CPU cores (less with more cores and fewer architectures: RESNET_KERNELS_CUDA_ARCHS); "

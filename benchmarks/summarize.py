@@ -25,7 +25,7 @@ BASELINES = ("eager", "compile", "cudnn")
 try:  # ours: 'auto' and the registry's benchmark backends (never listed by hand)
     from resnet_kernels import _registry
 
-    OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark)
+    OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark or b.name == "cutlass")
 except ImportError:  # summarising results on a machine without the package
     OURS = ("auto", "cuda", "triton", "aten")
 

@@ -42,15 +42,19 @@ IDS = [c.id for c in CONVS]
 
 BASELINES = ("eager", "compile", "cudnn")
 # 'auto' (the measured choice) and every backend of the registry that benchmarks
-OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark)
+# plus the per-layer implementations kept out of the model benchmark's default set (benchmark=False:
+# they serve only some layers) that these bf16 channels_last layers exercise: cutlass (sm_90a)
+OURS = ("auto",) + tuple(b.name for b in _registry.backends() if b.benchmark or b.name == "cutlass")
 
 
-def _available(impl):
+def _available(impl, c=None):
     if impl in BASELINES or impl == "auto":
         return
     ok, why = rk.backend_status(impl, "cuda")
     if not ok:
         pytest.skip(f"backend {impl} unavailable: {why}")
+    if impl == "cutlass" and c is not None and (c.cin % 8 or c.cout % 8):
+        pytest.skip(f"cutlass: Cin={c.cin}, Cout={c.cout} (channels must be multiples of 8)")
 
 
 def _modules(c, train):
@@ -84,7 +88,7 @@ def _in_bytes(c, n):
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_infer_conv_bn_relu(benchmark, c, n, impl):
-    _available(impl)
+    _available(impl, c)
     benchmark.group = f"infer {c.id} N{n}"
     conv, bn = _modules(c, train=False)
     if impl in OURS:
@@ -107,12 +111,12 @@ def test_infer_conv_bn_relu(benchmark, c, n, impl):
 # the convolution launchers alone (an implementation that allocates its own output is the aten
 # convolution itself: that is the 'cudnn' row)
 @pytest.mark.parametrize("impl", tuple(i.backend for i in _registry.implementations("conv2d_epilogue")
-                                       if _registry.get_backend_decl(i.backend).benchmark and not i.returns_output)
+                                       if i.backend in OURS and not i.returns_output)
                          + ("cudnn",))
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_conv_alone(benchmark, c, n, impl):
-    _available(impl)
+    _available(impl, c)
     benchmark.group = f"conv {c.id} N{n}"
     conv, _ = _modules(c, train=False)
     w = conv.weight.detach()
@@ -139,7 +143,7 @@ def test_conv_alone(benchmark, c, n, impl):
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("c", CONVS, ids=IDS)
 def test_train_conv_bn_relu(benchmark, c, n, impl):
-    _available(impl)
+    _available(impl, c)
     benchmark.group = f"train {c.id} N{n}"
     conv, bn = _modules(c, train=True)
     need_dx = c.cin != 3  # the stem's input (the images) needs no gradient

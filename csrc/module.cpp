@@ -9,10 +9,17 @@
 #include "common.h"
 #include "conv2d.h"
 #include "maxpool.h"
+#include "nhwc_stats.h"
+#if RK_WITH_SM90
+#include "sm90/conv2d_sm90.h"
+#endif
 
 namespace py = pybind11;
 using rk::DType;
 
+#ifndef RK_SM90_NOTE
+#define RK_SM90_NOTE "not configured"
+#endif
 #ifndef RK_CUDA_ARCHS
 #define RK_CUDA_ARCHS ""
 #endif
@@ -227,4 +234,44 @@ PYBIND11_MODULE(_C, m) {
       "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
       "per-channel (mean, biased var) of conv(x, w) (Conv2dArgs); w is (Cout, ldw) with columns "
       "(r*KW+s)*Cin+c, zero padded to ldw");
+
+  // ---- per-channel statistics of an fp32 NHWC matrix (csrc/nhwc_stats.h; the sm_90a conv's)
+  py::class_<rk::NhwcStatsArgs> nst(m, "NhwcStatsArgs", py::module_local(),
+                                    "arguments of nhwc_stats_forward (csrc/nhwc_stats.h); pointer 0 = absent");
+  nst.def(py::init<>());
+  def_dtype(nst, "NhwcStatsArgs.dtype");
+  RK_FIELD(nst, yf); RK_FIELD(nst, y); RK_FIELD(nst, mean); RK_FIELD(nst, var); RK_FIELD(nst, workspace);
+  RK_FIELD(nst, workspace_bytes); RK_FIELD(nst, M); RK_FIELD(nst, C); RK_FIELD(nst, stream);
+  finish(nst);
+  m.def(
+      "nhwc_stats_workspace_bytes", [](int64_t M, int64_t C) { return rk::nhwc_stats_workspace_bytes(M, C); },
+      py::arg("M"), py::arg("C"));
+  m.def(
+      "nhwc_stats_forward",
+      [](const rk::NhwcStatsArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::nhwc_stats_forward(a);
+      },
+      py::arg("args"), "per-column (mean, biased var) of a float32 (M, C) matrix, and y = its rounding to dtype");
+
+  // ---- the CUTLASS sm_90a convolution (csrc/sm90/): present only when the build found CUTLASS
+#if RK_WITH_SM90
+  m.attr("sm90_kernels") = true;
+  m.attr("sm90_note") = std::string();
+  m.def(
+      "conv2d_sm90_workspace_bytes", [](const rk::Conv2dArgs& a) { return rk::conv2d_sm90_workspace_bytes(a); },
+      py::arg("args"), "bytes of device workspace conv2d_sm90_forward needs for these arguments");
+  m.def(
+      "conv2d_sm90_forward",
+      [](const rk::Conv2dArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_sm90_forward(a);
+      },
+      py::arg("args"),
+      "sm_90a CUTLASS implicit-GEMM conv2d (Conv2dArgs; csrc/sm90/conv2d_sm90.h): channels_last bf16/fp16, "
+      "out = act(conv(x, w)*scale + bias + residual) or per-channel (mean, biased var) of conv(x, w)");
+#else
+  m.attr("sm90_kernels") = false;
+  m.attr("sm90_note") = std::string(RK_SM90_NOTE);
+#endif
 }

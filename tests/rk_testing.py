@@ -15,8 +15,13 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 # tested (a missing build then fails with its cause, never skips); without one, those that run on
 # CPU tensors (aten; triton under the interpreter, which conftest switches on).
 ORACLE = "torch"
+# Backends that implement only a hardware- and shape-specific subset, tested by their own files
+# instead of the generic every-backend parametrisation: cutlass (sm_90 GPUs, bf16/fp16 NHWC with
+# channels multiples of 8: tests/ops/test_conv2d_cutlass.py).
+DEDICATED_BACKENDS = ("cutlass",)
 KERNEL_BACKENDS = [b.name for b in _registry.backends()
-                   if b.name != ORACLE and (HAS_GPU or b.available(torch.device("cpu")) is None)]
+                   if b.name != ORACLE and b.name not in DEDICATED_BACKENDS
+                   and (HAS_GPU or b.available(torch.device("cpu")) is None)]
 ALL_BACKENDS = [ORACLE] + KERNEL_BACKENDS
 
 # GPU-only tests: ``@needs_gpu("why")`` (or in pytestmark). conftest.py marks every test skipped

@@ -74,7 +74,7 @@ def test_set_get_backend():
         rk.set_backend(name)
         assert rk.get_backend() == name
     rk.set_backend("torch")
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'aten', 'torch'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'aten', 'torch', 'cutlass'\), got 'gpu'"):
         rk.set_backend("gpu")
     with pytest.raises(ValueError, match=r"got None"):
         rk.set_backend(None)

@@ -291,12 +291,17 @@ def test_registry_rejects_bad_declarations():
 
 
 def test_every_op_has_a_reference_and_an_implementation_per_public_backend():
+    # a backend declared fallback_auto (e.g. cutlass: convolutions only) may leave ops to 'auto'
+    partial = {b for b in rk.BACKENDS if _registry.get_backend_decl(b).fallback_auto}
+    covered = set()
     for op in _registry.OPS:
         impls = _registry.implementations(op)
         assert sum(i.reference for i in impls) == 1, op
-        assert {i.backend for i in impls} == set(rk.BACKENDS), op
+        assert set(rk.BACKENDS) - partial <= {i.backend for i in impls} <= set(rk.BACKENDS), op
+        covered |= {i.backend for i in impls}
         for i in impls:
             assert callable(i.load()), i
+    assert covered == set(rk.BACKENDS)  # every public backend implements at least one op
 
 
 def test_hidden_backends_are_not_offered_nor_chosen_but_resolvable():

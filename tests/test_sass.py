@@ -44,6 +44,9 @@ EXPECTED_KERNELS = [
     # csrc/maxpool.cu
     "maxpool2d_fwd_kernel",
     "maxpool2d_bwd_kernel",
+    # csrc/nhwc_stats.cu (the statistics of the sm_90a convolution's training path)
+    "nhwc_tile_stats_kernel",
+    "nhwc_stats_finalize_kernel",
 ]
 
 # kernel identifier -> {arch: tensor-core opcodes of which at least one must appear in the SASS

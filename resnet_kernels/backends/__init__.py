@@ -64,6 +64,12 @@ register_backend(Backend(
 register_backend(Backend(
     "torch", "the plain-PyTorch reference decomposition in the accumulation dtype (float64 capable): the "
              "test oracle", _anywhere, benchmark=False))
+register_backend(Backend(
+    "cutlass", "CUTLASS 3.x sm_90a convolutions for Hopper (H100/H200: TMA im2col, wgmma; csrc/sm90/, built into "
+               "resnet_kernels._C when CUTLASS is found); other ops resolve as 'auto'", lambda d: _cutlass_available(d),
+    # a per-layer-shape implementation (no stem, no fp32): whole-model runs use it through 'auto', so it
+    # is not in bench's default set (an explicit backend='cutlass' model run would stop at the stem)
+    fallback_auto=True, benchmark=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +85,84 @@ def conv_kernel_supports(call) -> Optional[str]:
         why.append(f"groups={call.groups} (the conv kernels implement groups=1)")
     if tuple(call.dilation) != (1, 1):
         why.append(f"dilation={tuple(call.dilation)} (the conv kernels implement dilation 1)")
+    return "; ".join(why) or None
+
+
+def _sm90_cap(device: torch.device):
+    return torch.cuda.get_device_capability(device)
+
+
+def _cutlass_available(device: Optional[torch.device]) -> Optional[str]:
+    """The CUTLASS kernels: _C built with them (sm90_kernels) and a compute-capability 9.0 GPU (the
+    sm_90a cubin runs nowhere else). The host runner cannot run them (CUTLASS needs real TMA/wgmma)."""
+    C = _ext.get_C()
+    if C is None:
+        return _ext.C_error() or "resnet_kernels._C unavailable"
+    if not getattr(C, "sm90_kernels", False):
+        return ("resnet_kernels._C was built without the CUTLASS sm_90a kernels: "
+                + (getattr(C, "sm90_note", "") or "a build from before they existed"))
+    if device is None:
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        if not any(_sm90_cap(torch.device("cuda", i)) == (9, 0) for i in range(torch.cuda.device_count())):
+            return "no compute capability 9.0 GPU (H100/H200/GH200) is visible: the sm_90a kernels run only there"
+        return None
+    if device.type != "cuda":
+        return f"the cutlass backend runs on CUDA tensors, got {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    cap = _sm90_cap(device)
+    if cap != (9, 0):
+        return (f"{device} is compute capability {cap[0]}.{cap[1]}: the sm_90a kernels run on 9.0 "
+                f"(H100/H200/GH200) only")
+    return None
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def cutlass_supports(call) -> Optional[str]:
+    """The calls the CUTLASS sm_90a convolution (csrc/sm90/conv2d_sm90.h) implements: every reason
+    it refuses this one, joined (None: supported). The device itself is checked by the backend's
+    ``available`` (and here too for a CUDA tensor, so the reason names it)."""
+    why = []
+    x, w = call.x, call.weight
+    N, Cin, H, W = x.shape
+    Cout, _, KH, KW = w.shape
+    OH, OW = call.shape[2], call.shape[3]
+    if x.device.type == "cuda" and _sm90_cap(x.device) != (9, 0):
+        cap = _sm90_cap(x.device)
+        why.append(f"{x.device} is compute capability {cap[0]}.{cap[1]} (the sm_90a kernels run on 9.0 only)")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"dtype {str(x.dtype).replace('torch.', '')} (the sm_90a kernels take bfloat16 and float16)")
+    if call.groups != 1:
+        why.append(f"groups={call.groups} (the sm_90a kernels implement groups=1)")
+    if tuple(call.dilation) != (1, 1):
+        why.append(f"dilation={tuple(call.dilation)} (the sm_90a kernels implement dilation 1)")
+    out_nhwc = call.layout == "nhwc" or (OH == 1 and OW == 1)  # the op allocates out in call.layout
+    if not x.is_contiguous(memory_format=torch.channels_last) or not out_nhwc:
+        why.append("x is not channels_last (NHWC) contiguous (the sm_90a kernels read NHWC activations through "
+                   "TMA and write NHWC outputs)")
+    if Cin % 8 != 0 or Cin == 0:
+        why.append(f"Cin={Cin} is not a positive multiple of 8 (16-byte TMA rows)")
+    if Cout % 8 != 0:
+        why.append(f"Cout={Cout} is not a multiple of 8 (16-byte TMA rows)")
+    sh, sw = call.stride
+    ph, pw = call.padding
+    if sh > 8 or sw > 8:
+        why.append(f"stride={tuple(call.stride)} (TMA im2col takes strides <= 8)")
+    if max(ph, pw) > 128 or min(ph - (KH - 1), pw - (KW - 1)) < -128 or max(ph - (KH - 1), pw - (KW - 1)) > 127 \
+            or max(KH, KW) > 255:
+        why.append(f"padding={tuple(call.padding)} with kernel ({KH}, {KW}) is outside the TMA im2col corner "
+                   f"limits (padding <= 128, padding - (kernel - 1) in [-128, 127])")
+    if N * H * W * Cin > _INT32_MAX or N * OH * OW * Cout > _INT32_MAX:
+        why.append("a tensor of more than 2^31 - 1 elements (32-bit CUTLASS extents)")
+    if x.device.type == "cuda":
+        if x.data_ptr() % 16 != 0:
+            why.append("x's data pointer is not 16-byte aligned (TMA)")
+        r = call.residual
+        if r is not None and (r.data_ptr() % 16 != 0 or not r.is_contiguous(memory_format=torch.channels_last)):
+            why.append("the residual is not a 16-byte aligned channels_last contiguous tensor (TMA)")
     return "; ".join(why) or None
 
 
@@ -333,6 +417,25 @@ def _aten_update_cost(call):
     return launches, b
 
 
+def _cutlass_conv_cost(call):
+    """pack_weight (a permute copy: Cin % 8 == 0, no padding), then either the fused-epilogue
+    kernel (x, packed weight, the epilogue's operands, out) or, with statistics, the fp32-output
+    kernel (writes y in float32), nhwc_tile_stats_kernel (csrc/nhwc_stats.cu: reads it, writes out
+    and the per-tile (mean, M2) partials) and nhwc_stats_finalize_kernel."""
+    Cout, Cin, KH, KW = call.weight.shape
+    wk = Cout * Cin * KH * KW * call.weight.element_size()
+    launches, b = 1, nbytes(call.weight) + wk
+    if not call.compute_stats:
+        return launches + 1, b + _conv_io(call) + wk
+    N, _, OH, OW = call.shape
+    yf = N * OH * OW * Cout * 4
+    p = 2 * ((N * OH * OW + _CONV_BM - 1) // _CONV_BM) * Cout * 4  # 128-row tiles, as csrc/sm90's stats kernel
+    b += nbytes(call.x) + wk + yf  # the convolution
+    b += yf + _act_bytes(call.shape, call.x.dtype) + p  # tile statistics + rounding
+    b += p + 2 * Cout * 4  # finalize
+    return launches + 3, b
+
+
 _COSTS = {
     ("bn_add_relu", "cuda"): _fused_bar_cost, ("bn_add_relu", "triton"): _fused_bar_cost,
     ("bn_add_relu", "aten"): _aten_bar_cost,
@@ -371,6 +474,9 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
     register(Impl(_op, "triton", _TRITON + "conv2d:conv2d_forward", supports=conv_kernel_supports, priority=30,
                   cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "torch", _P + "torch_conv2d:conv2d_forward", priority=90, auto_on=_EVERYWHERE))
+    # Hopper only (sm_90a): ahead of the mma.sync kernel in the static order; 'auto' measures on CUDA anyway
+    register(Impl(_op, "cutlass", _P + "cutlass_conv2d:conv2d_forward", supports=cutlass_supports, priority=15,
+                  cost=_cutlass_conv_cost))
 
 
 # the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py): 'aten' runs PyTorch's native

@@ -30,7 +30,7 @@ from resnet_kernels.ops import conv2d_epilogue, conv2d_stats
 C_ = get_C()
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 STRUCTS = {"Conv2dArgs": "conv2d.h", "BnAddReluArgs": "bn_add_relu.h", "BnAddReluBackwardArgs": "bn_add_relu.h",
-           "MaxPool2dArgs": "maxpool.h", "MaxPool2dBackwardArgs": "maxpool.h"}
+           "MaxPool2dArgs": "maxpool.h", "MaxPool2dBackwardArgs": "maxpool.h", "NhwcStatsArgs": "nhwc_stats.h"}
 
 
 def header_members(header: str, struct: str) -> list[str]:
@@ -56,7 +56,7 @@ def test_every_struct_member_is_bound(struct, which, request):
         pytest.skip("resnet_kernels._C is not built")
     mod = C_ if which == "_C" else request.getfixturevalue("host_runner_module")
     members = header_members(STRUCTS[struct], struct)
-    assert len(members) > 10
+    assert len(members) >= 10  # the parser found them all (NhwcStatsArgs, the smallest, has 10)
     assert sorted(getattr(mod, struct).fields) == sorted(members)
 
 

@@ -1,0 +1,31 @@
+// Per-channel mean and biased variance of a float32 (M, C) row-major matrix (a convolution's fp32
+// output in NHWC order: M = N*OH*OW rows, C channels), deterministic (per-128-row-tile (mean, M2)
+// by exact two passes, combined in a fixed order with Chan's formula, the tiles in float64), and
+// optionally the matrix rounded (to nearest even) to `dtype` into y. Torch-free.
+//   yf        (M, C) float32, row-major, 4-byte aligned (may be 0 when M*C == 0)
+//   y         (M, C) of dtype (float32/float16/bfloat16), row-major, or 0 (no copy)
+//   mean, var (C,) float32 (M == 0: NaN)
+//   workspace nhwc_stats_workspace_bytes(M, C) bytes, 4-byte aligned
+// Used by the sm_90a convolution (csrc/sm90/conv2d_sm90.cu) for conv2d_stats; bound in _C as
+// nhwc_stats_forward for tests (the host runner runs it on the CPU).
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace rk {
+
+struct NhwcStatsArgs {
+  DType dtype;
+  std::uintptr_t yf, y, mean, var, workspace;
+  int64_t workspace_bytes;
+  int64_t M, C;
+  std::uintptr_t stream;
+};
+
+int64_t nhwc_stats_workspace_bytes(int64_t M, int64_t C);
+
+// Validates every argument (ArgError naming it), then launches on a.stream.
+void nhwc_stats_forward(const NhwcStatsArgs& a);
+
+}  // namespace rk

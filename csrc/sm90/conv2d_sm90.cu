@@ -1,0 +1,357 @@
+// sm_90a (Hopper) implicit-GEMM convolution built from CUTLASS 3.x collectives: TMA im2col loads
+// of the NHWC activations, TMA loads of the KRSC filter, wgmma (HGMMA) with fp32 accumulators,
+// a warp-specialized producer/consumer pipeline and a TMA-store epilogue. Compiled only for
+// sm_90a (-gencode arch=compute_90a,code=sm_90a), only when the CUTLASS headers were found at
+// build time (CMakeLists.txt, setup.py); csrc/sm90/README.md has the details.
+//
+// Two kernels per dtype (bf16, fp16), 128x128x64 CTA tile, cluster 1x1x1:
+//   * FusedConv<T>: out = act(conv(x, w) * scale[k] + bias[k] + residual), one kernel. The
+//     epilogue is CUTLASS's epilogue-visitor tree PerColLinCombPerColBiasEltAct: alpha is the
+//     per-channel scale vector (or the scalar 1), bias the per-channel bias (or 0), beta * C the
+//     residual (beta = 1 with the residual as the C operand, beta = 0 without: then C is never
+//     loaded), and the activation is Clamp with lower bound 0 (ReLU) or -inf (identity), a
+//     runtime argument, so ReLU costs no second instance.
+//   * PlainConv<T>: yf = conv(x, w) in float32 (the statistics path), then our own deterministic
+//     statistics kernels (csrc/nhwc_stats.cu, built for every architecture) round yf to T into out
+//     and reduce per-channel (mean, M2) partials in a fixed order.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "cutlass/cutlass.h"
+// (include order as in CUTLASS's examples: some collectives use KernelHardwareInfo undeclared)
+#include "cute/tensor.hpp"
+#include "cutlass/kernel_hardware_info.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/conv/convnd_problem_shape.hpp"
+#include "cutlass/conv/convolution.h"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/dispatch_policy.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+
+#include "../common.h"
+#include "../conv2d.h"
+#include "../nhwc_stats.h"
+#include "conv2d_sm90.h"
+
+namespace rk {
+namespace sm90 {
+namespace {
+
+using namespace cute;
+
+constexpr cutlass::conv::Operator kFprop = cutlass::conv::Operator::kFprop;
+using ProblemShape = cutlass::conv::ConvProblemShape<kFprop, 2>;
+using LayoutNHWC = cutlass::layout::TensorNHWC;
+using TileShape = Shape<_128, _128, Shape<_64>>;
+using ClusterShape = Shape<_1, _1, _1>;
+
+// The pieces shared by both kernels: mainloop over T operands, an epilogue of output type D.
+template <typename T, typename ElementC, typename ElementD, typename FusionOp>
+struct ConvKernelOf {
+  static constexpr int kAlignT = 16 / sizeof(T);
+  static constexpr int kAlignC = 16 / sizeof(cute::conditional_t<cute::is_void_v<ElementC>, ElementD, ElementC>);
+  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, LayoutNHWC, kAlignC, ElementD,
+      LayoutNHWC, kAlignD, cutlass::epilogue::TmaWarpSpecialized, FusionOp>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, kFprop, T, LayoutNHWC, kAlignT, T, LayoutNHWC, kAlignT,
+      float, TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+};
+
+template <typename T>
+using FusedConv = ConvKernelOf<
+    T, T, T,
+    cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<cutlass::epilogue::thread::Clamp, T, float, float, T,
+                                                             float>>;
+
+template <typename T>
+using PlainConv = ConvKernelOf<T, void, float, cutlass::epilogue::fusion::LinearCombination<float, float, void, float>>;
+
+ProblemShape make_problem(const Conv2dArgs& a) {
+  const int N = static_cast<int>(a.N), H = static_cast<int>(a.H), W = static_cast<int>(a.W);
+  const int C = static_cast<int>(a.Cin), K = static_cast<int>(a.Cout);
+  const int R = static_cast<int>(a.KH), S = static_cast<int>(a.KW);
+  return ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {N, H, W, C}, {K, R, S, C},
+                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
+                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
+                      {static_cast<int>(a.stride_h), static_cast<int>(a.stride_w)}, {1, 1}, 1);
+}
+
+// The epilogue's C/D strides ((q, p, n), 1, 0) from the problem's packed NPQK output strides.
+template <typename Stride>
+Stride output_stride(const ProblemShape& ps) {
+  Stride s{};
+  cute::for_each(cute::make_seq<cute::rank<0>(Stride{})>{},
+                 [&](auto i) { cute::get<0, i>(s) = ps.stride_C[ProblemShape::RankT - 2 - i]; });
+  return s;
+}
+
+const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
+
+// CUTLASS's own host-side checks of the arguments we built (no device access): run before the
+// device check, so they are exercised (and tested) on machines without an sm_90 GPU.
+template <typename Conv>
+void check_conv(const typename Conv::Arguments& args, int64_t workspace_bytes, const char* what) {
+  const size_t need = Conv::get_workspace_size(args);
+  if (static_cast<int64_t>(need) > workspace_bytes)
+    throw ArgError(cat("conv2d_sm90_forward: ", what, " needs ", need, " bytes of CUTLASS workspace, got ",
+                       workspace_bytes));
+  const cutlass::Status st = Conv::can_implement(args);
+  if (st != cutlass::Status::kSuccess)
+    throw ArgError(cat("conv2d_sm90_forward: CUTLASS cannot implement this convolution (", what, "): ",
+                       status_name(st), " (TMA limits: channels multiple of 8, padding <= 128, "
+                       "pad - (kernel - 1) >= -128, kernel size <= 255)"));
+}
+
+template <typename Conv>
+void run_conv(const typename Conv::Arguments& args, void* workspace, int64_t workspace_bytes, cudaStream_t stream,
+              const char* what) {
+  check_conv<Conv>(args, workspace_bytes, what);
+  cutlass::Status st;
+  Conv op;
+  st = op.initialize(args, workspace, stream);
+  if (st != cutlass::Status::kSuccess)
+    throw CudaError(cat("conv2d_sm90_forward: ", what, " initialize: ", status_name(st)));
+  st = op.run(stream);
+  if (st != cutlass::Status::kSuccess) throw CudaError(cat("conv2d_sm90_forward: ", what, " run: ", status_name(st)));
+  check_launch(what);
+}
+
+template <typename T>
+typename FusedConv<T>::Conv::Arguments fused_args(const Conv2dArgs& a) {
+  using Conv = typename FusedConv<T>::Conv;
+  using Kernel = typename Conv::ConvKernel;
+  const ProblemShape ps = make_problem(a);
+  typename Conv::Arguments args{};
+  args.problem_shape = ps;
+  args.mainloop.ptr_A = reinterpret_cast<const T*>(a.x);
+  args.mainloop.ptr_B = reinterpret_cast<const T*>(a.w);
+  auto& fus = args.epilogue.thread;
+  fus.alpha = 1.f;
+  fus.alpha_ptr = reinterpret_cast<const float*>(a.scale);  // nullptr: the scalar alpha = 1
+  fus.bias_ptr = reinterpret_cast<const float*>(a.bias);    // nullptr: bias 0
+  fus.beta = a.residual ? 1.f : 0.f;                        // beta 0: C is never loaded
+  fus.beta_ptr = nullptr;
+  fus.activation.lower_bound = a.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  fus.activation.upper_bound = std::numeric_limits<float>::infinity();
+  // without a residual C points at out (never read: beta = 0) so that its TMA descriptor is valid
+  args.epilogue.ptr_C = reinterpret_cast<const T*>(a.residual ? a.residual : a.out);
+  args.epilogue.dC = output_stride<typename Kernel::StrideC>(ps);
+  args.epilogue.ptr_D = reinterpret_cast<T*>(a.out);
+  args.epilogue.dD = output_stride<typename Kernel::StrideD>(ps);
+  return args;
+}
+
+template <typename T>
+typename PlainConv<T>::Conv::Arguments plain_args(const Conv2dArgs& a, float* yf) {
+  using Conv = typename PlainConv<T>::Conv;
+  using Kernel = typename Conv::ConvKernel;
+  const ProblemShape ps = make_problem(a);
+  typename Conv::Arguments args{};
+  args.problem_shape = ps;
+  args.mainloop.ptr_A = reinterpret_cast<const T*>(a.x);
+  args.mainloop.ptr_B = reinterpret_cast<const T*>(a.w);
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = output_stride<typename Kernel::StrideC>(ps);
+  args.epilogue.ptr_D = yf;
+  args.epilogue.dD = output_stride<typename Kernel::StrideD>(ps);
+  return args;
+}
+
+// Layout of the caller's workspace: [yf: M*Cout floats][nhwc_stats' partials][CUTLASS's own
+// workspace], each piece 256-byte aligned.
+struct Workspace {
+  int64_t yf = 0, stats = 0, stats_bytes = 0, cutlass = 0, cutlass_bytes = 0, total = 0;
+};
+
+int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
+
+template <typename T>
+int64_t cutlass_workspace(const Conv2dArgs& a, bool stats) {
+  if (stats) return static_cast<int64_t>(PlainConv<T>::Conv::get_workspace_size(plain_args<T>(a, nullptr)));
+  return static_cast<int64_t>(FusedConv<T>::Conv::get_workspace_size(fused_args<T>(a)));
+}
+
+Workspace layout(const Conv2dArgs& a, bool stats) {
+  Workspace w;
+  const int64_t M = a.N * a.OH * a.OW;
+  int64_t off = 0;
+  if (stats && M > 0 && a.Cout > 0) {
+    w.yf = off;
+    off += align256(M * a.Cout * 4);
+    w.stats = off;
+    w.stats_bytes = nhwc_stats_workspace_bytes(M, a.Cout);
+    off += align256(w.stats_bytes);
+  }
+  w.cutlass = off;
+  if (M > 0 && a.Cout > 0)
+    w.cutlass_bytes = a.dtype == DType::BF16 ? cutlass_workspace<cutlass::bfloat16_t>(a, stats)
+                                             : cutlass_workspace<cutlass::half_t>(a, stats);
+  w.total = off + align256(w.cutlass_bytes);
+  return w;
+}
+
+constexpr int64_t kIntMax = 2147483647;
+
+void validate(const Conv2dArgs& a) {
+  const char* fn = "conv2d_sm90_forward";
+  if (a.dtype != DType::BF16 && a.dtype != DType::F16)
+    throw ArgError(cat(fn, ": dtype must be float16 or bfloat16 (the sm_90a kernels), got ", dtype_name(a.dtype)));
+  check_positive(a.N, fn, "N");
+  check_positive(a.Cin, fn, "Cin");
+  check_positive(a.H, fn, "H");
+  check_positive(a.W, fn, "W");
+  check_nonneg(a.Cout, fn, "Cout");
+  check_positive(a.KH, fn, "KH");
+  check_positive(a.KW, fn, "KW");
+  check_positive(a.stride_h, fn, "stride_h");
+  check_positive(a.stride_w, fn, "stride_w");
+  check_nonneg(a.pad_h, fn, "pad_h");
+  check_nonneg(a.pad_w, fn, "pad_w");
+  if (a.Cin % 8 != 0) throw ArgError(cat(fn, ": Cin must be a multiple of 8 (16-byte TMA rows), got ", a.Cin));
+  if (a.Cout % 8 != 0) throw ArgError(cat(fn, ": Cout must be a multiple of 8 (16-byte TMA rows), got ", a.Cout));
+  if (a.stride_h > 8 || a.stride_w > 8)
+    throw ArgError(cat(fn, ": stride must be <= 8 (TMA im2col element strides), got (", a.stride_h, ", ",
+                       a.stride_w, ")"));
+  if (a.pad_h > 128 || a.pad_w > 128 || a.pad_h - (a.KH - 1) < -128 || a.pad_w - (a.KW - 1) < -128 ||
+      a.pad_h - (a.KH - 1) > 127 || a.pad_w - (a.KW - 1) > 127 || a.KH > 255 || a.KW > 255)
+    throw ArgError(cat(fn, ": padding (", a.pad_h, ", ", a.pad_w, ") with kernel (", a.KH, ", ", a.KW,
+                       ") is outside the TMA im2col corner limits (pad <= 128, pad - (kernel - 1) in [-128, 127])"));
+  const int64_t OH = (a.H + 2 * a.pad_h - a.KH) / a.stride_h + 1;
+  const int64_t OW = (a.W + 2 * a.pad_w - a.KW) / a.stride_w + 1;
+  if (a.H + 2 * a.pad_h < a.KH || a.W + 2 * a.pad_w < a.KW || a.OH != OH || a.OW != OW)
+    throw ArgError(cat(fn, ": OH, OW = (", a.OH, ", ", a.OW, ") but the convolution gives (", OH, ", ", OW, ")"));
+  if (a.ldw != a.KH * a.KW * a.Cin)
+    throw ArgError(cat(fn, ": ldw must equal KH*KW*Cin = ", a.KH * a.KW * a.Cin, " (packed KRSC filter), got ", a.ldw));
+  if (a.N * a.H * a.W * a.Cin > kIntMax || a.N * OH * OW * a.Cout > kIntMax || a.Cout * a.ldw > kIntMax)
+    throw ArgError(cat(fn, ": tensors of more than 2^31 - 1 elements are not supported"));
+  const int64_t xs[4] = {a.H * a.W * a.Cin, 1, a.W * a.Cin, a.Cin};
+  const int64_t os[4] = {OH * OW * a.Cout, 1, OW * a.Cout, a.Cout};
+  for (int i = 0; i < 4; ++i) {
+    if (a.x_stride[i] != xs[i])
+      throw ArgError(cat(fn, ": x must be channels_last contiguous (strides (", xs[0], ", 1, ", xs[2], ", ", xs[3],
+                         ")), got stride[", i, "] = ", a.x_stride[i]));
+    if (a.out_stride[i] != os[i])
+      throw ArgError(cat(fn, ": out must be channels_last contiguous (strides (", os[0], ", 1, ", os[2], ", ", os[3],
+                         ")), got stride[", i, "] = ", a.out_stride[i]));
+    if (a.residual && a.res_stride[i] != os[i])
+      throw ArgError(cat(fn, ": residual must be channels_last contiguous like out, got stride[", i,
+                         "] = ", a.res_stride[i]));
+  }
+  check_ptr(a.x, fn, "x");
+  check_ptr(a.w, fn, "w");
+  check_ptr(a.out, fn, "out");
+  if (a.x % 16 || a.w % 16 || a.out % 16 || a.residual % 16)
+    throw ArgError(cat(fn, ": x, w, out and residual must be 16-byte aligned (TMA)"));
+  if (a.scale % 16 || a.bias % 16) throw ArgError(cat(fn, ": scale and bias must be 16-byte aligned"));
+  const bool stats = a.mean != 0 || a.var != 0;
+  if (stats) {
+    check_ptr(a.mean, fn, "mean (var was given)");
+    check_ptr(a.var, fn, "var (mean was given)");
+    if (a.scale || a.bias || a.residual || a.relu)
+      throw ArgError(cat(fn, ": statistics are of conv(x, w) alone: scale, bias, residual and relu must be absent"));
+  }
+  if (a.mean % 4 || a.var % 4) throw ArgError(cat(fn, ": mean and var must be 4-byte aligned"));
+}
+
+void require_sm90(const char* fn) {
+  int dev = 0, major = 0, minor = 0;
+  check_cuda(cudaGetDevice(&dev), "conv2d_sm90_forward: cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  if (major != 9 || minor != 0)
+    throw ArgError(cat(fn, ": the sm_90a kernels run on compute capability 9.0 (H100/H200/GH200) only; device ", dev,
+                       " is ", major, ".", minor));
+}
+
+template <typename T>
+void check(const Conv2dArgs& a, const Workspace& w) {
+  if (a.mean == 0)
+    check_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), w.cutlass_bytes, "conv2d_sm90 fused-epilogue kernel");
+  else
+    check_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, reinterpret_cast<float*>(a.workspace + w.yf)),
+                                            w.cutlass_bytes, "conv2d_sm90 fp32-output kernel");
+}
+
+template <typename T>
+void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
+  char* ws = reinterpret_cast<char*>(a.workspace);
+  void* cws = w.cutlass_bytes ? ws + w.cutlass : nullptr;
+  const bool stats = a.mean != 0;
+  if (!stats) {
+    run_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), cws, w.cutlass_bytes, stream,
+                                          "conv2d_sm90 fused-epilogue kernel");
+    return;
+  }
+  float* yf = reinterpret_cast<float*>(ws + w.yf);
+  run_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, yf), cws, w.cutlass_bytes, stream,
+                                        "conv2d_sm90 fp32-output kernel");
+  NhwcStatsArgs s{};
+  s.dtype = a.dtype;
+  s.yf = reinterpret_cast<std::uintptr_t>(yf);
+  s.y = a.out;
+  s.mean = a.mean;
+  s.var = a.var;
+  s.workspace = reinterpret_cast<std::uintptr_t>(ws + w.stats);
+  s.workspace_bytes = w.stats_bytes;
+  s.M = a.N * a.OH * a.OW;
+  s.C = a.Cout;
+  s.stream = a.stream;
+  nhwc_stats_forward(s);
+}
+
+}  // namespace
+}  // namespace sm90
+
+int64_t conv2d_sm90_workspace_bytes(const Conv2dArgs& a) {
+  sm90::validate(a);
+  return sm90::layout(a, a.mean != 0).total;
+}
+
+void conv2d_sm90_forward(const Conv2dArgs& a) {
+  const char* fn = "conv2d_sm90_forward";
+  sm90::validate(a);
+  const bool stats = a.mean != 0;
+  const sm90::Workspace w = sm90::layout(a, stats);
+  if (w.total > 0) check_ptr(a.workspace, fn, "workspace");
+  if (a.workspace_bytes < w.total)
+    throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", w.total, " required"));
+  if (a.workspace % 256) throw ArgError(cat(fn, ": workspace must be 256-byte aligned"));
+  if (a.Cout > 0 && a.N * a.OH * a.OW > 0) {
+    if (a.dtype == DType::BF16)
+      sm90::check<cutlass::bfloat16_t>(a, w);
+    else
+      sm90::check<cutlass::half_t>(a, w);
+  }
+  sm90::require_sm90(fn);
+  cudaStream_t stream = as_stream(a.stream);
+  const int64_t M = a.N * a.OH * a.OW;
+  if (a.Cout == 0) return;
+  if (M == 0) {  // not reached with N, H, W > 0; kept for symmetry with conv2d_forward
+    if (stats) {
+      check_cuda(cudaMemsetAsync(reinterpret_cast<void*>(a.mean), 0xFF, a.Cout * sizeof(float), stream), fn);
+      check_cuda(cudaMemsetAsync(reinterpret_cast<void*>(a.var), 0xFF, a.Cout * sizeof(float), stream), fn);
+    }
+    return;
+  }
+  if (a.dtype == DType::BF16)
+    sm90::launch<cutlass::bfloat16_t>(a, w, stream);
+  else
+    sm90::launch<cutlass::half_t>(a, w, stream);
+}
+
+}  // namespace rk

@@ -1,0 +1,28 @@
+// sm_90a (Hopper) implicit-GEMM convolution (csrc/sm90/conv2d_sm90.cu, CUTLASS 3.x collectives).
+// Torch-free; takes the same argument struct as conv2d_forward (csrc/conv2d.h) with narrower
+// requirements:
+//   dtype float16 or bfloat16; x (N, Cin, H, W) and out / residual (N, Cout, OH, OW) channels_last
+//   contiguous (strides (H*W*C, 1, W*C, C)), 16-byte aligned; Cin, Cout multiples of 8; w the packed
+//   KRSC filter (Cout, KH, KW, Cin) contiguous, ldw = KH*KW*Cin; scale, bias (Cout,) float32,
+//   16-byte aligned, or 0; stride <= 8; padding within the TMA im2col limits (pad <= 128,
+//   pad - (kernel - 1) >= -128); dilation 1, groups 1; allow_tf32 ignored (16-bit inputs).
+//   Statistics (mean and var given): scale, bias, residual absent and relu false.
+//   workspace: conv2d_sm90_workspace_bytes(a) bytes, 256-byte aligned (with statistics it holds
+//   the float32 conv output, M*Cout*4 bytes, and the per-tile partials).
+// Runs on a device of compute capability 9.0 only (an sm_90a cubin); anything else is an ArgError.
+// Compiled into _C only when the build found CUTLASS and an nvcc that targets sm_90a
+// (module attribute _C.sm90_kernels says which, _C.sm90_note why not).
+#pragma once
+#include <cstdint>
+
+#include "../conv2d.h"
+
+namespace rk {
+
+// Validates `a` (ArgError naming the argument) and returns the workspace it needs.
+int64_t conv2d_sm90_workspace_bytes(const Conv2dArgs& a);
+
+// Validates every argument, then launches on a.stream.
+void conv2d_sm90_forward(const Conv2dArgs& a);
+
+}  // namespace rk

@@ -1,0 +1,68 @@
+"""CUTLASS sm_90a convolution launcher: wraps ``_C.conv2d_sm90_forward`` (csrc/sm90/conv2d_sm90.cu),
+a CUTLASS 3.x implicit-GEMM convolution for Hopper (TMA im2col loads, wgmma, warp-specialized
+pipeline) with the fused epilogue out = act(conv*scale[k] + bias[k] + residual) in one kernel, and
+for statistics an fp32-output convolution followed by our own deterministic statistics kernels.
+
+Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py;
+the registry's ``supports`` (``cutlass_supports`` in backends/__init__.py) keeps every call this
+kernel does not implement away from it: bfloat16/float16, channels_last, Cin and Cout multiples of
+8, groups 1, dilation 1, an sm_90 GPU. The weight is packed to KRSC ((Cout, KH, KW, Cin)
+contiguous), the same pack as the cuda backend's (shared through resnet_kernels/_weight_cache.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _alloc
+from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
+from .cuda_conv2d import pack_weight
+
+
+def _nhwc_strides(t: torch.Tensor):
+    N, C, H, W = t.shape
+    return [H * W * C, 1, W * C, C]
+
+
+def _aligned_vec(v):
+    """(Cout,) float32 vectors must be contiguous and 16-byte aligned (the epilogue's vector loads)."""
+    if v is None:
+        return None
+    if not v.is_contiguous() or v.data_ptr() % 16 != 0:
+        v = v.clone(memory_format=torch.contiguous_format)
+    return v
+
+
+def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
+                   dilation=(1, 1), groups: int = 1):
+    C_ = C_module()
+    N, Cin, H, W = x.shape
+    Cout, _, KH, KW = weight.shape
+    OH, OW = out.shape[2], out.shape[3]
+    for name, t in (("x", x), ("out", out), ("residual", residual)):
+        if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"cutlass conv2d: {name} must be channels_last contiguous, got strides {t.stride()}")
+    with device_guard(x):
+        wmat, ldw = pack_weight(weight)  # (Cout, KH*KW*Cin): Cin % 8 == 0, so no padding columns
+        scale, bias = _aligned_vec(scale), _aligned_vec(bias)
+        mean = var = None
+        if compute_stats:
+            mean = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
+            var = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
+        fields = dict(
+            dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
+            residual=ptr(residual), out=ptr(out), mean=ptr(mean), var=ptr(var), workspace=0, workspace_bytes=0,
+            N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]),
+            pad_h=int(padding[0]), pad_w=int(padding[1]), OH=OH, OW=OW, ldw=ldw, x_stride=_nhwc_strides(x),
+            out_stride=_nhwc_strides(out), res_stride=_nhwc_strides(residual) if residual is not None else [0, 0, 0, 0],
+            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x))
+        nbytes = C_.conv2d_sm90_workspace_bytes(fill_args(C_.Conv2dArgs, **fields))
+        ws = None
+        if nbytes > 0:
+            # float32 elements (the fp32 convolution output and the per-tile partials live here)
+            ws = _alloc.empty(((nbytes + 3) // 4,), dtype=torch.float32, device=x.device)
+        fields.update(workspace=ptr(ws), workspace_bytes=nbytes)
+        call("conv2d_sm90_forward", fill_args(C_.Conv2dArgs, **fields))
+    if compute_stats:
+        return mean, var
+    return None

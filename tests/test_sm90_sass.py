@@ -1,0 +1,87 @@
+"""Machine-code checks of the CUTLASS sm_90a convolution (csrc/sm90/) in the installed _C, without
+a GPU: the sm_90a cubin holds the four CUTLASS kernels (bf16/fp16 x fused epilogue / fp32 output)
+(the statistics kernels of the training path, csrc/nhwc_stats.cu, are plain sm_80/sm_90 code checked
+by test_sass.py); every CUTLASS kernel issues wgmma (HGMMA, with the BF16 flavour for
+bfloat16) fed by TMA (UTMALDG) and stores through TMA (UTMASTG); no kernel uses local memory
+(LOCAL/STACK in the resource table, LDL/STL in the SASS); tools/sm90_resources.py --check agrees.
+
+When are the kernels required? Whenever the build could find CUTLASS: RESNET_KERNELS_CUTLASS_DIR is
+set (CI sets it: .ci/run) or the cutlass_library package is importable here. Otherwise (a build
+without CUTLASS, whose _C says why in sm90_note) the tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_sass import _cuobjdump, elf_archs, opcodes_in, require_C_or_fail, resource_usage, sass_of
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "sm_90a"
+
+
+def _cutlass_expected() -> bool:
+    return bool(os.environ.get("RESNET_KERNELS_CUTLASS_DIR")) or importlib.util.find_spec("cutlass_library") is not None
+
+
+@pytest.fixture(scope="module")
+def so():
+    C = require_C_or_fail()
+    if not getattr(C, "sm90_kernels", False):
+        note = getattr(C, "sm90_note", "an older build without the attribute")
+        if _cutlass_expected():
+            pytest.fail(f"CUTLASS is available here but _C was built without the sm_90a kernels: {note}",
+                        pytrace=False)
+        pytest.skip(f"_C was built without the CUTLASS sm_90a kernels: {note}")
+    _cuobjdump()  # fails (not skips) without cuobjdump, as test_sass does
+    return C.__file__
+
+
+def _cutlass_kernels(so):
+    return sorted(f for f in resource_usage(so).get(ARCH, {}) if "ConvUniversal" in f)
+
+
+def test_sm90a_cubin_holds_every_kernel(so):
+    assert ARCH in elf_archs(so), f"{so} has cubins for {sorted(elf_archs(so))}, no {ARCH}"
+    kernels = _cutlass_kernels(so)
+    bf16 = [f for f in kernels if "bfloat16_t" in f]
+    fused = [f for f in kernels if "PerColLinComb" in f]  # the fused-epilogue fusion op
+    plain = [f for f in kernels if "LinearCombination" in f and f not in fused]  # the fp32-output one
+    assert len(kernels) == 4, kernels
+    assert len(bf16) == 2 and len(fused) == 2 and len(plain) == 2, kernels
+    assert len(set(bf16) & set(fused)) == 1, "one fused-epilogue kernel per dtype"
+
+
+def test_cutlass_kernels_use_wgmma_and_tma(so):
+    for f in _cutlass_kernels(so):
+        sass = sass_of(so, ARCH, f)
+        ops = opcodes_in(sass)
+        missing = {"HGMMA", "UTMALDG", "UTMASTG"} - ops
+        assert not missing, f"{f[:120]}...: no {sorted(missing)} in its {ARCH} SASS"
+        if "bfloat16_t" in f:
+            assert "HGMMA.64x128x16.F32.BF16" in sass, f"{f[:120]}: the bf16 kernel must issue bf16 wgmma"
+        # CUTLASS asserts compiled in (no -DNDEBUG) make ptxas serialise the wgmma pipeline
+        assert "__assertfail" not in sass, f"{f[:120]}: calls __assertfail (built without -DNDEBUG)"
+
+
+def test_no_local_memory(so):
+    usage = resource_usage(so)[ARCH]
+    bad = {f[:100]: u for f, u in usage.items() if u.get("LOCAL", 0) or u.get("STACK", 0)}
+    assert not bad, f"{ARCH} kernels with local memory (spills / stack): {bad}"
+    for f in usage:
+        ops = opcodes_in(sass_of(so, ARCH, f))
+        assert not ops & {"LDL", "STL"}, f"{f[:120]}: local loads/stores {sorted(ops & {'LDL', 'STL'})}"
+
+
+def test_resources_tool_reports_and_checks(so):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "sm90_resources.py"), "--so", so, "--check"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for label in ("bf16 fused-epilogue", "fp16 fused-epilogue", "bf16 fp32-out", "fp16 fp32-out"):
+        assert f"cutlass fprop {label}" in res.stdout, res.stdout
+    assert "PROBLEM" not in res.stdout
