@@ -41,6 +41,12 @@ EXPECTED_KERNELS = [
     "bn_add_relu_bwd_nhwc_kernel",
     "bn_add_relu_bwd_nchw_kernel",
     "bn_add_relu_bwd_reduce_kernel",
+    # csrc/batch_norm.cu
+    "bn_act_fwd_kernel",
+    "bn_act_bwd_reduce_kernel",
+    "bn_act_bwd_finalize_kernel",
+    "bn_act_bwd_apply_kernel",
+    "bn_running_update_kernel",
 ]
 
 # kernel identifier -> {arch: tensor-core opcodes of which at least one must appear in the SASS
