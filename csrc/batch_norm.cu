@@ -63,13 +63,31 @@ __device__ __forceinline__ void store_param(void* p, int code, int64_t c, float 
     static_cast<float*>(p)[c] = v;
 }
 
-// One BatchNorm's per-channel inputs.
+// A per-channel parameter of a runtime dtype code without a branch (the forward's prologue): the
+// three candidate values are loaded from in-bounds addresses whatever the dtype (the float32 one
+// as two 16-bit halves at 2*c*w and 2*c*w + w - 1, w = 2 for float32 and 1 for 16-bit codes) and
+// selected. Branches on the uniform codes and presence flags there, repeated for each of a
+// thread's up to 2 x 8 channels, made the compiler thread jumps into one copy of the prologue per
+// combination of codes (1296 copies of the sqrt and division in one kernel: 100,000 PTX lines).
+__device__ __forceinline__ float load_param_nobranch(const void* p, int code, int64_t c) {
+  const uint16_t* h = static_cast<const uint16_t*>(p);
+  const int64_t w = code == kF32 ? 2 : 1;
+  const uint32_t lo = h[c * w], hi = h[c * w + w - 1];
+  const float f32 = __uint_as_float(lo | (hi << 16));
+  const float f16 = __half2float(static_cast<const __half*>(p)[c]);
+  const float bf16 = __uint_as_float(lo << 16);
+  return code == kF32 ? f32 : (code == kF16 ? f16 : bf16);
+}
+
+// One BatchNorm's per-channel inputs. An absent weight/bias is given as has_w/has_b = false and a
+// pointer to any float32 array of length C (never 0: loads stay unconditional, see above).
 struct BnParams {
   const float* mean = nullptr;
   const float* var = nullptr;
-  const void* w = nullptr;  // nullptr: weight 1
-  const void* b = nullptr;  // nullptr: bias 0
+  const void* w = nullptr;
+  const void* b = nullptr;
   int wd = kF32, bd = kF32;
+  bool has_w = false, has_b = false;
   float eps = 0.f;
 };
 
@@ -77,12 +95,13 @@ __device__ __forceinline__ float invstd_of(const float* var, float eps, int64_t 
   return 1.0f / sqrtf(var[c] + eps);  // correctly rounded sqrt and division (no fast math)
 }
 
-// scale = weight * invstd, shift = -mean * scale + bias: the reference's operations and order.
+// scale = weight * invstd, shift = -mean * scale + bias: the reference's operations and order
+// (weight 1: 1 * invstd is exact; bias 0: adding 0 changes at most the sign of a zero shift).
 __device__ __forceinline__ void bn_affine(const BnParams& p, int64_t c, float& scale, float& shift) {
   const float invstd = invstd_of(p.var, p.eps, c);
-  scale = p.w != nullptr ? mul_rn(load_param(p.w, p.wd, c), invstd) : invstd;
-  shift = mul_rn(-p.mean[c], scale);
-  if (p.b != nullptr) shift = shift + load_param(p.b, p.bd, c);
+  const float w = load_param_nobranch(p.w, p.wd, c), b = load_param_nobranch(p.b, p.bd, c);
+  scale = mul_rn(p.has_w ? w : 1.f, invstd);
+  shift = mul_rn(-p.mean[c], scale) + (p.has_b ? b : 0.f);
 }
 
 // Device view of a BwdPlan.
@@ -302,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const Fin
     if (f.gw != nullptr) store_param(f.gw, f.gwd, c, mul_rn(sum_gd, invstd));
     if (f.coef_y) {
       f.coef[c] = f.bn.mean[c];
-      f.coef[f.C + c] = f.bn.w != nullptr ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
+      f.coef[f.C + c] = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
       f.coef[2 * f.C + c] = sum_g / f.m;
       f.coef[3 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gd / f.m);
     }
@@ -312,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const Fin
     if (f.giw != nullptr) store_param(f.giw, f.giwd, c, mul_rn(sum_gi, invstd));
     if (f.coef_id) {
       f.coef[4 * f.C + c] = f.idbn.mean[c];
-      f.coef[5 * f.C + c] = f.idbn.w != nullptr ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
+      f.coef[5 * f.C + c] = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
       f.coef[6 * f.C + c] = sum_g / f.m;
       f.coef[7 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gi / f.m);
     }
@@ -461,10 +480,13 @@ inline BnParams bn_params(std::uintptr_t mean, std::uintptr_t var, std::uintptr_
   BnParams p;
   p.mean = reinterpret_cast<const float*>(mean);
   p.var = reinterpret_cast<const float*>(var);
-  p.w = reinterpret_cast<const void*>(w);
-  p.b = reinterpret_cast<const void*>(b);
-  p.wd = static_cast<int>(wd);
-  p.bd = static_cast<int>(bd);
+  p.has_w = w != 0;
+  p.has_b = b != 0;
+  // absent: read (and ignore) mean, a float32 array of length C
+  p.w = reinterpret_cast<const void*>(w != 0 ? w : mean);
+  p.b = reinterpret_cast<const void*>(b != 0 ? b : mean);
+  p.wd = w != 0 ? static_cast<int>(wd) : kF32;
+  p.bd = b != 0 ? static_cast<int>(bd) : kF32;
   p.eps = static_cast<float>(eps);
   return p;
 }
@@ -561,16 +583,20 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   check_nonneg(a.numel, fn, "numel");
   if (a.numel > 0) bar::check_geometry(fn, a.numel, a.C, a.inner);
   check_nonneg(a.C, fn, "C");
-  check_ptr(a.grad_out, fn, "grad_out");
-  if (a.relu && a.out == 0)
-    throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true"));
   const bool y_side = a.grad_y || a.grad_weight;
-  if (y_side && (a.y == 0 || a.mean == 0 || a.var == 0))
+  if (a.numel > 0) {  // an empty tensor's data pointer may be 0
+    check_ptr(a.grad_out, fn, "grad_out");
+    if (a.relu && a.out == 0)
+      throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true"));
+    if (y_side && a.y == 0) throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
+    if (a.grad_identity && a.identity == 0)
+      throw ArgError(cat(fn, ": identity is required to compute grad_identity"));
+  }
+  if (y_side && (a.mean == 0 || a.var == 0))
     throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
-  if (a.grad_identity && a.identity == 0) throw ArgError(cat(fn, ": identity is required to compute grad_identity"));
   if ((a.grad_id_weight || a.grad_id_bias) && a.id_mean == 0)
     throw ArgError(cat(fn, ": grad_id_weight/grad_id_bias need the identity's own BatchNorm (id_mean, id_var)"));
-  if (a.id_mean != 0 && (a.identity == 0 || a.id_var == 0))
+  if (a.id_mean != 0 && ((a.identity == 0 && a.numel > 0) || a.id_var == 0))
     throw ArgError(cat(fn, ": id_mean was given without identity or id_var"));
   if (a.id_mean == 0 && a.id_weight != 0) throw ArgError(cat(fn, ": id_weight was given without id_mean/id_var"));
   check_param_dtype(a.weight_dtype, a.weight, fn, "weight");

@@ -379,3 +379,23 @@ def test_backward_argument_errors(kw, pattern, cuda_target):
                                           a["identity"], a["id_mean"], a["id_var"], a["id_weight"], grad_y, gi, None,
                                           None, None, gib, EPS, ID_EPS, a["relu"], 3, 49)
     assert torch.isnan(grad_y).all(), "a refused call wrote an output"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(layout, cuda_target):
+    """N = 0 (the op layer returns early; the launchers still behave): the forward writes nothing,
+    the per-channel gradients of an empty batch are 0, in their own dtypes."""
+    dev = cuda_target
+    C = 5
+    x = rt.layouts(torch.empty((0, C, 3, 3), dtype=torch.bfloat16, device=dev), layout)
+    inner = 9 if layout == "nchw" else 1
+    mean, var = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+    w = torch.ones(C, dtype=torch.bfloat16, device=dev)
+    cuda_impl.batch_norm_act_forward(x, mean, var, w, None, x, mean, var, None, None, torch.empty_like(x), EPS,
+                                     ID_EPS, True, C, inner)
+    gw, gb = _nan((C,), torch.bfloat16, dev), _nan((C,), torch.float32, dev)
+    giw, gib = _nan((C,), torch.float32, dev), _nan((C,), torch.float32, dev)
+    cuda_impl.batch_norm_act_backward(x, x, x, mean, var, w, x, mean, var, None, torch.empty_like(x),
+                                      torch.empty_like(x), gw, gb, giw, gib, EPS, ID_EPS, True, C, inner)
+    for name, t in [("grad_weight", gw), ("grad_bias", gb), ("grad_id_weight", giw), ("grad_id_bias", gib)]:
+        assert torch.equal(t, torch.zeros_like(t)), f"{name} of an empty batch: {t}"
