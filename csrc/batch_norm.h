@@ -44,8 +44,9 @@ void batch_norm_act_forward(const BatchNormActArgs& a);
 // without id_mean: grad_identity = g. Every output is optional (0 = not needed).
 // Launches: reduce (per-block partials into the workspace) + finalize (fixed-order sum of the
 // partials per channel; writes the per-channel gradients and the apply coefficients) + apply
-// (grad_y and grad_identity in one pass): 3 when grad_y or a BN'd grad_identity is needed; 2 when
-// only per-channel gradients are; 1 (apply) when only the raw grad_identity is. Deterministic.
+// (grad_y and grad_identity in one pass): (any sum needed ? 2 : 0) + (grad_y or grad_identity ? 1 : 0),
+// a sum being needed for grad_y, grad_weight, grad_bias, grad_id_*, or grad_identity with id_mean:
+// 3 in training with every gradient; 1 when only a raw grad_identity is. Deterministic.
 struct BatchNormActBackwardArgs {
   DType dtype;
   std::uintptr_t grad_out, out, y, mean, var, weight;  // out: read iff relu; weight 0 = 1

@@ -5,9 +5,17 @@ validated, non-empty inputs.
 
 Activations float32/float16/bfloat16 (float64 is refused by the kernels: the op layer's supports()
 leaves it to the torch implementation); mean/var float32; parameters, their gradients and the
-running buffers float32 or a 16-bit type. Launches (for the accountant): forward 1; backward 3
-when grad_y or a BN'd grad_identity is needed (reduce, finalize, apply), 2 when only per-channel
-gradients are, 1 when only the raw grad_identity is; running update 1.
+running buffers float32 or a 16-bit type.
+
+For the accountant (counted from the code, not measured):
+* forward: 1 launch; reads y (and identity), writes out (+ 4 or 8 per-channel vectors).
+* backward: reduce + finalize when any per-channel sum is needed (grad_y, grad_weight, grad_bias,
+  grad_id_*, or grad_identity with id_mean), + apply when grad_y or grad_identity is needed: 3 in
+  training with every gradient, 1 for a raw grad_identity alone. The reduce reads grad_out, out
+  (relu), y (grad_y/grad_weight) and identity (grad_identity/grad_id_weight with id_mean); the apply
+  reads grad_out, out (relu), y (grad_y) and identity (BN'd grad_identity) and writes grad_y and
+  grad_identity; the workspace (partials and coefficients) is (3 * P + 8) * C * 4 bytes, P <= 1024.
+* running update: 1 launch (C-sized vectors and num_batches_tracked).
 """
 
 from __future__ import annotations
