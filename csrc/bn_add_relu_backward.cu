@@ -62,25 +62,8 @@ __device__ __forceinline__ void bwd_vector(int64_t vi, const bool relu, const T*
 }
 
 // ---------------------------------------------------------------------------------------------
-// channels_last first pass
+// channels_last first pass (nhwc_block_partial: bn_add_relu_impl.cuh)
 // ---------------------------------------------------------------------------------------------
-// Column sums of a block's (by x bx*VEC) register tile, written as partial p = blockIdx.x.
-template <typename Acc, int VEC>
-__device__ __forceinline__ void nhwc_block_partial(const Acc (&acc)[VEC], Acc* red, int bx, int by, int64_t C,
-                                                   Acc* __restrict__ ws_s) {
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) red[threadIdx.x * VEC + k] = acc[k];  // [ty][tx][k] = [ty][col]
-  __syncthreads();
-  const int width = bx * VEC;
-  for (int col = threadIdx.x; col < width; col += blockDim.x) {
-    Acc t = Acc(0);
-    for (int y = 0; y < by; ++y) t += red[y * width + col];
-    const int64_t ch = static_cast<int64_t>(blockIdx.y) * width + col;
-    if (ch < C) ws_s[static_cast<int64_t>(blockIdx.x) * C + ch] = t;
-  }
-  __syncthreads();
-}
-
 template <typename T, int VEC, int F>
 __global__ void __launch_bounds__(kThreads, 2)
     bn_add_relu_bwd_nhwc_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ x,
@@ -129,24 +112,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-// NCHW first pass
+// NCHW first pass (block_sum: bn_add_relu_impl.cuh)
 // ---------------------------------------------------------------------------------------------
-// Sum over the block in a fixed order (shuffle tree, then warps in order); result on thread 0.
-template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc v, Acc* sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) sm[warp] = v;
-  __syncthreads();
-  Acc t = Acc(0);
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];
-  }
-  __syncthreads();
-  return t;
-}
-
 template <typename T, int VEC, int F>
 __global__ void __launch_bounds__(kThreads, 2)
     bn_add_relu_bwd_nchw_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ x,

@@ -318,5 +318,42 @@ bool dispatch_int(int v, Fn&& fn, std::integer_sequence<int, Is...>) {
   return ((v == Is ? (fn(std::integral_constant<int, Is>{}), true) : false) || ...);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Block reductions of the first (partial-sum) pass, shared by bn_add_relu_backward.cu and
+// batch_norm.cu. Fixed order: the results depend only on the launch shape.
+// ---------------------------------------------------------------------------------------------
+// Column sums of a block's (by x bx*VEC) register tile, written as partial p = blockIdx.x.
+template <typename Acc, int VEC>
+__device__ __forceinline__ void nhwc_block_partial(const Acc (&acc)[VEC], Acc* red, int bx, int by, int64_t C,
+                                                   Acc* __restrict__ ws_s) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) red[threadIdx.x * VEC + k] = acc[k];  // [ty][tx][k] = [ty][col]
+  __syncthreads();
+  const int width = bx * VEC;
+  for (int col = threadIdx.x; col < width; col += blockDim.x) {
+    Acc t = Acc(0);
+    for (int y = 0; y < by; ++y) t += red[y * width + col];
+    const int64_t ch = static_cast<int64_t>(blockIdx.y) * width + col;
+    if (ch < C) ws_s[static_cast<int64_t>(blockIdx.x) * C + ch] = t;
+  }
+  __syncthreads();
+}
+
+// Sum over the block in a fixed order (shuffle tree, then warps in order); result on thread 0.
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* sm) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  Acc t = Acc(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];
+  }
+  __syncthreads();
+  return t;
+}
+
 }  // namespace bar
 }  // namespace rk

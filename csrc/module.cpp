@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "batch_norm.h"
 #include "bn_add_relu.h"
 #include "common.h"
 #include "conv2d.h"
@@ -75,6 +76,16 @@ void def_dtype(C& cls, const char* what) {
       "dtype", [](const S& a) { return static_cast<int>(a.dtype); },
       [what](S& a, int code) { a.dtype = rk::check_dtype(code, what, "dtype"); });
   field_names(cls).append("dtype");
+}
+
+// Any other DType member as its integer code, checked on assignment (batch_norm.h's per-tensor codes).
+template <auto Member, typename C>
+void def_dtype_field(C& cls, const char* name) {
+  using S = typename C::type;
+  cls.def_property(
+      name, [](const S& a) { return static_cast<int>(a.*Member); },
+      [name](S& a, int code) { a.*Member = rk::check_dtype(code, "batch_norm args", name); });
+  field_names(cls).append(name);
 }
 
 template <typename C, typename M>
@@ -191,6 +202,80 @@ PYBIND11_MODULE(_C, m) {
         rk::maxpool2d_backward(a);
       },
       py::arg("args"), "grad_x of maxpool2d_forward, gathered through the argmax (MaxPool2dBackwardArgs)");
+
+  // ---- training-mode BatchNorm (csrc/batch_norm.h)
+  py::class_<rk::BatchNormActArgs> bna(m, "BatchNormActArgs", py::module_local(),
+                                       "arguments of batch_norm_act_forward (csrc/batch_norm.h); pointer 0 = absent");
+  bna.def(py::init<>());
+  def_dtype(bna, "BatchNormActArgs.dtype");
+  RK_FIELD(bna, y); RK_FIELD(bna, mean); RK_FIELD(bna, var); RK_FIELD(bna, weight); RK_FIELD(bna, bias);
+  RK_FIELD(bna, identity); RK_FIELD(bna, id_mean); RK_FIELD(bna, id_var); RK_FIELD(bna, id_weight);
+  RK_FIELD(bna, id_bias); RK_FIELD(bna, out);
+  def_dtype_field<&rk::BatchNormActArgs::weight_dtype>(bna, "weight_dtype");
+  def_dtype_field<&rk::BatchNormActArgs::bias_dtype>(bna, "bias_dtype");
+  def_dtype_field<&rk::BatchNormActArgs::id_weight_dtype>(bna, "id_weight_dtype");
+  def_dtype_field<&rk::BatchNormActArgs::id_bias_dtype>(bna, "id_bias_dtype");
+  RK_FIELD(bna, eps); RK_FIELD(bna, id_eps); RK_FIELD(bna, numel); RK_FIELD(bna, C); RK_FIELD(bna, inner);
+  RK_FIELD(bna, relu); RK_FIELD(bna, stream);
+  finish(bna);
+
+  py::class_<rk::BatchNormActBackwardArgs> bnb(m, "BatchNormActBackwardArgs", py::module_local(),
+                                               "arguments of batch_norm_act_backward (csrc/batch_norm.h); "
+                                               "pointer 0 = absent");
+  bnb.def(py::init<>());
+  def_dtype(bnb, "BatchNormActBackwardArgs.dtype");
+  RK_FIELD(bnb, grad_out); RK_FIELD(bnb, out); RK_FIELD(bnb, y); RK_FIELD(bnb, mean); RK_FIELD(bnb, var);
+  RK_FIELD(bnb, weight); RK_FIELD(bnb, identity); RK_FIELD(bnb, id_mean); RK_FIELD(bnb, id_var);
+  RK_FIELD(bnb, id_weight); RK_FIELD(bnb, grad_y); RK_FIELD(bnb, grad_identity); RK_FIELD(bnb, grad_weight);
+  RK_FIELD(bnb, grad_bias); RK_FIELD(bnb, grad_id_weight); RK_FIELD(bnb, grad_id_bias);
+  def_dtype_field<&rk::BatchNormActBackwardArgs::weight_dtype>(bnb, "weight_dtype");
+  def_dtype_field<&rk::BatchNormActBackwardArgs::id_weight_dtype>(bnb, "id_weight_dtype");
+  def_dtype_field<&rk::BatchNormActBackwardArgs::grad_weight_dtype>(bnb, "grad_weight_dtype");
+  def_dtype_field<&rk::BatchNormActBackwardArgs::grad_bias_dtype>(bnb, "grad_bias_dtype");
+  def_dtype_field<&rk::BatchNormActBackwardArgs::grad_id_weight_dtype>(bnb, "grad_id_weight_dtype");
+  def_dtype_field<&rk::BatchNormActBackwardArgs::grad_id_bias_dtype>(bnb, "grad_id_bias_dtype");
+  RK_FIELD(bnb, workspace); RK_FIELD(bnb, workspace_bytes); RK_FIELD(bnb, eps); RK_FIELD(bnb, id_eps);
+  RK_FIELD(bnb, numel); RK_FIELD(bnb, C); RK_FIELD(bnb, inner); RK_FIELD(bnb, relu); RK_FIELD(bnb, stream);
+  finish(bnb);
+
+  py::class_<rk::BnRunningUpdateArgs> bnr(m, "BnRunningUpdateArgs", py::module_local(),
+                                          "arguments of bn_running_update (csrc/batch_norm.h); pointer 0 = absent");
+  bnr.def(py::init<>());
+  RK_FIELD(bnr, mean); RK_FIELD(bnr, var); RK_FIELD(bnr, running_mean); RK_FIELD(bnr, running_var);
+  RK_FIELD(bnr, num_batches_tracked);
+  def_dtype_field<&rk::BnRunningUpdateArgs::running_mean_dtype>(bnr, "running_mean_dtype");
+  def_dtype_field<&rk::BnRunningUpdateArgs::running_var_dtype>(bnr, "running_var_dtype");
+  RK_FIELD(bnr, factor); RK_FIELD(bnr, unbias); RK_FIELD(bnr, C); RK_FIELD(bnr, stream);
+  finish(bnr);
+
+  m.def(
+      "batch_norm_act_forward",
+      [](const rk::BatchNormActArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::batch_norm_act_forward(a);
+      },
+      py::arg("args"), "out = act(BN(y) + identity or BN(identity)) from given batch statistics (BatchNormActArgs)");
+  m.def(
+      "batch_norm_act_backward_workspace_bytes",
+      [](int dtype, int64_t numel, int64_t C, int64_t inner) {
+        return rk::batch_norm_act_backward_workspace_bytes(
+            rk::check_dtype(dtype, "batch_norm_act_backward_workspace_bytes", "dtype"), numel, C, inner);
+      },
+      py::arg("dtype"), py::arg("numel"), py::arg("C"), py::arg("inner"));
+  m.def(
+      "batch_norm_act_backward",
+      [](const rk::BatchNormActBackwardArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::batch_norm_act_backward(a);
+      },
+      py::arg("args"), "gradients of batch_norm_act_forward through the batch statistics (BatchNormActBackwardArgs)");
+  m.def(
+      "bn_running_update",
+      [](const rk::BnRunningUpdateArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::bn_running_update(a);
+      },
+      py::arg("args"), "running mean/var and num_batches_tracked update, in place (BnRunningUpdateArgs)");
 
   m.def(
       "bn_add_relu_forward",

@@ -45,7 +45,7 @@ BUGS = {
         "RK_HD int a_ldsm_chunk(int lane, int ks) { return ks * 2 + (lane >> 4); }",
         "RK_HD int a_ldsm_chunk(int lane, int ks) { return ks * 2 + ((lane >> 3) & 1); }")]},
     "partial_tile": {"conv2d.cu": [("      if (m >= p.M) continue;\n", "      if (m > p.M) continue;\n")]},
-    "bn_block_sum_barrier": {"bn_add_relu_backward.cu": [(
+    "bn_block_sum_barrier": {"bn_add_relu_impl.cuh": [(
         "    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];\n  }\n  __syncthreads();\n",
         "    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];\n  }\n")]},
 }

@@ -47,6 +47,12 @@ EXPECTED_KERNELS = [
     # csrc/nhwc_stats.cu (the statistics of the sm_90a convolution's training path)
     "nhwc_tile_stats_kernel",
     "nhwc_stats_finalize_kernel",
+    # csrc/batch_norm.cu
+    "bn_act_fwd_kernel",
+    "bn_act_bwd_reduce_kernel",
+    "bn_act_bwd_finalize_kernel",
+    "bn_act_bwd_apply_kernel",
+    "bn_running_update_kernel",
 ]
 
 # kernel identifier -> {arch: tensor-core opcodes of which at least one must appear in the SASS

@@ -333,6 +333,13 @@ def _aten_conv_cost(call):
     return launches, b
 
 
+def _no_float64(call) -> Optional[str]:
+    """csrc/batch_norm.cu computes float32/float16/bfloat16 activations (float32 statistics)."""
+    if call.dtype == torch.float64:
+        return "float64 (the cuda BatchNorm kernels compute float32, float16 and bfloat16; float64 runs on triton, aten, torch)"
+    return None
+
+
 def _fused_bn_cost(call):
     """batch_norm_act's one-pass kernel (cuda, triton): per-channel scale/shift computed in the
     kernel; read y (+ identity) and the per-channel vectors, write out."""
@@ -342,7 +349,8 @@ def _fused_bn_cost(call):
 
 def _bn_partials(call) -> int:
     """per-channel partial sums of the backward's reduce pass: (sum g, sum g (y - mean)) per block of
-    rows (and the identity's), float32, blocks of about 2,048 elements per channel"""
+    rows (and the identity's), float32; modelled as blocks of about 2,048 elements per channel (the
+    kernels choose at most ~1,024 blocks in all: a few MB at most either way)"""
     N, C, H, W = call.grad_out.shape
     blocks = max(1, (N * H * W + 2047) // 2048)
     return blocks * C * 4 * (3 if call.id_mean is not None else 2)
@@ -350,17 +358,24 @@ def _bn_partials(call) -> int:
 
 def _fused_bn_bwd_cost(call):
     """batch_norm_act_backward (cuda, triton): the reduce pass (read grad_out, the mask, y, the
-    identity when it has its own BN; write per-block partials), the per-channel finalize (fixed-order
-    sums, the parameter gradients), the apply pass (read them again, write grad_y and grad_identity)."""
+    identity when it has its own BN; write per-block partials) and the per-channel finalize
+    (fixed-order sums, the parameter gradients) when a per-channel sum is needed; the apply pass
+    (read grad_out, the mask and what the gradients need; write grad_y and grad_identity) when an
+    activation gradient is: 3 launches in a training step."""
     ny, ni, nw, nb, niw, nib = call.needs
     g = nbytes(call.grad_out)
-    reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if call.id_mean is not None else 0)
-    p = _bn_partials(call)
+    side = call.id_mean is not None
+    sums = ny or nw or nb or (side and (ni or niw or nib))  # a per-channel sum is needed
+    launches = b = 0
     vec = call.C * 4
-    reduce_b = reads + p
-    finalize_b = p + 8 * vec
-    apply_b = reads + g * (int(ny) + int(ni)) + 8 * vec
-    return 3, reduce_b + finalize_b + apply_b
+    if sums:  # the reduce pass and the finalize
+        p = _bn_partials(call)
+        reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if side else 0)
+        launches, b = 2, reads + p + p + 8 * vec
+    if ny or ni:  # the apply pass
+        reads = g + nbytes(call.out) + (nbytes(call.y) if ny else 0) + (nbytes(call.identity) if side and ni else 0)
+        launches, b = launches + 1, b + reads + g * (int(ny) + int(ni)) + 8 * vec
+    return max(launches, 1), b
 
 
 def _aten_bn_cost(call):
@@ -483,6 +498,8 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
 # batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py)
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
                  ("bn_running_update", "bn_running_update")):
+    register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn, supports=_no_float64, priority=20,
+                  cost=_COSTS[(_op, "cuda")]))
     register(Impl(_op, "triton", _TRITON + "batch_norm:" + _fn, priority=30, cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "aten", _P + "aten_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
                   returns_output=_op != "bn_running_update", cost=_COSTS[(_op, "aten")]))

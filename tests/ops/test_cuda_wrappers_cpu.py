@@ -30,7 +30,9 @@ from resnet_kernels.ops import conv2d_epilogue, conv2d_stats
 C_ = get_C()
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 STRUCTS = {"Conv2dArgs": "conv2d.h", "BnAddReluArgs": "bn_add_relu.h", "BnAddReluBackwardArgs": "bn_add_relu.h",
-           "MaxPool2dArgs": "maxpool.h", "MaxPool2dBackwardArgs": "maxpool.h", "NhwcStatsArgs": "nhwc_stats.h"}
+           "MaxPool2dArgs": "maxpool.h", "MaxPool2dBackwardArgs": "maxpool.h", "NhwcStatsArgs": "nhwc_stats.h",
+           "BatchNormActArgs": "batch_norm.h", "BatchNormActBackwardArgs": "batch_norm.h",
+           "BnRunningUpdateArgs": "batch_norm.h"}
 
 
 def header_members(header: str, struct: str) -> list[str]:

@@ -1,0 +1,759 @@
+// Training-mode BatchNorm from given batch statistics (API and formulas: batch_norm.h; the
+// contract: resnet_kernels/backends/torch_batch_norm.py).
+//
+// Every activation pass (forward apply, backward reduce, backward apply) walks the tensor with the
+// tiling of bn_add_relu's backward (bar::BwdPlan, bn_add_relu_impl.cuh), so a thread's channels are
+// fixed for its whole life and their per-channel values (the BN affine of the forward, the batch
+// mean of the reduce, the four apply coefficients of the backward) are computed or loaded once
+// into registers:
+//   * channels_last (inner == 1): a block is bx vector columns (VEC consecutive channels each) x by
+//     rows; grid = (P row slabs, column tiles); a thread strides over rows.
+//   * NCHW (inner > 1): grid = C * P blocks of 256 threads; block (c, p) walks its contiguous share
+//     of channel c's N * inner / VEC vectors, crossing (n, c) planes without divisions.
+// VEC is 16 bytes of elements, 8 bytes for 16-bit types when only that fits, else 1 (C = 3, odd
+// H*W, misaligned pointers): bar::pick_vec.
+//
+// Backward: the reduce kernel writes per-block partials of sum g, sum g*(y - mean) and
+// sum g*(identity - id_mean) (centred on the batch mean: no cancellation when |mean| >> std) into
+// the workspace as float[3][P][C]; the finalize kernel sums each channel's P partials in a fixed
+// order (deterministic: no atomics; the tiling depends only on shape, dtype and alignment, never
+// on the device), writes grad_weight/grad_bias/grad_id_* in their dtypes and the per-channel apply
+// coefficients float[8][C] (mean, weight*invstd, sum_g/m, invstd^2*sum_gd/m; the same for the
+// identity) after the partials; the apply kernel writes grad_y and grad_identity in one pass, the
+// ReLU mask recomputed from the saved output.
+//
+// Template flags: the activation type, VEC, the tiling, and the operands that change memory
+// traffic (identity none/raw/BN'd; which sums; which gradients). Weight/bias presence and the
+// parameters' dtypes (float32 or the activation's 16-bit type) are uniform runtime values read
+// once per thread; the ReLU is a uniform runtime flag (as in bn_add_relu). Instances per
+// architecture: forward 48, reduce 64, apply 80, finalize 1, running update 1.
+#include "batch_norm.h"
+
+#include "bn_add_relu_impl.cuh"
+
+namespace rk {
+namespace bnk {  // batch_norm internals
+
+using bar::BwdPlan;
+using bar::from_acc;
+using bar::kThreads;
+using bar::load_pack;
+using bar::mul_rn;
+using bar::NchwGeom;
+using bar::Pack;
+using bar::store_pack;
+using bar::to_acc;
+
+constexpr int kF32 = static_cast<int>(DType::F32);
+constexpr int kF16 = static_cast<int>(DType::F16);
+constexpr int kBF16 = static_cast<int>(DType::BF16);
+
+// A per-channel parameter of a runtime dtype code (uniform over the grid), in float32.
+__device__ __forceinline__ float load_param(const void* p, int code, int64_t c) {
+  if (code == kF16) return __half2float(static_cast<const __half*>(p)[c]);
+  if (code == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[c]);
+  return static_cast<const float*>(p)[c];
+}
+__device__ __forceinline__ void store_param(void* p, int code, int64_t c, float v) {
+  if (code == kF16)
+    static_cast<__half*>(p)[c] = __float2half_rn(v);
+  else if (code == kBF16)
+    static_cast<__nv_bfloat16*>(p)[c] = __float2bfloat16_rn(v);
+  else
+    static_cast<float*>(p)[c] = v;
+}
+
+// A per-channel parameter of a runtime dtype code without a branch (the forward's prologue): the
+// three candidate values are loaded from in-bounds addresses whatever the dtype (the float32 one
+// as two 16-bit halves at 2*c*w and 2*c*w + w - 1, w = 2 for float32 and 1 for 16-bit codes) and
+// selected. Branches on the uniform codes and presence flags there, repeated for each of a
+// thread's up to 2 x 8 channels, made the compiler thread jumps into one copy of the prologue per
+// combination of codes (1296 copies of the sqrt and division in one kernel: 100,000 PTX lines).
+__device__ __forceinline__ float load_param_nobranch(const void* p, int code, int64_t c) {
+  const uint16_t* h = static_cast<const uint16_t*>(p);
+  const int64_t w = code == kF32 ? 2 : 1;
+  const uint32_t lo = h[c * w], hi = h[c * w + w - 1];
+  const float f32 = __uint_as_float(lo | (hi << 16));
+  const float f16 = __half2float(static_cast<const __half*>(p)[c]);
+  const float bf16 = __uint_as_float(lo << 16);
+  return code == kF32 ? f32 : (code == kF16 ? f16 : bf16);
+}
+
+// One BatchNorm's per-channel inputs. An absent weight/bias is given as has_w/has_b = false and a
+// pointer to any float32 array of length C (never 0: loads stay unconditional, see above).
+struct BnParams {
+  const float* mean = nullptr;
+  const float* var = nullptr;
+  const void* w = nullptr;
+  const void* b = nullptr;
+  int wd = kF32, bd = kF32;
+  bool has_w = false, has_b = false;
+  float eps = 0.f;
+};
+
+__device__ __forceinline__ float invstd_of(const float* var, float eps, int64_t c) {
+  return 1.0f / sqrtf(var[c] + eps);  // correctly rounded sqrt and division (no fast math)
+}
+
+// scale = weight * invstd, shift = -mean * scale + bias: the reference's operations and order
+// (weight 1: 1 * invstd is exact; bias 0: adding 0 changes at most the sign of a zero shift).
+__device__ __forceinline__ void bn_affine(const BnParams& p, int64_t c, float& scale, float& shift) {
+  const float invstd = invstd_of(p.var, p.eps, c);
+  const float w = load_param_nobranch(p.w, p.wd, c), b = load_param_nobranch(p.b, p.bd, c);
+  scale = mul_rn(p.has_w ? w : 1.f, invstd);
+  shift = mul_rn(-p.mean[c], scale) + (p.has_b ? b : 0.f);
+}
+
+// Device view of a BwdPlan.
+struct Tiling {
+  int64_t C = 1;
+  int64_t rows = 0, Cv = 0;  // channels_last
+  int bx = 1, by = 1;        // channels_last
+  NchwGeom g;                // NCHW
+};
+
+inline Tiling make_tiling(const BwdPlan& p, int64_t C) {
+  Tiling t;
+  t.C = C;
+  if (p.nhwc) {
+    t.rows = p.rows;
+    t.Cv = C / p.vec;
+    t.bx = p.bx;
+    t.by = p.by;
+  } else {
+    t.g = bar::nchw_geom(p, C);
+  }
+  return t;
+}
+inline dim3 grid_of(const BwdPlan& p, int64_t C) {
+  return p.nhwc ? dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.col_tiles))
+                : dim3(static_cast<unsigned>(C * p.P));
+}
+inline unsigned block_of(const BwdPlan& p) { return p.nhwc ? static_cast<unsigned>(p.bx * p.by) : kThreads; }
+
+// First channel of this thread (channels_last: VEC consecutive ones; NCHW: one); false when the
+// thread has no column (channels_last tiles wider than C, or rows beyond by).
+template <bool NHWC, int VEC>
+__device__ __forceinline__ bool thread_channels(const Tiling& t, int64_t& c0) {
+  if constexpr (NHWC) {
+    const int tx = static_cast<int>(threadIdx.x) % t.bx, ty = static_cast<int>(threadIdx.x) / t.bx;
+    const int64_t cv = static_cast<int64_t>(blockIdx.y) * t.bx + tx;
+    c0 = cv * VEC;
+    return cv < t.Cv && ty < t.by;
+  } else {
+    int64_t p, j0, j1;
+    t.g.block_range(blockIdx.x, c0, p, j0, j1);
+    return true;
+  }
+}
+
+// body(vi) for every vector index of this thread (all of them share the thread's channels).
+template <bool NHWC, int VEC, typename Body>
+__device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
+  if constexpr (NHWC) {
+    const int tx = static_cast<int>(threadIdx.x) % t.bx, ty = static_cast<int>(threadIdx.x) / t.bx;
+    const int64_t cv = static_cast<int64_t>(blockIdx.y) * t.bx + tx;
+    if (cv >= t.Cv || ty >= t.by) return;
+    const int64_t rstep = static_cast<int64_t>(gridDim.x) * t.by;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * t.by + ty; r < t.rows; r += rstep) body(r * t.Cv + cv);
+  } else {
+    int64_t c, p, j0, j1;
+    t.g.block_range(blockIdx.x, c, p, j0, j1);
+    int64_t j = j0 + threadIdx.x;  // vector index within channel c: j = n * inner_v + q
+    if (j >= j1) return;
+    int64_t n, q;
+    t.g.start(j, n, q);
+    for (; j < j1; j += kThreads) {
+      body(t.g.vector_index(n, c, q));
+      t.g.advance(n, q);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: out = act(y * scale + shift + R)
+// ---------------------------------------------------------------------------------------------
+enum IdMode : int { kIdNone = 0, kIdRaw = 1, kIdBn = 2 };
+
+template <typename T, int VEC, bool NHWC, int IDM>
+__global__ void __launch_bounds__(kThreads, 2)
+    bn_act_fwd_kernel(const T* __restrict__ y, const T* __restrict__ identity, T* __restrict__ out, const BnParams bn,
+                      const BnParams idbn, const Tiling t, const bool relu) {
+  constexpr int NCH = NHWC ? VEC : 1;
+  int64_t c0;
+  if (!thread_channels<NHWC, VEC>(t, c0)) return;  // no barriers in this kernel
+  float s[NCH], b[NCH], is[NCH], ib[NCH];
+#pragma unroll
+  for (int k = 0; k < NCH; ++k) {
+    bn_affine(bn, c0 + k, s[k], b[k]);
+    is[k] = ib[k] = 0.f;
+    if constexpr (IDM == kIdBn) bn_affine(idbn, c0 + k, is[k], ib[k]);
+  }
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+    const Pack<T, VEC> yv = load_pack<T, VEC>(y, vi);
+    Pack<T, VEC> iv;
+    if constexpr (IDM != kIdNone) iv = load_pack<T, VEC>(identity, vi);
+    Pack<T, VEC> ov;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int ck = NHWC ? k : 0;
+      float z = mul_rn(to_acc(yv.v[k]), s[ck]) + b[ck];
+      if constexpr (IDM != kIdNone) {
+        float r = to_acc(iv.v[k]);
+        if constexpr (IDM == kIdBn) r = mul_rn(r, is[ck]) + ib[ck];
+        z = z + r;
+      }
+      if (relu) z = z < 0.f ? 0.f : z;  // NaN propagates, like torch.relu
+      ov.v[k] = from_acc<T>(z);
+    }
+    store_pack<T, VEC>(out, vi, ov);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward 1/3: per-block partials of sum g, sum g*(y - mean), sum g*(identity - id_mean)
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VEC, bool NHWC, bool SD, bool SI>
+__global__ void __launch_bounds__(kThreads, 2)
+    bn_act_bwd_reduce_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ y,
+                             const T* __restrict__ identity, const float* __restrict__ mean,
+                             const float* __restrict__ id_mean, float* __restrict__ ws, const Tiling t,
+                             const bool relu) {
+  constexpr int NCH = NHWC ? VEC : 1;
+  __shared__ float red[NHWC ? kThreads * VEC : kThreads / 32];
+  int64_t c0;
+  const bool active = thread_channels<NHWC, VEC>(t, c0);
+  float mu[NCH], imu[NCH], a0[NCH], a1[NCH], a2[NCH];
+#pragma unroll
+  for (int k = 0; k < NCH; ++k) {
+    a0[k] = a1[k] = a2[k] = mu[k] = imu[k] = 0.f;
+    if constexpr (SD) {
+      if (active) mu[k] = mean[c0 + k];
+    }
+    if constexpr (SI) {
+      if (active) imu[k] = id_mean[c0 + k];
+    }
+  }
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+    const Pack<T, VEC> gv = load_pack<T, VEC>(grad_out, vi);
+    Pack<T, VEC> ov, yv, iv;
+    if (relu) ov = load_pack<T, VEC>(out, vi);
+    if constexpr (SD) yv = load_pack<T, VEC>(y, vi);
+    if constexpr (SI) iv = load_pack<T, VEC>(identity, vi);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int ck = NHWC ? k : 0;
+      float g = to_acc(gv.v[k]);
+      if (relu) g = to_acc(ov.v[k]) > 0.f ? g : 0.f;
+      a0[ck] += g;
+      if constexpr (SD) a1[ck] += mul_rn(g, to_acc(yv.v[k]) - mu[ck]);
+      if constexpr (SI) a2[ck] += mul_rn(g, to_acc(iv.v[k]) - imu[ck]);
+    }
+  });
+  if constexpr (NHWC) {
+    const int64_t PC = static_cast<int64_t>(gridDim.x) * t.C;  // one sum's [P][C] block
+    bar::nhwc_block_partial<float, VEC>(a0, red, t.bx, t.by, t.C, ws);
+    if constexpr (SD) bar::nhwc_block_partial<float, VEC>(a1, red, t.bx, t.by, t.C, ws + PC);
+    if constexpr (SI) bar::nhwc_block_partial<float, VEC>(a2, red, t.bx, t.by, t.C, ws + 2 * PC);
+  } else {
+    int64_t c, p, j0, j1;
+    t.g.block_range(blockIdx.x, c, p, j0, j1);
+    const int64_t PC = t.g.P * t.C;
+    const int64_t slot = p * t.C + c;
+    float s = bar::block_sum<float>(a0[0], red);
+    if (threadIdx.x == 0) ws[slot] = s;
+    if constexpr (SD) {
+      s = bar::block_sum<float>(a1[0], red);
+      if (threadIdx.x == 0) ws[PC + slot] = s;
+    }
+    if constexpr (SI) {
+      s = bar::block_sum<float>(a2[0], red);
+      if (threadIdx.x == 0) ws[2 * PC + slot] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward 2/3: per channel, the fixed-order sum of the P partials; per-channel gradients and the
+// apply coefficients. Block = 32 channels x 8 partial lanes.
+// ---------------------------------------------------------------------------------------------
+enum SumFlag : int { kSumG = 1, kSumD = 2, kSumI = 4 };
+
+struct FinParams {
+  const float* ws = nullptr;  // float[3][P][C]
+  float* coef = nullptr;      // float[8][C]
+  int64_t P = 0, C = 0;
+  float m = 1.f;  // elements per channel
+  int sums = 0;   // SumFlag bits present in ws
+  BnParams bn, idbn;
+  void *gw = nullptr, *gb = nullptr, *giw = nullptr, *gib = nullptr;
+  int gwd = kF32, gbd = kF32, giwd = kF32, gibd = kF32;
+  bool coef_y = false, coef_id = false;
+};
+
+__global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const FinParams f) {
+  constexpr int kLanes = kThreads / 32;
+  __shared__ float sm[kLanes][32];
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + tx;
+  float S[3] = {0.f, 0.f, 0.f};
+  for (int s = 0; s < 3; ++s) {
+    if (!(f.sums & (1 << s))) continue;  // uniform
+    const float* src = f.ws + static_cast<int64_t>(s) * f.P * f.C;
+    float t = 0.f;
+    if (c < f.C) {
+      for (int64_t p = ty; p < f.P; p += kLanes) t += src[p * f.C + c];
+    }
+    sm[ty][tx] = t;
+    __syncthreads();
+    float r = sm[0][tx];
+#pragma unroll
+    for (int l = 1; l < kLanes; ++l) r += sm[l][tx];
+    S[s] = r;
+    __syncthreads();  // sm is rewritten by the next sum
+  }
+  if (ty != 0 || c >= f.C) return;
+  const float sum_g = S[0], sum_gd = S[1], sum_gi = S[2];
+  if (f.gb != nullptr) store_param(f.gb, f.gbd, c, sum_g);
+  if (f.gib != nullptr) store_param(f.gib, f.gibd, c, sum_g);
+  if (f.gw != nullptr || f.coef_y) {
+    const float invstd = invstd_of(f.bn.var, f.bn.eps, c);
+    if (f.gw != nullptr) store_param(f.gw, f.gwd, c, mul_rn(sum_gd, invstd));
+    if (f.coef_y) {
+      f.coef[c] = f.bn.mean[c];
+      f.coef[f.C + c] = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
+      f.coef[2 * f.C + c] = sum_g / f.m;
+      f.coef[3 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gd / f.m);
+    }
+  }
+  if (f.giw != nullptr || f.coef_id) {
+    const float invstd = invstd_of(f.idbn.var, f.idbn.eps, c);
+    if (f.giw != nullptr) store_param(f.giw, f.giwd, c, mul_rn(sum_gi, invstd));
+    if (f.coef_id) {
+      f.coef[4 * f.C + c] = f.idbn.mean[c];
+      f.coef[5 * f.C + c] = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
+      f.coef[6 * f.C + c] = sum_g / f.m;
+      f.coef[7 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gi / f.m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward 3/3: grad_y = A * ((g - mg) - (y - mean) * k), grad_identity likewise or = g
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void load_coefs(const float* __restrict__ coef, int64_t C, int64_t c, int j0, float& mu,
+                                           float& A, float& mg, float& k) {
+  mu = coef[j0 * C + c];
+  A = coef[(j0 + 1) * C + c];
+  mg = coef[(j0 + 2) * C + c];
+  k = coef[(j0 + 3) * C + c];
+}
+
+__device__ __forceinline__ float bn_input_grad(float g, float x, float mu, float A, float mg, float k) {
+  return mul_rn(A, (g - mg) - mul_rn(x - mu, k));
+}
+
+template <typename T, int VEC, bool NHWC, bool GY, int GIM>
+__global__ void __launch_bounds__(kThreads, 2)
+    bn_act_bwd_apply_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ y,
+                            const T* __restrict__ identity, T* __restrict__ grad_y, T* __restrict__ grad_identity,
+                            const float* __restrict__ coef, const Tiling t, const bool relu) {
+  constexpr int NCH = NHWC ? VEC : 1;
+  int64_t c0;
+  if (!thread_channels<NHWC, VEC>(t, c0)) return;  // no barriers in this kernel
+  float mu[NCH], A[NCH], mg[NCH], kk[NCH], imu[NCH], iA[NCH], img[NCH], ik[NCH];
+#pragma unroll
+  for (int k = 0; k < NCH; ++k) {
+    mu[k] = A[k] = mg[k] = kk[k] = imu[k] = iA[k] = img[k] = ik[k] = 0.f;
+    if constexpr (GY) load_coefs(coef, t.C, c0 + k, 0, mu[k], A[k], mg[k], kk[k]);
+    if constexpr (GIM == kIdBn) load_coefs(coef, t.C, c0 + k, 4, imu[k], iA[k], img[k], ik[k]);
+  }
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+    const Pack<T, VEC> gv = load_pack<T, VEC>(grad_out, vi);
+    Pack<T, VEC> ov, yv, iv, gyv, giv;
+    if (relu) ov = load_pack<T, VEC>(out, vi);
+    if constexpr (GY) yv = load_pack<T, VEC>(y, vi);
+    if constexpr (GIM == kIdBn) iv = load_pack<T, VEC>(identity, vi);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int ck = NHWC ? k : 0;
+      float g = to_acc(gv.v[k]);
+      if (relu) g = to_acc(ov.v[k]) > 0.f ? g : 0.f;
+      if constexpr (GY) gyv.v[k] = from_acc<T>(bn_input_grad(g, to_acc(yv.v[k]), mu[ck], A[ck], mg[ck], kk[ck]));
+      if constexpr (GIM == kIdRaw) giv.v[k] = from_acc<T>(g);
+      if constexpr (GIM == kIdBn)
+        giv.v[k] = from_acc<T>(bn_input_grad(g, to_acc(iv.v[k]), imu[ck], iA[ck], img[ck], ik[ck]));
+    }
+    if constexpr (GY) store_pack<T, VEC>(grad_y, vi, gyv);
+    if constexpr (GIM != kIdNone) store_pack<T, VEC>(grad_identity, vi, giv);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// running statistics
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads)
+    bn_running_update_kernel(const float* __restrict__ mean, const float* __restrict__ var, void* running_mean,
+                             int rmd, void* running_var, int rvd, int64_t* __restrict__ num_batches_tracked,
+                             float keep, float take, float take_var, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
+  if (c >= C) return;
+  if (running_mean != nullptr)
+    store_param(running_mean, rmd, c, mul_rn(load_param(running_mean, rmd, c), keep) + mul_rn(mean[c], take));
+  if (running_var != nullptr)
+    store_param(running_var, rvd, c, mul_rn(load_param(running_var, rvd, c), keep) + mul_rn(var[c], take_var));
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// fn(Tag<T>{}) for the activation type of d; float64 (and anything else) is refused.
+template <typename Fn>
+void with_dtype(DType d, const char* fn, Fn&& f) {
+  switch (d) {
+    case DType::F32: f(Tag<float>{}); return;
+    case DType::F16: f(Tag<__half>{}); return;
+    case DType::BF16: f(Tag<__nv_bfloat16>{}); return;
+    default:
+      throw ArgError(cat(fn, ": dtype ", dtype_name(d),
+                         " is not supported (float32, float16, bfloat16; the torch implementation serves float64)"));
+  }
+}
+
+// fn(integral_constant<int, V>) for the vector width vec picked by bar::pick_vec for T.
+template <typename T, typename Fn>
+void with_vec(int vec, Fn&& fn) {
+  constexpr int V = bar::vec_of<T>();
+  constexpr int H = sizeof(T) == 2 ? V / 2 : 1;
+  if (vec == V) {
+    fn(std::integral_constant<int, V>{});
+  } else if (H > 1 && vec == H) {
+    if constexpr (H > 1) fn(std::integral_constant<int, H>{});
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename Fn>
+void with_bool(bool v, Fn&& fn) {
+  if (v)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
+template <typename Fn>
+void with_id_mode(int m, Fn&& fn) {
+  if (m == kIdBn)
+    fn(std::integral_constant<int, kIdBn>{});
+  else if (m == kIdRaw)
+    fn(std::integral_constant<int, kIdRaw>{});
+  else
+    fn(std::integral_constant<int, kIdNone>{});
+}
+
+template <typename... Ptrs>
+int pick_vec_for(DType d, int64_t C, int64_t inner, Ptrs... ptrs) {
+  const std::uintptr_t acts[] = {ptrs...};
+  return bar::pick_vec(d, C, inner, [&](int64_t bytes) {
+    for (std::uintptr_t p : acts)
+      if (p % static_cast<std::uintptr_t>(bytes) != 0) return false;  // absent (0) counts as aligned
+    return true;
+  });
+}
+
+inline void check_param_dtype(DType d, std::uintptr_t p, const char* fn, const char* arg) {
+  if (p != 0 && d != DType::F32 && d != DType::F16 && d != DType::BF16)
+    throw ArgError(cat(fn, ": ", arg, " has dtype ", dtype_name(d), " (expected float32, float16 or bfloat16)"));
+}
+
+inline int64_t param_size(DType d) { return bar::elem_size(d); }
+
+inline BnParams bn_params(std::uintptr_t mean, std::uintptr_t var, std::uintptr_t w, DType wd, std::uintptr_t b,
+                          DType bd, double eps) {
+  BnParams p;
+  p.mean = reinterpret_cast<const float*>(mean);
+  p.var = reinterpret_cast<const float*>(var);
+  p.has_w = w != 0;
+  p.has_b = b != 0;
+  // absent: read (and ignore) mean, a float32 array of length C
+  p.w = reinterpret_cast<const void*>(w != 0 ? w : mean);
+  p.b = reinterpret_cast<const void*>(b != 0 ? b : mean);
+  p.wd = w != 0 ? static_cast<int>(wd) : kF32;
+  p.bd = b != 0 ? static_cast<int>(bd) : kF32;
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
+// Per-channel plan of the three passes: the 16-bit-vector (or wider) tiling of bn_add_relu.
+inline BwdPlan plan_for(int64_t numel, int64_t C, int64_t inner, int vec, const char* fn) {
+  return bar::make_bwd_plan(numel, C, inner, vec, fn);
+}
+
+inline int64_t coef_offset(const BwdPlan& p, int64_t C) { return 3 * p.P * C; }  // in floats
+inline int64_t workspace_floats(const BwdPlan& p, int64_t C) { return 3 * p.P * C + 8 * C; }
+
+}  // namespace bnk
+
+// =============================================================================================
+// entry points
+// =============================================================================================
+void batch_norm_act_forward(const BatchNormActArgs& a) {
+  using namespace bnk;
+  const char* fn = "batch_norm_act_forward";
+  with_dtype(a.dtype, fn, [](auto) {});  // refuses float64 before anything else
+  if (!bar::check_geometry(fn, a.numel, a.C, a.inner)) return;
+  check_ptr(a.y, fn, "y");
+  check_ptr(a.mean, fn, "mean");
+  check_ptr(a.var, fn, "var");
+  check_ptr(a.out, fn, "out");
+  if (a.identity == 0 && (a.id_mean || a.id_var || a.id_weight || a.id_bias))
+    throw ArgError(cat(fn, ": id_mean/id_var/id_weight/id_bias were given without identity"));
+  if ((a.id_mean == 0) != (a.id_var == 0))
+    throw ArgError(cat(fn, ": id_mean and id_var must be given together (the identity's own BatchNorm)"));
+  if (a.id_mean == 0 && (a.id_weight || a.id_bias))
+    throw ArgError(cat(fn, ": id_weight/id_bias were given without id_mean/id_var"));
+  check_param_dtype(a.weight_dtype, a.weight, fn, "weight");
+  check_param_dtype(a.bias_dtype, a.bias, fn, "bias");
+  check_param_dtype(a.id_weight_dtype, a.id_weight, fn, "id_weight");
+  check_param_dtype(a.id_bias_dtype, a.id_bias, fn, "id_bias");
+  const int64_t es = bar::elem_size(a.dtype);
+  const char* ename = dtype_name(a.dtype);
+  bar::check_aligned(a.y, es, fn, "y", ename);
+  bar::check_aligned(a.identity, es, fn, "identity", ename);
+  bar::check_aligned(a.out, es, fn, "out", ename);
+  bar::check_aligned(a.mean, 4, fn, "mean", "float32");
+  bar::check_aligned(a.var, 4, fn, "var", "float32");
+  bar::check_aligned(a.id_mean, 4, fn, "id_mean", "float32");
+  bar::check_aligned(a.id_var, 4, fn, "id_var", "float32");
+  bar::check_aligned(a.weight, param_size(a.weight_dtype), fn, "weight", dtype_name(a.weight_dtype));
+  bar::check_aligned(a.bias, param_size(a.bias_dtype), fn, "bias", dtype_name(a.bias_dtype));
+  bar::check_aligned(a.id_weight, param_size(a.id_weight_dtype), fn, "id_weight", dtype_name(a.id_weight_dtype));
+  bar::check_aligned(a.id_bias, param_size(a.id_bias_dtype), fn, "id_bias", dtype_name(a.id_bias_dtype));
+
+  const int vec = pick_vec_for(a.dtype, a.C, a.inner, a.y, a.identity, a.out);
+  const BwdPlan plan = plan_for(a.numel, a.C, a.inner, vec, fn);
+  const Tiling t = make_tiling(plan, a.C);
+  const BnParams bn = bn_params(a.mean, a.var, a.weight, a.weight_dtype, a.bias, a.bias_dtype, a.eps);
+  const BnParams idbn =
+      bn_params(a.id_mean, a.id_var, a.id_weight, a.id_weight_dtype, a.id_bias, a.id_bias_dtype, a.id_eps);
+  const int idm = a.identity == 0 ? kIdNone : (a.id_mean == 0 ? kIdRaw : kIdBn);
+  cudaStream_t st = as_stream(a.stream);
+  with_dtype(a.dtype, fn, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    with_vec<T>(vec, [&](auto vc) {
+      constexpr int VEC = decltype(vc)::value;
+      with_bool(plan.nhwc, [&](auto nc) {
+        constexpr bool NHWC = decltype(nc)::value;
+        with_id_mode(idm, [&](auto ic) {
+          constexpr int IDM = decltype(ic)::value;
+          bn_act_fwd_kernel<T, VEC, NHWC, IDM><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
+              reinterpret_cast<const T*>(a.y), reinterpret_cast<const T*>(a.identity), reinterpret_cast<T*>(a.out),
+              bn, idbn, t, a.relu);
+          check_launch("bn_act_fwd_kernel");
+        });
+      });
+    });
+  });
+}
+
+int64_t batch_norm_act_backward_workspace_bytes(DType dtype, int64_t numel, int64_t C, int64_t inner) {
+  using namespace bnk;
+  const char* fn = "batch_norm_act_backward_workspace_bytes";
+  with_dtype(dtype, fn, [](auto) {});
+  if (!bar::check_geometry(fn, numel, C, inner)) return 0;
+  // The launch picks the vector width from the pointers' alignment too: cover every candidate.
+  int64_t floats = 0;
+  for (int64_t v : {int64_t(1), static_cast<int64_t>(bar::half_vec_width(dtype)), bar::vec_width(dtype)})
+    if (v >= 1 && bar::run_allows(C, inner, v))
+      floats = std::max(floats, workspace_floats(plan_for(numel, C, inner, static_cast<int>(v), fn), C));
+  return floats * 4;
+}
+
+void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
+  using namespace bnk;
+  const char* fn = "batch_norm_act_backward";
+  with_dtype(a.dtype, fn, [](auto) {});
+  check_nonneg(a.numel, fn, "numel");
+  if (a.numel > 0) bar::check_geometry(fn, a.numel, a.C, a.inner);
+  check_nonneg(a.C, fn, "C");
+  const bool y_side = a.grad_y || a.grad_weight;
+  if (a.numel > 0) {  // an empty tensor's data pointer may be 0
+    check_ptr(a.grad_out, fn, "grad_out");
+    if (a.relu && a.out == 0)
+      throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true"));
+    if (y_side && a.y == 0) throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
+    if (a.grad_identity && a.identity == 0)
+      throw ArgError(cat(fn, ": identity is required to compute grad_identity"));
+  }
+  if (y_side && (a.mean == 0 || a.var == 0))
+    throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
+  if ((a.grad_id_weight || a.grad_id_bias) && a.id_mean == 0)
+    throw ArgError(cat(fn, ": grad_id_weight/grad_id_bias need the identity's own BatchNorm (id_mean, id_var)"));
+  if (a.id_mean != 0 && ((a.identity == 0 && a.numel > 0) || a.id_var == 0))
+    throw ArgError(cat(fn, ": id_mean was given without identity or id_var"));
+  if (a.id_mean == 0 && a.id_weight != 0) throw ArgError(cat(fn, ": id_weight was given without id_mean/id_var"));
+  check_param_dtype(a.weight_dtype, a.weight, fn, "weight");
+  check_param_dtype(a.id_weight_dtype, a.id_weight, fn, "id_weight");
+  check_param_dtype(a.grad_weight_dtype, a.grad_weight, fn, "grad_weight");
+  check_param_dtype(a.grad_bias_dtype, a.grad_bias, fn, "grad_bias");
+  check_param_dtype(a.grad_id_weight_dtype, a.grad_id_weight, fn, "grad_id_weight");
+  check_param_dtype(a.grad_id_bias_dtype, a.grad_id_bias, fn, "grad_id_bias");
+  const int64_t es = bar::elem_size(a.dtype);
+  const char* ename = dtype_name(a.dtype);
+  bar::check_aligned(a.grad_out, es, fn, "grad_out", ename);
+  bar::check_aligned(a.out, es, fn, "out", ename);
+  bar::check_aligned(a.y, es, fn, "y", ename);
+  bar::check_aligned(a.identity, es, fn, "identity", ename);
+  bar::check_aligned(a.grad_y, es, fn, "grad_y", ename);
+  bar::check_aligned(a.grad_identity, es, fn, "grad_identity", ename);
+  bar::check_aligned(a.mean, 4, fn, "mean", "float32");
+  bar::check_aligned(a.var, 4, fn, "var", "float32");
+  bar::check_aligned(a.id_mean, 4, fn, "id_mean", "float32");
+  bar::check_aligned(a.id_var, 4, fn, "id_var", "float32");
+  bar::check_aligned(a.workspace, 4, fn, "workspace", "float32");
+  bar::check_aligned(a.weight, param_size(a.weight_dtype), fn, "weight", dtype_name(a.weight_dtype));
+  bar::check_aligned(a.id_weight, param_size(a.id_weight_dtype), fn, "id_weight", dtype_name(a.id_weight_dtype));
+  bar::check_aligned(a.grad_weight, param_size(a.grad_weight_dtype), fn, "grad_weight",
+                     dtype_name(a.grad_weight_dtype));
+  bar::check_aligned(a.grad_bias, param_size(a.grad_bias_dtype), fn, "grad_bias", dtype_name(a.grad_bias_dtype));
+  bar::check_aligned(a.grad_id_weight, param_size(a.grad_id_weight_dtype), fn, "grad_id_weight",
+                     dtype_name(a.grad_id_weight_dtype));
+  bar::check_aligned(a.grad_id_bias, param_size(a.grad_id_bias_dtype), fn, "grad_id_bias",
+                     dtype_name(a.grad_id_bias_dtype));
+
+  const bool id_bn = a.id_mean != 0;
+  const bool empty = a.numel == 0;
+  // what the apply pass writes, and which sums it and the per-channel gradients need
+  const bool gy = a.grad_y != 0 && !empty;
+  const int gim = (a.grad_identity == 0 || empty) ? kIdNone : (id_bn ? kIdBn : kIdRaw);
+  const bool sum_d = (gy || a.grad_weight) && !empty;
+  const bool sum_i = (gim == kIdBn || a.grad_id_weight) && !empty;
+  const bool any_sum = gy || gim == kIdBn || a.grad_weight || a.grad_bias || a.grad_id_weight || a.grad_id_bias;
+  if (!any_sum && gim == kIdNone) return;  // nothing requested
+
+  const int vec = empty ? 1
+                        : pick_vec_for(a.dtype, a.C, a.inner, a.grad_out, a.relu ? a.out : std::uintptr_t(0),
+                                       y_side ? a.y : std::uintptr_t(0), a.identity, a.grad_y, a.grad_identity);
+  BwdPlan plan;
+  plan.P = 0;  // an empty batch: every sum is 0 (the finalize pass reads no partials)
+  if (!empty) plan = plan_for(a.numel, a.C, a.inner, vec, fn);
+  const bool reduce = any_sum && !empty;
+  if (reduce) {
+    const int64_t need = workspace_floats(plan, a.C) * 4;
+    check_ptr(a.workspace, fn, "workspace");
+    if (a.workspace_bytes < need)
+      throw ArgError(cat(fn, ": workspace is too small: ", a.workspace_bytes, " bytes given, ", need,
+                         " needed (use batch_norm_act_backward_workspace_bytes)"));
+  }
+  cudaStream_t st = as_stream(a.stream);
+  float* ws = reinterpret_cast<float*>(a.workspace);
+  float* coef = reduce ? ws + coef_offset(plan, a.C) : nullptr;
+  const Tiling t = empty ? Tiling{} : make_tiling(plan, a.C);
+
+  with_dtype(a.dtype, fn, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* go = reinterpret_cast<const T*>(a.grad_out);
+    const T* o = reinterpret_cast<const T*>(a.out);
+    const T* yy = reinterpret_cast<const T*>(a.y);
+    const T* id = reinterpret_cast<const T*>(a.identity);
+    if (reduce) {
+      with_vec<T>(vec, [&](auto vc) {
+        constexpr int VEC = decltype(vc)::value;
+        with_bool(plan.nhwc, [&](auto nc) {
+          constexpr bool NHWC = decltype(nc)::value;
+          with_bool(sum_d, [&](auto dc) {
+            constexpr bool SD = decltype(dc)::value;
+            with_bool(sum_i, [&](auto ic) {
+              constexpr bool SI = decltype(ic)::value;
+              bn_act_bwd_reduce_kernel<T, VEC, NHWC, SD, SI><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
+                  go, o, yy, id, reinterpret_cast<const float*>(a.mean), reinterpret_cast<const float*>(a.id_mean),
+                  ws, t, a.relu);
+              check_launch("bn_act_bwd_reduce_kernel");
+            });
+          });
+        });
+      });
+    }
+    if (any_sum && a.C > 0) {
+      FinParams f;
+      f.ws = ws;
+      f.coef = coef;
+      f.P = plan.P;
+      f.C = a.C;
+      f.m = empty ? 1.f : static_cast<float>(a.numel / a.C);
+      f.sums = reduce ? (kSumG | (sum_d ? kSumD : 0) | (sum_i ? kSumI : 0)) : 0;
+      f.bn = bn_params(a.mean, a.var, a.weight, a.weight_dtype, 0, DType::F32, a.eps);
+      f.idbn = bn_params(a.id_mean, a.id_var, a.id_weight, a.id_weight_dtype, 0, DType::F32, a.id_eps);
+      f.gw = reinterpret_cast<void*>(a.grad_weight);
+      f.gb = reinterpret_cast<void*>(a.grad_bias);
+      f.giw = reinterpret_cast<void*>(a.grad_id_weight);
+      f.gib = reinterpret_cast<void*>(a.grad_id_bias);
+      f.gwd = static_cast<int>(a.grad_weight_dtype);
+      f.gbd = static_cast<int>(a.grad_bias_dtype);
+      f.giwd = static_cast<int>(a.grad_id_weight_dtype);
+      f.gibd = static_cast<int>(a.grad_id_bias_dtype);
+      f.coef_y = gy;
+      f.coef_id = gim == kIdBn;
+      bn_act_bwd_finalize_kernel<<<static_cast<unsigned>(ceil_div(a.C, 32)), kThreads, 0, st>>>(f);
+      check_launch("bn_act_bwd_finalize_kernel");
+    }
+    if (gy || gim != kIdNone) {
+      with_vec<T>(vec, [&](auto vc) {
+        constexpr int VEC = decltype(vc)::value;
+        with_bool(plan.nhwc, [&](auto nc) {
+          constexpr bool NHWC = decltype(nc)::value;
+          with_bool(gy, [&](auto yc) {
+            constexpr bool GY = decltype(yc)::value;
+            with_id_mode(gim, [&](auto ic) {
+              constexpr int GIM = decltype(ic)::value;
+              if constexpr (GY || GIM != kIdNone) {
+                bn_act_bwd_apply_kernel<T, VEC, NHWC, GY, GIM><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
+                    go, o, yy, id, reinterpret_cast<T*>(a.grad_y), reinterpret_cast<T*>(a.grad_identity), coef, t,
+                    a.relu);
+                check_launch("bn_act_bwd_apply_kernel");
+              }
+            });
+          });
+        });
+      });
+    }
+  });
+}
+
+void bn_running_update(const BnRunningUpdateArgs& a) {
+  using namespace bnk;
+  const char* fn = "bn_running_update";
+  check_nonneg(a.C, fn, "C");
+  if (a.running_mean) check_ptr(a.mean, fn, "mean");
+  if (a.running_var) check_ptr(a.var, fn, "var");
+  check_param_dtype(a.running_mean_dtype, a.running_mean, fn, "running_mean");
+  check_param_dtype(a.running_var_dtype, a.running_var, fn, "running_var");
+  bar::check_aligned(a.mean, 4, fn, "mean", "float32");
+  bar::check_aligned(a.var, 4, fn, "var", "float32");
+  bar::check_aligned(a.running_mean, param_size(a.running_mean_dtype), fn, "running_mean",
+                     dtype_name(a.running_mean_dtype));
+  bar::check_aligned(a.running_var, param_size(a.running_var_dtype), fn, "running_var",
+                     dtype_name(a.running_var_dtype));
+  bar::check_aligned(a.num_batches_tracked, 8, fn, "num_batches_tracked", "int64");
+  if (a.num_batches_tracked == 0 && (a.C == 0 || (a.running_mean == 0 && a.running_var == 0))) return;
+  // the reference's scalars: (1 - factor), factor and factor * unbias in double, then float32
+  const float keep = static_cast<float>(1.0 - a.factor);
+  const float take = static_cast<float>(a.factor);
+  const float take_var = static_cast<float>(a.factor * a.unbias);
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(a.C, kThreads));
+  bn_running_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(a.stream)>>>(
+      reinterpret_cast<const float*>(a.mean), reinterpret_cast<const float*>(a.var),
+      reinterpret_cast<void*>(a.running_mean), static_cast<int>(a.running_mean_dtype),
+      reinterpret_cast<void*>(a.running_var), static_cast<int>(a.running_var_dtype),
+      reinterpret_cast<int64_t*>(a.num_batches_tracked), keep, take, take_var, a.C);
+  check_launch("bn_running_update_kernel");
+}
+
+}  // namespace rk

@@ -1,0 +1,78 @@
+"""CUDA implementations of the training-mode BatchNorm ops (csrc/batch_norm.cu): thin wrappers
+turning tensors into the torch-free ``_C`` API. Same arguments and semantics as the reference
+launchers in torch_batch_norm.py (the contract); they write into the given outputs and assume
+validated, non-empty inputs.
+
+Activations float32/float16/bfloat16 (float64 is refused by the kernels: the op layer's supports()
+leaves it to the torch implementation); mean/var float32; parameters, their gradients and the
+running buffers float32 or a 16-bit type.
+
+For the accountant (counted from the code, not measured):
+* forward: 1 launch; reads y (and identity), writes out (+ 4 or 8 per-channel vectors).
+* backward: reduce + finalize when any per-channel sum is needed (grad_y, grad_weight, grad_bias,
+  grad_id_*, or grad_identity with id_mean), + apply when grad_y or grad_identity is needed: 3 in
+  training with every gradient, 1 for a raw grad_identity alone. The reduce reads grad_out, out
+  (relu), y (grad_y/grad_weight) and identity (grad_identity/grad_id_weight with id_mean); the apply
+  reads grad_out, out (relu), y (grad_y) and identity (BN'd grad_identity) and writes grad_y and
+  grad_identity; the workspace (partials and coefficients) is (3 * P + 8) * C * 4 bytes, P <= 1024.
+* running update: 1 launch (C-sized vectors and num_batches_tracked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
+
+
+def _code(t) -> int:
+    return 0 if t is None else DTYPE_CODES[t.dtype]
+
+
+def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
+                           eps, id_eps, relu, C, inner) -> None:
+    C_ = C_module()
+    with device_guard(y):
+        args = fill_args(
+            C_.BatchNormActArgs, dtype=DTYPE_CODES[y.dtype], y=ptr(y), mean=ptr(mean), var=ptr(var),
+            weight=ptr(weight), bias=ptr(bias), identity=ptr(identity), id_mean=ptr(id_mean), id_var=ptr(id_var),
+            id_weight=ptr(id_weight), id_bias=ptr(id_bias), out=ptr(out), weight_dtype=_code(weight),
+            bias_dtype=_code(bias), id_weight_dtype=_code(id_weight), id_bias_dtype=_code(id_bias), eps=float(eps),
+            id_eps=float(id_eps), numel=y.numel(), C=C, inner=inner, relu=bool(relu), stream=stream_of(y))
+        call("batch_norm_act_forward", args)
+
+
+def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
+                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
+                            eps, id_eps, relu, C, inner) -> None:
+    C_ = C_module()
+    code = DTYPE_CODES[grad_out.dtype]
+    numel = grad_out.numel()
+    with device_guard(grad_out):
+        nbytes = C_.batch_norm_act_backward_workspace_bytes(dtype=code, numel=numel, C=C, inner=inner)
+        # Scratch for the per-block partial sums and the per-channel coefficients: every byte read
+        # is written first by an earlier launch of the same call (so it is not poisoned).
+        ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=grad_out.device)
+        args = fill_args(
+            C_.BatchNormActBackwardArgs, dtype=code, grad_out=ptr(grad_out), out=ptr(out if relu else None),
+            y=ptr(y), mean=ptr(mean), var=ptr(var), weight=ptr(weight), identity=ptr(identity),
+            id_mean=ptr(id_mean), id_var=ptr(id_var), id_weight=ptr(id_weight), grad_y=ptr(grad_y),
+            grad_identity=ptr(grad_identity), grad_weight=ptr(grad_weight), grad_bias=ptr(grad_bias),
+            grad_id_weight=ptr(grad_id_weight), grad_id_bias=ptr(grad_id_bias), weight_dtype=_code(weight),
+            id_weight_dtype=_code(id_weight), grad_weight_dtype=_code(grad_weight), grad_bias_dtype=_code(grad_bias),
+            grad_id_weight_dtype=_code(grad_id_weight), grad_id_bias_dtype=_code(grad_id_bias), workspace=ptr(ws),
+            workspace_bytes=nbytes, eps=float(eps), id_eps=float(id_eps), numel=numel, C=C, inner=inner,
+            relu=bool(relu), stream=stream_of(grad_out))
+        call("batch_norm_act_backward", args)
+
+
+def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:
+    C_ = C_module()
+    ref = next(t for t in (running_mean, running_var, num_batches_tracked, mean) if t is not None)
+    with device_guard(ref):
+        args = fill_args(
+            C_.BnRunningUpdateArgs, mean=ptr(mean), var=ptr(var), running_mean=ptr(running_mean),
+            running_var=ptr(running_var), num_batches_tracked=ptr(num_batches_tracked),
+            running_mean_dtype=_code(running_mean), running_var_dtype=_code(running_var), factor=float(factor),
+            unbias=float(unbias), C=mean.numel(), stream=stream_of(ref))
+        call("bn_running_update", args)
