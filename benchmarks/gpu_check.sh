@@ -100,6 +100,19 @@ run_stage() {
   echo "=== [$name] $status (rc $rc)" | tee -a "$LOG"
 }
 
+# The CUTLASS headers of the sm_90a kernels: the GPU image has no network and no nvidia-cutlass, so
+# a session stages them into .cutlass/ (tools/stage_cutlass.sh; git-ignored, ~28 MB) and carries
+# that folder to the GPU machine. Without them the build leaves the sm_90a kernels out, said here
+# (REQUIRE_CUDA would otherwise make a missing CUTLASS a build error).
+if [[ -z "${RESNET_KERNELS_CUTLASS_DIR:-}" && -f "$ROOT/.cutlass/include/cutlass/cutlass.h" ]]; then
+  export RESNET_KERNELS_CUTLASS_DIR="$ROOT/.cutlass"
+fi
+if [[ -z "${RESNET_KERNELS_CUTLASS_DIR:-}" ]] && \
+    ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("cutlass_library") is None)' 2>/dev/null; then
+  echo "NOTE: no CUTLASS headers (.cutlass/ not staged and carried): building without the sm_90a 'cutlass' kernels" | tee -a "$LOG"
+  export RESNET_KERNELS_SKIP_SM90=1
+fi
+
 if [[ "${RK_GPU_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
   record install skipped 0 0
 else
