@@ -344,10 +344,12 @@ def build_model(arch: str, backend: str, num_classes: int) -> torch.nn.Module:
 
 
 def count_backends() -> Tuple[str, ...]:
-    """eager, auto and every registry backend whose implementations all declare a cost."""
-    names = [b for b in _registry.backend_names()
-             if all(i.cost is not None for op in _registry.OPS for i in _registry.implementations(op)
-                    if i.backend == b)]
+    """eager, auto and every registry backend that runs whole models (``Backend.benchmark``: not
+    the reference, not a backend serving only some layers such as ``cutlass``) and whose
+    implementations all declare a cost."""
+    names = [b.name for b in _registry.backends() if b.benchmark
+             and all(i.cost is not None for op in _registry.OPS for i in _registry.implementations(op)
+                     if i.backend == b.name)]
     return ("eager", "auto") + tuple(names)
 
 

@@ -33,7 +33,11 @@ def test_explain_lists_every_fused_call_and_changes_nothing():
     counts = exp.counts()
     # 20 convolutions in ResNet-18 (17 3x3/7x7 + 3 projections), each with batch statistics
     assert counts["conv2d_stats"] == {"aten": 20}
-    assert set(counts) == {"conv2d_stats", "bn_add_relu", "bn_add_relu_backward", "maxpool2d", "maxpool2d_backward"}
+    assert set(counts) == {"conv2d_stats", "batch_norm_act", "batch_norm_act_backward", "bn_running_update",
+                           "maxpool2d", "maxpool2d_backward"}
+    # one BN apply per unit (a projection's two BNs in one pass), one running update per BN
+    assert counts["batch_norm_act"] == counts["batch_norm_act_backward"] == {"aten": 17}
+    assert counts["bn_running_update"] == {"aten": 20}
     assert counts["maxpool2d"] == counts["maxpool2d_backward"] == {"aten": 1}  # the stem's max pool
     fwd = [r for r in exp.rows if r.module != "(backward)"]
     assert {r.module for r in fwd} >= {"ResNet", "layer1.0", "layer4.1"}
