@@ -14,18 +14,23 @@ cross processes: one all_gather per BN forward, one all_reduce per BN backward; 
 
 How each mode runs (see docs/CONV.md):
 
-* running statistics (eval): BN is folded into a per-channel (scale, shift) computed from the
-  current parameters and buffers on every call (``conv.bias`` folded into the shift) and applied
+* running statistics (eval): BN is folded into a per-channel (scale, shift) from the current
+  parameters and buffers (``conv.bias`` folded into the shift; cached while none of them changes
+  and no gradient flows through it, see ``_folded_scale_shift``) and applied
   in the convolution's fp32 epilogue, together with the residual add and the ReLU: one kernel
   (``conv2d_epilogue``). A projection shortcut is its own ``conv2d_epilogue`` (relu=False) whose
   output is the main convolution's residual.
 * batch statistics (train): ``conv2d_stats`` gives y = conv(x) and its per-channel batch mean and
-  variance from the convolution's epilogue; ``bn_scale_shift`` turns them into (scale, shift)
-  with the exact running-statistics update; ``bn_add_relu`` applies BN, adds the shortcut (for a
-  projection: the raw shortcut convolution with its own BN applied in the same pass) and the
-  ReLU. ``conv.bias`` (rare before BN) shifts the batch mean by the bias (the variance is
-  unchanged) and is added back in the shift, so the running mean sees it exactly as nn.BatchNorm2d
-  does while the normalized output, mathematically independent of it, is unchanged.
+  variance from the convolution's epilogue; ``batch_norm_act`` applies the BN from them (the
+  per-channel scale/shift computed inside its kernel), adds the shortcut (for a projection: the
+  raw shortcut convolution with its own BN, in the same pass) and the ReLU; ``bn_running_update``
+  then updates the running statistics and ``num_batches_tracked`` exactly as nn.BatchNorm2d does,
+  once every op of the unit has succeeded. The backward of ``batch_norm_act`` is the full BN
+  gradient (through the batch statistics too), so ``conv2d_stats`` gets no statistics gradient.
+  Where that path does not apply — a SyncBatchNorm synchronising across processes, a
+  ``conv.bias`` before the BN (it shifts the batch mean, which the running mean sees, while the
+  normalised output is unchanged), an empty batch — ``bn_scale_shift`` turns the BN into a
+  differentiable per-channel (scale, shift) and ``bn_add_relu`` applies it.
 
 With ``backend='auto'`` on CPU (and meta) tensors a unit runs the user's own layers (``bn(conv(x))``,
 the add, the ReLU): no kernel of ours runs natively there, and PyTorch's own kernels are what
