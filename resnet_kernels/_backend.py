@@ -33,8 +33,7 @@ def __getattr__(name: str):
 
 
 def _check_name(name: str) -> str:
-    choices = _registry.choices()
-    if not isinstance(name, str) or name not in choices:
+    if not _registry.is_choice(name):
         raise ValueError(f"backend must be one of {('auto',) + _registry.backend_names()}, got {name!r}")
     return name
 

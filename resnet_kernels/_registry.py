@@ -191,6 +191,12 @@ def choices() -> Tuple[str, ...]:
     return ("auto",) + backend_names(include_hidden=True)
 
 
+def is_choice(name) -> bool:
+    """``name in choices()``, without building the tuple (the ops' hot path)."""
+    _ensure_declared()
+    return isinstance(name, str) and (name == "auto" or name in _backends)
+
+
 def implementations(op: str, include_hidden: bool = False) -> List[Impl]:
     """The op's implementations in the static order of 'auto' (a shared list: do not modify)."""
     got = _sorted.get((op, include_hidden))
