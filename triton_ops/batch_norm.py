@@ -74,7 +74,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ._common import INTERPRET, cast_for_store
-from .bn_add_relu import (_block_for_extent, _layout, _num_warps, _on_device, _split, _target_programs,
+from .bn_add_relu import (_backward_config, _block_for_extent, _layout, _num_warps, _on_device, _sum_config,
                           _tile_elems, _vec_width)
 
 MODE_PLANES = 1
@@ -531,38 +531,15 @@ def _apply_load(relu: bool, need_gy: bool, gi_mode: int) -> dict:
 
 def _reduce_config(N: int, C: int, HW: int, layout: str, itemsize: int, device: torch.device,
                    interpret: bool = None) -> dict:
-    """Tiling for the reduce kernels ("cols": channels_last, "planes": NCHW): up to three
-    accumulators per element, half the streaming tile."""
-    interpret = INTERPRET if interpret is None else interpret
-    tile = _tile_elems(itemsize, interpret)
-    if not interpret:
-        tile = max(tile // 2, 256)
-    target = _target_programs(device, interpret)
-    if layout == "nhwc":
-        M = N * HW
-        vec = _vec_width(C, itemsize)
-        block_c = _block_for_extent(C, tile)
-        block_r = max(1, min(tile // block_c, triton.next_power_of_2(M)))
-        c_blocks = triton.cdiv(C, block_c)
-        tiles, r_progs = _split(triton.cdiv(M, block_r), max(1, target // c_blocks))
-        return dict(kind="cols", M=M, C_V=C // vec, VEC=vec, BLOCK_R=block_r, BLOCK_C=block_c, TILES=tiles,
-                    P=r_progs, grid=(r_progs, c_blocks), num_warps=_num_warps(block_r * block_c, interpret))
-    vec = _vec_width(HW, itemsize)
-    block_hw = _block_for_extent(HW, tile)
-    block_n = max(1, min(tile // block_hw, triton.next_power_of_2(N)))
-    per_c = max(1, target // C)
-    n_tiles, nb = _split(triton.cdiv(N, block_n), per_c)
-    hw_tiles, hb = _split(triton.cdiv(HW, block_hw), max(1, per_c // nb))
-    return dict(kind="planes", HW_V=HW // vec, VEC=vec, BLOCK_N=block_n, BLOCK_HW=block_hw, N_TILES=n_tiles,
-                HW_TILES=hw_tiles, P=nb * hb, grid=(C, nb, hb), num_warps=_num_warps(block_n * block_hw, interpret))
+    """Tiling for the reduce kernels ("cols": channels_last, "planes": NCHW): bn_add_relu's
+    backward tiling (up to three accumulators per element, half the streaming tile)."""
+    return _backward_config(N, C, HW, layout, itemsize, device, interpret)
 
 
 def _finalize_config(P: int, C: int, interpret: bool = None) -> dict:
-    interpret = INTERPRET if interpret is None else interpret
-    block_c = min(triton.next_power_of_2(C), 128)
-    tile = min(_tile_elems(8, interpret), 1024)
-    block_p = max(1, min(triton.next_power_of_2(P), tile // block_c))
-    return dict(BLOCK_P=block_p, BLOCK_C=block_c, grid=(triton.cdiv(C, block_c),), num_warps=4)
+    """bn_add_relu's partial-sum tiling, one program per channel block."""
+    cfg = _sum_config(P, C, interpret)
+    return dict(cfg, grid=(triton.cdiv(C, cfg["BLOCK_C"]),))
 
 
 def _running_config(C: int) -> dict:

@@ -346,7 +346,9 @@ def test_reduction_spans_programs():
 def test_many_partials_finalize_loop(monkeypatch):
     """Many partial rows (more programs than the interpreter's default) and a finalize block of 2
     rows: the finalize kernel loops over P."""
-    monkeypatch.setattr(TK, "_target_programs", lambda device, interpret: 64)
+    import resnet_kernels.triton_ops.bn_add_relu as BAR  # the shared tiling (_reduce_config uses it)
+
+    monkeypatch.setattr(BAR, "_target_programs", lambda device, interpret: 64)
     real = TK._finalize_config
     monkeypatch.setattr(TK, "_finalize_config", lambda P, C, interpret=None: dict(real(P, C, interpret), BLOCK_P=2))
     for layout, shape in (("channels_last", (8, 2, 32, 32)), ("nchw", (8, 2, 32, 32))):
