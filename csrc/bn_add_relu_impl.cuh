@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "acc_types.cuh"
 #include "bn_add_relu.h"
 #include "common.h"
 
@@ -19,35 +20,11 @@ namespace bar {  // bn_add_relu internals
 
 constexpr int kThreads = 256;  // every kernel here runs 256-thread blocks
 
-// ---------------------------------------------------------------------------------------------
-// Element types: activations T, accumulation / per-channel type Acc (float, or double for double)
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// Element types (acc_types.cuh), also under bar:: for its users
+using rk::AccOf;
+using rk::acc_t;
+using rk::from_acc;
+using rk::to_acc;
 
 // Products rounded on their own (no FMA contraction), so the elementwise results round exactly
 // like the reference's separate multiply and add.
