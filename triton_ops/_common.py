@@ -40,3 +40,30 @@ def cast_for_store(x, ptr):
             b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
             x = tl.where(f != f, f, b.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """``x`` converted to ``dtype`` with round-to-nearest-even, also under the interpreter (see
+    ``cast_for_store``): e.g. an fp32 operand rounded to the activation dtype before ``tl.dot``."""
+    if BF16_RTNE_FIX:
+        if dtype == tl.bfloat16:
+            f = x.to(tl.float32)
+            b = f.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            x = tl.where(f != f, f, b.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
+@triton.jit
+def bn_dy(g, m, y, mu, a, b, k, HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr):
+    """The BN-backward gradient operand of the fused convolution backward, elementwise in the
+    accumulation type (contract: resnet_kernels/backends/torch_conv_backward.py):
+    g' = g * (m > 0) when HAS_MASK; dy = a * g' - (b + k * (y - mu)) when HAS_COEF, else g'.
+    g, y, mu, a, b, k: already loaded and converted to the accumulation type, broadcast to one
+    shape (out-of-range elements of g must be 0 and stay 0: callers mask the result)."""
+    if HAS_MASK:
+        g = tl.where(m > 0, g, 0.0)
+    if HAS_COEF:
+        g = a * g - (b + k * (y - mu))
+    return g
