@@ -350,4 +350,25 @@ def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, re
     return out
 
 
-__all__ = ["conv_bn_act", "conv_bn_add_act"]
+def residual_block(x: Tensor, units, shortcut=None, *, backend: Optional[str] = None) -> Optional[Tensor]:
+    """A torchvision residual block in training as one autograd function (``resnet_kernels/_block.py``):
+    ``units`` the (conv, bn) pairs of the main path (each followed by a ReLU but the last), the last
+    one's output added to the shortcut (``x``, or ``shortcut`` = (conv, bn) applied to x) before the
+    final ReLU. Returns None where that path does not apply (then nothing has happened: run the
+    per-unit functions); see ``_block.applicable``. Under autocast x and the weights are cast to
+    the autocast dtype as for ``conv_bn_act``."""
+    from . import _block
+
+    convs = [c for c, _ in units] + ([shortcut[0]] if shortcut is not None else [])
+    bns = [b for _, b in units] + ([shortcut[1]] if shortcut is not None else [])
+    requested = _backend.op_arg(backend)
+    if _plain_ok(x, backend, *bns) or not _block.applicable(x, convs, bns, requested):
+        return None
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return _block.train_block(x, units, shortcut, requested)
+    with torch.autocast(x.device.type, enabled=False):
+        return _block.train_block(_cast(x, dt), units, shortcut, requested, dt)
+
+
+__all__ = ["conv_bn_act", "conv_bn_add_act", "residual_block"]

@@ -549,3 +549,110 @@ for _op, _fn, _fused, _aten in (
     register(Impl(_op, "aten", _P + "aten_maxpool:" + _fn, priority=40, auto_on=_EVERYWHERE, returns_output=True,
                   cost=_aten))
     register(Impl(_op, "torch", _P + "torch_maxpool:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
+
+
+# conv2d_backward (resnet_kernels/ops/conv_backward.py): the convolution backward of a training
+# unit with its BN backward computed in the operand prologue. 'triton' first in the static order:
+# the point of the op is the passes it saves over 'aten' (dy materialised by elementwise ops, then
+# cuDNN); on CUDA 'auto' measures both and verifies the kernels against the reference first.
+_WGRAD_SPLITS = 8  # modelled: triton_ops/conv2d_wgrad.py picks its split count per shape
+
+
+def _conv_bwd_operand_reads(call) -> int:
+    return nbytes(call.g) + nbytes(call.mask) + (nbytes(call.y) if call.coef is not None else 0)
+
+
+def _triton_conv_bwd_cost(call):
+    """wgrad: the operand (g, the mask, y) and x read once, fp32 split-K partials written and read
+    back by the fixed-order reduce kernel, grad_weight written (2 launches). dgrad: the operand and
+    the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in the epilogue,
+    grad_x and per-tile partials written (1 launch), and with upstream reductions the finalize kernel
+    (partials and per-channel vectors in, coefficients and parameter gradients out)."""
+    need_x, need_w = call.needs[0], call.needs[1]
+    Cout, Cin, KH, KW = call.weight.shape
+    launches = b = 0
+    ops = _conv_bwd_operand_reads(call)
+    vec = 3 * Cout * 4 + (nbytes(call.mean) if call.coef is not None else 0)
+    if need_w:
+        part = _WGRAD_SPLITS * Cout * Cin * KH * KW * 4
+        launches, b = 2, ops + nbytes(call.x) + 2 * part + nbytes(call.weight) + vec
+    if need_x:
+        launches += 1
+        b += ops + nbytes(call.weight) + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.x) + vec
+        if call.upstream:
+            N, _, H, W = call.x.shape
+            p = 2 * max(1, (N * H * W + 127) // 128) * Cin * 4  # (2, tiles of 128 rows, Cin) partials
+            launches += 1
+            b += nbytes(call.x) + nbytes(call.up_y) + 2 * p + 12 * Cin * 4
+    return max(launches, 1), b
+
+
+def _aten_conv_bwd_cost(call):
+    """aten_conv_backward.conv2d_backward: see its module docstring for the ops counted."""
+    need_x, need_w = call.needs[0], call.needs[1]
+    g = nbytes(call.g)
+    e4 = call.g.numel() * 4  # an accumulation-dtype temporary
+    launches, b = 0, 0
+    dy = g
+    if call.mask is not None:
+        launches, b = 1, 3 * g
+    if call.coef is not None:  # 2 per-channel ops, addcmul, addcmul_, the cast
+        launches += 5
+        b += (g + e4) + (e4 + nbytes(call.y) + e4) + (e4 + g) + 64 * call.weight.shape[0]
+    if need_w:
+        launches, b = launches + 1, b + dy + nbytes(call.x) + nbytes(call.weight)
+    if need_x:
+        X = nbytes(call.x)
+        launches, b = launches + 1, b + dy + nbytes(call.weight) + X
+        if call.residual is not None:
+            launches += 1 + (call.res_mask is not None)
+            b += 3 * X + (3 * X if call.res_mask is not None else 0)
+        if call.upstream:
+            x4 = call.x.numel() * 4
+            launches += 4 + 8  # where, copy, sum, sub+mul+sum fused as 2, ~8 per-channel ops
+            b += 3 * X + 2 * X + X + (X + x4) + (x4 + X + x4) + x4 + 64 * call.x.shape[1]
+        elif call.residual is not None:
+            launches, b = launches + 1, b + 2 * X  # the copy into grad_x
+    return max(launches, 1), b
+
+
+def _cuda_conv_bwd_cost(call):
+    """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted."""
+    need_x, need_w = call.needs[0], call.needs[1]
+    g = nbytes(call.g)
+    launches = b = 0
+    if call.mask is not None:  # the masking pass
+        launches, b = 1, 3 * g
+    if call.coef is not None:  # the operand pass (+ 2 per-channel ops)
+        launches, b = launches + 3, b + 3 * g + nbytes(call.y) + 64 * call.weight.shape[0]
+    if need_w:
+        launches, b = launches + 1, b + g + nbytes(call.x) + nbytes(call.weight)
+    if need_x:
+        X = nbytes(call.x)
+        launches, b = launches + 1, b + g + nbytes(call.weight) + X
+        if call.residual is not None:
+            launches += 1 + (call.res_mask is not None)
+            b += 3 * X + (3 * X if call.res_mask is not None else 0)
+        if call.upstream:  # reduce + finalize, the masking pass, ~8 per-channel ops
+            N, C, H, W = call.x.shape
+            launches += 2 + 1 + 8
+            b += 3 * X + 2 * max(1, (N * H * W + 2047) // 2048) * C * 4 * 2 + 3 * X + 64 * C
+        elif call.residual is None:
+            launches, b = launches + 1, b + 2 * X  # the copy into grad_x
+    return max(launches, 1), b
+
+
+def _no_float64_conv_bwd(call) -> Optional[str]:
+    if call.dtype == torch.float64:
+        return "float64 (the cuda and triton kernels compute float32, float16 and bfloat16; float64 runs on aten, torch)"
+    return None
+
+
+register(Impl("conv2d_backward", "triton", _TRITON + "conv2d_backward:conv2d_backward", supports=_no_float64_conv_bwd,
+              priority=20, cost=_triton_conv_bwd_cost))
+register(Impl("conv2d_backward", "cuda", _P + "cuda_conv_backward:conv2d_backward", supports=_no_float64_conv_bwd,
+              priority=30, cost=_cuda_conv_bwd_cost))
+register(Impl("conv2d_backward", "aten", _P + "aten_conv_backward:conv2d_backward", priority=40, auto_on=_EVERYWHERE,
+              cost=_aten_conv_bwd_cost))
+register(Impl("conv2d_backward", "torch", _P + "torch_conv_backward:conv2d_backward", priority=90,
+              auto_on=_EVERYWHERE, reference=True))

@@ -106,7 +106,7 @@ def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residu
     if up_out is None:
         return
     gr = grad_x.to(acc)
-    m = gr.numel() // Cin
+    m = gr.numel() // gr.shape[1]
     sum_g = gr.sum(_DIMS)
     sum_gd = (gr * (up_y.to(acc) - _col(up_mean, acc))).sum(_DIMS)
     invstd = torch.rsqrt(up_var.to(acc) + up_eps)
@@ -128,3 +128,16 @@ def conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_
         gw = torch.nn.grad.conv2d_weight(x.to(cd), tuple(grad_weight.shape), dy.to(cd), stride=tuple(stride),
                                          padding=tuple(padding))
     grad_weight.copy_(gw)
+
+
+def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
+                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
+    """The op's launcher (resnet_kernels/ops/conv_backward.py): ``conv2d_dgrad`` into grad_x (with
+    the upstream reductions, x being the upstream unit's output, when up_y is given) and
+    ``conv2d_wgrad`` into grad_weight; None outputs are not computed."""
+    if grad_weight is not None:
+        conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32)
+    if grad_x is not None:
+        up = up_y is not None
+        conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, x if up else None,
+                     up_y, up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32)

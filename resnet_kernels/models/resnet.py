@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend
-from ..functional import conv_bn_act, conv_bn_add_act
+from ..functional import conv_bn_act, conv_bn_add_act, residual_block
 from ._units import is_4d, projection_reason, relu_ok, unit_ok
 from .._script import no_script
 from ..nn.pool import stem_pool
@@ -70,6 +70,17 @@ def _conv_bn_add_relu(blk: nn.Module, h: Tensor, conv: nn.Module, bn: nn.Module,
     return blk.relu(out)
 
 
+def _block_train(blk: nn.Module, x: Tensor, units) -> Optional[Tensor]:
+    """The whole block as one autograd function (training with batch statistics: the fused
+    backward, resnet_kernels/_block.py), or None where the per-unit path runs."""
+    ds = blk.downsample
+    if not all(unit_ok(x, c, b) for c, b in units):
+        return None
+    if ds is not None and (not is_4d(x) or projection_reason(ds) is not None):
+        return None
+    return residual_block(x, units, (ds[0], ds[1]) if ds is not None else None, backend=blk.backend)
+
+
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock (conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU)."""
 
@@ -109,6 +120,9 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.fused and relu_ok(self.relu)):
             return self._forward_plain(x)
+        out = _block_train(self, x, ((self.conv1, self.bn1), (self.conv2, self.bn2)))
+        if out is not None:
+            return out
         out = _conv_bn_relu(self, x, self.conv1, self.bn1)
         return _conv_bn_add_relu(self, out, self.conv2, self.bn2, x)
 
@@ -157,6 +171,9 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.fused and relu_ok(self.relu)):
             return self._forward_plain(x)
+        out = _block_train(self, x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)))
+        if out is not None:
+            return out
         out = _conv_bn_relu(self, x, self.conv1, self.bn1)
         out = _conv_bn_relu(self, out, self.conv2, self.bn2)
         return _conv_bn_add_relu(self, out, self.conv3, self.bn3, x)

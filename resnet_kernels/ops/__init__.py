@@ -4,6 +4,7 @@ from .batch_norm import batch_norm_act, bn_running_update
 from .bn_add_relu import add_relu, bn_add_relu
 from .conv2d import conv2d_epilogue, conv2d_stats
 from .maxpool import max_pool2d
+from .conv_backward import conv2d_backward
 from . import _flops
 
 _flops.register()  # FLOP formulas for torch.utils.flop_counter

@@ -1,0 +1,233 @@
+"""A training residual block as one autograd function: the fused backward of issue #12.
+
+``train_block(x, units, shortcut, backend, wdt)`` runs torchvision's BasicBlock/Bottleneck
+    h_0 = x;  h_i = relu(bn_i(conv_i(h_{i-1})))                      (inner units, i < k)
+    out = relu(bn_k(conv_k(h_{k-1})) + S),  S = x or bn_d(conv_d(x))   (the tail)
+with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
+the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
+the same side effects, committed once everything succeeded), but its backward is one chain of
+``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead of autograd's per-op graph:
+
+    tail:   (A, B, K)_k [and _d], bn_k's [and bn_d's] parameter gradients
+                = batch_norm_act_coef(g_out, out, y_k, ...)        (a reduce and a finalize)
+    shortcut (projection): grad_x_d, grad W_d = conv2d_backward(g_out masked by out, y_d, coef_d)
+    unit k .. 1: grad h_{i-1}, grad W_i, (A, B, K)_{i-1}, bn_{i-1}'s parameter gradients
+                = conv2d_backward(g_i, y_i, coef_i, h_{i-1}, W_i, upstream = unit i-1)
+            (g_k = g_out masked by out; g_i = grad h_i, already masked by unit i's ReLU in the
+             epilogue that produced it); unit 1 adds the shortcut's gradient (g_out masked by
+             out for an identity shortcut, grad_x_d for a projection) in its epilogue: the
+             block input's gradient leaves the block summed.
+
+No gradient of a BN's output or of a ReLU is ever materialised on the fused implementation: each
+``conv2d_backward`` computes its operand from (g, y, A, B, K) as it loads it, and reduces the next
+unit's BN backward in its epilogue. Per unit of a bottleneck that replaces {BN reduce, finalize,
+apply (grad_y written), dgrad, wgrad} with {dgrad + finalize, wgrad}; the residual-gradient
+accumulate kernel at the block input disappears (counted: ``resnet-kernels count``).
+
+Used only where it computes exactly what the unfused path computes: plain eager execution (not
+under torch.compile, FX tracing, functorch or dispatch modes: those see the per-op graph), a
+gradient needed, every BN using batch statistics through ``batch_stats_args`` (not a synchronising
+SyncBatchNorm, no conv bias, a non-empty batch), and the requested backend implementing the
+block's backward ops (``auto``, ``aten``, ``torch``, ``triton``; an explicit ``cuda`` keeps the
+per-op graph, whose every op it implements).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from . import _registry
+from .nn._bn import batch_stats_args, commit, uses_batch_stats
+from .nn._sync import sync_group
+from .ops import batch_norm as _bn_ops
+from .ops.batch_norm import batch_norm_act
+from .ops.conv2d import conv2d_stats
+from .ops.conv_backward import conv2d_backward
+
+_OPS = ("conv2d_backward", "batch_norm_act_coef")
+
+
+def backend_ok(backend: str) -> bool:
+    """Whether ``backend`` ('auto' or a name) implements the block's backward ops."""
+    if backend == "auto":
+        return True
+    return all(op in _registry.OPS and _registry.get_impl(op, backend) is not None for op in _OPS)
+
+
+def _bn_ok(bn: nn.Module) -> bool:
+    return uses_batch_stats(bn) and sync_group(bn) is None
+
+
+def applicable(x, convs: Sequence[nn.Conv2d], bns: Sequence[nn.Module], backend: str) -> bool:
+    """Whether ``train_block`` runs these modules (else the per-op path). Not under torch.compile or
+    a functorch transform (they trace the per-op graph of custom ops); dispatch modes (fake tensors,
+    the accountant) see this path as a GPU run would."""
+    if not (type(x) is Tensor or isinstance(x, Tensor) and not isinstance(x, torch.fx.Proxy)):
+        return False
+    if not torch.is_grad_enabled() or x.dim() != 4 or x.shape[0] == 0 or not backend_ok(backend):
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if not all(_bn_ok(b) for b in bns) or any(c.bias is not None for c in convs):
+        return False
+    return x.requires_grad or any(p.requires_grad for m in list(convs) + list(bns) for p in m.parameters())
+
+
+class _Unit:
+    __slots__ = ("conv", "bn", "stride", "padding", "st")
+
+    def __init__(self, conv, bn):
+        self.conv, self.bn = conv, bn
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.st = None
+
+
+class _BlockFn(torch.autograd.Function):
+    """Inputs: (x, *weights, *bn params); the layout of the flat inputs is in ``plan``."""
+
+    @staticmethod
+    def forward(ctx, plan, x, *params):
+        units, proj, backend = plan["units"], plan["proj"], plan["backend"]
+        n = len(units) + (1 if proj is not None else 0)
+        weights = params[:n]
+        updates: list = []
+        h = x
+        hs, ys, sts = [], [], []
+        for i, u in enumerate(units):
+            y, mean, var = conv2d_stats(h, weights[i], stride=u.stride, padding=u.padding, backend=backend)
+            st = batch_stats_args(u.bn, y, mean, var, updates, backend)
+            if st is None:
+                raise _Fallback()
+            hs.append(h)
+            ys.append(y)
+            sts.append(st)
+            if i < len(units) - 1:
+                h = batch_norm_act(y, st.mean, st.var, st.weight, st.bias, eps=st.eps, relu=True, backend=backend)
+        yd = std = None
+        tail = sts[-1]
+        if proj is not None:
+            yd, md, vd = conv2d_stats(x, weights[-1], stride=proj.stride, padding=proj.padding, backend=backend)
+            std = batch_stats_args(proj.bn, yd, md, vd, updates, backend)
+            if std is None:
+                raise _Fallback()
+            out = batch_norm_act(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean, std.var,
+                                 std.weight, std.bias, eps=tail.eps, id_eps=std.eps, relu=True, backend=backend)
+        else:
+            out = batch_norm_act(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, x, eps=tail.eps, relu=True,
+                                 backend=backend)
+        commit(updates)
+        ctx.plan = plan
+        ctx.sts = sts
+        ctx.std = std
+        ctx.save_for_backward(x, out, *hs[1:], *ys, *([yd] if yd is not None else []), *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        plan = ctx.plan
+        units, proj, backend = plan["units"], plan["proj"], plan["backend"]
+        k = len(units)
+        saved = ctx.saved_tensors
+        x, out = saved[0], saved[1]
+        hs = [x] + list(saved[2:2 + k - 1])
+        ys = list(saved[1 + k:1 + 2 * k])
+        pos = 1 + 2 * k
+        yd = None
+        if proj is not None:
+            yd = saved[pos]
+            pos += 1
+        weights = saved[pos:]
+        sts, std = ctx.sts, ctx.std
+        needs = ctx.needs_input_grad  # (plan, x, *weights, *bn params)
+        need_x = needs[1]
+        nw = needs[2:2 + len(weights)]
+        nbn = needs[2 + len(weights):]
+        g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(out) else g_out.contiguous()
+        tail = sts[-1]
+        coef, id_coef, gw_t, gb_t, gw_d, gb_d = _bn_ops.batch_norm_act_coef(
+            g_out, out, ys[-1], tail.mean, tail.var, tail.weight, yd, std.mean if std else None,
+            std.var if std else None, std.weight if std else None, eps=tail.eps, id_eps=std.eps if std else 0.0,
+            relu=True, need_weight=nbn[2 * (k - 1)], need_bias=nbn[2 * (k - 1) + 1],
+            need_id_weight=bool(std) and nbn[2 * k], need_id_bias=bool(std) and nbn[2 * k + 1], backend=backend)
+        grads_w: List[Optional[Tensor]] = [None] * len(weights)
+        grads_bn: List[Optional[Tensor]] = [None] * len(nbn)
+        grads_bn[2 * (k - 1)], grads_bn[2 * (k - 1) + 1] = gw_t, gb_t
+        residual = res_mask = None
+        if need_x:
+            if proj is None:
+                residual, res_mask = g_out, out
+        if proj is not None and (need_x or nw[-1]):
+            gxd, gwd, _, _, _ = conv2d_backward(g_out, x, weights[-1], stride=proj.stride, padding=proj.padding,
+                                                mask=out, y=yd, mean=std.mean, coef=id_coef, need_x=need_x,
+                                                need_weight=nw[-1], backend=backend)
+            grads_w[-1] = gwd
+            grads_bn[2 * k], grads_bn[2 * k + 1] = gw_d, gb_d
+            residual = gxd
+        g, mask = g_out, out
+        grad_x = None
+        for i in range(k - 1, -1, -1):
+            u = units[i]
+            up = sts[i - 1] if i > 0 else None
+            nx = need_x if i == 0 else True
+            if not (nx or nw[i]):
+                continue
+            gx, gw, up_coef, ugw, ugb = conv2d_backward(
+                g, hs[i], weights[i], stride=u.stride, padding=u.padding, mask=mask, y=ys[i], mean=sts[i].mean,
+                coef=coef, residual=residual if i == 0 else None, res_mask=res_mask if i == 0 else None,
+                up_y=ys[i - 1] if up is not None else None, up_mean=up.mean if up else None,
+                up_var=up.var if up else None, up_weight=up.weight if up else None, up_eps=up.eps if up else 1e-5,
+                need_x=nx, need_weight=nw[i], need_up_weight=bool(up) and nbn[2 * (i - 1)] and up.weight is not None,
+                need_up_bias=bool(up) and nbn[2 * (i - 1) + 1] and up.bias is not None, backend=backend)
+            grads_w[i] = gw
+            if up is not None:
+                grads_bn[2 * (i - 1)], grads_bn[2 * (i - 1) + 1] = ugw, ugb
+                g, mask, coef = gx, None, up_coef
+            else:
+                grad_x = gx
+        grads_bn = [_cast_like(gr, p) for gr, p in zip(grads_bn, _bn_params(plan))]
+        return (None, grad_x, *grads_w, *grads_bn)
+
+
+class _Fallback(Exception):
+    """The per-call checks found a case the block function does not cover (raised before any side
+    effect: ``batch_stats_args`` appends nothing when it returns None)."""
+
+
+def _cl(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _bn_params(plan) -> List[Optional[Tensor]]:
+    return plan["bn_params"]
+
+
+def _cast_like(g: Optional[Tensor], p: Optional[Tensor]) -> Optional[Tensor]:
+    if g is None or p is None:
+        return None
+    return g if g.dtype == p.dtype else g.to(p.dtype)
+
+
+def train_block(x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.Module]], shortcut: Optional[Tuple[nn.Conv2d, nn.Module]],
+                backend: str, wdt: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """The block's output through ``_BlockFn``, or None where the per-op path must run instead
+    (nothing has happened then). ``wdt``: the autocast dtype (x already cast to it by the caller)."""
+    us = [_Unit(c, b) for c, b in units]
+    proj = _Unit(*shortcut) if shortcut is not None else None
+    convs = [u.conv for u in us] + ([proj.conv] if proj else [])
+    bns = [u.bn for u in us] + ([proj.bn] if proj else [])
+    weights = [c.weight if wdt is None or c.weight.dtype in (wdt, torch.float64) else c.weight.to(wdt) for c in convs]
+    bn_params: List[Optional[Tensor]] = []
+    for b in bns:
+        bn_params += [b.weight, b.bias]
+    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params}
+    try:
+        return _BlockFn.apply(plan, x, *weights, *bn_params)
+    except _Fallback:
+        return None
+
+
+__all__ = ["train_block", "applicable", "backend_ok"]

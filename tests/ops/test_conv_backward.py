@@ -1,0 +1,225 @@
+"""conv2d_backward (resnet_kernels/ops/conv_backward.py): every implementation against the reference
+(backends/torch_conv_backward.py, the contract) computed in float64 on the same inputs, under the
+project's policy (``resnet_kernels.testing.assert_close_to_ref``: at most 2x PyTorch's own error in
+the same dtype — PyTorch's own being the 'aten' composite, PyTorch's elementwise kernels around its
+convolution backward — with a floor for sums of the reduction's length), plus the op's validation,
+its fake/opcheck and empty batches.
+
+Without a GPU: 'cuda' runs csrc's kernel source on the host (``cuda_target``), 'triton' runs under
+the interpreter (tiny shapes), 'aten' and 'torch' on CPU tensors. Outputs are NaN-poisoned by the op
+(``_alloc`` poison mode in the test session), so an element an implementation does not write fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import rk_testing as rt
+from resnet_kernels import _registry, testing
+from resnet_kernels.backends import torch_conv_backward as ref_impl
+from resnet_kernels.ops.conv_backward import conv2d_backward
+
+# (id, N, Cin, H, W, Cout, k, stride, pad): a 1x1, a strided 3x3, a strided 1x1 (projection), the stem
+SHAPES = [("1x1", 2, 8, 5, 5, 6, 1, 1, 0), ("3x3s2", 2, 4, 9, 9, 6, 3, 2, 1), ("1x1s2", 1, 6, 7, 7, 4, 1, 2, 0),
+          ("stem", 1, 3, 11, 11, 4, 7, 2, 3), ("3x3odd", 1, 3, 7, 7, 3, 3, 1, 1)]
+# which optional parts are given: (mask, coef, residual, res_mask, upstream)
+CONFIGS = {
+    "plain": (False, False, False, False, False),
+    "tail": (True, True, False, False, True),  # a block tail feeding an inner unit
+    "inner": (False, True, False, False, True),
+    "first-id": (False, True, True, True, False),  # a block's first unit, identity shortcut
+    "first-proj": (False, True, True, False, False),
+    "proj": (True, True, False, False, False),  # the projection shortcut
+}
+LAYOUTS = ["nchw", "channels_last"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _impls():
+    return [i.backend for i in _registry.implementations("conv2d_backward", include_hidden=True)
+            if i.backend != "torch"]
+
+
+class Case:
+    def __init__(self, shape, config, dtype, layout, seed=0):
+        _, N, Cin, H, W, Cout, k, s, p = shape
+        gen = torch.Generator().manual_seed(seed)
+        OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        self.stride, self.padding = (s, s), (p, p)
+        has_mask, has_coef, has_res, has_res_mask, has_up = CONFIGS[config]
+
+        def act(shape, relu=False):
+            t = torch.randn(shape, generator=gen, dtype=torch.float64)
+            if relu:
+                t = torch.relu(t)  # a ReLU output: about half zeros
+            return rt.layouts(t.to(dtype), layout)
+
+        def vec(n, lo=-1.0, hi=1.0):
+            return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).float()
+
+        self.g = act((N, Cout, OH, OW))
+        self.x = act((N, Cin, H, W), relu=has_up)
+        self.weight = (torch.randn((Cout, Cin, k, k), generator=gen, dtype=torch.float64) / k).to(dtype)
+        self.mask = act((N, Cout, OH, OW)) if has_mask else None
+        self.y = act((N, Cout, OH, OW)) if has_coef else None
+        self.mean = vec(Cout) if has_coef else None
+        self.coef = torch.stack([vec(Cout, 0.5, 1.5), vec(Cout), vec(Cout)]).to(rt.acc_of(dtype)) if has_coef else None
+        self.residual = act((N, Cin, H, W)) if has_res else None
+        self.res_mask = act((N, Cin, H, W)) if has_res_mask else None
+        self.up = has_up
+        if has_up:
+            self.up_y = act((N, Cin, H, W))
+            self.up_mean, self.up_var, self.up_weight = vec(Cin), vec(Cin, 0.5, 2.0), vec(Cin, 0.5, 1.5)
+        else:
+            self.up_y = self.up_mean = self.up_var = self.up_weight = None
+        self.dtype = dtype
+        self.terms = {"grad_x": Cout * k * k, "grad_weight": N * OH * OW, "sums": N * H * W}
+
+    def tensors(self):
+        return (self.g, self.mask, self.y, self.mean, self.coef, self.x, self.weight, self.residual, self.res_mask,
+                self.up_y, self.up_mean, self.up_var, self.up_weight)
+
+    def run(self, backend, device="cpu", dtype=None):
+        def cv(t):
+            if t is None:
+                return None
+            t = t.to(device)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            return t
+
+        (g, mask, y, mean, coef, x, weight, residual, res_mask, up_y, up_mean, up_var,
+         up_weight) = (cv(t) for t in self.tensors())
+        return conv2d_backward(g, x, weight, stride=self.stride, padding=self.padding, mask=mask, y=y, mean=mean,
+                               coef=coef, residual=residual, res_mask=res_mask, up_y=up_y, up_mean=up_mean,
+                               up_var=up_var, up_weight=up_weight, need_up_weight=self.up, need_up_bias=self.up,
+                               backend=backend)
+
+
+NAMES = ("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias")
+
+
+def _check(case: Case, got, pt, ref):
+    for name, a, b, r in zip(NAMES, got, pt, ref):
+        if r is None:
+            assert a is None and b is None, name
+            continue
+        n = case.terms["grad_x" if name == "grad_x" else "grad_weight" if name == "grad_weight" else "sums"]
+        dt = case.dtype if name in ("grad_x", "grad_weight") else torch.float32
+        testing.assert_close_to_ref(f"{name} ({case.dtype})", a.cpu(), b.cpu(), r, dt, n_terms=n,
+                                    roundings=2 * testing.ROUNDINGS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_aten_and_cuda_match_the_reference(shape, config, layout, cuda_target):
+    for dtype in DTYPES:
+        case = Case(shape, config, dtype, layout)
+        ref = case.run("torch", dtype=torch.float64)
+        pt = case.run("aten")
+        _check(case, pt, pt, ref)
+        got = case.run("cuda", device=cuda_target)
+        _check(case, got, pt, ref)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_float64_aten_matches_the_reference(config):
+    case = Case(SHAPES[1], config, torch.float64, "channels_last")
+    ref = case.run("torch")
+    got = case.run("aten")
+    for name, a, r in zip(NAMES, got, ref):
+        if r is None:
+            continue
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.skipif("triton" not in _impls(), reason="no triton implementation registered")
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_triton_matches_the_reference(shape, config):
+    if not (rt.HAS_GPU or rt.interpreting()):
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    for dtype, layout in itertools.product(DTYPES, LAYOUTS):
+        case = Case(shape, config, dtype, layout)
+        ref = case.run("torch", dtype=torch.float64)
+        pt = case.run("aten", device=rt.DEVICE)
+        got = case.run("triton", device=rt.DEVICE)
+        _check(case, got, pt, ref)
+
+
+def test_unrequested_outputs_are_none_and_requested_ones_only_are_computed():
+    case = Case(SHAPES[0], "inner", torch.float32, "nchw")
+    g, mask, y, mean, coef, x, w = case.g, case.mask, case.y, case.mean, case.coef, case.x, case.weight
+    out = conv2d_backward(g, x, w, y=y, mean=mean, coef=coef, need_x=False, backend="aten")
+    assert out[0] is None and out[1] is not None and out[2] is None
+    out = conv2d_backward(g, x, w, y=y, mean=mean, coef=coef, need_weight=False, backend="aten")
+    assert out[0] is not None and out[1] is None
+
+
+def _bad_calls(case: Case):
+    g, x, w = case.g, case.x, case.weight
+    C = w.shape[0]
+    yield dict(g=g, x=x, weight=w.float() if w.dtype != torch.float32 else w.half()), "weight must have g's dtype"
+    yield dict(g=g[:, :-1], x=x, weight=w), "g must have the convolution output's shape"
+    yield dict(g=g, x=x, weight=w, coef=torch.zeros(3, C)), "coef (the unit's BN-backward coefficients) needs y and mean"
+    yield dict(g=g, x=x, weight=w, y=g, mean=torch.zeros(C), coef=torch.zeros(2, C)), "coef must be a (3,"
+    yield dict(g=g, x=x, weight=w, y=g), "y/mean were given without coef"
+    yield dict(g=g, x=x, weight=w, res_mask=x), "res_mask was given without residual"
+    yield dict(g=g, x=x, weight=w, residual=x[:, :1]), "residual must have the shape of x"
+    yield dict(g=g, x=x, weight=w, up_y=x), "up_y needs up_mean"
+    yield dict(g=g, x=x, weight=w, up_y=x, up_mean=torch.zeros(x.shape[1]), up_var=torch.ones(x.shape[1]),
+               need_x=False), "the upstream reductions (up_y) need grad_x"
+    yield dict(g=g, x=x, weight=w, need_up_bias=True), "need up_y"
+    yield dict(g=g, x=x, weight=w, stride=(0, 1)), "stride must be a list of two ints >= 1"
+    yield dict(g=g.transpose(2, 3), x=x, weight=w), "g must be contiguous"
+
+
+@pytest.mark.parametrize("backend", ["torch", "aten"])
+def test_bad_arguments_are_named(backend):
+    case = Case(SHAPES[0], "plain", torch.float32, "nchw")
+    for kwargs, message in _bad_calls(case):
+        kw = dict(kwargs)
+        g, x, w = kw.pop("g"), kw.pop("x"), kw.pop("weight")
+        with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+            conv2d_backward(g, x, w, backend=backend, **kw)
+
+
+def test_float64_is_refused_by_the_kernel_backends_with_the_reason():
+    case = Case(SHAPES[0], "plain", torch.float64, "nchw")
+    with pytest.raises(_registry.BackendUnavailableError, match="float64"):
+        conv2d_backward(case.g, case.x, case.weight, backend="cuda")
+
+
+def test_empty_batch_gives_zero_weight_gradient():
+    case = Case(SHAPES[0], "plain", torch.float32, "nchw")
+    g, x = case.g[:0], case.x[:0]
+    gx, gw, *_ = conv2d_backward(g, x, case.weight, backend="aten")
+    assert gx.shape == x.shape and gw.shape == case.weight.shape and not gw.any()
+
+
+@pytest.mark.parametrize("config", ["plain", "tail", "first-id"])
+def test_opcheck(config):
+    case = Case(SHAPES[1], config, torch.float32, "channels_last")
+    args = (case.g, case.mask, case.y, case.mean, case.coef, case.x, case.weight, list(case.stride), list(case.padding),
+            case.residual, case.res_mask, case.up_y, case.up_mean, case.up_var, case.up_weight, 1e-5, True, True,
+            case.up, case.up, "aten")
+    torch.library.opcheck(torch.ops.resnet_kernels.conv2d_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_reference_is_the_convolution_backward_of_pytorch():
+    """The contract's dgrad/wgrad are autograd's for F.conv2d, with the operand's BN math (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+    g = torch.randn_like(out)
+    out.backward(g)
+    gx, gw, *_ = conv2d_backward(g, x.detach(), w.detach(), stride=(2, 2), padding=(1, 1), backend="torch")
+    torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-12, atol=1e-12)
+    assert ref_impl.bn_dy(g, None, None, None, None, torch.float64) is not None

@@ -1,0 +1,219 @@
+"""The training residual block as one autograd function (resnet_kernels/_block.py): when it is used,
+and that it computes exactly what torchvision's block computes (float64: outputs, the input's and
+every parameter's gradient, running statistics, num_batches_tracked, several SGD steps), with
+frozen parameters, an input without gradient, BatchNorms without affine parameters, and that a
+failing call changes nothing. The whole-model parity tests (tests/models) run through it too:
+every fused BasicBlock/Bottleneck in training takes this path.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_kernels as rk
+from resnet_kernels import _block
+
+BACKENDS = ["torch", "aten"]
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """Counts _BlockFn forwards and backwards."""
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = _block._BlockFn.forward, _block._BlockFn.backward
+
+    def forward(ctx, *a):
+        calls["forward"] += 1
+        return fwd(ctx, *a)
+
+    def backward(ctx, *a):
+        calls["backward"] += 1
+        return bwd(ctx, *a)
+
+    monkeypatch.setattr(_block._BlockFn, "forward", staticmethod(forward))
+    monkeypatch.setattr(_block._BlockFn, "backward", staticmethod(backward))
+    return calls
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+def _pair(arch, backend, **kw):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(num_classes=7, **kw).double()
+    _randomise_bn(ref)
+    net = rk.fuse(copy.deepcopy(ref), backend=backend)
+    return ref, net
+
+
+def _close(a, b, what):
+    assert a is not None and b is not None, what
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max())
+    assert err <= 1e-9 * scale, f"{what}: {err:.3g} > 1e-9 x {scale:.3g}"
+
+
+def _compare(ref, net, xr, xo, out_r, out_o):
+    _close(out_o, out_r, "output")
+    if xr.grad is not None:
+        _close(xo.grad, xr.grad, "input gradient")
+    for (n, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+        else:
+            _close(q.grad, p.grad, f"{n}.grad")
+    for (n, a), (_, b) in zip(ref.named_buffers(), net.named_buffers()):
+        if a.is_floating_point():
+            _close(b, a, n)
+        else:
+            assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_training_steps_match_torchvision_in_float64(arch, backend, block_calls):
+    ref, net = _pair(arch, backend)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt_o = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(2)
+    for step in range(2):
+        x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_r, out_o = ref(xr), net(xo)
+        g = torch.randn_like(out_r)
+        out_r.backward(g)
+        out_o.backward(g)
+        _compare(ref, net, xr, xo, out_r, out_o)
+        opt_r.step()
+        opt_o.step()
+        opt_r.zero_grad()
+        opt_o.zero_grad()
+    blocks = sum(isinstance(m, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck))
+                 for m in net.modules())
+    assert block_calls == {"forward": 2 * blocks, "backward": 2 * blocks}
+    for p, q in zip(ref.parameters(), net.parameters()):
+        _close(q, p, "parameter after SGD")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_parameters_and_an_input_without_gradient(backend, block_calls):
+    ref, net = _pair("resnet50", backend)
+    for model in (ref, net):
+        model.layer1[0].bn1.weight.requires_grad_(False)
+        model.layer1[0].conv2.weight.requires_grad_(False)
+        model.layer1[0].downsample[1].bias.requires_grad_(False)
+        model.layer2[0].conv1.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    # the stem's input needs no gradient (as in training): the first block's input does
+    xr, xo = x.clone(), x.clone()
+    out_r, out_o = ref(xr), net(xo)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    _compare(ref, net, xr, xo, out_r, out_o)
+    assert block_calls["backward"] > 0
+
+
+def test_a_block_whose_input_needs_no_gradient(block_calls):
+    torch.manual_seed(0)
+    blk = torchvision.models.resnet.BasicBlock(4, 4).double()
+    _randomise_bn(blk)
+    ours = rk.fuse(copy.deepcopy(blk), backend="torch")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    out_r, out_o = blk(x), ours(x)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    _compare(blk, ours, x, x, out_r, out_o)
+    assert block_calls["backward"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batchnorms_without_affine_parameters(backend, block_calls):
+    norm = functools.partial(nn.BatchNorm2d, affine=False)
+    ref, net = _pair("resnet18", backend, norm_layer=norm)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_o = ref(xr), net(xo)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    _compare(ref, net, xr, xo, out_r, out_o)
+    assert block_calls["backward"] > 0
+
+
+def test_not_used_in_eval_or_without_gradients(block_calls):
+    ref, net = _pair("resnet18", "torch")
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    net(x.requires_grad_())
+    assert block_calls["forward"] == 0
+
+
+def test_not_used_under_torch_compile_tracing(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    blk = rk.fuse(torchvision.models.resnet.BasicBlock(4, 4), backend="torch")
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    assert not _block.applicable(x, [blk.conv1, blk.conv2], [blk.bn1, blk.bn2], "torch")
+    monkeypatch.undo()
+    assert _block.applicable(x, [blk.conv1, blk.conv2], [blk.bn1, blk.bn2], "torch")
+    assert not seen
+
+
+def test_momentum_none_and_no_running_statistics(block_calls):
+    norm = functools.partial(nn.BatchNorm2d, momentum=None)
+    ref, net = _pair("resnet18", "torch", norm_layer=norm)
+    for step in range(2):
+        x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+        out_r, out_o = ref(x), net(x)
+        g = torch.randn_like(out_r)
+        out_r.backward(g)
+        out_o.backward(g)
+        _compare(ref, net, x, x, out_r, out_o)
+    norm = functools.partial(nn.BatchNorm2d, track_running_stats=False)
+    ref, net = _pair("resnet18", "torch", norm_layer=norm)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    out_r, out_o = ref(x), net(x)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    _compare(ref, net, x, x, out_r, out_o)
+    assert block_calls["backward"] > 0
+
+
+def test_a_failing_call_changes_nothing():
+    blk = torchvision.models.resnet.BasicBlock(4, 4).double()
+    ours = rk.fuse(copy.deepcopy(blk), backend="torch")
+    before = copy.deepcopy(ours.state_dict())
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64, requires_grad=True)  # one value per channel: BN refuses
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ours(x)
+    after = ours.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_explicit_backend_without_the_block_ops_keeps_the_per_op_path(monkeypatch, block_calls):
+    monkeypatch.setattr(_block, "backend_ok", lambda backend: False)
+    ref, net = _pair("resnet18", "torch")
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    out_r, out_o = ref(x), net(x)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_o.backward(g)
+    _compare(ref, net, x, x, out_r, out_o)
+    assert block_calls == {"forward": 0, "backward": 0}
