@@ -43,8 +43,7 @@ from torch import Tensor, nn
 from . import _registry
 from .nn._bn import batch_stats_args, commit, uses_batch_stats
 from .nn._sync import sync_group
-from .ops import batch_norm as _bn_ops
-from .ops.batch_norm import batch_norm_act
+from .ops.batch_norm import batch_norm_act, batch_norm_act_coef
 from .ops.conv2d import conv2d_stats
 from .ops.conv_backward import conv2d_backward
 
@@ -148,11 +147,15 @@ class _BlockFn(torch.autograd.Function):
         nbn = needs[2 + len(weights):]
         g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(out) else g_out.contiguous()
         tail = sts[-1]
-        coef, id_coef, gw_t, gb_t, gw_d, gb_d = _bn_ops.batch_norm_act_coef(
+        n_w, n_b = nbn[2 * (k - 1)], nbn[2 * (k - 1) + 1]
+        n_dw, n_db = (nbn[2 * k], nbn[2 * k + 1]) if std is not None else (False, False)
+        coef, id_coef, gw_t, gb_t, gw_d, gb_d = batch_norm_act_coef(
             g_out, out, ys[-1], tail.mean, tail.var, tail.weight, yd, std.mean if std else None,
             std.var if std else None, std.weight if std else None, eps=tail.eps, id_eps=std.eps if std else 0.0,
-            relu=True, need_weight=nbn[2 * (k - 1)], need_bias=nbn[2 * (k - 1) + 1],
-            need_id_weight=bool(std) and nbn[2 * k], need_id_bias=bool(std) and nbn[2 * k + 1], backend=backend)
+            relu=True, need_weight=n_w, need_bias=n_b, need_id_weight=n_dw, need_id_bias=n_db,
+            weight_dtype=_dtype(tail.weight), id_weight_dtype=_dtype(std.weight) if std else None, backend=backend)
+        gw_t, gb_t, gw_d, gb_d = (t if need else None for t, need in ((gw_t, n_w), (gb_t, n_b), (gw_d, n_dw),
+                                                                        (gb_d, n_db)))
         grads_w: List[Optional[Tensor]] = [None] * len(weights)
         grads_bn: List[Optional[Tensor]] = [None] * len(nbn)
         grads_bn[2 * (k - 1)], grads_bn[2 * (k - 1) + 1] = gw_t, gb_t
@@ -195,6 +198,10 @@ class _BlockFn(torch.autograd.Function):
 class _Fallback(Exception):
     """The per-call checks found a case the block function does not cover (raised before any side
     effect: ``batch_stats_args`` appends nothing when it returns None)."""
+
+
+def _dtype(p: Optional[Tensor]) -> Optional[torch.dtype]:
+    return None if p is None else p.dtype
 
 
 def _cl(t: Tensor) -> bool:
