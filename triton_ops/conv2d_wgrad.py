@@ -37,8 +37,9 @@ gathers its own shifted view; stride 2 and the padding skip some), mean/coef 16 
 scratch 2 * 4 * SPLITS * Cout*Cin*KH*KW (written once, read once), grad_weight once. The re-reads
 across column/row tiles come from L2 when the tiles of one split run together (the split is the
 slow grid axis). Example, ResNet-18 layer1 3x3 64->64 at batch 256, bf16, channels_last, with mask
-and coef: 9 column tiles x 3 x 103 MB of dy operands (mostly L2 hits), 103 MB of x per tap, 64
-splits x 147 KB of scratch: the DRAM floor is ~0.3 GB (g, mask, y, x once each).
+and coef (one row tile, 9 column tiles, 30 splits): 9 x 3 x 103 MB of dy operand reads and 9 x 103 MB
+of x reads (mostly L2 hits), 2 x 30 x 147 KB of scratch; the DRAM floor is ~0.41 GB (g, mask, y, x
+once each).
 
 Precision: fp16/bf16 operands on the tensor cores with fp32 accumulation; fp32 uses tf32 when
 ``allow_tf32`` and 3xTF32 (``tf32x3``, fp32-accurate) otherwise, as the forward. float64 is
@@ -157,7 +158,9 @@ def _conv2d_wgrad_kernel(
         if HAS_COEF:
             yv = tl.load(y_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
         dy = bn_dy(gv, mv, yv, mu[:, None], ca[:, None], cb[:, None], ck[:, None], HAS_MASK, HAS_COEF)
-        dy = tl.where(a_mask, dy, 0.0)  # after bn_dy: bn_dy of a zero g is not zero
+        # after bn_dy: bn_dy of a zero g is not zero (the x tile is 0 at those pixels too, so this
+        # only makes the operand itself right; rows past Cout are never stored)
+        dy = tl.where(a_mask, dy, 0.0)
         a = round_to(dy, g_ptr.dtype.element_ty)
 
         # ---- B = x [BLOCK_K, BLOCK_N], the shifted input view of the column taps
@@ -270,8 +273,9 @@ def select_config(npix: int, cout: int, cin: int, kh: int, kw: int, dtype: torch
     * BLOCK_K = 32 pixels: the dy prologue holds up to three [BLOCK_M, BLOCK_K] operand tiles
       (g, mask, y) in flight per stage, so longer chunks cost shared memory and registers; fp32
       below sm_90 (mma.sync holds both operands' K slice in registers) and fp32 without tf32
-      (3xTF32: three dots per chunk) use 16;
-    * 8 warps, 3 stages (2 for fp32 below sm_90).
+      (3xTF32: three dots per chunk) use 16
+      and a column tile of 64 (128x128 fp32 spilled on sm_80);
+    * 8 warps, 3 stages.
     ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
@@ -284,6 +288,7 @@ def select_config(npix: int, cout: int, cin: int, kh: int, kw: int, dtype: torch
     block_k, num_stages = 32, 3
     if is_fp32 and (arch < 90 or not allow_tf32):
         block_k = 16
+        block_n = 64  # 128x128x16 fp32 spilled on sm_80 (triton 3.8: 128 registers + 24 bytes of spills)
     return WgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
 
 
