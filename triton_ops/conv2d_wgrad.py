@@ -1,0 +1,414 @@
+"""Triton weight gradient (wgrad) of a 2-D convolution with the BN-backward operand fused into the
+operand load (contract: ``conv2d_wgrad`` in resnet_kernels/backends/torch_conv_backward.py).
+
+    dy = A[co] * g' - (B[co] + K[co] * (y - mean[co])),  g' = g * (mask > 0)
+         (mask optional; without coef (3, Cout): dy = g'), in fp32, rounded to the activation dtype
+    gw[co, ci, kh, kw] = sum over (n, oh, ow) of dy[n, co, oh, ow] * x[n, ci, oh*sh - ph + kh, ow*sw - pw + kw]
+
+GEMM view: M = Cout (rows), N_gemm = Cin*KH*KW (columns, indexed (kh, kw, ci) so that a
+channels_last x gives contiguous ci runs), and the reduction K = N*OH*OW output pixels, which is
+huge (802816 for a 56x56 layer at batch 256) while M * N_gemm is small (at most 512 x 4608). Each
+program owns a [BLOCK_M, BLOCK_N] tile of gw and one contiguous range of pixels (its split); per
+BLOCK_K chunk of pixels it loads g (and mask, y) as a [BLOCK_M, BLOCK_K] tile, computes dy in fp32
+(``_common.bn_dy``), forces the out-of-range elements to 0 (after bn_dy: bn_dy of a zero g is not
+zero), rounds dy to the activation dtype (``_common.round_to``: the operand cuDNN would read) and
+``tl.dot``s it with the gathered [BLOCK_K, BLOCK_N] tile of x (zero outside the image), fp32
+accumulation. g/mask/y share one layout, x has its own: both are read through their strides
+(NCHW-contiguous or channels_last; channels_last is the fast layout).
+
+Two column shapes (a constexpr switch, as the forward's K loop):
+* chunked (``PACKED_N=False``): a column tile = one filter tap (kh, kw) x BLOCK_N input channels;
+  the x address math is per pixel row only. Every ResNet conv but the stem.
+* packed (``PACKED_N=True``): the columns are one flat dense index j -> (kh, kw, ci), so the stem's
+  Cin = 3 (N_gemm = 147) does not pad every tap up to BLOCK_N.
+
+Deterministic split-K, no atomics (``SPLITS`` from the problem size, ``choose_splits``):
+* launch 1, grid (tiles, SPLITS): split s reduces pixels [s*P_PER_SPLIT, (s+1)*P_PER_SPLIT) in
+  order and stores its fp32 tile into a (SPLITS, Cout, Cin, KH, KW) contiguous scratch;
+* launch 2 (``_wgrad_reduce_kernel``): per element, the SPLITS partials summed in split order in
+  fp32, rounded once to grad_weight's dtype and stored with grad_weight's strides.
+With SPLITS == 1 launch 1 stores the rounded result into grad_weight directly (one launch).
+Every sum has a fixed order and fixed shapes: bitwise reproducible run to run (on one GPU type).
+
+Bytes per call (e = activation element size, T = number of operand tensors read for dy: 1 for g,
++1 with mask, +1 with coef (y); P = N*OH*OW, tiles_m = cdiv(Cout, BLOCK_M), tiles_n the column
+tiles): dy operands T * e * P * Cout * tiles_n, x about e * P * Cin*KH*KW * tiles_m (each tap
+gathers its own shifted view; stride 2 and the padding skip some), mean/coef 16 * Cout per program,
+scratch 2 * 4 * SPLITS * Cout*Cin*KH*KW (written once, read once), grad_weight once. The re-reads
+across column/row tiles come from L2 when the tiles of one split run together (the split is the
+slow grid axis). Example, ResNet-18 layer1 3x3 64->64 at batch 256, bf16, channels_last, with mask
+and coef (one row tile, 9 column tiles, 30 splits): 9 x 3 x 103 MB of dy operand reads and 9 x 103 MB
+of x reads (mostly L2 hits), 2 x 30 x 147 KB of scratch; the DRAM floor is ~0.41 GB (g, mask, y, x
+once each).
+
+Precision: fp16/bf16 operands on the tensor cores with fp32 accumulation; fp32 uses tf32 when
+``allow_tf32`` and 3xTF32 (``tf32x3``, fp32-accurate) otherwise, as the forward. float64 is
+refused (TypeError): the op layer routes it to the torch implementation.
+
+Configs: on the GPU ``select_config`` picks one config per shape/dtype/arch by heuristic (no
+autotuning: a sweep would rerun the kernel on the caller's buffers); the AOT test
+(tests/test_triton_conv2d_wgrad_aot.py) compiles those configs for sm_90/sm_80 and checks for
+tensor-core instructions and zero spills. Under ``TRITON_INTERPRET=1`` one small config is used,
+few splits, and the dot operands are upcast to fp32 (the interpreter computes bf16 dots wrongly).
+
+Not measured on a GPU yet (no GPU in the session that wrote it); known limits: with NCHW g the
+[BLOCK_M, BLOCK_K] operand tile is contiguous along the pixels, with channels_last along Cout, and
+the dot wants it K-major: one of the two layouts is transposed on its way to the tensor cores.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._common import INTERPRET, bn_dy, cast_for_store, round_to
+
+__all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
+
+
+@triton.jit
+def _conv2d_wgrad_kernel(
+    g_ptr, m_ptr, y_ptr, mean_ptr, coef_ptr, x_ptr, out_ptr,
+    C, H, W, COUT, OH, OW, NPIX, NCOL, P_PER_SPLIT,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    sos, soo, soi, soh, sow,
+    smean, scr, scc,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, PACKED_N: tl.constexpr, EVEN_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- grouped tile order within one split (axis 1 = the split: the slow axis, so the programs
+    # running together read the same pixel range of g and x)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_m = tl.cdiv(COUT, BLOCK_M)
+    if PACKED_N:
+        num_pid_n = tl.cdiv(NCOL, BLOCK_N)
+    else:
+        num_pid_n = KH * KW * tl.cdiv(C, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # ---- rows: output channels co, and their BN-backward coefficients
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_mask = offs_co < COUT
+    mu = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ca = mu
+    cb = mu
+    ck = mu
+    if HAS_COEF:
+        mu = tl.load(mean_ptr + offs_co * smean, mask=co_mask, other=0.0).to(tl.float32)
+        ca = tl.load(coef_ptr + offs_co * scc, mask=co_mask, other=0.0).to(tl.float32)
+        cb = tl.load(coef_ptr + scr + offs_co * scc, mask=co_mask, other=0.0).to(tl.float32)
+        ck = tl.load(coef_ptr + 2 * scr + offs_co * scc, mask=co_mask, other=0.0).to(tl.float32)
+    g_col = offs_co * sgc
+
+    # ---- columns: (kh, kw, ci)
+    if PACKED_N:
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = offs_j < NCOL
+        ci = offs_j % C
+        r = offs_j // C
+        kw = r % KW
+        kh = r // KW
+    else:
+        num_cb = tl.cdiv(C, BLOCK_N)
+        r = pid_n // num_cb
+        kw = r % KW
+        kh = r // KW
+        ci = (pid_n % num_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ci = tl.max_contiguous(tl.multiple_of(ci, BLOCK_N), BLOCK_N)
+        col_mask = ci < C
+    x_col = ci * sxc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p_begin = split * P_PER_SPLIT
+    p_end = tl.minimum(p_begin + P_PER_SPLIT, NPIX)
+    offs_kk = tl.arange(0, BLOCK_K)
+    for p0 in range(p_begin, p_end, BLOCK_K):
+        # pixels p -> (n, oh, ow)
+        offs_p = p0 + offs_kk
+        p_ok = offs_p < p_end
+        ow = offs_p % OW
+        t = offs_p // OW
+        oh = t % OH
+        nb = (t // OH).to(tl.int64)  # batch offsets in int64: activations may exceed 2**31 elements
+
+        # ---- A = dy [BLOCK_M, BLOCK_K], the fused BN-backward operand
+        a_mask = co_mask[:, None] & p_ok[None, :]
+        a_off = g_col[:, None] + (nb * sgn + oh * sgh + ow * sgw)[None, :]
+        gv = tl.load(g_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+        mv = gv
+        yv = gv
+        if HAS_MASK:
+            mv = tl.load(m_ptr + a_off, mask=a_mask, other=0)
+        if HAS_COEF:
+            yv = tl.load(y_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+        dy = bn_dy(gv, mv, yv, mu[:, None], ca[:, None], cb[:, None], ck[:, None], HAS_MASK, HAS_COEF)
+        # after bn_dy: bn_dy of a zero g is not zero (the x tile is 0 at those pixels too, so this
+        # only makes the operand itself right; rows past Cout are never stored)
+        dy = tl.where(a_mask, dy, 0.0)
+        a = round_to(dy, g_ptr.dtype.element_ty)
+
+        # ---- B = x [BLOCK_K, BLOCK_N], the shifted input view of the column taps
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        if PACKED_N:
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            b_mask = p_ok[:, None] & col_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b_off = nb[:, None] * sxn + ih * sxh + iw * sxw + x_col[None, :]
+        else:
+            ih = ih0 + kh
+            iw = iw0 + kw
+            row_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b_off = (nb * sxn + ih * sxh + iw * sxw)[:, None] + x_col[None, :]
+            if EVEN_C:
+                b_mask = row_ok[:, None]
+            else:
+                b_mask = row_ok[:, None] & col_mask[None, :]
+        b = tl.load(x_ptr + b_off, mask=b_mask, other=0.0)
+
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- store: the fp32 partial of this split, or (one split) grad_weight rounded once
+    o_off = split.to(tl.int64) * sos + (offs_co * soo)[:, None] + (ci * soi + kh * soh + kw * sow)[None, :]
+    tl.store(out_ptr + o_off, cast_for_store(acc, out_ptr), mask=co_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _wgrad_reduce_kernel(
+    part_ptr, out_ptr, TOTAL, SPLITS, CIN, soo, soi, soh, sow,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """grad_weight[i] = sum over s = 0 .. SPLITS-1 (in this order) of part[s, i], fp32, rounded
+    once; i the flat (co, ci, kh, kw) index of the contiguous (SPLITS, Cout, Cin, KH, KW) scratch,
+    stored with grad_weight's strides."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    p = part_ptr + offs
+    for _s in range(0, SPLITS):
+        acc += tl.load(p, mask=ok, other=0.0)
+        p += TOTAL
+    kw = offs % KW
+    t = offs // KW
+    kh = t % KH
+    t = t // KH
+    ci = t % CIN
+    co = t // CIN
+    tl.store(out_ptr + (co * soo + ci * soi + kh * soh + kw * sow), cast_for_store(acc, out_ptr), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+
+@dataclass(frozen=True)
+class WgradConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    packed_n: Optional[bool] = None  # None: decided from the shape (see _use_packed_n)
+    splits: Optional[int] = None     # None: ``choose_splits``; else forced (tests): equal pixel ranges
+
+
+# The interpreter runs one program at a time in numpy: one small config, few splits.
+INTERPRETER_CONFIG = WgradConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+
+# split-K: about this many programs (tiles x splits): two waves' worth of an H100/H200's 132 SMs,
+# each split at least MIN_SPLIT_ITERS BLOCK_K chunks long (its partial tile, 4 bytes per gw
+# element, costs as much traffic as a few chunks of operands). A function of the shape only.
+TARGET_PROGRAMS = 4 if INTERPRET else 264
+MIN_SPLIT_ITERS = 2 if INTERPRET else 16
+REDUCE_BLOCK = 256 if INTERPRET else 1024
+
+
+def choose_splits(num_tiles: int, npix: int, block_k: int, target_programs: int = TARGET_PROGRAMS,
+                  min_iters: int = MIN_SPLIT_ITERS) -> Tuple[int, int]:
+    """(SPLITS, pixels per split): enough splits that num_tiles * SPLITS reaches about
+    ``target_programs``, none shorter than ``min_iters`` chunks of ``block_k`` pixels (but at
+    least one split), every split a whole number of chunks and none empty (the last one may be
+    shorter)."""
+    iters = max(1, triton.cdiv(npix, block_k))
+    splits = max(1, min(triton.cdiv(target_programs, max(1, num_tiles)), iters // max(1, min_iters)))
+    per = triton.cdiv(iters, splits)
+    return triton.cdiv(iters, per), per * block_k
+
+
+def _use_packed_n(cin: int, kh: int, kw: int, block_n: int) -> bool:
+    """Packed columns when padding every tap's channel chunk up to BLOCK_N would waste more than
+    a third of the column tiles (the 7x7 stem on Cin=3: 49 chunked tiles vs 3 packed)."""
+    chunked = kh * kw * triton.cdiv(cin, block_n)
+    packed = triton.cdiv(cin * kh * kw, block_n)
+    return 3 * chunked > 4 * packed
+
+
+def select_config(npix: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dtype,
+                  arch: Optional[int] = None, allow_tf32: bool = True) -> WgradConfig:
+    """Heuristic GPU config for ResNet shapes (batch 256), chosen from the AOT register/spill
+    report (tests/test_triton_conv2d_wgrad_aot.py) on triton 3.6 and 3.8, not from timings (none
+    measured yet):
+    * rows: 64 output channels when Cout is 64 (ResNet's smallest), else 128;
+    * columns: 128 input channels per tap when Cin >= 128, else 64 (Cin = 64 fills it exactly);
+      the stem (Cin = 3, N_gemm = 147) packs its columns, 64 wide (3 tiles);
+    * BLOCK_K = 32 pixels: the dy prologue holds up to three [BLOCK_M, BLOCK_K] operand tiles
+      (g, mask, y) in flight per stage, so longer chunks cost shared memory and registers; fp32
+      below sm_90 (mma.sync holds both operands' K slice in registers) and fp32 without tf32
+      (3xTF32: three dots per chunk) use 16
+      and a column tile of 64 (128x128 fp32 spilled on sm_80);
+    * 8 warps, 3 stages.
+    ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    is_fp32 = dtype == torch.float32
+    block_m = 64 if cout <= 64 else 128
+    block_n = 128 if cin >= 128 else 64
+    block_k, num_stages = 32, 3
+    if is_fp32 and (arch < 90 or not allow_tf32):
+        block_k = 16
+        block_n = 64  # 128x128x16 fp32 spilled on sm_80 (triton 3.8: 128 registers + 24 bytes of spills)
+    return WgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(g, mask, y, mean, coef, x, grad_weight):
+    """The few facts the kernel relies on that a caller could get wrong (the op layer validates
+    the rest): float64 is refused, operands share g's dtype, mask/y share g's layout."""
+    if g.dtype == torch.float64 or x.dtype == torch.float64:
+        raise TypeError("conv2d_wgrad (triton): float64 is not supported (the torch implementation computes it)")
+    if g.dtype not in _DTYPES or x.dtype != g.dtype:
+        raise TypeError(f"conv2d_wgrad (triton): g and x must share one of float32/float16/bfloat16, "
+                        f"got {g.dtype} and {x.dtype}")
+    for name, t in (("mask", mask), ("y", y)):
+        if t is not None and (t.shape != g.shape or t.stride() != g.stride()):
+            raise ValueError(f"conv2d_wgrad (triton): {name} must have g's shape and strides")
+    if coef is not None and (y is None or mean is None):
+        raise ValueError("conv2d_wgrad (triton): coef needs y and mean")
+
+
+@dataclass
+class _Plan:
+    """Both launches' arguments, built from shapes, strides and dtypes only (works on meta
+    tensors: the AOT test compiles exactly what a real launch would)."""
+    grid: Tuple[int, int]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    config: WgradConfig
+    splits: int
+    p_per_split: int
+    part: Optional[torch.Tensor]
+    reduce_grid: Tuple[int]
+    reduce_args: tuple
+    reduce_constexprs: dict
+
+
+def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
+             config: Optional[WgradConfig] = None, arch: Optional[int] = None) -> _Plan:
+    _check(g, mask, y, mean, coef, x, grad_weight)
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = grad_weight.shape
+    oh, ow = g.shape[2], g.shape[3]
+    (sh, sw), (ph, pw) = (int(e) for e in stride), (int(e) for e in padding)
+    npix = n * oh * ow
+    ncol = cin * kh * kw
+    if config is None and arch is None and not INTERPRET and x.is_cuda:
+        arch = _cuda_arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    cfg = config or select_config(npix, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
+    packed = cfg.packed_n if cfg.packed_n is not None else _use_packed_n(cin, kh, kw, cfg.BLOCK_N)
+    tiles_n = triton.cdiv(ncol, cfg.BLOCK_N) if packed else kh * kw * triton.cdiv(cin, cfg.BLOCK_N)
+    tiles = triton.cdiv(cout, cfg.BLOCK_M) * tiles_n
+    if cfg.splits is None:
+        splits, per = choose_splits(tiles, npix, cfg.BLOCK_K)
+    else:  # forced (tests): equal pixel ranges, not chunk-aligned (boundaries inside a chunk), none empty
+        per = max(1, triton.cdiv(npix, max(1, cfg.splits)))
+        splits = max(1, triton.cdiv(npix, per))
+
+    total = cout * ncol
+    part = None
+    if splits == 1:
+        out, o_strides = grad_weight, (0, *grad_weight.stride())
+    else:
+        part = _alloc.empty((splits, cout, cin, kh, kw), dtype=torch.float32, device=x.device)
+        out, o_strides = part, part.stride()
+
+    if x.dtype == torch.float32:
+        precision = "tf32" if allow_tf32 else "tf32x3"  # as the forward (triton_ops/conv2d.py)
+    else:
+        precision = "tf32"  # ignored for 16-bit operands
+    dummy = g  # stands in for absent optional pointers (never dereferenced: constexpr-disabled)
+    has_coef = coef is not None
+    args = (
+        g, mask if mask is not None else dummy, y if has_coef else dummy,
+        mean if has_coef else dummy, coef if has_coef else dummy, x, out,
+        cin, h, w, cout, oh, ow, npix, ncol, per,
+        *g.stride(), *x.stride(), *o_strides,
+        mean.stride(0) if has_coef else 0, *(coef.stride() if has_coef else (0, 0)),
+        sh, sw, ph, pw,
+    )
+    constexprs = dict(
+        KH=kh, KW=kw, HAS_MASK=mask is not None, HAS_COEF=has_coef, PACKED_N=bool(packed),
+        EVEN_C=cin % cfg.BLOCK_N == 0, DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+    )
+    reduce_args = (part, grad_weight, total, splits, cin, *grad_weight.stride()) if part is not None else ()
+    return _Plan((tiles, splits), args, constexprs, cfg.num_warps, cfg.num_stages, cfg, splits, per, part,
+                 (triton.cdiv(total, REDUCE_BLOCK),), reduce_args, dict(KH=kh, KW=kw, BLOCK=REDUCE_BLOCK))
+
+
+def _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
+            config: Optional[WgradConfig] = None) -> _Plan:
+    plan = _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, config)
+    if grad_weight.numel() == 0:
+        return plan
+    if g.shape[0] * g.shape[2] * g.shape[3] == 0:
+        grad_weight.zero_()
+        return plan
+    _conv2d_wgrad_kernel[plan.grid](*plan.args, **plan.constexprs, num_warps=plan.num_warps,
+                                    num_stages=plan.num_stages)
+    if plan.part is not None:
+        _wgrad_reduce_kernel[plan.reduce_grid](*plan.reduce_args, **plan.reduce_constexprs, num_warps=4)
+    return plan
+
+
+def conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, *,
+                 conv_dtype: Optional[torch.dtype] = None) -> None:
+    """grad_weight = the weight gradient of the convolution x -> g's shape, with the fused
+    BN-backward operand (see the module docstring and the contract). ``conv_dtype`` is the torch
+    reference's knob and is ignored (the kernel always reads the operands in the activation dtype
+    and accumulates in fp32). dilation 1, groups 1."""
+    _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32)
