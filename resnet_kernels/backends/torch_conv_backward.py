@@ -106,7 +106,7 @@ def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residu
     if up_out is None:
         return
     gr = grad_x.to(acc)
-    m = gr.numel() // Cin
+    m = gr.numel() // gr.shape[1]
     sum_g = gr.sum(_DIMS)
     sum_gd = (gr * (up_y.to(acc) - _col(up_mean, acc))).sum(_DIMS)
     invstd = torch.rsqrt(up_var.to(acc) + up_eps)
