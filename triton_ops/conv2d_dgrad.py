@@ -223,13 +223,17 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
     column tile over Cin and the K step over Cout. Checked by the AOT report
     (tests/test_triton_conv2d_dgrad_aot.py, triton 3.6 and 3.8: registers, spills, tensor cores):
     * rows: 128 (64 for M < 4096);
-    * columns (Cin): 128 for Cin >= 128 (64 for exact fp32: 3xTF32 runs three dots per step, as the
-      forward caps it), 64 for 64 <= Cin < 128, the next power of two >= 16 below (the 7x7 stem's
-      dgrad, Cin = 3, gets 16-wide tiles instead of 64 mostly-empty ones);
+    * columns (Cin): 16-bit 128 for Cin >= 128, 64 for 64 <= Cin < 128 and for fp32 (tf32 or
+      not), the next power of two >= 16 below (the 7x7 stem's dgrad, Cin = 3, gets 16-wide tiles
+      instead of 64 mostly-empty ones). fp32 128x128 tiles with the fused operand prologue (g,
+      mask, y tiles in fp32 registers) and epilogue need 255 registers on sm_90 and spill with
+      triton 3.6 (BLOCK_K 16 too: 255, no spill: too close);
     * K step (Cout): 16-bit 64 (32 while Cout < 64), fp32 32 on sm_90 and 16 below (the forward's
       choice: mma.sync holds the whole fp32 K slice in registers);
-    * 8 warps for tiles of >= 128x64, else 4; 3 stages (2 for 128x128 16-bit tiles with the
-      register-resident A prologue: g, mask and y tiles in flight at once).
+    * 8 warps for tiles of >= 128x64, else 4; 3 stages (fp32 on sm_80 too: 4 stages spilled with
+      triton 3.8 on the fused 3x3 stride-2 case, 128 registers).
+    Registers of the fused variant at these configs (AOT, triton 3.8 / 3.6): up to ~250 for the
+    16-bit 128x128x64 tile on sm_80, ~150-200 elsewhere.
     ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
@@ -238,15 +242,15 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
         arch = major * 10 + minor
     is_fp32 = dtype == torch.float32
     block_m = 128 if M >= 4096 else 64
-    if cin >= 128:
-        block_n = 64 if (is_fp32 and not allow_tf32) else 128
+    if cin >= 128 and not is_fp32:
+        block_n = 128
     elif cin >= 64:
         block_n = 64
     else:
         block_n = max(16, triton.next_power_of_2(cin))
     if is_fp32:
         block_k = 32 if arch >= 90 else 16
-        num_stages = 3 if arch >= 90 else 4
+        num_stages = 3
     else:
         block_k = 64 if cout >= 64 else 32
         num_stages = 3
