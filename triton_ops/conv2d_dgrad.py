@@ -7,11 +7,19 @@ ignored here). float32, float16 and bfloat16 activations; float64 is refused (Ty
 layer routes it to the torch/aten implementations). Dilation 1, groups 1.
 
 GEMM view: M = N*H*W input pixels (rows), N_gemm = Cin (columns), K = KH*KW*Cout, reduced in the
-order (kh, kw, co) so that a channels_last gradient gives contiguous co runs. Row m = (n, h, w) and
+order (kh, kw, co) so that a channels_last gradient gives contiguous co runs. Row (n, h, w) and
 tap (kh, kw) read the output position oh = (h + ph - kh) / sh, ow = (w + pw - kw) / sw when both
 are integers in range (else the tap contributes 0). One loop iteration = one tap x one BLOCK_K
 chunk of output channels (the chunked K loop of triton_ops/conv2d.py; there is no packed loop:
 Cout, the reduced channel count here, is >= 64 in every ResNet conv).
+
+Strides > 1: the rows are split into the sh*sw parity classes (h % sh, w % sw) = (rh, rw), one per
+program_id(1) (grid (row tiles x column tiles, sh*sw); one class at stride 1). Within a class the
+taps that reach its rows are the same for every row: kh = kh0 + j*sh with kh0 = (rh + ph) % sh
+(likewise kw), where (h + ph - kh) / sh is exact, so the K loop visits only those taps (about
+KH*KW/(sh*sw) of them: a 3x3 stride-2 dgrad does 1, 2 or 4 taps per class instead of 9 masked ones;
+a 1x1 stride-2 dgrad does its one tap for the (0, 0) class and none for the other three, whose
+grad_x is the epilogue alone). Only the range checks of oh/ow remain per row.
 
 Operand prologue (A tile, [BLOCK_M, BLOCK_K], per iteration): g (and the ReLU mask, y) loaded
 through their strides, ``bn_dy`` in fp32 (g' = g*(mask > 0); dy = A*g' - (B + K*(y - mean)) with
@@ -21,15 +29,12 @@ operand the reference rounds once before its convolution. The B tile is the weig
 per weight version (``_weight_cache``) as a (K, Cin) matrix, K-contiguous for fp32 (the tf32 MMA's
 B operand) and Cin-contiguous for 16-bit types, as the forward packs it.
 
-Stride 2 (the simple scheme): every tap is visited by every row and the rows whose (h + ph - kh)
-or (w + pw - kw) is not a multiple of the stride are masked: correct, but about 3/4 of the MMA
-work of a stride-2 dgrad is on zeros (a per-parity decomposition would remove it; not done).
-
 Epilogue (fp32): + residual (times (res_mask > 0) when given), then where(up_out > 0, ., 0) when
 up_out is given; grad_x stored once in its dtype through its strides (NCHW or channels_last).
 With up_out, each program also writes, for its BLOCK_N channels, sum(grad_x) and
 sum(grad_x * (up_y - up_mean)) of its rows of the ROUNDED grad_x (what the reference sums) to row
-pid_m of a (2, P, Cin) fp32 buffer, P = number of M tiles (one writer per element: no atomics,
+class * MT + pid_m of a (2, P, Cin) fp32 buffer, P = sh*sw*MT, MT = row tiles of the largest class
+(tiles past a smaller class's rows write zeros; one writer per element: no atomics,
 deterministic); then ``_finalize_kernel`` of triton_ops/batch_norm.py sums the P partials per
 channel in a fixed order and writes up_coef (A, A*sum_g/m, A*invstd^2*sum_gd/m) and
 up_grad_weight / up_grad_bias.
@@ -50,6 +55,12 @@ wrongly); the dy operand is still rounded to the activation dtype first.
 
 Configs: ``select_config`` (heuristic, no autotuning), checked ahead of time for sm_90/sm_80 by
 tests/test_triton_conv2d_dgrad_aot.py (tensor-core instructions, no spills).
+
+Known limits (not measured: no GPU here): NCHW tensors are correct but slow (the A gather is not
+contiguous along co, and a stride-2 class's rows are every other pixel of a row); the A operand
+goes global -> registers (prologue) -> MMA, so it is not a plain cp.async tile (Triton pipelines
+the g/mask/y loads through shared memory where it can: large shared-memory footprints, 1 CTA per
+SM for the fused 128x64 16-bit tiles); the tile heuristic is untuned.
 """
 
 from __future__ import annotations
@@ -78,7 +89,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _conv2d_dgrad_kernel(
     g_ptr, mk_ptr, y_ptr, mean_ptr, coef_ptr, w_ptr, gx_ptr,
     res_ptr, rm_ptr, uo_ptr, uy_ptr, um_ptr, part_ptr,
-    CIN, H, W, COUT, OH, OW, M, P,
+    NB, CIN, H, W, COUT, OH, OW, MT, P,
     swk, swn, scoef,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
@@ -89,9 +100,11 @@ def _conv2d_dgrad_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # ---- grouped tile order (as the forward): GROUP_M row tiles sweep all column tiles together
+    # ---- grouped tile order (as the forward): GROUP_M row tiles sweep all column tiles together;
+    # axis 1: the parity class (rh, rw) of the rows (one class when the stride is 1)
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    cls = tl.program_id(1)
+    num_pid_m = MT
     num_pid_n = tl.cdiv(CIN, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
@@ -100,17 +113,31 @@ def _conv2d_dgrad_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    # ---- rows: input pixel m -> (n, h, w)
+    # ---- rows: the class's pixels h = hq*sh + rh, w = wq*sw + rw, m -> (n, hq, wq)
+    rh = cls // stride_w
+    rw = cls % stride_w
+    hc = (H - rh + stride_h - 1) // stride_h  # rows / columns of the class (may be 0)
+    wc = (W - rw + stride_w - 1) // stride_w
+    mc = NB * hc * wc
+    hc1 = tl.maximum(hc, 1)
+    wc1 = tl.maximum(wc, 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    wq = offs_m % W
-    t = offs_m // W
-    hq = t % H
-    nb = t // H
+    m_mask = offs_m < mc
+    wq = offs_m % wc1
+    t = offs_m // wc1
+    hq = t % hc1
+    nb = t // hc1
+    hh = hq * stride_h + rh
+    ww = wq * stride_w + rw
     nb64 = nb.to(tl.int64)  # batch offsets in int64: activations may exceed 2**31 elements
     g_row = nb64 * sgn
-    th0 = hq + pad_h
-    tw0 = wq + pad_w
+    # the taps that reach the class: kh = kh0 + j*sh (j < nth), oh = hq + dh0 - j (exact)
+    kh0 = (rh + pad_h) % stride_h
+    kw0 = (rw + pad_w) % stride_w
+    nth = (KH - kh0 + stride_h - 1) // stride_h
+    ntw = (KW - kw0 + stride_w - 1) // stride_w
+    oh0 = hq + (rh + pad_h - kh0) // stride_h
+    ow0 = wq + (rw + pad_w - kw0) // stride_w
 
     # ---- columns: input channels
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,19 +148,15 @@ def _conv2d_dgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # one iteration = one filter tap (kh, kw) x one BLOCK_K chunk of output channels
     num_cb = tl.cdiv(COUT, BLOCK_K)
-    for it in range(0, KH * KW * num_cb):
+    for it in range(0, nth * ntw * num_cb):
         cb = it % num_cb
-        r = it // num_cb
-        kw = r % KW
-        kh = r // KW
-        th = th0 - kh
-        tw = tw0 - kw
-        oh = th // stride_h
-        ow = tw // stride_w
-        # th, tw < 0 are masked first (so the rounding direction of // and % on negatives, which
-        # differs between the GPU and the interpreter, never matters)
-        row_ok = (m_mask & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
-                  & (oh < OH) & (ow < OW))
+        jj = it // num_cb
+        jw = jj % ntw
+        jh = jj // ntw
+        r = (kh0 + jh * stride_h) * KW + (kw0 + jw * stride_w)  # the tap kh*KW + kw
+        oh = oh0 - jh
+        ow = ow0 - jw
+        row_ok = m_mask & (oh >= 0) & (ow >= 0) & (oh < OH) & (ow < OW)
         offs_c = cb * BLOCK_K + offs_kk
         offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
         g_off = (g_row + oh * sgh + ow * sgw)[:, None] + offs_c[None, :] * sgc
@@ -176,7 +199,7 @@ def _conv2d_dgrad_kernel(
     # ---- fused epilogue in fp32
     gx = acc
     out_mask = m_mask[:, None] & n_mask[None, :]
-    x_off = (nb64 * sxn + hq * sxh + wq * sxw)[:, None] + offs_n[None, :] * sxc
+    x_off = (nb64 * sxn + hh * sxh + ww * sxw)[:, None] + offs_n[None, :] * sxc
     if HAS_RES:
         rv = tl.load(res_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
         if HAS_RES_MASK:
@@ -194,7 +217,7 @@ def _conv2d_dgrad_kernel(
         uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
         um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         d = tl.where(out_mask, uy - um[None, :], 0.0)
-        p_off = pid_m * CIN + offs_n
+        p_off = (cls * MT + pid_m) * CIN + offs_n
         tl.store(part_ptr + p_off, tl.sum(gf, axis=0), mask=n_mask)
         tl.store(part_ptr + P * CIN + p_off, tl.sum(gf * d, axis=0), mask=n_mask)
 
@@ -230,8 +253,10 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
       triton 3.6 (BLOCK_K 16 too: 255, no spill: too close);
     * K step (Cout): 16-bit 64 (32 while Cout < 64), fp32 32 on sm_90 and 16 below (the forward's
       choice: mma.sync holds the whole fp32 K slice in registers);
-    * 8 warps for tiles of >= 128x64, else 4; 3 stages (fp32 on sm_80 too: 4 stages spilled with
-      triton 3.8 on the fused 3x3 stride-2 case, 128 registers).
+    * 8 warps, also for the small tiles (the stem's 128x16, 64x64 fp32): with 4 warps triton 3.8's
+      ptxas settled at 96-128 registers and spilled 8-16 bytes on sm_80 (fp32 stem, fp32 64x64);
+      3 stages (fp32 on sm_80 too: 4 stages spilled with triton 3.8 on the fused 3x3 stride-2
+      case).
     Registers of the fused variant at these configs (AOT, triton 3.8 / 3.6): up to ~250 for the
     16-bit 128x128x64 tile on sm_80, ~150-200 elsewhere.
     ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
@@ -254,9 +279,7 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
     else:
         block_k = 64 if cout >= 64 else 32
         num_stages = 3
-    tile = block_m * block_n
-    num_warps = 8 if tile >= 128 * 64 else 4
-    return DgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return DgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +321,7 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _Plan:
     """Everything one launch of the dgrad kernel needs (built from shapes, strides and dtypes only:
     works on meta tensors, which the AOT test compiles from)."""
-    grid: Tuple[int]
+    grid: Tuple[int, int]
     args: tuple
     constexprs: dict
     num_warps: int
@@ -345,9 +368,12 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
     kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(g.dtype)
     w2 = _weight_cache.packed(weight, ("triton_conv2d_dgrad", kmajor, g.dtype),
                               functools.partial(pack_weight, kmajor=kmajor, dtype=g.dtype))
-    num_m_tiles = triton.cdiv(M, cfg.BLOCK_M)
+    # row tiles per parity class (the largest class, (0, 0)); P partial rows: one per (class, tile)
+    num_classes = sh * sw
+    num_m_tiles = triton.cdiv(n * triton.cdiv(h, sh) * triton.cdiv(w, sw), cfg.BLOCK_M)
+    P = num_classes * num_m_tiles
     has_up = up_out is not None
-    part = _alloc.empty((2, num_m_tiles, cin), dtype=torch.float32, device=g.device) if has_up else None
+    part = _alloc.empty((2, P, cin), dtype=torch.float32, device=g.device) if has_up else None
     dummy = grad_x  # stands in for absent pointers (never dereferenced: constexpr-disabled)
 
     def opt(t):
@@ -366,7 +392,7 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         g, opt(mask), opt(y if coef is not None else None), opt(mean if coef is not None else None), opt(coef),
         w2, grad_x, opt(residual), opt(res_mask if residual is not None else None), opt(up_out),
         opt(up_y if has_up else None), opt(up_mean if has_up else None), opt(part),
-        cin, h, w, cout, oh, ow, M, num_m_tiles,
+        n, cin, h, w, cout, oh, ow, num_m_tiles, P,
         *w2.stride(), coef.stride(0) if coef is not None else 0,
         *g.stride(), *grad_x.stride(),
         sh, sw, ph, pw,
@@ -379,8 +405,8 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
-    grid = (num_m_tiles * triton.cdiv(cin, cfg.BLOCK_N),)
-    return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, part, num_m_tiles, M)
+    grid = (num_m_tiles * triton.cdiv(cin, cfg.BLOCK_N), num_classes)
+    return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, part, P, M)
 
 
 def _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,

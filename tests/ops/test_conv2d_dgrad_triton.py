@@ -60,12 +60,20 @@ SHAPES = [
     ("7x7s2p3", 1, 3, 7, 7, 16, 7, 2, 3),    # the stem (Cin = 3)
     ("odd3x3", 1, 3, 7, 7, 3, 3, 1, 1),      # C = 3 everywhere
 ]
+# beyond ResNet (not in the SHAPES grids): 3x1 and 1x3 kernels with unequal strides and paddings
+# (H/W mix-ups), the first on a one-row input (the parity class rh = 1 is empty), and a stride-3
+# 1x1 conv
+EXTRA_SHAPES = [
+    ("rect3x1s21", 2, 5, 1, 6, 16, (3, 1), (2, 1), (1, 0)),
+    ("rect1x3s12", 2, 5, 3, 6, 16, (1, 3), (1, 2), (0, 1)),
+    ("1x1s3", 1, 4, 7, 8, 16, 1, 3, 0),
+]
 LAYOUTS = ["nchw", "channels_last"]
 _fmt = rk_testing.memory_format
 
 
 def _shape(shape_id):
-    return next(c for c in SHAPES if c[0] == shape_id)[1:]
+    return next(c for c in SHAPES + EXTRA_SHAPES if c[0] == shape_id)[1:]
 
 
 def _act(gen, shape, dtype, layout, relu=False):
@@ -79,10 +87,11 @@ def _make(shape_id, dtype, layout, *, mask=False, coef=False, res=False, res_mas
           up_weight="fp32", grads=True, x_layout=None, seed=0):
     """Inputs of one call (dict of the launcher's keyword names)."""
     n, cin, h, w, cout, k, s, p = _shape(shape_id)
+    (kh, kw), (sh, sw), (ph, pw) = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p))
     x_layout = x_layout or layout
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     gen = torch.Generator().manual_seed(seed)
-    a = dict(stride=(s, s), padding=(p, p))
+    a = dict(stride=(sh, sw), padding=(ph, pw))
     a["g"] = _act(gen, (n, cout, oh, ow), dtype, layout)
     a["mask"] = _act(gen, (n, cout, oh, ow), dtype, layout, relu=True) if mask else None
     if coef:
@@ -93,7 +102,7 @@ def _make(shape_id, dtype, layout, *, mask=False, coef=False, res=False, res_mas
         a["coef"] = c.to(DEVICE)
     else:
         a["y"] = a["mean"] = a["coef"] = None
-    a["weight"] = (torch.randn(cout, cin, k, k, generator=gen) / (cout * k * k) ** 0.5).to(dtype).to(DEVICE)
+    a["weight"] = (torch.randn(cout, cin, kh, kw, generator=gen) / (cout * kh * kw) ** 0.5).to(dtype).to(DEVICE)
     a["residual"] = _act(gen, (n, cin, h, w), dtype, x_layout) if res else None
     a["res_mask"] = _act(gen, (n, cin, h, w), dtype, x_layout, relu=True) if res and res_mask else None
     for key in ("up_out", "up_y", "up_mean", "up_var", "up_weight", "up_coef", "up_grad_weight", "up_grad_bias"):
@@ -290,6 +299,13 @@ def test_dgrad_options(opt, dt):
     a = _make("3x3s2p1", dtype, layout, mask=mask, coef=coef, res=res, res_mask=res_mask, up=up, up_weight=upw,
               grads=grads, seed=3)
     _run_and_check(a, dtype, tf32, f"{opt} {dt}")
+
+
+@pytest.mark.parametrize("shape_id", [c[0] for c in EXTRA_SHAPES])
+def test_dgrad_other_geometries(shape_id):
+    """The per-parity-class row split with unequal strides, an empty class and stride 3."""
+    a = _make(shape_id, torch.float32, "channels_last", mask=True, coef=True, res=True, up=True, seed=7)
+    _run_and_check(a, torch.float32, False, shape_id)
 
 
 def test_dgrad_mixed_layouts():
