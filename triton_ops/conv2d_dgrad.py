@@ -1,0 +1,454 @@
+"""Triton implicit-GEMM convolution dgrad (input gradient) with the BN-backward operand fused into
+its prologue and the residual / upstream-ReLU / upstream-BN reductions fused into its epilogue.
+
+Contract, argument for argument: ``conv2d_dgrad`` of resnet_kernels/backends/torch_conv_backward.py
+(outputs preallocated, written in place; ``conv_dtype`` is the reference's knob, accepted and
+ignored here). float32, float16 and bfloat16 activations; float64 is refused (TypeError: the op
+layer routes it to the torch/aten implementations). Dilation 1, groups 1.
+
+GEMM view: M = N*H*W input pixels (rows), N_gemm = Cin (columns), K = KH*KW*Cout, reduced in the
+order (kh, kw, co) so that a channels_last gradient gives contiguous co runs. Row (n, h, w) and
+tap (kh, kw) read the output position oh = (h + ph - kh) / sh, ow = (w + pw - kw) / sw when both
+are integers in range (else the tap contributes 0). One loop iteration = one tap x one BLOCK_K
+chunk of output channels (the chunked K loop of triton_ops/conv2d.py; there is no packed loop:
+Cout, the reduced channel count here, is >= 64 in every ResNet conv).
+
+Strides > 1: the rows are split into the sh*sw parity classes (h % sh, w % sw) = (rh, rw), one per
+program_id(1) (grid (row tiles x column tiles, sh*sw); one class at stride 1). Within a class the
+taps that reach its rows are the same for every row: kh = kh0 + j*sh with kh0 = (rh + ph) % sh
+(likewise kw), where (h + ph - kh) / sh is exact, so the K loop visits only those taps (about
+KH*KW/(sh*sw) of them: a 3x3 stride-2 dgrad does 1, 2 or 4 taps per class instead of 9 masked ones;
+a 1x1 stride-2 dgrad does its one tap for the (0, 0) class and none for the other three, whose
+grad_x is the epilogue alone). Only the range checks of oh/ow remain per row.
+
+Operand prologue (A tile, [BLOCK_M, BLOCK_K], per iteration): g (and the ReLU mask, y) loaded
+through their strides, ``bn_dy`` in fp32 (g' = g*(mask > 0); dy = A*g' - (B + K*(y - mean)) with
+the per-channel coef rows), the elements of invalid taps / rows / channels forced to 0 (after
+bn_dy: B + K*(y - mean) is not 0 there), then ``round_to`` the activation dtype: the same dy
+operand the reference rounds once before its convolution. The B tile is the weight packed once
+per weight version (``_weight_cache``) as a (K, Cin) matrix, K-contiguous for fp32 (the tf32 MMA's
+B operand) and Cin-contiguous for 16-bit types, as the forward packs it.
+
+Epilogue (fp32): + residual (times (res_mask > 0) when given), then where(up_out > 0, ., 0) when
+up_out is given; grad_x stored once in its dtype through its strides (NCHW or channels_last).
+With up_out, each program also writes, for its BLOCK_N channels, sum(grad_x) and
+sum(grad_x * (up_y - up_mean)) of its rows of the ROUNDED grad_x (what the reference sums) to row
+class * MT + pid_m of a (2, P, Cin) fp32 buffer, P = sh*sw*MT, MT = row tiles of the largest class
+(tiles past a smaller class's rows write zeros; one writer per element: no atomics,
+deterministic); then ``_finalize_kernel`` of triton_ops/batch_norm.py sums the P partials per
+channel in a fixed order and writes up_coef (A, A*sum_g/m, A*invstd^2*sum_gd/m) and
+up_grad_weight / up_grad_bias.
+
+Launches per call: 1 (``_conv2d_dgrad_kernel``), 2 with up_out (+ ``_finalize_kernel``).
+
+Bytes per call (counted, not measured; E_out = N*Cout*OH*OW, E_in = N*Cin*H*W elements of s bytes):
+DRAM-ideal reads of g (+ mask, + y with coef): 1-3 E_out s, each A tile being re-read from L2 by
+the ceil(Cin/BLOCK_N) column tiles and, for KH*KW > 1, by neighbouring taps; the weight
+(KH*KW*Cout*Cin s, from L2 after the first tiles; packed copy once per weight version); residual,
+res_mask, up_out, up_y: up to 4 E_in s; grad_x written once: E_in s; with up_out 2*P*Cin*4 bytes of
+partials written and read back, (3, Cin) coefficients and (Cin,) vectors.
+
+Precision: fp16/bf16 operands on the tensor cores with fp32 accumulation; fp32 uses tf32 when
+``allow_tf32`` and 3xTF32 (``tf32x3``) otherwise, as the forward. Under ``TRITON_INTERPRET=1`` one
+small config is used and the dot operands are upcast to fp32 (the interpreter computes bf16 dots
+wrongly); the dy operand is still rounded to the activation dtype first.
+
+Configs: ``select_config`` (heuristic, no autotuning), checked ahead of time for sm_90/sm_80 by
+tests/test_triton_conv2d_dgrad_aot.py (tensor-core instructions, no spills).
+
+Known limits (not measured: no GPU here): NCHW tensors are correct but slow (the A gather is not
+contiguous along co, and a stride-2 class's rows are every other pixel of a row); the A operand
+goes global -> registers (prologue) -> MMA, so it is not a plain cp.async tile (Triton pipelines
+the g/mask/y loads through shared memory where it can: large shared-memory footprints, 1 CTA per
+SM for the fused 128x64 16-bit tiles); the tile heuristic is untuned.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ._common import INTERPRET, bn_dy, cast_for_store, round_to
+from .batch_norm import _finalize_config, _finalize_kernel, _parts
+from .bn_add_relu import _on_device
+
+from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
+
+__all__ = ["conv2d_dgrad", "DgradConfig", "select_config"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    g_ptr, mk_ptr, y_ptr, mean_ptr, coef_ptr, w_ptr, gx_ptr,
+    res_ptr, rm_ptr, uo_ptr, uy_ptr, um_ptr, part_ptr,
+    NB, CIN, H, W, COUT, OH, OW, MT, P,
+    swk, swn, scoef,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_MASK: tl.constexpr,
+    HAS_UP: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- grouped tile order (as the forward): GROUP_M row tiles sweep all column tiles together;
+    # axis 1: the parity class (rh, rw) of the rows (one class when the stride is 1)
+    pid = tl.program_id(0)
+    cls = tl.program_id(1)
+    num_pid_m = MT
+    num_pid_n = tl.cdiv(CIN, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # ---- rows: the class's pixels h = hq*sh + rh, w = wq*sw + rw, m -> (n, hq, wq)
+    rh = cls // stride_w
+    rw = cls % stride_w
+    hc = (H - rh + stride_h - 1) // stride_h  # rows / columns of the class (may be 0)
+    wc = (W - rw + stride_w - 1) // stride_w
+    mc = NB * hc * wc
+    hc1 = tl.maximum(hc, 1)
+    wc1 = tl.maximum(wc, 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < mc
+    wq = offs_m % wc1
+    t = offs_m // wc1
+    hq = t % hc1
+    nb = t // hc1
+    hh = hq * stride_h + rh
+    ww = wq * stride_w + rw
+    nb64 = nb.to(tl.int64)  # batch offsets in int64: activations may exceed 2**31 elements
+    g_row = nb64 * sgn
+    # the taps that reach the class: kh = kh0 + j*sh (j < nth), oh = hq + dh0 - j (exact)
+    kh0 = (rh + pad_h) % stride_h
+    kw0 = (rw + pad_w) % stride_w
+    nth = (KH - kh0 + stride_h - 1) // stride_h
+    ntw = (KW - kw0 + stride_w - 1) // stride_w
+    oh0 = hq + (rh + pad_h - kh0) // stride_h
+    ow0 = wq + (rw + pad_w - kw0) // stride_w
+
+    # ---- columns: input channels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    n_mask = offs_n < CIN
+    offs_kk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one iteration = one filter tap (kh, kw) x one BLOCK_K chunk of output channels
+    num_cb = tl.cdiv(COUT, BLOCK_K)
+    for it in range(0, nth * ntw * num_cb):
+        cb = it % num_cb
+        jj = it // num_cb
+        jw = jj % ntw
+        jh = jj // ntw
+        r = (kh0 + jh * stride_h) * KW + (kw0 + jw * stride_w)  # the tap kh*KW + kw
+        oh = oh0 - jh
+        ow = ow0 - jw
+        row_ok = m_mask & (oh >= 0) & (ow >= 0) & (oh < OH) & (ow < OW)
+        offs_c = cb * BLOCK_K + offs_kk
+        offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
+        g_off = (g_row + oh * sgh + ow * sgw)[:, None] + offs_c[None, :] * sgc
+        b_ptrs = w_ptr + ((r * COUT + offs_c)[:, None] * swk + offs_n[None, :] * swn)
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            c_mask = offs_c < COUT
+            a_mask = row_ok[:, None] & c_mask[None, :]
+            b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        gv = tl.load(g_ptr + g_off, mask=a_mask, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            mv = tl.load(mk_ptr + g_off, mask=a_mask, other=0.0)
+        else:
+            mv = gv
+        if HAS_COEF:
+            yv = tl.load(y_ptr + g_off, mask=a_mask, other=0.0).to(tl.float32)
+            if EVEN_K:
+                mu = tl.load(mean_ptr + offs_c).to(tl.float32)
+                ca = tl.load(coef_ptr + offs_c).to(tl.float32)
+                cb_ = tl.load(coef_ptr + scoef + offs_c).to(tl.float32)
+                ck = tl.load(coef_ptr + 2 * scoef + offs_c).to(tl.float32)
+            else:
+                mu = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+                ca = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+                cb_ = tl.load(coef_ptr + scoef + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+                ck = tl.load(coef_ptr + 2 * scoef + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            dy = bn_dy(gv, mv, yv, mu[None, :], ca[None, :], cb_[None, :], ck[None, :], HAS_MASK, True)
+            # invalid taps/rows/channels: 0 after bn_dy (B + K*(y - mean) is not 0 there)
+            dy = tl.where(a_mask, dy, 0.0)
+        else:
+            dy = bn_dy(gv, mv, gv, gv, gv, gv, gv, HAS_MASK, False)  # masked loads: already 0
+        a = round_to(dy, g_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- fused epilogue in fp32
+    gx = acc
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    x_off = (nb64 * sxn + hh * sxh + ww * sxw)[:, None] + offs_n[None, :] * sxc
+    if HAS_RES:
+        rv = tl.load(res_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
+        if HAS_RES_MASK:
+            rmv = tl.load(rm_ptr + x_off, mask=out_mask, other=0.0)
+            rv = tl.where(rmv > 0, rv, 0.0)
+        gx = gx + rv
+    if HAS_UP:
+        uo = tl.load(uo_ptr + x_off, mask=out_mask, other=0.0)
+        gx = tl.where(uo > 0, gx, 0.0)
+    gr = cast_for_store(gx, gx_ptr)
+    tl.store(gx_ptr + x_off, gr, mask=out_mask)
+    if HAS_UP:
+        # the upstream BN-backward partial sums of the rounded grad_x, one row per M tile
+        gf = tl.where(out_mask, gr.to(tl.float32), 0.0)
+        uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
+        um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        d = tl.where(out_mask, uy - um[None, :], 0.0)
+        p_off = (cls * MT + pid_m) * CIN + offs_n
+        tl.store(part_ptr + p_off, tl.sum(gf, axis=0), mask=n_mask)
+        tl.store(part_ptr + P * CIN + p_off, tl.sum(gf * d, axis=0), mask=n_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+
+@dataclass(frozen=True)
+class DgradConfig:
+    BLOCK_M: int
+    BLOCK_N: int  # input channels
+    BLOCK_K: int  # output channels per K step
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    w_kmajor: Optional[bool] = None  # weight operand K-contiguous; None: by dtype (as the forward)
+
+
+# The interpreter runs one program at a time in numpy: one small config.
+INTERPRETER_CONFIG = DgradConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+
+
+def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dtype,
+                  arch: Optional[int] = None, allow_tf32: bool = True) -> DgradConfig:
+    """Heuristic GPU config for ResNet dgrad shapes (batch 256, channels_last), M = N*H*W, the
+    column tile over Cin and the K step over Cout. Checked by the AOT report
+    (tests/test_triton_conv2d_dgrad_aot.py, triton 3.6 and 3.8: registers, spills, tensor cores):
+    * rows: 128 (64 for M < 4096);
+    * columns (Cin): 16-bit 128 for Cin >= 128, 64 for 64 <= Cin < 128 and for fp32 (tf32 or
+      not), the next power of two >= 16 below (the 7x7 stem's dgrad, Cin = 3, gets 16-wide tiles
+      instead of 64 mostly-empty ones). fp32 128x128 tiles with the fused operand prologue (g,
+      mask, y tiles in fp32 registers) and epilogue need 255 registers on sm_90 and spill with
+      triton 3.6 (BLOCK_K 16 too: 255, no spill: too close);
+    * K step (Cout): 16-bit 64 (32 while Cout < 64), fp32 32 on sm_90 and 16 below (the forward's
+      choice: mma.sync holds the whole fp32 K slice in registers);
+    * 8 warps, also for the small tiles (the stem's 128x16, 64x64 fp32): with 4 warps triton 3.8's
+      ptxas settled at 96-128 registers and spilled 8-16 bytes on sm_80 (fp32 stem, fp32 64x64);
+      3 stages (fp32 on sm_80 too: 4 stages spilled with triton 3.8 on the fused 3x3 stride-2
+      case).
+    Registers of the fused variant at these configs (AOT, triton 3.8 / 3.6): up to ~250 for the
+    16-bit 128x128x64 tile on sm_80, ~150-200 elsewhere.
+    ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    is_fp32 = dtype == torch.float32
+    block_m = 128 if M >= 4096 else 64
+    if cin >= 128 and not is_fp32:
+        block_n = 128
+    elif cin >= 64:
+        block_n = 64
+    else:
+        block_n = max(16, triton.next_power_of_2(cin))
+    if is_fp32:
+        block_k = 32 if arch >= 90 else 16
+        num_stages = 3
+    else:
+        block_k = 64 if cout >= 64 else 32
+        num_stages = 3
+    return DgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# the weight operand
+
+def _weight_kmajor(dtype: torch.dtype) -> bool:
+    """K-contiguous for fp32 (the tf32 B operand), Cin-contiguous for 16-bit types: the
+    forward's rule (triton_ops/conv2d.py ``_weight_kmajor``)."""
+    return dtype == torch.float32
+
+
+def pack_weight(weight: torch.Tensor, kmajor: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(Cout, Cin, KH, KW) -> the (K, Cin) dgrad GEMM operand in ``dtype``, K = KH*KW*Cout indexed
+    (kh*KW + kw)*Cout + co. K-major: the transpose of a contiguous (Cin, K) matrix, strides (1, K);
+    N-major: contiguous (K, Cin), strides (Cin, 1)."""
+    cout, cin, kh, kw = weight.shape
+    ktot = cout * kh * kw
+    w = weight.to(dtype)
+    if kmajor:
+        return w.permute(1, 2, 3, 0).reshape(cin, ktot).contiguous().t()
+    return w.permute(2, 3, 0, 1).reshape(ktot, cin).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same element addressing (dims of size 1 may carry any stride)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+@dataclass
+class _Plan:
+    """Everything one launch of the dgrad kernel needs (built from shapes, strides and dtypes only:
+    works on meta tensors, which the AOT test compiles from)."""
+    grid: Tuple[int, int]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    config: DgradConfig
+    part: Optional[torch.Tensor]
+    P: int
+    M: int
+
+
+def _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, up_y, up_mean):
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton conv2d_dgrad: activations must be float32, float16 or bfloat16, got {g.dtype} "
+                        "(float64 runs on the torch/aten implementations)")
+    if grad_x.dtype != g.dtype:
+        raise TypeError(f"triton conv2d_dgrad: grad_x ({grad_x.dtype}) must have g's dtype ({g.dtype})")
+    n, cout, _, _ = g.shape
+    cout_w, cin, _, _ = weight.shape
+    if cout_w != cout or grad_x.shape[0] != n or grad_x.shape[1] != cin:
+        raise ValueError(f"triton conv2d_dgrad: g {tuple(g.shape)}, weight {tuple(weight.shape)} and grad_x "
+                         f"{tuple(grad_x.shape)} do not describe one convolution")
+    for name, t in (("mask", mask), ("y", y)):
+        if t is not None and not _same_strides(t, g):
+            raise ValueError(f"triton conv2d_dgrad: {name} must have g's shape and layout")
+    for name, t in (("residual", residual), ("res_mask", res_mask), ("up_out", up_out), ("up_y", up_y)):
+        if t is not None and not _same_strides(t, grad_x):
+            raise ValueError(f"triton conv2d_dgrad: {name} must have grad_x's shape and layout")
+    if coef is not None and (y is None or mean is None):
+        raise ValueError("triton conv2d_dgrad: coef needs y and mean")
+    if up_out is not None and (up_y is None or up_mean is None):
+        raise ValueError("triton conv2d_dgrad: up_out needs up_y and up_mean (and up_var, up_coef)")
+
+
+def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
+             allow_tf32, config: Optional[DgradConfig] = None, arch: Optional[int] = None) -> _Plan:
+    n, cout, oh, ow = g.shape
+    _, cin, kh, kw = weight.shape
+    h, w = grad_x.shape[2], grad_x.shape[3]
+    (sh, sw), (ph, pw) = (int(e) for e in stride), (int(e) for e in padding)
+    M = n * h * w
+    if config is None and arch is None and not INTERPRET and g.is_cuda:
+        arch = _cuda_arch(g.device.index if g.device.index is not None else torch.cuda.current_device())
+    cfg = config or select_config(M, cin, cout, kh, kw, g.dtype, arch, bool(allow_tf32))
+    kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(g.dtype)
+    w2 = _weight_cache.packed(weight, ("triton_conv2d_dgrad", kmajor, g.dtype),
+                              functools.partial(pack_weight, kmajor=kmajor, dtype=g.dtype))
+    # row tiles per parity class (the largest class, (0, 0)); P partial rows: one per (class, tile)
+    num_classes = sh * sw
+    num_m_tiles = triton.cdiv(n * triton.cdiv(h, sh) * triton.cdiv(w, sw), cfg.BLOCK_M)
+    P = num_classes * num_m_tiles
+    has_up = up_out is not None
+    part = _alloc.empty((2, P, cin), dtype=torch.float32, device=g.device) if has_up else None
+    dummy = grad_x  # stands in for absent pointers (never dereferenced: constexpr-disabled)
+
+    def opt(t):
+        return t if t is not None else dummy
+
+    if coef is not None:
+        coef = coef if coef.stride(-1) == 1 else coef.contiguous()
+        mean = mean.contiguous()
+    if up_mean is not None:
+        up_mean = up_mean.contiguous()
+    if g.dtype == torch.float32:
+        precision = "tf32" if allow_tf32 else "tf32x3"
+    else:
+        precision = "tf32"  # ignored for 16-bit operands
+    args = (
+        g, opt(mask), opt(y if coef is not None else None), opt(mean if coef is not None else None), opt(coef),
+        w2, grad_x, opt(residual), opt(res_mask if residual is not None else None), opt(up_out),
+        opt(up_y if has_up else None), opt(up_mean if has_up else None), opt(part),
+        n, cin, h, w, cout, oh, ow, num_m_tiles, P,
+        *w2.stride(), coef.stride(0) if coef is not None else 0,
+        *g.stride(), *grad_x.stride(),
+        sh, sw, ph, pw,
+    )
+    constexprs = dict(
+        KH=kh, KW=kw,
+        HAS_MASK=mask is not None, HAS_COEF=coef is not None, HAS_RES=residual is not None,
+        HAS_RES_MASK=residual is not None and res_mask is not None, HAS_UP=has_up,
+        EVEN_K=cout % cfg.BLOCK_K == 0,
+        DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+    )
+    grid = (num_m_tiles * triton.cdiv(cin, cfg.BLOCK_N), num_classes)
+    return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, part, P, M)
+
+
+def _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
+            up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32,
+            config: Optional[DgradConfig] = None) -> None:
+    _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, up_y, up_mean)
+    if g.numel() == 0 or grad_x.numel() == 0:  # not reached through the op layer
+        return
+    plan = _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y,
+                    up_mean, allow_tf32, config)
+    with _on_device(g):
+        _conv2d_dgrad_kernel[plan.grid](*plan.args, **plan.constexprs,
+                                        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        if up_out is None:
+            return
+        cin = grad_x.shape[1]
+        coef_out = up_coef
+        if up_coef is not None and not up_coef.is_contiguous():
+            coef_out = _alloc.empty((3, cin), dtype=up_coef.dtype, device=up_coef.device)
+        dummy = plan.part
+
+        def opt(t):
+            return t if t is not None else dummy
+
+        fc = _finalize_config(plan.P, cin)
+        _finalize_kernel[fc["grid"]](
+            plan.part[0], plan.part[1], dummy, up_var, opt(up_weight), dummy, dummy,
+            opt(up_grad_weight), opt(up_grad_bias), dummy, dummy, opt(coef_out),
+            *_parts(up_eps), *_parts(0.0), *_parts(1.0 / plan.M), plan.P, cin,
+            BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=True, NEED_D=True, NEED_I=False,
+            HAS_W=up_weight is not None, HAS_IW=False, W_GW=up_grad_weight is not None,
+            W_GB=up_grad_bias is not None, W_GIW=False, W_GIB=False, COEF_Y=coef_out is not None, COEF_I=False,
+            IS64=False, num_warps=fc["num_warps"])
+        if coef_out is not up_coef and up_coef is not None:
+            up_coef.copy_(coef_out)
+
+
+def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
+                 up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
+                 conv_dtype: Optional[torch.dtype] = None) -> None:
+    """grad_x (and, with up_out, up_coef / up_grad_weight / up_grad_bias) written in place: the
+    contract of ``resnet_kernels.backends.torch_conv_backward.conv2d_dgrad`` (see the module
+    docstring). ``conv_dtype`` is the reference's and is ignored."""
+    _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
+            up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32)
