@@ -289,7 +289,17 @@ struct FinParams {
   void *gw = nullptr, *gb = nullptr, *giw = nullptr, *gib = nullptr;
   int gwd = kF32, gbd = kF32, giwd = kF32, gibd = kF32;
   bool coef_y = false, coef_id = false;
+  float *abk = nullptr, *id_abk = nullptr;  // float[3][C] (A, B, K) outputs (batch_norm_act_coef), or null
 };
+
+// (A, B, K) = (A, A * mean_g, A * invstd^2 * mean_gd) at column c of a float[3][C] output, with the
+// rounding steps of triton_ops/batch_norm.py's _finalize_kernel: B = A * mean_g, K = (A * invstd^2) * mean_gd.
+__device__ __forceinline__ void store_abk(float* out, int64_t C, int64_t c, float A, float invstd, float mean_g,
+                                          float mean_gd) {
+  out[c] = A;
+  out[C + c] = mul_rn(A, mean_g);
+  out[2 * C + c] = mul_rn(mul_rn(A, mul_rn(invstd, invstd)), mean_gd);
+}
 
 __global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const FinParams f) {
   constexpr int kLanes = kThreads / 32;
@@ -316,25 +326,29 @@ __global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const Fin
   const float sum_g = S[0], sum_gd = S[1], sum_gi = S[2];
   if (f.gb != nullptr) store_param(f.gb, f.gbd, c, sum_g);
   if (f.gib != nullptr) store_param(f.gib, f.gibd, c, sum_g);
-  if (f.gw != nullptr || f.coef_y) {
+  if (f.gw != nullptr || f.coef_y || f.abk != nullptr) {
     const float invstd = invstd_of(f.bn.var, f.bn.eps, c);
     if (f.gw != nullptr) store_param(f.gw, f.gwd, c, mul_rn(sum_gd, invstd));
+    const float A = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
     if (f.coef_y) {
       f.coef[c] = f.bn.mean[c];
-      f.coef[f.C + c] = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
+      f.coef[f.C + c] = A;
       f.coef[2 * f.C + c] = sum_g / f.m;
       f.coef[3 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gd / f.m);
     }
+    if (f.abk != nullptr) store_abk(f.abk, f.C, c, A, invstd, sum_g / f.m, sum_gd / f.m);
   }
-  if (f.giw != nullptr || f.coef_id) {
+  if (f.giw != nullptr || f.coef_id || f.id_abk != nullptr) {
     const float invstd = invstd_of(f.idbn.var, f.idbn.eps, c);
     if (f.giw != nullptr) store_param(f.giw, f.giwd, c, mul_rn(sum_gi, invstd));
+    const float A = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
     if (f.coef_id) {
       f.coef[4 * f.C + c] = f.idbn.mean[c];
-      f.coef[5 * f.C + c] = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
+      f.coef[5 * f.C + c] = A;
       f.coef[6 * f.C + c] = sum_g / f.m;
       f.coef[7 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gi / f.m);
     }
+    if (f.id_abk != nullptr) store_abk(f.id_abk, f.C, c, A, invstd, sum_g / f.m, sum_gi / f.m);
   }
 }
 
@@ -583,19 +597,22 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   check_nonneg(a.numel, fn, "numel");
   if (a.numel > 0) bar::check_geometry(fn, a.numel, a.C, a.inner);
   check_nonneg(a.C, fn, "C");
-  const bool y_side = a.grad_y || a.grad_weight;
+  const bool y_side = a.grad_y || a.grad_weight || a.coef;
   if (a.numel > 0) {  // an empty tensor's data pointer may be 0
     check_ptr(a.grad_out, fn, "grad_out");
     if (a.relu && a.out == 0)
       throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true"));
-    if (y_side && a.y == 0) throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
+    if (y_side && a.y == 0)
+      throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y, grad_weight or coef"));
     if (a.grad_identity && a.identity == 0)
       throw ArgError(cat(fn, ": identity is required to compute grad_identity"));
   }
   if (y_side && (a.mean == 0 || a.var == 0))
-    throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y or grad_weight"));
+    throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y, grad_weight or coef"));
   if ((a.grad_id_weight || a.grad_id_bias) && a.id_mean == 0)
     throw ArgError(cat(fn, ": grad_id_weight/grad_id_bias need the identity's own BatchNorm (id_mean, id_var)"));
+  if (a.id_coef && a.id_mean == 0)
+    throw ArgError(cat(fn, ": id_coef needs the identity's own BatchNorm (id_mean, id_var)"));
   if (a.id_mean != 0 && ((a.identity == 0 && a.numel > 0) || a.id_var == 0))
     throw ArgError(cat(fn, ": id_mean was given without identity or id_var"));
   if (a.id_mean == 0 && a.id_weight != 0) throw ArgError(cat(fn, ": id_weight was given without id_mean/id_var"));
@@ -618,6 +635,8 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   bar::check_aligned(a.id_mean, 4, fn, "id_mean", "float32");
   bar::check_aligned(a.id_var, 4, fn, "id_var", "float32");
   bar::check_aligned(a.workspace, 4, fn, "workspace", "float32");
+  bar::check_aligned(a.coef, 4, fn, "coef", "float32");
+  bar::check_aligned(a.id_coef, 4, fn, "id_coef", "float32");
   bar::check_aligned(a.weight, param_size(a.weight_dtype), fn, "weight", dtype_name(a.weight_dtype));
   bar::check_aligned(a.id_weight, param_size(a.id_weight_dtype), fn, "id_weight", dtype_name(a.id_weight_dtype));
   bar::check_aligned(a.grad_weight, param_size(a.grad_weight_dtype), fn, "grad_weight",
@@ -633,9 +652,10 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   // what the apply pass writes, and which sums it and the per-channel gradients need
   const bool gy = a.grad_y != 0 && !empty;
   const int gim = (a.grad_identity == 0 || empty) ? kIdNone : (id_bn ? kIdBn : kIdRaw);
-  const bool sum_d = (gy || a.grad_weight) && !empty;
-  const bool sum_i = (gim == kIdBn || a.grad_id_weight) && !empty;
-  const bool any_sum = gy || gim == kIdBn || a.grad_weight || a.grad_bias || a.grad_id_weight || a.grad_id_bias;
+  const bool sum_d = (gy || a.grad_weight || a.coef) && !empty;
+  const bool sum_i = (gim == kIdBn || a.grad_id_weight || a.id_coef) && !empty;
+  const bool any_sum = gy || gim == kIdBn || a.grad_weight || a.grad_bias || a.grad_id_weight || a.grad_id_bias ||
+                       a.coef || a.id_coef;
   if (!any_sum && gim == kIdNone) return;  // nothing requested
 
   const int vec = empty ? 1
@@ -701,6 +721,8 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
       f.gibd = static_cast<int>(a.grad_id_bias_dtype);
       f.coef_y = gy;
       f.coef_id = gim == kIdBn;
+      f.abk = reinterpret_cast<float*>(a.coef);
+      f.id_abk = reinterpret_cast<float*>(a.id_coef);
       bn_act_bwd_finalize_kernel<<<static_cast<unsigned>(ceil_div(a.C, 32)), kThreads, 0, st>>>(f);
       check_launch("bn_act_bwd_finalize_kernel");
     }

@@ -47,11 +47,18 @@ void batch_norm_act_forward(const BatchNormActArgs& a);
 // (grad_y and grad_identity in one pass): (any sum needed ? 2 : 0) + (grad_y or grad_identity ? 1 : 0),
 // a sum being needed for grad_y, grad_weight, grad_bias, grad_id_*, or grad_identity with id_mean:
 // 3 in training with every gradient; 1 when only a raw grad_identity is. Deterministic.
+// coef / id_coef (float32 [3][C] each, 0 = not needed): the finalize pass also writes the input
+// gradients' per-channel coefficients there, rows (A, B, K) with grad_x = A * g - (B + K * (x - mean)):
+// A = weight * invstd, B = A * (sum_g / m), K = A * invstd^2 * (sum_gd / m) (the identity's from its
+// own statistics; id_coef needs id_mean). A call with coef and without grad_y/grad_identity is the
+// reduce + finalize half alone (2 launches): the op batch_norm_act_coef, for the fused convolution
+// backward that applies the coefficients itself.
 struct BatchNormActBackwardArgs {
   DType dtype;
   std::uintptr_t grad_out, out, y, mean, var, weight;  // out: read iff relu; weight 0 = 1
   std::uintptr_t identity, id_mean, id_var, id_weight;
   std::uintptr_t grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias;  // 0 = not needed
+  std::uintptr_t coef, id_coef;  // float32 [3][C] (A, B, K) of y's / the identity's BN; 0 = not needed
   DType weight_dtype, id_weight_dtype, grad_weight_dtype, grad_bias_dtype, grad_id_weight_dtype,
       grad_id_bias_dtype;
   std::uintptr_t workspace;  // device scratch of batch_norm_act_backward_workspace_bytes(...) bytes

@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats", "batch_norm_act",
-                        "batch_norm_act_backward", "bn_running_update", "maxpool2d", "maxpool2d_backward",
-                        "conv2d_backward")
+                        "batch_norm_act_backward", "batch_norm_act_coef", "bn_running_update", "maxpool2d",
+                        "maxpool2d_backward", "conv2d_backward")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -114,9 +114,9 @@ def _finalize_spec(dt, P, C, arch, param_dt=None):
     acc = _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(pg_ptr=acc, pd_ptr=acc, pi_ptr=acc, var_ptr=acc, w_ptr=par, iv_ptr=acc, iw_ptr=par, gw_ptr=par,
-               gb_ptr=par, giw_ptr=par, gib_ptr=par, coef_ptr=acc, eps="fp32", eps_lo="fp32", eps_lo2="fp32",
-               id_eps="fp32", id_eps_lo="fp32", id_eps_lo2="fp32", inv_m="fp32", inv_m_lo="fp32", inv_m_lo2="fp32",
-               P="i32", C="i32")
+               gb_ptr=par, giw_ptr=par, gib_ptr=par, coef_ptr=acc, icoef_ptr=acc, eps="fp32", eps_lo="fp32",
+               eps_lo2="fp32", id_eps="fp32", id_eps_lo="fp32", id_eps_lo2="fp32", inv_m="fp32", inv_m_lo="fp32",
+               inv_m_lo2="fp32", P="i32", C="i32")
     flags = dict(NEED_G=True, NEED_D=True, NEED_I=True, HAS_W=True, HAS_IW=True, W_GW=True, W_GB=True, W_GIW=True,
                  W_GIB=True, COEF_Y=True, COEF_I=True)
     return KernelSpec(MOD, "_finalize_kernel", sig, dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],

@@ -45,6 +45,9 @@ Kernel launches per call (what the accountant declares):
   for every training step that needs grad_y, 1-2 otherwise. grad_y may be grad_out's own buffer
   (the reduce pass reads grad_out before the apply pass, which reads each element before writing
   it; tests/ops/test_batch_norm_triton.py checks it bitwise).
+* ``batch_norm_act_coef``: 2, the backward's reduce + finalize pair (``_reduce_finalize``, shared
+  with ``batch_norm_act_backward``): the finalize writes the coefficient rows (A, B, K) of y's BN
+  (and of the identity's) to the op's (3, C) outputs instead of the apply kernel's buffer.
 * ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
 
 Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
@@ -289,7 +292,7 @@ def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_p
 
 @triton.jit
 def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
-                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr,
+                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr,
                      eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
                      NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
@@ -297,7 +300,9 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
                      COEF_I: tl.constexpr, IS64: tl.constexpr):
     # Program pc owns the channel block pc: sums the (P, C) partials of its channels over P,
     # always in the same order (deterministic), and writes the parameter gradients (in their own
-    # dtypes) and the apply kernel's coefficients (A, B, K per side, see N_COEF).
+    # dtypes) and the input gradients' coefficients: rows (A, B, K) of y's BN at coef_ptr, of the
+    # identity's at icoef_ptr ((3, C) each; the backward passes rows 0..2 and 3..5 of its (6, C)
+    # buffer, see N_COEF; batch_norm_act_coef its two outputs).
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     if IS64:
@@ -358,9 +363,9 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
                 ia = iinv * tl.load(iw_ptr + cols, mask=cmask, other=0.0).to(acc_t)
             else:
                 ia = iinv
-            tl.store(coef_ptr + 3 * C + cols, ia, mask=cmask)
-            tl.store(coef_ptr + 4 * C + cols, ia * (sg * inv_m), mask=cmask)
-            tl.store(coef_ptr + 5 * C + cols, ia * (iinv * iinv) * (si * inv_m), mask=cmask)
+            tl.store(icoef_ptr + cols, ia, mask=cmask)
+            tl.store(icoef_ptr + C + cols, ia * (sg * inv_m), mask=cmask)
+            tl.store(icoef_ptr + 2 * C + cols, ia * (iinv * iinv) * (si * inv_m), mask=cmask)
 
 
 @triton.jit
@@ -604,6 +609,50 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
             num_warps=cfg["num_warps"])
 
 
+def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
+                     grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, need_g, need_d, need_i, eps, id_eps,
+                     relu, N, C, HW, layout) -> None:
+    """The backward's per-channel half, 2 launches: ``_reduce_cols_kernel``/``_reduce_planes_kernel``
+    (partial sums of g (need_g), g * (y - mean) (need_d), g * (identity - id_mean) (need_i)), then
+    ``_finalize_kernel``: the parameter gradients given (not None) and the coefficient rows (A, B, K)
+    of y's BN into ``coef`` and of the identity's into ``id_coef`` ((3, C) acc views, or None)."""
+    numel = grad_out.numel()
+    is64 = grad_out.dtype == torch.float64
+    acc = torch.float64 if is64 else torch.float32
+    dev = grad_out.device
+    dummy = grad_out
+
+    def opt(t):
+        return t if t is not None else dummy
+
+    rc = _reduce_config(N, C, HW, layout, grad_out.element_size(), dev)
+    P = rc["P"]
+    kinds = [k for k, need in (("g", need_g), ("d", need_d), ("i", need_i)) if need]
+    # every (P, C) row is written by exactly one program (poisoned in tests like outputs)
+    part = _alloc.empty((len(kinds), P, C), dtype=acc, device=dev)
+    pg, pd, pi = (part[kinds.index(k)] if k in kinds else dummy for k in ("g", "d", "i"))
+    ptrs = (grad_out, opt(out if relu else None), opt(y if need_d else None), mean,
+            opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi)
+    flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64, INT64=numel > _INT32_MAX)
+    if rc["kind"] == "cols":
+        _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
+                                        BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],
+                                        num_warps=rc["num_warps"], **flags)
+    else:
+        _reduce_planes_kernel[rc["grid"]](*ptrs, N, C, rc["HW_V"], rc["N_TILES"], rc["HW_TILES"],
+                                          VEC=rc["VEC"], BLOCK_N=rc["BLOCK_N"], BLOCK_HW=rc["BLOCK_HW"],
+                                          num_warps=rc["num_warps"], **flags)
+    fc = _finalize_config(P, C)
+    _finalize_kernel[fc["grid"]](
+        pg, pd, pi, var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
+        opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef), opt(id_coef),
+        *_parts(eps), *_parts(id_eps if id_eps is not None else 0.0), *_parts(C / numel), P, C,
+        BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=need_g, NEED_D=need_d, NEED_I=need_i,
+        HAS_W=weight is not None, HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None,
+        W_GB=grad_bias is not None, W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None,
+        COEF_Y=coef is not None, COEF_I=id_coef is not None, IS64=is64, num_warps=fc["num_warps"])
+
+
 def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
                             grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
                             eps, id_eps, relu, C, inner) -> None:
@@ -625,49 +674,23 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
         return
     layout = _layout(inner, HW)
     is64 = grad_out.dtype == torch.float64
-    acc = torch.float64 if is64 else torch.float32
-    dev = grad_out.device
     dummy = grad_out
 
     def opt(t):
         return t if t is not None else dummy
 
-    e3 = _parts(eps)
-    ie3 = _parts(id_eps if id_eps is not None else 0.0)
     coef_y = grad_y is not None
     coef_i = id_bn and grad_identity is not None
     coef = None
     with _on_device(grad_out):
         if need_g or need_d or need_i:
-            rc = _reduce_config(N, C, HW, layout, grad_out.element_size(), dev)
-            P = rc["P"]
-            kinds = [k for k, need in (("g", need_g), ("d", need_d), ("i", need_i)) if need]
-            # every (P, C) row is written by exactly one program (poisoned in tests like outputs)
-            part = _alloc.empty((len(kinds), P, C), dtype=acc, device=dev)
-            pg, pd, pi = (part[kinds.index(k)] if k in kinds else dummy for k in ("g", "d", "i"))
-            ptrs = (grad_out, opt(out if relu else None), opt(y if need_d else None), mean,
-                    opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi)
-            flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64,
-                         INT64=numel > _INT32_MAX)
-            if rc["kind"] == "cols":
-                _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
-                                                BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],
-                                                num_warps=rc["num_warps"], **flags)
-            else:
-                _reduce_planes_kernel[rc["grid"]](*ptrs, N, C, rc["HW_V"], rc["N_TILES"], rc["HW_TILES"],
-                                                  VEC=rc["VEC"], BLOCK_N=rc["BLOCK_N"], BLOCK_HW=rc["BLOCK_HW"],
-                                                  num_warps=rc["num_warps"], **flags)
             if coef_y or coef_i:
-                coef = _alloc.empty((N_COEF, C), dtype=acc, device=dev)
-            fc = _finalize_config(P, C)
-            _finalize_kernel[fc["grid"]](
-                pg, pd, pi, var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
-                opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef),
-                *e3, *ie3, *_parts(C / numel), P, C,
-                BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=need_g, NEED_D=need_d, NEED_I=need_i,
-                HAS_W=weight is not None, HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None,
-                W_GB=grad_bias is not None, W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None,
-                COEF_Y=coef_y, COEF_I=coef_i, IS64=is64, num_warps=fc["num_warps"])
+                coef = _alloc.empty((N_COEF, C), dtype=torch.float64 if is64 else torch.float32,
+                                    device=grad_out.device)
+            _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
+                             grad_bias, grad_id_weight, grad_id_bias, coef[:3] if coef_y else None,
+                             coef[3:] if coef_i else None, need_g, need_d, need_i, eps, id_eps, relu, N, C, HW,
+                             layout)
         if grad_y is not None or grad_identity is not None:
             gi_mode = ID_NONE if grad_identity is None else (ID_BN if id_bn else ID_RAW)
             cfg = _elementwise_config(N, C, HW, layout, grad_out.element_size(),
@@ -679,6 +702,24 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
                 MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], RELU=bool(relu),
                 NEED_GY=coef_y, GI_MODE=gi_mode, IS64=is64, INT64=numel > _INT32_MAX,
                 num_warps=cfg["num_warps"])
+
+
+def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
+                        grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
+    """The reduce + finalize half of ``batch_norm_act_backward`` (2 launches): coef (3, C) = rows
+    (A, B, K) of y's BN, id_coef (3, C) those of the identity's (given iff id_mean is), the
+    parameter gradients given; nothing elementwise is written."""
+    N, C, HW = _shape(grad_out, C, inner)
+    if grad_out.numel() == 0:  # not reached through the op layer (it returns early for empty batches)
+        raise ValueError("batch_norm_act_coef launcher: empty batch (the op layer handles it)")
+    id_bn = identity is not None and id_mean is not None
+    if not id_bn:
+        id_coef = grad_id_weight = grad_id_bias = None
+    need_i = id_bn and (id_coef is not None or grad_id_weight is not None)
+    with _on_device(grad_out):
+        _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
+                         grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, True, True, need_i, eps, id_eps,
+                         relu, N, C, HW, _layout(inner, HW))
 
 
 def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:

@@ -411,6 +411,48 @@ def _aten_bn_bwd_cost(call):
     return max(launches, 1), b
 
 
+def _fused_bn_coef_cost(call):
+    """batch_norm_act_coef (cuda, triton): batch_norm_act_backward's reduce pass (read grad_out, the
+    mask, y, and the identity when it has its own BN; write per-block partials) and finalize (read
+    them and the per-channel statistics and weights; write coef and id_coef, (3, C) each, and the
+    requested parameter gradients): 2 launches, no apply pass."""
+    g = nbytes(call.grad_out)
+    sides = 2 if call.id_mean is not None else 1
+    p = _bn_partials(call)
+    reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if sides == 2 else 0)
+    vec = call.C * torch.empty((), dtype=_acc(call.grad_out.dtype)).element_size()
+    return 2, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
+
+
+def _aten_bn_coef_cost(call):
+    """aten_batch_norm.batch_norm_act_coef: threshold_backward (read grad_out and out, write g), then
+    per BN side: var + eps and rsqrt, the weight in acc (ones_like without one, a cast when it is
+    not in acc), native_batch_norm_backward's reduce alone (read g and x; the parameter gradients),
+    invstd * weight (with one), three (C,) products, stack, mul_, casts of the requested parameter
+    gradients to their dtype."""
+    g = nbytes(call.grad_out)
+    acc = _acc(call.grad_out.dtype)
+    vec = call.C * torch.empty((), dtype=acc).element_size()
+    launches, b = (1, 3 * g) if call.relu else (0, 0)
+    sides = [(call.y, call.weight, call.needs[:2], call.pdtypes[0])]
+    if call.id_mean is not None:
+        sides.append((call.identity, call.id_weight, call.needs[2:], call.pdtypes[2]))
+    for x, w, needs, pdt in sides:
+        launches, b = launches + 2, b + 4 * vec  # var + eps, rsqrt
+        if w is None:
+            launches, b = launches + 1, b + vec
+        elif w.dtype != acc:
+            launches, b = launches + 1, b + nbytes(w) + vec
+        launches, b = launches + 1, b + g + nbytes(x) + 5 * vec  # the reduce
+        if w is not None:
+            launches, b = launches + 1, b + 3 * vec
+        launches, b = launches + 5, b + 3 * 3 * vec + 6 * vec + 4 * vec  # products, stack, mul_
+        for need in needs:
+            if need and pdt is not None and pdt != acc:
+                launches, b = launches + 1, b + vec + call.C * torch.empty((), dtype=pdt).element_size()
+    return launches, b
+
+
 def _update_cost(call):
     """bn_running_update: one kernel over C values (read the statistics and the buffers, write the buffers)."""
     bufs = _vecs(call.running_mean, call.running_var)
@@ -463,6 +505,8 @@ _COSTS = {
     ("batch_norm_act", "aten"): _aten_bn_cost,
     ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _fused_bn_bwd_cost,
     ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
+    ("batch_norm_act_coef", "cuda"): _fused_bn_coef_cost, ("batch_norm_act_coef", "triton"): _fused_bn_coef_cost,
+    ("batch_norm_act_coef", "aten"): _aten_bn_coef_cost,
     ("bn_running_update", "cuda"): _update_cost, ("bn_running_update", "triton"): _update_cost,
     ("bn_running_update", "aten"): _aten_update_cost,
 }
@@ -495,9 +539,10 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
 
 
 # the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py): 'aten' runs PyTorch's native
-# batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py)
+# batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py);
+# batch_norm_act_coef is the backward's reduce + finalize half (the fused convolution backward's coefficients)
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
-                 ("bn_running_update", "bn_running_update")):
+                 ("batch_norm_act_coef", "batch_norm_act_coef"), ("bn_running_update", "bn_running_update")):
     register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn, supports=_no_float64, priority=20,
                   cost=_COSTS[(_op, "cuda")]))
     register(Impl(_op, "triton", _TRITON + "batch_norm:" + _fn, priority=30, cost=_COSTS[(_op, "triton")]))

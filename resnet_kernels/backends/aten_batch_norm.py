@@ -8,7 +8,10 @@ backward  ``threshold_backward`` (the ReLU mask; it is also a raw identity's gra
           ``native_batch_norm_backward`` in training form with save_mean = mean and save_invstd =
           1/sqrt(var + eps): PyTorch's own reduce + apply kernels, the path through the batch
           statistics included.
-Both return their outputs (``returns_output``) instead of copying into preallocated ones.
+coef      ``threshold_backward`` (relu), then per BN side ``native_batch_norm_backward`` with only the
+          parameter gradients requested (PyTorch's reduce kernel alone: grad_bias = sum g,
+          grad_weight = sum g (x - mean) * invstd) and a few (C,)-sized ops for (A, B, K).
+All return their outputs (``returns_output``) instead of copying into preallocated ones.
 """
 
 from __future__ import annotations
@@ -63,6 +66,37 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
     elif ni:
         gi = g if g is not grad_out else grad_out.clone()
     return [gy, gi, gw, gb, giw, gib]
+
+
+def _coef_side(g, x, mean, var, weight, eps, m, need_w, need_b, w_dtype):
+    """(coef (3, C), grad_weight, grad_bias) of one BN side: native_batch_norm_backward's reduce
+    (with an acc-dtype weight, so its parameter gradients come back in acc), then
+    A = weight * invstd, B = A * sum_g / m, K = A * invstd * grad_weight / m (grad_weight =
+    sum_gd * invstd)."""
+    acc = mean.dtype
+    invstd = torch.rsqrt(var + eps)
+    w = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    _, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, [False, True, True])
+    a = invstd * w if weight is not None else invstd
+    coef = torch.stack((a, gb * a, gw * (a * invstd)))
+    coef[1:].mul_(1.0 / m)
+    gw = (gw if w_dtype is None or gw.dtype == w_dtype else gw.to(w_dtype)) if need_w else None
+    gb = (gb if w_dtype is None or gb.dtype == w_dtype else gb.to(w_dtype)) if need_b else None
+    return coef, gw, gb
+
+
+def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, needs, pdtypes,
+                        eps, id_eps, relu, C, inner):
+    """Returns [coef, id_coef, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (None where not
+    needed or, for id_coef, without the identity's BN)."""
+    nw, nb, niw, nib = needs
+    g = _aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    m = grad_out.numel() // C
+    coef, gw, gb = _coef_side(g, y, mean, var, weight, eps, m, nw, nb, pdtypes[0])
+    icoef = giw = gib = None
+    if id_mean is not None:
+        icoef, giw, gib = _coef_side(g, identity, id_mean, id_var, id_weight, id_eps, m, niw, nib, pdtypes[2])
+    return [coef, icoef, gw, gb, giw, gib]
 
 
 def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias):

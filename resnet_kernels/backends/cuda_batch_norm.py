@@ -15,6 +15,9 @@ For the accountant (counted from the code, not measured):
   (relu), y (grad_y/grad_weight) and identity (grad_identity/grad_id_weight with id_mean); the apply
   reads grad_out, out (relu), y (grad_y) and identity (BN'd grad_identity) and writes grad_y and
   grad_identity; the workspace (partials and coefficients) is (3 * P + 8) * C * 4 bytes, P <= 1024.
+* coefficients (batch_norm_act_coef): the backward's reduce + finalize alone (2 launches): the same
+  entry point with coef/id_coef set and no grad_y/grad_identity; the finalize writes (A, B, K) to
+  the (3, C) outputs.
 * running update: 1 launch (C-sized vectors and num_batches_tracked).
 """
 
@@ -42,9 +45,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
         call("batch_norm_act_forward", args)
 
 
-def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
-                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
-                            eps, id_eps, relu, C, inner) -> None:
+def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
+              grad_weight, grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, eps, id_eps, relu, C, inner) -> None:
     C_ = C_module()
     code = DTYPE_CODES[grad_out.dtype]
     numel = grad_out.numel()
@@ -58,12 +60,29 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
             y=ptr(y), mean=ptr(mean), var=ptr(var), weight=ptr(weight), identity=ptr(identity),
             id_mean=ptr(id_mean), id_var=ptr(id_var), id_weight=ptr(id_weight), grad_y=ptr(grad_y),
             grad_identity=ptr(grad_identity), grad_weight=ptr(grad_weight), grad_bias=ptr(grad_bias),
-            grad_id_weight=ptr(grad_id_weight), grad_id_bias=ptr(grad_id_bias), weight_dtype=_code(weight),
-            id_weight_dtype=_code(id_weight), grad_weight_dtype=_code(grad_weight), grad_bias_dtype=_code(grad_bias),
+            grad_id_weight=ptr(grad_id_weight), grad_id_bias=ptr(grad_id_bias), coef=ptr(coef),
+            id_coef=ptr(id_coef), weight_dtype=_code(weight), id_weight_dtype=_code(id_weight),
+            grad_weight_dtype=_code(grad_weight), grad_bias_dtype=_code(grad_bias),
             grad_id_weight_dtype=_code(grad_id_weight), grad_id_bias_dtype=_code(grad_id_bias), workspace=ptr(ws),
             workspace_bytes=nbytes, eps=float(eps), id_eps=float(id_eps), numel=numel, C=C, inner=inner,
             relu=bool(relu), stream=stream_of(grad_out))
         call("batch_norm_act_backward", args)
+
+
+def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
+                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
+                            eps, id_eps, relu, C, inner) -> None:
+    _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
+              grad_weight, grad_bias, grad_id_weight, grad_id_bias, None, None, eps, id_eps, relu, C, inner)
+
+
+def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
+                        grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
+    """coef / id_coef: (3, C) float32, contiguous (the op allocates them)."""
+    if id_mean is None:
+        identity = id_var = id_weight = None
+    _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, None, None, grad_weight,
+              grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, eps, id_eps, relu, C, inner)
 
 
 def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:

@@ -20,10 +20,17 @@ backward ``batch_norm_act_backward``
     sum_g = sum(g);  sum_gd = sum(g * (y - mean[c]))                          (over N, H, W)
     grad_bias = sum_g;  grad_weight = sum_gd * invstd
     grad_y = weight * invstd * (g - sum_g / m - (y - mean) * invstd^2 * sum_gd / m)
+           = A * g - (B + K * (y - mean))   with the per-channel coefficients
+      A = weight * invstd (weight None: invstd),  B = A * (sum_g / m),  K = A * invstd^2 * (sum_gd / m)
     the identity side the same with its own statistics when id_mean is given
     (grad_id_bias = sum_g, grad_id_weight = sum(g * (identity - id_mean)) * id_invstd), else
     grad_identity = g.  Every gradient output may be None (not needed); given ones are written.
     The per-channel sums are reductions in a fixed order (deterministic) in every implementation.
+
+coefficients ``batch_norm_act_coef`` (the reduce + finalize half of the backward)
+    the same sums; writes coef (3, C) acc = rows (A, B, K) of y's BN and, when id_mean is given,
+    id_coef (3, C) = those of the identity's BN (None otherwise), and the parameter gradients as the
+    backward does; grad_y / grad_identity are not computed.
 
 running statistics ``bn_running_update``
     running_mean = (1 - factor) * running_mean + factor * mean
@@ -81,39 +88,74 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     out.copy_(z)
 
 
-def _bn_input_grad(g, x, mean, var, weight, eps, acc, sum_g, m, grad_x, grad_weight, grad_bias):
-    invstd = torch.rsqrt(_vec(var, acc) + eps)
+def coefficients(coef, var, weight, eps, mean_g, mean_gd, acc=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The input gradient's per-channel coefficients (A, B, K) = (weight * invstd, A * mean_g,
+    A * invstd^2 * mean_gd) as (C,) tensors in acc (mean_g = sum_g / m, mean_gd = sum_gd / m),
+    also written to the rows of ``coef`` (3, C) when given."""
+    acc = acc or mean_g.dtype
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    a = invstd if weight is None else weight.to(acc) * invstd
+    b = a * mean_g
+    k = a * (invstd * invstd) * mean_gd
+    if coef is not None:
+        for row, v in zip(coef, (a, b, k)):
+            row.copy_(v)
+    return a, b, k
+
+
+def _masked_grad(grad_out, out, relu, acc) -> Tensor:
+    g = grad_out.to(acc)
+    if relu:
+        g = torch.where(out > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    return g
+
+
+def _bn_side(g, x, mean, var, weight, eps, acc, sum_g, m, grad_x, grad_weight, grad_bias, coef=None) -> None:
+    """One BN's backward given the masked gradient g and its sum: the parameter gradients, the
+    coefficients (into coef when given) and grad_x = A * g - (B + K * (x - mean))."""
     d = x.to(acc) - _vec(mean, acc)
     sum_gd = (g * d).sum(_DIMS)
     if grad_bias is not None:
         grad_bias.copy_(sum_g)
     if grad_weight is not None:
-        grad_weight.copy_(sum_gd * invstd.view(-1))
-    if grad_x is not None:
-        w = invstd if weight is None else _vec(weight, acc) * invstd
-        grad_x.copy_(w * (g - sum_g.view(1, -1, 1, 1) / m - d * (invstd * invstd) * (sum_gd.view(1, -1, 1, 1) / m)))
+        grad_weight.copy_(sum_gd * torch.rsqrt(var.to(acc) + eps))
+    if grad_x is not None or coef is not None:
+        a, b, k = coefficients(coef, var, weight, eps, sum_g / m, sum_gd / m, acc)
+        if grad_x is not None:
+            grad_x.copy_(a.view(1, -1, 1, 1) * g - (b.view(1, -1, 1, 1) + k.view(1, -1, 1, 1) * d))
 
 
-def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
-                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
-                            eps, id_eps, relu, C, inner) -> None:
+def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
+              grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, coef=None,
+              id_coef=None) -> None:
     acc = acc_dtype(grad_out.dtype)
-    g = grad_out.to(acc)
-    if relu:
-        g = torch.where(out > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    g = _masked_grad(grad_out, out, relu, acc)
     m = grad_out.numel() // C
     sum_g = g.sum(_DIMS)
-    if grad_y is not None or grad_weight is not None or grad_bias is not None:
-        _bn_input_grad(g, y, mean, var, weight, eps, acc, sum_g, m, grad_y, grad_weight, grad_bias)
+    if grad_y is not None or grad_weight is not None or grad_bias is not None or coef is not None:
+        _bn_side(g, y, mean, var, weight, eps, acc, sum_g, m, grad_y, grad_weight, grad_bias, coef)
     if identity is None:
         return
     if id_mean is None:
         if grad_identity is not None:
             grad_identity.copy_(g)
         return
-    if grad_identity is not None or grad_id_weight is not None or grad_id_bias is not None:
-        _bn_input_grad(g, identity, id_mean, id_var, id_weight, id_eps, acc, sum_g, m, grad_identity, grad_id_weight,
-                       grad_id_bias)
+    if grad_identity is not None or grad_id_weight is not None or grad_id_bias is not None or id_coef is not None:
+        _bn_side(g, identity, id_mean, id_var, id_weight, id_eps, acc, sum_g, m, grad_identity, grad_id_weight,
+                 grad_id_bias, id_coef)
+
+
+def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
+                            grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias,
+                            eps, id_eps, relu, C, inner) -> None:
+    _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
+              grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C)
+
+
+def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
+                        grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
+    _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, None, None, grad_weight,
+              grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, coef, id_coef)
 
 
 def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:

@@ -16,6 +16,12 @@ g * (y - mean), then one pass writing grad_y (and grad_identity) — no separate
 statistics-correction pass. See ``resnet_kernels/backends/torch_batch_norm.py`` for the exact
 math every implementation follows.
 
+``batch_norm_act_coef`` is the reduce + finalize half of ``batch_norm_act_backward`` alone: it
+returns the per-channel coefficients (A, B, K) of the input gradients, grad_y = A * g - (B + K * (y -
+mean)), instead of applying them, plus the parameter gradients. The fused convolution backward
+(``resnet_kernels/backends/torch_conv_backward.py``) computes that operand on the fly in its dgrad
+and wgrad, so grad_y is never written. It is used inside a backward and is not differentiable.
+
 This is the path ``resnet_kernels.functional`` takes for a BatchNorm in training (see
 ``nn/_bn.py``: ``batch_stats_args``); the general per-channel ``(scale, shift)`` path
 (``bn_scale_shift`` + ``bn_add_relu``) remains for what this op does not cover: a synchronising
@@ -38,6 +44,7 @@ from .._numerics import mismatch, verify_rtol
 OP = "batch_norm_act"
 OP_BACKWARD = OP + "_backward"
 OP_UPDATE = "bn_running_update"
+OP_COEF = OP + "_coef"
 
 
 def _geometry(x: Tensor, layout: str):
@@ -198,6 +205,60 @@ class BackwardCall:
         return None
 
 
+class CoefCall:
+    """A batch_norm_act_coef call. ``needs``: (grad_weight, grad_bias, grad_id_weight,
+    grad_id_bias); coef is always computed, id_coef when the identity has its own BN (id_mean)."""
+
+    op = OP_COEF
+    _NAMES = ("coef", "id_coef", "grad_weight", "grad_bias", "grad_id_weight", "grad_id_bias")
+
+    def __init__(self, grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
+                 layout, needs, pdtypes):
+        self.grad_out, self.out, self.y, self.mean, self.var, self.weight = grad_out, out, y, mean, var, weight
+        self.identity, self.id_mean, self.id_var, self.id_weight = identity, id_mean, id_var, id_weight
+        self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
+        self.needs = tuple(bool(n) for n in needs)
+        self.pdtypes = pdtypes  # dtypes of (weight, bias, id_weight, id_bias) gradients
+        self.device = grad_out.device
+        self.dtype = grad_out.dtype
+        self.C, self.inner = _geometry(grad_out, layout)
+
+    def params(self):
+        return (self.weight, self.id_weight)
+
+    def key(self) -> str:
+        return (f"{tuple(self.grad_out.shape)}|{self.layout}|{self.grad_out.dtype}|"
+                f"{_flags(self.weight, self.id_mean, self.id_weight)}|"
+                f"{''.join(str(int(n)) for n in self.needs)}|p{'/'.join(_short(d) for d in self.pdtypes)}|"
+                f"relu{int(self.relu)}")
+
+    def describe(self) -> str:
+        g = self.grad_out
+        return f"grad_out {tuple(g.shape)} {_short(g.dtype)} {self.layout} (coefficients)"
+
+    def run(self, impl, fresh: bool = True) -> List[Tensor]:
+        args = (self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity, self.id_mean,
+                self.id_var, self.id_weight)
+        tail = (self.eps, self.id_eps, self.relu, self.C, self.inner)
+        if impl.returns_output:
+            got = impl.load()(*args, self.needs, self.pdtypes, *tail)
+            empty = _coef_outputs(self.grad_out, self.C, self.id_mean is not None, (False,) * 4, self.pdtypes,
+                                  fake=False)
+            return [t if (t is not None and (i < 2 or self.needs[i - 2])) else e
+                    for i, (t, e) in enumerate(zip(got, empty))]
+        outs = _coef_outputs(self.grad_out, self.C, self.id_mean is not None, self.needs, self.pdtypes, fake=False)
+        impl.load()(*args, *(t if t.numel() else None for t in outs), *tail)
+        return outs
+
+    def compare(self, got, ref):
+        rtol = verify_rtol(self.grad_out.dtype)
+        for name, g, r in zip(self._NAMES, got, ref):
+            err = mismatch(name, g, r, rtol)
+            if err is not None:
+                return err
+        return None
+
+
 class UpdateCall:
     """A bn_running_update call. It mutates its buffers: the measured 'auto' runs candidates on
     copies (``fresh=True`` returns them for verification) and then the chosen one in place."""
@@ -273,21 +334,27 @@ def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
 # --------------------------------------------------------------------------------------------
 # backward op
 # --------------------------------------------------------------------------------------------
+def _grad_vectors(grad_out: Tensor, C: int, needs, pdtypes, fake: bool) -> List[Tensor]:
+    """(grad_weight, grad_bias, grad_id_weight, grad_id_bias) for ``needs`` of those four: (C,)
+    in their dtype (None: acc), or empty when not needed."""
+    vecs = []
+    for need, dt in zip(needs, pdtypes):
+        dt = dt or acc_dtype(grad_out.dtype)
+        if fake:
+            vecs.append(grad_out.new_empty(C if need else 0, dtype=dt))
+        else:
+            vecs.append(_alloc.empty((C if need else 0,), dtype=dt, device=grad_out.device))
+    return vecs
+
+
 def _backward_outputs(grad_out: Tensor, C: int, needs, pdtypes, fake: bool) -> List[Tensor]:
     new = torch.empty_like if fake else _alloc.empty_like
     acts = [new(grad_out) if needs[i] else grad_out.new_empty(0) for i in (0, 1)]
-    vecs = []
-    for i, dt in zip((2, 3, 4, 5), pdtypes):
-        dt = dt or acc_dtype(grad_out.dtype)
-        if fake:
-            vecs.append(grad_out.new_empty(C if needs[i] else 0, dtype=dt))
-        else:
-            vecs.append(_alloc.empty((C if needs[i] else 0,), dtype=dt, device=grad_out.device))
-    return acts + vecs
+    return acts + _grad_vectors(grad_out, C, needs[2:], pdtypes, fake)
 
 
-def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs):
-    op = OP_BACKWARD
+def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs,
+                       op: str = OP_BACKWARD):
     check_activation(op, "grad_out", grad_out)
     layout = check_layout(op, "grad_out", grad_out)
     if relu:
@@ -361,6 +428,143 @@ def _(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
 
 
 _batch_norm_act_backward = Eager(batch_norm_act_backward_op)
+
+
+# --------------------------------------------------------------------------------------------
+# the backward's coefficients (reduce + finalize only), for the fused convolution backward
+# --------------------------------------------------------------------------------------------
+def _coef_outputs(grad_out: Tensor, C: int, has_id: bool, needs, pdtypes, fake: bool) -> List[Tensor]:
+    acc = acc_dtype(grad_out.dtype)
+    if fake:
+        coefs = [grad_out.new_empty((3, C) if need else (0,), dtype=acc) for need in (True, has_id)]
+    else:
+        coefs = [_alloc.empty((3, C) if need else (0,), dtype=acc, device=grad_out.device) for need in (True, has_id)]
+    return coefs + _grad_vectors(grad_out, C, needs, pdtypes, fake)
+
+
+def _validate_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs):
+    op = OP_COEF
+    layout = _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu,
+                                (False, False) + tuple(needs), op)
+    if id_mean is not None and identity is None:
+        raise ValueError(f"{op}: identity is required with id_mean/id_var (its BN's coefficients are reduced over it)")
+    if id_weight is not None and id_mean is None:
+        raise ValueError(f"{op}: id_weight was given without id_mean/id_var")
+    return layout
+
+
+def coef_call(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
+              need_weight, need_bias, need_id_weight, need_id_bias, weight_dtype, id_weight_dtype) -> CoefCall:
+    needs = (need_weight, need_bias, need_id_weight, need_id_bias)
+    layout = _validate_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs)
+    g = grad_out
+    bn = id_mean is not None  # a raw identity has no coefficients: not an operand of this op
+    return CoefCall(g, out if relu else None, y, _stat(mean, g), _stat(var, g), _param(weight, g),
+                    identity if bn else None, _stat(id_mean, g) if bn else None, _stat(id_var, g) if bn else None,
+                    _param(id_weight, g) if bn else None, eps, id_eps, relu, layout, needs,
+                    (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype))
+
+
+@torch.library.custom_op("resnet_kernels::batch_norm_act_coef", mutates_args=())
+def batch_norm_act_coef_op(grad_out: Tensor, out: Optional[Tensor], y: Tensor, mean: Tensor, var: Tensor,
+                           weight: Optional[Tensor], identity: Optional[Tensor], id_mean: Optional[Tensor],
+                           id_var: Optional[Tensor], id_weight: Optional[Tensor], eps: float, id_eps: float,
+                           relu: bool, need_weight: bool, need_bias: bool, need_id_weight: bool, need_id_bias: bool,
+                           weight_dtype: Optional[torch.dtype], id_weight_dtype: Optional[torch.dtype],
+                           backend: str) -> List[Tensor]:
+    """[coef, id_coef, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (see
+    ``batch_norm_act_coef``): always six tensors; id_coef is empty (shape (0,)) without id_mean, a
+    parameter gradient not requested is empty."""
+    call = coef_call(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
+                     need_weight, need_bias, need_id_weight, need_id_bias, weight_dtype, id_weight_dtype)
+    g = grad_out
+    if g.numel() == 0:
+        _tune.check_requested(OP_COEF, backend, call)
+        return _empty_batch_coef(call)
+    return _tune.dispatch(OP_COEF, backend, call)
+
+
+def _empty_batch_coef(call: CoefCall) -> List[Tensor]:
+    """An empty batch: every sum is 0, so B = K = 0 and the parameter gradients are 0; A = weight *
+    invstd as always."""
+    from ..backends.torch_batch_norm import coefficients
+
+    outs = _coef_outputs(call.grad_out, call.C, call.id_mean is not None, call.needs, call.pdtypes, fake=False)
+    acc = acc_dtype(call.dtype)
+    zero = torch.zeros(call.C, dtype=acc, device=call.device)
+    coefficients(outs[0], call.var, call.weight, call.eps, zero, zero)
+    if call.id_mean is not None:
+        coefficients(outs[1], call.id_var, call.id_weight, call.id_eps, zero, zero)
+    for v in outs[2:]:
+        v.zero_()
+    return outs
+
+
+@batch_norm_act_coef_op.register_fake
+def _(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu, need_weight,
+      need_bias, need_id_weight, need_id_bias, weight_dtype, id_weight_dtype, backend):
+    needs = (need_weight, need_bias, need_id_weight, need_id_bias)
+    _validate_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs)
+    return _coef_outputs(grad_out, grad_out.shape[1], id_mean is not None, needs,
+                         (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype), fake=True)
+
+
+def _coef_not_differentiable(ctx, *grads):
+    raise RuntimeError(f"{OP_COEF} is not differentiable: it computes part of a backward (the BatchNorm backward's "
+                       f"coefficients); double backward through it is not supported")
+
+
+def _coef_setup_context(ctx, inputs, output):
+    pass
+
+
+batch_norm_act_coef_op.register_autograd(_coef_not_differentiable, setup_context=_coef_setup_context)
+_batch_norm_act_coef = Eager(batch_norm_act_coef_op)
+
+
+def batch_norm_act_coef(grad_out: Tensor, out: Optional[Tensor], y: Tensor, mean: Tensor, var: Tensor,
+                        weight: Optional[Tensor] = None, identity: Optional[Tensor] = None,
+                        id_mean: Optional[Tensor] = None, id_var: Optional[Tensor] = None,
+                        id_weight: Optional[Tensor] = None, *, eps: float = 1e-5, id_eps: float = 1e-5,
+                        relu: bool = True, need_weight: bool = False, need_bias: bool = False,
+                        need_id_weight: bool = False, need_id_bias: bool = False,
+                        weight_dtype: Optional[torch.dtype] = None, id_weight_dtype: Optional[torch.dtype] = None,
+                        backend: Optional[str] = None) -> List[Tensor]:
+    """The per-channel coefficients of ``batch_norm_act``'s input gradients, and its parameter
+    gradients, without computing grad_y (the reduce + finalize half of its backward).
+
+    Arguments as ``batch_norm_act``'s backward sees them: ``grad_out`` the gradient of its output,
+    ``out`` its saved output (the ReLU mask; required when relu), y, mean, var, weight, and the
+    identity with its own BN (identity, id_mean, id_var, id_weight) or None. A raw identity (no
+    id_mean) has no coefficients (its gradient is g) and is ignored.
+
+    Returns ``[coef, id_coef, grad_weight, grad_bias, grad_id_weight, grad_id_bias]``, always six
+    tensors (a ``torch.library`` op cannot return None):
+
+    * coef (3, C) in acc (float32; float64 for float64 activations): rows (A, B, K) with
+      A = weight * invstd (weight None: invstd), B = A * sum(g) / m, K = A * invstd^2 * sum(g * (y -
+      mean)) / m, so that batch_norm_act_backward's grad_y = A * g - (B + K * (y - mean)) (g the
+      masked gradient; m = N*H*W; sums in a fixed order);
+    * id_coef (3, C) likewise for the identity's BN when id_mean is given, else empty (shape (0,));
+    * the parameter gradients as batch_norm_act_backward returns them, each (C,) in
+      weight_dtype/id_weight_dtype (None: acc) when its need_* flag is set, else empty.
+
+    Not differentiable (it is part of a backward)."""
+    check_tensor_args(OP_COEF, ("out", "weight", "identity", "id_mean", "id_var", "id_weight"), grad_out=grad_out,
+                      out=out, y=y, mean=mean, var=var, weight=weight, identity=identity, id_mean=id_mean,
+                      id_var=id_var, id_weight=id_weight)
+    tensors = (grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight)
+    args = tensors + (_check_float(OP_COEF, "eps", eps), _check_float(OP_COEF, "id_eps", id_eps),
+                      check_bool(OP_COEF, "relu", relu), check_bool(OP_COEF, "need_weight", need_weight),
+                      check_bool(OP_COEF, "need_bias", need_bias),
+                      check_bool(OP_COEF, "need_id_weight", need_id_weight),
+                      check_bool(OP_COEF, "need_id_bias", need_id_bias), weight_dtype, id_weight_dtype,
+                      _backend.op_arg(backend))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # through the dispatcher: the op's autograd (a backward that raises) is attached to the
+        # outputs (the eager fast path would record the implementation's own torch ops instead)
+        return batch_norm_act_coef_op(*args)
+    return _batch_norm_act_coef(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +645,7 @@ def update_call(mean, var, running_mean, running_var, num_batches_tracked, facto
 
 
 # the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
-CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call}
+CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call, OP_COEF: coef_call}
 
 
 @torch.library.custom_op("resnet_kernels::bn_running_update",

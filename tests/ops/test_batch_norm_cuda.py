@@ -399,3 +399,54 @@ def test_empty_batch(layout, cuda_target):
                                       torch.empty_like(x), gw, gb, giw, gib, EPS, ID_EPS, True, C, inner)
     for name, t in [("grad_weight", gw), ("grad_bias", gb), ("grad_id_weight", giw), ("grad_id_bias", gib)]:
         assert torch.equal(t, torch.zeros_like(t)), f"{name} of an empty batch: {t}"
+
+
+# --------------------------------------------------------------------------------------------
+# the coefficients alone (batch_norm_act_coef: the same entry point with coef/id_coef set and no
+# grad_y/grad_identity; op-level parity on every shape: tests/ops/test_batch_norm_coef.py)
+# --------------------------------------------------------------------------------------------
+def _coef(case, impl, f64=False):
+    k = case
+    cv = _d if f64 else (lambda t: t)
+    dt = torch.float64 if f64 else torch.float32
+    coef, icoef = _nan((3, k.C), dt, k.dev), _nan((3, k.C), dt, k.dev)
+    gw, gb = _nan((k.C,), dt, k.dev), _nan((k.C,), dt, k.dev)
+    impl.batch_norm_act_coef(cv(k.grad_out), cv(k.out), cv(k.y), cv(k.mean), cv(k.var), cv(k.weight), cv(k.identity),
+                             cv(k.id_mean), cv(k.id_var), cv(k.id_weight), coef, icoef, gw, gb, None, None, EPS, ID_EPS,
+                             True, k.C, k.inner)
+    return coef, icoef, gw, gb
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_coef_several_partials_per_channel(layout, cuda_target):
+    """coef / id_coef rows (A, B, K) from the finalize pass (several partial sums per channel)
+    against the float64 reference, and A * g' - (B + K * (y - mean)) against the apply pass's grad_y
+    of the same inputs (same reduce, same finalize)."""
+    case = Case(BIG, torch.float32, layout, cuda_target, seed=6)
+    got = _coef(case, cuda_impl)
+    exp = _coef(case, torch_impl, f64=True)
+    for name, a, e in zip(("coef", "id_coef", "grad_weight", "grad_bias"), got, exp):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=name)
+    want = dict(grad_y=True, grad_identity=True)
+    bwd = _backward(case, "bn", True, want, cuda_impl)
+    g = torch.where(case.out.double() > 0, case.grad_out.double(), torch.zeros((), dtype=torch.float64))
+    c = (1, -1, 1, 1)
+    for x, mean, coef, name in ((case.y, case.mean, got[0], "grad_y"), (case.identity, case.id_mean, got[1],
+                                                                        "grad_identity")):
+        A, B, K = (coef[r].double().view(c) for r in range(3))
+        d = x.double() - mean.double().view(c)
+        e = A * g - (B + K * d)
+        mag = (A * g).abs() + B.abs() + K.abs() * (d.abs() + x.double().abs() + mean.double().abs().view(c))
+        rt.assert_within(bwd[name], e, rt.elementwise_bound(e, mag, torch.float32), f"{name} from coef")
+
+
+def test_coef_argument_errors(cuda_target):
+    case = Case((1, 3, 7, 7), torch.float32, "nchw", cuda_target)
+    coef, icoef = _nan((3, 3), torch.float32, cuda_target), _nan((3, 3), torch.float32, cuda_target)
+    with pytest.raises(ValueError, match=r"id_coef needs the identity's own BatchNorm"):
+        cuda_impl._backward(case.grad_out, None, case.y, case.mean, case.var, None, case.identity, None, None, None,
+                            None, None, None, None, None, None, coef, icoef, EPS, ID_EPS, False, 3, 49)
+    with pytest.raises(ValueError, match=r"y, mean and var are required to compute grad_y, grad_weight or coef"):
+        cuda_impl._backward(case.grad_out, None, None, case.mean, case.var, None, None, None, None, None,
+                            None, None, None, None, None, None, coef, None, EPS, ID_EPS, False, 3, 49)
+    assert torch.isnan(coef).all() and torch.isnan(icoef).all(), "a refused call wrote an output"
