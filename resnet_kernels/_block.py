@@ -28,8 +28,7 @@ Used only where it computes exactly what the unfused path computes: plain eager 
 under torch.compile, FX tracing, functorch or dispatch modes: those see the per-op graph), a
 gradient needed, every BN using batch statistics through ``batch_stats_args`` (not a synchronising
 SyncBatchNorm, no conv bias, a non-empty batch), and the requested backend implementing the
-block's backward ops (``auto``, ``aten``, ``torch``, ``triton``; an explicit ``cuda`` keeps the
-per-op graph, whose every op it implements).
+block's fused backward (``auto``, ``triton``, and ``torch`` as the reference; see ``_BLOCK_BACKENDS``).
 """
 
 from __future__ import annotations
@@ -48,13 +47,20 @@ from .ops.conv2d import conv2d_stats
 from .ops.conv_backward import conv2d_backward
 
 _OPS = ("conv2d_backward", "batch_norm_act_coef")
+# Explicit backends that run the block as one function: those whose conv2d_backward computes the
+# BN-backward operand inside the convolution kernels (triton), and the reference (torch: exact
+# float64 parity of the whole chain). 'aten' and 'cuda' implement conv2d_backward as separate
+# passes around cuDNN, which count more launches and bytes than their per-op graph (resnet-kernels
+# count): an explicit request for them keeps the per-op graph; 'auto' may still measure and pick
+# their conv2d_backward inside the block.
+_BLOCK_BACKENDS = ("triton", "torch")
 
 
 def backend_ok(backend: str) -> bool:
-    """Whether ``backend`` ('auto' or a name) implements the block's backward ops."""
+    """Whether a ``backend`` request ('auto' or a name) runs the block as one function."""
     if backend == "auto":
         return True
-    return all(op in _registry.OPS and _registry.get_impl(op, backend) is not None for op in _OPS)
+    return backend in _BLOCK_BACKENDS and all(_registry.get_impl(op, backend) is not None for op in _OPS)
 
 
 def _bn_ok(bn: nn.Module) -> bool:

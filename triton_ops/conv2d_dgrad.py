@@ -434,7 +434,7 @@ def _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, r
         fc = _finalize_config(plan.P, cin)
         _finalize_kernel[fc["grid"]](
             plan.part[0], plan.part[1], dummy, up_var, opt(up_weight), dummy, dummy,
-            opt(up_grad_weight), opt(up_grad_bias), dummy, dummy, opt(coef_out),
+            opt(up_grad_weight), opt(up_grad_bias), dummy, dummy, opt(coef_out), dummy,
             *_parts(up_eps), *_parts(0.0), *_parts(1.0 / plan.M), plan.P, cin,
             BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=True, NEED_D=True, NEED_I=False,
             HAS_W=up_weight is not None, HAS_IW=False, W_GW=up_grad_weight is not None,
