@@ -458,19 +458,20 @@ def results() -> Dict[str, Dict[str, Any]]:
 UNIT = "conv_bn_unit"
 
 
-def plain_layers(x: Any, requested: str, unit: str = UNIT) -> bool:
+def plain_layers(x: Any, requested: str, unit: str = UNIT, record: bool = True) -> bool:
     """Whether a fused unit (conv -> BN [-> add] [-> ReLU], ``resnet_kernels.functional``) runs as
     the user's own PyTorch layers: 'auto' on tensors of a device that 'auto' does not measure on
     (CPU, meta). There no kernel of ours runs natively, and 'aten' is what 'auto' picks per op;
     for a whole unit that is exactly the plain layers, as fast as plain PyTorch, with its numbers.
     Not while torch.compile traces (the graph keeps the fused ops) nor for tensor subclasses
     (fake tensors) or an explicit backend (the reference 'torch' stays the oracle). ``unit``: what
-    ``explain`` lists it as (the stem's max pool: 'maxpool2d')."""
+    ``explain`` lists it as (the stem's max pool: 'maxpool2d'); ``record=False``: a question only
+    (not listed by ``explain``: the caller asks again where it runs the unit)."""
     if requested != "auto" or type(x) is not torch.Tensor or x.device.type in _tunable_devices:
         return False
     if torch.compiler.is_compiling():
         return False
-    rec = _recorder.get()
+    rec = _recorder.get() if record else None
     if rec is not None:
         where = _where.get()
         rec.append(Decision(unit, "aten", f"static ({x.device.type}: the unit's own PyTorch layers)", "",

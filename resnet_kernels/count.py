@@ -326,7 +326,7 @@ def _cuda_like_auto():
     from . import _tune
 
     saved = _tune.plain_layers
-    _tune.plain_layers = lambda x, requested, unit=None: False
+    _tune.plain_layers = lambda x, requested, unit=None, record=True: False
     try:
         yield
     finally:

@@ -362,8 +362,10 @@ def residual_block(x: Tensor, units, shortcut=None, *, backend: Optional[str] = 
     convs = [c for c, _ in units] + ([shortcut[0]] if shortcut is not None else [])
     bns = [b for _, b in units] + ([shortcut[1]] if shortcut is not None else [])
     requested = _backend.op_arg(backend)
-    if _plain_ok(x, backend, *bns) or not _block.applicable(x, convs, bns, requested):
+    if not _block.applicable(x, convs, bns, requested):
         return None
+    if not any(isinstance(b, nn.SyncBatchNorm) for b in bns) and _tune.plain_layers(x, requested, record=False):
+        return None  # 'auto' on CPU tensors: the per-unit path runs the user's own layers
     dt = _autocast_dtype(x)
     if dt is None:
         return _block.train_block(x, units, shortcut, requested)

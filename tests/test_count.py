@@ -158,3 +158,23 @@ def test_cli_count_table(capsys):
     out, _ = capsys.readouterr()
     assert rc == 0 and "COUNTED" in out and "| **total** |" in out and "| layer4.1 |" in out
     assert "| fwd | convolution | aten | 20 | 20 |" in out  # ResNet-18: 20 convolutions, one launch each
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_block_backward_counts_fewer_launches_and_bytes_than_the_per_op_graph(arch, monkeypatch):
+    """Issue 12: a training block as one autograd function (resnet_kernels/_block.py: the BN backward
+    computed inside conv2d_backward, the residual-gradient sum in its epilogue) launches fewer
+    kernels and moves fewer bytes per step than the per-op graph of the same ops ('auto', static
+    CUDA choice: the Triton dgrad/wgrad), and its backward has no batch_norm_act_backward apply
+    pass nor autograd's residual accumulate inside the blocks. Counted, not timed."""
+    from resnet_kernels import _block
+
+    fused = count.count_step(arch, "train", "auto", batch=256, image_size=224, dtype="bf16")
+    monkeypatch.setattr(_block, "backend_ok", lambda backend: False)
+    per_op = count.count_step(arch, "train", "auto", batch=256, image_size=224, dtype="bf16")
+    assert fused.launches < per_op.launches, (fused.launches, per_op.launches)
+    assert fused.bytes < per_op.bytes, (fused.bytes / 1e9, per_op.bytes / 1e9)
+    in_blocks = [e for e in fused.entries if e.phase == "bwd" and e.layer.startswith("layer")]
+    ops = {e.op for e in in_blocks}
+    assert "conv2d_backward" in ops and "batch_norm_act_coef" in ops
+    assert not ops & {"batch_norm_act_backward", "convolution_backward", "add"}, ops

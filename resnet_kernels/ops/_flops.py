@@ -8,8 +8,11 @@ BatchNorm, add and ReLU. So:
 
 * ``conv2d_epilogue``, ``conv2d_stats``: the convolution (the fp32 epilogue: BN affine,
   residual add, ReLU, batch statistics: 0);
-* ``bn_add_relu``, ``bn_add_relu_backward``, ``maxpool2d``, ``maxpool2d_backward``: 0 (registered, so the
-  counter lists them).
+* ``conv2d_backward`` (the fused block backward): what PyTorch counts for the
+  ``aten.convolution_backward`` it replaces, the convolution's FLOPs once per requested gradient
+  (dgrad, wgrad); the BN-backward operand and the epilogue's sums: 0;
+* ``bn_add_relu``, ``bn_add_relu_backward``, ``batch_norm_act_coef``, ``maxpool2d``,
+  ``maxpool2d_backward``: 0 (registered, so the counter lists them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def conv2d_stats_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return _conv_flops(x_shape, w_shape, out_shape[0])  # out: (y, mean, var)
 
 
+def conv2d_backward_flop(g_shape, mask_shape, y_shape, mean_shape, coef_shape, x_shape, w_shape, stride, padding,
+                         *args, out_shape=None, **kwargs) -> int:
+    need_x, need_w = args[-5], args[-4]  # (..., need_x, need_weight, need_up_weight, need_up_bias, backend)
+    return (int(bool(need_x)) + int(bool(need_w))) * _conv_flops(x_shape, w_shape, g_shape)
+
+
 def elementwise_flop(*args, out_shape=None, **kwargs) -> int:
     return 0
 
@@ -50,6 +59,8 @@ FORMULAS = {
     "bn_add_relu_backward": elementwise_flop,
     "maxpool2d": elementwise_flop,  # PyTorch counts no FLOPs for max_pool2d either
     "maxpool2d_backward": elementwise_flop,
+    "conv2d_backward": conv2d_backward_flop,
+    "batch_norm_act_coef": elementwise_flop,
 }
 
 

@@ -187,9 +187,10 @@ def test_fx_symbolic_trace_keeps_fused_ops(arch, units, train):
     assert len(_fused_calls(gm)) == units  # one node per fused unit (projections inside conv_bn_add_act)
     assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d)
                    for n in gm.graph.nodes)
-    # resnet50 at batch 2 and 32x32 has 2 values per channel in layer4: training-mode BN is then so
-    # ill-conditioned that fp32 eager itself is ~1 off float64; 4 x 64x64 is well conditioned
-    x = torch.randn(4, 3, 64, 64, device=DEV) if arch == "resnet50" else torch.randn(2, 3, 32, 32, device=DEV)
+    # at batch 2 and 32x32 layer4 has 2 values per channel (resnet18 and resnet50): training-mode BN
+    # is then so ill-conditioned that fp32 results depend on the CPU's convolution rounding (seen:
+    # 7e-4 apart on one machine, within 2e-4 on another); 4 x 64x64 is well conditioned
+    x = torch.randn(4, 3, 64, 64, device=DEV)
     yr = ref(x)
     yg = gm(x)
     torch.testing.assert_close(yg, yr, rtol=2e-4, atol=2e-4)
