@@ -22,24 +22,37 @@ Two column shapes (a constexpr switch, as the forward's K loop):
 * packed (``PACKED_N=True``): the columns are one flat dense index j -> (kh, kw, ci), so the stem's
   Cin = 3 (N_gemm = 147) does not pad every tap up to BLOCK_N.
 
-Deterministic split-K, no atomics (``SPLITS`` from the problem size, ``choose_splits``):
-* launch 1, grid (tiles, SPLITS): split s reduces pixels [s*P_PER_SPLIT, (s+1)*P_PER_SPLIT) in
-  order and stores its fp32 tile into a (SPLITS, Cout, Cin, KH, KW) contiguous scratch;
-* launch 2 (``_wgrad_reduce_kernel``): per element, the SPLITS partials summed in split order in
-  fp32, rounded once to grad_weight's dtype and stored with grad_weight's strides.
-With SPLITS == 1 launch 1 stores the rounded result into grad_weight directly (one launch).
-Every sum has a fixed order and fixed shapes: bitwise reproducible run to run (on one GPU type).
+Deterministic split-K in ONE launch, no atomics on the data (``SPLITS`` from the problem size,
+``choose_splits``), grid (tiles, SPLITS):
+* split s reduces pixels [s*P_PER_SPLIT, (s+1)*P_PER_SPLIT) in order and stores its fp32 tile,
+  unmasked, into a tile-major (SPLITS, tiles, BLOCK_M, BLOCK_N) scratch (whole tiles: fixed
+  offsets from one scalar base, no mask, no [BLOCK_M, BLOCK_N] pointer tensor in registers);
+* then it increments the tile's int32 arrival counter: a CTA barrier (every thread's partial
+  stores first), one thread's ``atomic_add(sem="acq_rel", scope="gpu")``, its old value broadcast
+  to the CTA (shared memory + barrier): CUTLASS's split-K semaphore pattern;
+* the program that arrives last (old value == SPLITS-1) reads the SPLITS partials of its tile in
+  split order 0, 1, ..., SPLITS-1 (``ld.global.cg``: from L2), sums them in fp32, rounds once to
+  grad_weight's dtype, stores with grad_weight's strides and puts the counter back to 0.
+Which program arrives last varies run to run; the sum's order and shapes do not: bitwise
+reproducible (on one GPU type). The counter is the only atomic; it decides who sums, not what.
+With SPLITS == 1 (``SPLIT_K=False``) the program stores the rounded result into grad_weight
+directly (no scratch, no counter). The counters must be all zero at launch: a cached buffer per
+(device, stream), reset by the kernel itself (``_counters``: assumptions and failure handling).
 
 Bytes per call (e = activation element size, T = number of operand tensors read for dy: 1 for g,
 +1 with mask, +1 with coef (y); P = N*OH*OW, tiles_m = cdiv(Cout, BLOCK_M), tiles_n the column
 tiles): dy operands T * e * P * Cout * tiles_n, x about e * P * Cin*KH*KW * tiles_m (each tap
 gathers its own shifted view; stride 2 and the padding skip some), mean/coef 16 * Cout per program,
-scratch 2 * 4 * SPLITS * Cout*Cin*KH*KW (written once, read once), grad_weight once. The re-reads
-across column/row tiles come from L2 when the tiles of one split run together (the split is the
-slow grid axis). Example, ResNet-18 layer1 3x3 64->64 at batch 256, bf16, channels_last, with mask
-and coef (one row tile, 9 column tiles, 30 splits): 9 x 3 x 103 MB of dy operand reads and 9 x 103 MB
-of x reads (mostly L2 hits), 2 x 30 x 147 KB of scratch; the DRAM floor is ~0.41 GB (g, mask, y, x
-once each).
+scratch 2 * 4 * SPLITS * tiles * BLOCK_M * BLOCK_N (each partial written once and read once, by
+the tile's last program; = 2 * 4 * SPLITS * Cout*Cin*KH*KW when the tiles divide the weight, more
+for partial tiles: the stem's 147 columns take 192), 4 bytes of counter per (tile, split),
+grad_weight once. The re-reads across column/row tiles come from L2 when the tiles of one split
+run together (the split is the slow grid axis). Example, ResNet-18 layer1 3x3 64->64 at batch 256,
+bf16, channels_last, with mask and coef (one row tile, 9 column tiles, 30 splits): 9 x 3 x 103 MB
+of dy operand reads and 9 x 103 MB of x reads (mostly L2 hits), 2 x 30 x 147 KB of scratch; the
+DRAM floor is ~0.41 GB (g, mask, y, x once each). The last program of a tile reads its SPLITS
+partials alone (layer1: 30 x 16 KB per tile), which the earlier separate reduce kernel spread
+over many programs: a short serial tail per tile, traded for one launch less.
 
 Precision: fp16/bf16 operands on the tensor cores with fp32 accumulation; fp32 uses tf32 when
 ``allow_tf32`` and 3xTF32 (``tf32x3``, fp32-accurate) otherwise, as the forward. float64 is
@@ -51,16 +64,18 @@ autotuning: a sweep would rerun the kernel on the caller's buffers); the AOT tes
 tensor-core instructions and zero spills. Under ``TRITON_INTERPRET=1`` one small config is used,
 few splits, and the dot operands are upcast to fp32 (the interpreter computes bf16 dots wrongly).
 
-Not measured on a GPU yet (no GPU in the session that wrote it); known limits: with NCHW g the
-[BLOCK_M, BLOCK_K] operand tile is contiguous along the pixels, with channels_last along Cout, and
-the dot wants it K-major: one of the two layouts is transposed on its way to the tensor cores.
+Not measured on a GPU yet (no GPU in the sessions that wrote it). The single-launch split-K runs
+under the interpreter, one program at a time in grid order, and the AOT test checks its memory
+ordering in the PTX; it has not run with programs arriving concurrently. Known limits: with NCHW g
+the [BLOCK_M, BLOCK_K] operand tile is contiguous along the pixels, with channels_last along Cout,
+and the dot wants it K-major: one of the two layouts is transposed on its way to the tensor cores.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -74,16 +89,16 @@ __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
 
 @triton.jit
 def _conv2d_wgrad_kernel(
-    g_ptr, m_ptr, y_ptr, mean_ptr, coef_ptr, x_ptr, out_ptr,
+    g_ptr, m_ptr, y_ptr, mean_ptr, coef_ptr, x_ptr, gw_ptr, part_ptr, cnt_ptr,
     C, H, W, COUT, OH, OW, NPIX, NCOL, P_PER_SPLIT,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
-    sos, soo, soi, soh, sow,
+    swo, swi, swh, sww,
     smean, scr, scc,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, PACKED_N: tl.constexpr, EVEN_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ---- grouped tile order within one split (axis 1 = the split: the slow axis, so the programs
@@ -187,33 +202,41 @@ def _conv2d_wgrad_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    # ---- store: the fp32 partial of this split, or (one split) grad_weight rounded once
-    o_off = split.to(tl.int64) * sos + (offs_co * soo)[:, None] + (ci * soi + kh * soh + kw * sow)[None, :]
-    tl.store(out_ptr + o_off, cast_for_store(acc, out_ptr), mask=co_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _wgrad_reduce_kernel(
-    part_ptr, out_ptr, TOTAL, SPLITS, CIN, soo, soi, soh, sow,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """grad_weight[i] = sum over s = 0 .. SPLITS-1 (in this order) of part[s, i], fp32, rounded
-    once; i the flat (co, ci, kh, kw) index of the contiguous (SPLITS, Cout, Cin, KH, KW) scratch,
-    stored with grad_weight's strides."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < TOTAL
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    p = part_ptr + offs
-    for _s in range(0, SPLITS):
-        acc += tl.load(p, mask=ok, other=0.0)
-        p += TOTAL
-    kw = offs % KW
-    t = offs // KW
-    kh = t % KH
-    t = t // KH
-    ci = t % CIN
-    co = t // CIN
-    tl.store(out_ptr + (co * soo + ci * soi + kh * soh + kw * sow), cast_for_store(acc, out_ptr), mask=ok)
+    # ---- store: one split: grad_weight rounded once. Split-K: this split's fp32 partial tile, then
+    # the tile's arrival counter; the program that arrives last sums the SPLITS partials of the tile
+    # in split order (0, 1, ..., SPLITS-1: the result does not depend on which program arrives
+    # last), rounds once, stores grad_weight and puts the counter back to 0 for the next launch.
+    out_mask = co_mask[:, None] & col_mask[None, :]
+    if SPLIT_K:
+        # the scratch is (SPLITS, tiles, BLOCK_M, BLOCK_N) fp32, tile-major: whole tiles, so the
+        # partial stores and loads need no mask and their offsets are one fixed pattern from a
+        # scalar base (a [BLOCK_M, BLOCK_N] tensor of offsets, masks or 64-bit pointers would
+        # hold as many registers as the accumulator, or twice as many)
+        num_tiles = tl.num_programs(0)
+        nsplit = tl.num_programs(1)
+        t_off = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        mine = part_ptr + (split.to(tl.int64) * num_tiles + pid) * tile_elems
+        tl.store(mine + t_off, acc)
+        # release: every thread's partial stores happen before the (one-thread) counter update
+        # (CTA barrier, then the gpu-scope acq_rel atomic; as CUTLASS's split-K semaphore)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == nsplit - 1:
+            # acquire: the atomic's result reaches every thread through shared memory and a CTA
+            # barrier; the partials are read from L2 (.cg), never from a stale L1 line
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            base = part_ptr + pid.to(tl.int64) * tile_elems
+            step = num_tiles.to(tl.int64) * tile_elems
+            for _s in range(0, nsplit):
+                tot += tl.load(base + t_off, cache_modifier=".cg")
+                base += step
+            gw_off = (offs_co * swo)[:, None] + (ci * swi + kh * swh + kw * sww)[None, :]
+            tl.store(gw_ptr + gw_off, cast_for_store(tot, gw_ptr), mask=out_mask)
+            tl.store(cnt_ptr + pid, 0)  # every split has arrived: nobody else touches it this launch
+    else:
+        gw_off = (offs_co * swo)[:, None] + (ci * swi + kh * swh + kw * sww)[None, :]
+        tl.store(gw_ptr + gw_off, cast_for_store(acc, gw_ptr), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +262,6 @@ INTERPRETER_CONFIG = WgradConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, 
 # element, costs as much traffic as a few chunks of operands). A function of the shape only.
 TARGET_PROGRAMS = 4 if INTERPRET else 264
 MIN_SPLIT_ITERS = 2 if INTERPRET else 16
-REDUCE_BLOCK = 256 if INTERPRET else 1024
 
 
 def choose_splits(num_tiles: int, npix: int, block_k: int, target_programs: int = TARGET_PROGRAMS,
@@ -319,10 +341,52 @@ def _check(g, mask, y, mean, coef, x, grad_weight):
         raise ValueError("conv2d_wgrad (triton): coef needs y and mean")
 
 
+# ----------------------------------------------------------------------------------------------
+# split-K arrival counters
+
+# One int32 counter per tile, all zero between launches: a cached buffer per (device, stream),
+# grown as needed (a torch.zeros per call would be a memset launch of its own). The kernel's last
+# program of each tile puts its counter back to 0, so a launch that completes leaves the buffer as
+# it found it. Assumptions: the launches that use one buffer run one at a time, i.e. in the order
+# of their stream (kernels of one stream do not overlap; each stream has its own buffer); a launch
+# that raises in Python may have run partly (the interpreter) or not at all: its buffer is dropped
+# and the next call starts from a fresh zeroed one. A kernel that faults on the GPU leaves the CUDA
+# context unusable anyway. During CUDA graph capture nothing is cached: each call captures its own
+# zeroed buffer (a memset node) in the graph's memory pool.
+_COUNTERS: Dict[tuple, torch.Tensor] = {}
+_MIN_COUNTERS = 1024
+
+
+def _counter_key(device: torch.device):
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return ("cuda", index, torch.cuda.current_stream(index).cuda_stream)
+    return (device.type, device.index, None)
+
+
+def _counters(device: torch.device, n: int) -> Tuple[torch.Tensor, Optional[tuple]]:
+    """(an all-zero int32 buffer of at least n counters, its cache key or None if not cached)."""
+    if device.type == "meta":
+        return torch.zeros(n, dtype=torch.int32, device=device), None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device), None
+    key = _counter_key(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        size = max(_MIN_COUNTERS, 1 << (n - 1).bit_length())
+        buf = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return buf, key
+
+
+def _drop_counters(key: Optional[tuple]) -> None:
+    if key is not None:
+        _COUNTERS.pop(key, None)
+
+
 @dataclass
 class _Plan:
-    """Both launches' arguments, built from shapes, strides and dtypes only (works on meta
-    tensors: the AOT test compiles exactly what a real launch would)."""
+    """The launch's arguments, built from shapes, strides and dtypes only (works on meta tensors:
+    the AOT test compiles exactly what a real launch would)."""
     grid: Tuple[int, int]
     args: tuple
     constexprs: dict
@@ -331,10 +395,9 @@ class _Plan:
     config: WgradConfig
     splits: int
     p_per_split: int
-    part: Optional[torch.Tensor]
-    reduce_grid: Tuple[int]
-    reduce_args: tuple
-    reduce_constexprs: dict
+    part: Optional[torch.Tensor]      # the (SPLITS, tiles, BLOCK_M, BLOCK_N) fp32 scratch (split-K only)
+    counters: Optional[torch.Tensor]  # the per-tile arrival counters (split-K only)
+    counter_key: Optional[tuple]      # their cache key (None: not cached)
 
 
 def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
@@ -358,13 +421,10 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
         per = max(1, triton.cdiv(npix, max(1, cfg.splits)))
         splits = max(1, triton.cdiv(npix, per))
 
-    total = cout * ncol
-    part = None
-    if splits == 1:
-        out, o_strides = grad_weight, (0, *grad_weight.stride())
-    else:
-        part = _alloc.empty((splits, cout, cin, kh, kw), dtype=torch.float32, device=x.device)
-        out, o_strides = part, part.stride()
+    part = counters = key = None
+    if splits > 1 and tiles > 0:  # (no tiles: an empty grad_weight, nothing launched)
+        part = _alloc.empty((splits, tiles, cfg.BLOCK_M, cfg.BLOCK_N), dtype=torch.float32, device=x.device)
+        counters, key = _counters(x.device, tiles)
 
     if x.dtype == torch.float32:
         precision = "tf32" if allow_tf32 else "tf32x3"  # as the forward (triton_ops/conv2d.py)
@@ -374,20 +434,20 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
     has_coef = coef is not None
     args = (
         g, mask if mask is not None else dummy, y if has_coef else dummy,
-        mean if has_coef else dummy, coef if has_coef else dummy, x, out,
+        mean if has_coef else dummy, coef if has_coef else dummy, x, grad_weight,
+        part if part is not None else dummy, counters if counters is not None else dummy,
         cin, h, w, cout, oh, ow, npix, ncol, per,
-        *g.stride(), *x.stride(), *o_strides,
+        *g.stride(), *x.stride(), *grad_weight.stride(),
         mean.stride(0) if has_coef else 0, *(coef.stride() if has_coef else (0, 0)),
         sh, sw, ph, pw,
     )
     constexprs = dict(
         KH=kh, KW=kw, HAS_MASK=mask is not None, HAS_COEF=has_coef, PACKED_N=bool(packed),
-        EVEN_C=cin % cfg.BLOCK_N == 0, DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
+        EVEN_C=cin % cfg.BLOCK_N == 0, SPLIT_K=part is not None, DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
-    reduce_args = (part, grad_weight, total, splits, cin, *grad_weight.stride()) if part is not None else ()
     return _Plan((tiles, splits), args, constexprs, cfg.num_warps, cfg.num_stages, cfg, splits, per, part,
-                 (triton.cdiv(total, REDUCE_BLOCK),), reduce_args, dict(KH=kh, KW=kw, BLOCK=REDUCE_BLOCK))
+                 counters, key)
 
 
 def _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
@@ -395,13 +455,15 @@ def _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
     plan = _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, config)
     if grad_weight.numel() == 0:
         return plan
-    if g.shape[0] * g.shape[2] * g.shape[3] == 0:
+    if g.shape[0] * g.shape[2] * g.shape[3] == 0:  # (one split: no scratch, no counters)
         grad_weight.zero_()
         return plan
-    _conv2d_wgrad_kernel[plan.grid](*plan.args, **plan.constexprs, num_warps=plan.num_warps,
-                                    num_stages=plan.num_stages)
-    if plan.part is not None:
-        _wgrad_reduce_kernel[plan.reduce_grid](*plan.reduce_args, **plan.reduce_constexprs, num_warps=4)
+    try:
+        _conv2d_wgrad_kernel[plan.grid](*plan.args, **plan.constexprs, num_warps=plan.num_warps,
+                                        num_stages=plan.num_stages)
+    except BaseException:
+        _drop_counters(plan.counter_key)  # it may have run partly (interpreter): counters not all 0
+        raise
     return plan
 
 

@@ -609,10 +609,12 @@ def _conv_bwd_operand_reads(call) -> int:
 
 def _triton_conv_bwd_cost(call):
     """wgrad: the operand (g, the mask, y) and x read once, fp32 split-K partials written and read
-    back by the fixed-order reduce kernel, grad_weight written (2 launches). dgrad: the operand and
-    the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in the epilogue,
-    grad_x and per-tile partials written (1 launch), and with upstream reductions the finalize kernel
-    (partials and per-channel vectors in, coefficients and parameter gradients out)."""
+    back in split order by each tile's last-arriving program, grad_weight written (1 launch: the
+    reduction is in the same kernel; the per-tile arrival counters' bytes are negligible and not
+    counted). dgrad: the operand and the weight read, the residual (+ its mask), the upstream x
+    (mask) and up_y read in the epilogue, grad_x and per-tile partials written (1 launch), and with
+    upstream reductions the finalize kernel (partials and per-channel vectors in, coefficients and
+    parameter gradients out)."""
     need_x, need_w = call.needs[0], call.needs[1]
     Cout, Cin, KH, KW = call.weight.shape
     launches = b = 0
@@ -620,7 +622,7 @@ def _triton_conv_bwd_cost(call):
     vec = 3 * Cout * 4 + (nbytes(call.mean) if call.coef is not None else 0)
     if need_w:
         part = _WGRAD_SPLITS * Cout * Cin * KH * KW * 4
-        launches, b = 2, ops + nbytes(call.x) + 2 * part + nbytes(call.weight) + vec
+        launches, b = 1, ops + nbytes(call.x) + 2 * part + nbytes(call.weight) + vec
     if need_x:
         launches += 1
         b += ops + nbytes(call.weight) + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.x) + vec

@@ -5,7 +5,7 @@ float64 on the same (dtype-rounded) inputs converted to float64.
 Without a GPU this runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1 before the
 kernels are imported); shapes are tiny. grad_weight and the split-K scratch are allocated
 NaN-poisoned (``resnet_kernels._alloc`` in poison mode), so an element the kernel does not write
-(in either launch) fails the comparison.
+(a partial tile, or grad_weight by the last-arriving split of a tile) fails the comparison.
 
 Tolerances (``_bound``), per element of gw, derived from how the kernel computes rather than tuned:
   the kernel computes dy in fp32, rounds it to the activation dtype, and sums K = N*OH*OW products
@@ -236,14 +236,70 @@ def test_wgrad_column_modes(shape_id, packed):
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 5, 7])
 def test_wgrad_splits(splits):
-    """Split counts: one (grad_weight stored directly, one launch), and several whose pixel
-    ranges do not divide K = 98 or the 32-pixel chunk (split boundaries inside a chunk)."""
+    """Split counts: one (grad_weight stored directly, no scratch, no counters), and several whose
+    pixel ranges do not divide K = 98 or the 32-pixel chunk (split boundaries inside a chunk); the
+    tile counters are back to zero after the call."""
     case = _make("3x3s1p1", torch.float32, "nchw", "channels_last", seed=11)
     _, plan = _check(case, "fp32", _cfg(splits=splits), f"splits={splits}")
     assert plan.splits == splits and (plan.part is None) == (splits == 1)
+    assert (plan.counters is None) == (splits == 1) and plan.constexprs["SPLIT_K"] == (splits > 1)
     if splits > 1:
-        assert plan.part.shape[0] == splits
+        cfg = plan.config
+        assert plan.part.shape == (splits, plan.grid[0], cfg.BLOCK_M, cfg.BLOCK_N)  # whole tiles, tile-major
         assert 98 % plan.p_per_split != 0 or plan.p_per_split % plan.config.BLOCK_K != 0
+        assert not plan.counters.any()
+
+
+def _ordered_sum(plan, gw):
+    """grad_weight from the scratch the launch left behind: the partial tiles added in split order
+    (0, 1, ..., SPLITS-1) in fp32, rounded once to gw's dtype, each tile put back where the
+    kernel's grouped tile order and column mode (packed or chunked) place it."""
+    cout, cin, kh, kw = gw.shape
+    cfg = plan.config
+    bm, bn, gm = cfg.BLOCK_M, cfg.BLOCK_N, cfg.GROUP_M
+    tot = plan.part[0].clone()
+    for s in range(1, plan.splits):
+        tot += plan.part[s]
+    tot = tot.cpu()
+    ncol = cin * kh * kw
+    flat = torch.full((cout, ncol), float("nan"), dtype=torch.float32)  # columns in (kh, kw, ci) order
+    num_pid_m = -(-cout // bm)
+    num_pid_n = plan.grid[0] // num_pid_m
+    for pid in range(plan.grid[0]):
+        in_group = gm * num_pid_n
+        first_m = (pid // in_group) * gm
+        size_m = min(num_pid_m - first_m, gm)
+        pid_m, pid_n = first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+        rows = torch.arange(pid_m * bm, min(cout, (pid_m + 1) * bm))
+        if plan.constexprs["PACKED_N"]:
+            cols = torch.arange(pid_n * bn, min(ncol, (pid_n + 1) * bn))
+        else:
+            num_cb = -(-cin // bn)
+            c0 = (pid_n % num_cb) * bn
+            cols = (pid_n // num_cb) * cin + torch.arange(c0, min(cin, c0 + bn))
+        flat[rows[:, None], cols[None, :]] = tot[pid, : len(rows), : len(cols)]
+    assert not torch.isnan(flat).any(), "some grad_weight element is in no tile"
+    return flat.view(cout, kh, kw, cin).permute(0, 3, 1, 2).to(gw.dtype).to(gw.device)
+
+
+@pytest.mark.parametrize("shape_id,dt,splits", [("3x3s1p1_cin48", "fp32", 4), ("3x3s2p1", "bf16", 7),
+                                                 ("stem7x7s2p3", "fp16", 3)])
+def test_wgrad_split_k_fixed_order(shape_id, dt, splits):
+    """Split-K over several tiles (18 chunked column tiles; two row tiles; 5 packed column tiles):
+    grad_weight is bitwise the fp32 sum of the SPLITS partials in split order, rounded once,
+    whichever program of a tile arrived last; repeated launches are bitwise identical; every
+    tile counter is back to zero."""
+    dtype, tf32 = DTYPES[dt]
+    case = _make(shape_id, dtype, "channels_last", "nchw", seed=41)
+    gw1, plan = _check(case, dt, _cfg(splits=splits), f"{shape_id} {dt} splits={splits}")
+    assert plan.splits == splits and plan.grid[0] >= 2, plan.grid
+    assert torch.equal(gw1, _ordered_sum(plan, gw1))
+    assert not plan.counters[:plan.grid[0]].any() and not plan.counters.any()
+    for _ in range(2):
+        gw2, plan2 = _run(case, tf32, _cfg(splits=splits))
+        assert torch.equal(gw1, gw2)
+        assert plan2.counters is plan.counters  # one cached buffer (same stream)
+        assert not plan2.counters.any()
 
 
 def test_wgrad_heuristic_splits():
@@ -262,19 +318,67 @@ def test_wgrad_heuristic_splits():
 
 def test_wgrad_grad_weight_channels_last():
     """grad_weight is written through its strides (a channels_last weight's gradient), in both
-    the direct store (one split) and the reduce kernel."""
+    the direct store (one split) and the last-arriving split's store (split-K)."""
     for splits in (1, 3):
         case = _make("3x3s2p1", torch.bfloat16, "nchw", "channels_last", seed=17)
         _check(case, "bf16", _cfg(splits=splits), f"gw channels_last splits={splits}", gw_layout="channels_last")
 
 
 def test_wgrad_deterministic():
-    """Two runs give bitwise identical grad_weight (fixed split-K order, no atomics)."""
-    for splits in (None, 4):
-        case = _make("3x3s1p1", torch.float32, "channels_last", "channels_last", seed=19)
+    """Repeated runs give bitwise identical grad_weight (fixed split-K order; the only atomic is the
+    tile's arrival counter, which decides who sums, not the order of the sum). On a GPU the
+    programs of a tile arrive in varying orders, so the repeats test that; the interpreter runs
+    them in grid order (``test_wgrad_split_k_fixed_order`` checks the order of the sum itself)."""
+    repeats = 2 if interpreting() else 10
+    for shape_id, splits in (("3x3s1p1", None), ("3x3s1p1", 4), ("3x3s1p1_cin48", 5)):
+        case = _make(shape_id, torch.float32, "channels_last", "channels_last", seed=19)
         gw1, _ = _run(case, True, _cfg(splits=splits) if splits else None)
-        gw2, _ = _run(case, True, _cfg(splits=splits) if splits else None)
-        assert torch.equal(gw1, gw2)
+        for _ in range(repeats - 1):
+            gw2, _ = _run(case, True, _cfg(splits=splits) if splits else None)
+            assert torch.equal(gw1, gw2), shape_id
+
+
+def test_wgrad_counters_reused_across_shapes():
+    """One cached counter buffer serves launches of different shapes and tile counts on one
+    stream (no zeroing launch per call): after every call it is all zero again, and results stay
+    right when a launch with fewer tiles follows one with more, and back."""
+    runs = [("3x3s1p1_cin48", "fp16", 3), ("3x3s2p1", "fp32", 5), ("1x1s1", "bf16", 2), ("3x3s1p1_cin48", "fp16", 6)]
+    bufs = []
+    for i, (shape_id, dt, splits) in enumerate(runs):
+        case = _make(shape_id, DTYPES[dt][0], "nchw", "channels_last", seed=43 + i)
+        _, plan = _check(case, dt, _cfg(splits=splits), f"run {i}: {shape_id} {dt} splits={splits}")
+        assert plan.counter_key in wg._COUNTERS and wg._COUNTERS[plan.counter_key] is plan.counters
+        assert not plan.counters.any(), f"run {i}: counters not reset"
+        bufs.append(plan.counters)
+    assert all(b is bufs[0] for b in bufs), "the counter buffer was reallocated between calls"
+
+
+def test_wgrad_counters_grow_and_are_dropped_after_a_failed_launch(monkeypatch):
+    """The cache grows a too-small buffer (zeroed); a launch that raises (here after dirtying its
+    counters, as a kernel interrupted midway would) drops its buffer, and the next call gets a
+    zeroed one and the right result."""
+    dev = torch.device(DEVICE)
+    small, key = wg._counters(dev, 4)
+    assert small.dtype == torch.int32 and small.numel() >= 4 and not small.any()
+    big, key2 = wg._counters(dev, small.numel() + 1)
+    assert key2 == key and big.numel() > small.numel() and not big.any() and wg._COUNTERS[key] is big
+
+    case = _make("3x3s2p1", torch.float32, "nchw", "nchw", seed=47)
+
+    class _Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[8][: grid[0]] = 1  # cnt_ptr: a partly-run launch leaves counters behind
+                raise RuntimeError("injected launch failure")
+            return launch
+
+    with monkeypatch.context() as mp:
+        mp.setattr(wg, "_conv2d_wgrad_kernel", _Failing())
+        with pytest.raises(RuntimeError, match="injected"):
+            _run(case, False, _cfg(splits=3))
+    assert key not in wg._COUNTERS, "the dirty counter buffer is still cached"
+    _, plan = _check(case, "fp32", _cfg(splits=3), "after a failed launch")
+    assert plan.counters is not big and not plan.counters.any()
 
 
 def test_wgrad_conv_dtype_ignored():
