@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_Tensor = torch.Tensor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -16,8 +17,10 @@ def check_tensor_args(op: str, optional, **named) -> None:
     """Named TypeErrors before the dispatcher sees a non-tensor (it would raise an anonymous one);
     the arguments named in ``optional`` may also be None."""
     for name, t in named.items():
+        if isinstance(t, _Tensor):
+            continue
         opt = name in optional
-        if not (isinstance(t, torch.Tensor) or (opt and t is None)):
+        if not (opt and t is None):
             raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if opt else ''}, got {type(t).__name__}")
 
 
@@ -102,4 +105,6 @@ def channel_vector(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | N
     """Per-channel tensor converted to the accumulation dtype, contiguous (a no-op when it already is)."""
     if t is None:
         return None
-    return t.to(acc).contiguous()
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()  # (both no-ops, skipped: they cost a dispatch each)

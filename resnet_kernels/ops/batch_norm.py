@@ -52,11 +52,14 @@ def _param(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         return None
     if t.dtype not in (acc_dtype(x.dtype), x.dtype):
         t = t.to(acc_dtype(x.dtype))
-    return t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _stat(t: Tensor, x: Tensor) -> Tensor:
-    return t.to(acc_dtype(x.dtype)).contiguous()
+    acc = acc_dtype(x.dtype)
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()  # (no-op .to/.contiguous skipped: a dispatch each)
 
 
 def _check_float(op: str, name: str, v) -> float:
@@ -179,9 +182,10 @@ class BackwardCall:
             got = impl.load()(self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity,
                               self.id_mean, self.id_var, self.id_weight, self.needs, self.pdtypes, self.eps,
                               self.id_eps, self.relu, self.C, self.inner)
-            empty = _backward_outputs(self.grad_out, self.C, (False,) * 6, self.pdtypes, fake=False)
-            return [(_like(t, self.grad_out) if i < 2 else t) if (need and t is not None) else e
-                    for i, (t, need, e) in enumerate(zip(got, self.needs, empty))]
+            # what was not requested: an empty tensor (_backward_outputs' for need=False), made only for those
+            return [((_like(t, self.grad_out) if i < 2 else t) if (need and t is not None)
+                     else _empty_output(self.grad_out, i, self.pdtypes))
+                    for i, (t, need) in enumerate(zip(got, self.needs))]
         outs = _backward_outputs(self.grad_out, self.C, self.needs, self.pdtypes, fake=False)
         gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
         impl.load()(self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity, self.id_mean,
@@ -284,6 +288,13 @@ def _backward_outputs(grad_out: Tensor, C: int, needs, pdtypes, fake: bool) -> L
         else:
             vecs.append(_alloc.empty((C if needs[i] else 0,), dtype=dt, device=grad_out.device))
     return acts + vecs
+
+
+def _empty_output(grad_out: Tensor, i: int, pdtypes) -> Tensor:
+    """Output ``i`` of ``_backward_outputs`` for a gradient that is not requested."""
+    if i < 2:
+        return grad_out.new_empty(0)
+    return _alloc.empty((0,), dtype=pdtypes[i - 2] or acc_dtype(grad_out.dtype), device=grad_out.device)
 
 
 def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs):
