@@ -193,7 +193,8 @@ def choices() -> Tuple[str, ...]:
 
 def is_choice(name) -> bool:
     """``name in choices()``, without building the tuple (the ops' hot path)."""
-    _ensure_declared()
+    if not _backends:
+        _ensure_declared()
     return isinstance(name, str) and (name == "auto" or name in _backends)
 
 

@@ -50,8 +50,11 @@ def _param(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     activations' (a no-op for a float32 or same-dtype parameter: no cast launched)."""
     if t is None:
         return None
-    if t.dtype not in (acc_dtype(x.dtype), x.dtype):
-        t = t.to(acc_dtype(x.dtype))
+    dt = t.dtype
+    if dt is not x.dtype:
+        acc = acc_dtype(x.dtype)
+        if dt is not acc:
+            t = t.to(acc)
     return t if t.is_contiguous() else t.contiguous()
 
 
@@ -381,7 +384,8 @@ def _setup_context(ctx, inputs, output):
     y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend = inputs
     ctx.eps, ctx.id_eps, ctx.relu, ctx.backend = eps, id_eps, relu, backend
     ctx.has_bias, ctx.has_id_bias = bias is not None, id_bias is not None
-    ctx.pdt = tuple(t.dtype if t is not None else None for t in (weight, bias, id_weight, id_bias))
+    ctx.pdt = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
+               id_weight.dtype if id_weight is not None else None, id_bias.dtype if id_bias is not None else None)
     # the identity is saved even when raw (its gradient is then the masked gradient, written by the
     # same pass): it is the block's input or shortcut, which the convolutions save anyway
     ctx.save_for_backward(output if relu else None, y, mean, var, weight, identity, id_mean, id_var, id_weight)
