@@ -161,7 +161,7 @@ class BackwardCall:
         self.grad_out, self.out, self.y, self.mean, self.var, self.weight = grad_out, out, y, mean, var, weight
         self.identity, self.id_mean, self.id_var, self.id_weight = identity, id_mean, id_var, id_weight
         self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
-        self.needs = tuple(bool(n) for n in needs)
+        self.needs = tuple(map(bool, needs))
         self.pdtypes = pdtypes  # dtypes of (weight, bias, id_weight, id_bias) gradients
         self.device = grad_out.device
         self.dtype = grad_out.dtype
