@@ -5,19 +5,25 @@ from __future__ import annotations
 import torch
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_Tensor = torch.Tensor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / per-channel dtype for an activation dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _F64 if dtype is _F64 else _F32
+
+
+_F32, _F64 = torch.float32, torch.float64
 
 
 def check_tensor_args(op: str, optional, **named) -> None:
     """Named TypeErrors before the dispatcher sees a non-tensor (it would raise an anonymous one);
     the arguments named in ``optional`` may also be None."""
     for name, t in named.items():
+        if isinstance(t, _Tensor):
+            continue
         opt = name in optional
-        if not (isinstance(t, torch.Tensor) or (opt and t is None)):
+        if not (opt and t is None):
             raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if opt else ''}, got {type(t).__name__}")
 
 
@@ -90,9 +96,11 @@ def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, ref_layo
 def check_channel_vector(op: str, name: str, t, C: int, ref: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != C:
+    shape = t.shape
+    if len(shape) != 1 or shape[0] != C:
         raise ValueError(f"{op}: {name} must be a 1-D tensor of C={C} per-channel values, got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float32, ref.dtype, torch.float64) or not t.is_floating_point():
+    dt = t.dtype
+    if not (dt is _F32 or dt is _F64) and (dt is not ref.dtype or not t.is_floating_point()):
         raise TypeError(f"{op}: {name} must be float32 (or {ref.dtype}, like the activations), got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} must be on the activations' device ({ref.device}), got {t.device}")
@@ -102,4 +110,6 @@ def channel_vector(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | N
     """Per-channel tensor converted to the accumulation dtype, contiguous (a no-op when it already is)."""
     if t is None:
         return None
-    return t.to(acc).contiguous()
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()  # (both no-ops, skipped: they cost a dispatch each)

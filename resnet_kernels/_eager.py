@@ -15,7 +15,8 @@ when a gradient is needed — whenever nothing but plain eager execution is acti
   modes) or TorchFunctionMode (e.g. ``with torch.device(...)``), no functorch transform (vmap,
   grad), no profiler (so traces keep naming the ops);
 * every tensor argument exactly a ``torch.Tensor``/``nn.Parameter`` (no subclass: FakeTensor,
-  DTensor, FX proxies).
+  DTensor, FX proxies); the arguments scanned are the schema's tensor and tensor-list positions,
+  found once per op (its other arguments are ints, floats, bools and strings).
 Otherwise the op itself is called. Results, gradients and errors are the same code's either way;
 ``RESNET_KERNELS_EAGER_FASTPATH=0`` (read at import) always calls the op.
 """
@@ -32,26 +33,21 @@ _ENABLED = os.environ.get("RESNET_KERNELS_EAGER_FASTPATH", "1").strip().lower() 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _tensors(args):
-    for a in args:
-        if isinstance(a, Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for t in a:
-                if isinstance(t, Tensor):
-                    yield t
-
-
 _C = torch._C
+_compiler = torch.compiler
+_profiler = torch.autograd.profiler
+
+
+def _globally_plain() -> bool:
+    """No compile tracing, dispatch/function mode, functorch transform or profiler is active."""
+    return not (not _ENABLED or _compiler.is_compiling() or _C._len_torch_dispatch_stack()
+                or _C._is_torch_function_mode_enabled() or _C._are_functorch_transforms_active()
+                or _profiler._is_profiler_enabled)
 
 
 def plain_eager(args) -> bool:
     """Whether nothing but plain eager execution sees a call with these arguments."""
-    if not _ENABLED or torch.compiler.is_compiling():
-        return False
-    if _C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled():
-        return False
-    if _C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled:
+    if not _globally_plain():
         return False
     for a in args:
         if isinstance(a, Tensor):
@@ -63,6 +59,21 @@ def plain_eager(args) -> bool:
     return True
 
 
+def _tensor_positions(op):
+    """(positions of the schema's Tensor / Optional[Tensor] arguments, positions of its tensor-list
+    arguments): the only arguments a tensor can legitimately be passed in."""
+    single, lists = [], []
+    opt_tensor = _C.OptionalType.ofTensor()
+    tensor_list = _C.ListType.ofTensors()
+    opt_list = _C.OptionalType(tensor_list)
+    for i, a in enumerate(op._opoverload._schema.arguments):
+        if a.type.isSubtypeOf(opt_tensor):
+            single.append(i)
+        elif a.type.isSubtypeOf(opt_list):
+            lists.append(i)
+    return tuple(single), tuple(lists)
+
+
 class Eager:
     """Call ``op`` (a ``torch.library`` CustomOpDef) or, in plain eager mode, its function."""
 
@@ -70,6 +81,9 @@ class Eager:
         self.op = op
         self.fn = op._init_fn
         self.function = None
+        # only the schema's tensor arguments are scanned (per call: the others hold no tensors)
+        self._single, self._lists = _tensor_positions(op)
+        self._nargs = len(op._opoverload._schema.arguments)
         if backward is not None:
             fn = self.fn
 
@@ -84,14 +98,40 @@ class Eager:
                 "forward": staticmethod(forward),
                 "backward": staticmethod(backward),
             })
+        self._apply = self.function.apply if self.function is not None else None
 
     def __call__(self, *args) -> Any:
-        if not plain_eager(args):
+        if not _globally_plain():
             return self.op(*args)
-        if self.function is not None and torch.is_grad_enabled() and \
-                any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return self.function.apply(*args)
+        if len(args) != self._nargs:  # (every caller passes the full schema; plain_eager's scan otherwise)
+            if not plain_eager(args):
+                return self.op(*args)
+            if self._apply is not None and _grad_enabled() and \
+                    any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                return self._apply(*args)
+            return self.fn(*args)
+        grad = False
+        for i in self._single:
+            a = args[i]
+            if a is None:
+                continue
+            t = type(a)
+            if t is Tensor or t is _Parameter:
+                if not grad and a.requires_grad:
+                    grad = True
+            elif isinstance(a, Tensor):  # a subclass: FakeTensor, DTensor, FX proxies' tensors
+                return self.op(*args)
+        for i in self._lists:
+            a = args[i]
+            if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) and type(t) not in _PLAIN for t in a):
+                return self.op(*args)
+        if grad and self._apply is not None and _grad_enabled():
+            return self._apply(*args)
         return self.fn(*args)
+
+
+_Parameter = torch.nn.Parameter
+_grad_enabled = torch.is_grad_enabled
 
 
 __all__ = ["Eager", "plain_eager"]

@@ -22,6 +22,14 @@ def cudnn_conv_tf32_enabled() -> bool:
     the legacy ``torch.backends.cudnn.allow_tf32``, whose getter raises once the new API has given
     conv and RNN different settings (setting the legacy flag updates these too); the legacy flag
     is read only on torch versions without the new API."""
+    if _get_precision is not None:
+        # what the properties torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision
+        # and torch.backends.fp32_precision read, without their Python property layers (once per op call)
+        for level in _PRECISION_LEVELS:  # ATen's resolution order; 'none' everywhere means IEEE fp32
+            prec = _get_precision(*level)
+            if prec != "none":
+                return prec == "tf32"
+        return False
     try:
         levels = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision,
                   torch.backends.fp32_precision)
@@ -31,6 +39,10 @@ def cudnn_conv_tf32_enabled() -> bool:
         if prec != "none":
             return prec == "tf32"
     return False
+
+
+_get_precision = getattr(torch._C, "_get_fp32_precision_getter", None)
+_PRECISION_LEVELS = (("cuda", "conv"), ("cuda", "all"), ("generic", "all"))
 
 
 @contextlib.contextmanager

@@ -194,7 +194,8 @@ def choices() -> Tuple[str, ...]:
 
 def is_choice(name) -> bool:
     """``name in choices()``, without building the tuple (the ops' hot path)."""
-    _ensure_declared()
+    if not _backends:
+        _ensure_declared()
     return isinstance(name, str) and (name == "auto" or name in _backends)
 
 
@@ -264,7 +265,9 @@ def first_candidate(op: str, call: Any, device: torch.device) -> Optional[Impl]:
 def resolve_explicit(op: str, name: str, call: Any, device: torch.device) -> Optional[Impl]:
     """The implementation an explicit ``backend=name`` selects, or None when that backend leaves
     this op to 'auto'. Raises BackendUnavailableError saying why it cannot run."""
-    be = get_backend_decl(name)
+    be = _backends.get(name)
+    if be is None:
+        be = get_backend_decl(name)  # declares the backends on first use, or raises for an unknown name
     reason = be.available(device)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable: {reason}")
@@ -274,10 +277,10 @@ def resolve_explicit(op: str, name: str, call: Any, device: torch.device) -> Opt
             return None
         have = ", ".join(i.backend for i in implementations(op, include_hidden=True))
         raise BackendUnavailableError(f"{op}: backend {name!r} has no implementation of {op} (implementations: {have})")
-    reason = impl.why_not(call)
+    reason = impl.supports(call) if impl.supports is not None else None
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} does not support this call: {reason}")
-    if deterministic_required() and not impl.deterministic:
+    if not impl.deterministic and deterministic_required():
         raise BackendUnavailableError(f"{op}: backend {name!r} is not deterministic and "
                                       f"torch.use_deterministic_algorithms(True) is in force")
     return impl

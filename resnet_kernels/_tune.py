@@ -491,6 +491,16 @@ def dispatch(op: str, requested: str, call: Any) -> Any:
     """Resolve ``requested`` ('auto' or a backend name) for this call and run it; returns the
     implementation's outputs (``call.run``'s value)."""
     device = call.device
+    if _recorder.get() is None and not log.isEnabledFor(logging.DEBUG):
+        # the hot path: nothing records or logs the decision, so none is built (same resolution)
+        if requested != "auto":
+            impl = _registry.resolve_explicit(op, requested, call, device)
+            if impl is not None:
+                return call.run(impl)
+        elif device.type not in _tunable_devices:
+            impl = _registry.first_candidate(op, call, device)
+            if impl is not None:
+                return call.run(impl)
     impl = None
     decision = None
     if requested != "auto":

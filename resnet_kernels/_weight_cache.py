@@ -90,6 +90,42 @@ def _tensor_ok(w: torch.Tensor) -> bool:
     return not (w.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_strided = torch.strided
+
+
+def _ok_fingerprint(w: torch.Tensor):
+    """``fingerprint(w)`` when ``_tensor_ok(w)``, else None: the same checks and values in one pass
+    (a lookup fingerprints every dependency on every call)."""
+    if w.is_inference() or w.layout != _strided or type(w) not in _PLAIN:
+        return None
+    if w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size():
+        return None
+    stream = None
+    if w.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        stream = torch.cuda.current_stream(w.device).cuda_stream
+    return (w.data_ptr(), 0, w._version, tuple(w.shape), w.stride(), w.dtype, w.device, _strided, stream)
+
+
+def _checked_fingerprint(weight: torch.Tensor, deps: Tuple[Any, ...]):
+    """The cache fingerprint of ``weight`` and ``deps`` (``fingerprint(weight) + ((id(d),) +
+    fingerprint(d) or None for each dep)``), or None when one of them may not be cached."""
+    fp = _ok_fingerprint(weight)
+    if fp is None:
+        return None
+    for d in deps:
+        if d is None:
+            fp += (None,)
+            continue
+        f = _ok_fingerprint(d)
+        if f is None:
+            return None
+        fp += ((id(d),) + f,)
+    return fp
+
+
 def cacheable(w: torch.Tensor) -> bool:
     """Whether ``w``'s packs may be cached (see the module docstring for why each case is not)."""
     return enabled() and _tensor_ok(w) and not _fsdp2_active()
@@ -101,12 +137,12 @@ def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor]
     entries allowed) is unchanged since it was packed with this ``fmt``. ``pack_fn`` must depend
     only on the values and geometry of ``weight`` and ``deps``, and on ``fmt``. The value is made
     outside inference mode (normal tensors, usable later with autograd)."""
-    if not (enabled() and _tensor_ok(weight) and all(d is None or _tensor_ok(d) for d in deps)) or _fsdp2_active():
+    fp = _checked_fingerprint(weight, deps) if enabled() else None
+    if fp is None or _fsdp2_active():
         with _lock:
             _counts["uncached"] += 1
         return pack_fn(weight)
     key = (fmt, id(weight))
-    fp = fingerprint(weight) + tuple(None if d is None else (id(d),) + fingerprint(d) for d in deps)
     with _lock:
         e = _cache.get(key)
         if e is not None and e[0]() is weight and e[1] == fp:

@@ -41,7 +41,7 @@ def _add_identity(dst: Tensor, identity, si, bi) -> None:
 def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner):
     """Declared ``returns_output``: ``out`` is None and the result is returned (x's layout)."""
     acc = acc_dtype(x.dtype)
-    s, b, si, bi = _v(scale, C), _v(shift, C), _v(id_scale, C), _v(id_shift, C)
+    si, bi = _v(id_scale, C), _v(id_shift, C)
     if scale is not None and shift is not None and (identity is None or x.dtype == acc):
         # x * scale + shift as PyTorch's eval-mode batch_norm with mean 0, variance 1, eps 0
         # (invstd is exactly 1, so its per-channel affine is exactly (scale, shift)): one native,
@@ -51,6 +51,7 @@ def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu
         _add_identity(y, identity, si, bi)  # y has the accumulation dtype here: no double rounding
         return y.relu_() if relu else y
     # fp32 (fp64) math in a temporary of the accumulation dtype, rounded once at the end
+    s, b = _v(scale, C), _v(shift, C)
     dst = torch.empty_like(x, dtype=acc)
     if s is not None and b is not None:
         torch.addcmul(b, x, s, out=dst)

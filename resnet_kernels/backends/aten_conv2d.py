@@ -47,6 +47,15 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
         mean, var = batch_mean_var(y)
         return y, (mean.contiguous(), var.contiguous())
     if scale is not None or bias is not None or residual is not None or relu:
-        from ..ops.bn_add_relu import apply_in_place
-        y = apply_in_place(y, scale, bias, residual, relu)
+        y = (_apply_in_place or _load_apply())(y, scale, bias, residual, relu)
     return y, None
+
+
+_apply_in_place = None
+
+
+def _load_apply():
+    global _apply_in_place
+    from ..ops.bn_add_relu import apply_in_place  # imported on first use (the op module imports the backends)
+    _apply_in_place = apply_in_place
+    return apply_in_place

@@ -163,13 +163,22 @@ def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tenso
             factor = 1.0 / (float(bn.num_batches_tracked) + 1.0) if count else 0.0
         else:
             factor = bn.momentum
-        from ..ops.batch_norm import bn_running_update
-
+        bn_running_update = _bn_running_update or _load_update()
         rm, rv = (bn.running_mean, bn.running_var) if running else (None, None)
         nbt = bn.num_batches_tracked if count else None
         updates.append(lambda: bn_running_update(mean, var, rm, rv, nbt, factor=factor, unbias=m / (m - 1),
                                                  backend=backend))
     return BatchStats(mean, var, bn.weight, bn.bias, float(bn.eps))
+
+
+_bn_running_update = None
+
+
+def _load_update():
+    global _bn_running_update
+    from ..ops.batch_norm import bn_running_update  # imported on first use (the op module imports this one)
+    _bn_running_update = bn_running_update
+    return bn_running_update
 
 
 def _run(effects: List[Callable[[], None]], updates: Optional[List[Callable[[], None]]]) -> None:

@@ -57,13 +57,19 @@ def _param(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     activations' (a no-op for a float32 or same-dtype parameter: no cast launched)."""
     if t is None:
         return None
-    if t.dtype not in (acc_dtype(x.dtype), x.dtype):
-        t = t.to(acc_dtype(x.dtype))
-    return t.contiguous()
+    dt = t.dtype
+    if dt is not x.dtype:
+        acc = acc_dtype(x.dtype)
+        if dt is not acc:
+            t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _stat(t: Tensor, x: Tensor) -> Tensor:
-    return t.to(acc_dtype(x.dtype)).contiguous()
+    acc = acc_dtype(x.dtype)
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()  # (no-op .to/.contiguous skipped: a dispatch each)
 
 
 def _check_float(op: str, name: str, v) -> float:
@@ -162,7 +168,7 @@ class BackwardCall:
         self.grad_out, self.out, self.y, self.mean, self.var, self.weight = grad_out, out, y, mean, var, weight
         self.identity, self.id_mean, self.id_var, self.id_weight = identity, id_mean, id_var, id_weight
         self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
-        self.needs = tuple(bool(n) for n in needs)
+        self.needs = tuple(map(bool, needs))
         self.pdtypes = pdtypes  # dtypes of (weight, bias, id_weight, id_bias) gradients
         self.device = grad_out.device
         self.dtype = grad_out.dtype
@@ -186,9 +192,10 @@ class BackwardCall:
             got = impl.load()(self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity,
                               self.id_mean, self.id_var, self.id_weight, self.needs, self.pdtypes, self.eps,
                               self.id_eps, self.relu, self.C, self.inner)
-            empty = _backward_outputs(self.grad_out, self.C, (False,) * 6, self.pdtypes, fake=False)
-            return [(_like(t, self.grad_out) if i < 2 else t) if (need and t is not None) else e
-                    for i, (t, need, e) in enumerate(zip(got, self.needs, empty))]
+            # what was not requested: an empty tensor (_backward_outputs' for need=False), made only for those
+            return [((_like(t, self.grad_out) if i < 2 else t) if (need and t is not None)
+                     else _empty_output(self.grad_out, i, self.pdtypes))
+                    for i, (t, need) in enumerate(zip(got, self.needs))]
         outs = _backward_outputs(self.grad_out, self.C, self.needs, self.pdtypes, fake=False)
         gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
         impl.load()(self.grad_out, self.out, self.y, self.mean, self.var, self.weight, self.identity, self.id_mean,
@@ -351,6 +358,13 @@ def _backward_outputs(grad_out: Tensor, C: int, needs, pdtypes, fake: bool) -> L
     new = torch.empty_like if fake else _alloc.empty_like
     acts = [new(grad_out) if needs[i] else grad_out.new_empty(0) for i in (0, 1)]
     return acts + _grad_vectors(grad_out, C, needs[2:], pdtypes, fake)
+
+
+def _empty_output(grad_out: Tensor, i: int, pdtypes) -> Tensor:
+    """Output ``i`` of ``_backward_outputs`` for a gradient that is not requested."""
+    if i < 2:
+        return grad_out.new_empty(0)
+    return _alloc.empty((0,), dtype=pdtypes[i - 2] or acc_dtype(grad_out.dtype), device=grad_out.device)
 
 
 def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, relu, needs,
@@ -574,7 +588,8 @@ def _setup_context(ctx, inputs, output):
     y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend = inputs
     ctx.eps, ctx.id_eps, ctx.relu, ctx.backend = eps, id_eps, relu, backend
     ctx.has_bias, ctx.has_id_bias = bias is not None, id_bias is not None
-    ctx.pdt = tuple(t.dtype if t is not None else None for t in (weight, bias, id_weight, id_bias))
+    ctx.pdt = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
+               id_weight.dtype if id_weight is not None else None, id_bias.dtype if id_bias is not None else None)
     # the identity is saved even when raw (its gradient is then the masked gradient, written by the
     # same pass): it is the block's input or shortcut, which the convolutions save anyway
     ctx.save_for_backward(output if relu else None, y, mean, var, weight, identity, id_mean, id_var, id_weight)

@@ -49,6 +49,11 @@ _FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # validation
 # --------------------------------------------------------------------------------------------
 def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    tv = type(v)
+    if (tv is tuple or tv is list) and len(v) == 2:  # the common case, checked exactly as below
+        a, b = v
+        if type(a) is int and type(b) is int and a >= minimum and b >= minimum:
+            return a, b
     if isinstance(v, bool):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
     if isinstance(v, int):
