@@ -15,7 +15,7 @@ out= variant that avoids a copy. Launcher contract: ``resnet_kernels/backends/to
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F

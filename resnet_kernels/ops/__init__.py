@@ -1,6 +1,6 @@
 """Fused ops (each defined once with torch.library; backends in resnet_kernels.backends)."""
 
-from .batch_norm import batch_norm_act, bn_running_update
+from .batch_norm import batch_norm_act, batch_norm_act_coef, bn_running_update
 from .bn_add_relu import add_relu, bn_add_relu
 from .conv2d import conv2d_epilogue, conv2d_stats
 from .maxpool import max_pool2d
@@ -9,5 +9,5 @@ from . import _flops
 
 _flops.register()  # FLOP formulas for torch.utils.flop_counter
 
-__all__ = ["add_relu", "batch_norm_act", "bn_add_relu", "bn_running_update", "conv2d_epilogue", "conv2d_stats",
-           "max_pool2d"]
+__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_coef", "bn_add_relu", "bn_running_update", "conv2d_backward",
+           "conv2d_epilogue", "conv2d_stats", "max_pool2d"]
