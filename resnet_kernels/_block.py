@@ -38,6 +38,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from . import _registry
 from .nn._bn import batch_stats_args, commit, uses_batch_stats
@@ -132,6 +133,7 @@ class _BlockFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the block's ops have no derivative of their own: double backward raises
     def backward(ctx, g_out):
         plan = ctx.plan
         units, proj, backend = plan["units"], plan["proj"], plan["backend"]

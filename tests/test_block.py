@@ -270,3 +270,11 @@ def test_triton_block_matches_torchvision_in_float32(name, block_calls):
             if a.is_floating_point():
                 testing.assert_close_to_ref(k, a, b, c, torch.float32, n_terms=n)
     assert block_calls == {"forward": 1, "backward": 1}
+
+
+def test_double_backward_raises_instead_of_dropping_terms():
+    blk = rk.fuse(torchvision.models.resnet.BasicBlock(4, 4).double(), backend="torch")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(blk(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
