@@ -32,6 +32,11 @@ write a fresh version counter, PyTorch's own documented pitfall) or under
 ``_unsafe_preserve_version_counter`` between two forwards. For such code set
 ``RESNET_KERNELS_WEIGHT_CACHE=0`` (read at each call) or call ``clear()`` after the write.
 
+Weights a kernel can read in place need no pack and get no entry: ``conv_fwd_inplace_strides`` and
+``conv_dgrad_inplace_strides`` (end of this file) say when the Triton conv forward / dgrad read the
+weight's own memory (channels_last or 1x1 weights); the launchers then skip ``packed`` (a cached
+view would also keep its weight alive).
+
 The cache holds at most ``MAX_ENTRIES`` packs (least recently used dropped first); a pack lives
 as long as its weight (one extra copy of every conv weight that ran through a packing launcher).
 """
@@ -184,3 +189,64 @@ def reset_stats() -> None:
     with _lock:
         for k in _counts:
             _counts[k] = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# weights a kernel reads in place (no pack, no cache entry)
+
+def _linear_strides(weight: torch.Tensor, k_dims: Tuple[int, ...]) -> Any:
+    """The element stride of a flat index over ``k_dims`` (outermost first) when ``weight``'s
+    addressing is linear in it (dims of size 1 may carry any stride), else None."""
+    step = None
+    span = 1
+    for d in reversed(k_dims):
+        n, s = weight.shape[d], weight.stride(d)
+        if n > 1:
+            if step is None:
+                step = s
+            elif s != step * span:
+                return None
+        span *= n
+    return 1 if step is None else step
+
+
+def conv_fwd_inplace_strides(weight: torch.Tensor, dtype: torch.dtype):
+    """(swk, swn) of the (Cout, Cin, KH, KW) ``weight`` read in place as the forward's K-major
+    (K, Cout) GEMM operand, K = KH*KW*Cin indexed (kh*KW + kw)*Cin + c, or None when the pack is
+    needed. In place when the weight's memory is (Cout, KH, KW, Cin)-ordered with a unit Cin stride:
+    a channels_last weight (``model.to(memory_format=torch.channels_last)``) and any 1x1 weight
+    whose Cin stride is 1 (contiguous ones too). 16-bit weights also need a 16-byte-aligned row
+    pitch (Cout stride) for 16-byte cp.async copies (the 7x7 stem's K = 147 is not: packed);
+    fp32 is exempt: its K-major pack of such a weight was this very view. Same dtype as the
+    activations only. Used by triton_ops/conv2d.py and by the accountant (backends/__init__.py)."""
+    if weight.dim() != 4 or weight.dtype != dtype or weight.layout != torch.strided:
+        return None
+    if _linear_strides(weight, (2, 3, 1)) != 1:
+        return None
+    swn = weight.stride(0)
+    if dtype != torch.float32 and (swn * weight.element_size()) % 16:
+        return None
+    return 1, swn
+
+
+def conv_dgrad_inplace_strides(weight: torch.Tensor, dtype: torch.dtype):
+    """(swr, swk, swn) of the (Cout, Cin, KH, KW) ``weight`` read in place as the dgrad's
+    Cin-contiguous (K, Cin) GEMM operand (tap r = kh*KW + kw, K index (r, co), N index ci), or None
+    when the pack is needed. 16-bit only (the fp32 / tf32 B operand wants K-contiguous, which no
+    usual weight layout gives here); unit Cin stride, taps linear, and 16-byte-aligned tap and Cout
+    strides (16-byte cp.async rows): a channels_last weight (swr = Cin, swk = KH*KW*Cin) and any
+    1x1 weight with a unit Cin stride (contiguous too: swk = Cin). Same dtype as the gradient only."""
+    if weight.dim() != 4 or weight.dtype != dtype or dtype == torch.float32 or weight.layout != torch.strided:
+        return None
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        return None
+    swr = _linear_strides(weight, (2, 3))
+    if swr is None:
+        return None
+    if weight.shape[2] * weight.shape[3] == 1:
+        swr = 0
+    swk = weight.stride(0) if weight.shape[0] > 1 else 0
+    esize = weight.element_size()
+    if (swr * esize) % 16 or (swk * esize) % 16:
+        return None
+    return swr, swk, 1

@@ -5,6 +5,7 @@ the roofline model's independent per-kernel tables (../shared/perf/roofline_mode
 import json
 
 import pytest
+import torch
 
 from resnet_kernels import _registry, cli, count
 
@@ -178,3 +179,37 @@ def test_block_backward_counts_fewer_launches_and_bytes_than_the_per_op_graph(ar
     ops = {e.op for e in in_blocks}
     assert "conv2d_backward" in ops and "batch_norm_act_coef" in ops
     assert not ops & {"batch_norm_act_backward", "convolution_backward", "add"}, ops
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_triton_conv_counts_a_weight_pack_only_where_one_runs(dtype):
+    """triton_ops/conv2d.py and conv2d_dgrad.py read a channels_last weight in place (no pack
+    launch; resnet_kernels/_weight_cache.py ``conv_*_inplace_strides``): ResNet-50 training at
+    batch 2 (bf16 and fp32, channels_last). Forward: one launch per conv2d_stats call plus the
+    stats combine, except the 16-bit stem (147-element weight rows, not 16-byte aligned: packed).
+    Backward: the dgrad reads 16-bit weights in place; fp32 packs them K-major (the tf32 MMA's B
+    operand), one copy each (read + write the weight). Hand counts from the shapes."""
+    from resnet_kernels import _weight_cache as wc
+
+    c = count.count_step("resnet50", "train", "triton", batch=2, image_size=64, dtype=dtype)
+    net = count.build_model("resnet50", "triton", 10)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 53
+    st = [e for e in c.entries if e.op == "conv2d_stats" and e.impl == "triton"]
+    calls = sum(e.calls for e in st)
+    assert calls == 53
+    # per call: the conv kernel and the combine (2 levels at most; batch 2 at 64x64: one level) + the pack
+    stem_pack = 1 if dtype == "bf16" else 0
+    assert sum(e.launches for e in st) == 2 * calls + stem_pack, [(e.layer, e.launches) for e in st]
+    cl = torch.channels_last
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    w = torch.empty(64, 64, 3, 3, dtype=dt, device="meta").contiguous(memory_format=cl)
+    assert (wc.conv_dgrad_inplace_strides(w, dt) is not None) == (dtype == "bf16")
+    bw = [e for e in c.entries if e.op == "conv2d_backward" and e.impl == "triton"]
+    if bw:  # the fused blocks' backward: one dgrad pack per conv with grad_x in fp32, none in bf16
+        eb = count.count_step("resnet50", "train", "triton", batch=2, image_size=64, dtype="bf16")
+        nb = sum(e.launches for e in eb.entries if e.op == "conv2d_backward")
+        if dtype == "fp32":
+            dgrads = sum(e.calls for e in bw)  # the blocks' 52 convs, each with grad_x (the stem is not a block)
+            assert dgrads == 52
+            assert sum(e.launches for e in bw) == nb + dgrads

@@ -16,7 +16,10 @@ mask, BN coefficients, residual with its mask, upstream ReLU and BN partial sums
 backward) on ResNet layers: the 7x7 stem (Cin = 3: 16-wide column tiles), 3x3 stride 1 and 2,
 1x1 stride 1 (Cin = 256: 128-wide column tiles) and 2, a small-batch layer (64-row tiles); bf16 and
 fp32 with tf32 everywhere, fp16 on one layer, fp32 without tf32 (3xTF32) on one; each for sm_90 and
-sm_80. Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
+sm_80. Their weights are NCHW-contiguous (packed, except the 16-bit 1x1 layers': read in place);
+WCL_CASES ("<layer>+wcl") repeat 16-bit 3x3 layers with a channels_last weight, read in place as the
+Cin-contiguous operand (16-byte cp.async asserted), each in its own cache dir (its kernel can be
+identical to the packed case's: only stride values differ). Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
 ``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync`` for fp32); the weight tile
 goes through ``cp.async`` (software pipelined) wherever its rows are 16-byte multiples (not the
 stem: Cin = 3). Register counts are printed (``pytest -s``).
@@ -46,6 +49,11 @@ LAYERS = [
 ARCHS = [90, 80]
 _DT_FOR = {"l1_3x3s1": ["bf16", "fp16", "fp32-tf32"], "l2_3x3s2": ["bf16", "fp32-tf32", "fp32-3xtf32"]}
 CASES = [(lay, dt) for lay in LAYERS for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
+# the weight read in place (no pack: a 16-bit channels_last weight, ``_weight_cache.
+# conv_dgrad_inplace_strides``; the weights above are NCHW-contiguous: packed, except the 1x1 layers,
+# whose contiguous weight is read in place too): the 3x3 layers in 16-bit, named "<layer>+wcl"
+WCL_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2", "l4_3x3_b8")
+             for dt in (["bf16", "fp16"] if lay[0] == "l2_3x3s2" else ["bf16"])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +84,9 @@ def _child_compile_all(out_path: str) -> None:
             return 1 << 20
 
     results = []
-    for ((name, n, cin, h, cout, k, s, p, variant), dt), cc in itertools.product(CASES, ARCHS):
+    jobs = [(case, False) for case in CASES] + [(case, True) for case in WCL_CASES]
+    base_cache = os.environ["TRITON_CACHE_DIR"]
+    for (((name, n, cin, h, cout, k, s, p, variant), dt), wcl), cc in itertools.product(jobs, ARCHS):
         dtype = torch_dtype[dt]
         cl = torch.channels_last
         oh = (h + 2 * p - k) // s + 1
@@ -90,6 +100,12 @@ def _child_compile_all(out_path: str) -> None:
         fused = variant == "fused"
         g = act(cout, oh)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
+        if wcl:
+            w = w.to(memory_format=cl)
+            name = name + "+wcl"
+            # its own cache dir: a kernel identical to a packed case's (same specialization) must still
+            # run ptxas, whose -v log is what is asserted
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(base_cache, f"wcl-{name}-{dt}-{cc}")
         gx = act(cin, h)
         allow_tf32 = dt != "fp32-3xtf32"
         cfg = dg.select_config(n * h * h, cin, cout, k, k, dtype, cc, allow_tf32)
@@ -130,6 +146,7 @@ def _child_compile_all(out_path: str) -> None:
         spill = [int(a) + int(b) for a, b in
                  re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
         arg = dict(zip(names, plan.args))
+        entry.update(w_inplace=arg["w_ptr"] is w)
         entry.update(
             ptxas_log_found=bool(regs) and bool(spill),
             n_regs=max(regs) if regs else None,
@@ -189,9 +206,13 @@ def aot_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES])
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES] +
+                         [(lay[0] + "+wcl", dt) for lay, dt in WCL_CASES])
 def test_dgrad_kernel_aot(aot_results, layer, dtype, arch):
     r = aot_results[(layer, dtype, arch)]
+    # in place: the channels_last 16-bit weights and the 1x1 16-bit ones; packed: the rest
+    want_inplace = not dtype.startswith("fp32") and (layer.endswith("+wcl") or "1x1" in layer)
+    assert r.get("w_inplace") == want_inplace, r
     assert "error" not in r, r.get("error")
     assert r["ptxas_log_found"], "no ptxas -v log captured (cache hit or log format changed)"
     assert r["spill_bytes"] == 0, f"register spills: {r}"
@@ -205,6 +226,9 @@ def test_dgrad_kernel_aot(aot_results, layer, dtype, arch):
     if r["w_row_bytes"] % 16 == 0:
         # the weight tile is staged through shared memory with cp.async (software pipelined)
         assert r["cp_async"], f"the weight tile is not loaded with cp.async: {r}"
+    if r["w_inplace"]:
+        # the weight's own Cin-contiguous rows: 16-byte copies
+        assert 16 in r["cp_async_sizes"], r
     if dtype.startswith("fp32"):
         assert r["w_kmajor"], "fp32 weights are packed K-major"
 

@@ -15,7 +15,9 @@ spills.
 
 Cases (see CASES): 4 ResNet-18 layers and a small-batch layer (64-row tiles) in bf16 and fp32 with
 tf32; fp16 on the stem and on a 3x3 stride-2 layer; fp32 without tf32 (3xTF32) on that layer; each
-for sm_90 and sm_80. Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the
+for sm_90 and sm_80. Their weights are NCHW-contiguous (packed, except the 1x1 layer's: read in
+place); WCL_CASES ("<layer>+wcl") repeat the 16-bit layers with a channels_last weight, read in place
+as the K-major operand (the 16-bit stem still packs), each in its own cache dir. Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the
 PTX uses tensor cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit inputs,
 ``wgmma`` or ``mma.sync`` for fp32); the chunked K loop is software pipelined (``cp.async`` in
 the PTX and shared memory for at least two stages of the A and B tiles). Register counts are
@@ -53,6 +55,12 @@ SMALL = ("l4_3x3_b8", 8, 512, 7, 512, 3, 1, 1, "fused")
 # exact fp32 (allow_tf32=False -> 3xTF32) on one layer
 _DT_FOR = {"stem7x7s2": DTYPES, "l2_3x3s2": DTYPES + ["fp32-3xtf32"]}
 CASES = [(lay, dt) for lay in LAYERS + [SMALL] for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
+# the weight read in place (``_weight_cache.conv_fwd_inplace_strides``): a channels_last weight,
+# named "<layer>+wcl" (the weights of CASES are NCHW-contiguous: packed, except the 1x1 layer's,
+# read in place too): 16-bit K-major where the pack was N-major; fp32 was this view already; the
+# 16-bit stem keeps its pack (147-element rows)
+WCL_CASES = [(lay, dt) for lay in LAYERS + [SMALL] if lay[0] != "ds_1x1s2"
+             for dt in (["bf16", "fp16"] if lay[0] == "l2_3x3s2" else ["bf16"])]
 # the opt-in TMA weight path (ConvConfig.w_tma): sm_90 only (TMA is Hopper's), chunked K loop
 TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") for dt in ("bf16", "fp32-tf32")]
 
@@ -85,13 +93,22 @@ def _child_compile_all(out_path: str) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     tl_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    jobs = [(case, cc, False) for case, cc in itertools.product(CASES, ARCHS)] + [(case, 90, True) for case in TMA_CASES]
+    jobs = ([(case, cc, False, False) for case, cc in itertools.product(CASES, ARCHS)]
+            + [(case, 90, True, False) for case in TMA_CASES]
+            + [(case, cc, False, True) for case, cc in itertools.product(WCL_CASES, ARCHS)])
+    base_cache = os.environ["TRITON_CACHE_DIR"]
     results = []
-    for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma in jobs:
+    for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma, wcl in jobs:
         dtype = torch_dtype[dt]
         cl = torch.channels_last
         x = torch.empty((n, cin, h, h), dtype=dtype, device="meta").to(memory_format=cl)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
+        if wcl:
+            w = w.to(memory_format=cl)
+            name = name + "+wcl"
+            # its own cache dir: a kernel identical to a packed case's (same specialization) must still
+            # run ptxas, whose -v log is what is asserted
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(base_cache, f"wcl-{name}-{dt}-{cc}")
         oh = (h + 2 * p - k) // s + 1
         out = torch.empty((n, cout, oh, oh), dtype=dtype, device="meta").to(memory_format=cl)
         fused = epi == "fused"
@@ -139,6 +156,9 @@ def _child_compile_all(out_path: str) -> None:
             results.append(entry)
             continue
         ptx = ck.asm["ptx"]
+        w_arg = dict(zip(names, plan.args))["w_ptr"]
+        if isinstance(w_arg, TensorDescriptor):
+            w_arg = w_arg.base
         text = log.getvalue()
         regs = [int(m) for m in re.findall(r"Used (\d+) registers", text)]
         spill = [int(a) + int(b) for a, b in
@@ -156,6 +176,7 @@ def _child_compile_all(out_path: str) -> None:
                 r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)",
                 ptx)}),
             w_kmajor=dict(zip(names, plan.args))["swk"] == 1,
+            w_inplace=w_arg is w or getattr(w_arg, "_base", None) is w,  # a view of the weight: no pack
             tma=("cp.async.bulk.tensor" in ptx),
             elem_bytes=torch.empty((), dtype=dtype).element_size(),
         )
@@ -232,9 +253,17 @@ def aot_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES])
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES] +
+                         [(lay[0] + "+wcl", dt) for lay, dt in WCL_CASES])
 def test_conv_kernel_aot(aot_results, layer, dtype, arch):
     r = aot_results[(layer, dtype, arch)]
+    # read in place: channels_last weights (fp32 always; 16-bit but the stem's 147-element rows)
+    # and the 1x1 layer's contiguous weight
+    want_inplace = ("1x1" in layer or layer.endswith("+wcl")) and not (
+        layer.startswith("stem") and not dtype.startswith("fp32"))
+    assert r.get("w_inplace") == want_inplace, r
+    if want_inplace:
+        assert r["w_kmajor"], r
     assert "error" not in r, r.get("error")
     assert r["ptxas_log_found"], "no ptxas -v log captured (cache hit or log format changed)"
     assert r["spill_bytes"] == 0, f"register spills: {r}"

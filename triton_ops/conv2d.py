@@ -20,9 +20,21 @@ Statistics (``compute_stats``): every program writes, for its BLOCK_N channels, 
 two parallel levels of fixed order (deterministic, no atomics) and returns (mean, biased var) in
 float32.
 
-Weight operand: packed once per weight version and cached across calls
-(``resnet_kernels/_weight_cache.py``); K-contiguous for fp32 (what the tf32 MMA wants),
-N-contiguous for 16-bit types (see ``_weight_kmajor``); the kernel takes its two strides.
+Weight operand: the (K, Cout) GEMM matrix, read through two strides (swk, swn). Read in place,
+a view of the weight with no pack launch and no cache entry, when the weight's memory already is
+the K-major matrix (``_weight_cache.conv_fwd_inplace_strides``): (Cout, KH, KW, Cin) order with a
+unit Cin stride, which is what a channels_last weight (``model.to(memory_format=
+torch.channels_last)``) and any 1x1 weight with a unit Cin stride (contiguous ones too) have;
+16-bit weights also need a 16-byte-aligned row pitch (K * 2 bytes) for 16-byte cp.async copies,
+so the 16-bit 7x7 stem (K = 147) keeps its pack. Otherwise (an NCHW-contiguous 3x3 / 7x7 weight:
+consecutive input channels are KH*KW elements apart, neither K- nor N-contiguous) the weight is
+packed once per weight version and cached across calls (``resnet_kernels/_weight_cache.py``):
+K-contiguous for fp32 (what the tf32 MMA wants), N-contiguous for 16-bit types (see
+``_weight_kmajor``). In training the optimizer changes every weight every step, so a packed weight
+costs one copy launch per conv per step and an in-place one none. 16-bit in-place operands are
+K-major, which the AOT test (tests/test_triton_conv_aot.py, "+wcl" cases) compiles to the same
+16-byte cp.async and wgmma / mma.sync as the N-major pack, without spills. No channel padding is
+involved either way (the packed K loop covers a small Cin such as the stem's 3).
 
 Precision: fp16/bf16 operands go to the tensor cores with fp32 accumulation; fp32 uses tf32 when
 ``allow_tf32`` (the op passes torch.backends.cudnn.allow_tf32) and 3xTF32 (``tf32x3``: fp32-level
@@ -251,7 +263,9 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 3
     packed_k: Optional[bool] = None  # None: decided from the shape (see _use_packed_k)
-    w_kmajor: Optional[bool] = None  # weight operand K-contiguous; None: by dtype (see _weight_kmajor)
+    # weight operand K-contiguous; None: in place where the weight allows it (K-major), else packed by
+    # dtype (see _weight_kmajor); False forces the N-major pack, True the K-major operand (in place or packed)
+    w_kmajor: Optional[bool] = None
     w_tma: bool = False  # weight tiles through a TMA tensor descriptor where _weight_descriptor allows
 
 
@@ -384,6 +398,14 @@ def pack_weight(weight: torch.Tensor, kmajor: bool) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(ktot, cout).contiguous()
 
 
+def weight_operand_view(weight: torch.Tensor) -> torch.Tensor:
+    """The (K, Cout) operand as a view of a weight that ``_weight_cache.conv_fwd_inplace_strides``
+    accepts (strides (1, Cout stride)); built with ``as_strided`` so that it is a view for any
+    stride the size-1 dims carry."""
+    cout, cin, kh, kw = weight.shape
+    return weight.as_strided((cin * kh * kw, cout), (1, weight.stride(0)))
+
+
 def _weight_descriptor(w2: torch.Tensor, kmajor: bool, packed: bool, even_c: bool, cfg: ConvConfig):
     """A TMA tensor descriptor of the packed weight (K-major: the (Cout, K) matrix, block
     [BLOCK_N, BLOCK_K]; N-major: (K, Cout), block [BLOCK_K, BLOCK_N]), or None where the chunked
@@ -454,8 +476,15 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
     cfg = config or select_config(M, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
     packed = cfg.packed_k if cfg.packed_k is not None else _use_packed_k(cin, kh, kw, cfg.BLOCK_K)
 
-    kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(x.dtype)
-    w2 = _weight_cache.packed(weight, ("triton_conv2d", kmajor), functools.partial(pack_weight, kmajor=kmajor))
+    inplace = _weight_cache.conv_fwd_inplace_strides(weight, x.dtype) if cfg.w_kmajor is not False else None
+    if inplace is not None:
+        # the weight's own memory is the K-major operand: a view, no pack launch, no cache entry
+        # (a cached view would keep the weight alive)
+        kmajor = True
+        w2 = weight_operand_view(weight)
+    else:
+        kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(x.dtype)
+        w2 = _weight_cache.packed(weight, ("triton_conv2d", kmajor), functools.partial(pack_weight, kmajor=kmajor))
 
     even_c = cin % cfg.BLOCK_K == 0
     w_desc_mode, w_arg = 0, w2

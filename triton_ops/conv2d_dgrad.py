@@ -25,9 +25,16 @@ Operand prologue (A tile, [BLOCK_M, BLOCK_K], per iteration): g (and the ReLU ma
 through their strides, ``bn_dy`` in fp32 (g' = g*(mask > 0); dy = A*g' - (B + K*(y - mean)) with
 the per-channel coef rows), the elements of invalid taps / rows / channels forced to 0 (after
 bn_dy: B + K*(y - mean) is not 0 there), then ``round_to`` the activation dtype: the same dy
-operand the reference rounds once before its convolution. The B tile is the weight packed once
-per weight version (``_weight_cache``) as a (K, Cin) matrix, K-contiguous for fp32 (the tf32 MMA's
-B operand) and Cin-contiguous for 16-bit types, as the forward packs it.
+operand the reference rounds once before its convolution. The B tile is the (K, Cin) weight
+matrix read through three strides (tap, co, ci). A 16-bit weight whose memory already is a
+Cin-contiguous operand is read in place, no pack launch and no cache entry
+(``_weight_cache.conv_dgrad_inplace_strides``): a channels_last weight (tap stride Cin, co stride
+KH*KW*Cin) or any 1x1 weight with a unit Cin stride (contiguous ones too), with 16-byte-aligned
+tap and co strides (Cin % 8 == 0: every ResNet conv whose grad_x is computed). Otherwise it is
+packed once per weight version (``_weight_cache``), K-contiguous for fp32 (the tf32 MMA's B operand;
+no usual weight layout is K-contiguous here, so fp32 always packs) and Cin-contiguous for 16-bit
+types, as the forward packs it. In training every weight changes every step, so a pack is one
+copy launch per conv per step (counted by the accountant, backends/__init__.py).
 
 Epilogue (fp32): + residual (times (res_mask > 0) when given), then where(up_out > 0, ., 0) when
 up_out is given; grad_x stored once in its dtype through its strides (NCHW or channels_last).
@@ -39,12 +46,14 @@ deterministic); then ``_finalize_kernel`` of triton_ops/batch_norm.py sums the P
 channel in a fixed order and writes up_coef (A, A*sum_g/m, A*invstd^2*sum_gd/m) and
 up_grad_weight / up_grad_bias.
 
-Launches per call: 1 (``_conv2d_dgrad_kernel``), 2 with up_out (+ ``_finalize_kernel``).
+Launches per call: 1 (``_conv2d_dgrad_kernel``), 2 with up_out (+ ``_finalize_kernel``); + 1
+for the weight pack when the weight is not read in place and its pack is not cached.
 
 Bytes per call (counted, not measured; E_out = N*Cout*OH*OW, E_in = N*Cin*H*W elements of s bytes):
 DRAM-ideal reads of g (+ mask, + y with coef): 1-3 E_out s, each A tile being re-read from L2 by
 the ceil(Cin/BLOCK_N) column tiles and, for KH*KW > 1, by neighbouring taps; the weight
-(KH*KW*Cout*Cin s, from L2 after the first tiles; packed copy once per weight version); residual,
+(KH*KW*Cout*Cin s, from L2 after the first tiles; in place, or a packed copy once per weight
+version); residual,
 res_mask, up_out, up_y: up to 4 E_in s; grad_x written once: E_in s; with up_out 2*P*Cin*4 bytes of
 partials written and read back, (3, Cin) coefficients and (Cin,) vectors.
 
@@ -90,7 +99,7 @@ def _conv2d_dgrad_kernel(
     g_ptr, mk_ptr, y_ptr, mean_ptr, coef_ptr, w_ptr, gx_ptr,
     res_ptr, rm_ptr, uo_ptr, uy_ptr, um_ptr, part_ptr,
     NB, CIN, H, W, COUT, OH, OW, MT, P,
-    swk, swn, scoef,
+    swr, swk, swn, scoef,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w,
@@ -160,7 +169,7 @@ def _conv2d_dgrad_kernel(
         offs_c = cb * BLOCK_K + offs_kk
         offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_K), BLOCK_K)
         g_off = (g_row + oh * sgh + ow * sgw)[:, None] + offs_c[None, :] * sgc
-        b_ptrs = w_ptr + ((r * COUT + offs_c)[:, None] * swk + offs_n[None, :] * swn)
+        b_ptrs = w_ptr + (r * swr + offs_c[:, None] * swk + offs_n[None, :] * swn)
         if EVEN_K:
             a_mask = row_ok[:, None]
             b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
@@ -233,7 +242,9 @@ class DgradConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    w_kmajor: Optional[bool] = None  # weight operand K-contiguous; None: by dtype (as the forward)
+    # weight operand K-contiguous; None: in place where the weight allows it (Cin-contiguous, 16-bit),
+    # else packed by dtype (as the forward); False: the same; True forces the K-major pack
+    w_kmajor: Optional[bool] = None
 
 
 # The interpreter runs one program at a time in numpy: one small config.
@@ -365,9 +376,16 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
     if config is None and arch is None and not INTERPRET and g.is_cuda:
         arch = _cuda_arch(g.device.index if g.device.index is not None else torch.cuda.current_device())
     cfg = config or select_config(M, cin, cout, kh, kw, g.dtype, arch, bool(allow_tf32))
-    kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(g.dtype)
-    w2 = _weight_cache.packed(weight, ("triton_conv2d_dgrad", kmajor, g.dtype),
-                              functools.partial(pack_weight, kmajor=kmajor, dtype=g.dtype))
+    inplace = _weight_cache.conv_dgrad_inplace_strides(weight, g.dtype) if not cfg.w_kmajor else None
+    if inplace is not None:
+        # the weight's own memory is the Cin-contiguous operand: no pack launch, no cache entry (a
+        # cached view would keep the weight alive)
+        w2, w_strides = weight, inplace
+    else:
+        kmajor = cfg.w_kmajor if cfg.w_kmajor is not None else _weight_kmajor(g.dtype)
+        w2 = _weight_cache.packed(weight, ("triton_conv2d_dgrad", kmajor, g.dtype),
+                                  functools.partial(pack_weight, kmajor=kmajor, dtype=g.dtype))
+        w_strides = (cout * w2.stride(0), w2.stride(0), w2.stride(1))  # (tap, co, ci) of the (K, Cin) matrix
     # row tiles per parity class (the largest class, (0, 0)); P partial rows: one per (class, tile)
     num_classes = sh * sw
     num_m_tiles = triton.cdiv(n * triton.cdiv(h, sh) * triton.cdiv(w, sw), cfg.BLOCK_M)
@@ -393,7 +411,7 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         w2, grad_x, opt(residual), opt(res_mask if residual is not None else None), opt(up_out),
         opt(up_y if has_up else None), opt(up_mean if has_up else None), opt(part),
         n, cin, h, w, cout, oh, ow, num_m_tiles, P,
-        *w2.stride(), coef.stride(0) if coef is not None else 0,
+        *w_strides, coef.stride(0) if coef is not None else 0,
         *g.stride(), *grad_x.stride(),
         sh, sw, ph, pw,
     )

@@ -10,11 +10,11 @@ Adding an implementation: its launcher file(s) and one ``register`` call below.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from .. import _ext
+from .. import _ext, _weight_cache
 from . import cuda_common
 from .._backend import triton_import_error, triton_interpreting
 from .._registry import Backend, Impl, register, register_backend
@@ -307,11 +307,59 @@ def _cuda_conv_cost(call):
     return launches, b
 
 
+def _view_or_copy(weight, dtype, perm, rows) -> bool:
+    """Whether triton's pack ``weight.to(dtype).permute(perm).reshape(rows, -1).contiguous()`` copies
+    (False: the weight already is that matrix, a view)."""
+    if weight.dtype != dtype:
+        return True
+    w = torch.empty_strided(tuple(weight.shape), tuple(weight.stride()), dtype=dtype, device="meta")
+    try:
+        return not w.permute(*perm).view(rows, -1).is_contiguous()
+    except RuntimeError:  # not viewable: reshape copies
+        return True
+
+
+def _triton_fwd_pack(call) -> Tuple[int, int]:
+    """triton_ops/conv2d.py's weight operand: none where the weight is read in place
+    (``_weight_cache.conv_fwd_inplace_strides``: channels_last, or 1x1 with a unit Cin stride; 16-bit
+    with 16-byte rows), else ``pack_weight`` (K-major for fp32, N-major for 16-bit), one permute
+    copy (read W, write the packed W) unless it is a view. Counted every step: a training step
+    changes every weight, so the per-version cache never hits there."""
+    w = call.weight
+    if _weight_cache.conv_fwd_inplace_strides(w, call.x.dtype) is not None:
+        return 0, 0
+    cout, cin, kh, kw = w.shape
+    copies = (_view_or_copy(w, w.dtype, (0, 2, 3, 1), cout) if call.x.dtype == torch.float32
+              else _view_or_copy(w, w.dtype, (2, 3, 1, 0), cin * kh * kw))
+    return (1, 2 * nbytes(w)) if copies else (0, 0)
+
+
+def _triton_dgrad_pack(call) -> Tuple[int, int]:
+    """triton_ops/conv2d_dgrad.py's weight operand: none where the weight is read in place
+    (``_weight_cache.conv_dgrad_inplace_strides``: 16-bit, channels_last or 1x1 with a unit Cin
+    stride, 16-byte rows), else ``pack_weight``: the weight cast to g's dtype (a copy when the
+    dtypes differ) and permuted to (K, Cin) (K-major for fp32; a copy unless a view)."""
+    w, dt = call.weight, call.g.dtype
+    if _weight_cache.conv_dgrad_inplace_strides(w, dt) is not None:
+        return 0, 0
+    cout, cin, kh, kw = w.shape
+    launches = b = 0
+    out = w.numel() * torch.empty((), dtype=dt).element_size()
+    if w.dtype != dt:
+        launches, b = 1, nbytes(w) + out
+    copies = (_view_or_copy(w, dt, (1, 2, 3, 0), cin) if dt == torch.float32
+              else _view_or_copy(w, dt, (2, 3, 0, 1), cout * kh * kw))
+    if copies:
+        launches, b = launches + 1, b + 2 * out
+    return launches, b
+
+
 def _triton_conv_cost(call):
-    """the weight permuted to (K, Cout) (one copy), the conv kernel and, with statistics, the
-    stats-combine kernel (partials counted with 128-row tiles)."""
+    """the weight operand (``_triton_fwd_pack``: read in place, or one permute copy), the conv
+    kernel and, with statistics, the stats-combine kernel (partials counted with 128-row tiles)."""
     w = nbytes(call.weight)
-    launches, b = 2, 2 * w + _conv_io(call) + w
+    launches, b = _triton_fwd_pack(call)
+    launches, b = launches + 1, b + _conv_io(call) + w
     if call.compute_stats:
         p = _partials(call)
         Cout = call.shape[1]
@@ -611,10 +659,11 @@ def _triton_conv_bwd_cost(call):
     """wgrad: the operand (g, the mask, y) and x read once, fp32 split-K partials written and read
     back in split order by each tile's last-arriving program, grad_weight written (1 launch: the
     reduction is in the same kernel; the per-tile arrival counters' bytes are negligible and not
-    counted). dgrad: the operand and the weight read, the residual (+ its mask), the upstream x
-    (mask) and up_y read in the epilogue, grad_x and per-tile partials written (1 launch), and with
-    upstream reductions the finalize kernel (partials and per-channel vectors in, coefficients and
-    parameter gradients out)."""
+    counted). dgrad: the weight operand (``_triton_dgrad_pack``: read in place, or packed), the
+    operand and the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in
+    the epilogue, grad_x and per-tile partials written (1 launch), and with upstream reductions the
+    finalize kernel (partials and per-channel vectors in, coefficients and parameter gradients
+    out)."""
     need_x, need_w = call.needs[0], call.needs[1]
     Cout, Cin, KH, KW = call.weight.shape
     launches = b = 0
@@ -624,7 +673,8 @@ def _triton_conv_bwd_cost(call):
         part = _WGRAD_SPLITS * Cout * Cin * KH * KW * 4
         launches, b = 1, ops + nbytes(call.x) + 2 * part + nbytes(call.weight) + vec
     if need_x:
-        launches += 1
+        pl, pb = _triton_dgrad_pack(call)
+        launches, b = launches + pl + 1, b + pb
         b += ops + nbytes(call.weight) + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.x) + vec
         if call.upstream:
             N, _, H, W = call.x.shape

@@ -134,7 +134,10 @@ class BackwardCall:
                  up_weight, up_eps, needs):
         acc = acc_dtype(g.dtype)
         self.g, self.mask, self.y, self.mean, self.coef = g, mask, y, _stat(mean, acc), coef
-        self.x, self.weight = x, weight.contiguous()
+        # a channels_last weight stays as it is (was: .contiguous(), a copy kernel per call that the
+        # accountant never saw); every implementation reads the weight through its strides or packs it
+        self.x, self.weight = x, (weight if weight.is_contiguous() or weight.is_contiguous(
+            memory_format=torch.channels_last) else weight.contiguous())
         self.stride, self.padding = tuple(int(v) for v in stride), tuple(int(v) for v in padding)
         self.residual, self.res_mask = residual, res_mask
         self.up_y, self.up_mean, self.up_var = up_y, _stat(up_mean, acc), _stat(up_var, acc)

@@ -68,12 +68,18 @@ EXTRA_SHAPES = [
     ("rect1x3s12", 2, 5, 3, 6, 16, (1, 3), (1, 2), (0, 1)),
     ("1x1s3", 1, 4, 7, 8, 16, 1, 3, 0),
 ]
+# Cin % 8 == 0 (16-byte rows of a 16-bit channels_last weight: read in place, see
+# test_dgrad_weight_read_in_place), a partial K chunk (Cout = 24) and a stride-2 3x3
+INPLACE_SHAPES = [
+    ("3x3s1p1_c16", 2, 16, 5, 5, 24, 3, 1, 1),
+    ("3x3s2p1_c8", 1, 8, 8, 7, 16, 3, 2, 1),
+]
 LAYOUTS = ["nchw", "channels_last"]
 _fmt = rk_testing.memory_format
 
 
 def _shape(shape_id):
-    return next(c for c in SHAPES + EXTRA_SHAPES if c[0] == shape_id)[1:]
+    return next(c for c in SHAPES + EXTRA_SHAPES + INPLACE_SHAPES if c[0] == shape_id)[1:]
 
 
 def _act(gen, shape, dtype, layout, relu=False):
@@ -323,6 +329,58 @@ def test_dgrad_deterministic():
         _call(dg.conv2d_dgrad, a, True)
         outs.append([a[k].clone() for k in ("grad_x", "up_coef", "up_grad_weight", "up_grad_bias")])
     assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
+def _expect_inplace(w, dtype):
+    """Whether the launcher reads ``w`` in place (no pack): 16-bit, Cin-contiguous with linear taps
+    (channels_last, or any 1x1) and 16-byte-aligned tap and Cout strides."""
+    cout, cin, kh, kw = w.shape
+    ok = w.is_contiguous(memory_format=torch.channels_last) or kh * kw == 1
+    return dtype != torch.float32 and ok and (cin * w.element_size()) % 16 == 0
+
+
+@pytest.mark.parametrize("wlayout", ["w_contiguous", "w_channels_last"])
+@pytest.mark.parametrize("dt", ["fp32-tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape_id", ["1x1s1", "1x1s2", "3x3s1p1"] + [c[0] for c in INPLACE_SHAPES])
+def test_dgrad_weight_read_in_place(shape_id, dt, wlayout):
+    """A 16-bit weight whose memory already is the Cin-contiguous (K, Cin) operand (channels_last,
+    or 1x1 with a unit Cin stride, with 16-byte rows) is read in place: the kernel gets the weight
+    itself (same address), no pack and no cache entry; any other weight (fp32: the tf32 B operand
+    wants K-contiguous) is packed as before. Fully fused parity either way (NaN-poisoned outputs)."""
+    from resnet_kernels import _weight_cache as wc
+
+    dtype, tf32 = DTYPES[dt]
+    a = _make(shape_id, dtype, "channels_last", mask=True, coef=True, res=True, res_mask=True, up=True, seed=9)
+    if wlayout == "w_channels_last":
+        a["weight"] = a["weight"].contiguous(memory_format=torch.channels_last)
+    w = a["weight"]
+    wc.reset_stats()
+    plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
+                                        "residual", "res_mask", "up_out", "up_y", "up_mean")), tf32)
+    inplace = _expect_inplace(w, dtype)
+    if inplace:  # (a 1x1 weight's N-major pack can be a view too: then it goes through the cache)
+        assert plan.args[5].data_ptr() == w.data_ptr(), (shape_id, dt, wlayout)
+    st = wc.stats()
+    assert st["packs"] + st["uncached"] == (0 if inplace else 1) and st["hits"] == 0, st
+    b = _run_and_check(a, dtype, tf32, f"{shape_id} {dt} {wlayout}")
+    gx = b["grad_x"]
+    assert (gx == 0).any() and (gx != 0).any()
+
+
+def test_dgrad_weight_in_place_cases():
+    """Which weights the predicate accepts (ResNet-50 shapes, meta tensors): (swr, swk, swn)."""
+    from resnet_kernels._weight_cache import conv_dgrad_inplace_strides as f
+
+    cl = torch.channels_last
+    for dt in (torch.bfloat16, torch.float16):
+        w3 = torch.empty(128, 64, 3, 3, dtype=dt, device="meta")
+        w1 = torch.empty(256, 64, 1, 1, dtype=dt, device="meta")
+        assert f(w3, dt) is None
+        assert f(w3.contiguous(memory_format=cl), dt) == (64, 576, 1)
+        assert f(w1, dt) == (0, 64, 1) and f(w1.contiguous(memory_format=cl), dt) == (0, 64, 1)
+        assert f(torch.empty(64, 3, 7, 7, dtype=dt, device="meta").contiguous(memory_format=cl), dt) is None
+    w = torch.empty(64, 64, 3, 3, device="meta").contiguous(memory_format=cl)
+    assert f(w, torch.float32) is None and f(w, torch.bfloat16) is None  # fp32; dtype mismatch
 
 
 def test_dgrad_rejects_float64_and_mismatches():

@@ -465,6 +465,76 @@ def test_conv_kmajor_pack_is_a_view_for_channels_last_weights():
     assert conv._weight_kmajor(torch.float32) and not conv._weight_kmajor(torch.bfloat16)
 
 
+WEIGHT_LAYOUTS = ["w_contiguous", "w_channels_last"]
+
+
+def _expect_inplace(w, dtype):
+    """Whether the launcher reads ``w`` in place (no pack), from the shapes: K-linear memory
+    ((Cout, KH, KW, Cin) order: channels_last, or any 1x1) and, for 16-bit, a 16-byte row pitch."""
+    cout, cin, kh, kw = w.shape
+    klinear = w.is_contiguous(memory_format=torch.channels_last) or kh * kw == 1
+    return klinear and (dtype == torch.float32 or (cin * kh * kw * w.element_size()) % 16 == 0)
+
+
+@pytest.mark.parametrize("wlayout", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape_id", [c[0] for c in CONV_TYPES])
+def test_conv_weight_read_in_place(shape_id, dt, wlayout):
+    """A weight whose memory already is the K-major operand (channels_last, or 1x1 with a unit Cin
+    stride; 16-bit also needs a 16-byte-aligned row pitch) is read in place: the operand is a view
+    of the weight (same address), no pack and no cache entry (the cache counters do not move);
+    any other weight is packed as before. Parity (fused epilogue, then statistics) either way,
+    outputs NaN-poisoned, channels_last activations."""
+    from resnet_kernels import _weight_cache as wc
+
+    dtype, tf32 = DTYPES[dt]
+    x, w, r, stride, padding = _make(shape_id, dtype, "channels_last", res=True, seed=31)
+    if wlayout == "w_channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    cout = w.shape[0]
+    oh = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    probe = _poisoned_out(x, cout, oh, ow, "channels_last")
+    wc.reset_stats()
+    plan = conv._prepare(x, w, None, None, None, probe, stride, padding, False, True, tf32)
+    inplace = _expect_inplace(w, dtype)
+    assert (plan.args[1].data_ptr() == w.data_ptr()) == inplace, (shape_id, dt, wlayout)
+    st = wc.stats()
+    assert st["packs"] + st["uncached"] == (0 if inplace else 1) and st["hits"] == 0, st
+    if inplace:
+        K = w[0].numel()
+        assert plan.args[1].shape == (K, cout) and plan.args[1].stride() == (1, w.stride(0))
+    g = torch.Generator().manual_seed(3)
+    scale = (torch.rand(cout, generator=g) + 0.5).to(DEVICE)
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    out, _ = _run(x, w, scale, bias, r, stride, padding, True, False, tf32, "channels_last")
+    want, bound = _bound(dtype, tf32, K, y, a, scale, bias, r, True)
+    _check_close(out, want, bound, f"{shape_id} {dt} {wlayout} fused")
+    out, (mean, var) = _run(x, w, None, None, None, stride, padding, False, True, tf32, "channels_last")
+    want, bound = _bound(dtype, tf32, K, y, a, None, None, None, False)
+    _check_close(out, want, bound, f"{shape_id} {dt} {wlayout} stats")
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()
+
+
+def test_conv_weight_in_place_cases():
+    """Which weights the predicate accepts (ResNet-50 shapes, meta tensors)."""
+    from resnet_kernels._weight_cache import conv_fwd_inplace_strides as f
+
+    cl = torch.channels_last
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        w3 = torch.empty(64, 64, 3, 3, dtype=dt, device="meta")
+        w1 = torch.empty(256, 64, 1, 1, dtype=dt, device="meta")
+        assert f(w3, dt) is None                                   # (Cout, Cin, KH, KW): packed
+        assert f(w3.contiguous(memory_format=cl), dt) == (1, 576)  # channels_last: in place
+        assert f(w1, dt) == (1, 64) and f(w1.contiguous(memory_format=cl), dt) == (1, 64)
+        stem = torch.empty(64, 3, 7, 7, dtype=dt, device="meta").contiguous(memory_format=cl)
+        assert (f(stem, dt) is not None) == (dt == torch.float32)  # 16-bit: 147-element rows, packed
+        assert f(w1, torch.float32 if dt != torch.float32 else torch.bfloat16) is None  # dtype mismatch
+
+
 def _conv_check(x, w, what, stride=(1, 1), padding=(1, 1)):
     out, _ = _run(x, w, None, None, None, stride, padding, False, False, False, "channels_last")
     y, a = _ref64(x, w, stride, padding)
@@ -504,12 +574,12 @@ def test_conv_weight_cache_reuse_and_invalidation():
     m.load_state_dict({"weight": torch.randn(10, 6, 3, 3)})
     _conv_check(x, m.weight, "after load_state_dict")
     assert counts() == (4, 2)
-    m.to(memory_format=torch.channels_last)  # new storage and strides
+    m.to(memory_format=torch.channels_last)  # new storage and strides: read in place, no pack
     _conv_check(x, m.weight, "after a memory-format change")
-    assert counts() == (5, 2)
-    m.half()
+    assert counts() == (4, 2)
+    m.half()  # channels_last fp16 with 54-element (108-byte) rows: not 16-byte aligned, packed
     _conv_check(x.half(), m.weight, "after .half()")
-    assert counts() == (6, 2)
+    assert counts() == (5, 2)
 
 
 def test_conv_weight_cache_fresh_tensor_same_address():
