@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import acc_dtype
-from .torch_conv_backward import _col, _tf32
+from .torch_conv_backward import _col, _tf32, upstream_outputs
 
 _DIMS = (0, 2, 3)
 
@@ -60,15 +60,7 @@ def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stri
     if up_y is None:
         return
     acc = acc_dtype(g.dtype)
-    m = grad_x.numel() // grad_x.shape[1]
     sum_g = grad_x.sum(_DIMS, dtype=acc)
     sum_gd = (grad_x * (up_y - _col(up_mean, acc))).sum(_DIMS)
-    invstd = torch.rsqrt(up_var + up_eps)
-    a = invstd if up_weight is None else up_weight.to(acc) * invstd
-    up_coef[0].copy_(a)
-    up_coef[1].copy_(a * sum_g / m)
-    up_coef[2].copy_(a * (invstd * invstd) * sum_gd / m)
-    if up_grad_weight is not None:
-        up_grad_weight.copy_(sum_gd * invstd)
-    if up_grad_bias is not None:
-        up_grad_bias.copy_(sum_g)
+    upstream_outputs(sum_g, sum_gd, grad_x.numel() // grad_x.shape[1], up_var, up_weight, up_eps, up_coef,
+                     up_grad_weight, up_grad_bias)

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from .._checks import acc_dtype
+from .torch_batch_norm import coefficients
 
 _DIMS = (0, 2, 3)
 
@@ -106,16 +107,19 @@ def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residu
     if up_out is None:
         return
     gr = grad_x.to(acc)
-    m = gr.numel() // gr.shape[1]
     sum_g = gr.sum(_DIMS)
     sum_gd = (gr * (up_y.to(acc) - _col(up_mean, acc))).sum(_DIMS)
-    invstd = torch.rsqrt(up_var.to(acc) + up_eps)
-    a = invstd if up_weight is None else up_weight.to(acc) * invstd
-    up_coef[0].copy_(a)
-    up_coef[1].copy_(a * sum_g / m)
-    up_coef[2].copy_(a * (invstd * invstd) * sum_gd / m)
+    upstream_outputs(sum_g, sum_gd, gr.numel() // gr.shape[1], up_var, up_weight, up_eps, up_coef, up_grad_weight,
+                     up_grad_bias)
+
+
+def upstream_outputs(sum_g, sum_gd, m, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias) -> None:
+    """The upstream unit's BN-backward outputs from its two per-channel sums (batch_norm_act_backward's
+    finalize: ``torch_batch_norm.coefficients``): up_coef rows (A, B, K), up_grad_weight = sum_gd *
+    invstd, up_grad_bias = sum_g."""
+    coefficients(up_coef, up_var, up_weight, up_eps, sum_g / m, sum_gd / m)
     if up_grad_weight is not None:
-        up_grad_weight.copy_(sum_gd * invstd)
+        up_grad_weight.copy_(sum_gd * torch.rsqrt(up_var.to(sum_gd.dtype) + up_eps))
     if up_grad_bias is not None:
         up_grad_bias.copy_(sum_g)
 
