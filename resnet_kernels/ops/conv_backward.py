@@ -194,7 +194,9 @@ def _outputs(x: Tensor, weight: Tensor, needs, upstream: bool, pdtype, acc):
     need_x, need_w, need_uw, need_ub = needs
     empty = x.new_empty((0,), dtype=x.dtype)
     gx = _alloc.empty_like(x) if need_x else empty
-    gw = _alloc._fill(torch.empty(weight.shape, dtype=weight.dtype, device=x.device)) if need_w else empty
+    # grad_weight in the weight's own layout (a channels_last 3x3 weight gets a channels_last gradient):
+    # autograd's AccumulateGrad then takes it as .grad instead of copying it into the parameter's strides
+    gw = _alloc._fill(torch.empty_like(weight, device=x.device)) if need_w else empty
     uc = _alloc._fill(torch.empty((3, Cin), dtype=acc, device=x.device)) if upstream else x.new_empty((0,), dtype=acc)
     ugw = _alloc._fill(torch.empty((Cin,), dtype=pdtype, device=x.device)) if need_uw else x.new_empty((0,), dtype=pdtype)
     ugb = _alloc._fill(torch.empty((Cin,), dtype=pdtype, device=x.device)) if need_ub else x.new_empty((0,), dtype=pdtype)
@@ -238,7 +240,7 @@ def _(g, mask, y, mean, coef, x, weight, stride, padding, residual, res_mask, up
     pdtype = up_weight.dtype if up_weight is not None and up_weight.dtype in (acc, g.dtype) else acc
     N, Cin, H, W = x.shape
     gx = torch.empty_like(x) if need_x else x.new_empty((0,))
-    gw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if need_weight else x.new_empty((0,))
+    gw = torch.empty_like(weight, device=x.device) if need_weight else x.new_empty((0,))
     uc = x.new_empty((3, Cin) if up_y is not None else (0,), dtype=acc)
     ugw = x.new_empty((Cin,) if need_up_weight else (0,), dtype=pdtype)
     ugb = x.new_empty((Cin,) if need_up_bias else (0,), dtype=pdtype)

@@ -241,3 +241,22 @@ def test_the_reference_is_the_convolution_backward_of_pytorch():
     torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, w.grad, rtol=1e-12, atol=1e-12)
     assert ref_impl.bn_dy(g, None, None, None, None, torch.float64) is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "aten", "triton"])
+def test_grad_weight_has_the_weights_layout(backend):
+    """A channels_last 3x3 weight gets a channels_last grad_weight (same values as for a contiguous
+    weight): autograd's AccumulateGrad then keeps it as .grad instead of copying it into the
+    parameter's strides (one copy kernel per 3x3 conv per step, counted)."""
+    if backend not in _impls() + ["torch"]:
+        pytest.skip(f"no {backend} implementation registered")
+    case = Case(SHAPES[1], "tail", torch.float32, "channels_last")
+    w_cl = case.weight.contiguous(memory_format=torch.channels_last)
+    assert not w_cl.is_contiguous()
+    got = conv2d_backward(case.g, case.x, w_cl, stride=case.stride, padding=case.padding, mask=case.mask, y=case.y,
+                          mean=case.mean, coef=case.coef, backend=backend)[1]
+    want = conv2d_backward(case.g, case.x, case.weight, stride=case.stride, padding=case.padding, mask=case.mask,
+                           y=case.y, mean=case.mean, coef=case.coef, backend=backend)[1]
+    assert got.stride() == w_cl.stride()
+    assert want.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
