@@ -20,8 +20,11 @@ place); WCL_CASES ("<layer>+wcl") repeat the 16-bit layers with a channels_last 
 as the K-major operand (the 16-bit stem still packs), each in its own cache dir. Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the
 PTX uses tensor cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit inputs,
 ``wgmma`` or ``mma.sync`` for fp32); the chunked K loop is software pipelined (``cp.async`` in
-the PTX and shared memory for at least two stages of the A and B tiles). Register counts are
-printed (``pytest -s``) as a table.
+the PTX and shared memory for at least two stages of the A and B tiles); with statistics (the
+"stats" layers) the merge runs in the same launch: exactly two atomics, the level-1 and level-2
+arrival counters' gpu-scope acq_rel adds, each after a CTA barrier that follows the last global
+store before it (the release pattern), and the partials read back with ``ld.global.cg``; without
+statistics no atomic. Register counts are printed (``pytest -s``) as a table.
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") f
 
 # ------------------------------------------------------------------------------------------------
 # child process: compile everything, write JSON
+
+def _barrier_after_last_store(before: str) -> bool:
+    """A CTA barrier between the last global store in ``before`` (the PTX up to an atomic) and its end."""
+    last_bar = max(before.rfind("bar.sync"), before.rfind("barrier.sync"))
+    return last_bar > before.rfind("st.global") >= 0
+
 
 def _child_compile_all(out_path: str) -> None:
     import torch
@@ -146,7 +155,7 @@ def _child_compile_all(out_path: str) -> None:
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         log = io.StringIO()
         entry = dict(layer=name, dtype=dt, arch=cc, config=vars(plan.config).copy(),
-                     packed=bool(plan.constexprs["PACKED_K"]))
+                     packed=bool(plan.constexprs["PACKED_K"]), stats=bool(plan.constexprs["STATS"]))
         try:
             with contextlib.redirect_stdout(log):
                 ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -178,31 +187,14 @@ def _child_compile_all(out_path: str) -> None:
             w_kmajor=dict(zip(names, plan.args))["swk"] == 1,
             w_inplace=w_arg is w or getattr(w_arg, "_base", None) is w,  # a view of the weight: no pack
             tma=("cp.async.bulk.tensor" in ptx),
+            # the statistics merge in the same launch: the arrival counters' atomics, each after a CTA
+            # barrier that follows the last global store before it (the release pattern), and the
+            # partials read back from L2
+            atomics=re.findall(r"\b(?:atom|red)\.[\w.]+", ptx),
+            release_barriers=[_barrier_after_last_store(ptx[:m.start()]) for m in re.finditer(r"\batom\.", ptx)],
+            ld_cg=bool(re.search(r"\bld\.global\.cg\b", ptx)),
             elem_bytes=torch.empty((), dtype=dtype).element_size(),
         )
-        results.append(entry)
-    # the statistics combine kernel (Chan merge of the per-tile partials), as the launcher runs it
-    comb = conv._stats_combine_kernel
-    for cc in ARCHS:
-        sig = dict(pmean_ptr="*fp32", pm2_ptr="*fp32", mean_ptr="*fp32", m2_ptr="*fp32", COUT="i32", M="i32",
-                   NUM_TILES="i32", TILES_PER_PROG="i32", ROWS_PER_TILE="i32", FINAL="constexpr",
-                   BLOCK_T="constexpr", BLOCK_C="constexpr")
-        # the first level (FINAL=False); the last level differs only in its store
-        consts = dict(FINAL=False, BLOCK_T=conv.STATS_BLOCK_T, BLOCK_C=conv.STATS_BLOCK_C)
-        attrs = {(comb.arg_names.index(a),): BaseBackend.parse_attr("D")
-                 for a in ("pmean_ptr", "pm2_ptr", "mean_ptr", "m2_ptr", "COUT", "TILES_PER_PROG", "ROWS_PER_TILE")}
-        log = io.StringIO()
-        entry = dict(layer="stats_combine", dtype="fp32", arch=cc)
-        try:
-            with contextlib.redirect_stdout(log):
-                ck = triton.compile(triton.compiler.ASTSource(fn=comb, signature=sig, constexprs=consts, attrs=attrs),
-                                    target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
-            regs = [int(m) for m in re.findall(r"Used (\d+) registers", log.getvalue())]
-            spill = [int(a) + int(b) for a, b in
-                     re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())]
-            entry.update(n_regs=max(regs) if regs else None, spill_bytes=sum(spill) if spill else None)
-        except Exception as e:
-            entry.update(error=f"{type(e).__name__}: {e}"[:4000])
         results.append(entry)
     with open(out_path, "w") as f:
         json.dump(results, f)
@@ -236,9 +228,6 @@ def aot_results(tmp_path_factory):
              f"{'layer':10} {'dtype':11} {'sm':>3} {'tile':>11} {'w/s':>4} {'regs':>4} {'spill':>5} "
              f"{'smem':>6} tensor-core"]
     for (layer, dt, cc), r in results.items():
-        if layer == "stats_combine" and "error" not in r:
-            lines.append(f"{layer:10} {dt:11} {cc:3} {'':>11} {'4/-':>4} {r['n_regs']!s:>4} {r['spill_bytes']!s:>5}")
-            continue
         if "error" in r:
             lines.append(f"{layer:10} {dt:11} {cc:3} ERROR {r['error'][:200]}")
             continue
@@ -286,6 +275,12 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         assert r["shared"] >= 2 * stage, f"shared memory {r['shared']} < 2 pipeline stages ({2 * stage}): {r}"
     if dtype.startswith("fp32"):
         assert r["w_kmajor"], "fp32 weights are packed K-major"
+    if r["stats"]:  # one launch: the statistics merged by the last arrivals, ordered by the counters
+        assert r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"] * 2, r["atomics"]  # level 1, level 2
+        assert all(r["release_barriers"]), "no CTA barrier between the partial stores and a counter atomic"
+        assert r["ld_cg"], "the partials are not read with ld.global.cg"
+    else:
+        assert r["atomics"] == [], r["atomics"]
 
 
 @pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES])
@@ -297,13 +292,6 @@ def test_conv_kernel_tma_aot(aot_results, layer, dtype):
     assert r["ptxas_log_found"] and r["spill_bytes"] == 0 and 0 < r["n_regs"] <= 255, r
     assert r["wgmma"] and r["tma"], r
     assert r["cp_async"] and r["cp_async_sizes"] == [16], r
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_stats_combine_kernel_aot(aot_results, arch):
-    r = aot_results[("stats_combine", "fp32", arch)]
-    assert "error" not in r, r.get("error")
-    assert r["spill_bytes"] == 0 and r["n_regs"], r
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ Which program arrives last varies run to run; the sum's order and shapes do not:
 reproducible (on one GPU type). The counter is the only atomic; it decides who sums, not what.
 With SPLITS == 1 (``SPLIT_K=False``) the program stores the rounded result into grad_weight
 directly (no scratch, no counter). The counters must be all zero at launch: a cached buffer per
-(device, stream), reset by the kernel itself (``_counters``: assumptions and failure handling).
+(device, stream), reset by the kernel itself and shared with the conv forward's statistics
+(``_common.arrival_counters``: assumptions and failure handling).
 
 Bytes per call (e = activation element size, T = number of operand tensors read for dy: 1 for g,
 +1 with mask, +1 with coef (y); P = N*OH*OW, tiles_m = cdiv(Cout, BLOCK_M), tiles_n the column
@@ -75,14 +76,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._common import INTERPRET, bn_dy, cast_for_store, round_to
+from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_dy, cast_for_store, drop_arrival_counters,
+                      round_to)
 
 __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
 
@@ -342,45 +344,12 @@ def _check(g, mask, y, mean, coef, x, grad_weight):
 
 
 # ----------------------------------------------------------------------------------------------
-# split-K arrival counters
-
-# One int32 counter per tile, all zero between launches: a cached buffer per (device, stream),
-# grown as needed (a torch.zeros per call would be a memset launch of its own). The kernel's last
-# program of each tile puts its counter back to 0, so a launch that completes leaves the buffer as
-# it found it. Assumptions: the launches that use one buffer run one at a time, i.e. in the order
-# of their stream (kernels of one stream do not overlap; each stream has its own buffer); a launch
-# that raises in Python may have run partly (the interpreter) or not at all: its buffer is dropped
-# and the next call starts from a fresh zeroed one. A kernel that faults on the GPU leaves the CUDA
-# context unusable anyway. During CUDA graph capture nothing is cached: each call captures its own
-# zeroed buffer (a memset node) in the graph's memory pool.
-_COUNTERS: Dict[tuple, torch.Tensor] = {}
-_MIN_COUNTERS = 1024
-
-
-def _counter_key(device: torch.device):
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return ("cuda", index, torch.cuda.current_stream(index).cuda_stream)
-    return (device.type, device.index, None)
-
-
-def _counters(device: torch.device, n: int) -> Tuple[torch.Tensor, Optional[tuple]]:
-    """(an all-zero int32 buffer of at least n counters, its cache key or None if not cached)."""
-    if device.type == "meta":
-        return torch.zeros(n, dtype=torch.int32, device=device), None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device), None
-    key = _counter_key(device)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        size = max(_MIN_COUNTERS, 1 << (n - 1).bit_length())
-        buf = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return buf, key
-
-
-def _drop_counters(key: Optional[tuple]) -> None:
-    if key is not None:
-        _COUNTERS.pop(key, None)
+# split-K arrival counters: one int32 counter per tile, from the buffer shared with the conv's
+# statistics (``_common.arrival_counters``: all zero between launches, a cached buffer per
+# (device, stream), assumptions and failure handling there)
+_COUNTERS = ARRIVAL_COUNTERS
+_counters = arrival_counters
+_drop_counters = drop_arrival_counters
 
 
 @dataclass

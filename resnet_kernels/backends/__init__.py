@@ -355,15 +355,18 @@ def _triton_dgrad_pack(call) -> Tuple[int, int]:
 
 
 def _triton_conv_cost(call):
-    """the weight operand (``_triton_fwd_pack``: read in place, or one permute copy), the conv
-    kernel and, with statistics, the stats-combine kernel (partials counted with 128-row tiles)."""
+    """the weight operand (``_triton_fwd_pack``: read in place, or one permute copy) and the conv
+    kernel, which with statistics also merges them in the same launch (triton_ops/conv2d.py: the
+    per-tile (mean, M2) partials written once and read back once by the merging programs, counted
+    with 128-row tiles, and the (mean, var) result; the group partials, at most 1/16 of the tile
+    partials, and the int32 arrival counters are left out)."""
     w = nbytes(call.weight)
     launches, b = _triton_fwd_pack(call)
     launches, b = launches + 1, b + _conv_io(call) + w
     if call.compute_stats:
         p = _partials(call)
         Cout = call.shape[1]
-        launches, b = launches + 1, b + p + p + 2 * Cout * 4
+        b += p + p + 2 * Cout * 4
     return launches, b
 
 

@@ -33,6 +33,7 @@ bound propagated (see ``_stats_tol``) plus M * 2**-24 relative for fp32 summatio
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 
@@ -246,20 +247,20 @@ def test_conv_batch_stats(shape_id, dt, layout):
 
 
 def test_conv_batch_stats_many_tiles_large_mean():
-    """Many M tiles (more than one BLOCK_T chunk of the combine kernel, a partial last tile: both
+    """Many M tiles (more than one merge step of the statistics merge, a partial last tile: both
     asserted on every device) and a channel mean far from 0 relative to its spread: the per-tile
     two-step M2 + Chan merge must keep the small variance (a one-pass E[y^2] - E[y]^2 in fp32 would
     lose it)."""
     g = torch.Generator().manual_seed(7)
-    # the interpreter: 32-row tiles, 16-tile chunks; a GPU: 64- or 128-row tiles, 32-tile chunks
+    # the interpreter: 32-row tiles, 4-tile merge steps; a GPU: 64- or 128-row tiles, 32-tile steps
     n, cin, h, cout = (2, 16, 19, 40) if interpreting() else (4, 16, 35, 40)
     x = (50.0 + 0.05 * torch.randn(n, cin, h, h, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
     w = (torch.rand(cout, cin, 3, 3, generator=g) / 12).to(DEVICE)
     plan = conv._prepare(x, w, None, None, None, _poisoned_out(x, cout, h - 2, h - 2, "channels_last"), (1, 1),
                          (0, 0), False, True, False)
-    assert plan.num_m_tiles > conv.STATS_BLOCK_T and plan.M % plan.config.BLOCK_M != 0, (
+    assert plan.num_m_tiles > plan.constexprs["MERGE_T"] and plan.M % plan.config.BLOCK_M != 0, (
         f"not the regime of this test: {plan.num_m_tiles} tiles of {plan.config.BLOCK_M} rows for M = {plan.M}, "
-        f"combine chunk {conv.STATS_BLOCK_T}")
+        f"merge step {plan.constexprs['MERGE_T']}")
     out, (mean, var) = _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last")
     y, a = _ref64(x, w, (1, 1), (0, 0))
     rm, rv, tm, tv = _stats_tol(torch.float32, False, w[0].numel(), y, a)
@@ -349,7 +350,7 @@ def _gpu_config(*args):
 
 
 # ------------------------------------------------------------------------------------------------
-# the statistics merge (combine_stats): two levels, fixed order
+# the statistics merge, in the conv's launch: two levels of fixed order, arrival counters
 
 def _cdiv(a, b):
     return -(-a // b)
@@ -363,75 +364,125 @@ def test_conv_stats_many_tiles_takes_two_levels():
     w = torch.empty(cout, cin, 3, 3, device=DEVICE)
     out = _poisoned_out(x, cout, h - 2, h - 2, "channels_last")
     plan = conv._prepare(x, w, None, None, None, out, (1, 1), (0, 0), False, True, False)
-    nt = plan.num_m_tiles
-    assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, (nt, conv.stats_tiles_per_program(nt, cout))
+    assert plan.num_groups == _cdiv(plan.num_m_tiles, plan.tiles_per_group) > 1, (
+        plan.num_m_tiles, plan.tiles_per_group)
 
-def _tile_partials(M, cout, rows, seed, loc=100.0):
-    """Rows y (M, cout) with |mean| = loc x std per channel and their per-tile (mean, M2) in
-    float32, computed in float64 (what the conv kernel's fp32 tile reduction approximates)."""
+
+def test_stats_group_tiles():
+    """Groups of 16..64 m-tiles (a multiple of 16), about sqrt(tiles): the two serial merges (a
+    group's tiles, then the groups) stay short for ResNet-50 at batch 256 (128-row tiles: 25088
+    tiles for the stem, 6272 at 56x56, ...); a function of the tile count only."""
+    assert conv.stats_group_tiles(1) == conv.STATS_GROUP_MIN == 16
+    for nt in (1, 2, 15, 16, 17, 98, 392, 1568, 6272, 25088, 10 ** 6):
+        g = conv.stats_group_tiles(nt)
+        assert conv.STATS_GROUP_MIN <= g <= conv.STATS_GROUP_MAX and g % conv.STATS_GROUP_STEP == 0, (nt, g)
+        if conv.STATS_GROUP_MIN ** 2 <= nt <= conv.STATS_GROUP_MAX ** 2:
+            assert g * g >= nt and (g - conv.STATS_GROUP_STEP) ** 2 < nt, (nt, g)  # ceil(sqrt) rounded up
+    assert [conv.stats_group_tiles(nt) for nt in (98, 392, 1568, 6272, 25088)] == [16, 32, 48, 64, 64]
+    assert _cdiv(25088, conv.stats_group_tiles(25088)) == 392
+    for bn in (32, 64, 128, 256):
+        t = conv.stats_merge_rows(bn)
+        assert t >= 1 and t & (t - 1) == 0 and t * bn <= max(bn, conv.STATS_MERGE_ELEMS)
+
+
+def _large_mean_case(seed=7):
+    """A channels_last fp32 3x3 conv whose output channels have |mean| = 100..300 x std (x = 30 +
+    randn, positive weights): 1 x 13 x 13 = 169 output rows, 6 tiles of the interpreter's 32 rows
+    (the last one partial: 9 rows), and Cout = 40: two column tiles of 32, the second partial.
+    Cin = 4 (the packed K loop, 3 steps: the interpreter stays fast)."""
     g = torch.Generator().manual_seed(seed)
-    y = loc * (1 + torch.rand(cout, generator=g, dtype=torch.float64)) * torch.where(
-        torch.arange(cout) % 2 == 0, 1.0, -1.0).double() + torch.randn(M, cout, generator=g, dtype=torch.float64)
-    nt = _cdiv(M, rows)
-    pmean = torch.empty(nt, cout, dtype=torch.float64)
-    pm2 = torch.empty(nt, cout, dtype=torch.float64)
-    for t in range(nt):
-        blk = y[t * rows:(t + 1) * rows]
-        pmean[t] = blk.mean(0)
-        pm2[t] = ((blk - pmean[t]) ** 2).sum(0)
-    return y, pmean.float().to(DEVICE), pm2.float().to(DEVICE)
+    x = (30.0 + torch.randn(1, 4, 15, 15, generator=g)).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(40, 4, 3, 3, generator=g) / 12).to(DEVICE)
+    return x, w
 
 
-@pytest.mark.parametrize("tpp", [None, 16, 48, 10 ** 6], ids=["default", "tpp16", "tpp48", "one-level"])
-def test_stats_combine_two_level(tpp):
-    """combine_stats on 300 tiles (partial last tile) x 40 channels (a partial channel block),
-    |mean| = 100..200 x std: (mean, var) against float64, as accurate in both levels as the float32
-    partials allow (relative var error < 1e-4: the rounding of the tile means, 2**-24 * 200 std,
-    against their spread of std / sqrt(32)); bitwise identical on a second run."""
-    rows, M, cout = 32, 299 * 32 + 5, 40
-    y, pmean, pm2 = _tile_partials(M, cout, rows, seed=21)
-    nt = pmean.shape[0]
-    if tpp is None:
-        assert _cdiv(nt, conv.stats_tiles_per_program(nt, cout)) > 1, "default must take two levels here"
-    mean, var = conv.combine_stats(pmean, pm2, M, rows, tiles_per_program=tpp)
-    var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
-    assert (mean_ref.abs() >= 100 * var_ref.sqrt()).all()
-    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (cout,)
+def _counters_all_zero():
+    from resnet_kernels.triton_ops import _common
+    return all(not b.any() for b in _common.ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("tpg", [1, 4, None], ids=["group1", "group4", "default"])
+def test_conv_stats_one_launch_fixed_order(tpg):
+    """The statistics merged in the conv's own launch, with forced group sizes: 1 tile per group
+    (6 groups: level 2 does all the work), 4 (2 groups, the last one of 2 tiles) and the default
+    (16 under the interpreter: one group, no level 2); the last tile partial (9 of 32 rows) and a
+    partial column tile. Against float64:
+    * var_mean of the kernel's own fp32 output (= the fp32 accumulator: what the partials were
+      computed from), with |mean| >= 100 x std: the merge keeps the variance to < 1e-4 relative
+      (measured ~1e-5: the tile means' fp32 rounding, a few 2**-24 of |mean|, against their
+      spread, about std / sqrt(32));
+    * the float64 conv, within the accumulator-derived tolerance (``_stats_tol``).
+    Bitwise identical across GROUP_M = 1, 4, 8 (other program orders: other programs arrive last
+    and merge) and on a repeat; the arrival counters are all zero after every launch; the scratch
+    is NaN-poisoned, so a merge that read an unwritten partial fails."""
+    x, w = _large_mean_case()
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, torch.float32)
+    results = []
+    for group_m in (4, 1, 8, 4):
+        cfg = conv.ConvConfig(base.BLOCK_M, base.BLOCK_N, base.BLOCK_K, group_m, base.num_warps, base.num_stages,
+                              stats_group=tpg)
+        out, (mean, var) = _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last",
+                                config=cfg)
+        assert _counters_all_zero(), f"GROUP_M={group_m}: arrival counters not reset"
+        results.append((out, mean, var))
+    probe = _poisoned_out(x, 40, 13, 13, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, probe, (1, 1), (0, 0), False, True, False, config=cfg)
+    if interpreting():
+        assert plan.num_m_tiles == 6 and plan.M % plan.config.BLOCK_M == 9 and plan.cout % plan.config.BLOCK_N
+        assert plan.num_groups == {1: 6, 4: 2, None: 1}[tpg], plan.num_groups
+    out, mean, var = results[0]
+    for o2, m2, v2 in results[1:]:
+        assert torch.equal(mean, m2) and torch.equal(var, v2) and torch.equal(out, o2)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (40,)
+    # the merge alone: against the float64 statistics of the fp32 values the partials came from
+    v_own, m_own = torch.var_mean(out.detach().cpu().double(), dim=(0, 2, 3), unbiased=False)
+    assert (m_own.abs() >= 100 * v_own.sqrt()).all()  # the regime this test is about
     md, vd = mean.cpu().double(), var.cpu().double()
-    assert ((md - mean_ref).abs() <= 4 * U32 * mean_ref.abs()).all(), f"mean err {(md - mean_ref).abs().max()}"
-    rel = ((vd - var_ref).abs() / var_ref).max().item()
+    assert ((md - m_own).abs() <= 8 * U32 * m_own.abs()).all(), f"mean err {((md - m_own).abs() / m_own.abs()).max()}"
+    rel = ((vd - v_own).abs() / v_own).max().item()
     assert rel < 1e-4, f"var rel err {rel}"
-    mean2, var2 = conv.combine_stats(pmean, pm2, M, rows, tiles_per_program=tpp)
-    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+    # and the whole: against the float64 conv
+    y, a = _ref64(x, w, (1, 1), (0, 0))
+    rm, rv, tm, tv = _stats_tol(torch.float32, False, w[0].numel(), y, a)
+    assert ((md - rm).abs() <= tm).all() and ((vd - rv).abs() <= tv).all()
 
 
-def test_stats_combine_single_tile_and_poison():
-    """One tile (the one-level path) and unwritten partials: a NaN partial (what an unwritten
-    tile of the poisoned scratch holds) reaches the result instead of being skipped."""
-    y, pmean, pm2 = _tile_partials(7, 5, 32, seed=2, loc=0.0)
-    mean, var = conv.combine_stats(pmean, pm2, 7, 32)
-    var_ref, mean_ref = torch.var_mean(y, dim=0, unbiased=False)
-    assert torch.allclose(mean.cpu().double(), mean_ref, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(var.cpu().double(), var_ref, rtol=1e-5)
-    _, pmean, pm2 = _tile_partials(40 * 32, 3, 32, seed=3)
-    pm2[37, 1] = float("nan")
-    mean, var = conv.combine_stats(pmean, pm2, 40 * 32, 32, tiles_per_program=16)
-    assert torch.isnan(var[1]) and not torch.isnan(var[0]) and not torch.isnan(var[2])
+def test_conv_stats_counters_dropped_after_a_failed_launch(monkeypatch):
+    """A launch that raises (here after dirtying its arrival counters, as a kernel interrupted
+    midway would) drops its cached counter buffer; the next call gets a zeroed one and the right
+    statistics. An empty batch (M == 0) launches nothing and returns NaN statistics."""
+    from resnet_kernels.triton_ops import _common
 
+    x, w = _large_mean_case(seed=9)
+    cfg = dataclasses.replace(conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(
+        1, 1, 1, 1, 1, torch.float32), stats_group=2)
+    probe = _poisoned_out(x, 40, 13, 13, "channels_last")
+    plan = conv._prepare(x, w, None, None, None, probe, (1, 1), (0, 0), False, True, False, config=cfg)
+    assert plan.num_groups > 1
+    key = plan.counter_key
+    assert key in _common.ARRIVAL_COUNTERS and plan.args[10] is plan.counters  # cnt_ptr
 
-def test_stats_tiles_per_program():
-    """The first level spreads ResNet-50-sized merges (batch 256: 6272 tiles at 56x56, 25088 for
-    the stem, of 128 rows) over >= 128 programs, each one a multiple of BLOCK_T tiles, and the
-    second level walks few steps; the split depends on the shape only."""
-    bt = conv.STATS_BLOCK_T
-    for nt, cout in ((6272, 64), (25088, 64), (6272, 256), (1568, 512), (392, 2048), (3, 64)):
-        tpp = conv.stats_tiles_per_program(nt, cout)
-        assert tpp % bt == 0 and tpp >= bt
-        groups = _cdiv(nt, tpp)
-        programs = groups * _cdiv(cout, conv.STATS_BLOCK_C)
-        if nt * _cdiv(cout, conv.STATS_BLOCK_C) >= 128 * bt:
-            assert programs >= 128, (nt, cout, programs)
-        assert _cdiv(groups, bt) <= 16 and tpp // bt <= 16, (nt, cout, tpp, groups)
+    class _Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[10][:3] = 1  # cnt_ptr: a partly-run launch leaves counters behind
+                raise RuntimeError("injected launch failure")
+            return launch
+
+    with monkeypatch.context() as mp:
+        mp.setattr(conv, "_conv2d_fwd_kernel", _Failing())
+        with pytest.raises(RuntimeError, match="injected"):
+            _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last", config=cfg)
+    assert key not in _common.ARRIVAL_COUNTERS, "the dirty counter buffer is still cached"
+    out, (mean, var) = _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last", config=cfg)
+    assert _counters_all_zero()
+    v_own, m_own = torch.var_mean(out.detach().cpu().double(), dim=(0, 2, 3), unbiased=False)
+    assert ((var.cpu().double() - v_own).abs() / v_own).max() < 1e-4
+    assert ((mean.cpu().double() - m_own).abs() <= 8 * U32 * m_own.abs()).all()
+
+    x0 = x[:0]
+    out0, (mean0, var0) = _run(x0, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last")
+    assert out0.shape == (0, 40, 13, 13) and torch.isnan(mean0).all() and torch.isnan(var0).all()
 
 
 # ------------------------------------------------------------------------------------------------
