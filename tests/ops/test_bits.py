@@ -234,3 +234,26 @@ def test_the_accountant_counts_the_bits():
     b = torch.empty(_bits.bits_shape(y.shape), dtype=torch.uint8, device="meta")
     assert nbytes(b) == y.numel() // 8
 
+
+# --------------------------------------------------------------------------------------------
+# the training block saves the bits, not its output
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if (rt.HAS_GPU or rt.interpreting()) else []))
+def test_the_block_saves_the_bits_and_not_its_output(backend):
+    import torchvision
+
+    import resnet_kernels as rk
+    from resnet_kernels import _block
+
+    torch.manual_seed(0)
+    blk = rk.fuse(torchvision.models.resnet.BasicBlock(8, 8), backend=backend).to(DEV)
+    x = torch.randn(2, 8, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = blk(x)
+    fn = out.grad_fn
+    assert type(fn).__name__ == _block._BlockFn.__name__ + "Backward"
+    saved = fn.saved_tensors
+    assert not any(t.data_ptr() == out.data_ptr() for t in saved), "the block's output is saved"
+    bits = [t for t in saved if t.dtype == torch.uint8]
+    assert len(bits) == 1 and torch.equal(bits[0], _bits.pack(out.detach()))
+    out.backward(torch.randn_like(out))
+    assert x.grad is not None
