@@ -132,6 +132,34 @@ def test_batch_norm_act_coef_reads_bits_like_out(backend, layout):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_reads_and_writes_bits(layout, cuda_target):
+    """The cuda backend (csrc on the host runner without a GPU): its torch passes around the kernels
+    (unpack + where before them, pack after the forward) give what the full mask gives."""
+    from resnet_kernels.ops.batch_norm import batch_norm_act, batch_norm_act_bits
+
+    dev = cuda_target
+    grad_out, out, *rest = (t.to(dev) if t is not None else None for t in _coef_args(layout, dtype=torch.float16))
+    kw = dict(relu=True, need_weight=True, need_bias=True, need_id_weight=True, need_id_bias=True, backend="cuda")
+    want = batch_norm_act_coef(grad_out, out, *rest, **kw)
+    got = batch_norm_act_coef(grad_out, _bits.pack(out), *rest, **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    case = _ConvCase(layout, "first-id")
+    for name in ("g", "x", "weight", "y", "residual", "res_mask"):
+        setattr(case, name, getattr(case, name).to(dev, torch.float16))
+    case.mean, case.coef = case.mean.to(dev), case.coef.to(dev)
+    case.mask = torch.relu(case.g)  # a tail mask too
+    want = case.run("cuda")
+    case.mask, case.res_mask = _bits.pack(case.mask), _bits.pack(case.res_mask)
+    got = case.run("cuda")
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    y, m, v, w, b, idt = (t.to(dev) for t in _fwd_args((2, 13, 3, 5), layout, torch.float16))
+    o, bits = batch_norm_act_bits(y, m, v, w, b, idt, backend="cuda")
+    assert torch.equal(o, batch_norm_act(y, m, v, w, b, idt, backend="cuda")) and torch.equal(bits, _bits.pack(o))
+
+
 def test_bad_bits_are_named():
     grad_out, out, *rest = _coef_args("channels_last")
     bits = _bits.pack(out)
