@@ -18,6 +18,11 @@ the same side effects, committed once everything succeeded), but its backward is
              out for an identity shortcut, grad_x_d for a projection) in its epilogue: the
              block input's gradient leaves the block summed.
 
+The block's output is read by its backward only as the tail's ReLU mask (out > 0: by the coefficients'
+reduce, the tail's and the projection's operand prologues and unit 1's residual mask): the tail runs
+``batch_norm_act_bits``, which also writes the 1-bit mask (resnet_kernels/_bits.py, 1/8 byte per
+element, in the same kernel on triton), and the backward saves and reads those bits instead of out.
+
 No gradient of a BN's output or of a ReLU is ever materialised on the fused implementation: each
 ``conv2d_backward`` computes its operand from (g, y, A, B, K) as it loads it, and reduces the next
 unit's BN backward in its epilogue. Per unit of a bottleneck that replaces {BN reduce, finalize,
@@ -43,11 +48,11 @@ from torch.autograd.function import once_differentiable
 from . import _registry
 from .nn._bn import batch_stats_args, commit, uses_batch_stats
 from .nn._sync import sync_group
-from .ops.batch_norm import batch_norm_act, batch_norm_act_coef
+from .ops.batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef
 from .ops.conv2d import conv2d_stats
 from .ops.conv_backward import conv2d_backward
 
-_OPS = ("conv2d_backward", "batch_norm_act_coef")
+_OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits")
 # Explicit backends that run the block as one function: those whose conv2d_backward computes the
 # BN-backward operand inside the convolution kernels (triton), and the reference (torch: exact
 # float64 parity of the whole chain). 'aten' and 'cuda' implement conv2d_backward as separate
@@ -120,16 +125,18 @@ class _BlockFn(torch.autograd.Function):
             std = batch_stats_args(proj.bn, yd, md, vd, updates, backend)
             if std is None:
                 raise _Fallback()
-            out = batch_norm_act(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean, std.var,
-                                 std.weight, std.bias, eps=tail.eps, id_eps=std.eps, relu=True, backend=backend)
+            out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean,
+                                            std.var, std.weight, std.bias, eps=tail.eps, id_eps=std.eps, relu=True,
+                                            backend=backend)
         else:
-            out = batch_norm_act(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, x, eps=tail.eps, relu=True,
-                                 backend=backend)
+            out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, x, eps=tail.eps,
+                                            relu=True, backend=backend)
         commit(updates)
         ctx.plan = plan
         ctx.sts = sts
         ctx.std = std
-        ctx.save_for_backward(x, out, *hs[1:], *ys, *([yd] if yd is not None else []), *weights)
+        # the backward reads out only as its ReLU mask: the 1-bit mask is saved instead of out
+        ctx.save_for_backward(x, bits, *hs[1:], *ys, *([yd] if yd is not None else []), *weights)
         return out
 
     @staticmethod
@@ -139,7 +146,7 @@ class _BlockFn(torch.autograd.Function):
         units, proj, backend = plan["units"], plan["proj"], plan["backend"]
         k = len(units)
         saved = ctx.saved_tensors
-        x, out = saved[0], saved[1]
+        x, bits = saved[0], saved[1]  # bits: the 1-bit mask of out > 0 (resnet_kernels/_bits.py)
         hs = [x] + list(saved[2:2 + k - 1])
         ys = list(saved[1 + k:1 + 2 * k])
         pos = 1 + 2 * k
@@ -153,12 +160,12 @@ class _BlockFn(torch.autograd.Function):
         need_x = needs[1]
         nw = needs[2:2 + len(weights)]
         nbn = needs[2 + len(weights):]
-        g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(out) else g_out.contiguous()
+        g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(ys[-1]) else g_out.contiguous()
         tail = sts[-1]
         n_w, n_b = nbn[2 * (k - 1)], nbn[2 * (k - 1) + 1]
         n_dw, n_db = (nbn[2 * k], nbn[2 * k + 1]) if std is not None else (False, False)
         coef, id_coef, gw_t, gb_t, gw_d, gb_d = batch_norm_act_coef(
-            g_out, out, ys[-1], tail.mean, tail.var, tail.weight, yd, std.mean if std else None,
+            g_out, bits, ys[-1], tail.mean, tail.var, tail.weight, yd, std.mean if std else None,
             std.var if std else None, std.weight if std else None, eps=tail.eps, id_eps=std.eps if std else 0.0,
             relu=True, need_weight=n_w, need_bias=n_b, need_id_weight=n_dw, need_id_bias=n_db,
             weight_dtype=_dtype(tail.weight), id_weight_dtype=_dtype(std.weight) if std else None, backend=backend)
@@ -170,15 +177,15 @@ class _BlockFn(torch.autograd.Function):
         residual = res_mask = None
         if need_x:
             if proj is None:
-                residual, res_mask = g_out, out
+                residual, res_mask = g_out, bits
         if proj is not None and (need_x or nw[-1]):
             gxd, gwd, _, _, _ = conv2d_backward(g_out, x, weights[-1], stride=proj.stride, padding=proj.padding,
-                                                mask=out, y=yd, mean=std.mean, coef=id_coef, need_x=need_x,
+                                                mask=bits, y=yd, mean=std.mean, coef=id_coef, need_x=need_x,
                                                 need_weight=nw[-1], backend=backend)
             grads_w[-1] = gwd
             grads_bn[2 * k], grads_bn[2 * k + 1] = gw_d, gb_d
             residual = gxd
-        g, mask = g_out, out
+        g, mask = g_out, bits
         grad_x = None
         for i in range(k - 1, -1, -1):
             u = units[i]

@@ -52,8 +52,11 @@ def _ew_runtime(cfg, N, C, HW, layout, int64):
 
 
 def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None,
-              want_vec=None):
+              want_vec=None, bits=False):
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False, **K._fwd_load(id_mode))
+    if bits:  # batch_norm_act_bits: the tiling that keeps each mask byte's 8 channels in one tile
+        assert K.bits_in_kernel(C, layout)
+        cfg = K._bits_config(cfg, C, cfg["R"], cfg["S_V"] * cfg["VEC"])
     if want_mode is not None:
         assert cfg["MODE"] == want_mode, (cfg, want_mode)
     if want_vec is not None:
@@ -61,13 +64,14 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
     act, acc = ACT[dt], _acc(dt)
     par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(y_ptr=act, mean_ptr=acc, var_ptr=acc, w_ptr=par, b_ptr=par, id_ptr=act, im_ptr=acc, iv_ptr=acc,
-               iw_ptr=par, ib_ptr=par, out_ptr=act, eps="fp32", eps_lo="fp32", eps_lo2="fp32", id_eps="fp32",
+               iw_ptr=par, ib_ptr=par, out_ptr=act, bits_ptr="*u8",
+               eps="fp32", eps_lo="fp32", eps_lo2="fp32", id_eps="fp32",
                id_eps_lo="fp32", id_eps_lo2="fp32")
     rt, div16 = _ew_runtime(cfg, N, C, HW, layout, int64)
     sig.update(rt)
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], HAS_W=True,
                       HAS_B=True, ID_MODE=id_mode, HAS_IW=id_mode == K.ID_BN, HAS_IB=id_mode == K.ID_BN,
-                      RELU=relu, IS64=dt == torch.float64, INT64=int64)
+                      RELU=relu, IS64=dt == torch.float64, INT64=int64, BITS=bits)
     return KernelSpec(MOD, "_fwd_kernel", sig, constexprs, num_warps=cfg["num_warps"], arch=arch,
                       divisible_by_16=div16)
 
@@ -91,13 +95,14 @@ def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=
                       divisible_by_16=div16)
 
 
-def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True, int64=False):
+def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True, int64=False, mask_bits=False):
     cfg = K._reduce_config(N, C, HW, layout, _size(dt), CPU, interpret=False)
     act, acc = ACT[dt], _acc(dt)
-    sig = dict(go_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=acc, id_ptr=act, im_ptr=acc, pg_ptr=acc, pd_ptr=acc,
+    sig = dict(go_ptr=act, out_ptr="*u8" if mask_bits else act,
+               y_ptr=act, mean_ptr=acc, id_ptr=act, im_ptr=acc, pg_ptr=acc, pd_ptr=acc,
                pi_ptr=acc)
     constexprs = dict(VEC=cfg["VEC"], RELU=relu, NEED_G=need[0], NEED_D=need[1], NEED_I=need[2],
-                      IS64=dt == torch.float64, INT64=int64)
+                      IS64=dt == torch.float64, INT64=int64, MASK_BITS=mask_bits)
     if cfg["kind"] == "cols":
         kernel = "_reduce_cols_kernel"
         sig.update(M=_i(int64), C_V=_i(int64), TILES="i32")
@@ -177,6 +182,12 @@ def _cases():
         ("reduce-cols-fp16-C3", _reduce_spec(fp16, 256, 3, 56 * 56, "nhwc", 90), False),
         ("reduce-planes-fp32-int64", _reduce_spec(fp32, 4096, 64, 112 * 112, "nchw", 90, int64=True), True),
         ("reduce-cols-bf16-gd-only", _reduce_spec(bf16, 256, 512, 49, "nhwc", 90, need=(False, True, False)), True),
+        # the 1-bit ReLU mask (resnet_kernels/_bits.py): written by the forward, read by the reduce
+        ("fwd-cols-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nhwc", 90, bits=True), True),
+        ("fwd-cols-bf16-bits-C2048", _fwd_spec(bf16, 256, 2048, 49, "nhwc", 90, bits=True), True),
+        ("fwd-planes-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nchw", 90, bits=True), True),
+        ("reduce-cols-bf16-bits", _reduce_spec(bf16, 256, 256, 56 * 56, "nhwc", 90, mask_bits=True), True),
+        ("reduce-planes-bf16-bits", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 90, mask_bits=True), True),
         ("finalize-fp32", _finalize_spec(fp32, 264, 512, 90), False),
         ("finalize-fp64", _finalize_spec(fp64, 264, 512, 90), False),
         ("running-fp32", _running_spec(fp32, 512, 90), False),

@@ -45,6 +45,8 @@ LAYERS = [
     ("b_1x1s1", 256, 256, 56, 64, 1, 1, 0, "fused"),
     ("ds_1x1s2", 256, 128, 56, 256, 1, 2, 0, "plain"),
     ("l4_3x3_b8", 8, 512, 7, 512, 3, 1, 1, "fused"),  # M = 392 < 4096: 64-row tiles
+    # the block tail's 1-bit ReLU mask (resnet_kernels/_bits.py) as mask and res_mask
+    ("b_1x1s1_bits", 256, 256, 56, 64, 1, 1, 0, "fused-bits"),
 ]
 ARCHS = [90, 80]
 _DT_FOR = {"l1_3x3s1": ["bf16", "fp16", "fp32-tf32"], "l2_3x3s2": ["bf16", "fp32-tf32", "fp32-3xtf32"]}
@@ -97,7 +99,7 @@ def _child_compile_all(out_path: str) -> None:
         def vec(c, rows=None):
             return torch.empty((c,) if rows is None else (rows, c), dtype=torch.float32, device="meta")
 
-        fused = variant == "fused"
+        fused = variant in ("fused", "fused-bits")
         g = act(cout, oh)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
         if wcl:
@@ -109,10 +111,15 @@ def _child_compile_all(out_path: str) -> None:
         gx = act(cin, h)
         allow_tf32 = dt != "fp32-3xtf32"
         cfg = dg.select_config(n * h * h, cin, cout, k, k, dtype, cc, allow_tf32)
+        def mask(c, hw):
+            if variant == "fused-bits":
+                return torch.empty((n, hw, hw, (c + 7) // 8), dtype=torch.uint8, device="meta")
+            return act(c, hw) if fused else None
+
         plan = dg._prepare(
-            g, act(cout, oh) if fused else None, act(cout, oh) if fused else None, vec(cout) if fused else None,
+            g, mask(cout, oh), act(cout, oh) if fused else None, vec(cout) if fused else None,
             vec(cout, 3) if fused else None, w, gx, (s, s), (p, p), act(cin, h) if fused else None,
-            act(cin, h) if fused else None, act(cin, h) if fused else None, act(cin, h) if fused else None,
+            mask(cin, h), act(cin, h) if fused else None, act(cin, h) if fused else None,
             vec(cin) if fused else None, allow_tf32, config=cfg, arch=cc)
         names = [a for a in kernel.arg_names if a not in plan.constexprs]
         assert len(names) == len(plan.args), (names, len(plan.args))

@@ -56,7 +56,9 @@ _DT_FOR = {"stem7x7s2": ["bf16", "fp16", "fp32-tf32"], "l2_3x3s2": ["bf16", "fp1
 # (layer, dtype, operand): operand "bn" = mask + coef (g, mask, y read per element), "plain" = g only
 CASES = ([(lay, dt, "bn") for lay in LAYERS for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
          + [(lay, "bf16", "plain") for lay in LAYERS if lay[0] == "l1_3x3s1"]
-         + [(lay, "bf16", "bn-1split") for lay in LAYERS if lay[0] == "l4_3x3s1"])
+         + [(lay, "bf16", "bn-1split") for lay in LAYERS if lay[0] == "l4_3x3s1"]
+         # the mask as the block tail's 1-bit ReLU mask (resnet_kernels/_bits.py)
+         + [(lay, "bf16", "bn-bits") for lay in LAYERS if lay[0] == "ds_1x1s2"])
 
 
 def _case_id(layer, dt, operand):
@@ -145,6 +147,8 @@ def _child_compile_all(out_path: str) -> None:
         g = torch.empty((n, cout, oh, oh), dtype=dtype, device="meta").to(memory_format=cl)
         bn = operand.startswith("bn")
         mask = torch.empty_like(g) if bn else None
+        if operand == "bn-bits":
+            mask = torch.empty((n, oh, oh, (cout + 7) // 8), dtype=torch.uint8, device="meta")
         y = torch.empty_like(g) if bn else None
         mean = torch.empty((cout,), dtype=torch.float32, device="meta") if bn else None
         coef = torch.empty((3, cout), dtype=torch.float32, device="meta") if bn else None

@@ -112,3 +112,31 @@ def drop_arrival_counters(key: Optional[tuple]) -> None:
     """Forget the buffer of ``key`` (a launch that used it raised: its counters may not be 0)."""
     if key is not None:
         ARRIVAL_COUNTERS.pop(key, None)
+
+
+# The 1-bit ReLU mask (resnet_kernels/_bits.py): a contiguous uint8 (N, H, W, ceil(C/8)) tensor, bit
+# c % 8 of byte [n, h, w, c // 8] = out[n, c, h, w] > 0, whatever out's layout.
+@triton.jit
+def mask_bit(bits_ptr, pix, c, mask):
+    """The mask bit (0/1, int32) of channel(s) ``c`` at the byte row ``pix`` (the pixel's flat
+    index n*H*W + h*W + w times CB = ceil(C/8), broadcast against c), 0 where ``mask`` is False."""
+    b = tl.load(bits_ptr + pix + (c >> 3), mask=mask, other=0).to(tl.int32)
+    return (b >> (c & 7)) & 1
+
+
+@triton.jit
+def pack_bits_cols(pos, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_R, BLOCK_C // 8] bytes of a [BLOCK_R, BLOCK_C] boolean tile whose columns are
+    channels (the tile's first column a multiple of 8): bit j of byte k = pos[:, 8 k + j]."""
+    w = (1 << tl.arange(0, 8)).to(tl.int32)
+    p = tl.reshape(pos.to(tl.int32), [BLOCK_R, BLOCK_C // 8, 8]) * w[None, None, :]
+    return tl.sum(p, axis=2).to(tl.uint8)
+
+
+@triton.jit
+def pack_bits_rows(pos, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[BLOCK_R // 8, BLOCK_S] bytes of a [BLOCK_R, BLOCK_S] boolean tile whose rows are channels
+    (the tile's first row a multiple of 8): bit j of byte [k, s] = pos[8 k + j, s]."""
+    w = (1 << tl.arange(0, 8)).to(tl.int32)
+    p = tl.reshape(pos.to(tl.int32), [BLOCK_R // 8, 8, BLOCK_S]) * w[None, :, None]
+    return tl.sum(p, axis=1).to(tl.uint8)

@@ -76,7 +76,9 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._common import INTERPRET, cast_for_store
+from .._bits import is_bits
+from .._bits import pack as pack_bits
+from ._common import INTERPRET, cast_for_store, mask_bit, pack_bits_cols, pack_bits_rows
 from .bn_add_relu import (_backward_config, _block_for_extent, _layout, _num_warps, _on_device, _sum_config,
                           _tile_elems, _vec_width)
 
@@ -97,11 +99,12 @@ N_COEF = 6
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr,
+def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr, bits_ptr,
                 eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C,
                 MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
-                HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr):
+                HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr,
+                BITS: tl.constexpr = False):
     # The tensor is an [R, S] matrix (S = S_V * VEC, so the compiler knows rows start on a VEC
     # boundary); the program owns the tile [BLOCK_R, BLOCK_S] at (program_id(0), program_id(1));
     # channel = row % C (MODE_PLANES) or column (MODE_COLS). The per-channel values are computed
@@ -180,7 +183,36 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
     if RELU:
         # where(x < 0, 0, x), not maximum: NaN propagates like torch.relu
         x = tl.where(x < 0, 0.0, x)
-    tl.store(out_ptr + offs, cast_for_store(x, out_ptr), mask=mask)
+    xr = cast_for_store(x, out_ptr)
+    tl.store(out_ptr + offs, xr, mask=mask)
+    if BITS:
+        # the 1-bit mask of the stored out > 0 (resnet_kernels/_bits.py: byte [n, hw, c // 8] of
+        # (N*HW, CB) bytes); the launcher makes every byte's 8 channels lie in this tile (race-free:
+        # each byte written by one program)
+        pos = (xr > 0) & mask
+        CB = (C + 7) // 8
+        if MODE == 1:
+            # rows n*C + c (C % 8 == 0, BLOCK_R % 8 == 0): a byte per 8 consecutive rows
+            byt = pack_bits_rows(pos, BLOCK_R, BLOCK_S)
+            grow = (tl.program_id(0) * (BLOCK_R // 8) + tl.arange(0, BLOCK_R // 8)) * 8
+            nn = grow // C
+            if INT64:
+                pix = nn.to(tl.int64)[:, None] * S + cols[None, :]
+            else:
+                pix = nn[:, None] * S + cols[None, :]
+            boffs = pix * CB + ((grow % C) // 8)[:, None]
+            bmask = (grow < R)[:, None] & cmask[None, :]
+        else:
+            # rows = pixels, columns = channels (BLOCK_S % 8 == 0): a byte per 8 consecutive columns
+            byt = pack_bits_cols(pos, BLOCK_R, BLOCK_S)
+            bcol = tl.program_id(1) * (BLOCK_S // 8) + tl.arange(0, BLOCK_S // 8)
+            if INT64:
+                brow = rows.to(tl.int64) * CB
+            else:
+                brow = rows * CB
+            boffs = brow[:, None] + bcol[None, :]
+            bmask = rmask[:, None] & (bcol < CB)[None, :]
+        tl.store(bits_ptr + boffs, byt, mask=bmask)
 
 
 @triton.jit
@@ -188,10 +220,11 @@ def _reduce_cols_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr
                         M, C_V, TILES,
                         VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RELU: tl.constexpr,
                         NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
-                        INT64: tl.constexpr):
+                        INT64: tl.constexpr, MASK_BITS: tl.constexpr = False):
     # channels_last: an [M, C] matrix (M = N*H*W pixels). Program (pr, pc) owns the channel block
     # pc and the TILES consecutive row tiles starting at pr * TILES; it writes its column sums of
     # g, g * (y - mean) and g * (identity - id_mean) to row pr of the (P, C) partial buffers.
+    # MASK_BITS: out_ptr is the 1-bit ReLU mask (resnet_kernels/_bits.py: [M, ceil(C/8)] bytes).
     pid_r = tl.program_id(0)
     C = C_V * VEC
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -217,7 +250,14 @@ def _reduce_cols_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr
         mask = (rows < M)[:, None] & cmask[None, :]
         g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if RELU:
-            o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            if MASK_BITS:
+                if INT64:
+                    brow = rows.to(tl.int64) * ((C + 7) // 8)
+                else:
+                    brow = rows * ((C + 7) // 8)
+                o = mask_bit(out_ptr, brow[:, None], cols[None, :], mask)
+            else:
+                o = tl.load(out_ptr + offs, mask=mask, other=0.0)
             g = tl.where(o > 0, g, 0.0)
         if NEED_G:
             acc_g += g
@@ -240,11 +280,12 @@ def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_p
                           N, C, HW_V, N_TILES, HW_TILES,
                           VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, RELU: tl.constexpr,
                           NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
-                          INT64: tl.constexpr):
+                          INT64: tl.constexpr, MASK_BITS: tl.constexpr = False):
     # NCHW: program (c, nb, hb) owns channel c, the N_TILES consecutive batch tiles starting at
     # nb * N_TILES and the HW_TILES consecutive H*W tiles starting at hb * HW_TILES; tile
     # [BLOCK_N, BLOCK_HW] reads BLOCK_N planes (n, c). The per-channel values are scalars. The
     # program's sums go to row nb * num_programs(2) + hb of the (P, C) partial buffers.
+    # MASK_BITS: out_ptr is the 1-bit ReLU mask (resnet_kernels/_bits.py: byte [n, hw, c // 8]).
     c = tl.program_id(0)
     nb = tl.program_id(1)
     hb = tl.program_id(2)
@@ -273,7 +314,14 @@ def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_p
             mask = nmask[:, None] & (hw < HW)[None, :]
             g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(acc_t)
             if RELU:
-                o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+                if MASK_BITS:
+                    if INT64:
+                        brow = n.to(tl.int64) * HW
+                    else:
+                        brow = n * HW
+                    o = mask_bit(out_ptr, (brow[:, None] + hw[None, :]) * ((C + 7) // 8), c, mask)
+                else:
+                    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
                 g = tl.where(o > 0, g, 0.0)
             if NEED_G:
                 acc_g += g
@@ -581,14 +629,44 @@ def _parts(x: float) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------------------------
 # launchers (same names, arguments and semantics as resnet_kernels/backends/torch_batch_norm.py)
 # --------------------------------------------------------------------------------------------
+def bits_in_kernel(C: int, layout: str) -> bool:
+    """Whether ``_fwd_kernel`` writes the 1-bit mask itself (else ``_bits.pack`` after it): always
+    for channels_last; for NCHW when C % 8 == 0 (a byte's 8 channels are 8 consecutive rows of the
+    [N*C, H*W] tiling, which can then be aligned to the row tiles)."""
+    return layout != "nchw" or C % 8 == 0
+
+
+def _bits_config(cfg: dict, C: int, R: int, S: int) -> dict:
+    """The elementwise tiling adjusted so that each mask byte's 8 channels lie in one tile: column
+    blocks of >= 8 channels (channels_last), row blocks of a multiple of 8 planes (NCHW, C % 8 == 0);
+    the same number of elements per tile or a few more."""
+    cfg = dict(cfg)
+    if cfg["MODE"] == MODE_COLS:
+        if cfg["BLOCK_S"] < 8:
+            cfg["BLOCK_R"] = max(1, min(cfg["BLOCK_R"] * cfg["BLOCK_S"] // 8, triton.next_power_of_2(R)))
+            cfg["BLOCK_S"] = 8
+    elif cfg["BLOCK_R"] % 8:
+        n = cfg["BLOCK_R"] * cfg["BLOCK_S"]
+        cfg["BLOCK_R"] = 8
+        cfg["BLOCK_S"] = max(cfg["VEC"], min(cfg["BLOCK_S"], triton.next_power_of_2(max(n // 8, 1))))
+    cfg["grid"] = (triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(S, cfg["BLOCK_S"]))
+    return cfg
+
+
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner) -> None:
+                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
+    """``mask_bits`` (optional): the 1-bit mask of out > 0 (resnet_kernels/_bits.py), written by the
+    same kernel (``bits_in_kernel``), else packed from out afterwards (NCHW with C % 8 != 0)."""
     N, C, HW = _shape(y, C, inner)
     numel = y.numel()
     if numel == 0:
         return
     id_mode = ID_NONE if identity is None else (ID_BN if id_mean is not None else ID_RAW)
-    cfg = _elementwise_config(N, C, HW, _layout(inner, HW), y.element_size(), **_fwd_load(id_mode))
+    layout = _layout(inner, HW)
+    cfg = _elementwise_config(N, C, HW, layout, y.element_size(), **_fwd_load(id_mode))
+    bits_here = mask_bits is not None and bits_in_kernel(C, layout)
+    if bits_here:
+        cfg = _bits_config(cfg, C, cfg["R"], cfg["S_V"] * cfg["VEC"])
     e3 = _parts(eps)
     ie3 = _parts(id_eps if id_eps is not None else 0.0)
     d = y  # stands in for absent operands; never dereferenced (their flags are False)
@@ -601,12 +679,14 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
             y, mean, var, opt(weight), opt(bias), opt(identity),
             opt(id_mean if id_mode == ID_BN else None), opt(id_var if id_mode == ID_BN else None),
             opt(id_weight if id_mode == ID_BN else None), opt(id_bias if id_mode == ID_BN else None), out,
-            *e3, *ie3, cfg["R"], cfg["S_V"], C,
+            mask_bits if bits_here else out, *e3, *ie3, cfg["R"], cfg["S_V"], C,
             MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
             HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
             HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
-            RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX,
+            RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX, BITS=bits_here,
             num_warps=cfg["num_warps"])
+        if mask_bits is not None and not bits_here:
+            pack_bits(out, out=mask_bits)
 
 
 def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
@@ -634,6 +714,8 @@ def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_
     ptrs = (grad_out, opt(out if relu else None), opt(y if need_d else None), mean,
             opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi)
     flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64, INT64=numel > _INT32_MAX)
+    if relu and is_bits(out):
+        flags["MASK_BITS"] = True
     if rc["kind"] == "cols":
         _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
                                         BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],

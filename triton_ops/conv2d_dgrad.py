@@ -83,7 +83,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._common import INTERPRET, bn_dy, cast_for_store, round_to
+from .._bits import bits_shape, is_bits
+from ._common import INTERPRET, bn_dy, cast_for_store, mask_bit, round_to
 from .batch_norm import _finalize_config, _finalize_kernel, _parts
 from .bn_add_relu import _on_device
 
@@ -108,7 +109,10 @@ def _conv2d_dgrad_kernel(
     HAS_UP: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MASK_BITS: tl.constexpr = False, RES_BITS: tl.constexpr = False,
 ):
+    # MASK_BITS / RES_BITS: mk_ptr / rm_ptr are 1-bit ReLU masks (resnet_kernels/_bits.py: byte
+    # [n, h, w, c // 8] of a contiguous (N, H, W, ceil(C/8)) uint8 tensor), not activations
     # ---- grouped tile order (as the forward): GROUP_M row tiles sweep all column tiles together;
     # axis 1: the parity class (rh, rw) of the rows (one class when the stride is 1)
     pid = tl.program_id(0)
@@ -179,7 +183,11 @@ def _conv2d_dgrad_kernel(
             b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
         gv = tl.load(g_ptr + g_off, mask=a_mask, other=0.0).to(tl.float32)
         if HAS_MASK:
-            mv = tl.load(mk_ptr + g_off, mask=a_mask, other=0.0)
+            if MASK_BITS:
+                mrow = ((nb64 * OH + oh) * OW + ow) * ((COUT + 7) // 8)
+                mv = mask_bit(mk_ptr, mrow[:, None], offs_c[None, :], a_mask)
+            else:
+                mv = tl.load(mk_ptr + g_off, mask=a_mask, other=0.0)
         else:
             mv = gv
         if HAS_COEF:
@@ -212,7 +220,11 @@ def _conv2d_dgrad_kernel(
     if HAS_RES:
         rv = tl.load(res_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
         if HAS_RES_MASK:
-            rmv = tl.load(rm_ptr + x_off, mask=out_mask, other=0.0)
+            if RES_BITS:
+                rrow = ((nb64 * H + hh) * W + ww) * ((CIN + 7) // 8)
+                rmv = mask_bit(rm_ptr, rrow[:, None], offs_n[None, :], out_mask)
+            else:
+                rmv = tl.load(rm_ptr + x_off, mask=out_mask, other=0.0)
             rv = tl.where(rmv > 0, rv, 0.0)
         gx = gx + rv
     if HAS_UP:
@@ -343,6 +355,11 @@ class _Plan:
     M: int
 
 
+def _bits_of(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``t`` is the 1-bit ReLU mask of a tensor shaped like ``ref`` (resnet_kernels/_bits.py)."""
+    return is_bits(t) and tuple(t.shape) == bits_shape(ref.shape) and t.is_contiguous()
+
+
 def _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, up_y, up_mean):
     if g.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"triton conv2d_dgrad: activations must be float32, float16 or bfloat16, got {g.dtype} "
@@ -355,10 +372,10 @@ def _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, u
         raise ValueError(f"triton conv2d_dgrad: g {tuple(g.shape)}, weight {tuple(weight.shape)} and grad_x "
                          f"{tuple(grad_x.shape)} do not describe one convolution")
     for name, t in (("mask", mask), ("y", y)):
-        if t is not None and not _same_strides(t, g):
+        if t is not None and not _same_strides(t, g) and not (name == "mask" and _bits_of(t, g)):
             raise ValueError(f"triton conv2d_dgrad: {name} must have g's shape and layout")
     for name, t in (("residual", residual), ("res_mask", res_mask), ("up_out", up_out), ("up_y", up_y)):
-        if t is not None and not _same_strides(t, grad_x):
+        if t is not None and not _same_strides(t, grad_x) and not (name == "res_mask" and _bits_of(t, grad_x)):
             raise ValueError(f"triton conv2d_dgrad: {name} must have grad_x's shape and layout")
     if coef is not None and (y is None or mean is None):
         raise ValueError("triton conv2d_dgrad: coef needs y and mean")
@@ -420,6 +437,8 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         HAS_MASK=mask is not None, HAS_COEF=coef is not None, HAS_RES=residual is not None,
         HAS_RES_MASK=residual is not None and res_mask is not None, HAS_UP=has_up,
         EVEN_K=cout % cfg.BLOCK_K == 0,
+        MASK_BITS=mask is not None and is_bits(mask),
+        RES_BITS=residual is not None and res_mask is not None and is_bits(res_mask),
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )

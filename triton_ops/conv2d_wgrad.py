@@ -83,8 +83,9 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._bits import bits_shape, is_bits
 from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_dy, cast_for_store, drop_arrival_counters,
-                      round_to)
+                      mask_bit, round_to)
 
 __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
 
@@ -102,7 +103,10 @@ def _conv2d_wgrad_kernel(
     HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, PACKED_N: tl.constexpr, EVEN_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MASK_BITS: tl.constexpr = False,
 ):
+    # MASK_BITS: m_ptr is a 1-bit ReLU mask (resnet_kernels/_bits.py: byte [pixel, co // 8] of a
+    # contiguous (N, OH, OW, ceil(Cout/8)) uint8 tensor), not an activation
     # ---- grouped tile order within one split (axis 1 = the split: the slow axis, so the programs
     # running together read the same pixel range of g and x)
     pid = tl.program_id(0)
@@ -171,7 +175,11 @@ def _conv2d_wgrad_kernel(
         mv = gv
         yv = gv
         if HAS_MASK:
-            mv = tl.load(m_ptr + a_off, mask=a_mask, other=0)
+            if MASK_BITS:
+                mrow = offs_p.to(tl.int64) * ((COUT + 7) // 8)
+                mv = mask_bit(m_ptr, mrow[None, :], offs_co[:, None], a_mask)
+            else:
+                mv = tl.load(m_ptr + a_off, mask=a_mask, other=0)
         if HAS_COEF:
             yv = tl.load(y_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
         dy = bn_dy(gv, mv, yv, mu[:, None], ca[:, None], cb[:, None], ck[:, None], HAS_MASK, HAS_COEF)
@@ -337,6 +345,11 @@ def _check(g, mask, y, mean, coef, x, grad_weight):
         raise TypeError(f"conv2d_wgrad (triton): g and x must share one of float32/float16/bfloat16, "
                         f"got {g.dtype} and {x.dtype}")
     for name, t in (("mask", mask), ("y", y)):
+        if name == "mask" and is_bits(t):
+            if tuple(t.shape) != bits_shape(g.shape) or not t.is_contiguous():
+                raise ValueError("conv2d_wgrad (triton): mask bits must be a contiguous (N, OH, OW, ceil(Cout/8)) "
+                                 "uint8 tensor")
+            continue
         if t is not None and (t.shape != g.shape or t.stride() != g.stride()):
             raise ValueError(f"conv2d_wgrad (triton): {name} must have g's shape and strides")
     if coef is not None and (y is None or mean is None):
@@ -414,6 +427,7 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
         KH=kh, KW=kw, HAS_MASK=mask is not None, HAS_COEF=has_coef, PACKED_N=bool(packed),
         EVEN_C=cin % cfg.BLOCK_N == 0, SPLIT_K=part is not None, DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        MASK_BITS=mask is not None and is_bits(mask),
     )
     return _Plan((tiles, splits), args, constexprs, cfg.num_warps, cfg.num_stages, cfg, splits, per, part,
                  counters, key)

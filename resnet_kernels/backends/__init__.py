@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext, _weight_cache
+from .._bits import is_bits, pack_cost, unpack_cost
 from . import cuda_common
 from .._backend import triton_import_error, triton_interpreting
 from .._registry import Backend, Impl, register, register_backend
@@ -173,7 +174,8 @@ def cutlass_supports(call) -> Optional[str]:
 # (re-reads through L2 misses are not modelled); per-tile partial-sum scratch is counted.
 # --------------------------------------------------------------------------------------------
 def nbytes(t) -> int:
-    """Bytes of the memory a tensor addresses (broadcast / stride-0 dimensions counted once)."""
+    """Bytes of the memory a tensor addresses (broadcast / stride-0 dimensions counted once; a 1-bit
+    ReLU mask, resnet_kernels/_bits.py, is a uint8 tensor: its numel)."""
     if t is None or t.numel() == 0:
         return 0
     span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
@@ -398,6 +400,31 @@ def _fused_bn_cost(call):
                                                                   call.id_var)
 
 
+def _triton_bn_bits_cost(call):
+    """batch_norm_act_bits on triton: ``_fused_bn_cost`` plus the bits written by the same kernel
+    (``triton_ops.batch_norm.bits_in_kernel``), else (NCHW with C % 8 != 0) ``_bits.pack`` after it."""
+    launches, b = _fused_bn_cost(call)
+    N, C, H, W = call.y.shape
+    if _bits_in_kernel(C, call.layout):
+        return launches, b + N * H * W * ((C + 7) // 8)
+    pl, pb = pack_cost(call.y)
+    return launches + pl, b + pb
+
+
+def _packed_after(cost):
+    """batch_norm_act_bits on cuda / aten: their forward, then ``_bits.pack`` of out by torch ops."""
+    def fn(call):
+        launches, b = cost(call)
+        pl, pb = pack_cost(call.y)
+        return launches + pl, b + pb
+    fn.__doc__ = f"{cost.__name__} + _bits.pack_cost (the 1-bit mask packed from out by torch ops)"
+    return fn
+
+
+def _bits_in_kernel(C: int, layout: str) -> bool:
+    return layout != "nchw" or C % 8 == 0  # as triton_ops/batch_norm.py's bits_in_kernel
+
+
 def _bn_partials(call) -> int:
     """per-channel partial sums of the backward's reduce pass: (sum g, sum g (y - mean)) per block of
     rows (and the identity's), float32; modelled as blocks of about 2,048 elements per channel (the
@@ -475,6 +502,23 @@ def _fused_bn_coef_cost(call):
     return 2, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
 
 
+def _triton_bn_coef_cost(call):
+    """``_fused_bn_coef_cost``; a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by the
+    reduce kernel: its bytes are the bits' (nbytes of a uint8 tensor)."""
+    return _fused_bn_coef_cost(call)
+
+
+def _cuda_bn_coef_cost(call):
+    """``_fused_bn_coef_cost``; a 1-bit ``out`` is first unpacked (``_bits.unpack_cost``) and applied
+    by a where (read grad_out and the bool mask, write the masked gradient) before the csrc kernels,
+    which then run with relu off (not reading a mask)."""
+    launches, b = _fused_bn_coef_cost(call)
+    if call.relu and is_bits(call.out):
+        ul, ub = unpack_cost(call.out, call.grad_out)
+        launches, b = launches + ul + 1, b + ub + 2 * nbytes(call.grad_out) + call.grad_out.numel() - nbytes(call.out)
+    return launches, b
+
+
 def _aten_bn_coef_cost(call):
     """aten_batch_norm.batch_norm_act_coef: threshold_backward (read grad_out and out, write g), then
     per BN side: var + eps and rsqrt, the weight in acc (ones_like without one, a cast when it is
@@ -485,6 +529,9 @@ def _aten_bn_coef_cost(call):
     acc = _acc(call.grad_out.dtype)
     vec = call.C * torch.empty((), dtype=acc).element_size()
     launches, b = (1, 3 * g) if call.relu else (0, 0)
+    if call.relu and is_bits(call.out):  # unpack, then where (read grad_out and the bools, write g)
+        ul, ub = unpack_cost(call.out, call.grad_out)
+        launches, b = launches + ul, b + ub - g + call.grad_out.numel()
     sides = [(call.y, call.weight, call.needs[:2], call.pdtypes[0])]
     if call.id_mean is not None:
         sides.append((call.identity, call.id_weight, call.needs[2:], call.pdtypes[2]))
@@ -554,9 +601,12 @@ _COSTS = {
     ("conv2d_epilogue", "aten"): _aten_conv_cost, ("conv2d_stats", "aten"): _aten_conv_cost,
     ("batch_norm_act", "cuda"): _fused_bn_cost, ("batch_norm_act", "triton"): _fused_bn_cost,
     ("batch_norm_act", "aten"): _aten_bn_cost,
+    ("batch_norm_act_bits", "cuda"): _packed_after(_fused_bn_cost),
+    ("batch_norm_act_bits", "triton"): _triton_bn_bits_cost,
+    ("batch_norm_act_bits", "aten"): _packed_after(_aten_bn_cost),
     ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _fused_bn_bwd_cost,
     ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
-    ("batch_norm_act_coef", "cuda"): _fused_bn_coef_cost, ("batch_norm_act_coef", "triton"): _fused_bn_coef_cost,
+    ("batch_norm_act_coef", "cuda"): _cuda_bn_coef_cost, ("batch_norm_act_coef", "triton"): _triton_bn_coef_cost,
     ("batch_norm_act_coef", "aten"): _aten_bn_coef_cost,
     ("bn_running_update", "cuda"): _update_cost, ("bn_running_update", "triton"): _update_cost,
     ("bn_running_update", "aten"): _aten_update_cost,
@@ -592,11 +642,18 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
 # the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py): 'aten' runs PyTorch's native
 # batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py);
 # batch_norm_act_coef is the backward's reduce + finalize half (the fused convolution backward's coefficients)
+# batch_norm_act_bits is batch_norm_act writing the 1-bit ReLU mask too (the same launchers, mask_bits=)
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
-                 ("batch_norm_act_coef", "batch_norm_act_coef"), ("bn_running_update", "bn_running_update")):
+                 ("batch_norm_act_coef", "batch_norm_act_coef"), ("bn_running_update", "bn_running_update"),
+                 ("batch_norm_act_bits", "batch_norm_act_forward")):
     register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn, supports=_no_float64, priority=20,
                   cost=_COSTS[(_op, "cuda")]))
-    register(Impl(_op, "triton", _TRITON + "batch_norm:" + _fn, priority=30, cost=_COSTS[(_op, "triton")]))
+    # batch_norm_act_bits and batch_norm_act_coef run in the training block, whose backward reads the
+    # 1-bit ReLU mask: triton writes and reads it in its kernels, cuda packs / unpacks it by extra
+    # torch passes (counted): triton first in their static order ('auto' measures on CUDA anyway)
+    register(Impl(_op, "triton", _TRITON + "batch_norm:" + _fn,
+                  priority=15 if _op in ("batch_norm_act_bits", "batch_norm_act_coef") else 30,
+                  cost=_COSTS[(_op, "triton")]))
     register(Impl(_op, "aten", _P + "aten_batch_norm:" + _fn, priority=40, auto_on=_EVERYWHERE,
                   returns_output=_op != "bn_running_update", cost=_COSTS[(_op, "aten")]))
     register(Impl(_op, "torch", _P + "torch_batch_norm:" + _fn, priority=90, auto_on=_EVERYWHERE, reference=True))
@@ -687,6 +744,17 @@ def _triton_conv_bwd_cost(call):
     return max(launches, 1), b
 
 
+def _unpack_masks(call):
+    """(launches, bytes) of unpacking 1-bit mask / res_mask (resnet_kernels/_bits.py) first (the aten
+    and cuda implementations: their elementwise passes read bool masks then, counted as before)."""
+    launches = b = 0
+    for m, like in ((call.mask, call.g), (call.res_mask, call.x)):
+        if m is not None and is_bits(m) and (m is not call.res_mask or call.needs[0]):
+            ul, ub = unpack_cost(m, like)
+            launches, b = launches + ul, b + ub
+    return launches, b
+
+
 def _aten_conv_bwd_cost(call):
     """aten_conv_backward.conv2d_backward: see its module docstring for the ops counted."""
     need_x, need_w = call.needs[0], call.needs[1]
@@ -694,8 +762,9 @@ def _aten_conv_bwd_cost(call):
     e4 = call.g.numel() * 4  # an accumulation-dtype temporary
     launches, b = 0, 0
     dy = g
+    launches, b = _unpack_masks(call)
     if call.mask is not None:
-        launches, b = 1, 3 * g
+        launches, b = launches + 1, b + 3 * g
     if call.coef is not None:  # 2 per-channel ops, addcmul, addcmul_, the cast
         launches += 5
         b += (g + e4) + (e4 + nbytes(call.y) + e4) + (e4 + g) + 64 * call.weight.shape[0]
@@ -720,9 +789,9 @@ def _cuda_conv_bwd_cost(call):
     """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted."""
     need_x, need_w = call.needs[0], call.needs[1]
     g = nbytes(call.g)
-    launches = b = 0
-    if call.mask is not None:  # the masking pass
-        launches, b = 1, 3 * g
+    launches, b = _unpack_masks(call)
+    if call.mask is not None:  # the masking pass (a where after unpacking a 1-bit mask)
+        launches, b = launches + 1, b + 3 * g
     if call.coef is not None:  # the operand pass (+ 2 per-channel ops)
         launches, b = launches + 3, b + 3 * g + nbytes(call.y) + 64 * call.weight.shape[0]
     if need_w:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .._bits import is_bits, pack, unpack
+
 _aten = torch.ops.aten
 
 
@@ -31,12 +33,15 @@ def _bn_eval(x, mean, var, weight, bias, eps):
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out, eps,
-                           id_eps, relu, C, inner):
+                           id_eps, relu, C, inner, mask_bits=None):
+    """``mask_bits``: packed from the result by torch ops afterwards (``_bits.pack``, counted)."""
     z = _bn_eval(y, mean, var, weight, bias, eps)
     if identity is not None:
         z.add_(_bn_eval(identity, id_mean, id_var, id_weight, id_bias, id_eps) if id_mean is not None else identity)
     if relu:
         z.relu_()
+    if mask_bits is not None:
+        pack(z, out=mask_bits)
     return z
 
 
@@ -90,7 +95,10 @@ def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, 
     """Returns [coef, id_coef, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (None where not
     needed or, for id_coef, without the identity's BN)."""
     nw, nb, niw, nib = needs
-    g = _aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    if relu and is_bits(out):  # the 1-bit mask (resnet_kernels/_bits.py): unpacked, then where
+        g = torch.where(unpack(out, grad_out), grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    else:
+        g = _aten.threshold_backward(grad_out, out, 0) if relu else grad_out
     m = grad_out.numel() // C
     coef, gw, gb = _coef_side(g, y, mean, var, weight, eps, m, nw, nb, pdtypes[0])
     icoef = giw = gib = None

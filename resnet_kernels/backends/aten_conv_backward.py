@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._bits import as_mask
 from .._checks import acc_dtype
 from .torch_conv_backward import _col, _tf32, upstream_outputs
 
@@ -42,6 +43,8 @@ def _operand(g, mask, y, mean, coef):
 
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
                     up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
+    # a 1-bit mask / res_mask (resnet_kernels/_bits.py) unpacked first (extra ops, counted)
+    mask, res_mask = as_mask(mask, g), (as_mask(res_mask, x) if grad_x is not None else None)
     dy = _operand(g, mask, y, mean, coef)
     with _tf32(allow_tf32):
         gx, gw, _ = torch.ops.aten.convolution_backward(

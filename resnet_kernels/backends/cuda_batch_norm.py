@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .._bits import is_bits, pack, unpack
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 
 
@@ -33,7 +34,9 @@ def _code(t) -> int:
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner) -> None:
+                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
+    """``mask_bits``: packed from out by torch ops after the kernel (``_bits.pack``: extra launches,
+    counted; csrc is not edited for it)."""
     C_ = C_module()
     with device_guard(y):
         args = fill_args(
@@ -43,6 +46,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
             bias_dtype=_code(bias), id_weight_dtype=_code(id_weight), id_bias_dtype=_code(id_bias), eps=float(eps),
             id_eps=float(id_eps), numel=y.numel(), C=C, inner=inner, relu=bool(relu), stream=stream_of(y))
         call("batch_norm_act_forward", args)
+    if mask_bits is not None:
+        pack(out, out=mask_bits)
 
 
 def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
@@ -78,7 +83,13 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
 
 def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
                         grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
-    """coef / id_coef: (3, C) float32, contiguous (the op allocates them)."""
+    """coef / id_coef: (3, C) float32, contiguous (the op allocates them). A 1-bit ``out``
+    (resnet_kernels/_bits.py) is unpacked and applied by torch ops first (csrc reads an activation
+    mask): the kernels then see the masked gradient with relu off."""
+    if relu and is_bits(out):
+        grad_out = torch.where(unpack(out, grad_out), grad_out,
+                               torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+        out, relu = None, False
     if id_mean is None:
         identity = id_var = id_weight = None
     _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, None, None, grad_weight,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .._bits import is_bits, unpack
 from .._checks import acc_dtype
 from .cuda_batch_norm import batch_norm_act_backward
 from .cuda_bn_add_relu import bn_add_relu_backward, bn_add_relu_forward
@@ -32,7 +33,10 @@ def _inner(t) -> int:
 
 
 def _masked(g, mask):
-    """g * (mask > 0) in g's dtype (one csrc pass, exact)."""
+    """g * (mask > 0) in g's dtype (one csrc pass, exact). A 1-bit mask (resnet_kernels/_bits.py) is
+    unpacked by torch ops and applied by torch.where instead (the csrc pass reads an activation)."""
+    if is_bits(mask):
+        return torch.where(unpack(mask, g), g, torch.zeros((), dtype=g.dtype, device=g.device))
     out = torch.empty_like(g)
     bn_add_relu_backward(g, mask, None, None, None, None, out, None, None, None, None, True, g.shape[1], _inner(g))
     return out

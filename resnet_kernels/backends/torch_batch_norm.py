@@ -53,6 +53,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._bits import as_mask, pack
 from .._checks import acc_dtype
 
 _DIMS = (0, 2, 3)
@@ -73,7 +74,8 @@ def _affine(mean, var, weight, bias, eps, acc) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner) -> None:
+                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
+    """``mask_bits`` (optional): the 1-bit mask of out > 0 (resnet_kernels/_bits.py), of the rounded out."""
     acc = acc_dtype(y.dtype)
     _, scale, shift = _affine(mean, var, weight, bias, eps, acc)
     z = y.to(acc) * scale + shift
@@ -86,6 +88,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     if relu:
         z = torch.relu(z)
     out.copy_(z)
+    if mask_bits is not None:
+        pack(out, out=mask_bits)
 
 
 def coefficients(coef, var, weight, eps, mean_g, mean_gd, acc=None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -154,6 +158,8 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
 
 def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
                         grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
+    """``out`` may be the 1-bit mask of the output (resnet_kernels/_bits.py): unpacked first."""
+    out = as_mask(out, grad_out) if relu else out
     _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, None, None, grad_weight,
               grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, coef, id_coef)
 

@@ -42,6 +42,9 @@ The gradient operand (both ops), per output element of channel c (``bn_dy``):
     accumulated in acc (tf32 where allow_tf32), rounded once. Reductions in a fixed order in every
     implementation (deterministic).
 
+mask and res_mask may also be 1-bit masks (``resnet_kernels/_bits.py``: uint8 (N, H, W, ceil(C/8)),
+bit c % 8 = the activation > 0), which mean the same.
+
 Tensors: g, mask, y, residual, res_mask, up_out, up_y are dense (NCHW-contiguous or channels_last;
 g, mask, y share one layout, the x-side tensors x's); mean/up_mean/up_var (C,) acc; coef (3, Cout)
 acc; up_weight (Cin,) acc or activation dtype; up_coef (3, Cin) acc, up_grad_weight/up_grad_bias
@@ -56,6 +59,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._bits import as_mask
 from .._checks import acc_dtype
 from .torch_batch_norm import coefficients
 
@@ -71,6 +75,7 @@ def bn_dy(g: Tensor, mask: Optional[Tensor], y: Optional[Tensor], mean: Optional
     """The gradient operand dy in acc (not rounded)."""
     gp = g.to(acc)
     if mask is not None:
+        mask = as_mask(mask, g)  # a 1-bit mask (resnet_kernels/_bits.py) unpacked
         gp = torch.where(mask > 0, gp, torch.zeros((), dtype=acc, device=g.device))
     if coef is None:
         return gp
@@ -99,7 +104,7 @@ def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residu
     if residual is not None:
         r = residual.to(acc)
         if res_mask is not None:
-            r = torch.where(res_mask > 0, r, torch.zeros((), dtype=acc, device=r.device))
+            r = torch.where(as_mask(res_mask, r) > 0, r, torch.zeros((), dtype=acc, device=r.device))
         gx = gx + r
     if up_out is not None:
         gx = torch.where(up_out > 0, gx, torch.zeros((), dtype=acc, device=gx.device))
@@ -138,7 +143,9 @@ def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stri
                     up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
     """The op's launcher (resnet_kernels/ops/conv_backward.py): ``conv2d_dgrad`` into grad_x (with
     the upstream reductions, x being the upstream unit's output, when up_y is given) and
-    ``conv2d_wgrad`` into grad_weight; None outputs are not computed."""
+    ``conv2d_wgrad`` into grad_weight; None outputs are not computed. A 1-bit mask / res_mask
+    (resnet_kernels/_bits.py) is unpacked once first (extra ops: counted by the aten cost)."""
+    mask, res_mask = as_mask(mask, g), as_mask(res_mask, x)
     if grad_weight is not None:
         conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32)
     if grad_x is not None:

@@ -1,6 +1,6 @@
 """Fused ops (each defined once with torch.library; backends in resnet_kernels.backends)."""
 
-from .batch_norm import batch_norm_act, batch_norm_act_coef, bn_running_update
+from .batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef, bn_running_update
 from .bn_add_relu import add_relu, bn_add_relu
 from .conv2d import conv2d_epilogue, conv2d_stats
 from .maxpool import max_pool2d

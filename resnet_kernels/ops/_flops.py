@@ -61,6 +61,7 @@ FORMULAS = {
     "maxpool2d_backward": elementwise_flop,
     "conv2d_backward": conv2d_backward_flop,
     "batch_norm_act_coef": elementwise_flop,
+    "batch_norm_act_bits": elementwise_flop,
 }
 
 

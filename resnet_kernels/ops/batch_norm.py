@@ -22,6 +22,11 @@ mean)), instead of applying them, plus the parameter gradients. The fused convol
 (``resnet_kernels/backends/torch_conv_backward.py``) computes that operand on the fly in its dgrad
 and wgrad, so grad_y is never written. It is used inside a backward and is not differentiable.
 
+``batch_norm_act_bits`` is ``batch_norm_act`` returning ``[out, bits]``, bits the 1-bit mask of
+out > 0 (``resnet_kernels/_bits.py``), written by the same Triton kernel: the training block's tail
+(``resnet_kernels/_block.py``), whose backward reads the bits instead of out (``batch_norm_act_coef``'s
+``out`` and ``conv2d_backward``'s ``mask``/``res_mask`` accept either). Not differentiable.
+
 This is the path ``resnet_kernels.functional`` takes for a BatchNorm in training (see
 ``nn/_bn.py``: ``batch_stats_args``); the general per-channel ``(scale, shift)`` path
 (``bn_scale_shift`` + ``bn_add_relu``) remains for what this op does not cover: a synchronising
@@ -36,6 +41,8 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _backend, _tune
+from .._bits import bits_shape, check_mask, empty_like_bits, is_bits
+from .._bits import pack as _pack_bits
 from .._eager import Eager
 from .._checks import (acc_dtype, check_activation, check_bool, check_channel_vector, check_layout, check_like,
                        check_tensor_args, in_layout_of)
@@ -45,6 +52,7 @@ OP = "batch_norm_act"
 OP_BACKWARD = OP + "_backward"
 OP_UPDATE = "bn_running_update"
 OP_COEF = OP + "_coef"
+OP_BITS = OP + "_bits"
 
 
 def _geometry(x: Tensor, layout: str):
@@ -129,6 +137,8 @@ class ForwardCall:
     def __init__(self, y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
                  layout):
         self.y, self.mean, self.var, self.weight, self.bias = y, mean, var, weight, bias
+        # batch_norm_act_bits (``bits_call``): the 1-bit mask of out > 0 (resnet_kernels/_bits.py) too
+        self.bits = False
         self.identity, self.id_mean, self.id_var, self.id_weight, self.id_bias = identity, id_mean, id_var, id_weight, id_bias
         self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
         self.device = y.device
@@ -141,20 +151,31 @@ class ForwardCall:
     def key(self) -> str:
         return (f"{tuple(self.y.shape)}|{self.layout}|{self.y.dtype}|"
                 f"{_flags(self.weight, self.bias, self.identity, self.id_mean, self.id_weight, self.id_bias)}|"
-                f"p{_short(self.weight.dtype if self.weight is not None else None)}|relu{int(self.relu)}")
+                f"p{_short(self.weight.dtype if self.weight is not None else None)}|relu{int(self.relu)}"
+                f"{'|bits' if self.bits else ''}")
 
     def describe(self) -> str:
         return f"y {tuple(self.y.shape)} {_short(self.y.dtype)} {self.layout}"
 
-    def run(self, impl, fresh: bool = True) -> Tensor:
+    def run(self, impl, fresh: bool = True):
+        """out; batch_norm_act_bits: [out, bits]."""
         out = None if impl.returns_output else _alloc.empty_like(self.y)
+        kw = {}
+        if self.bits:
+            kw["mask_bits"] = empty_like_bits(self.y)
         got = impl.load()(self.y, self.mean, self.var, self.weight, self.bias, self.identity, self.id_mean,
                           self.id_var, self.id_weight, self.id_bias, out, self.eps, self.id_eps, self.relu, self.C,
-                          self.inner)
-        return out if out is not None else _like(got, self.y)
+                          self.inner, **kw)
+        out = out if out is not None else _like(got, self.y)
+        return [out, kw["mask_bits"]] if kw else out
 
-    def compare(self, got: Tensor, ref: Tensor):
-        return mismatch("out", got, ref, verify_rtol(self.y.dtype))
+    def compare(self, got, ref):
+        if not self.bits:
+            return mismatch("out", got, ref, verify_rtol(self.y.dtype))
+        err = mismatch("out", got[0], ref[0], verify_rtol(self.y.dtype))
+        if err is None and not torch.equal(got[1], _pack_bits(got[0])):
+            return "mask_bits differ from the output's (out > 0)"
+        return err
 
 
 class BackwardCall:
@@ -237,7 +258,7 @@ class CoefCall:
         return (f"{tuple(self.grad_out.shape)}|{self.layout}|{self.grad_out.dtype}|"
                 f"{_flags(self.weight, self.id_mean, self.id_weight)}|"
                 f"{''.join(str(int(n)) for n in self.needs)}|p{'/'.join(_short(d) for d in self.pdtypes)}|"
-                f"relu{int(self.relu)}")
+                f"relu{int(self.relu)}{'|bits' if is_bits(self.out) else ''}")
 
     def describe(self) -> str:
         g = self.grad_out
@@ -320,6 +341,14 @@ def forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weigh
                        _param(id_weight, y), _param(id_bias, y), eps, id_eps, relu, layout)
 
 
+def bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps,
+              relu) -> ForwardCall:
+    """batch_norm_act_bits' call: batch_norm_act's, writing the 1-bit mask too."""
+    call = forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+    call.bits, call.op = True, OP_BITS
+    return call
+
+
 @torch.library.custom_op("resnet_kernels::batch_norm_act", mutates_args=())
 def batch_norm_act_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       identity: Optional[Tensor], id_mean: Optional[Tensor], id_var: Optional[Tensor],
@@ -336,6 +365,41 @@ def batch_norm_act_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Ten
 def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend):
     _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
     return torch.empty_like(y)
+
+
+# --------------------------------------------------------------------------------------------
+# forward op writing the 1-bit ReLU mask too (the training block's tail: resnet_kernels/_block.py)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("resnet_kernels::batch_norm_act_bits", mutates_args=())
+def batch_norm_act_bits_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           identity: Optional[Tensor], id_mean: Optional[Tensor], id_var: Optional[Tensor],
+                           id_weight: Optional[Tensor], id_bias: Optional[Tensor], eps: float, id_eps: float,
+                           relu: bool, backend: str) -> List[Tensor]:
+    """[out, bits]: batch_norm_act's out and the 1-bit mask of out > 0 (resnet_kernels/_bits.py)."""
+    call = bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+    if y.numel() == 0:
+        _tune.check_requested(OP_BITS, backend, call)
+        return [_alloc.empty_like(y), empty_like_bits(y)]
+    return _tune.dispatch(OP_BITS, backend, call)
+
+
+@batch_norm_act_bits_op.register_fake
+def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend):
+    _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, OP_BITS)
+    return [torch.empty_like(y), y.new_empty(bits_shape(y.shape), dtype=torch.uint8)]
+
+
+def _bits_not_differentiable(ctx, *grads):
+    raise RuntimeError(f"{OP_BITS} is not differentiable: it is the forward of the training block's tail "
+                       f"(resnet_kernels/_block.py), whose own backward computes the gradients")
+
+
+def _bits_setup_context(ctx, inputs, output):
+    pass
+
+
+batch_norm_act_bits_op.register_autograd(_bits_not_differentiable, setup_context=_bits_setup_context)
+_batch_norm_act_bits = Eager(batch_norm_act_bits_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +438,10 @@ def _validate_backward(grad_out, out, y, mean, var, weight, identity, id_mean, i
     if relu:
         if out is None:
             raise ValueError(f"{op}: out (the saved forward output, the ReLU mask) is required when relu=True")
-        check_like(op, "out", out, grad_out, "grad_out", layout)
+        if op == OP_COEF:  # also its 1-bit mask (resnet_kernels/_bits.py)
+            check_mask(op, "out", out, grad_out, "grad_out", layout)
+        else:
+            check_like(op, "out", out, grad_out, "grad_out", layout)
     check_like(op, "y", y, grad_out, "grad_out", layout)
     C = grad_out.shape[1]
     for name, t in (("mean", mean), ("var", var)):
@@ -660,7 +727,8 @@ def update_call(mean, var, running_mean, running_var, num_batches_tracked, facto
 
 
 # the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
-CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call, OP_COEF: coef_call}
+CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call, OP_COEF: coef_call,
+         OP_BITS: bits_call}
 
 
 @torch.library.custom_op("resnet_kernels::bn_running_update",
@@ -701,6 +769,28 @@ def batch_norm_act(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor
     return _batch_norm_act(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
                              _check_float(OP, "eps", eps), _check_float(OP, "id_eps", id_eps),
                              check_bool(OP, "relu", relu), _backend.op_arg(backend))
+
+
+def batch_norm_act_bits(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, identity: Optional[Tensor] = None,
+                        id_mean: Optional[Tensor] = None, id_var: Optional[Tensor] = None,
+                        id_weight: Optional[Tensor] = None, id_bias: Optional[Tensor] = None, *, eps: float = 1e-5,
+                        id_eps: float = 1e-5, relu: bool = True, backend: Optional[str] = None) -> List[Tensor]:
+    """``batch_norm_act`` that also returns the 1-bit mask of out > 0: ``[out, bits]``, bits a
+    contiguous uint8 (N, H, W, ceil(C/8)) tensor (resnet_kernels/_bits.py), written by the same
+    kernel where the implementation can (triton; cuda/aten pack it afterwards with torch ops). What
+    the training block's tail runs (resnet_kernels/_block.py): its backward reads the bits instead
+    of out. Not differentiable (the block's own backward computes the gradients)."""
+    check_tensor_args(OP_BITS, ("weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias"), y=y,
+                      mean=mean, var=var, weight=weight, bias=bias, identity=identity, id_mean=id_mean, id_var=id_var,
+                      id_weight=id_weight, id_bias=id_bias)
+    tensors = (y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
+    args = tensors + (_check_float(OP_BITS, "eps", eps), _check_float(OP_BITS, "id_eps", id_eps),
+                      check_bool(OP_BITS, "relu", relu), _backend.op_arg(backend))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # through the dispatcher: the op's autograd (a backward that raises) is attached to the outputs
+        return batch_norm_act_bits_op(*args)
+    return _batch_norm_act_bits(*args)
 
 
 def bn_running_update(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _tune
+from .._bits import check_mask, is_bits
 from .._checks import acc_dtype, check_activation, check_channel_vector, check_layout, check_like
 from .._numerics import cudnn_conv_tf32_enabled, mismatch, verify_rtol
 
@@ -83,8 +84,8 @@ def _validate(g, mask, y, mean, coef, x, weight, stride, padding, residual, res_
     if tuple(g.shape) != (N, Cout, OH, OW):
         raise ValueError(f"{op}: g must have the convolution output's shape {(N, Cout, OH, OW)} (x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}, stride {(sh, sw)}, padding {(ph, pw)}), got {tuple(g.shape)}")
-    if mask is not None:
-        check_like(op, "mask", mask, g, "g", g_layout)
+    if mask is not None:  # an activation like g (compared > 0) or its 1-bit mask (resnet_kernels/_bits.py)
+        check_mask(op, "mask", mask, g, "g", g_layout)
     if coef is not None:
         if y is None or mean is None:
             raise ValueError(f"{op}: coef (the unit's BN-backward coefficients) needs y and mean")
@@ -104,7 +105,7 @@ def _validate(g, mask, y, mean, coef, x, weight, stride, padding, residual, res_
     if res_mask is not None:
         if residual is None:
             raise ValueError(f"{op}: res_mask was given without residual")
-        check_like(op, "res_mask", res_mask, x, "x", x_layout)
+        check_mask(op, "res_mask", res_mask, x, "x", x_layout)
     need_x, need_w, need_uw, need_ub = needs
     if up_y is not None:
         check_like(op, "up_y", up_y, x, "x", x_layout)
@@ -160,7 +161,7 @@ class BackwardCall:
         lay = "cl" if self.x.is_contiguous(memory_format=torch.channels_last) and not self.x.is_contiguous() else "c"
         return (f"g{tuple(self.g.shape)}|x{tuple(self.x.shape)}|{lay}|{self.dtype}|w{tuple(self.weight.shape)}"
                 f"|s{self.stride}|p{self.padding}|{flags}|{''.join(str(int(n)) for n in self.needs)}"
-                f"|tf32{int(self.allow_tf32)}")
+                f"|tf32{int(self.allow_tf32)}|bits{int(is_bits(self.mask))}{int(is_bits(self.res_mask))}")
 
     def describe(self) -> str:
         return (f"g {tuple(self.g.shape)} {str(self.dtype).replace('torch.', '')}, x {tuple(self.x.shape)}, weight "
