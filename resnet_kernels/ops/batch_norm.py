@@ -47,6 +47,7 @@ from .._eager import Eager
 from .._checks import (acc_dtype, check_activation, check_bool, check_channel_vector, check_layout, check_like,
                        check_tensor_args, in_layout_of)
 from .._numerics import mismatch, verify_rtol
+from ._nodiff import register_not_differentiable
 
 OP = "batch_norm_act"
 OP_BACKWARD = OP + "_backward"
@@ -389,16 +390,9 @@ def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
     return [torch.empty_like(y), y.new_empty(bits_shape(y.shape), dtype=torch.uint8)]
 
 
-def _bits_not_differentiable(ctx, *grads):
-    raise RuntimeError(f"{OP_BITS} is not differentiable: it is the forward of the training block's tail "
-                       f"(resnet_kernels/_block.py), whose own backward computes the gradients")
-
-
-def _bits_setup_context(ctx, inputs, output):
-    pass
-
-
-batch_norm_act_bits_op.register_autograd(_bits_not_differentiable, setup_context=_bits_setup_context)
+register_not_differentiable(batch_norm_act_bits_op,
+                            f"{OP_BITS} is not differentiable: it is the forward of the training block's tail "
+                            f"(resnet_kernels/_block.py), whose own backward computes the gradients")
 _batch_norm_act_bits = Eager(batch_norm_act_bits_op)
 
 
@@ -590,16 +584,9 @@ def _(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,
                          (weight_dtype, weight_dtype, id_weight_dtype, id_weight_dtype), fake=True)
 
 
-def _coef_not_differentiable(ctx, *grads):
-    raise RuntimeError(f"{OP_COEF} is not differentiable: it computes part of a backward (the BatchNorm backward's "
-                       f"coefficients); double backward through it is not supported")
-
-
-def _coef_setup_context(ctx, inputs, output):
-    pass
-
-
-batch_norm_act_coef_op.register_autograd(_coef_not_differentiable, setup_context=_coef_setup_context)
+register_not_differentiable(batch_norm_act_coef_op,
+                            f"{OP_COEF} is not differentiable: it computes part of a backward (the BatchNorm "
+                            f"backward's coefficients); double backward through it is not supported")
 _batch_norm_act_coef = Eager(batch_norm_act_coef_op)
 
 
