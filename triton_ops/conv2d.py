@@ -410,7 +410,8 @@ def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dt
       stages below sm_90, where mma.sync holds the whole BLOCK_K slice of both operands in registers
       (BLOCK_K 32 spills there with triton 3.6); without tf32 (3xTF32: three dots per chunk)
       the channel tile is capped at 64 (128x128 needs ~252 registers);
-    * the stem (Cin = 3, K = 147) uses the packed K loop with BLOCK_K 32 (5 iterations).
+    * the stem (Cin = 3, K = 147) uses the packed K loop with BLOCK_K 32 (5 iterations); fp32 below
+      sm_90 64x64x16 tiles with 4 warps (the 128x64x32 tile spilled on sm_80 with triton 3.6).
     ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
@@ -421,8 +422,15 @@ def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dt
     block_m = 128 if M >= 4096 else 64
     block_n = 128 if cout >= 128 and not (is_fp32 and not allow_tf32) else 64
     tile = block_m * block_n
+    num_warps = 8
     if cin * kh * kw <= 160 and cin < 16:
-        block_k, num_stages = 32, 3          # the stem: K = 147, packed
+        # the stem: K = 147, packed. fp32 below sm_90: 64x64x16 tiles, 4 warps, 4 stages (128
+        # registers, no spills on triton 3.6 and 3.8); 128x64x32 with 8 warps spilled 12 bytes on
+        # sm_80 with triton 3.6 once the statistics merge moved into the kernel (x16: still 12;
+        # 4 warps: 255 registers)
+        block_k, num_stages = (16, 4) if is_fp32 and arch < 90 else (32, 3)
+        if is_fp32 and arch < 90:
+            block_m, num_warps = 64, 4
     elif is_fp32:
         if arch >= 90:
             block_k, num_stages = 32, 3
@@ -431,7 +439,7 @@ def select_config(M: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dt
     else:
         block_k = 64 if cin >= 64 else 32
         num_stages = 3 if tile >= 128 * 128 else 4
-    return ConvConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+    return ConvConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
