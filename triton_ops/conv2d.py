@@ -631,8 +631,9 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         pmean if compute_stats else dummy, pm2 if compute_stats else dummy,
         mean if compute_stats else dummy, var if compute_stats else dummy,
         counters if counters is not None else dummy,
-        *((bn[0], bn[1], bn[2] if bn[2] is not None else dummy, bn[3] if bn[3] is not None else dummy,
-           float(bn[4])) if bn is not None else (dummy, dummy, dummy, dummy, 0.0)),
+        # the prologue's operands; None where absent: Triton makes a None argument a constexpr, so
+        # without the prologue the kernel's signature and code are what they were before it existed
+        *((bn[0], bn[1], bn[2], bn[3], float(bn[4])) if bn is not None else (None,) * 5),
         cin, h, w, cout, oh, ow, M, ktot, tpg,
         *w2.stride(),
         *x.stride(), *out.stride(), *res.stride(),
