@@ -14,6 +14,19 @@ Two K-loop shapes (a constexpr switch):
 * packed (``PACKED_K=True``): K is treated as one flat dense index k -> (kh, kw, cin), so a small
   Cin (the 7x7 stem has Cin = 3, K = 147) does not pad every tap up to BLOCK_K.
 
+Operand prologue (``PROLOGUE``, ``conv2d_bn_stats``: resnet_kernels/ops/conv2d_bn.py): the input
+is the previous unit's pre-BN output y_prev, and each A tile is replaced after its load by
+h = relu((a - mean[c]) * weight[c] * rsqrt(var[c] + eps) + bias[c]) in fp32, rounded to the
+activation dtype (``_bn_relu_operand``: batch_norm_act's kernel's operations, so h is the one
+batch_norm_act would write), 0 at the zero padding, rows past M and channels past C; the per-channel
+values come from the (C,) vectors for the chunk's channels (per K step: BLOCK_K loads of 2-4 vectors,
+one rsqrt each). h is never written. Without it the prologue's operands are passed as None
+(constexprs): the kernel compiles exactly as without the feature (AOT register counts identical).
+AOT (triton 3.8, bf16, with statistics; registers without -> with the prologue, the same layer's
+plain case, whose l2_3x3s2 is its fused-epilogue variant): stem-shaped packed-K 127 -> 174 (sm_90),
+168 -> 174 (sm_80); 3x3 64->64 103 -> 168, 122 -> 176; 3x3 s2 128x128 tiles 200 -> 186, 193 -> 254;
+1x1 s2 128x128 205 -> 190, 226 -> 252; no spills, but sm_80's 128x128 tiles are at the 255 limit.
+
 Statistics (``compute_stats``), in the same launch: every program writes, for its BLOCK_N
 channels, the mean and M2 (sum of squared deviations from that mean) of its valid rows of the fp32
 accumulator to a (num_m_tiles, Cout) scratch pair, and the programs merge them per channel with
