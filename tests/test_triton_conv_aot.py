@@ -74,6 +74,8 @@ WCL_CASES = [(lay, dt) for lay in LAYERS + [SMALL] if lay[0] != "ds_1x1s2"
 BN_CASES = [(lay, "bf16") for lay in LAYERS]
 # the opt-in TMA weight path (ConvConfig.w_tma): sm_90 only (TMA is Hopper's), chunked K loop
 TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") for dt in ("bf16", "fp32-tf32")]
+# and with the conv2d_bn_stats prologue ("<layer>+bn+tma")
+TMA_BN_CASES = [(lay, "bf16") for lay in LAYERS if lay[0] == "l1_3x3s1"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +115,8 @@ def _child_compile_all(out_path: str) -> None:
     jobs = ([(case, cc, False, False) for case, cc in itertools.product(CASES, ARCHS)]
             + [(case, 90, True, False) for case in TMA_CASES]
             + [(case, cc, False, True) for case, cc in itertools.product(WCL_CASES, ARCHS)]
-            + [(case, cc, False, "bn") for case, cc in itertools.product(BN_CASES, ARCHS)])
+            + [(case, cc, False, "bn") for case, cc in itertools.product(BN_CASES, ARCHS)]
+            + [(case, 90, True, "bn") for case in TMA_BN_CASES])
     base_cache = os.environ["TRITON_CACHE_DIR"]
     results = []
     for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma, wcl in jobs:
@@ -308,7 +311,8 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         assert r["atomics"] == [], r["atomics"]
 
 
-@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES])
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES] +
+                         [(lay[0] + "+bn", dt) for lay, dt in TMA_BN_CASES])
 def test_conv_kernel_tma_aot(aot_results, layer, dtype):
     """ConvConfig.w_tma on sm_90: the weight tiles come through TMA (cp.async.bulk.tensor), the
     activations still through 16-byte cp.async, wgmma, no spills."""
@@ -316,7 +320,8 @@ def test_conv_kernel_tma_aot(aot_results, layer, dtype):
     assert "error" not in r, r.get("error")
     assert r["ptxas_log_found"] and r["spill_bytes"] == 0 and 0 < r["n_regs"] <= 255, r
     assert r["wgmma"] and r["tma"], r
-    assert r["cp_async"] and r["cp_async_sizes"] == [16], r
+    assert r["cp_async"] and 16 in r["cp_async_sizes"], r
+    assert r["prologue"] or r["cp_async_sizes"] == [16], r
 
 
 if __name__ == "__main__":
