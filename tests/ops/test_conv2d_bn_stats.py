@@ -240,3 +240,14 @@ def test_costs_and_flops():
         conv2d_bn_stats(yc, torch.zeros(5), torch.ones(5), None, None, torch.randn(6, 5, 3, 3), padding=1,
                         backend="torch")
     assert fc.get_total_flops() == 2 * 2 * 6 * 5 * 7 * 7 * 9
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_parameters_in_the_activation_dtype(backend):
+    """bn_weight/bn_bias in bf16 (a model.half()/bfloat16 BN) are used as batch_norm_act uses them."""
+    y, mean, var, bw, bb, wt, stride, padding = _case("3x3s1p1_c16", torch.bfloat16, "channels_last", rt.DEVICE)
+    case = (y, mean, var, bw.to(torch.bfloat16), bb.to(torch.bfloat16), wt, stride, padding)
+    got, ref = _run(case, backend), _two_op(case, backend)
+    if backend != "triton" or rt.interpreting():
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    _check_policy(got, case, torch.bfloat16)
