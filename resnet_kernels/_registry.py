@@ -36,7 +36,7 @@ import torch
 
 OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats", "batch_norm_act",
                         "batch_norm_act_backward", "batch_norm_act_coef", "bn_running_update", "maxpool2d",
-                        "maxpool2d_backward", "conv2d_backward", "batch_norm_act_bits")
+                        "maxpool2d_backward", "conv2d_backward", "batch_norm_act_bits", "conv2d_bn_stats")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -208,9 +208,9 @@ def _custom_call(name: str, args):
         return B.BackwardCall(g, out if relu else None, x if need_scale else None, channel_vector(scale, acc),
                               identity if need_id_scale else None, channel_vector(id_scale, acc), relu, layout,
                               (need_x, need_identity, need_scale, need_shift, need_id_scale)), backend
-    from .ops import batch_norm, conv_backward, maxpool
+    from .ops import batch_norm, conv2d_bn, conv_backward, maxpool
 
-    for mod in (batch_norm, maxpool, conv_backward):  # op modules that export CALLS: op name -> the validated call of its args
+    for mod in (batch_norm, maxpool, conv_backward, conv2d_bn):  # op modules that export CALLS: op name -> the validated call of its args
         if name in mod.CALLS:
             return mod.CALLS[name](*args[:-1]), args[-1]
     raise NotImplementedError(f"the accountant does not know resnet_kernels::{name}")

@@ -25,6 +25,9 @@ the PTX and shared memory for at least two stages of the A and B tiles); with st
 arrival counters' gpu-scope acq_rel adds, each after a CTA barrier that follows the last global
 store before it (the release pattern), and the partials read back with ``ld.global.cg``; without
 statistics no atomic. Register counts are printed (``pytest -s``) as a table.
+BN_CASES ("<layer>+bn", bf16): conv2d_bn_stats' operand prologue (``PROLOGUE``: relu(bn(x)) on the A
+tiles, with statistics), asserted alike (the A/B tiles' 16-byte cp.async present, other copy sizes
+allowed for the prologue's per-channel vectors).
 """
 
 from __future__ import annotations
@@ -64,8 +67,15 @@ CASES = [(lay, dt) for lay in LAYERS + [SMALL] for dt in _DT_FOR.get(lay[0], ["b
 # 16-bit stem keeps its pack (147-element rows)
 WCL_CASES = [(lay, dt) for lay in LAYERS + [SMALL] if lay[0] != "ds_1x1s2"
              for dt in (["bf16", "fp16"] if lay[0] == "l2_3x3s2" else ["bf16"])]
+# conv2d_bn_stats: the BN + ReLU operand prologue (PROLOGUE, with statistics), "<layer>+bn": the
+# chunked K loop on a 3x3 and a 1x1 layer (their NCHW-contiguous weights, as CASES: the 3x3 packed, the
+# 1x1 read in place) and on the 128x128-tile 3x3 stride-2 layer (the most registers), and the packed K
+# loop on the stem's shape (the stem itself has no BN before it; the loop shape is what is compiled)
+BN_CASES = [(lay, "bf16") for lay in LAYERS]
 # the opt-in TMA weight path (ConvConfig.w_tma): sm_90 only (TMA is Hopper's), chunked K loop
 TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") for dt in ("bf16", "fp32-tf32")]
+# and with the conv2d_bn_stats prologue ("<layer>+bn+tma")
+TMA_BN_CASES = [(lay, "bf16") for lay in LAYERS if lay[0] == "l1_3x3s1"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +114,9 @@ def _child_compile_all(out_path: str) -> None:
     tl_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     jobs = ([(case, cc, False, False) for case, cc in itertools.product(CASES, ARCHS)]
             + [(case, 90, True, False) for case in TMA_CASES]
-            + [(case, cc, False, True) for case, cc in itertools.product(WCL_CASES, ARCHS)])
+            + [(case, cc, False, True) for case, cc in itertools.product(WCL_CASES, ARCHS)]
+            + [(case, cc, False, "bn") for case, cc in itertools.product(BN_CASES, ARCHS)]
+            + [(case, 90, True, "bn") for case in TMA_BN_CASES])
     base_cache = os.environ["TRITON_CACHE_DIR"]
     results = []
     for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma, wcl in jobs:
@@ -112,6 +124,14 @@ def _child_compile_all(out_path: str) -> None:
         cl = torch.channels_last
         x = torch.empty((n, cin, h, h), dtype=dtype, device="meta").to(memory_format=cl)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
+        bn = None
+        if wcl == "bn":
+            wcl = False
+            epi = "stats"
+            vec = [torch.empty((cin,), dtype=torch.float32, device="meta") for _ in range(4)]
+            bn = (*vec, 1e-5)
+            name = name + "+bn"
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(base_cache, f"bn-{name}-{dt}-{cc}")
         if wcl:
             w = w.to(memory_format=cl)
             name = name + "+wcl"
@@ -129,7 +149,8 @@ def _child_compile_all(out_path: str) -> None:
         if tma:
             cfg = dataclasses.replace(cfg, w_tma=True)
         plan = conv._prepare(x, w, scale, bias, res, out, (s, s), (p, p), fused, not fused, allow_tf32, config=cfg,
-                             arch=cc)
+                             arch=cc, bn=bn)
+        assert plan.constexprs["PROLOGUE"] == (bn is not None), plan.constexprs
         if tma:
             assert plan.constexprs["W_DESC"] in (1, 2), plan.constexprs
             name = name + "+tma"
@@ -155,7 +176,8 @@ def _child_compile_all(out_path: str) -> None:
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         log = io.StringIO()
         entry = dict(layer=name, dtype=dt, arch=cc, config=vars(plan.config).copy(),
-                     packed=bool(plan.constexprs["PACKED_K"]), stats=bool(plan.constexprs["STATS"]))
+                     packed=bool(plan.constexprs["PACKED_K"]), stats=bool(plan.constexprs["STATS"]),
+                     prologue=bool(plan.constexprs["PROLOGUE"]))
         try:
             with contextlib.redirect_stdout(log):
                 ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -235,7 +257,7 @@ def aot_results(tmp_path_factory):
         tc = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "NONE")
         lines.append(f"{layer:10} {dt:11} {cc:3} {c['BLOCK_M']:>3}x{c['BLOCK_N']:>3}x{c['BLOCK_K']:<3} "
                      f"{c['num_warps']}/{c['num_stages']} {r['n_regs']:>4} {r['spill_bytes']:>5} "
-                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}"
+                     f"{r['shared']:>6} {tc}{' packed-K' if r['packed'] else ''}{' stats' if r['stats'] else ''}"
                      f" W{'k' if r['w_kmajor'] else 'n'}-major cp.async{r['cp_async_sizes']}")
     print("\n" + "\n".join(lines))
     return results
@@ -243,9 +265,11 @@ def aot_results(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES] +
-                         [(lay[0] + "+wcl", dt) for lay, dt in WCL_CASES])
+                         [(lay[0] + "+wcl", dt) for lay, dt in WCL_CASES] +
+                         [(lay[0] + "+bn", dt) for lay, dt in BN_CASES])
 def test_conv_kernel_aot(aot_results, layer, dtype, arch):
     r = aot_results[(layer, dtype, arch)]
+    assert r["prologue"] == layer.endswith("+bn"), r
     # read in place: channels_last weights (fp32 always; 16-bit but the stem's 147-element rows)
     # and the 1x1 layer's contiguous weight
     want_inplace = ("1x1" in layer or layer.endswith("+wcl")) and not (
@@ -271,7 +295,11 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         # every global->shared copy is 16 bytes (channels_last A rows along cin; the weight packed
         # along the dimension the MMA wants it contiguous: K for fp32, whose 32-bit B operand
         # neither wgmma nor ldmatrix can transpose: N-major fp32 gave 4-byte copies)
-        assert r["cp_async_sizes"] == [16], f"cp.async copies of {r['cp_async_sizes']} bytes: {r}"
+        if r["prologue"]:
+            # the A and B tiles still 16-byte copies (the prologue's (Cin,) vectors may add others)
+            assert 16 in r["cp_async_sizes"], f"cp.async copies of {r['cp_async_sizes']} bytes: {r}"
+        else:
+            assert r["cp_async_sizes"] == [16], f"cp.async copies of {r['cp_async_sizes']} bytes: {r}"
         assert r["shared"] >= 2 * stage, f"shared memory {r['shared']} < 2 pipeline stages ({2 * stage}): {r}"
     if dtype.startswith("fp32"):
         assert r["w_kmajor"], "fp32 weights are packed K-major"
@@ -283,7 +311,8 @@ def test_conv_kernel_aot(aot_results, layer, dtype, arch):
         assert r["atomics"] == [], r["atomics"]
 
 
-@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES])
+@pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in TMA_CASES] +
+                         [(lay[0] + "+bn", dt) for lay, dt in TMA_BN_CASES])
 def test_conv_kernel_tma_aot(aot_results, layer, dtype):
     """ConvConfig.w_tma on sm_90: the weight tiles come through TMA (cp.async.bulk.tensor), the
     activations still through 16-byte cp.async, wgmma, no spills."""
@@ -291,7 +320,8 @@ def test_conv_kernel_tma_aot(aot_results, layer, dtype):
     assert "error" not in r, r.get("error")
     assert r["ptxas_log_found"] and r["spill_bytes"] == 0 and 0 < r["n_regs"] <= 255, r
     assert r["wgmma"] and r["tma"], r
-    assert r["cp_async"] and r["cp_async_sizes"] == [16], r
+    assert r["cp_async"] and 16 in r["cp_async_sizes"], r
+    assert r["prologue"] or r["cp_async_sizes"] == [16], r
 
 
 if __name__ == "__main__":

@@ -14,6 +14,19 @@ Two K-loop shapes (a constexpr switch):
 * packed (``PACKED_K=True``): K is treated as one flat dense index k -> (kh, kw, cin), so a small
   Cin (the 7x7 stem has Cin = 3, K = 147) does not pad every tap up to BLOCK_K.
 
+Operand prologue (``PROLOGUE``, ``conv2d_bn_stats``: resnet_kernels/ops/conv2d_bn.py): the input
+is the previous unit's pre-BN output y_prev, and each A tile is replaced after its load by
+h = relu((a - mean[c]) * weight[c] * rsqrt(var[c] + eps) + bias[c]) in fp32, rounded to the
+activation dtype (``_bn_relu_operand``: batch_norm_act's kernel's operations, so h is the one
+batch_norm_act would write), 0 at the zero padding, rows past M and channels past C; the per-channel
+values come from the (C,) vectors for the chunk's channels (per K step: BLOCK_K loads of 2-4 vectors,
+one rsqrt each). h is never written. Without it the prologue's operands are passed as None
+(constexprs): the kernel compiles exactly as without the feature (AOT register counts identical).
+AOT (triton 3.8, bf16, with statistics; registers without -> with the prologue, the same layer's
+plain case, whose l2_3x3s2 is its fused-epilogue variant): stem-shaped packed-K 127 -> 174 (sm_90),
+168 -> 174 (sm_80); 3x3 64->64 103 -> 168, 122 -> 176; 3x3 s2 128x128 tiles 200 -> 186, 193 -> 254;
+1x1 s2 128x128 205 -> 190, 226 -> 252; no spills, but sm_80's 128x128 tiles are at the 255 limit.
+
 Statistics (``compute_stats``), in the same launch: every program writes, for its BLOCK_N
 channels, the mean and M2 (sum of squared deviations from that mean) of its valid rows of the fp32
 accumulator to a (num_m_tiles, Cout) scratch pair, and the programs merge them per channel with
@@ -89,12 +102,13 @@ from ._common import INTERPRET, arrival_counters, cast_for_store, drop_arrival_c
 
 from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
 
-__all__ = ["conv2d_forward", "ConvConfig", "select_config"]
+__all__ = ["conv2d_forward", "conv2d_bn_stats", "ConvConfig", "select_config"]
 
 
 @triton.jit
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, cnt_ptr,
+    bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
     C, H, W, COUT, OH, OW, M, KTOT, TILES_PER_GROUP,
     swk, swn,
     sxn, sxc, sxh, sxw,
@@ -106,6 +120,7 @@ def _conv2d_fwd_kernel(
     STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr, W_DESC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MERGE_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PROLOGUE: tl.constexpr = False, HAS_BN_W: tl.constexpr = False, HAS_BN_B: tl.constexpr = False,
 ):
     # ---- grouped tile order: GROUP_M row tiles sweep all column tiles together (L2 reuse of
     # the A rows and of the weight columns).
@@ -153,6 +168,9 @@ def _conv2d_fwd_kernel(
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             b_ptrs = w_ptr + (offs_k[:, None] * swk + offs_n[None, :] * swn)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_operand(a, a_mask, c, k_mask, x_ptr, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr,
+                                     bn_eps, HAS_BN_W, HAS_BN_B)
             if UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -189,6 +207,12 @@ def _conv2d_fwd_kernel(
                 c_mask = offs_c < C
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            if PROLOGUE:
+                # h = relu(bn(a)) in fp32, rounded to x's dtype; the zero padding (and a channel
+                # tail) stays 0, not relu(shift)
+                ch_ok = offs_c < C
+                a = _bn_relu_operand(a, row_ok[:, None] & ch_ok[None, :], offs_c, ch_ok, x_ptr, bn_mean_ptr,
+                                     bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps, HAS_BN_W, HAS_BN_B)
             if UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -248,6 +272,30 @@ def _conv2d_fwd_kernel(
 
 
 _NO_INLINE_ASM = tl.constexpr(INTERPRET)  # the interpreter runs no inline PTX
+
+
+@triton.jit
+def _bn_relu_operand(a, valid, ch, ch_ok, x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The operand prologue of ``conv2d_bn_stats`` (``PROLOGUE``): the loaded A tile ``a`` (rows =
+    output pixels' taps, columns = input channels ``ch``) replaced by h = relu((a - mean[c]) * scale[c]
+    + bias[c]), scale = weight[c] * rsqrt(var[c] + eps), in fp32, rounded to x's dtype as
+    ``triton_ops/batch_norm.py``'s ``_fwd_kernel`` rounds batch_norm_act's output (the same
+    operations in the same order: bitwise the h that batch_norm_act would write), and 0 where
+    ``valid`` is false (the convolution's zero padding, rows past M, channels past C). The per-channel
+    values are computed here from the (C,) vectors for the chunk's BLOCK_K channels (a few loads and
+    one rsqrt per channel per K step; no separate launch)."""
+    mu = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    v = tl.load(var_ptr + ch, mask=ch_ok, other=1.0).to(tl.float32)
+    sc = tl.rsqrt(v + eps)
+    if HAS_W:
+        sc = sc * tl.load(w_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    h = (a.to(tl.float32) - mu[None, :]) * sc[None, :]
+    if HAS_B:
+        h = h + tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)[None, :]
+    h = tl.where(h < 0, 0.0, h)  # (not maximum: NaN propagates, as torch.relu and batch_norm_act)
+    h = tl.where(valid, h, 0.0)
+    return cast_for_store(h, x_ptr)
 
 
 @triton.jit
@@ -547,7 +595,9 @@ class _Plan:
 
 
 def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
-             config: Optional[ConvConfig] = None, arch: Optional[int] = None) -> _Plan:
+             config: Optional[ConvConfig] = None, arch: Optional[int] = None, bn: Optional[tuple] = None) -> _Plan:
+    """``bn``: None, or (mean, var, weight, bias, eps) of the BN + ReLU applied to x in the operand
+    prologue (``conv2d_bn_stats``: mean/var float32 (C,), weight/bias None or (C,) float32 or x's dtype)."""
     (n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw) = _geometry(x, weight, out, stride, padding)
     M = n * oh * ow
     ktot = cin * kh * kw
@@ -602,6 +652,9 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         pmean if compute_stats else dummy, pm2 if compute_stats else dummy,
         mean if compute_stats else dummy, var if compute_stats else dummy,
         counters if counters is not None else dummy,
+        # the prologue's operands; None where absent: Triton makes a None argument a constexpr, so
+        # without the prologue the kernel's signature and code are what they were before it existed
+        *((bn[0], bn[1], bn[2], bn[3], float(bn[4])) if bn is not None else (None,) * 5),
         cin, h, w, cout, oh, ow, M, ktot, tpg,
         *w2.stride(),
         *x.stride(), *out.stride(), *res.stride(),
@@ -614,6 +667,8 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         EVEN_C=even_c, W_DESC=w_desc_mode,
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET, MERGE_T=stats_merge_rows(cfg.BLOCK_N),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        PROLOGUE=bn is not None, HAS_BN_W=bn is not None and bn[2] is not None,
+        HAS_BN_B=bn is not None and bn[3] is not None,
     )
     grid = (num_m_tiles * num_n_tiles,)
     return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, pmean, pm2, M, num_m_tiles, cout,
@@ -621,9 +676,9 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
 
 
 def _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
-            config: Optional[ConvConfig] = None):
+            config: Optional[ConvConfig] = None, bn: Optional[tuple] = None):
     plan = _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32,
-                    config)
+                    config, bn=bn)
     M, cout = plan.M, plan.cout
     if M > 0 and cout > 0:
         try:
@@ -647,3 +702,12 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     (mean, biased var) of conv2d(x, weight) per output channel when ``compute_stats``. dilation 1
     and groups 1 only (the registry's ``supports`` routes the others elsewhere)."""
     return _launch(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32)
+
+
+def conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, out, stride, padding, allow_tf32):
+    """``conv2d_bn_stats`` (resnet_kernels/ops/conv2d_bn.py; contract:
+    resnet_kernels/backends/torch_conv2d.py ``conv2d_bn_stats``): out = conv2d(relu(bn(y_prev)),
+    weight) with the BN + ReLU applied to the A tiles as they are loaded (``PROLOGUE``:
+    ``_bn_relu_operand``), h never written; returns the (mean, biased var) of out per channel."""
+    return _launch(y_prev, weight, None, None, None, out, stride, padding, False, True, allow_tf32,
+                   bn=(mean, var, bn_weight, bn_bias, eps))

@@ -639,6 +639,40 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
                   cost=_cutlass_conv_cost))
 
 
+# conv2d_bn_stats (resnet_kernels/ops/conv2d_bn.py): conv2d_stats of relu(bn(y_prev)); triton applies
+# the BN + ReLU in its operand prologue (h never written), aten and cuda materialise h first with
+# their batch_norm_act launcher. Static order as conv2d_stats' (aten: the cuDNN floor).
+def _triton_conv_bn_cost(call):
+    """``_triton_conv_cost`` (x = y_prev: the same bytes read) plus the BN's (Cin,) vectors, read by
+    the prologue (once per program in fact: L2 hits, counted once)."""
+    launches, b = _triton_conv_cost(call)
+    return launches, b + _vecs(*call.bn_vectors())
+
+
+def _cuda_conv_bn_cost(call):
+    """cuda batch_norm_act's one-pass kernel (read y_prev and the vectors, write h), then
+    ``_cuda_conv_cost`` (which reads h: x's bytes)."""
+    launches, b = _cuda_conv_cost(call)
+    return launches + 1, b + 2 * nbytes(call.x) + _vecs(*call.bn_vectors())
+
+
+def _aten_conv_bn_cost(call):
+    """aten batch_norm_act (native_batch_norm: read y_prev, write z; relu_: read, write), then
+    ``_aten_conv_cost`` (which reads h: x's bytes)."""
+    launches, b = _aten_conv_cost(call)
+    return launches + 2, b + 4 * nbytes(call.x) + _vecs(*call.bn_vectors())
+
+
+register(Impl("conv2d_bn_stats", "aten", _P + "aten_conv2d:conv2d_bn_stats", priority=10, auto_on=_EVERYWHERE,
+              returns_output=True, cost=_aten_conv_bn_cost))
+register(Impl("conv2d_bn_stats", "cuda", _P + "cuda_conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
+              priority=20, cost=_cuda_conv_bn_cost))
+register(Impl("conv2d_bn_stats", "triton", _TRITON + "conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
+              priority=30, cost=_triton_conv_bn_cost))
+register(Impl("conv2d_bn_stats", "torch", _P + "torch_conv2d:conv2d_bn_stats", priority=90, auto_on=_EVERYWHERE,
+              reference=True))
+
+
 # the training-mode BatchNorm ops (resnet_kernels/ops/batch_norm.py): 'aten' runs PyTorch's native
 # batch-norm kernels with our statistics, lerp_ for the running statistics (aten_batch_norm.py);
 # batch_norm_act_coef is the backward's reduce + finalize half (the fused convolution backward's coefficients)

@@ -59,3 +59,16 @@ def _load_apply():
     from ..ops.bn_add_relu import apply_in_place  # imported on first use (the op module imports the backends)
     _apply_in_place = apply_in_place
     return apply_in_place
+
+
+def conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, out, stride, padding, allow_tf32):
+    """``conv2d_bn_stats``: h materialised by aten_batch_norm.batch_norm_act_forward (native_batch_norm
+    with the batch statistics, relu_), then ``conv2d_forward`` with statistics (returns_output:
+    (out, (mean, var))). Contract: resnet_kernels/backends/torch_conv2d.py."""
+    from .aten_batch_norm import batch_norm_act_forward
+    from .torch_conv2d import _bn_geometry
+
+    C, inner = _bn_geometry(y_prev)
+    h = batch_norm_act_forward(y_prev, mean, var, bn_weight, bn_bias, None, None, None, None, None, None, eps, 0.0,
+                               True, C, inner)
+    return conv2d_forward(h, weight, None, None, None, None, stride, padding, False, True, allow_tf32)

@@ -71,3 +71,17 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     if compute_stats:
         return mean, var
     return None
+
+
+def conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, out, stride, padding, allow_tf32):
+    """``conv2d_bn_stats``: h materialised in a temporary by the cuda batch_norm_act kernel
+    (cuda_batch_norm.batch_norm_act_forward), then ``conv2d_forward`` with statistics (the csrc
+    kernels unchanged). Contract: resnet_kernels/backends/torch_conv2d.py."""
+    from .cuda_batch_norm import batch_norm_act_forward
+    from .torch_conv2d import _bn_geometry
+
+    h = _alloc.empty_like(y_prev)
+    C, inner = _bn_geometry(y_prev)
+    batch_norm_act_forward(y_prev, mean, var, bn_weight, bn_bias, None, None, None, None, None, h, eps, 0.0, True,
+                           C, inner)
+    return conv2d_forward(h, weight, None, None, None, out, stride, padding, False, True, allow_tf32)

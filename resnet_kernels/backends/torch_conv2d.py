@@ -57,3 +57,32 @@ def conv2d_forward(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Opt
         y = torch.relu(y)
     out.copy_(y)
     return stats
+
+
+def _bn_geometry(y: Tensor):
+    """(C, inner) of batch_norm_act's launchers for a dense NCHW or channels_last tensor."""
+    N, C, H, W = y.shape
+    # (a tensor both NCHW-contiguous and channels_last has C == 1 or H*W == 1: either inner works)
+    return C, (H * W if y.is_contiguous() else 1)
+
+
+def conv2d_bn_stats(y_prev: Tensor, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                    eps: float, weight: Tensor, out: Tensor, stride, padding, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    """``conv2d_bn_stats`` (resnet_kernels/ops/conv2d_bn.py), the launcher contract of every backend::
+
+        conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, out, stride, padding, allow_tf32)
+          y_prev   (N, Cin, H, W) as conv2d_forward's x; mean, var (Cin,) contiguous in the accumulation
+                   dtype (y_prev's batch statistics, biased variance); bn_weight, bn_bias None (= 1 / = 0)
+                   or (Cin,) contiguous in the accumulation dtype or y_prev's dtype; eps a float
+          computes h = relu(bn(y_prev)) exactly as batch_norm_act's launcher of the same backend
+          (rounded to y_prev's dtype), then out = conv2d(h, weight) (zero padding of h) and returns
+          its per-channel (mean, biased var) as conv2d_forward with compute_stats.
+
+    Reference: h materialised by torch_batch_norm.batch_norm_act_forward, then conv2d_forward."""
+    from .torch_batch_norm import batch_norm_act_forward
+
+    h = torch.empty_like(y_prev)
+    C, inner = _bn_geometry(y_prev)
+    batch_norm_act_forward(y_prev, mean, var, bn_weight, bn_bias, None, None, None, None, None, h, eps, 0.0, True,
+                           C, inner)
+    return conv2d_forward(h, weight, None, None, None, out, stride, padding, False, True, allow_tf32)

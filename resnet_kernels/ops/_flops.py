@@ -6,7 +6,8 @@ gives ``aten.convolution``; its backward, ``aten.convolution_backward``, which t
 backward call, is counted by PyTorch itself), and elementwise work counts 0, as PyTorch counts
 BatchNorm, add and ReLU. So:
 
-* ``conv2d_epilogue``, ``conv2d_stats``: the convolution (the fp32 epilogue: BN affine,
+* ``conv2d_epilogue``, ``conv2d_stats``, ``conv2d_bn_stats``: the convolution (of h for the
+  last: its BN + ReLU prologue counts 0) (the fp32 epilogue: BN affine,
   residual add, ReLU, batch statistics: 0);
 * ``conv2d_backward`` (the fused block backward): what PyTorch counts for the
   ``aten.convolution_backward`` it replaces, the convolution's FLOPs once per requested gradient
@@ -48,6 +49,11 @@ def conv2d_backward_flop(g_shape, mask_shape, y_shape, mean_shape, coef_shape, x
     return (int(bool(need_x)) + int(bool(need_w))) * _conv_flops(x_shape, w_shape, g_shape)
 
 
+def conv2d_bn_stats_flop(x_shape, mean_shape, var_shape, bnw_shape, bnb_shape, eps, w_shape, *args, out_shape=None,
+                         **kwargs) -> int:
+    return _conv_flops(x_shape, w_shape, out_shape[0])  # the convolution of h (the BN + ReLU prologue: 0)
+
+
 def elementwise_flop(*args, out_shape=None, **kwargs) -> int:
     return 0
 
@@ -62,6 +68,7 @@ FORMULAS = {
     "conv2d_backward": conv2d_backward_flop,
     "batch_norm_act_coef": elementwise_flop,
     "batch_norm_act_bits": elementwise_flop,
+    "conv2d_bn_stats": conv2d_bn_stats_flop,
 }
 
 

@@ -72,19 +72,20 @@ def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _validate_conv(op: str, x, weight, stride, padding, dilation, groups) -> Tuple[str, Tuple[int, int, int, int]]:
-    """Checks x/weight/geometry; returns (x's layout, output shape)."""
-    check_activation(op, "x", x)
-    layout = check_layout(op, "x", x)
+def _validate_conv(op: str, x, weight, stride, padding, dilation, groups,
+                   xn: str = "x") -> Tuple[str, Tuple[int, int, int, int]]:
+    """Checks x/weight/geometry (``xn``: x's name in the messages); returns (x's layout, output shape)."""
+    check_activation(op, xn, x)
+    layout = check_layout(op, xn, x)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be a 4-D (Cout, Cin/groups, KH, KW) tensor, "
                          f"got shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+        raise TypeError(f"{op}: weight must have the dtype of {xn} ({x.dtype}), got {weight.dtype}")
     if weight.device != x.device:
-        raise ValueError(f"{op}: weight must be on x's device ({x.device}), got {weight.device}")
+        raise ValueError(f"{op}: weight must be on {xn}'s device ({x.device}), got {weight.device}")
     sh, sw = _pair(op, "stride", stride, 1)
     ph, pw = _pair(op, "padding", padding, 0)
     dh, dw = _pair(op, "dilation", dilation, 1)
@@ -93,19 +94,19 @@ def _validate_conv(op: str, x, weight, stride, padding, dilation, groups) -> Tup
     N, Cin, H, W = x.shape
     Cout, Cin_g, KH, KW = weight.shape
     if Cin < 1:
-        raise ValueError(f"{op}: x must have at least one channel, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {xn} must have at least one channel, got shape {tuple(x.shape)}")
     if Cin % groups != 0 or Cout % groups != 0:
-        raise ValueError(f"{op}: groups={groups} must divide x's channels ({Cin}) and weight's output "
+        raise ValueError(f"{op}: groups={groups} must divide {xn}'s channels ({Cin}) and weight's output "
                          f"channels ({Cout})")
     if Cin_g * groups != Cin:
-        raise ValueError(f"{op}: weight.shape[1] must be x's channels / groups = {Cin // groups}, got weight shape "
-                         f"{tuple(weight.shape)} for x shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: weight.shape[1] must be {xn}'s channels / groups = {Cin // groups}, got weight shape "
+                         f"{tuple(weight.shape)} for {xn} shape {tuple(x.shape)}")
     if KH < 1 or KW < 1:
         raise ValueError(f"{op}: weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
     OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
     OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
     if OH < 1 or OW < 1:
-        raise ValueError(f"{op}: x's spatial size {(H, W)} with padding {(ph, pw)} is smaller than the "
+        raise ValueError(f"{op}: {xn}'s spatial size {(H, W)} with padding {(ph, pw)} is smaller than the "
                          f"{KH}x{KW} kernel (dilation {(dh, dw)}): no output pixel")
     return layout, (N, Cout, OH, OW)
 
@@ -175,6 +176,10 @@ class ConvCall:
         out = None if impl.returns_output else _new_out(self.shape, self.x, self.layout)
         res = impl.load()(self.x, self.weight, self.scale, self.bias, self.residual, out, self.stride, self.padding,
                           self.relu, self.compute_stats, self.allow_tf32, dilation=self.dilation, groups=self.groups)
+        return self._finish(impl, out, res)
+
+    def _finish(self, impl, out, res):
+        """(out,) or (out, mean, var) from a launcher's result (``run``; also ops/conv2d_bn.py)."""
         if impl.returns_output:
             out, res = res
             if out.stride() != _dense_strides(self.shape, self.layout) or out.dtype != self.x.dtype:
