@@ -474,8 +474,9 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
-    if from_y:  # (up_out given or no upstream: the constexprs, hence the compiled kernel, are as before)
-        constexprs.update(UP_FROM_Y=True, UP_HAS_W=up_bn[1] is not None, UP_HAS_B=up_bn[2] is not None)
+    # (up_out given or no upstream: all False, the kernel's defaults: its code is as before)
+    constexprs.update(UP_FROM_Y=from_y, UP_HAS_W=from_y and up_bn[1] is not None,
+                      UP_HAS_B=from_y and up_bn[2] is not None)
     grid = (num_m_tiles * triton.cdiv(cin, cfg.BLOCK_N), num_classes)
     return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, part, P, M)
 

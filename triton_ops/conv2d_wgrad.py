@@ -466,8 +466,9 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         MASK_BITS=mask is not None and is_bits(mask),
     )
-    if from_up:  # (x given: the constexprs, hence the compiled kernel, are as before)
-        constexprs.update(X_FROM_UP=True, UP_HAS_W=up_weight is not None, UP_HAS_B=up_bias is not None)
+    # (x given: all False, the kernel's defaults: its code is as before)
+    constexprs.update(X_FROM_UP=from_up, UP_HAS_W=from_up and up_weight is not None,
+                      UP_HAS_B=from_up and up_bias is not None)
     return _Plan((tiles, splits), args, constexprs, cfg.num_warps, cfg.num_stages, cfg, splits, per, part,
                  counters, key)
 
