@@ -19,7 +19,9 @@ fp32 with tf32 everywhere, fp16 on one layer, fp32 without tf32 (3xTF32) on one;
 sm_80. Their weights are NCHW-contiguous (packed, except the 16-bit 1x1 layers': read in place);
 WCL_CASES ("<layer>+wcl") repeat 16-bit 3x3 layers with a channels_last weight, read in place as the
 Cin-contiguous operand (16-byte cp.async asserted), each in its own cache dir (its kernel can be
-identical to the packed case's: only stride values differ). Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
+identical to the packed case's: only stride values differ). The "fused-ypre" layers (x = None: the upstream ReLU mask recomputed from up_y in the epilogue,
+``UP_FROM_Y``, no up_out) repeat l1 3x3 and b 1x1 in bf16.
+Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
 ``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync`` for fp32); the weight tile
 goes through ``cp.async`` (software pipelined) wherever its rows are 16-byte multiples (not the
 stem: Cin = 3). Register counts are printed (``pytest -s``).

@@ -20,6 +20,8 @@ the plain operand (dy = g) on layer1; layer4 bf16 forced to one split (the direc
 ``SPLIT_K=False``; the heuristic also picks one split for layer4 fp32 on sm_80); each for sm_90
 and sm_80. One kernel per call: split-K reduces in the same launch (the last-arriving program of
 a tile sums the partials), there is no separate reduce kernel.
+The x = None variant ("bn-ypre": the B operand relu(up_y * s + t) recomputed in the load,
+``X_FROM_UP``) on l1 3x3 and the 1x1, bf16.
 Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the PTX uses tensor
 cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit inputs, ``wgmma`` or
 ``mma.sync`` for fp32); the operand loads are software pipelined (``cp.async`` in the PTX). With

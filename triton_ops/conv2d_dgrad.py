@@ -46,6 +46,16 @@ deterministic); then ``_finalize_kernel`` of triton_ops/batch_norm.py sums the P
 channel in a fixed order and writes up_coef (A, A*sum_g/m, A*invstd^2*sum_gd/m) and
 up_grad_weight / up_grad_bias.
 
+Upstream mask recomputed (``UP_FROM_Y``, the op's x = None: no up_out): the epilogue loads up_y
+first (it reads it for the reductions anyway), computes z = up_y * s + t with the upstream BN's
+per-channel s = up_weight * (1/sqrt(up_var + eps)), t = up_bias - up_mean * s (fp32, per program
+from the vectors) and masks with round(z) > 0, z rounded to the activation dtype: the test
+``h > 0`` of the materialised h = round(relu(z)). ``z > 0`` alone would differ: a positive z
+below half the dtype's smallest subnormal (fp16: z <= 2**-25, bf16: z <= 2**-134) rounds to 0
+(tests/ops/test_conv_backward.py ``test_x_none_mask_is_that_of_the_rounded_h``). One activation
+read fewer than with up_out. AOT (triton 3.8, bf16, 0 spills): l1 3x3 128x64x64 180 / 179
+registers on sm_90 / sm_80 (as with up_out), b 1x1 128x128x64 232 / 248 (with up_out: 220 / 246).
+
 Launches per call: 1 (``_conv2d_dgrad_kernel``), 2 with up_out (+ ``_finalize_kernel``); + 1
 for the weight pack when the weight is not read in place and its pack is not cached.
 

@@ -16,6 +16,18 @@ zero), rounds dy to the activation dtype (``_common.round_to``: the operand cuDN
 accumulation. g/mask/y share one layout, x has its own: both are read through their strides
 (NCHW-contiguous or channels_last; channels_last is the fast layout).
 
+x recomputed (``X_FROM_UP``, the op's x = None): x_ptr is the upstream unit's conv output up_y
+and the B tile is h = relu(up_y * s + t) computed in the load (s = up_weight * (1/sqrt(up_var +
+eps)), t = up_bias - up_mean * s, fp32, per column channel once per program from the four
+vectors), forced to 0 outside the image (padding taps are 0, not relu(t)) and rounded to the
+activation dtype before the dot: the h that batch_norm_act would have written and the x-given
+kernel would read. Same bytes as reading h (up_y instead), + 4 vectors per program; h is never
+written. AOT (tests/test_triton_conv2d_wgrad_aot.py, triton 3.8, bf16, 0 spills): l1 3x3 64x64
+tile 115 / 120 registers on sm_90 / sm_80 (x given: 102 / 98), ds 1x1 128x128 181 / 185
+(x given: 180 / 180). On a GPU the fp32 v * s + t may be contracted into an FMA (one rounding
+where the reference rounds twice): h can then differ from the materialised one by one unit in
+the last place of the activation dtype at rare elements; under the interpreter it is bitwise.
+
 Two column shapes (a constexpr switch, as the forward's K loop):
 * chunked (``PACKED_N=False``): a column tile = one filter tap (kh, kw) x BLOCK_N input channels;
   the x address math is per pixel row only. Every ResNet conv but the stem.

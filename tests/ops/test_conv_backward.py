@@ -343,3 +343,39 @@ def test_x_none_call_key_and_description():
     assert c_none.key() != c_given.key() and "|xup1" in c_none.key() and "xup" not in c_given.key()
     assert "recomputed from up_y" in c_none.describe()
     assert c_none.x is None and c_none.xs is case.up_y
+
+
+@pytest.mark.parametrize("backend", _ypre_backends())
+def test_x_none_mask_is_that_of_the_rounded_h(backend, cuda_target):
+    """The upstream ReLU mask with x = None is h > 0 of the ROUNDED h: z = up_y * s + t > 0 is not
+    enough (a tiny z > 0 rounds to 0 in fp16/bf16: here z = 2**-26 exactly, h = 0, so grad_x = 0)."""
+    if backend == "cuda" and _registry.get_impl("conv2d_backward", "cuda") is None:
+        pytest.skip("no cuda implementation registered")
+    device = cuda_target if backend == "cuda" else (rt.DEVICE if backend == "triton" else "cpu")
+    case = Case(SHAPES[0], "inner-ypre", torch.float16, "channels_last")
+    cin = case.up_y.shape[1]
+    up_y = torch.full_like(case.up_y, 2.0 ** -14)
+    one, zero = torch.ones(cin), torch.zeros(cin)
+    bias = torch.full((cin,), -(2.0 ** -14 - 2.0 ** -26))  # exact in fp32: z = 2**-14 + bias = 2**-26 exactly
+    h = ref_impl.upstream_input(up_y, zero, one, None, bias, 0.0)
+    assert not h.any()
+    dev = {k: v.to(device) for k, v in dict(g=case.g, y=case.y, mean=case.mean, coef=case.coef, up_y=up_y,
+                                             up_mean=zero, up_var=one, up_bias=bias).items()}
+    gx, gw, *_ = conv2d_backward(dev.pop("g"), None, case.weight.to(device), up_eps=0.0, backend=backend, **dev)
+    assert not gx.any() and not gw.any()
+
+
+@pytest.mark.parametrize("backend", _ypre_backends())
+def test_x_none_without_upstream_affine_parameters(backend, cuda_target):
+    """up_weight / up_bias None (1 / 0) with x = None: as the x-given call on the materialised h."""
+    if backend == "cuda" and _registry.get_impl("conv2d_backward", "cuda") is None:
+        pytest.skip("no cuda implementation registered")
+    device = cuda_target if backend == "cuda" else (rt.DEVICE if backend == "triton" else "cpu")
+    case = Case(SHAPES[1], "tail-ypre", torch.bfloat16, "channels_last")
+    case.up_weight = case.up_bias = None
+    case.h = ref_impl.upstream_input(case.up_y, case.up_mean, case.up_var, None, None, 1e-5)
+    for a, b in zip(case.run(backend, device=device), case.run(backend, device=device, x_given=True)):
+        if rt.HAS_GPU and backend == "triton":
+            torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
