@@ -19,7 +19,9 @@ fp32 with tf32 everywhere, fp16 on one layer, fp32 without tf32 (3xTF32) on one;
 sm_80. Their weights are NCHW-contiguous (packed, except the 16-bit 1x1 layers': read in place);
 WCL_CASES ("<layer>+wcl") repeat 16-bit 3x3 layers with a channels_last weight, read in place as the
 Cin-contiguous operand (16-byte cp.async asserted), each in its own cache dir (its kernel can be
-identical to the packed case's: only stride values differ). Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
+identical to the packed case's: only stride values differ). The "fused-ypre" layers (x = None: the upstream ReLU mask recomputed from up_y in the epilogue,
+``UP_FROM_Y``, no up_out) repeat l1 3x3 and b 1x1 in bf16.
+Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
 ``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync`` for fp32); the weight tile
 goes through ``cp.async`` (software pipelined) wherever its rows are 16-byte multiples (not the
 stem: Cin = 3). Register counts are printed (``pytest -s``).
@@ -47,9 +49,14 @@ LAYERS = [
     ("l4_3x3_b8", 8, 512, 7, 512, 3, 1, 1, "fused"),  # M = 392 < 4096: 64-row tiles
     # the block tail's 1-bit ReLU mask (resnet_kernels/_bits.py) as mask and res_mask
     ("b_1x1s1_bits", 256, 256, 56, 64, 1, 1, 0, "fused-bits"),
+    # x = None (``UP_FROM_Y``): the upstream ReLU mask recomputed from up_y and the upstream BN's
+    # vectors in the epilogue instead of read (no up_out)
+    ("l1_3x3s1_ypre", 256, 64, 56, 64, 3, 1, 1, "fused-ypre"),
+    ("b_1x1s1_ypre", 256, 256, 56, 64, 1, 1, 0, "fused-ypre"),
 ]
 ARCHS = [90, 80]
-_DT_FOR = {"l1_3x3s1": ["bf16", "fp16", "fp32-tf32"], "l2_3x3s2": ["bf16", "fp32-tf32", "fp32-3xtf32"]}
+_DT_FOR = {"l1_3x3s1": ["bf16", "fp16", "fp32-tf32"], "l2_3x3s2": ["bf16", "fp32-tf32", "fp32-3xtf32"],
+           "l1_3x3s1_ypre": ["bf16"], "b_1x1s1_ypre": ["bf16"]}
 CASES = [(lay, dt) for lay in LAYERS for dt in _DT_FOR.get(lay[0], ["bf16", "fp32-tf32"])]
 # the weight read in place (no pack: a 16-bit channels_last weight, ``_weight_cache.
 # conv_dgrad_inplace_strides``; the weights above are NCHW-contiguous: packed, except the 1x1 layers,
@@ -99,7 +106,8 @@ def _child_compile_all(out_path: str) -> None:
         def vec(c, rows=None):
             return torch.empty((c,) if rows is None else (rows, c), dtype=torch.float32, device="meta")
 
-        fused = variant in ("fused", "fused-bits")
+        fused = variant in ("fused", "fused-bits", "fused-ypre")
+        ypre = variant == "fused-ypre"
         g = act(cout, oh)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
         if wcl:
@@ -119,8 +127,9 @@ def _child_compile_all(out_path: str) -> None:
         plan = dg._prepare(
             g, mask(cout, oh), act(cout, oh) if fused else None, vec(cout) if fused else None,
             vec(cout, 3) if fused else None, w, gx, (s, s), (p, p), act(cin, h) if fused else None,
-            mask(cin, h), act(cin, h) if fused else None, act(cin, h) if fused else None,
-            vec(cin) if fused else None, allow_tf32, config=cfg, arch=cc)
+            mask(cin, h), act(cin, h) if fused and not ypre else None, act(cin, h) if fused else None,
+            vec(cin) if fused else None, allow_tf32, config=cfg, arch=cc,
+            up_bn=(vec(cin), vec(cin), vec(cin), 1e-5) if ypre else None)
         names = [a for a in kernel.arg_names if a not in plan.constexprs]
         assert len(names) == len(plan.args), (names, len(plan.args))
         signature, constexprs, attrs = {}, {}, {}
@@ -199,7 +208,7 @@ def aot_results(tmp_path_factory):
     lines = [f"triton {triton.__version__}: dgrad kernel AOT (batch 256, channels_last)",
              f"{'layer':10} {'variant':7} {'dtype':11} {'sm':>3} {'tile':>11} {'w/s':>4} {'regs':>4} {'spill':>5} "
              f"{'smem':>6} tensor-core"]
-    for (layer, dt, cc), r in results.items():
+    for (layer, dt, cc), r in results.items():  # (layer names up to 13 characters: b_1x1s1_ypre)
         if "error" in r:
             lines.append(f"{layer:10} {r['variant']:7} {dt:11} {cc:3} ERROR {r['error'][:200]}")
             continue

@@ -20,6 +20,8 @@ the plain operand (dy = g) on layer1; layer4 bf16 forced to one split (the direc
 ``SPLIT_K=False``; the heuristic also picks one split for layer4 fp32 on sm_80); each for sm_90
 and sm_80. One kernel per call: split-K reduces in the same launch (the last-arriving program of
 a tile sums the partials), there is no separate reduce kernel.
+The x = None variant ("bn-ypre": the B operand relu(up_y * s + t) recomputed in the load,
+``X_FROM_UP``) on l1 3x3 and the 1x1, bf16.
 Asserted per case: it compiles; ptxas reports 0 bytes of spill stores/loads; the PTX uses tensor
 cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit inputs, ``wgmma`` or
 ``mma.sync`` for fp32); the operand loads are software pipelined (``cp.async`` in the PTX). With
@@ -58,7 +60,9 @@ CASES = ([(lay, dt, "bn") for lay in LAYERS for dt in _DT_FOR.get(lay[0], ["bf16
          + [(lay, "bf16", "plain") for lay in LAYERS if lay[0] == "l1_3x3s1"]
          + [(lay, "bf16", "bn-1split") for lay in LAYERS if lay[0] == "l4_3x3s1"]
          # the mask as the block tail's 1-bit ReLU mask (resnet_kernels/_bits.py)
-         + [(lay, "bf16", "bn-bits") for lay in LAYERS if lay[0] == "ds_1x1s2"])
+         + [(lay, "bf16", "bn-bits") for lay in LAYERS if lay[0] == "ds_1x1s2"]
+         # x = None: the B operand recomputed from up_y as relu(up_y * s + t) in its load (``X_FROM_UP``)
+         + [(lay, "bf16", "bn-ypre") for lay in LAYERS if lay[0] in ("l1_3x3s1", "ds_1x1s2")])
 
 
 def _case_id(layer, dt, operand):
@@ -157,7 +161,11 @@ def _child_compile_all(out_path: str) -> None:
         cfg = wg.select_config(n * oh * oh, cout, cin, k, k, dtype, cc, allow_tf32)
         if operand.endswith("-1split"):
             cfg = dataclasses.replace(cfg, splits=1)
-        plan = wg._prepare(g, mask, y, mean, coef, x, gw, (s, s), (p, p), allow_tf32, config=cfg, arch=cc)
+        up = None
+        if operand.endswith("-ypre"):
+            vec = torch.empty((cin,), dtype=torch.float32, device="meta")
+            up, x = (x, vec, vec, vec, vec, 1e-5), None
+        plan = wg._prepare(g, mask, y, mean, coef, x, gw, (s, s), (p, p), allow_tf32, config=cfg, arch=cc, up=up)
         names = [a for a in kernel.arg_names if a not in plan.constexprs]
         assert len(names) == len(plan.args), (names, len(plan.args))
         signature, constexprs, attrs = specialize(kernel, names, plan.args)

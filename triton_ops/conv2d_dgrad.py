@@ -46,6 +46,16 @@ deterministic); then ``_finalize_kernel`` of triton_ops/batch_norm.py sums the P
 channel in a fixed order and writes up_coef (A, A*sum_g/m, A*invstd^2*sum_gd/m) and
 up_grad_weight / up_grad_bias.
 
+Upstream mask recomputed (``UP_FROM_Y``, the op's x = None: no up_out): the epilogue loads up_y
+first (it reads it for the reductions anyway), computes z = up_y * s + t with the upstream BN's
+per-channel s = up_weight * (1/sqrt(up_var + eps)), t = up_bias - up_mean * s (fp32, per program
+from the vectors) and masks with round(z) > 0, z rounded to the activation dtype: the test
+``h > 0`` of the materialised h = round(relu(z)). ``z > 0`` alone would differ: a positive z
+below half the dtype's smallest subnormal (fp16: z <= 2**-25, bf16: z <= 2**-134) rounds to 0
+(tests/ops/test_conv_backward.py ``test_x_none_mask_is_that_of_the_rounded_h``). One activation
+read fewer than with up_out. AOT (triton 3.8, bf16, 0 spills): l1 3x3 128x64x64 180 / 179
+registers on sm_90 / sm_80 (as with up_out), b 1x1 128x128x64 232 / 248 (with up_out: 220 / 246).
+
 Launches per call: 1 (``_conv2d_dgrad_kernel``), 2 with up_out (+ ``_finalize_kernel``); + 1
 for the weight pack when the weight is not read in place and its pack is not cached.
 
@@ -104,15 +114,20 @@ def _conv2d_dgrad_kernel(
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w,
+    uv_ptr, uw_ptr, ub_ptr, up_eps,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES_MASK: tl.constexpr,
     HAS_UP: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MASK_BITS: tl.constexpr = False, RES_BITS: tl.constexpr = False,
+    UP_FROM_Y: tl.constexpr = False, UP_HAS_W: tl.constexpr = False, UP_HAS_B: tl.constexpr = False,
 ):
     # MASK_BITS / RES_BITS: mk_ptr / rm_ptr are 1-bit ReLU masks (resnet_kernels/_bits.py: byte
     # [n, h, w, c // 8] of a contiguous (N, H, W, ceil(C/8)) uint8 tensor), not activations
+    # UP_FROM_Y (with HAS_UP): no up_out; the upstream ReLU mask is recomputed from up_y as
+    # round(up_y * s + t) > 0 (s, t from up_mean/uv/uw/ub: the upstream BN's affine; UP_HAS_W /
+    # UP_HAS_B: weight / bias given, else 1 / 0), uo_ptr unused
     # ---- grouped tile order (as the forward): GROUP_M row tiles sweep all column tiles together;
     # axis 1: the parity class (rh, rw) of the rows (one class when the stride is 1)
     pid = tl.program_id(0)
@@ -228,15 +243,31 @@ def _conv2d_dgrad_kernel(
             rv = tl.where(rmv > 0, rv, 0.0)
         gx = gx + rv
     if HAS_UP:
-        uo = tl.load(uo_ptr + x_off, mask=out_mask, other=0.0)
-        gx = tl.where(uo > 0, gx, 0.0)
+        if UP_FROM_Y:
+            # the upstream output x = round(relu(z)), z = up_y * s + t in fp32, is > 0 exactly when
+            # round(z) > 0 (z > 0 alone is not enough: a tiny z > 0 rounds to 0 in fp16/bf16)
+            uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
+            um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            u_var = tl.load(uv_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32)
+            u_s = tl.div_rn(1.0, tl.sqrt_rn(u_var + up_eps))
+            if UP_HAS_W:
+                u_s = tl.load(uw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * u_s
+            u_t = -(um * u_s)
+            if UP_HAS_B:
+                u_t = u_t + tl.load(ub_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            hz = round_to(uy * u_s[None, :] + u_t[None, :], gx_ptr.dtype.element_ty)
+            gx = tl.where(hz > 0, gx, 0.0)
+        else:
+            uo = tl.load(uo_ptr + x_off, mask=out_mask, other=0.0)
+            gx = tl.where(uo > 0, gx, 0.0)
     gr = cast_for_store(gx, gx_ptr)
     tl.store(gx_ptr + x_off, gr, mask=out_mask)
     if HAS_UP:
         # the upstream BN-backward partial sums of the rounded grad_x, one row per M tile
         gf = tl.where(out_mask, gr.to(tl.float32), 0.0)
-        uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
-        um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if not UP_FROM_Y:  # (UP_FROM_Y: loaded for the mask above)
+            uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
+            um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         d = tl.where(out_mask, uy - um[None, :], 0.0)
         p_off = (cls * MT + pid_m) * CIN + offs_n
         tl.store(part_ptr + p_off, tl.sum(gf, axis=0), mask=n_mask)
@@ -381,10 +412,14 @@ def _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, u
         raise ValueError("triton conv2d_dgrad: coef needs y and mean")
     if up_out is not None and (up_y is None or up_mean is None):
         raise ValueError("triton conv2d_dgrad: up_out needs up_y and up_mean (and up_var, up_coef)")
+    if up_out is None and up_y is not None and up_mean is None:
+        raise ValueError("triton conv2d_dgrad: up_y needs up_mean (and up_var, up_coef)")
 
 
 def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
-             allow_tf32, config: Optional[DgradConfig] = None, arch: Optional[int] = None) -> _Plan:
+             allow_tf32, config: Optional[DgradConfig] = None, arch: Optional[int] = None, up_bn=None) -> _Plan:
+    """``up_bn`` = (up_var, up_weight, up_bias, up_eps) with up_out None and up_y given: the upstream
+    ReLU mask recomputed from up_y (``UP_FROM_Y``)."""
     n, cout, oh, ow = g.shape
     _, cin, kh, kw = weight.shape
     h, w = grad_x.shape[2], grad_x.shape[3]
@@ -407,7 +442,8 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
     num_classes = sh * sw
     num_m_tiles = triton.cdiv(n * triton.cdiv(h, sh) * triton.cdiv(w, sw), cfg.BLOCK_M)
     P = num_classes * num_m_tiles
-    has_up = up_out is not None
+    from_y = up_out is None and up_y is not None
+    has_up = up_out is not None or from_y
     part = _alloc.empty((2, P, cin), dtype=torch.float32, device=g.device) if has_up else None
     dummy = grad_x  # stands in for absent pointers (never dereferenced: constexpr-disabled)
 
@@ -432,6 +468,12 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         *g.stride(), *grad_x.stride(),
         sh, sw, ph, pw,
     )
+    if from_y:
+        up_var, up_weight, up_bias, up_eps = up_bn
+        args += (up_var.contiguous(), opt(None if up_weight is None else up_weight.contiguous()),
+                 opt(None if up_bias is None else up_bias.contiguous()), float(up_eps))
+    else:
+        args += (dummy, dummy, dummy, 0.0)
     constexprs = dict(
         KH=kh, KW=kw,
         HAS_MASK=mask is not None, HAS_COEF=coef is not None, HAS_RES=residual is not None,
@@ -442,22 +484,25 @@ def _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, 
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
+    # (up_out given or no upstream: all False, the kernel's defaults: its code is as before)
+    constexprs.update(UP_FROM_Y=from_y, UP_HAS_W=from_y and up_bn[1] is not None,
+                      UP_HAS_B=from_y and up_bn[2] is not None)
     grid = (num_m_tiles * triton.cdiv(cin, cfg.BLOCK_N), num_classes)
     return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, part, P, M)
 
 
 def _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
             up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32,
-            config: Optional[DgradConfig] = None) -> None:
+            config: Optional[DgradConfig] = None, up_bias=None) -> None:
     _check(g, mask, y, mean, coef, weight, grad_x, residual, res_mask, up_out, up_y, up_mean)
     if g.numel() == 0 or grad_x.numel() == 0:  # not reached through the op layer
         return
     plan = _prepare(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y,
-                    up_mean, allow_tf32, config)
+                    up_mean, allow_tf32, config, up_bn=(up_var, up_weight, up_bias, up_eps))
     with _on_device(g):
         _conv2d_dgrad_kernel[plan.grid](*plan.args, **plan.constexprs,
                                         num_warps=plan.num_warps, num_stages=plan.num_stages)
-        if up_out is None:
+        if up_out is None and up_y is None:
             return
         cin = grad_x.shape[1]
         coef_out = up_coef
@@ -483,9 +528,11 @@ def _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, r
 
 def conv2d_dgrad(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
                  up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
-                 conv_dtype: Optional[torch.dtype] = None) -> None:
+                 conv_dtype: Optional[torch.dtype] = None, up_bias=None) -> None:
     """grad_x (and, with up_out, up_coef / up_grad_weight / up_grad_bias) written in place: the
     contract of ``resnet_kernels.backends.torch_conv_backward.conv2d_dgrad`` (see the module
-    docstring). ``conv_dtype`` is the reference's and is ignored."""
+    docstring). ``conv_dtype`` is the reference's and is ignored. up_out None with up_y given: the
+    upstream output is recomputed from up_y (relu(up_y * s + t) > 0, s, t from up_mean, up_var,
+    up_weight, ``up_bias``, up_eps) for the mask instead of read."""
     _launch(g, mask, y, mean, coef, weight, grad_x, stride, padding, residual, res_mask, up_out, up_y, up_mean,
-            up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32)
+            up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, up_bias=up_bias)

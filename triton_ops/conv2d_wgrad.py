@@ -16,6 +16,18 @@ zero), rounds dy to the activation dtype (``_common.round_to``: the operand cuDN
 accumulation. g/mask/y share one layout, x has its own: both are read through their strides
 (NCHW-contiguous or channels_last; channels_last is the fast layout).
 
+x recomputed (``X_FROM_UP``, the op's x = None): x_ptr is the upstream unit's conv output up_y
+and the B tile is h = relu(up_y * s + t) computed in the load (s = up_weight * (1/sqrt(up_var +
+eps)), t = up_bias - up_mean * s, fp32, per column channel once per program from the four
+vectors), forced to 0 outside the image (padding taps are 0, not relu(t)) and rounded to the
+activation dtype before the dot: the h that batch_norm_act would have written and the x-given
+kernel would read. Same bytes as reading h (up_y instead), + 4 vectors per program; h is never
+written. AOT (tests/test_triton_conv2d_wgrad_aot.py, triton 3.8, bf16, 0 spills): l1 3x3 64x64
+tile 115 / 120 registers on sm_90 / sm_80 (x given: 102 / 98), ds 1x1 128x128 181 / 185
+(x given: 180 / 180). On a GPU the fp32 v * s + t may be contracted into an FMA (one rounding
+where the reference rounds twice): h can then differ from the materialised one by one unit in
+the last place of the activation dtype at rare elements; under the interpreter it is bitwise.
+
 Two column shapes (a constexpr switch, as the forward's K loop):
 * chunked (``PACKED_N=False``): a column tile = one filter tap (kh, kw) x BLOCK_N input channels;
   the x address math is per pixel row only. Every ResNet conv but the stem.
@@ -99,14 +111,19 @@ def _conv2d_wgrad_kernel(
     swo, swi, swh, sww,
     smean, scr, scc,
     stride_h, stride_w, pad_h, pad_w,
+    um_ptr, uv_ptr, uw_ptr, ub_ptr, up_eps,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_COEF: tl.constexpr, PACKED_N: tl.constexpr, EVEN_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MASK_BITS: tl.constexpr = False,
+    X_FROM_UP: tl.constexpr = False, UP_HAS_W: tl.constexpr = False, UP_HAS_B: tl.constexpr = False,
 ):
     # MASK_BITS: m_ptr is a 1-bit ReLU mask (resnet_kernels/_bits.py: byte [pixel, co // 8] of a
     # contiguous (N, OH, OW, ceil(Cout/8)) uint8 tensor), not an activation
+    # X_FROM_UP: x_ptr is the upstream unit's conv output up_y and the B operand is recomputed as
+    # h = relu(up_y * s + t) per channel ci (s = up_weight * rsqrt(up_var + eps), t = up_bias -
+    # up_mean * s from um/uv/uw/ub, UP_HAS_W / UP_HAS_B: weight / bias given, else 1 / 0)
     # ---- grouped tile order within one split (axis 1 = the split: the slow axis, so the programs
     # running together read the same pixel range of g and x)
     pid = tl.program_id(0)
@@ -154,6 +171,16 @@ def _conv2d_wgrad_kernel(
         ci = tl.max_contiguous(tl.multiple_of(ci, BLOCK_N), BLOCK_N)
         col_mask = ci < C
     x_col = ci * sxc
+    if X_FROM_UP:
+        # the upstream BN's per-channel affine of the column channels, once per program (fp32, the
+        # reference's order: s = w * (1/sqrt(var + eps)) correctly rounded, t = b - mean * s)
+        u_var = tl.load(uv_ptr + ci, mask=col_mask, other=1.0).to(tl.float32)
+        u_s = tl.div_rn(1.0, tl.sqrt_rn(u_var + up_eps))
+        if UP_HAS_W:
+            u_s = tl.load(uw_ptr + ci, mask=col_mask, other=0.0).to(tl.float32) * u_s
+        u_t = -(tl.load(um_ptr + ci, mask=col_mask, other=0.0).to(tl.float32) * u_s)
+        if UP_HAS_B:
+            u_t = u_t + tl.load(ub_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p_begin = split * P_PER_SPLIT
@@ -205,7 +232,15 @@ def _conv2d_wgrad_kernel(
                 b_mask = row_ok[:, None]
             else:
                 b_mask = row_ok[:, None] & col_mask[None, :]
-        b = tl.load(x_ptr + b_off, mask=b_mask, other=0.0)
+        if X_FROM_UP:
+            # x recomputed from up_y: relu(v * s + t) in fp32, 0 outside the image (padding taps
+            # and masked rows/columns stay 0, not relu(t)), rounded to the activation dtype: the
+            # materialised h the x-given kernel would read
+            uv = tl.load(x_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+            hv = tl.maximum(uv * u_s[None, :] + u_t[None, :], 0.0)
+            b = round_to(tl.where(b_mask, hv, 0.0), x_ptr.dtype.element_ty)
+        else:
+            b = tl.load(x_ptr + b_off, mask=b_mask, other=0.0)
 
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -383,7 +418,15 @@ class _Plan:
 
 
 def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
-             config: Optional[WgradConfig] = None, arch: Optional[int] = None) -> _Plan:
+             config: Optional[WgradConfig] = None, arch: Optional[int] = None, up=None) -> _Plan:
+    """``up`` = (up_y, up_mean, up_var, up_weight, up_bias, up_eps) when x is None: x recomputed
+    from up_y in the B-operand load (``X_FROM_UP``)."""
+    from_up = x is None
+    if from_up:
+        if up is None or up[0] is None or up[1] is None or up[2] is None:
+            raise ValueError("conv2d_wgrad (triton): x = None needs up (up_y, up_mean, up_var, ...)")
+        up_y, up_mean, up_var, up_weight, up_bias, up_eps = up
+        x = up_y
     _check(g, mask, y, mean, coef, x, grad_weight)
     n, cin, h, w = x.shape
     cout, _, kh, kw = grad_weight.shape
@@ -423,19 +466,28 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
         mean.stride(0) if has_coef else 0, *(coef.stride() if has_coef else (0, 0)),
         sh, sw, ph, pw,
     )
+    if from_up:
+        args += (up_mean.contiguous(), up_var.contiguous(),
+                 up_weight.contiguous() if up_weight is not None else dummy,
+                 up_bias.contiguous() if up_bias is not None else dummy, float(up_eps))
+    else:
+        args += (dummy, dummy, dummy, dummy, 0.0)
     constexprs = dict(
         KH=kh, KW=kw, HAS_MASK=mask is not None, HAS_COEF=has_coef, PACKED_N=bool(packed),
         EVEN_C=cin % cfg.BLOCK_N == 0, SPLIT_K=part is not None, DOT_PRECISION=precision, UPCAST_DOT=INTERPRET,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         MASK_BITS=mask is not None and is_bits(mask),
     )
+    # (x given: all False, the kernel's defaults: its code is as before)
+    constexprs.update(X_FROM_UP=from_up, UP_HAS_W=from_up and up_weight is not None,
+                      UP_HAS_B=from_up and up_bias is not None)
     return _Plan((tiles, splits), args, constexprs, cfg.num_warps, cfg.num_stages, cfg, splits, per, part,
                  counters, key)
 
 
 def _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
-            config: Optional[WgradConfig] = None) -> _Plan:
-    plan = _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, config)
+            config: Optional[WgradConfig] = None, up=None) -> _Plan:
+    plan = _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, config, up=up)
     if grad_weight.numel() == 0:
         return plan
     if g.shape[0] * g.shape[2] * g.shape[3] == 0:  # (one split: no scratch, no counters)
@@ -451,9 +503,10 @@ def _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32,
 
 
 def conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, *,
-                 conv_dtype: Optional[torch.dtype] = None) -> None:
+                 conv_dtype: Optional[torch.dtype] = None, up=None) -> None:
     """grad_weight = the weight gradient of the convolution x -> g's shape, with the fused
     BN-backward operand (see the module docstring and the contract). ``conv_dtype`` is the torch
     reference's knob and is ignored (the kernel always reads the operands in the activation dtype
-    and accumulates in fp32). dilation 1, groups 1."""
-    _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32)
+    and accumulates in fp32). dilation 1, groups 1. x None: ``up`` = (up_y, up_mean, up_var,
+    up_weight, up_bias, up_eps) and x = relu(bn(up_y)) is recomputed in the B-operand load."""
+    _launch(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32, up=up)

@@ -749,6 +749,20 @@ def _conv_bwd_operand_reads(call) -> int:
     return nbytes(call.g) + nbytes(call.mask) + (nbytes(call.y) if call.coef is not None else 0)
 
 
+def _upstream_input_cost(call):
+    """(launches, bytes) of materialising x = relu(up_y * s + t) with torch ops when x is None (the
+    aten and cuda implementations: ``torch_conv_backward.upstream_input``, the reference
+    batch_norm_act_forward): up_y cast to acc (16-bit only), * scale, + shift, relu, the cast back
+    into x; ~6 per-channel ops for (scale, shift)."""
+    if not call.x_from_up:
+        return 0, 0
+    X, x4 = nbytes(call.up_y), call.up_y.numel() * 4
+    launches, b = 3 + 1, 3 * 2 * x4 + (x4 + X)
+    if call.dtype != call.acc:
+        launches, b = launches + 1, b + X + x4
+    return launches + 6, b + 64 * call.up_y.shape[1]
+
+
 def _triton_conv_bwd_cost(call):
     """wgrad: the operand (g, the mask, y) and x read once, fp32 split-K partials written and read
     back in split order by each tile's last-arriving program, grad_weight written (1 launch: the
@@ -757,7 +771,8 @@ def _triton_conv_bwd_cost(call):
     operand and the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in
     the epilogue, grad_x and per-tile partials written (1 launch), and with upstream reductions the
     finalize kernel (partials and per-channel vectors in, coefficients and parameter gradients
-    out)."""
+    out). x None (recomputed from up_y): the wgrad reads up_y in x's place (+ 4 upstream vectors),
+    the dgrad epilogue no x (its mask comes from the up_y it reads anyway)."""
     need_x, need_w = call.needs[0], call.needs[1]
     Cout, Cin, KH, KW = call.weight.shape
     launches = b = 0
@@ -765,16 +780,17 @@ def _triton_conv_bwd_cost(call):
     vec = 3 * Cout * 4 + (nbytes(call.mean) if call.coef is not None else 0)
     if need_w:
         part = _WGRAD_SPLITS * Cout * Cin * KH * KW * 4
-        launches, b = 1, ops + nbytes(call.x) + 2 * part + nbytes(call.weight) + vec
+        xin = nbytes(call.up_y) + 4 * Cin * 4 if call.x_from_up else nbytes(call.xs)
+        launches, b = 1, ops + xin + 2 * part + nbytes(call.weight) + vec
     if need_x:
         pl, pb = _triton_dgrad_pack(call)
         launches, b = launches + pl + 1, b + pb
-        b += ops + nbytes(call.weight) + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.x) + vec
+        b += ops + nbytes(call.weight) + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.xs) + vec
         if call.upstream:
-            N, _, H, W = call.x.shape
+            N, _, H, W = call.xs.shape
             p = 2 * max(1, (N * H * W + 127) // 128) * Cin * 4  # (2, tiles of 128 rows, Cin) partials
             launches += 1
-            b += nbytes(call.x) + nbytes(call.up_y) + 2 * p + 12 * Cin * 4
+            b += (4 * Cin * 4 if call.x_from_up else nbytes(call.x)) + nbytes(call.up_y) + 2 * p + 12 * Cin * 4
     return max(launches, 1), b
 
 
@@ -782,7 +798,7 @@ def _unpack_masks(call):
     """(launches, bytes) of unpacking 1-bit mask / res_mask (resnet_kernels/_bits.py) first (the aten
     and cuda implementations: their elementwise passes read bool masks then, counted as before)."""
     launches = b = 0
-    for m, like in ((call.mask, call.g), (call.res_mask, call.x)):
+    for m, like in ((call.mask, call.g), (call.res_mask, call.xs)):
         if m is not None and is_bits(m) and (m is not call.res_mask or call.needs[0]):
             ul, ub = unpack_cost(m, like)
             launches, b = launches + ul, b + ub
@@ -797,23 +813,25 @@ def _aten_conv_bwd_cost(call):
     launches, b = 0, 0
     dy = g
     launches, b = _unpack_masks(call)
+    ul, ub = _upstream_input_cost(call)
+    launches, b = launches + ul, b + ub
     if call.mask is not None:
         launches, b = launches + 1, b + 3 * g
     if call.coef is not None:  # 2 per-channel ops, addcmul, addcmul_, the cast
         launches += 5
         b += (g + e4) + (e4 + nbytes(call.y) + e4) + (e4 + g) + 64 * call.weight.shape[0]
     if need_w:
-        launches, b = launches + 1, b + dy + nbytes(call.x) + nbytes(call.weight)
+        launches, b = launches + 1, b + dy + nbytes(call.xs) + nbytes(call.weight)
     if need_x:
-        X = nbytes(call.x)
+        X = nbytes(call.xs)
         launches, b = launches + 1, b + dy + nbytes(call.weight) + X
         if call.residual is not None:
             launches += 1 + (call.res_mask is not None)
             b += 3 * X + (3 * X if call.res_mask is not None else 0)
         if call.upstream:
-            x4 = call.x.numel() * 4
+            x4 = call.xs.numel() * 4
             launches += 4 + 8  # where, copy, sum, sub+mul+sum fused as 2, ~8 per-channel ops
-            b += 3 * X + 2 * X + X + (X + x4) + (x4 + X + x4) + x4 + 64 * call.x.shape[1]
+            b += 3 * X + 2 * X + X + (X + x4) + (x4 + X + x4) + x4 + 64 * call.xs.shape[1]
         elif call.residual is not None:
             launches, b = launches + 1, b + 2 * X  # the copy into grad_x
     return max(launches, 1), b
@@ -824,20 +842,22 @@ def _cuda_conv_bwd_cost(call):
     need_x, need_w = call.needs[0], call.needs[1]
     g = nbytes(call.g)
     launches, b = _unpack_masks(call)
+    ul, ub = _upstream_input_cost(call)
+    launches, b = launches + ul, b + ub
     if call.mask is not None:  # the masking pass (a where after unpacking a 1-bit mask)
         launches, b = launches + 1, b + 3 * g
     if call.coef is not None:  # the operand pass (+ 2 per-channel ops)
         launches, b = launches + 3, b + 3 * g + nbytes(call.y) + 64 * call.weight.shape[0]
     if need_w:
-        launches, b = launches + 1, b + g + nbytes(call.x) + nbytes(call.weight)
+        launches, b = launches + 1, b + g + nbytes(call.xs) + nbytes(call.weight)
     if need_x:
-        X = nbytes(call.x)
+        X = nbytes(call.xs)
         launches, b = launches + 1, b + g + nbytes(call.weight) + X
         if call.residual is not None:
             launches += 1 + (call.res_mask is not None)
             b += 3 * X + (3 * X if call.res_mask is not None else 0)
         if call.upstream:  # reduce + finalize, the masking pass, ~8 per-channel ops
-            N, C, H, W = call.x.shape
+            N, C, H, W = call.xs.shape
             launches += 2 + 1 + 8
             b += 3 * X + 2 * max(1, (N * H * W + 2047) // 2048) * C * 4 * 2 + 3 * X + 64 * C
         elif call.residual is None:

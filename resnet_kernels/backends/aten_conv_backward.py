@@ -19,7 +19,7 @@ import torch
 
 from .._bits import as_mask
 from .._checks import acc_dtype
-from .torch_conv_backward import _col, _tf32, upstream_outputs
+from .torch_conv_backward import _col, _tf32, upstream_input, upstream_outputs
 
 _DIMS = (0, 2, 3)
 
@@ -42,7 +42,10 @@ def _operand(g, mask, y, mean, coef):
 
 
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
-                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
+                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
+                    up_bias=None) -> None:
+    if x is None:  # recomputed from the upstream unit (the contract's ``upstream_input``: torch ops, counted)
+        x = upstream_input(up_y, up_mean, up_var, up_weight, up_bias, up_eps)
     # a 1-bit mask / res_mask (resnet_kernels/_bits.py) unpacked first (extra ops, counted)
     mask, res_mask = as_mask(mask, g), (as_mask(res_mask, x) if grad_x is not None else None)
     dy = _operand(g, mask, y, mean, coef)

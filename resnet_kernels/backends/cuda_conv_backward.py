@@ -25,7 +25,7 @@ from .._bits import is_bits, unpack
 from .._checks import acc_dtype
 from .cuda_batch_norm import batch_norm_act_backward
 from .cuda_bn_add_relu import bn_add_relu_backward, bn_add_relu_forward
-from .torch_conv_backward import _tf32
+from .torch_conv_backward import _tf32, upstream_input
 
 
 def _inner(t) -> int:
@@ -54,7 +54,10 @@ def _operand(g, mask, y, mean, coef):
 
 
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
-                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
+                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
+                    up_bias=None) -> None:
+    if x is None:  # recomputed from the upstream unit (the contract's ``upstream_input``: torch ops, counted)
+        x = upstream_input(up_y, up_mean, up_var, up_weight, up_bias, up_eps)
     dy = _operand(g, mask, y, mean, coef)
     with _tf32(allow_tf32):
         gx, gw, _ = torch.ops.aten.convolution_backward(

@@ -42,6 +42,16 @@ The gradient operand (both ops), per output element of channel c (``bn_dy``):
     accumulated in acc (tf32 where allow_tf32), rounded once. Reductions in a fixed order in every
     implementation (deterministic).
 
+x None (the op's ``x = None`` with up_y given: the forward convolved the upstream unit's output
+without writing it): x is that output recomputed (``upstream_input``), per element of channel ci
+
+    s   = up_weight[ci] * rsqrt(up_var[ci] + up_eps)    (up_weight None: 1)
+    t   = up_bias[ci] - up_mean[ci] * s                 (up_bias None: 0)
+    x   = round(relu(up_y * s + t))                     in acc, rounded to the activation dtype
+
+exactly what ``batch_norm_act`` (backends/torch_batch_norm.py, relu, no identity) writes; then
+everything above reads that x (the wgrad's input, the dgrad's upstream mask up_out = x).
+
 mask and res_mask may also be 1-bit masks (``resnet_kernels/_bits.py``: uint8 (N, H, W, ceil(C/8)),
 bit c % 8 = the activation > 0), which mean the same.
 
@@ -61,7 +71,7 @@ from torch import Tensor
 
 from .._bits import as_mask
 from .._checks import acc_dtype
-from .torch_batch_norm import coefficients
+from .torch_batch_norm import batch_norm_act_forward, coefficients
 
 _DIMS = (0, 2, 3)
 
@@ -139,12 +149,27 @@ def conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_
     grad_weight.copy_(gw)
 
 
+def upstream_input(up_y: Tensor, up_mean: Tensor, up_var: Tensor, up_weight: Optional[Tensor],
+                   up_bias: Optional[Tensor], up_eps: float) -> Tensor:
+    """x recomputed from the upstream unit (x None): round(relu(up_y * s + t)) in up_y's dtype and
+    layout, s = up_weight * rsqrt(up_var + up_eps), t = up_bias - up_mean * s, in acc: the
+    reference ``batch_norm_act_forward`` itself (relu, no identity), so bitwise what it writes."""
+    h = torch.empty_like(up_y)
+    batch_norm_act_forward(up_y, up_mean, up_var, up_weight, up_bias, None, None, None, None, None, h, up_eps, 0.0,
+                           True, up_y.shape[1], 0)
+    return h
+
+
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
-                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32) -> None:
+                    up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
+                    up_bias=None) -> None:
     """The op's launcher (resnet_kernels/ops/conv_backward.py): ``conv2d_dgrad`` into grad_x (with
     the upstream reductions, x being the upstream unit's output, when up_y is given) and
     ``conv2d_wgrad`` into grad_weight; None outputs are not computed. A 1-bit mask / res_mask
-    (resnet_kernels/_bits.py) is unpacked once first (extra ops: counted by the aten cost)."""
+    (resnet_kernels/_bits.py) is unpacked once first (extra ops: counted by the aten cost). x None:
+    recomputed from up_y first (``upstream_input``)."""
+    if x is None:
+        x = upstream_input(up_y, up_mean, up_var, up_weight, up_bias, up_eps)
     mask, res_mask = as_mask(mask, g), as_mask(res_mask, x)
     if grad_weight is not None:
         conv2d_wgrad(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32)

@@ -180,7 +180,8 @@ def test_bad_bits_are_named():
 def test_opcheck_with_bits():
     case = _conv_case("channels_last", "first-id")
     args = (case.g, None, case.y, case.mean, case.coef, case.x, case.weight, list(case.stride), list(case.padding),
-            case.residual, _bits.pack(case.res_mask), None, None, None, None, 1e-5, True, True, False, False, "aten")
+            case.residual, _bits.pack(case.res_mask), None, None, None, None, None, 1e-5, True, True, False, False,
+            "aten")
     torch.library.opcheck(torch.ops.resnet_kernels.conv2d_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     grad_out, out, y, mean, var, w, *_ = _coef_args("nchw")

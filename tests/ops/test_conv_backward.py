@@ -25,7 +25,7 @@ from resnet_kernels.ops.conv_backward import conv2d_backward
 # (id, N, Cin, H, W, Cout, k, stride, pad): a 1x1, a strided 3x3, a strided 1x1 (projection), the stem
 SHAPES = [("1x1", 2, 8, 5, 5, 6, 1, 1, 0), ("3x3s2", 2, 4, 9, 9, 6, 3, 2, 1), ("1x1s2", 1, 6, 7, 7, 4, 1, 2, 0),
           ("stem", 1, 3, 11, 11, 4, 7, 2, 3), ("3x3odd", 1, 3, 7, 7, 3, 3, 1, 1)]
-# which optional parts are given: (mask, coef, residual, res_mask, upstream)
+# which optional parts are given: (mask, coef, residual, res_mask, upstream[, x recomputed from up_y])
 CONFIGS = {
     "plain": (False, False, False, False, False),
     "tail": (True, True, False, False, True),  # a block tail feeding an inner unit
@@ -33,6 +33,9 @@ CONFIGS = {
     "first-id": (False, True, True, True, False),  # a block's first unit, identity shortcut
     "first-proj": (False, True, True, False, False),
     "proj": (True, True, False, False, False),  # the projection shortcut
+    # x = None: the upstream unit's output relu(up_y * s + t) recomputed from up_y (+ up_bias), never written
+    "tail-ypre": (True, True, False, False, True, True),
+    "inner-ypre": (False, True, False, False, True, True),
 }
 LAYOUTS = ["nchw", "channels_last"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,7 +52,8 @@ class Case:
         gen = torch.Generator().manual_seed(seed)
         OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
         self.stride, self.padding = (s, s), (p, p)
-        has_mask, has_coef, has_res, has_res_mask, has_up = CONFIGS[config]
+        has_mask, has_coef, has_res, has_res_mask, has_up, *rest = CONFIGS[config]
+        self.from_up = from_up = bool(rest and rest[0])
 
         def act(shape, relu=False):
             t = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -61,7 +65,7 @@ class Case:
             return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).float()
 
         self.g = act((N, Cout, OH, OW))
-        self.x = act((N, Cin, H, W), relu=has_up)
+        self.x = act((N, Cin, H, W), relu=has_up) if not from_up else None
         self.weight = (torch.randn((Cout, Cin, k, k), generator=gen, dtype=torch.float64) / k).to(dtype)
         self.mask = act((N, Cout, OH, OW)) if has_mask else None
         self.y = act((N, Cout, OH, OW)) if has_coef else None
@@ -75,14 +79,19 @@ class Case:
             self.up_mean, self.up_var, self.up_weight = vec(Cin), vec(Cin, 0.5, 2.0), vec(Cin, 0.5, 1.5)
         else:
             self.up_y = self.up_mean = self.up_var = self.up_weight = None
+        self.up_bias = vec(Cin) if from_up else None
+        # what batch_norm_act would have written (the x an x-given call reads)
+        self.h = (ref_impl.upstream_input(self.up_y, self.up_mean, self.up_var, self.up_weight, self.up_bias, 1e-5)
+                  if from_up else None)
         self.dtype = dtype
         self.terms = {"grad_x": Cout * k * k, "grad_weight": N * OH * OW, "sums": N * H * W}
 
     def tensors(self):
         return (self.g, self.mask, self.y, self.mean, self.coef, self.x, self.weight, self.residual, self.res_mask,
-                self.up_y, self.up_mean, self.up_var, self.up_weight)
+                self.up_y, self.up_mean, self.up_var, self.up_weight, self.up_bias)
 
-    def run(self, backend, device="cpu", dtype=None):
+    def run(self, backend, device="cpu", dtype=None, x_given=False):
+        """x_given: an x = None case called with x = the materialised h instead."""
         def cv(t):
             if t is None:
                 return None
@@ -92,11 +101,13 @@ class Case:
             return t
 
         (g, mask, y, mean, coef, x, weight, residual, res_mask, up_y, up_mean, up_var,
-         up_weight) = (cv(t) for t in self.tensors())
+         up_weight, up_bias) = (cv(t) for t in self.tensors())
+        if x_given:
+            x = cv(self.h)
         return conv2d_backward(g, x, weight, stride=self.stride, padding=self.padding, mask=mask, y=y, mean=mean,
                                coef=coef, residual=residual, res_mask=res_mask, up_y=up_y, up_mean=up_mean,
-                               up_var=up_var, up_weight=up_weight, need_up_weight=self.up, need_up_bias=self.up,
-                               backend=backend)
+                               up_var=up_var, up_weight=up_weight, up_bias=up_bias, need_up_weight=self.up,
+                               need_up_bias=self.up, backend=backend)
 
 
 NAMES = ("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias")
@@ -149,7 +160,7 @@ def _triton_cases():
     for i, (shape, config) in enumerate(itertools.product(SHAPES, CONFIGS)):
         if rt.HAS_GPU:
             out.append((shape, config, combos))
-        elif shape[0] != "stem" or config in ("plain", "tail"):
+        elif shape[0] != "stem" or config in ("plain", "tail", "tail-ypre"):  # (tail-ypre: packed wgrad columns)
             out.append((shape, config, [combos[i % 6], combos[(i + 3) % 6]]))
     return out
 
@@ -193,6 +204,15 @@ def _bad_calls(case: Case):
     yield dict(g=g, x=x, weight=w, need_up_bias=True), "need up_y"
     yield dict(g=g, x=x, weight=w, stride=(0, 1)), "stride must be a list of two ints >= 1"
     yield dict(g=g.transpose(2, 3), x=x, weight=w), "g must be contiguous"
+    # x = None (recomputed from up_y): up_y stands for x in the checks and their messages
+    cin = x.shape[1]
+    up = dict(up_mean=torch.zeros(cin), up_var=torch.ones(cin))
+    yield dict(g=g, x=None, weight=w), "x must be given unless up_y is given"
+    yield dict(g=g, x=None, weight=w, up_y=x.half(), **up), "up_y must have the dtype of g"
+    yield dict(g=g, x=None, weight=w, up_y=x[:, :1].contiguous(), **up), "weight must have up_y's"
+    yield dict(g=g, x=None, weight=w, up_y=x, residual=x[:, :1].contiguous(), **up), "residual must have the shape of up_y"
+    yield dict(g=g, x=None, weight=w, up_y=x, up_bias=torch.zeros(cin + 1), **up), "up_bias must be a 1-D tensor"
+    yield dict(g=g, x=x, weight=w, up_bias=torch.zeros(cin)), "up_bias/need_up_weight/need_up_bias need up_y"
 
 
 @pytest.mark.parametrize("backend", ["torch", "aten"])
@@ -219,12 +239,12 @@ def test_empty_batch_gives_zero_weight_gradient():
     assert gx.shape == x.shape and gw.shape == case.weight.shape and not gw.any()
 
 
-@pytest.mark.parametrize("config", ["plain", "tail", "first-id"])
+@pytest.mark.parametrize("config", ["plain", "tail", "first-id", "tail-ypre"])
 def test_opcheck(config):
     case = Case(SHAPES[1], config, torch.float32, "channels_last")
     args = (case.g, case.mask, case.y, case.mean, case.coef, case.x, case.weight, list(case.stride), list(case.padding),
-            case.residual, case.res_mask, case.up_y, case.up_mean, case.up_var, case.up_weight, 1e-5, True, True,
-            case.up, case.up, "aten")
+            case.residual, case.res_mask, case.up_y, case.up_mean, case.up_var, case.up_weight, case.up_bias, 1e-5,
+            True, True, case.up, case.up, "aten")
     torch.library.opcheck(torch.ops.resnet_kernels.conv2d_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -260,3 +280,102 @@ def test_grad_weight_has_the_weights_layout(backend):
     assert got.stride() == w_cl.stride()
     assert want.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _ypre_backends():
+    return ["torch", "aten", "cuda"] + (["triton"] if "triton" in _impls() and (rt.HAS_GPU or rt.interpreting()) else [])
+
+
+@pytest.mark.parametrize("backend", _ypre_backends())
+@pytest.mark.parametrize("config", ["tail-ypre", "inner-ypre"])
+def test_x_none_equals_x_given_the_materialised_h(backend, config, cuda_target):
+    """x = None (recomputed from up_y) gives what x = h (batch_norm_act's output, materialised by the
+    reference) gives: bitwise for torch/aten/cuda (they materialise that same h) and for triton
+    under the interpreter (its in-kernel h = round(relu(up_y * s + t)) follows the reference's fp32
+    operations one by one). On a GPU the triton kernels' fp32 z = up_y * s + t may be contracted
+    into an FMA (one rounding instead of two): h can then differ by one unit in the last place of
+    the activation dtype where z lies at a rounding boundary, i.e. at most |g| * ulp(h) per such
+    element in grad_weight and a flipped mask only where round(z) changes sign (z = 0 +- 1 fp32
+    ulp): bounded below by eps(dtype) relative to the outputs' scale."""
+    if backend == "cuda" and _registry.get_impl("conv2d_backward", "cuda") is None:
+        pytest.skip("no cuda implementation registered")
+    device = cuda_target if backend == "cuda" else (rt.DEVICE if backend == "triton" else "cpu")
+    shapes = [SHAPES[0], SHAPES[1]]
+    combos = ([(torch.bfloat16, "channels_last"), (torch.float16, "nchw")] if backend == "triton" and not rt.HAS_GPU
+              else list(itertools.product(DTYPES, LAYOUTS)))
+    for shape, (dtype, layout) in itertools.product(shapes, combos):
+        case = Case(shape, config, dtype, layout)
+        assert (case.h == 0).any() and (case.h > 0).any()
+        got = case.run(backend, device=device)
+        want = case.run(backend, device=device, x_given=True)
+        for name, a, b in zip(NAMES, got, want):
+            if rt.HAS_GPU and backend == "triton":
+                eps = torch.finfo(dtype).eps
+                torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * float(b.abs().max()), msg=name)
+            else:
+                assert torch.equal(a, b), f"{backend} {config} {shape[0]} {dtype} {layout}: {name}"
+
+
+@pytest.mark.parametrize("backend", ["aten", "triton"])
+def test_x_none_empty_batch(backend):
+    if backend == "triton" and ("triton" not in _impls() or not (rt.HAS_GPU or rt.interpreting())):
+        pytest.skip("no triton")
+    case = Case(SHAPES[1], "tail-ypre", torch.float32, "channels_last")
+    dev = rt.DEVICE if backend == "triton" else "cpu"
+    g, up_y = case.g[:0].to(dev), case.up_y[:0].to(dev)
+    gx, gw, uc, ugw, ugb = conv2d_backward(
+        g, None, case.weight.to(dev), stride=case.stride, padding=case.padding, y=case.y[:0].to(dev),
+        mean=case.mean.to(dev), coef=case.coef.to(dev), up_y=up_y, up_mean=case.up_mean.to(dev),
+        up_var=case.up_var.to(dev), up_weight=case.up_weight.to(dev), up_bias=case.up_bias.to(dev),
+        need_up_weight=True, need_up_bias=True, backend=backend)
+    assert gx.shape == up_y.shape and gx.stride() == up_y.stride()
+    assert gw.shape == case.weight.shape and not gw.any() and not uc.any() and not ugw.any() and not ugb.any()
+
+
+def test_x_none_call_key_and_description():
+    """The registry's view: the key tells x = None apart (and stays as before for x given)."""
+    from resnet_kernels.ops.conv_backward import backward_call
+    case = Case(SHAPES[1], "tail-ypre", torch.float32, "channels_last")
+    args = (case.g, case.mask, case.y, case.mean, case.coef, None, case.weight, case.stride, case.padding, None, None,
+            case.up_y, case.up_mean, case.up_var, case.up_weight)
+    c_none = backward_call(*args, case.up_bias, 1e-5, True, True, True, True)
+    c_given = backward_call(*args[:5], case.h, *args[6:], None, 1e-5, True, True, True, True)
+    assert c_none.key() != c_given.key() and "|xup1" in c_none.key() and "xup" not in c_given.key()
+    assert "recomputed from up_y" in c_none.describe()
+    assert c_none.x is None and c_none.xs is case.up_y
+
+
+@pytest.mark.parametrize("backend", _ypre_backends())
+def test_x_none_mask_is_that_of_the_rounded_h(backend, cuda_target):
+    """The upstream ReLU mask with x = None is h > 0 of the ROUNDED h: z = up_y * s + t > 0 is not
+    enough (a tiny z > 0 rounds to 0 in fp16/bf16: here z = 2**-26 exactly, h = 0, so grad_x = 0)."""
+    if backend == "cuda" and _registry.get_impl("conv2d_backward", "cuda") is None:
+        pytest.skip("no cuda implementation registered")
+    device = cuda_target if backend == "cuda" else (rt.DEVICE if backend == "triton" else "cpu")
+    case = Case(SHAPES[0], "inner-ypre", torch.float16, "channels_last")
+    cin = case.up_y.shape[1]
+    up_y = torch.full_like(case.up_y, 2.0 ** -14)
+    one, zero = torch.ones(cin), torch.zeros(cin)
+    bias = torch.full((cin,), -(2.0 ** -14 - 2.0 ** -26))  # exact in fp32: z = 2**-14 + bias = 2**-26 exactly
+    h = ref_impl.upstream_input(up_y, zero, one, None, bias, 0.0)
+    assert not h.any()
+    dev = {k: v.to(device) for k, v in dict(g=case.g, y=case.y, mean=case.mean, coef=case.coef, up_y=up_y,
+                                             up_mean=zero, up_var=one, up_bias=bias).items()}
+    gx, gw, *_ = conv2d_backward(dev.pop("g"), None, case.weight.to(device), up_eps=0.0, backend=backend, **dev)
+    assert not gx.any() and not gw.any()
+
+
+@pytest.mark.parametrize("backend", _ypre_backends())
+def test_x_none_without_upstream_affine_parameters(backend, cuda_target):
+    """up_weight / up_bias None (1 / 0) with x = None: as the x-given call on the materialised h."""
+    if backend == "cuda" and _registry.get_impl("conv2d_backward", "cuda") is None:
+        pytest.skip("no cuda implementation registered")
+    device = cuda_target if backend == "cuda" else (rt.DEVICE if backend == "triton" else "cpu")
+    case = Case(SHAPES[1], "tail-ypre", torch.bfloat16, "channels_last")
+    case.up_weight = case.up_bias = None
+    case.h = ref_impl.upstream_input(case.up_y, case.up_mean, case.up_var, None, None, 1e-5)
+    for a, b in zip(case.run(backend, device=device), case.run(backend, device=device, x_given=True)):
+        if rt.HAS_GPU and backend == "triton":
+            torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
