@@ -114,6 +114,30 @@ def drop_arrival_counters(key: Optional[tuple]) -> None:
         ARRIVAL_COUNTERS.pop(key, None)
 
 
+
+# The BatchNorm + ReLU of a unit recomputed inside a convolution: the forward's operand prologue
+# (conv2d.py, ``conv2d_bn_stats``), the wgrad's x operand and the dgrad's upstream mask (x = None of
+# ``conv2d_backward``). One formula for all three, the operations and order of batch_norm.py's
+# ``_fwd_kernel`` (batch_norm_act): the activation the backward recomputes is bitwise the one the
+# forward convolved (and the one batch_norm_act would have written).
+@triton.jit
+def bn_channel_scale(var, w, eps, HAS_W: tl.constexpr):
+    """The per-channel scale rsqrt(var + eps) * w (w: only with HAS_W), fp32."""
+    sc = tl.rsqrt(var + eps)
+    if HAS_W:
+        sc = sc * w
+    return sc
+
+
+@triton.jit
+def bn_relu_tile(v, mu, sc, b, HAS_B: tl.constexpr):
+    """relu((v - mu) * sc + b) in fp32 for a tile v whose columns are channels (mu, sc, b: per column;
+    b only with HAS_B); where(z < 0, 0, z), not maximum: NaN propagates as in torch.relu."""
+    z = (v - mu[None, :]) * sc[None, :]
+    if HAS_B:
+        z = z + b[None, :]
+    return tl.where(z < 0, 0.0, z)
+
 # The 1-bit ReLU mask (resnet_kernels/_bits.py): a contiguous uint8 (N, H, W, ceil(C/8)) tensor, bit
 # c % 8 of byte [n, h, w, c // 8] = out[n, c, h, w] > 0, whatever out's layout.
 @triton.jit

@@ -94,7 +94,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._bits import bits_shape, is_bits
-from ._common import INTERPRET, bn_dy, cast_for_store, mask_bit, round_to
+from ._common import INTERPRET, bn_channel_scale, bn_dy, bn_relu_tile, cast_for_store, mask_bit, round_to
 from .batch_norm import _finalize_config, _finalize_kernel, _parts
 from .bn_add_relu import _on_device
 
@@ -244,18 +244,20 @@ def _conv2d_dgrad_kernel(
         gx = gx + rv
     if HAS_UP:
         if UP_FROM_Y:
-            # the upstream output x = round(relu(z)), z = up_y * s + t in fp32, is > 0 exactly when
-            # round(z) > 0 (z > 0 alone is not enough: a tiny z > 0 rounds to 0 in fp16/bf16)
+            # the upstream output x = round(relu(z)) (the forward prologue's formula,
+            # _common.bn_relu_tile) is > 0 exactly when the rounded value is (z > 0 alone is not
+            # enough: a tiny z > 0 rounds to 0 in fp16/bf16)
             uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
             um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            u_var = tl.load(uv_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32)
-            u_s = tl.div_rn(1.0, tl.sqrt_rn(u_var + up_eps))
+            u_w = um
             if UP_HAS_W:
-                u_s = tl.load(uw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * u_s
-            u_t = -(um * u_s)
+                u_w = tl.load(uw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            u_b = um
             if UP_HAS_B:
-                u_t = u_t + tl.load(ub_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            hz = round_to(uy * u_s[None, :] + u_t[None, :], gx_ptr.dtype.element_ty)
+                u_b = tl.load(ub_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            u_sc = bn_channel_scale(tl.load(uv_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32), u_w, up_eps,
+                                    UP_HAS_W)
+            hz = round_to(bn_relu_tile(uy, um, u_sc, u_b, UP_HAS_B), gx_ptr.dtype.element_ty)
             gx = tl.where(hz > 0, gx, 0.0)
         else:
             uo = tl.load(uo_ptr + x_off, mask=out_mask, other=0.0)

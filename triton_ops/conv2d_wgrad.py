@@ -96,8 +96,8 @@ import triton.language as tl
 
 from .. import _alloc
 from .._bits import bits_shape, is_bits
-from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_dy, cast_for_store, drop_arrival_counters,
-                      mask_bit, round_to)
+from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_channel_scale, bn_dy, bn_relu_tile,
+                      cast_for_store, drop_arrival_counters, mask_bit, round_to)
 
 __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
 
@@ -172,15 +172,17 @@ def _conv2d_wgrad_kernel(
         col_mask = ci < C
     x_col = ci * sxc
     if X_FROM_UP:
-        # the upstream BN's per-channel affine of the column channels, once per program (fp32, the
-        # reference's order: s = w * (1/sqrt(var + eps)) correctly rounded, t = b - mean * s)
-        u_var = tl.load(uv_ptr + ci, mask=col_mask, other=1.0).to(tl.float32)
-        u_s = tl.div_rn(1.0, tl.sqrt_rn(u_var + up_eps))
+        # the upstream BN's per-channel values of the column channels, once per program (the
+        # forward prologue's formula, _common.bn_channel_scale / bn_relu_tile: the same h)
+        u_mu = tl.load(um_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
+        u_w = u_mu
         if UP_HAS_W:
-            u_s = tl.load(uw_ptr + ci, mask=col_mask, other=0.0).to(tl.float32) * u_s
-        u_t = -(tl.load(um_ptr + ci, mask=col_mask, other=0.0).to(tl.float32) * u_s)
+            u_w = tl.load(uw_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
+        u_b = u_mu
         if UP_HAS_B:
-            u_t = u_t + tl.load(ub_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
+            u_b = tl.load(ub_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
+        u_sc = bn_channel_scale(tl.load(uv_ptr + ci, mask=col_mask, other=1.0).to(tl.float32), u_w, up_eps,
+                                UP_HAS_W)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p_begin = split * P_PER_SPLIT
@@ -233,11 +235,11 @@ def _conv2d_wgrad_kernel(
             else:
                 b_mask = row_ok[:, None] & col_mask[None, :]
         if X_FROM_UP:
-            # x recomputed from up_y: relu(v * s + t) in fp32, 0 outside the image (padding taps
-            # and masked rows/columns stay 0, not relu(t)), rounded to the activation dtype: the
-            # materialised h the x-given kernel would read
+            # x recomputed from up_y: relu((v - mean) * scale + bias) in fp32, 0 outside the image
+            # (padding taps and masked rows/columns stay 0, not relu(bias)), rounded to the
+            # activation dtype: the h the forward's prologue convolved
             uv = tl.load(x_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
-            hv = tl.maximum(uv * u_s[None, :] + u_t[None, :], 0.0)
+            hv = bn_relu_tile(uv, u_mu, u_sc, u_b, UP_HAS_B)
             b = round_to(tl.where(b_mask, hv, 0.0), x_ptr.dtype.element_ty)
         else:
             b = tl.load(x_ptr + b_off, mask=b_mask, other=0.0)
