@@ -50,9 +50,10 @@ from .nn._bn import batch_stats_args, commit, uses_batch_stats
 from .nn._sync import sync_group
 from .ops.batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef
 from .ops.conv2d import conv2d_stats
+from .ops.conv2d_bn import conv2d_bn_stats
 from .ops.conv_backward import conv2d_backward
 
-_OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits")
+_OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits", "conv2d_bn_stats")
 # Explicit backends that run the block as one function: those whose conv2d_backward computes the
 # BN-backward operand inside the convolution kernels (triton), and the reference (torch: exact
 # float64 parity of the whole chain). 'aten' and 'cuda' implement conv2d_backward as separate
@@ -60,6 +61,15 @@ _OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits")
 # count): an explicit request for them keeps the per-op graph; 'auto' may still measure and pick
 # their conv2d_backward inside the block.
 _BLOCK_BACKENDS = ("triton", "torch")
+# Backends whose block forward applies each inner unit's BN + ReLU in the next convolution's operand
+# prologue (``conv2d_bn_stats``) and whose backward recomputes that input from the saved conv output
+# (``conv2d_backward`` with x=None): the normalised activations are never written nor saved. The
+# Triton kernels do both in their loads; the reference checks the whole chain. 'auto' keeps the
+# written activations: its static choice and the measured one pick per op, and the aten/cuda
+# implementations of the prologue ops materialise the activation anyway (an extra pass each way,
+# counted), so whether the prologue pays is a choice between two graphs that the per-op
+# measurement does not make yet.
+_PROLOGUE_BACKENDS = ("triton", "torch")
 
 
 def backend_ok(backend: str) -> bool:
@@ -105,18 +115,27 @@ class _BlockFn(torch.autograd.Function):
         units, proj, backend = plan["units"], plan["proj"], plan["backend"]
         n = len(units) + (1 if proj is not None else 0)
         weights = params[:n]
+        prologue = plan["prologue"]
         updates: list = []
         h = x
         hs, ys, sts = [], [], []
         for i, u in enumerate(units):
-            y, mean, var = conv2d_stats(h, weights[i], stride=u.stride, padding=u.padding, backend=backend)
+            if i > 0 and prologue:
+                # the previous unit's BN + ReLU applied to this convolution's operand as it loads it:
+                # h_{i-1} is never written (nor saved: the backward recomputes it from y_{i-1})
+                p = sts[i - 1]
+                y, mean, var = conv2d_bn_stats(ys[i - 1], p.mean, p.var, p.weight, p.bias, weights[i], eps=p.eps,
+                                               stride=u.stride, padding=u.padding, backend=backend)
+            else:
+                y, mean, var = conv2d_stats(h, weights[i], stride=u.stride, padding=u.padding, backend=backend)
             st = batch_stats_args(u.bn, y, mean, var, updates, backend)
             if st is None:
                 raise _Fallback()
-            hs.append(h)
+            if i > 0 and not prologue:
+                hs.append(h)
             ys.append(y)
             sts.append(st)
-            if i < len(units) - 1:
+            if i < len(units) - 1 and not prologue:
                 h = batch_norm_act(y, st.mean, st.var, st.weight, st.bias, eps=st.eps, relu=True, backend=backend)
         yd = std = None
         tail = sts[-1]
@@ -136,7 +155,7 @@ class _BlockFn(torch.autograd.Function):
         ctx.sts = sts
         ctx.std = std
         # the backward reads out only as its ReLU mask: the 1-bit mask is saved instead of out
-        ctx.save_for_backward(x, bits, *hs[1:], *ys, *([yd] if yd is not None else []), *weights)
+        ctx.save_for_backward(x, bits, *ys, *([yd] if yd is not None else []), *weights, *hs)
         return out
 
     @staticmethod
@@ -147,14 +166,18 @@ class _BlockFn(torch.autograd.Function):
         k = len(units)
         saved = ctx.saved_tensors
         x, bits = saved[0], saved[1]  # bits: the 1-bit mask of out > 0 (resnet_kernels/_bits.py)
-        hs = [x] + list(saved[2:2 + k - 1])
-        ys = list(saved[1 + k:1 + 2 * k])
-        pos = 1 + 2 * k
+        ys = list(saved[2:2 + k])
+        pos = 2 + k
         yd = None
         if proj is not None:
             yd = saved[pos]
             pos += 1
-        weights = saved[pos:]
+        n = k + (1 if proj is not None else 0)
+        weights = saved[pos:pos + n]
+        # the inputs of units 2..k: saved (h_1..h_{k-1}), or None with the prologue (recomputed from
+        # y_{i-1} and unit i-1's BN by conv2d_backward: x=None, up_bias)
+        prologue = plan["prologue"]
+        hs = [x] + (list(saved[pos + n:]) if not prologue else [None] * (k - 1))
         sts, std = ctx.sts, ctx.std
         needs = ctx.needs_input_grad  # (plan, x, *weights, *bn params)
         need_x = needs[1]
@@ -197,8 +220,8 @@ class _BlockFn(torch.autograd.Function):
                 g, hs[i], weights[i], stride=u.stride, padding=u.padding, mask=mask, y=ys[i], mean=sts[i].mean,
                 coef=coef, residual=residual if i == 0 else None, res_mask=res_mask if i == 0 else None,
                 up_y=ys[i - 1] if up is not None else None, up_mean=up.mean if up else None,
-                up_var=up.var if up else None, up_weight=up.weight if up else None, up_eps=up.eps if up else 1e-5,
-                need_x=nx, need_weight=nw[i], need_up_weight=bool(up) and nbn[2 * (i - 1)] and up.weight is not None,
+                up_var=up.var if up else None, up_weight=up.weight if up else None,
+                up_bias=up.bias if up is not None and prologue else None, up_eps=up.eps if up else 1e-5, need_x=nx, need_weight=nw[i], need_up_weight=bool(up) and nbn[2 * (i - 1)] and up.weight is not None,
                 need_up_bias=bool(up) and nbn[2 * (i - 1) + 1] and up.bias is not None, backend=backend)
             grads_w[i] = gw
             if up is not None:
@@ -245,7 +268,8 @@ def train_block(x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.Module]], shortcu
     bn_params: List[Optional[Tensor]] = []
     for b in bns:
         bn_params += [b.weight, b.bias]
-    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params}
+    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params,
+            "prologue": backend in _PROLOGUE_BACKENDS}
     try:
         return _BlockFn.apply(plan, x, *weights, *bn_params)
     except _Fallback:

@@ -278,3 +278,35 @@ def test_double_backward_raises_instead_of_dropping_terms():
     (gx,) = torch.autograd.grad(blk(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_prologue_path_saves_no_normalised_activation_and_changes_nothing(backend, monkeypatch):
+    """With the operand prologue (``_PROLOGUE_BACKENDS``: inner units' BN + ReLU inside the next
+    convolution, ``conv2d_bn_stats``; the backward recomputes that input, ``conv2d_backward`` with
+    x=None) a bottleneck saves x, the bits, y_1..y_3 and the weights: no h. Its output, every
+    gradient and the running statistics are bitwise those of the path that writes and saves h
+    (same implementation: the torch reference in float64; the Triton kernels under the
+    interpreter in float32, which recompute h with batch_norm_act's own operations)."""
+    import rk_testing as rt
+
+    if backend == "triton" and not (rt.HAS_GPU or rt.interpreting()):
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    dt = torch.float64 if backend == "torch" else torch.float32
+    dev = rt.DEVICE if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    blk = torchvision.models.resnet.Bottleneck(16, 4)
+    _randomise_bn(blk)
+    x0 = torch.randn(2, 16, 6, 6, dtype=dt, device=dev).contiguous(memory_format=torch.channels_last)
+    results = []
+    for prologue in (True, False):
+        monkeypatch.setattr(_block, "_PROLOGUE_BACKENDS", (backend,) if prologue else ())
+        m = rk.fuse(copy.deepcopy(blk).to(dt).to(dev), backend=backend)
+        x = x0.clone().requires_grad_()
+        out = m(x)
+        saved = out.grad_fn.saved_tensors
+        assert len(saved) == (8 if prologue else 10), len(saved)  # x, bits, 3 y, 3 weights (+ h_1, h_2)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dt, device=dev).view_as(out))
+        results.append([out.detach(), x.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
