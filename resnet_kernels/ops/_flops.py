@@ -46,6 +46,8 @@ def conv2d_stats_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 def conv2d_backward_flop(g_shape, mask_shape, y_shape, mean_shape, coef_shape, x_shape, w_shape, stride, padding,
                          *args, out_shape=None, **kwargs) -> int:
     need_x, need_w = args[-5], args[-4]  # (..., need_x, need_weight, need_up_weight, need_up_bias, backend)
+    if x_shape is None:  # x recomputed from up_y (args: residual, res_mask, up_y, ...): its shape
+        x_shape = args[2]
     return (int(bool(need_x)) + int(bool(need_w))) * _conv_flops(x_shape, w_shape, g_shape)
 
 
