@@ -5,8 +5,11 @@
     out = relu(bn_k(conv_k(h_{k-1})) + S),  S = x or bn_d(conv_d(x))   (the tail)
 with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
 the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
-the same side effects, committed once everything succeeded), but its backward is one chain of
-``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead of autograd's per-op graph:
+the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS`` an inner
+unit's BN + ReLU is applied by the next convolution to its operand instead, ``conv2d_bn_stats``, and
+h_i is neither written nor saved: the backward recomputes it, ``conv2d_backward`` with x=None), but
+its backward is one chain of ``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead
+of autograd's per-op graph:
 
     tail:   (A, B, K)_k [and _d], bn_k's [and bn_d's] parameter gradients
                 = batch_norm_act_coef(g_out, out, y_k, ...)        (a reduce and a finalize)
