@@ -198,8 +198,8 @@ def test_issue12_targets_for_the_triton_training_step():
 def test_triton_conv_counts_a_weight_pack_only_where_one_runs(dtype):
     """triton_ops/conv2d.py and conv2d_dgrad.py read a channels_last weight in place (no pack
     launch; resnet_kernels/_weight_cache.py ``conv_*_inplace_strides``): ResNet-50 training at
-    batch 2 (bf16 and fp32, channels_last). Forward: one launch per conv2d_stats call (the
-    statistics are merged in the conv's launch), plus a pack for the 16-bit stem only (147-element
+    batch 2 (bf16 and fp32, channels_last). Forward: one launch per conv2d_stats / conv2d_bn_stats
+    call (the statistics are merged in the conv's launch), plus a pack for the 16-bit stem only (147-element
     weight rows, not 16-byte aligned: packed).
     Backward: the dgrad reads 16-bit weights in place; fp32 packs them K-major (the tf32 MMA's B
     operand), one copy each (read + write the weight). Hand counts from the shapes."""
@@ -209,9 +209,12 @@ def test_triton_conv_counts_a_weight_pack_only_where_one_runs(dtype):
     net = count.build_model("resnet50", "triton", 10)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 53
-    st = [e for e in c.entries if e.op == "conv2d_stats" and e.impl == "triton"]
+    # the 32 inner units beyond a block's first take their input's BN + ReLU in the operand
+    # prologue (conv2d_bn_stats): the same kernel, the same weight operand
+    st = [e for e in c.entries if e.op in ("conv2d_stats", "conv2d_bn_stats") and e.impl == "triton"]
     calls = sum(e.calls for e in st)
     assert calls == 53
+    assert sum(e.calls for e in st if e.op == "conv2d_bn_stats") == 32
     # per call: the conv kernel (with its statistics merge) + the pack
     stem_pack = 1 if dtype == "bf16" else 0
     assert sum(e.launches for e in st) == calls + stem_pack, [(e.layer, e.launches) for e in st]

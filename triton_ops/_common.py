@@ -130,6 +130,21 @@ def bn_channel_scale(var, w, eps, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def bn_channels(mean_ptr, var_ptr, w_ptr, b_ptr, ch, ch_ok, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(mean, scale, bias) in fp32 of channels ``ch`` (``ch_ok``: the valid ones) for bn_relu_tile;
+    the weight / bias only with HAS_W / HAS_B (otherwise 1 / 0: bias is then a placeholder)."""
+    mu = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    w = mu
+    if HAS_W:
+        w = tl.load(w_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    b = mu
+    if HAS_B:
+        b = tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    sc = bn_channel_scale(tl.load(var_ptr + ch, mask=ch_ok, other=1.0).to(tl.float32), w, eps, HAS_W)
+    return mu, sc, b
+
+
+@triton.jit
 def bn_relu_tile(v, mu, sc, b, HAS_B: tl.constexpr):
     """relu((v - mu) * sc + b) in fp32 for a tile v whose columns are channels (mu, sc, b: per column;
     b only with HAS_B); where(z < 0, 0, z), not maximum: NaN propagates as in torch.relu."""

@@ -98,7 +98,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ._common import INTERPRET, arrival_counters, bn_channel_scale, bn_relu_tile, cast_for_store, drop_arrival_counters
+from ._common import INTERPRET, arrival_counters, bn_channels, bn_relu_tile, cast_for_store, drop_arrival_counters
 
 from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
 
@@ -285,15 +285,7 @@ def _bn_relu_operand(a, valid, ch, ch_ok, x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr
     ``valid`` is false (the convolution's zero padding, rows past M, channels past C). The per-channel
     values are computed here from the (C,) vectors for the chunk's BLOCK_K channels (a few loads and
     one rsqrt per channel per K step; no separate launch)."""
-    mu = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    v = tl.load(var_ptr + ch, mask=ch_ok, other=1.0).to(tl.float32)
-    w = mu
-    if HAS_W:
-        w = tl.load(w_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    bi = mu
-    if HAS_B:
-        bi = tl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    sc = bn_channel_scale(v, w, eps, HAS_W)
+    mu, sc, bi = bn_channels(mean_ptr, var_ptr, w_ptr, b_ptr, ch, ch_ok, eps, HAS_W, HAS_B)
     h = tl.where(valid, bn_relu_tile(a.to(tl.float32), mu, sc, bi, HAS_B), 0.0)
     return cast_for_store(h, x_ptr)
 

@@ -94,11 +94,14 @@ import triton.language as tl
 
 from .. import _alloc
 from .._bits import bits_shape, is_bits
-from ._common import INTERPRET, bn_channel_scale, bn_dy, bn_relu_tile, cast_for_store, mask_bit, round_to
+from ._common import INTERPRET, bn_channels, bn_dy, cast_for_store, mask_bit, round_to
 from .batch_norm import _finalize_config, _finalize_kernel, _parts
 from .bn_add_relu import _on_device
 
 from .. import _weight_cache  # noqa: E402 (kept apart from the line above: merge-friendly)
+
+# triton 3.6 (the GPU images' version) allocates registers differently on sm_80 (see select_config)
+_TRITON_36 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
 
 __all__ = ["conv2d_dgrad", "DgradConfig", "select_config"]
 
@@ -248,16 +251,11 @@ def _conv2d_dgrad_kernel(
             # _common.bn_relu_tile) is > 0 exactly when the rounded value is (z > 0 alone is not
             # enough: a tiny z > 0 rounds to 0 in fp16/bf16)
             uy = tl.load(uy_ptr + x_off, mask=out_mask, other=0.0).to(tl.float32)
-            um = tl.load(um_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            u_w = um
-            if UP_HAS_W:
-                u_w = tl.load(uw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            u_b = um
+            um, u_sc, u_b = bn_channels(um_ptr, uv_ptr, uw_ptr, ub_ptr, offs_n, n_mask, up_eps, UP_HAS_W, UP_HAS_B)
+            hz = (uy - um[None, :]) * u_sc[None, :]  # bn_relu_tile's z (the ReLU cannot change the test)
             if UP_HAS_B:
-                u_b = tl.load(ub_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            u_sc = bn_channel_scale(tl.load(uv_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32), u_w, up_eps,
-                                    UP_HAS_W)
-            hz = round_to(bn_relu_tile(uy, um, u_sc, u_b, UP_HAS_B), gx_ptr.dtype.element_ty)
+                hz = hz + u_b[None, :]
+            hz = round_to(hz, gx_ptr.dtype.element_ty)
             gx = tl.where(hz > 0, gx, 0.0)
         else:
             uo = tl.load(uo_ptr + x_off, mask=out_mask, other=0.0)
@@ -323,6 +321,7 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
         arch = major * 10 + minor
     is_fp32 = dtype == torch.float32
     block_m = 128 if M >= 4096 else 64
+    num_warps = 8
     if cin >= 128 and not is_fp32:
         block_n = 128
     elif cin >= 64:
@@ -332,10 +331,16 @@ def select_config(M: int, cin: int, cout: int, kh: int, kw: int, dtype: torch.dt
     if is_fp32:
         block_k = 32 if arch >= 90 else 16
         num_stages = 3
+        if arch < 90 and _TRITON_36:
+            # triton 3.6 held 8-warp fp32 tiles on sm_80 to 128 registers: the 128x64x16 tile with the
+            # 1-bit mask prologue spilled 8 bytes (also with 2 stages); 64x64x16 on 4 warps: <= 180, no
+            # spill. Triton 3.8 does the opposite (4 warps held to 128: 8 bytes of spill on the
+            # small-batch 3x3), so it keeps 128x64x16 on 8 warps (AOT test, both versions)
+            block_m, num_warps = 64, 4
     else:
         block_k = 64 if cout >= 64 else 32
         num_stages = 3
-    return DgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+    return DgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------

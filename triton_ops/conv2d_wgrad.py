@@ -96,7 +96,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._bits import bits_shape, is_bits
-from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_channel_scale, bn_dy, bn_relu_tile,
+from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_channels, bn_dy, bn_relu_tile,
                       cast_for_store, drop_arrival_counters, mask_bit, round_to)
 
 __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
@@ -174,15 +174,7 @@ def _conv2d_wgrad_kernel(
     if X_FROM_UP:
         # the upstream BN's per-channel values of the column channels, once per program (the
         # forward prologue's formula, _common.bn_channel_scale / bn_relu_tile: the same h)
-        u_mu = tl.load(um_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
-        u_w = u_mu
-        if UP_HAS_W:
-            u_w = tl.load(uw_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
-        u_b = u_mu
-        if UP_HAS_B:
-            u_b = tl.load(ub_ptr + ci, mask=col_mask, other=0.0).to(tl.float32)
-        u_sc = bn_channel_scale(tl.load(uv_ptr + ci, mask=col_mask, other=1.0).to(tl.float32), u_w, up_eps,
-                                UP_HAS_W)
+        u_mu, u_sc, u_b = bn_channels(um_ptr, uv_ptr, uw_ptr, ub_ptr, ci, col_mask, up_eps, UP_HAS_W, UP_HAS_B)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p_begin = split * P_PER_SPLIT
