@@ -10,5 +10,6 @@ from . import _flops
 
 _flops.register()  # FLOP formulas for torch.utils.flop_counter
 
-__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_coef", "bn_add_relu", "bn_running_update", "conv2d_backward",
+__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_bits", "batch_norm_act_coef", "bn_add_relu", "bn_running_update",
+           "conv2d_backward",
            "conv2d_bn_stats", "conv2d_epilogue", "conv2d_stats", "max_pool2d"]
