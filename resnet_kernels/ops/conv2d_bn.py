@@ -38,6 +38,7 @@ from .._checks import acc_dtype, check_channel_vector, check_tensor_args
 from .._eager import Eager
 from .batch_norm import _check_float, _param, _stat
 from .conv2d import _FORMATS, ConvCall, _new_out, _pair, _validate_conv
+from ._nodiff import register_not_differentiable
 
 OP = "conv2d_bn_stats"
 
@@ -111,16 +112,9 @@ def _(y_prev, mean, var, bn_weight, bn_bias, eps, weight, stride, padding, backe
     return y, y_prev.new_empty((shape[1],), dtype=acc), y_prev.new_empty((shape[1],), dtype=acc)
 
 
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError(f"{OP} is not differentiable: it is a forward of the training block "
-                       f"(resnet_kernels/_block.py), whose own backward computes the gradients")
-
-
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-conv2d_bn_stats_op.register_autograd(_not_differentiable, setup_context=_setup_context)
+register_not_differentiable(conv2d_bn_stats_op,
+                            f"{OP} is not differentiable: it is a forward of the training block "
+                            f"(resnet_kernels/_block.py), whose own backward computes the gradients")
 _conv2d_bn_stats = Eager(conv2d_bn_stats_op)
 
 CALLS = {OP: bn_conv_call}
