@@ -87,17 +87,25 @@ def _check_float(op: str, name: str, v) -> float:
     return float(v)
 
 
+def check_bn_vectors(op: str, x_name: str, x: Tensor, mean, var, weight, bias, weight_name: str = "weight",
+                     bias_name: str = "bias") -> None:
+    """A BatchNorm's per-channel vectors for the activation ``x``: mean and var required (its batch
+    statistics), weight and bias optional, each (C,) on x's device (messages name the arguments)."""
+    C = x.shape[1]
+    for name, t in (("mean", mean), ("var", var)):
+        if t is None:
+            raise ValueError(f"{op}: {name} ({x_name}'s batch statistics) is required")
+        check_channel_vector(op, name, t, C, x)
+    for name, t in ((weight_name, weight), (bias_name, bias)):
+        if t is not None:
+            check_channel_vector(op, name, t, C, x)
+
+
 def _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, op: str = OP) -> str:
     check_activation(op, "y", y)
     layout = check_layout(op, "y", y)
     C = y.shape[1]
-    for name, t in (("mean", mean), ("var", var)):
-        if t is None:
-            raise ValueError(f"{op}: {name} (y's batch statistics) is required")
-        check_channel_vector(op, name, t, C, y)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_channel_vector(op, name, t, C, y)
+    check_bn_vectors(op, "y", y, mean, var, weight, bias)
     if identity is not None:
         check_like(op, "identity", identity, y, "y", layout)
     if (id_mean is None) != (id_var is None):

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _tune
-from .._checks import acc_dtype, check_channel_vector, check_tensor_args
+from .._checks import acc_dtype, check_tensor_args
 from .._eager import Eager
-from .batch_norm import _check_float, _param, _stat
+from .batch_norm import _check_float, _param, _stat, check_bn_vectors
 from .conv2d import _FORMATS, ConvCall, _new_out, _pair, _validate_conv
 from ._nodiff import register_not_differentiable
 
@@ -45,14 +45,7 @@ OP = "conv2d_bn_stats"
 
 def _validate(y_prev, mean, var, bn_weight, bn_bias, weight, stride, padding):
     layout, shape = _validate_conv(OP, y_prev, weight, stride, padding, (1, 1), 1, xn="y_prev")
-    C = y_prev.shape[1]
-    for name, t in (("mean", mean), ("var", var)):
-        if t is None:
-            raise ValueError(f"{OP}: {name} (y_prev's batch statistics) is required")
-        check_channel_vector(OP, name, t, C, y_prev)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        if t is not None:
-            check_channel_vector(OP, name, t, C, y_prev)
+    check_bn_vectors(OP, "y_prev", y_prev, mean, var, bn_weight, bn_bias, "bn_weight", "bn_bias")
     return layout, shape
 
 
