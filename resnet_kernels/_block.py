@@ -5,7 +5,8 @@
     out = relu(bn_k(conv_k(h_{k-1})) + S),  S = x or bn_d(conv_d(x))   (the tail)
 with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
 the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
-the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS`` an inner
+the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS``, and per
+unit under 'auto' where its chosen implementation does it in its loads (``_takes_prologue``), an inner
 unit's BN + ReLU is applied by the next convolution to its operand instead, ``conv2d_bn_stats``, and
 h_i is neither written nor saved: the backward recomputes it, ``conv2d_backward`` with x=None), but
 its backward is one chain of ``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead
@@ -48,12 +49,13 @@ import torch.fx
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import _registry
+from . import _registry, _tune
+from ._eager import plain_eager
 from .nn._bn import batch_stats_args, commit, uses_batch_stats
 from .nn._sync import sync_group
 from .ops.batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef
 from .ops.conv2d import conv2d_stats
-from .ops.conv2d_bn import conv2d_bn_stats
+from .ops.conv2d_bn import OP as _PROLOGUE_OP, bn_conv_call, conv2d_bn_stats
 from .ops.conv_backward import conv2d_backward
 
 _OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits", "conv2d_bn_stats")
@@ -64,15 +66,34 @@ _OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits", "conv2d
 # count): an explicit request for them keeps the per-op graph; 'auto' may still measure and pick
 # their conv2d_backward inside the block.
 _BLOCK_BACKENDS = ("triton", "torch")
-# Backends whose block forward applies each inner unit's BN + ReLU in the next convolution's operand
-# prologue (``conv2d_bn_stats``) and whose backward recomputes that input from the saved conv output
-# (``conv2d_backward`` with x=None): the normalised activations are never written nor saved. The
-# Triton kernels do both in their loads; the reference checks the whole chain. 'auto' keeps the
-# written activations: its static choice and the measured one pick per op, and the aten/cuda
-# implementations of the prologue ops materialise the activation anyway (an extra pass each way,
-# counted), so whether the prologue pays is a choice between two graphs that the per-op
-# measurement does not make yet.
+# Explicit backends whose block forward applies each inner unit's BN + ReLU in the next convolution's
+# operand prologue (``conv2d_bn_stats``) and whose backward recomputes that input from the saved conv
+# output (``conv2d_backward`` with x=None): the normalised activations are never written nor saved.
+# The Triton kernels do both in their loads; the reference checks the whole chain. Under 'auto' the
+# choice is per unit (``_takes_prologue``): the prologue graph where the implementation chosen for
+# that unit's ``conv2d_bn_stats`` (measured on CUDA against the others, which materialise h with
+# their batch_norm_act and then run their convolution: the written graph's own kernels) applies it
+# in its loads (``Impl.operand_prologue``); else the written graph (the static order: aten first).
 _PROLOGUE_BACKENDS = ("triton", "torch")
+
+
+def _takes_prologue(backend: str, y_prev: Tensor, st, weight: Tensor, u: "_Unit"):
+    """(whether unit ``u``, not the first, convolves relu(bn(y_prev)) through ``conv2d_bn_stats``
+    (the prologue graph) rather than a written h, the op's validated call where 'auto' built one to
+    decide (plain eager tensors: the caller dispatches it instead of validating twice) else None).
+    On 'auto': what 'auto' picks for that call, measured where it measures (CUDA; the tuner caches
+    the choice, so each shape is measured once), the static order elsewhere (and for fake or meta
+    tensors: the accountant counts the static choice). The backward's cost is not part of the
+    measurement: with the prologue graph each unit's ``conv2d_backward`` recomputes its input
+    (x=None; in its loads on triton)."""
+    if backend != "auto":
+        return backend in _PROLOGUE_BACKENDS, None
+    call = bn_conv_call(y_prev, st.mean, st.var, st.weight, st.bias, st.eps, weight, u.stride, u.padding)
+    if type(y_prev) is Tensor and plain_eager(()):
+        impl = _tune.choose(_PROLOGUE_OP, call, call.device)[0]
+        return impl.operand_prologue, call
+    impl = _registry.first_candidate(_PROLOGUE_OP, call, call.device)
+    return impl is not None and impl.operand_prologue, None
 
 
 def backend_ok(backend: str) -> bool:
@@ -118,28 +139,34 @@ class _BlockFn(torch.autograd.Function):
         units, proj, backend = plan["units"], plan["proj"], plan["backend"]
         n = len(units) + (1 if proj is not None else 0)
         weights = params[:n]
-        prologue = plan["prologue"]
         updates: list = []
-        h = x
-        hs, ys, sts = [], [], []
+        hs, ys, sts, pro = [], [], [], []
         for i, u in enumerate(units):
-            if i > 0 and prologue:
-                # the previous unit's BN + ReLU applied to this convolution's operand as it loads it:
-                # h_{i-1} is never written (nor saved: the backward recomputes it from y_{i-1})
-                p = sts[i - 1]
-                y, mean, var = conv2d_bn_stats(ys[i - 1], p.mean, p.var, p.weight, p.bias, weights[i], eps=p.eps,
-                                               stride=u.stride, padding=u.padding, backend=backend)
+            fused = False
+            if i == 0:
+                y, mean, var = conv2d_stats(x, weights[0], stride=u.stride, padding=u.padding, backend=backend)
             else:
-                y, mean, var = conv2d_stats(h, weights[i], stride=u.stride, padding=u.padding, backend=backend)
+                p = sts[i - 1]
+                fused, call = _takes_prologue(backend, ys[i - 1], p, weights[i], u)
+                if fused:
+                    # the previous unit's BN + ReLU applied to this convolution's operand as it loads it:
+                    # h_{i-1} is never written (nor saved: the backward recomputes it from y_{i-1})
+                    if call is not None:  # built and validated by 'auto' to choose: run it (the op's own code)
+                        y, mean, var = _tune.dispatch(_PROLOGUE_OP, backend, call)
+                    else:
+                        y, mean, var = conv2d_bn_stats(ys[i - 1], p.mean, p.var, p.weight, p.bias, weights[i],
+                                                       eps=p.eps, stride=u.stride, padding=u.padding, backend=backend)
+                else:
+                    h = batch_norm_act(ys[i - 1], p.mean, p.var, p.weight, p.bias, eps=p.eps, relu=True,
+                                       backend=backend)
+                    hs.append(h)
+                    y, mean, var = conv2d_stats(h, weights[i], stride=u.stride, padding=u.padding, backend=backend)
             st = batch_stats_args(u.bn, y, mean, var, updates, backend)
             if st is None:
                 raise _Fallback()
-            if i > 0 and not prologue:
-                hs.append(h)
             ys.append(y)
             sts.append(st)
-            if i < len(units) - 1 and not prologue:
-                h = batch_norm_act(y, st.mean, st.var, st.weight, st.bias, eps=st.eps, relu=True, backend=backend)
+            pro.append(fused)
         yd = std = None
         tail = sts[-1]
         if proj is not None:
@@ -155,6 +182,7 @@ class _BlockFn(torch.autograd.Function):
                                             relu=True, backend=backend)
         commit(updates)
         ctx.plan = plan
+        ctx.pro = pro
         ctx.sts = sts
         ctx.std = std
         # the backward reads out only as its ReLU mask: the 1-bit mask is saved instead of out
@@ -177,10 +205,11 @@ class _BlockFn(torch.autograd.Function):
             pos += 1
         n = k + (1 if proj is not None else 0)
         weights = saved[pos:pos + n]
-        # the inputs of units 2..k: saved (h_1..h_{k-1}), or None with the prologue (recomputed from
-        # y_{i-1} and unit i-1's BN by conv2d_backward: x=None, up_bias)
-        prologue = plan["prologue"]
-        hs = [x] + (list(saved[pos + n:]) if not prologue else [None] * (k - 1))
+        # the inputs of units 2..k: saved (h_i), or None where unit i+1 took the prologue (recomputed
+        # from y_i and unit i's BN by conv2d_backward: x=None, up_bias)
+        pro = ctx.pro
+        saved_h = iter(saved[pos + n:])
+        hs = [x] + [None if pro[i] else next(saved_h) for i in range(1, k)]
         sts, std = ctx.sts, ctx.std
         needs = ctx.needs_input_grad  # (plan, x, *weights, *bn params)
         need_x = needs[1]
@@ -224,7 +253,7 @@ class _BlockFn(torch.autograd.Function):
                 coef=coef, residual=residual if i == 0 else None, res_mask=res_mask if i == 0 else None,
                 up_y=ys[i - 1] if up is not None else None, up_mean=up.mean if up else None,
                 up_var=up.var if up else None, up_weight=up.weight if up else None,
-                up_bias=up.bias if up is not None and prologue else None, up_eps=up.eps if up else 1e-5, need_x=nx, need_weight=nw[i], need_up_weight=bool(up) and nbn[2 * (i - 1)] and up.weight is not None,
+                up_bias=up.bias if up is not None and pro[i] else None, up_eps=up.eps if up else 1e-5, need_x=nx, need_weight=nw[i], need_up_weight=bool(up) and nbn[2 * (i - 1)] and up.weight is not None,
                 need_up_bias=bool(up) and nbn[2 * (i - 1) + 1] and up.bias is not None, backend=backend)
             grads_w[i] = gw
             if up is not None:
@@ -271,8 +300,7 @@ def train_block(x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.Module]], shortcu
     bn_params: List[Optional[Tensor]] = []
     for b in bns:
         bn_params += [b.weight, b.bias]
-    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params,
-            "prologue": backend in _PROLOGUE_BACKENDS}
+    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params}
     try:
         return _BlockFn.apply(plan, x, *weights, *bn_params)
     except _Fallback:

@@ -74,6 +74,10 @@ class Impl:
     # (kernel launches, HBM bytes read + written), computed from the call's shapes alone (no kernel
     # runs); None: not declared (the accountant then says it cannot count this implementation)
     cost: Optional[Callable[[Any], Tuple[int, int]]] = None
+    # conv2d_bn_stats: the kernel applies the previous unit's BN + ReLU to its operand as it loads it
+    # (the normalised activation is never written). The training block under 'auto' takes the
+    # prologue graph for a unit exactly when the chosen implementation says so (resnet_kernels/_block.py)
+    operand_prologue: bool = False
 
     @property
     def name(self) -> str:

@@ -310,3 +310,60 @@ def test_the_prologue_path_saves_no_normalised_activation_and_changes_nothing(ba
         results.append([out.detach(), x.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# 'auto' chooses the prologue graph per unit: where the implementation it picks for that unit's
+# conv2d_bn_stats applies the BN + ReLU in its loads (Impl.operand_prologue). A fake such
+# implementation (the torch reference's launcher, counted when it runs) and a timer that makes it
+# the fastest only for 3x3 convolutions: in a bottleneck unit 2 (3x3) takes the prologue, unit 3
+# (1x1) convolves a written h_2.
+_FAKE_RAN: list = []
+
+
+def _fake_prologue(y_prev, mean, var, bn_weight, bn_bias, eps, weight, *rest):
+    from resnet_kernels.backends import torch_conv2d
+
+    _FAKE_RAN.append(tuple(weight.shape[2:]))
+    return torch_conv2d.conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, *rest)
+
+
+@pytest.mark.parametrize("fast_for", [(), ((3, 3),), ((3, 3), (1, 1))])
+def test_auto_takes_the_prologue_per_unit_where_the_chosen_implementation_applies_it(fast_for, tmp_path, monkeypatch,
+                                                                                      block_calls):
+    import sys
+
+    from resnet_kernels import _registry, _tune
+    from resnet_kernels._registry import Backend, Impl
+
+    sys.modules.setdefault(__name__, sys.modules[__name__])
+    monkeypatch.setenv("RESNET_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNET_KERNELS_TUNE", raising=False)
+
+    def timer(fn, device):
+        _FAKE_RAN.clear()
+        fn()
+        return 0.5 if _FAKE_RAN and _FAKE_RAN[-1] in fast_for else (2.0 if _FAKE_RAN else 1.0)
+
+    fake = Backend("fakepro", "a test implementation with the operand prologue", lambda device: None)
+    impl = Impl("conv2d_bn_stats", "fakepro", f"{__name__}:_fake_prologue", priority=95, auto_on=("cpu",),
+                operand_prologue=True)
+    torch.manual_seed(0)
+    blk = torchvision.models.resnet.Bottleneck(16, 4).double()
+    _randomise_bn(blk)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    with _registry.registered(fake, [impl]), _tune.testing(timer=timer, devices=("cpu",)):
+        ours = rk.fuse(copy.deepcopy(blk), backend="auto")
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with _tune.recording() as decisions:
+            out_o = ours(xo)
+        out_r = blk(xr)
+        chosen = [d.impl for d in decisions if d.op == "conv2d_bn_stats"]
+        assert chosen == ["fakepro"] * len(fast_for), decisions
+        saved = [t for t in out_o.grad_fn.saved_tensors if t is not None]
+        # x, bits, y_1..y_3, 3 weights, and h_1 / h_2 where the next unit did not take the prologue
+        assert len(saved) == 8 + (2 - len(fast_for)), len(saved)
+        g = torch.randn_like(out_r)
+        out_r.backward(g)
+        out_o.backward(g)
+    _compare(blk, ours, xr, xo, out_r, out_o)
+    assert block_calls == {"forward": 1, "backward": 1}

@@ -668,7 +668,7 @@ register(Impl("conv2d_bn_stats", "aten", _P + "aten_conv2d:conv2d_bn_stats", pri
 register(Impl("conv2d_bn_stats", "cuda", _P + "cuda_conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
               priority=20, cost=_cuda_conv_bn_cost))
 register(Impl("conv2d_bn_stats", "triton", _TRITON + "conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
-              priority=30, cost=_triton_conv_bn_cost))
+              priority=30, cost=_triton_conv_bn_cost, operand_prologue=True))
 register(Impl("conv2d_bn_stats", "torch", _P + "torch_conv2d:conv2d_bn_stats", priority=90, auto_on=_EVERYWHERE,
               reference=True))
 
