@@ -98,6 +98,9 @@ from .. import _alloc
 from .._bits import bits_shape, is_bits
 from ._common import (ARRIVAL_COUNTERS, INTERPRET, arrival_counters, bn_channels, bn_dy, bn_relu_tile,
                       cast_for_store, drop_arrival_counters, mask_bit, round_to)
+from ._wgrad_plan import (GPU_MIN_SPLIT_ITERS, GPU_TARGET_PROGRAMS, INTERPRETER_CONFIG, INTERPRETER_MIN_SPLIT_ITERS,
+                          INTERPRETER_TARGET_PROGRAMS, WgradConfig, choose_splits, gpu_config)
+from ._wgrad_plan import tiles as grad_weight_tiles
 
 __all__ = ["conv2d_wgrad", "WgradConfig", "select_config", "choose_splits"]
 
@@ -281,76 +284,22 @@ def _conv2d_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 # configs
 
-@dataclass(frozen=True)
-class WgradConfig:
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    GROUP_M: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    packed_n: Optional[bool] = None  # None: decided from the shape (see _use_packed_n)
-    splits: Optional[int] = None     # None: ``choose_splits``; else forced (tests): equal pixel ranges
-
-
-# The interpreter runs one program at a time in numpy: one small config, few splits.
-INTERPRETER_CONFIG = WgradConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-
-# split-K: about this many programs (tiles x splits): two waves' worth of an H100/H200's 132 SMs,
-# each split at least MIN_SPLIT_ITERS BLOCK_K chunks long (its partial tile, 4 bytes per gw
-# element, costs as much traffic as a few chunks of operands). A function of the shape only.
-TARGET_PROGRAMS = 4 if INTERPRET else 264
-MIN_SPLIT_ITERS = 2 if INTERPRET else 16
-
-
-def choose_splits(num_tiles: int, npix: int, block_k: int, target_programs: int = TARGET_PROGRAMS,
-                  min_iters: int = MIN_SPLIT_ITERS) -> Tuple[int, int]:
-    """(SPLITS, pixels per split): enough splits that num_tiles * SPLITS reaches about
-    ``target_programs``, none shorter than ``min_iters`` chunks of ``block_k`` pixels (but at
-    least one split), every split a whole number of chunks and none empty (the last one may be
-    shorter)."""
-    iters = max(1, triton.cdiv(npix, block_k))
-    splits = max(1, min(triton.cdiv(target_programs, max(1, num_tiles)), iters // max(1, min_iters)))
-    per = triton.cdiv(iters, splits)
-    return triton.cdiv(iters, per), per * block_k
-
-
-def _use_packed_n(cin: int, kh: int, kw: int, block_n: int) -> bool:
-    """Packed columns when padding every tap's channel chunk up to BLOCK_N would waste more than
-    a third of the column tiles (the 7x7 stem on Cin=3: 49 chunked tiles vs 3 packed)."""
-    chunked = kh * kw * triton.cdiv(cin, block_n)
-    packed = triton.cdiv(cin * kh * kw, block_n)
-    return 3 * chunked > 4 * packed
+# the configs, column tiles and split count: triton_ops/_wgrad_plan.py (no triton import: the
+# accountant counts the split-K scratch from the same functions)
+TARGET_PROGRAMS = INTERPRETER_TARGET_PROGRAMS if INTERPRET else GPU_TARGET_PROGRAMS
+MIN_SPLIT_ITERS = INTERPRETER_MIN_SPLIT_ITERS if INTERPRET else GPU_MIN_SPLIT_ITERS
 
 
 def select_config(npix: int, cout: int, cin: int, kh: int, kw: int, dtype: torch.dtype,
                   arch: Optional[int] = None, allow_tf32: bool = True) -> WgradConfig:
-    """Heuristic GPU config for ResNet shapes (batch 256), chosen from the AOT register/spill
-    report (tests/test_triton_conv2d_wgrad_aot.py) on triton 3.6 and 3.8, not from timings (none
-    measured yet):
-    * rows: 64 output channels when Cout is 64 (ResNet's smallest), else 128;
-    * columns: 128 input channels per tap when Cin >= 128, else 64 (Cin = 64 fills it exactly);
-      the stem (Cin = 3, N_gemm = 147) packs its columns, 64 wide (3 tiles);
-    * BLOCK_K = 32 pixels: the dy prologue holds up to three [BLOCK_M, BLOCK_K] operand tiles
-      (g, mask, y) in flight per stage, so longer chunks cost shared memory and registers; fp32
-      below sm_90 (mma.sync holds both operands' K slice in registers) and fp32 without tf32
-      (3xTF32: three dots per chunk) use 16
-      and a column tile of 64 (128x128 fp32 spilled on sm_80);
-    * 8 warps, 3 stages.
-    ``arch`` is the compute capability as major*10+minor (default: the current CUDA device)."""
+    """``_wgrad_plan.gpu_config`` (``arch``: the compute capability as major*10+minor, default the
+    current CUDA device), or the interpreter's one small config."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     if arch is None:
         major, minor = torch.cuda.get_device_capability()
         arch = major * 10 + minor
-    is_fp32 = dtype == torch.float32
-    block_m = 64 if cout <= 64 else 128
-    block_n = 128 if cin >= 128 else 64
-    block_k, num_stages = 32, 3
-    if is_fp32 and (arch < 90 or not allow_tf32):
-        block_k = 16
-        block_n = 64  # 128x128x16 fp32 spilled on sm_80 (triton 3.8: 128 registers + 24 bytes of spills)
-    return WgradConfig(block_m, block_n, block_k, GROUP_M=8, num_warps=8, num_stages=num_stages)
+    return gpu_config(npix, cout, cin, kh, kw, dtype, arch, allow_tf32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,11 +380,9 @@ def _prepare(g, mask, y, mean, coef, x, grad_weight, stride, padding, allow_tf32
     if config is None and arch is None and not INTERPRET and x.is_cuda:
         arch = _cuda_arch(x.device.index if x.device.index is not None else torch.cuda.current_device())
     cfg = config or select_config(npix, cout, cin, kh, kw, x.dtype, arch, bool(allow_tf32))
-    packed = cfg.packed_n if cfg.packed_n is not None else _use_packed_n(cin, kh, kw, cfg.BLOCK_N)
-    tiles_n = triton.cdiv(ncol, cfg.BLOCK_N) if packed else kh * kw * triton.cdiv(cin, cfg.BLOCK_N)
-    tiles = triton.cdiv(cout, cfg.BLOCK_M) * tiles_n
+    packed, tiles = grad_weight_tiles(cfg, cout, cin, kh, kw)
     if cfg.splits is None:
-        splits, per = choose_splits(tiles, npix, cfg.BLOCK_K)
+        splits, per = choose_splits(tiles, npix, cfg.BLOCK_K, TARGET_PROGRAMS, MIN_SPLIT_ITERS)
     else:  # forced (tests): equal pixel ranges, not chunk-aligned (boundaries inside a chunk), none empty
         per = max(1, triton.cdiv(npix, max(1, cfg.splits)))
         splits = max(1, triton.cdiv(npix, per))

@@ -742,7 +742,17 @@ for _op, _fn, _fused, _aten in (
 # unit with its BN backward computed in the operand prologue. 'triton' first in the static order:
 # the point of the op is the passes it saves over 'aten' (dy materialised by elementwise ops, then
 # cuDNN); on CUDA 'auto' measures both and verifies the kernels against the reference first.
-_WGRAD_SPLITS = 8  # modelled: triton_ops/conv2d_wgrad.py picks its split count per shape
+
+
+def _triton_wgrad_scratch(call) -> int:
+    """Bytes of the Triton wgrad's fp32 split-K scratch on an H100/H200 launch (sm_90): its own
+    config and split choice (triton_ops/_wgrad_plan.py, the launcher's functions; no triton import),
+    0 with one split (e.g. ResNet-50 layer4's 3x3 at batch 256: 2 splits; layer1's: 30)."""
+    from ..triton_ops import _wgrad_plan
+
+    Cout, Cin, KH, KW = call.weight.shape
+    N, _, OH, OW = call.g.shape
+    return _wgrad_plan.scratch_bytes(N * OH * OW, Cout, Cin, KH, KW, call.g.dtype, 90, bool(call.allow_tf32))[1]
 
 
 def _conv_bwd_operand_reads(call) -> int:
@@ -779,7 +789,7 @@ def _triton_conv_bwd_cost(call):
     ops = _conv_bwd_operand_reads(call)
     vec = 3 * Cout * 4 + (nbytes(call.mean) if call.coef is not None else 0)
     if need_w:
-        part = _WGRAD_SPLITS * Cout * Cin * KH * KW * 4
+        part = _triton_wgrad_scratch(call)
         xin = nbytes(call.up_y) + 4 * Cin * 4 if call.x_from_up else nbytes(call.xs)
         launches, b = 1, ops + xin + 2 * part + nbytes(call.weight) + vec
     if need_x:

@@ -309,7 +309,8 @@ def test_wgrad_heuristic_splits():
     g = case[0]
     npix = g.shape[0] * g.shape[2] * g.shape[3]
     tiles = 1  # Cout = 3, N_gemm = 27: one tile
-    splits, per = wg.choose_splits(tiles, npix, wg.INTERPRETER_CONFIG.BLOCK_K) if interpreting() else (None, None)
+    splits, per = (wg.choose_splits(tiles, npix, wg.INTERPRETER_CONFIG.BLOCK_K, wg.TARGET_PROGRAMS, wg.MIN_SPLIT_ITERS)
+                  if interpreting() else (None, None))
     _, plan = _check(case, "bf16", None, "heuristic")
     if interpreting():
         assert (plan.splits, plan.p_per_split) == (splits, per)
