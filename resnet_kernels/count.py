@@ -258,6 +258,8 @@ class Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        if func in _CONVS:
+            result = _cudnn_layout(func, args, result)
         if not self.active:
             return result
         node = torch._C._current_autograd_node()
@@ -282,6 +284,32 @@ class Counter(TorchDispatchMode):
             if launches or b:
                 self._add(layer, phase, func._schema.name.split("::")[-1], "aten", launches, b)
         return result
+
+
+_CONVS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
+def _channels_last(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cudnn_layout(func, args, result):
+    """The meta device's convolutions return NCHW-contiguous tensors whatever the layout of their
+    inputs; cuDNN (what a GPU runs) returns channels_last outputs and gradients when the input or the
+    weight is channels_last. Restrided here (outside the count: the mode is off inside dispatch), so
+    the rest of the step sees a GPU's layouts: e.g. eager's avgpool on a channels_last activation
+    records an as_strided view whose backward launches 2 kernels (new_zeros, copy_), as on a GPU."""
+    if func is torch.ops.aten.convolution.default:
+        x, w = args[0], args[1]
+        if result.device.type == "meta" and result.dim() == 4 and (_channels_last(x) or _channels_last(w)):
+            return result.contiguous(memory_format=torch.channels_last)
+        return result
+    x, w = args[1], args[2]
+    if not (_channels_last(x) or _channels_last(w)):
+        return result
+    return tuple(r.contiguous(memory_format=torch.channels_last)
+                 if isinstance(r, torch.Tensor) and r.device.type == "meta" and r.dim() == 4 else r for r in result)
 
 
 def _tag(tensors, label: str) -> None:

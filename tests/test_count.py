@@ -230,3 +230,46 @@ def test_triton_conv_counts_a_weight_pack_only_where_one_runs(dtype):
             dgrads = sum(e.calls for e in bw)  # the blocks' 52 convs, each with grad_x (the stem is not a block)
             assert dgrads == 52
             assert sum(e.launches for e in bw) == nb + dgrads
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_eager_convolutions_keep_the_activation_layout_as_cudnn_does(layout):
+    """On the meta device aten's convolution returns NCHW whatever its input; cuDNN returns
+    channels_last for a channels_last input or weight, and the accountant restrides to match, so
+    eager's channels_last step is counted with a GPU's layouts: its avgpool on a channels_last
+    activation then records an as_strided view whose backward launches new_zeros + copy_ (as
+    torchvision's model does on a GPU or a CPU); the NCHW step has neither."""
+    c = count.count_step("resnet18", "train", "eager", batch=2, image_size=64, dtype="fp32", layout=layout,
+                         num_classes=10)
+    head = {e.op for e in c.entries if e.layer == "head" and e.phase == "bwd"}
+    assert ({"new_zeros", "copy_"} <= head) == (layout == "channels_last"), head
+    grads = [e for e in c.entries if e.op == "convolution_backward"]
+    assert grads and all(e.launches >= 1 for e in grads)
+
+
+def test_triton_wgrad_scratch_is_what_the_launch_allocates():
+    """The Triton wgrad's split-K scratch as counted (``_triton_wgrad_scratch``) is what its launcher
+    allocates on an sm_90 GPU: (SPLITS, tiles, BLOCK_M, BLOCK_N) fp32, nothing with one split.
+    ResNet-50 at batch 256: layer1's 3x3 64->64 (56x56) takes 30 splits, layer4's 3x3 512->512 (7x7)
+    2, the stem (7x7, Cin 3, 112x112) packs its 147 columns into 3 tiles of 64."""
+    from resnet_kernels.backends import _triton_wgrad_scratch
+    from resnet_kernels.ops.conv_backward import backward_call
+    from resnet_kernels.triton_ops import _wgrad_plan as wp
+
+    def case(n, cin, cout, k, hw, stride=1):
+        oh = hw // stride
+        g = torch.empty(n, cout, oh, oh, device="meta", dtype=torch.bfloat16)
+        x = torch.empty(n, cin, hw, hw, device="meta", dtype=torch.bfloat16)
+        w = torch.empty(cout, cin, k, k, device="meta", dtype=torch.bfloat16)
+        call = backward_call(g, None, None, None, None, x, w, [stride] * 2, [k // 2] * 2, None, None, None, None, None,
+                             None, None, 1e-5, False, True, False, False)
+        return _triton_wgrad_scratch(call)
+
+    assert wp.scratch_bytes(256 * 56 * 56, 64, 64, 3, 3, torch.bfloat16, 90) == (30, 30 * 9 * 64 * 64 * 4)
+    assert wp.scratch_bytes(256 * 7 * 7, 512, 512, 3, 3, torch.bfloat16, 90) == (2, 2 * 144 * 128 * 128 * 4)
+    assert case(256, 64, 64, 3, 56) == 30 * 9 * 64 * 64 * 4
+    assert case(256, 512, 512, 3, 7) == 2 * 144 * 128 * 128 * 4
+    splits, b = wp.scratch_bytes(256 * 112 * 112, 64, 3, 7, 7, torch.bfloat16, 90)
+    assert b == splits * 3 * 64 * 64 * 4 and splits > 1
+    # one split (a long K does not help a grid that already fills the GPU): no scratch
+    assert wp.scratch_bytes(64 * 128, 2048, 2048, 3, 3, torch.bfloat16, 90) == (1, 0)
