@@ -35,19 +35,25 @@ not measured: no GPU here).
 Kernel launches per call (what the accountant declares):
 
 * ``batch_norm_act_forward``: 1 (``_fwd_kernel``).
-* ``batch_norm_act_backward``: at most 3, no atomics, deterministic: ``_reduce_cols_kernel``
-  (channels_last) or ``_reduce_planes_kernel`` (NCHW) writes per-program partial sums to a (K, P, C)
-  float32 buffer; ``_finalize_kernel`` sums the P partials of each channel in a fixed order and
-  writes grad_weight/grad_bias/grad_id_weight/grad_id_bias and the per-channel coefficients of the
-  input gradients to a (6, C) buffer; ``_apply_kernel`` writes grad_y and grad_identity in one
-  pass. The reduce + finalize pair is skipped when no per-channel sum is needed (only grad_identity
-  of a raw identity), the apply kernel when neither grad_y nor grad_identity is requested: 3 launches
-  for every training step that needs grad_y, 1-2 otherwise. grad_y may be grad_out's own buffer
-  (the reduce pass reads grad_out before the apply pass, which reads each element before writing
-  it; tests/ops/test_batch_norm_triton.py checks it bitwise).
-* ``batch_norm_act_coef``: 2, the backward's reduce + finalize pair (``_reduce_finalize``, shared
-  with ``batch_norm_act_backward``): the finalize writes the coefficient rows (A, B, K) of y's BN
-  (and of the identity's) to the op's (3, C) outputs instead of the apply kernel's buffer.
+* ``batch_norm_act_backward``: at most 2, deterministic, no atomics on the data:
+  ``_reduce_cols_kernel`` (channels_last) or ``_reduce_planes_kernel`` (NCHW) writes per-program
+  partial sums to a (K, P, C) float32 buffer, then each program arrives on its channel block's
+  int32 counter (a CTA barrier, then one gpu-scope acq_rel atomic add: the pattern of the conv's
+  statistics merge and the wgrad's split-K, ``_common.arrival_counters``); the last of a block's P
+  arrivals runs the finalize (``_finalize_block``): it sums the P partials of each channel in a
+  fixed order (from L2) and writes grad_weight/grad_bias/grad_id_weight/grad_id_bias and the
+  per-channel coefficients of the input gradients to a (6, C) buffer, and puts the counter back to
+  0. Which program arrives last varies run to run, the order of the sum does not. Then
+  ``_apply_kernel`` writes grad_y and grad_identity in one pass. The reduce launch is skipped when
+  no per-channel sum is needed (only grad_identity of a raw identity), the apply kernel when
+  neither grad_y nor grad_identity is requested: 2 launches for every training step that needs
+  grad_y, 1 otherwise (was 3: a separate ``_finalize_kernel`` launch, which the dgrad's upstream
+  reductions still use, triton_ops/conv2d_dgrad.py). grad_y may be grad_out's own buffer (the
+  reduce pass reads grad_out before the apply pass, which reads each element before writing it;
+  tests/ops/test_batch_norm_triton.py checks it bitwise).
+* ``batch_norm_act_coef``: 1, the backward's reduce + in-launch finalize (``_reduce_finalize``,
+  shared with ``batch_norm_act_backward``): the finalize writes the coefficient rows (A, B, K) of
+  y's BN (and of the identity's) to the op's (3, C) outputs instead of the apply kernel's buffer.
 * ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
 
 Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
@@ -78,7 +84,8 @@ import triton.language as tl
 from .. import _alloc
 from .._bits import is_bits
 from .._bits import pack as pack_bits
-from ._common import INTERPRET, cast_for_store, mask_bit, pack_bits_cols, pack_bits_rows
+from ._common import (INTERPRET, arrival_counters, cast_for_store, drop_arrival_counters, mask_bit, pack_bits_cols,
+                      pack_bits_rows)
 from .bn_add_relu import (_backward_config, _block_for_extent, _layout, _num_warps, _on_device, _sum_config,
                           _tile_elems, _vec_width)
 
@@ -217,13 +224,19 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
 
 @triton.jit
 def _reduce_cols_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr, pd_ptr, pi_ptr,
+                        var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr, cnt_ptr,
+                        eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2,
                         M, C_V, TILES,
                         VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RELU: tl.constexpr,
                         NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
-                        INT64: tl.constexpr, MASK_BITS: tl.constexpr = False):
+                        INT64: tl.constexpr, FIN_BLOCK_P: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
+                        W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
+                        COEF_I: tl.constexpr,
+                        MASK_BITS: tl.constexpr = False):
     # channels_last: an [M, C] matrix (M = N*H*W pixels). Program (pr, pc) owns the channel block
     # pc and the TILES consecutive row tiles starting at pr * TILES; it writes its column sums of
-    # g, g * (y - mean) and g * (identity - id_mean) to row pr of the (P, C) partial buffers.
+    # g, g * (y - mean) and g * (identity - id_mean) to row pr of the (P, C) partial buffers, then
+    # arrives on the channel block's counter; the last of the P arrivals finalizes the block.
     # MASK_BITS: out_ptr is the 1-bit ReLU mask (resnet_kernels/_bits.py: [M, ceil(C/8)] bytes).
     pid_r = tl.program_id(0)
     C = C_V * VEC
@@ -273,18 +286,39 @@ def _reduce_cols_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr
         tl.store(pd_ptr + poffs, tl.sum(acc_d, axis=0), mask=cmask)
     if NEED_I:
         tl.store(pi_ptr + poffs, tl.sum(acc_i, axis=0), mask=cmask)
+    # ---- the finalize, in this launch. Release: every thread's partial stores happen before the
+    # (one-thread) arrival on the channel block's counter (a CTA barrier, then a gpu-scope acq_rel
+    # atomic: the conv statistics' and the wgrad split-K's pattern, triton_ops/_common.py). The last
+    # arrival sums the block's P partial rows in row order (which program that is varies run to
+    # run, the order of the sum does not) and puts the counter back to 0.
+    tl.debug_barrier()
+    pc = tl.program_id(1)
+    P = tl.num_programs(0)
+    arrived = tl.atomic_add(cnt_ptr + pc, 1, sem="acq_rel", scope="gpu")
+    if arrived == P - 1:
+        _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr,
+                        coef_ptr, icoef_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo,
+                        inv_m_lo2, P, C, cols, cmask, FIN_BLOCK_P, BLOCK_C, NEED_G, NEED_D, NEED_I, HAS_W, HAS_IW,
+                        W_GW, W_GB, W_GIW, W_GIB, COEF_Y, COEF_I, IS64)
+        tl.store(cnt_ptr + pc, 0)
 
 
 @triton.jit
 def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_ptr, pd_ptr, pi_ptr,
+                          var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr, cnt_ptr,
+                          eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2,
                           N, C, HW_V, N_TILES, HW_TILES,
                           VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, RELU: tl.constexpr,
                           NEED_G: tl.constexpr, NEED_D: tl.constexpr, NEED_I: tl.constexpr, IS64: tl.constexpr,
-                          INT64: tl.constexpr, MASK_BITS: tl.constexpr = False):
+                          INT64: tl.constexpr, FIN_BLOCK_P: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
+                          W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
+                          COEF_I: tl.constexpr,
+                          MASK_BITS: tl.constexpr = False):
     # NCHW: program (c, nb, hb) owns channel c, the N_TILES consecutive batch tiles starting at
     # nb * N_TILES and the HW_TILES consecutive H*W tiles starting at hb * HW_TILES; tile
     # [BLOCK_N, BLOCK_HW] reads BLOCK_N planes (n, c). The per-channel values are scalars. The
-    # program's sums go to row nb * num_programs(2) + hb of the (P, C) partial buffers.
+    # program's sums go to row nb * num_programs(2) + hb of the (P, C) partial buffers; then it
+    # arrives on channel c's counter, and the last of the P arrivals finalizes channel c.
     # MASK_BITS: out_ptr is the 1-bit ReLU mask (resnet_kernels/_bits.py: byte [n, hw, c // 8]).
     c = tl.program_id(0)
     nb = tl.program_id(1)
@@ -336,23 +370,33 @@ def _reduce_planes_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, pg_p
         tl.store(pd_ptr + p * C + c, tl.sum(tl.sum(acc_d, axis=1), axis=0))
     if NEED_I:
         tl.store(pi_ptr + p * C + c, tl.sum(tl.sum(acc_i, axis=1), axis=0))
+    # ---- the finalize of channel c, in this launch (as ``_reduce_cols_kernel``'s, one channel wide)
+    tl.debug_barrier()
+    P = tl.num_programs(1) * tl.num_programs(2)
+    arrived = tl.atomic_add(cnt_ptr + c, 1, sem="acq_rel", scope="gpu")
+    if arrived == P - 1:
+        cols = c + tl.arange(0, 1)
+        _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr,
+                        coef_ptr, icoef_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo,
+                        inv_m_lo2, P, C, cols, cols < C, FIN_BLOCK_P, 1, NEED_G, NEED_D, NEED_I, HAS_W, HAS_IW,
+                        W_GW, W_GB, W_GIW, W_GIB, COEF_Y, COEF_I, IS64)
+        tl.store(cnt_ptr + c, 0)
 
 
 @triton.jit
-def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
-                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr,
-                     eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
-                     NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
-                     W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
-                     COEF_I: tl.constexpr, IS64: tl.constexpr):
-    # Program pc owns the channel block pc: sums the (P, C) partials of its channels over P,
-    # always in the same order (deterministic), and writes the parameter gradients (in their own
-    # dtypes) and the input gradients' coefficients: rows (A, B, K) of y's BN at coef_ptr, of the
-    # identity's at icoef_ptr ((3, C) each; the backward passes rows 0..2 and 3..5 of its (6, C)
-    # buffer, see N_COEF; batch_norm_act_coef its two outputs).
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+def _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
+                    gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr,
+                    eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C, cols, cmask,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
+                    NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
+                    W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
+                    COEF_I: tl.constexpr, IS64: tl.constexpr):
+    """The finalize of channels ``cols`` (BLOCK_C of them, ``cmask`` the valid ones): sums their
+    (P, C) partials over P, always in the same order (deterministic; from L2: ``.cg``, the partials
+    may have been written by other programs of the same launch), and writes the parameter gradients
+    (in their own dtypes) and the input gradients' coefficients: rows (A, B, K) of y's BN at
+    coef_ptr, of the identity's at icoef_ptr ((3, C) each; the backward passes rows 0..2 and 3..5 of
+    its (6, C) buffer, see N_COEF; batch_norm_act_coef its two outputs)."""
     if IS64:
         acc_t = tl.float64
     else:
@@ -365,11 +409,11 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
         msk = (rows < P)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         if NEED_G:
-            acc_g += tl.load(pg_ptr + offs, mask=msk, other=0.0)
+            acc_g += tl.load(pg_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
         if NEED_D:
-            acc_d += tl.load(pd_ptr + offs, mask=msk, other=0.0)
+            acc_d += tl.load(pd_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
         if NEED_I:
-            acc_i += tl.load(pi_ptr + offs, mask=msk, other=0.0)
+            acc_i += tl.load(pi_ptr + offs, mask=msk, other=0.0, cache_modifier=".cg")
     # 1 / (N*H*W) from the host (an integer argument equal to 1 would be a constexpr); float64:
     # its three float32 parts added in float64 (a float32 scalar + a float64 vector is float64)
     if IS64:
@@ -414,6 +458,26 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
             tl.store(icoef_ptr + cols, ia, mask=cmask)
             tl.store(icoef_ptr + C + cols, ia * (sg * inv_m), mask=cmask)
             tl.store(icoef_ptr + 2 * C + cols, ia * (iinv * iinv) * (si * inv_m), mask=cmask)
+
+
+
+
+@triton.jit
+def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
+                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr,
+                     eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
+                     NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
+                     W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
+                     COEF_I: tl.constexpr, IS64: tl.constexpr):
+    # A separate launch of ``_finalize_block``, program pc owning the channel block pc: the dgrad's
+    # upstream reductions (triton_ops/conv2d_dgrad.py). The reduce kernels below run the same
+    # finalize in their own launch (their last-arriving program per channel block).
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr,
+                    coef_ptr, icoef_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo,
+                    inv_m_lo2, P, C, cols, cols < C, BLOCK_P, BLOCK_C, NEED_G, NEED_D, NEED_I, HAS_W, HAS_IW, W_GW,
+                    W_GB, W_GIW, W_GIB, COEF_Y, COEF_I, IS64)
 
 
 @triton.jit
@@ -595,6 +659,14 @@ def _finalize_config(P: int, C: int, interpret: bool = None) -> dict:
     return dict(cfg, grid=(triton.cdiv(C, cfg["BLOCK_C"]),))
 
 
+def _finalize_rows(P: int, block_c: int, interpret: bool = None) -> int:
+    """Rows of partials the in-launch finalize sums per step ([rows, block_c] accumulators): the
+    separate finalize's tile (``_finalize_config``) over the reduce's channel block."""
+    interpret = INTERPRET if interpret is None else interpret
+    tile = min(_tile_elems(8, interpret), 1024)
+    return max(1, min(triton.next_power_of_2(P), tile // block_c))
+
+
 def _running_config(C: int) -> dict:
     block = min(triton.next_power_of_2(C), 1024)
     return dict(BLOCK=block, grid=(triton.cdiv(C, block),), num_warps=4)
@@ -692,10 +764,12 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
 def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
                      grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, need_g, need_d, need_i, eps, id_eps,
                      relu, N, C, HW, layout) -> None:
-    """The backward's per-channel half, 2 launches: ``_reduce_cols_kernel``/``_reduce_planes_kernel``
-    (partial sums of g (need_g), g * (y - mean) (need_d), g * (identity - id_mean) (need_i)), then
-    ``_finalize_kernel``: the parameter gradients given (not None) and the coefficient rows (A, B, K)
-    of y's BN into ``coef`` and of the identity's into ``id_coef`` ((3, C) acc views, or None)."""
+    """The backward's per-channel half, ONE launch: ``_reduce_cols_kernel``/``_reduce_planes_kernel``
+    (partial sums of g (need_g), g * (y - mean) (need_d), g * (identity - id_mean) (need_i)), whose
+    last-arriving program per channel block runs the finalize (``_finalize_block``): the parameter
+    gradients given (not None) and the coefficient rows (A, B, K) of y's BN into ``coef`` and of the
+    identity's into ``id_coef`` ((3, C) acc views, or None). The arrival counters are the shared
+    all-zero buffer of ``_common.arrival_counters`` (dropped if the launch raises)."""
     numel = grad_out.numel()
     is64 = grad_out.dtype == torch.float64
     acc = torch.float64 if is64 else torch.float32
@@ -711,28 +785,33 @@ def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_
     # every (P, C) row is written by exactly one program (poisoned in tests like outputs)
     part = _alloc.empty((len(kinds), P, C), dtype=acc, device=dev)
     pg, pd, pi = (part[kinds.index(k)] if k in kinds else dummy for k in ("g", "d", "i"))
+    cols = rc["kind"] == "cols"
+    counters, key = arrival_counters(dev, rc["grid"][1] if cols else C)
+    block_c = rc["BLOCK_C"] if cols else 1
     ptrs = (grad_out, opt(out if relu else None), opt(y if need_d else None), mean,
-            opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi)
-    flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64, INT64=numel > _INT32_MAX)
+            opt(identity if need_i else None), opt(id_mean if need_i else None), pg, pd, pi,
+            var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
+            opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef), opt(id_coef), counters,
+            *_parts(eps), *_parts(id_eps if id_eps is not None else 0.0), *_parts(C / numel))
+    flags = dict(RELU=bool(relu), NEED_G=need_g, NEED_D=need_d, NEED_I=need_i, IS64=is64, INT64=numel > _INT32_MAX,
+                 FIN_BLOCK_P=_finalize_rows(P, block_c), HAS_W=weight is not None,
+                 HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None, W_GB=grad_bias is not None,
+                 W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None, COEF_Y=coef is not None,
+                 COEF_I=id_coef is not None)
     if relu and is_bits(out):
         flags["MASK_BITS"] = True
-    if rc["kind"] == "cols":
-        _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
-                                        BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],
-                                        num_warps=rc["num_warps"], **flags)
-    else:
-        _reduce_planes_kernel[rc["grid"]](*ptrs, N, C, rc["HW_V"], rc["N_TILES"], rc["HW_TILES"],
-                                          VEC=rc["VEC"], BLOCK_N=rc["BLOCK_N"], BLOCK_HW=rc["BLOCK_HW"],
-                                          num_warps=rc["num_warps"], **flags)
-    fc = _finalize_config(P, C)
-    _finalize_kernel[fc["grid"]](
-        pg, pd, pi, var, opt(weight), opt(id_var if need_i else None), opt(id_weight if need_i else None),
-        opt(grad_weight), opt(grad_bias), opt(grad_id_weight), opt(grad_id_bias), opt(coef), opt(id_coef),
-        *_parts(eps), *_parts(id_eps if id_eps is not None else 0.0), *_parts(C / numel), P, C,
-        BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"], NEED_G=need_g, NEED_D=need_d, NEED_I=need_i,
-        HAS_W=weight is not None, HAS_IW=need_i and id_weight is not None, W_GW=grad_weight is not None,
-        W_GB=grad_bias is not None, W_GIW=grad_id_weight is not None, W_GIB=grad_id_bias is not None,
-        COEF_Y=coef is not None, COEF_I=id_coef is not None, IS64=is64, num_warps=fc["num_warps"])
+    try:
+        if cols:
+            _reduce_cols_kernel[rc["grid"]](*ptrs, rc["M"], rc["C_V"], rc["TILES"], VEC=rc["VEC"],
+                                            BLOCK_R=rc["BLOCK_R"], BLOCK_C=rc["BLOCK_C"],
+                                            num_warps=rc["num_warps"], **flags)
+        else:
+            _reduce_planes_kernel[rc["grid"]](*ptrs, N, C, rc["HW_V"], rc["N_TILES"], rc["HW_TILES"],
+                                              VEC=rc["VEC"], BLOCK_N=rc["BLOCK_N"], BLOCK_HW=rc["BLOCK_HW"],
+                                              num_warps=rc["num_warps"], **flags)
+    except BaseException:
+        drop_arrival_counters(key)
+        raise
 
 
 def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,

@@ -434,12 +434,13 @@ def _bn_partials(call) -> int:
     return blocks * C * 4 * (3 if call.id_mean is not None else 2)
 
 
-def _fused_bn_bwd_cost(call):
-    """batch_norm_act_backward (cuda, triton): the reduce pass (read grad_out, the mask, y, the
-    identity when it has its own BN; write per-block partials) and the per-channel finalize
-    (fixed-order sums, the parameter gradients) when a per-channel sum is needed; the apply pass
-    (read grad_out, the mask and what the gradients need; write grad_y and grad_identity) when an
-    activation gradient is: 3 launches in a training step."""
+def _fused_bn_bwd_cost(call, finalize_launches: int = 1):
+    """batch_norm_act_backward (cuda; triton: ``_triton_bn_bwd_cost``): the reduce pass (read
+    grad_out, the mask, y, the identity when it has its own BN; write per-block partials) and the
+    per-channel finalize (fixed-order sums, the parameter gradients; its own launch on cuda) when a
+    per-channel sum is needed; the apply pass (read grad_out, the mask and what the gradients need;
+    write grad_y and grad_identity) when an activation gradient is: 3 launches in a training step
+    (2 on triton)."""
     ny, ni, nw, nb, niw, nib = call.needs
     g = nbytes(call.grad_out)
     side = call.id_mean is not None
@@ -449,7 +450,7 @@ def _fused_bn_bwd_cost(call):
     if sums:  # the reduce pass and the finalize
         p = _bn_partials(call)
         reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if side else 0)
-        launches, b = 2, reads + p + p + 8 * vec
+        launches, b = 1 + finalize_launches, reads + p + p + 8 * vec
     if ny or ni:  # the apply pass
         reads = g + nbytes(call.out) + (nbytes(call.y) if ny else 0) + (nbytes(call.identity) if side and ni else 0)
         launches, b = launches + 1, b + reads + g * (int(ny) + int(ni)) + 8 * vec
@@ -489,23 +490,30 @@ def _aten_bn_bwd_cost(call):
     return max(launches, 1), b
 
 
-def _fused_bn_coef_cost(call):
+def _fused_bn_coef_cost(call, finalize_launches: int = 1):
     """batch_norm_act_coef (cuda, triton): batch_norm_act_backward's reduce pass (read grad_out, the
     mask, y, and the identity when it has its own BN; write per-block partials) and finalize (read
     them and the per-channel statistics and weights; write coef and id_coef, (3, C) each, and the
-    requested parameter gradients): 2 launches, no apply pass."""
+    requested parameter gradients; its own launch on cuda, in the reduce's launch on triton): 2
+    launches (1 on triton), no apply pass."""
     g = nbytes(call.grad_out)
     sides = 2 if call.id_mean is not None else 1
     p = _bn_partials(call)
     reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if sides == 2 else 0)
     vec = call.C * torch.empty((), dtype=_acc(call.grad_out.dtype)).element_size()
-    return 2, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
+    return 1 + finalize_launches, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
 
 
 def _triton_bn_coef_cost(call):
-    """``_fused_bn_coef_cost``; a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by the
+    """``_fused_bn_coef_cost`` with the finalize in the reduce kernel's launch (its last-arriving
+    program per channel block); a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by the
     reduce kernel: its bytes are the bits' (nbytes of a uint8 tensor)."""
-    return _fused_bn_coef_cost(call)
+    return _fused_bn_coef_cost(call, finalize_launches=0)
+
+
+def _triton_bn_bwd_cost(call):
+    """``_fused_bn_bwd_cost`` with the finalize in the reduce kernel's launch."""
+    return _fused_bn_bwd_cost(call, finalize_launches=0)
 
 
 def _cuda_bn_coef_cost(call):
@@ -604,7 +612,7 @@ _COSTS = {
     ("batch_norm_act_bits", "cuda"): _packed_after(_fused_bn_cost),
     ("batch_norm_act_bits", "triton"): _triton_bn_bits_cost,
     ("batch_norm_act_bits", "aten"): _packed_after(_aten_bn_cost),
-    ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _fused_bn_bwd_cost,
+    ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _triton_bn_bwd_cost,
     ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
     ("batch_norm_act_coef", "cuda"): _cuda_bn_coef_cost, ("batch_norm_act_coef", "triton"): _triton_bn_coef_cost,
     ("batch_norm_act_coef", "aten"): _aten_bn_coef_cost,

@@ -344,13 +344,14 @@ def test_reduction_spans_programs():
 
 
 def test_many_partials_finalize_loop(monkeypatch):
-    """Many partial rows (more programs than the interpreter's default) and a finalize block of 2
-    rows: the finalize kernel loops over P."""
+    """Many partial rows (more programs than the interpreter's default) and a finalize step of 2
+    rows: the in-launch finalize (the last-arriving program of each channel block) loops over P,
+    and leaves the shared arrival counters all zero."""
     import resnet_kernels.triton_ops.bn_add_relu as BAR  # the shared tiling (_reduce_config uses it)
+    from resnet_kernels.triton_ops import _common
 
     monkeypatch.setattr(BAR, "_target_programs", lambda device, interpret: 64)
-    real = TK._finalize_config
-    monkeypatch.setattr(TK, "_finalize_config", lambda P, C, interpret=None: dict(real(P, C, interpret), BLOCK_P=2))
+    monkeypatch.setattr(TK, "_finalize_rows", lambda P, block_c, interpret=None: 2)
     for layout, shape in (("channels_last", (8, 2, 32, 32)), ("nchw", (8, 2, 32, 32))):
         case = make_case(shape, torch.float32, layout, COMBOS["bn_add_proj_relu"], seed=3)
         N, C, H, W = shape
@@ -361,6 +362,7 @@ def test_many_partials_finalize_loop(monkeypatch):
         run_backward(TK, case, out, grads)
         expected, info = backward64(case, out)
         check_backward(case, grads, expected, info, f"many partials {layout}")
+        assert all(int(b.count_nonzero()) == 0 for b in _common.ARRIVAL_COUNTERS.values())
 
 
 # --------------------------------------------------------------------------------------------
