@@ -28,4 +28,11 @@ int64_t nhwc_stats_workspace_bytes(int64_t M, int64_t C);
 // Validates every argument (ArgError naming it), then launches on a.stream.
 void nhwc_stats_forward(const NhwcStatsArgs& a);
 
+// The second half alone: per-channel mean and biased var from per-128-row-tile partials
+// part_mean / part_m2 ((ceil(M / 128), C) float32 row-major; tile t holds min(128, M - 128 t) rows),
+// combined in float64 in a fixed order (one launch). Used by the sm_90a convolution, whose epilogue
+// writes these partials (csrc/sm90/col_stats_epilogue.hpp). M, C > 0; the pointers device memory.
+void nhwc_stats_combine(const float* part_mean, const float* part_m2, int64_t M, int64_t C, float* mean, float* var,
+                        std::uintptr_t stream);
+
 }  // namespace rk
