@@ -8,7 +8,7 @@
 //
 // Per 64 x 32 epilogue subtile (the collective's loop: epi_n outer, epi_m inner, both unrolled):
 //   reduce():    each thread rounds its fp32 fragment to T (the collective's own converter, round to
-//                nearest) and writes it to a 64 x 32 T scratch in this node's shared storage, at the
+//                nearest) and writes it to a 64 x 32 T scratch (row pitch 34) in this node's shared storage, at the
 //                subtile coordinates of the collective's coordinate tensor (layout-agnostic);
 //   tma_store(): called by the collective after its named barrier that publishes the subtile to
 //                the TMA store (so the scratch writes are visible: no barrier of ours), every thread
@@ -38,8 +38,13 @@ struct Sm90ColStatsPartials {
   static_assert(EpiM == colstats::kSubRows && EpiN == colstats::kSubCols,
                 "the statistics node is written for 64 x 32 epilogue subtiles (csrc/col_stats_tile.cuh)");
 
+  // Row pitch EpiN + 2: the wgmma fragment's paired-column stores (8 rows per warp) and the
+  // statistics' column reads (4 row groups 16 rows apart per warp) then spread over the banks
+  // (with a pitch of 32 elements, both would hit 2 resp. 1 bank group: 4-way conflicts).
+  static constexpr int kPitch = EpiN + 2;
+
   struct SharedStorage {
-    alignas(16) T scratch[EpiM * EpiN];
+    alignas(16) T scratch[EpiM * kPitch];
   };
 
   struct Arguments {
@@ -120,14 +125,14 @@ struct Sm90ColStatsPartials {
         for (int i = 0; i < kFrg; ++i) {
           auto c = crd(v * kFrg + i);
           const int r = int(get<0>(c)) + base_m, col = int(get<1>(c)) + base_n;
-          scratch[r * EpiN + col] = to_t(visit_results(v)[i]);
+          scratch[r * kPitch + col] = to_t(visit_results(v)[i]);
         }
       }
     }
 
     CUTLASS_DEVICE void tma_store(int epi_m, int epi_n, int, bool) {
       const T* s = scratch;
-      auto load = [s](int r, int c) { return static_cast<float>(s[r * EpiN + c]); };
+      auto load = [s](int r, int c) { return static_cast<float>(s[r * kPitch + c]); };
       const colstats::Part p = colstats::subtile_column_stats(load, thread_idx, rows_left - epi_m * EpiM);
       if (epi_m == 0)
         run = p;
