@@ -157,6 +157,44 @@ def test_cutlass_stats_match_float64(shape, mode):
     assert torch.equal(mean, mean2) and torch.equal(var, var2) and torch.equal(out, out2), "not deterministic"
 
 
+def _nhwc_stats_of(out):
+    """nhwc_stats_forward (csrc/nhwc_stats.cu) on the kernel's own output: the same arithmetic, order
+    and rounding as the statistics epilogue (csrc/col_stats_tile.cuh), from plain CUDA."""
+    N, C, OH, OW = out.shape
+    yf = out.permute(0, 2, 3, 1).reshape(-1, C).float().contiguous()  # (M, C) NHWC rows
+    M = yf.shape[0]
+    mean = torch.empty(C, device=out.device)
+    var = torch.empty(C, device=out.device)
+    nbytes = C_.nhwc_stats_workspace_bytes(M=M, C=C)
+    ws = torch.empty(max(nbytes // 4, 1), device=out.device)
+    p = cuda_common.ptr
+    C_.nhwc_stats_forward(cuda_common.fill_args(
+        C_.NhwcStatsArgs, dtype=cuda_common.DTYPE_CODES[out.dtype], yf=p(yf), y=0, mean=p(mean), var=p(var),
+        workspace=p(ws), workspace_bytes=nbytes, M=M, C=C, stream=cuda_common.stream_of(yf)))
+    torch.cuda.synchronize()
+    return mean, var
+
+
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("mode", list(DTYPE))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cutlass_stats_equal_the_same_arithmetic_on_its_output(shape, mode):
+    """The epilogue's statistics against nhwc_stats_forward run on the kernel's own output (the
+    same code and order, compiled apart): equal to float32 rounding, so a wrong scratch mapping, a
+    missed or doubled subtile, a wrong tile row count or an unwritten partial shows here, apart from
+    the convolution's own error (partial M and N tiles, a tile whose second subtile is empty)."""
+    dtype = DTYPE[mode]
+    x, w, _, _, _, stride, pad, oshape = _make(shape, dtype, EPILOGUES["plain"], "cuda", x_offset=3.0)
+    out = _poisoned(oshape, dtype, "cuda")
+    mean, var = _launch(x, w, None, None, None, out, stride, pad, False, True)
+    assert not out.isnan().any()
+    rmean, rvar = _nhwc_stats_of(out)
+    tol_m = 2**-20 * (rmean.abs() + rvar.sqrt())  # float32 rounding of values of that size
+    assert ((mean - rmean).abs() <= tol_m).all(), (mean - rmean).abs().max().item()
+    assert torch.allclose(var, rvar, rtol=2**-16, atol=0), ((var - rvar).abs() / rvar).max().item()
+
+
 @needs_gpu
 @needs_sm90
 @pytest.mark.parametrize("mode", list(DTYPE))
