@@ -1,12 +1,15 @@
-// Deterministic per-channel batch statistics of an fp32 (M, C) row-major matrix (the fp32 output
-// of the sm_90a convolution, csrc/sm90/conv2d_sm90.cu: NHWC, so channels are columns), fused with
-// its rounding to the output dtype. No CUTLASS here: plain CUDA, two kernels, built for every
-// architecture (so the host runner and any GPU can test it). API: nhwc_stats.h.
+// Deterministic per-channel batch statistics of an fp32 (M, C) row-major matrix (NHWC, so channels
+// are columns) rounded to the output dtype, fused with that rounding; and the combine of per-tile
+// partials that the sm_90a training convolution's epilogue writes (csrc/sm90/col_stats_epilogue.hpp).
+// No CUTLASS here: plain CUDA, two kernels, built for every architecture (so the host runner and
+// any GPU can test them). API: nhwc_stats.h.
 //
-//   nhwc_tile_stats_kernel: one block per (128-row tile, 32 channels); every thread takes the
-//     exact two-pass (mean, M2) of 16 rows of one channel (reading them twice); the 8 row
-//     groups of a channel are combined in a fixed order (Chan's formula); the block writes the
-//     tile's (mean, M2) partial and y rounded to T.
+//   nhwc_tile_stats_kernel: one block of 128 threads per (128-row tile, 32 channels): the tile is
+//     two 64 x 32 subtiles; each is rounded to T (written to y) into shared memory and reduced by
+//     rk::colstats::subtile_column_stats (csrc/col_stats_tile.cuh): the very function, order and
+//     rounding of the sm_90a epilogue, so this kernel on the host runner is the CPU model of that
+//     epilogue's arithmetic; the two subtiles are Chan-combined (first, second); the block writes the
+//     tile's (mean, M2) partial of the ROUNDED values (what a BatchNorm after the conv sees).
 //   nhwc_stats_finalize_kernel: one block per channel combines the tile partials in a
 //     fixed order (strided runs per thread, then a fixed binary tree), in float64.
 // No atomics anywhere: the result depends only on the data and the shapes.
@@ -16,18 +19,16 @@
 
 #include <cstdint>
 
-#include "conv2d_layout.h"  // rk::conv::chan_combine
+#include "col_stats_tile.cuh"  // rk::colstats (and rk::conv::chan_combine)
 #include "nhwc_stats.h"
 
 namespace rk {
 namespace nhwc_stats {
 namespace {
 
-constexpr int kStatRows = 128;             // rows per tile partial
-constexpr int kStatCols = 32;              // channels per block (one warp row, 128-byte loads)
-constexpr int kStatGroups = 8;             // row groups per block (warps)
-constexpr int kStatPerThread = kStatRows / kStatGroups;  // 16 rows per thread
-constexpr int kStatThreads = kStatCols * kStatGroups;   // 256
+constexpr int kStatRows = colstats::kTileRows;    // rows per tile partial (the sm_90a CTA tile)
+constexpr int kStatCols = colstats::kSubCols;     // channels per block
+constexpr int kStatThreads = colstats::kThreads;  // 128
 constexpr int kStatFinThreads = 256;
 
 template <typename T>
@@ -38,54 +39,52 @@ template <>
 __device__ __forceinline__ __half stat_from_f<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 stat_from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float stat_to_f(float v) { return v; }
+__device__ __forceinline__ float stat_to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float stat_to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // yf: (M, C) float32 row-major; y: (M, C) of T row-major (channels_last output) or nullptr; part_mean /
-// part_m2: (m_tiles, C) float32. grid = (m_tiles, ceil(C / 32)), block = 256.
+// part_m2: (m_tiles, C) float32. grid = (m_tiles, ceil(C / 32)), block = 128.
 template <typename T>
 __global__ void __launch_bounds__(kStatThreads)
     nhwc_tile_stats_kernel(const float* __restrict__ yf, T* __restrict__ y, float* __restrict__ part_mean,
-                                  float* __restrict__ part_m2, int M, int C) {
-  const int tx = threadIdx.x % kStatCols;
-  const int ty = threadIdx.x / kStatCols;
-  const int c = blockIdx.y * kStatCols + tx;
+                           float* __restrict__ part_m2, int M, int C) {
+  constexpr int R = colstats::kSubRows, W = colstats::kSubCols;
+  __shared__ float sub[R * W];
+  const int t = threadIdx.x;
+  const int c0 = blockIdx.y * W;
   const int m0 = blockIdx.x * kStatRows;
-  const bool col_ok = c < C;
-  // pass 1: round to T, store, sum; pass 2: the squared deviations from this thread's mean
-  // (the same 16 values read again, from L1/L2: no register array, no local memory)
-  int n = 0;
-  float sum = 0.f;
+  colstats::Part run{0.f, 0.f, 0.f};
+  for (int h = 0; h < kStatRows / R; ++h) {
+    const int mh = m0 + h * R;
+    // load + round the 64 x 32 subtile (one 128-byte row segment per warp and step); zeros outside
 #pragma unroll 4
-  for (int i = 0; i < kStatPerThread; ++i) {
-    const int m = m0 + ty + i * kStatGroups;
-    if (col_ok && m < M) {
-      const long long o = static_cast<long long>(m) * C + c;
-      const float v = yf[o];
-      if (y != nullptr) y[o] = stat_from_f<T>(v);
-      sum += v;
-      ++n;
+    for (int j = 0; j < R * W / kStatThreads; ++j) {
+      const int idx = t + j * kStatThreads, r = idx / W, c = idx % W;
+      float v = 0.f;
+      if (mh + r < M && c0 + c < C) {
+        const long long o = static_cast<long long>(mh + r) * C + c0 + c;
+        const T q = stat_from_f<T>(yf[o]);
+        if (y != nullptr) y[o] = q;
+        v = stat_to_f(q);
+      }
+      sub[idx] = v;
     }
+    __syncthreads();
+    const float* s = sub;
+    auto load = [s](int r, int c) { return s[r * W + c]; };
+    const colstats::Part p = colstats::subtile_column_stats(load, t, M - mh);
+    if (h == 0)
+      run = p;
+    else
+      colstats::combine(run, p);
+    __syncthreads();  // the subtile is rewritten by the next h
   }
-  const float mean = n > 0 ? sum / static_cast<float>(n) : 0.f;
-  float m2 = 0.f;
-#pragma unroll 4
-  for (int i = 0; i < kStatPerThread; ++i) {
-    const int m = m0 + ty + i * kStatGroups;
-    if (col_ok && m < M) {
-      const float d = yf[static_cast<long long>(m) * C + c] - mean;
-      m2 += d * d;
-    }
-  }
-  __shared__ float s_n[kStatGroups][kStatCols], s_mean[kStatGroups][kStatCols], s_m2[kStatGroups][kStatCols];
-  s_n[ty][tx] = static_cast<float>(n);
-  s_mean[ty][tx] = mean;
-  s_m2[ty][tx] = m2;
-  __syncthreads();
-  if (ty == 0 && col_ok) {
-    float na = s_n[0][tx], ma = s_mean[0][tx], qa = s_m2[0][tx];
-    for (int g = 1; g < kStatGroups; ++g) conv::chan_combine(na, ma, qa, s_n[g][tx], s_mean[g][tx], s_m2[g][tx]);
+  const int c = c0 + colstats::thread_col(t);
+  if ((t & 31) < 8 && c < C) {
     const long long o = static_cast<long long>(blockIdx.x) * C + c;
-    part_mean[o] = ma;
-    part_m2[o] = qa;
+    part_mean[o] = run.mean;
+    part_m2[o] = run.m2;
   }
 }
 
@@ -177,10 +176,18 @@ void nhwc_stats_forward(const NhwcStatsArgs& a) {
     case DType::BF16: launch<__nv_bfloat16>(a, pm, pq, tiles, stream); break;
     case DType::F64: break;
   }
-  nhwc_stats_finalize_kernel<<<static_cast<unsigned>(a.C), kStatFinThreads, 0, stream>>>(
-      pm, pq, tiles, static_cast<int>(a.M), static_cast<int>(a.C), reinterpret_cast<float*>(a.mean),
-      reinterpret_cast<float*>(a.var));
-  check_launch("nhwc_stats_forward: nhwc_stats_finalize_kernel");
+  nhwc_stats_combine(pm, pq, a.M, a.C, reinterpret_cast<float*>(a.mean), reinterpret_cast<float*>(a.var), a.stream);
+}
+
+void nhwc_stats_combine(const float* part_mean, const float* part_m2, int64_t M, int64_t C, float* mean, float* var,
+                        std::uintptr_t stream) {
+  using namespace nhwc_stats;
+  if (M <= 0 || C <= 0 || M > 2147483647LL || M * C > 2147483647LL)
+    throw ArgError(cat("nhwc_stats_combine: M = ", M, ", C = ", C, " must be positive with M*C < 2^31"));
+  const int tiles = static_cast<int>(ceil_div(M, kStatRows));
+  nhwc_stats_finalize_kernel<<<static_cast<unsigned>(C), kStatFinThreads, 0, as_stream(stream)>>>(
+      part_mean, part_m2, tiles, static_cast<int>(M), static_cast<int>(C), mean, var);
+  check_launch("nhwc_stats_combine: nhwc_stats_finalize_kernel");
 }
 
 }  // namespace rk

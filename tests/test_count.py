@@ -79,6 +79,38 @@ def test_auto_counts_its_static_cuda_choice(small):
     assert ("bn_running_update", "cuda") in impls
 
 
+def test_cutlass_conv2d_stats_declared_cost():
+    """The sm_90a training forward (backend 'cutlass', conv2d_stats; csrc/sm90/): one CUTLASS kernel
+    whose epilogue writes y in bf16 and the per-128-row-tile (mean, M2) partials, then the combine.
+    Hand count for a ResNet-50 layer1 3x3 conv at batch 256 (56x56x64 -> 56x56x64, bf16): 3 launches
+    (pack, conv, combine); y is written once in bf16 (2 bytes per output element), where the
+    earlier float32-output path wrote and re-read a float32 y (4 + 4 more) in 4 launches."""
+    from types import SimpleNamespace
+
+    from resnet_kernels.backends import _COSTS, _cutlass_conv_cost
+
+    impl = [i for i in _registry.implementations("conv2d_stats") if i.backend == "cutlass"]
+    assert impl and impl[0].cost is _cutlass_conv_cost
+    N, C, H, W_ = 256, 64, 56, 56
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    call = SimpleNamespace(x=torch.empty(N, C, H, W_, **meta), weight=torch.empty(C, C, 3, 3, **meta),
+                           residual=None, scale=None, bias=None, compute_stats=True, shape=(N, C, H, W_))
+    launches, got = _cutlass_conv_cost(call)
+    act = N * C * H * W_ * 2  # x and y, bf16
+    w = C * C * 9 * 2
+    tiles = (N * H * W_ + 127) // 128
+    partials = 2 * tiles * C * 4
+    want = (w + w) + (act + w + act + partials) + (partials + 2 * C * 4)
+    assert launches == 3
+    assert got == want
+    # the float32-output path: pack + conv (x, w, y in float32) + tile statistics (read y in float32,
+    # write y in bf16 and the partials) + finalize: the same plus the float32 y written and read
+    yf = N * H * W_ * C * 4
+    before = (w + w) + (act + w + yf) + (yf + act + partials) + (partials + 2 * C * 4)
+    assert before - got == 2 * yf  # 8 bytes less per output element, one launch less
+    assert ("conv2d_stats", "cutlass") not in _COSTS  # declared on the Impl (cost=_cutlass_conv_cost)
+
+
 def test_phases_and_layers_cover_the_step(small):
     for c in small.values():
         phases = c.by_phase()

@@ -1,9 +1,11 @@
 """Machine-code checks of the CUTLASS sm_90a convolution (csrc/sm90/) in the installed _C, without
-a GPU: the sm_90a cubin holds the four CUTLASS kernels (bf16/fp16 x fused epilogue / fp32 output)
-(the statistics kernels of the training path, csrc/nhwc_stats.cu, are plain sm_80/sm_90 code checked
-by test_sass.py); every CUTLASS kernel issues wgmma (HGMMA, with the BF16 flavour for
-bfloat16) fed by TMA (UTMALDG) and stores through TMA (UTMASTG); no kernel uses local memory
-(LOCAL/STACK in the resource table, LDL/STL in the SASS); tools/sm90_resources.py --check agrees.
+a GPU: the sm_90a cubin holds the four CUTLASS kernels (bf16/fp16 x fused inference epilogue /
+training statistics epilogue, csrc/sm90/col_stats_epilogue.hpp; the combine of the latter's partials,
+csrc/nhwc_stats.cu, is plain sm_80/sm_90 code checked by test_sass.py); every CUTLASS kernel issues
+wgmma (HGMMA, with the BF16 flavour for bfloat16) fed by TMA (UTMALDG) and stores through TMA
+(UTMASTG); no kernel uses local memory (LOCAL/STACK in the resource table, LDL/STL in the SASS);
+the statistics epilogue issues its butterfly shuffles, one store per partial and no global atomic
+(its partials are deterministic); tools/sm90_resources.py --check agrees and prints the table.
 
 When are the kernels required? Whenever the build could find CUTLASS: RESNET_KERNELS_CUTLASS_DIR is
 set (CI sets it: .ci/run) or the cutlass_library package is importable here. Otherwise (a build
@@ -51,10 +53,11 @@ def test_sm90a_cubin_holds_every_kernel(so):
     kernels = _cutlass_kernels(so)
     bf16 = [f for f in kernels if "bfloat16_t" in f]
     fused = [f for f in kernels if "PerColLinComb" in f]  # the fused-epilogue fusion op
-    plain = [f for f in kernels if "LinearCombination" in f and f not in fused]  # the fp32-output one
+    stats = [f for f in kernels if "Sm90ColStatsPartials" in f]  # the training forward's statistics node
     assert len(kernels) == 4, kernels
-    assert len(bf16) == 2 and len(fused) == 2 and len(plain) == 2, kernels
+    assert len(bf16) == 2 and len(fused) == 2 and len(stats) == 2, kernels
     assert len(set(bf16) & set(fused)) == 1, "one fused-epilogue kernel per dtype"
+    assert len(set(bf16) & set(stats)) == 1, "one statistics-epilogue kernel per dtype"
 
 
 def test_cutlass_kernels_use_wgmma_and_tma(so):
@@ -67,6 +70,22 @@ def test_cutlass_kernels_use_wgmma_and_tma(so):
             assert "HGMMA.64x128x16.F32.BF16" in sass, f"{f[:120]}: the bf16 kernel must issue bf16 wgmma"
         # CUTLASS asserts compiled in (no -DNDEBUG) make ptxas serialise the wgmma pipeline
         assert "__assertfail" not in sass, f"{f[:120]}: calls __assertfail (built without -DNDEBUG)"
+
+
+def test_statistics_epilogue_shuffles_and_stores_without_atomics(so):
+    """Per 64 x 32 subtile (8 per 128 x 128 tile) two butterfly steps of (n, mean, M2): 48 SHFL.BFLY;
+    per 32 columns one (mean, M2) store pair: 8 STG; no global atomics (ATOM/ATOMG/RED; the
+    mbarrier arrives are SYNCS.*.RED, another opcode)."""
+    stats = [f for f in _cutlass_kernels(so) if "Sm90ColStatsPartials" in f]
+    assert stats
+    for f in stats:
+        sass = sass_of(so, ARCH, f)
+        ops = opcodes_in(sass)
+        assert not ops & {"ATOM", "ATOMG", "RED"}, f"{f[:120]}: global atomics {sorted(ops & {'ATOM', 'ATOMG', 'RED'})}"
+        n_bfly = sass.count("SHFL.BFLY")
+        assert n_bfly >= 48, f"{f[:120]}: {n_bfly} SHFL.BFLY, expected the 2 x 3 per subtile x 8 subtiles"
+        n_stg = sum(1 for line in sass.splitlines() if " STG." in line)
+        assert n_stg >= 8, f"{f[:120]}: {n_stg} STG, expected a (mean, M2) pair per 32 columns (8)"
 
 
 def test_no_local_memory(so):
@@ -82,6 +101,7 @@ def test_resources_tool_reports_and_checks(so):
     res = subprocess.run([sys.executable, str(REPO / "tools" / "sm90_resources.py"), "--so", so, "--check"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    for label in ("bf16 fused-epilogue", "fp16 fused-epilogue", "bf16 fp32-out", "fp16 fp32-out"):
+    for label in ("bf16 fused-epilogue", "fp16 fused-epilogue", "bf16 stats-epilogue", "fp16 stats-epilogue"):
         assert f"cutlass fprop {label}" in res.stdout, res.stdout
     assert "PROBLEM" not in res.stdout
+    print(res.stdout)  # the register / shared-memory / stages / instruction table (pytest -s shows it)

@@ -5,9 +5,13 @@ TMA instructions each one issues, from ``cuobjdump`` (no GPU needed; the triton 
 
     python tools/sm90_resources.py [--so PATH] [--arch sm_90a] [--check]
 
---check: exit status 1 if a kernel uses local memory (LOCAL/STACK or LDL/STL in its SASS), or if a
-CUTLASS convolution kernel lacks HGMMA or UTMALDG. The shared memory of the CUTLASS kernels is
-dynamic (their SharedStorage, set at launch), so the static SHARED column shows 0 for them.
+--check: exit status 1 if a kernel uses local memory (LOCAL/STACK or LDL/STL in its SASS), if a
+CUTLASS convolution kernel lacks HGMMA or UTMALDG, or if the statistics-epilogue kernel (the
+training forward, csrc/sm90/col_stats_epilogue.hpp) issues a global atomic (ATOM/ATOMG/RED: its
+partials must be deterministic) or lacks its butterfly shuffles (SHFL). The shared memory of the
+CUTLASS kernels is dynamic (their SharedStorage, set at launch: the mainloop's STAGES, read from the
+kernel's name, times 32 KB, plus the epilogue's buffers, 4 KB more for the statistics scratch), so
+the static SHARED column shows only the static part.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import subprocess
 import sys
 
-COUNTED = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDL", "STL")
+COUNTED = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "SHFL", "STG", "ATOM", "ATOMG", "RED", "LDL", "STL")
 
 
 def find_cuobjdump() -> str | None:
@@ -102,9 +106,16 @@ def short_name(mangled: str) -> str:
         return f"{m.group(1)}<{dt}>" if dt else m.group(1)
     if "ConvUniversal" in mangled:
         dt = "bf16" if "bfloat16_t" in mangled else "fp16"  # (half_t also appears in the bf16 names)
-        epi = "fused-epilogue" if "PerColLinComb" in mangled else "fp32-out"
+        epi = ("fused-epilogue" if "PerColLinComb" in mangled else "stats-epilogue" if "ColStatsPartials" in mangled
+               else "plain")
         return f"cutlass fprop {dt} {epi}"
     return mangled[:60]
+
+
+def stages(mangled: str) -> int:
+    """The mainloop's pipeline stages, from the CUTLASS kernel's name (0: not a CUTLASS mainloop)."""
+    m = re.search(r"MainloopSm90TmaGmmaWarpSpecialized\w*?ILS\w+?_0ELi(\d+)E", mangled)
+    return int(m.group(1)) if m else 0
 
 
 def main(argv=None) -> int:
@@ -124,17 +135,20 @@ def main(argv=None) -> int:
     ops = opcode_counts(tool, so, args.arch)
     problems = []
     print(f"{so} ({args.arch}, cuobjdump {tool})")
-    head = f"{'kernel':<40} {'REG':>4} {'SHARED':>7} {'LOCAL':>6} {'STACK':>6} " + " ".join(f"{o:>7}" for o in COUNTED)
+    head = (f"{'kernel':<36} {'REG':>4} {'SHARED':>7} {'STAGES':>6} {'LOCAL':>6} {'STACK':>6} "
+            + " ".join(f"{o:>7}" for o in COUNTED))
     print(head)
     print("-" * len(head))
     for fn in sorted(usage, key=short_name):
         u, c = usage[fn], ops.get(fn, dict.fromkeys(COUNTED, 0))
-        print(f"{short_name(fn):<40} {u.get('REG', 0):>4} {u.get('SHARED', 0):>7} {u.get('LOCAL', 0):>6} "
+        print(f"{short_name(fn):<36} {u.get('REG', 0):>4} {u.get('SHARED', 0):>7} {stages(fn):>6} {u.get('LOCAL', 0):>6} "
               f"{u.get('STACK', 0):>6} " + " ".join(f"{c[o]:>7}" for o in COUNTED))
         if u.get("LOCAL", 0) or u.get("STACK", 0) or c["LDL"] or c["STL"]:
             problems.append(f"{short_name(fn)}: local memory (spills / stack)")
         if "ConvUniversal" in fn and not (c["HGMMA"] and c["UTMALDG"]):
             problems.append(f"{short_name(fn)}: no HGMMA or no UTMALDG")
+        if "ColStatsPartials" in fn and (c["ATOM"] or c["ATOMG"] or c["RED"] or not c["SHFL"]):
+            problems.append(f"{short_name(fn)}: global atomics or no butterfly shuffles in the statistics epilogue")
     for p in problems:
         print("PROBLEM:", p)
     return 1 if (problems and args.check) else 0

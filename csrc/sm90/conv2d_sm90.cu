@@ -11,13 +11,16 @@
 //     residual (beta = 1 with the residual as the C operand, beta = 0 without: then C is never
 //     loaded), and the activation is Clamp with lower bound 0 (ReLU) or -inf (identity), a
 //     runtime argument, so ReLU costs no second instance.
-//   * PlainConv<T>: yf = conv(x, w) in float32 (the statistics path), then our own deterministic
-//     statistics kernels (csrc/nhwc_stats.cu, built for every architecture) round yf to T into out
-//     and reduce per-channel (mean, M2) partials in a fixed order.
+//   * StatsConv<T>: the training forward. out = conv(x, w) in T, and from the same epilogue (our
+//     visitor node Sm90ColStatsPartials, col_stats_epilogue.hpp) each 128-row CTA tile's per-channel
+//     (mean, M2) of the T-rounded output, written to float32 partials without atomics; then
+//     nhwc_stats_combine (csrc/nhwc_stats.cu, built for every architecture) combines the partials in
+//     float64 in a fixed order into mean and the biased var. Two launches, deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "cutlass/cutlass.h"
 // (include order as in CUTLASS's examples: some collectives use KernelHardwareInfo undeclared)
@@ -36,6 +39,7 @@
 #include "../common.h"
 #include "../conv2d.h"
 #include "../nhwc_stats.h"
+#include "col_stats_epilogue.hpp"
 #include "conv2d_sm90.h"
 
 namespace rk {
@@ -76,8 +80,12 @@ using FusedConv = ConvKernelOf<
     cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<cutlass::epilogue::thread::Clamp, T, float, float, T,
                                                              float>>;
 
+// out = acc rounded to T (no C), the node passing acc through and writing the per-tile statistics
 template <typename T>
-using PlainConv = ConvKernelOf<T, void, float, cutlass::epilogue::fusion::LinearCombination<float, float, void, float>>;
+using StatsConv = ConvKernelOf<
+    T, void, T,
+    cutlass::epilogue::fusion::Sm90EVT<Sm90ColStatsPartials<T, colstats::kSubRows, colstats::kSubCols>,
+                                       cutlass::epilogue::fusion::Sm90AccFetch>>;
 
 ProblemShape make_problem(const Conv2dArgs& a) {
   const int N = static_cast<int>(a.N), H = static_cast<int>(a.H), W = static_cast<int>(a.W);
@@ -155,34 +163,36 @@ typename FusedConv<T>::Conv::Arguments fused_args(const Conv2dArgs& a) {
 }
 
 template <typename T>
-typename PlainConv<T>::Conv::Arguments plain_args(const Conv2dArgs& a, float* yf) {
-  using Conv = typename PlainConv<T>::Conv;
+typename StatsConv<T>::Conv::Arguments stats_args(const Conv2dArgs& a, float* part_mean, float* part_m2) {
+  using Conv = typename StatsConv<T>::Conv;
   using Kernel = typename Conv::ConvKernel;
   const ProblemShape ps = make_problem(a);
   typename Conv::Arguments args{};
   args.problem_shape = ps;
   args.mainloop.ptr_A = reinterpret_cast<const T*>(a.x);
   args.mainloop.ptr_B = reinterpret_cast<const T*>(a.w);
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.beta = 0.f;
+  // Sm90EVT's arguments: the child's (Sm90AccFetch: none), then the node's
+  args.epilogue.thread = {{}, {part_mean, part_m2, static_cast<int>(a.Cout)}};
   args.epilogue.ptr_C = nullptr;
   args.epilogue.dC = output_stride<typename Kernel::StrideC>(ps);
-  args.epilogue.ptr_D = yf;
+  args.epilogue.ptr_D = reinterpret_cast<T*>(a.out);
   args.epilogue.dD = output_stride<typename Kernel::StrideD>(ps);
   return args;
 }
 
-// Layout of the caller's workspace: [yf: M*Cout floats][nhwc_stats' partials][CUTLASS's own
-// workspace], each piece 256-byte aligned.
+// Layout of the caller's workspace: [per-tile partials: mean (m_tiles, Cout), M2 (m_tiles, Cout)
+// float32, nhwc_stats_workspace_bytes(M, Cout) bytes][CUTLASS's own workspace], each piece
+// 256-byte aligned.
 struct Workspace {
-  int64_t yf = 0, stats = 0, stats_bytes = 0, cutlass = 0, cutlass_bytes = 0, total = 0;
+  int64_t stats = 0, stats_bytes = 0, cutlass = 0, cutlass_bytes = 0, total = 0;
 };
 
 int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
 
 template <typename T>
 int64_t cutlass_workspace(const Conv2dArgs& a, bool stats) {
-  if (stats) return static_cast<int64_t>(PlainConv<T>::Conv::get_workspace_size(plain_args<T>(a, nullptr)));
+  if (stats)
+    return static_cast<int64_t>(StatsConv<T>::Conv::get_workspace_size(stats_args<T>(a, nullptr, nullptr)));
   return static_cast<int64_t>(FusedConv<T>::Conv::get_workspace_size(fused_args<T>(a)));
 }
 
@@ -191,8 +201,6 @@ Workspace layout(const Conv2dArgs& a, bool stats) {
   const int64_t M = a.N * a.OH * a.OW;
   int64_t off = 0;
   if (stats && M > 0 && a.Cout > 0) {
-    w.yf = off;
-    off += align256(M * a.Cout * 4);
     w.stats = off;
     w.stats_bytes = nhwc_stats_workspace_bytes(M, a.Cout);
     off += align256(w.stats_bytes);
@@ -278,13 +286,19 @@ void require_sm90(const char* fn) {
                        " is ", major, ".", minor));
 }
 
+// The per-tile partials in the caller's workspace (nhwc_stats' layout: means, then M2s).
+std::pair<float*, float*> part_ptrs(const Conv2dArgs& a, const Workspace& w) {
+  float* pm = reinterpret_cast<float*>(a.workspace + w.stats);
+  return {pm, pm + ceil_div(a.N * a.OH * a.OW, static_cast<int64_t>(colstats::kTileRows)) * a.Cout};
+}
+
 template <typename T>
 void check(const Conv2dArgs& a, const Workspace& w) {
   if (a.mean == 0)
     check_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), w.cutlass_bytes, "conv2d_sm90 fused-epilogue kernel");
   else
-    check_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, reinterpret_cast<float*>(a.workspace + w.yf)),
-                                            w.cutlass_bytes, "conv2d_sm90 fp32-output kernel");
+    check_conv<typename StatsConv<T>::Conv>(stats_args<T>(a, part_ptrs(a, w).first, part_ptrs(a, w).second),
+                                            w.cutlass_bytes, "conv2d_sm90 statistics-epilogue kernel");
 }
 
 template <typename T>
@@ -297,21 +311,11 @@ void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
                                           "conv2d_sm90 fused-epilogue kernel");
     return;
   }
-  float* yf = reinterpret_cast<float*>(ws + w.yf);
-  run_conv<typename PlainConv<T>::Conv>(plain_args<T>(a, yf), cws, w.cutlass_bytes, stream,
-                                        "conv2d_sm90 fp32-output kernel");
-  NhwcStatsArgs s{};
-  s.dtype = a.dtype;
-  s.yf = reinterpret_cast<std::uintptr_t>(yf);
-  s.y = a.out;
-  s.mean = a.mean;
-  s.var = a.var;
-  s.workspace = reinterpret_cast<std::uintptr_t>(ws + w.stats);
-  s.workspace_bytes = w.stats_bytes;
-  s.M = a.N * a.OH * a.OW;
-  s.C = a.Cout;
-  s.stream = a.stream;
-  nhwc_stats_forward(s);
+  const auto parts = part_ptrs(a, w);
+  run_conv<typename StatsConv<T>::Conv>(stats_args<T>(a, parts.first, parts.second), cws, w.cutlass_bytes, stream,
+                                        "conv2d_sm90 statistics-epilogue kernel");
+  nhwc_stats_combine(parts.first, parts.second, a.N * a.OH * a.OW, a.Cout, reinterpret_cast<float*>(a.mean),
+                     reinterpret_cast<float*>(a.var), a.stream);
 }
 
 }  // namespace

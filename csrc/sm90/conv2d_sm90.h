@@ -8,7 +8,9 @@
 //   pad - (kernel - 1) >= -128); dilation 1, groups 1; allow_tf32 ignored (16-bit inputs).
 //   Statistics (mean and var given): scale, bias, residual absent and relu false.
 //   workspace: conv2d_sm90_workspace_bytes(a) bytes, 256-byte aligned (with statistics it holds
-//   the float32 conv output, M*Cout*4 bytes, and the per-tile partials).
+//   the epilogue's per-128-row-tile (mean, M2) partials, 2 * ceil(M / 128) * Cout floats).
+//   Statistics: of the output rounded to dtype (what a BatchNorm after the conv sees), mean and
+//   biased var, deterministic.
 // Runs on a device of compute capability 9.0 only (an sm_90a cubin); anything else is an ArgError.
 // Compiled into _C only when the build found CUTLASS and an nvcc that targets sm_90a
 // (module attribute _C.sm90_kernels says which, _C.sm90_note why not).

@@ -581,22 +581,20 @@ def _aten_update_cost(call):
 
 
 def _cutlass_conv_cost(call):
-    """pack_weight (a permute copy: Cin % 8 == 0, no padding), then either the fused-epilogue
-    kernel (x, packed weight, the epilogue's operands, out) or, with statistics, the fp32-output
-    kernel (writes y in float32), nhwc_tile_stats_kernel (csrc/nhwc_stats.cu: reads it, writes out
-    and the per-tile (mean, M2) partials) and nhwc_stats_finalize_kernel."""
+    """pack_weight (a permute copy: Cin % 8 == 0, no padding), then the CUTLASS kernel (x, packed
+    weight, the epilogue's operands, out) and, with statistics, the same kernel with the statistics
+    epilogue (csrc/sm90/col_stats_epilogue.hpp: out in the activation dtype plus each 128-row tile's
+    per-channel (mean, M2) partials, no float32 copy of y) and nhwc_stats_combine's one launch
+    (reads the partials, writes mean and var)."""
     Cout, Cin, KH, KW = call.weight.shape
     wk = Cout * Cin * KH * KW * call.weight.element_size()
     launches, b = 1, nbytes(call.weight) + wk
     if not call.compute_stats:
         return launches + 1, b + _conv_io(call) + wk
-    N, _, OH, OW = call.shape
-    yf = N * OH * OW * Cout * 4
-    p = 2 * ((N * OH * OW + _CONV_BM - 1) // _CONV_BM) * Cout * 4  # 128-row tiles, as csrc/sm90's stats kernel
-    b += nbytes(call.x) + wk + yf  # the convolution
-    b += yf + _act_bytes(call.shape, call.x.dtype) + p  # tile statistics + rounding
-    b += p + 2 * Cout * 4  # finalize
-    return launches + 3, b
+    p = _partials(call)  # 128-row tiles: the sm_90a CTA tile's rows, as csrc/sm90's epilogue writes them
+    b += _conv_io(call) + wk + p  # the convolution with its statistics epilogue
+    b += p + 2 * Cout * 4  # the combine
+    return launches + 2, b
 
 
 _COSTS = {

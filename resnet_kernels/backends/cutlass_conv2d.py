@@ -1,7 +1,8 @@
 """CUTLASS sm_90a convolution launcher: wraps ``_C.conv2d_sm90_forward`` (csrc/sm90/conv2d_sm90.cu),
 a CUTLASS 3.x implicit-GEMM convolution for Hopper (TMA im2col loads, wgmma, warp-specialized
 pipeline) with the fused epilogue out = act(conv*scale[k] + bias[k] + residual) in one kernel, and
-for statistics an fp32-output convolution followed by our own deterministic statistics kernels.
+for statistics the same convolution whose epilogue also writes each 128-row tile's per-channel
+(mean, M2) of the rounded output (csrc/sm90/col_stats_epilogue.hpp), then one deterministic combine.
 
 Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py;
 the registry's ``supports`` (``cutlass_supports`` in backends/__init__.py) keeps every call this
@@ -59,7 +60,7 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
         nbytes = C_.conv2d_sm90_workspace_bytes(fill_args(C_.Conv2dArgs, **fields))
         ws = None
         if nbytes > 0:
-            # float32 elements (the fp32 convolution output and the per-tile partials live here)
+            # float32 elements (the epilogue's per-tile (mean, M2) partials live here)
             ws = _alloc.empty(((nbytes + 3) // 4,), dtype=torch.float32, device=x.device)
         fields.update(workspace=ptr(ws), workspace_bytes=nbytes)
         call("conv2d_sm90_forward", fill_args(C_.Conv2dArgs, **fields))

@@ -1,11 +1,15 @@
-"""The statistics kernels of the sm_90a convolution's training path (csrc/nhwc_stats.cu, built for
-every architecture): per-channel (mean, biased var) of a float32 (M, C) matrix and its rounding to
-the output dtype. Without a GPU they run on the host runner (csrc's own source on the CPU, the
-``cuda_target`` fixture), with one on the GPU.
+"""The statistics kernels of csrc/nhwc_stats.cu (built for every architecture): per-channel (mean,
+biased var) of a float32 (M, C) matrix ROUNDED to the output dtype, and that rounding. The tile
+kernel reduces each 64 x 32 subtile with rk::colstats::subtile_column_stats (csrc/col_stats_tile.cuh),
+the same code, order and rounding as the sm_90a training convolution's epilogue
+(csrc/sm90/col_stats_epilogue.hpp), and the combine kernel is the one that convolution launches on
+its epilogue's partials: so these tests, run on the host runner without a GPU (csrc's own source on
+the CPU, the ``cuda_target`` fixture), check that epilogue's arithmetic.
 
-Reference: torch.var_mean in float64 of the same float32 values. Tolerance: 2x PyTorch's own float32
-error plus 2**-14 of the variance itself (a float32 sum / sum-of-squares reduction misses by ~1e-3
-at |mean| = 100 x std, so the bound is tight enough to tell), y bit-equal to torch's rounding.
+Reference: torch.var_mean in float64 of the rounded values (what a BatchNorm after a bf16/fp16 conv
+sees). Tolerance: 2x PyTorch's own float32 error plus 2**-14 of the variance itself (a float32 sum /
+sum-of-squares reduction misses by ~1e-3 at |mean| = 100 x std, and statistics of the unrounded
+values by ~1e-2 for bfloat16, so the bound is tight enough to tell), y bit-equal to torch's rounding.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ def test_stats_match_float64(M, C, dtype, cuda_target):
     y = _alloc.empty((M, C), dtype=dtype, device=dev)  # NaN-poisoned under the tests
     mean, var = _run(yf, y, dtype)
     assert torch.equal(y, yf.to(dtype)), "y must be yf rounded to nearest (even)"
-    rvar, rmean = torch.var_mean(yf.double(), dim=0, correction=0)
-    tvar, tmean = torch.var_mean(yf, dim=0, correction=0)
+    yr = yf.to(dtype).float()  # the statistics are of the rounded values
+    rvar, rmean = torch.var_mean(yr.double(), dim=0, correction=0)
+    tvar, tmean = torch.var_mean(yr, dim=0, correction=0)
     tol_m = 2 * (tmean.double() - rmean).abs() + 16 * _U32 * rmean.abs() + 1e-30
     assert ((mean.double() - rmean).abs() <= tol_m).all(), (mean.double() - rmean).abs().max()
     if M > 1:
@@ -69,7 +74,7 @@ def test_stats_without_y_and_empty(cuda_target):
     dev = cuda_target
     yf = torch.randn(200, 16, device=dev)
     mean, var = _run(yf, None, torch.bfloat16)
-    rvar, rmean = torch.var_mean(yf.double(), dim=0, correction=0)
+    rvar, rmean = torch.var_mean(yf.bfloat16().double(), dim=0, correction=0)  # of the rounded values
     assert torch.allclose(mean.double(), rmean, atol=1e-6) and torch.allclose(var.double(), rvar, rtol=1e-5)
     empty = torch.empty(0, 16, device=dev)
     mean, var = _run(empty, None, torch.float32)
