@@ -196,7 +196,10 @@ def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tenso
     running = bn.training and bn.running_mean is not None
     if count or running:
         if bn.momentum is None:
-            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0) if count else 0.0
+            # the count this update will follow: the buffer's, plus this BN's updates still pending
+            # in ``updates`` (a module used twice in one block)
+            pending = sum(1 for u in updates if isinstance(u, PendingUpdate) and u.update[4] is bn.num_batches_tracked)
+            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0 + pending) if count else 0.0
         else:
             factor = bn.momentum
         rm, rv = (bn.running_mean, bn.running_var) if running else (None, None)

@@ -342,6 +342,32 @@ def test_commit_batches_consecutive_updates_in_order():
         assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_batchnorm_used_twice_before_a_commit(momentum):
+    """batch_stats_args twice on one BatchNorm (a module used twice in a block), then commit: the
+    buffers are nn.BatchNorm2d's after two calls (the second update after the first; with
+    momentum=None its factor counts the first)."""
+    from resnet_kernels.nn._bn import batch_stats_args
+
+    (bn,) = _bns((5,), (momentum,), torch.float32, "cpu")
+    ref = copy.deepcopy(bn)
+    g = torch.Generator().manual_seed(6)
+    updates = []
+    for _ in range(2):
+        y = torch.randn(2, 5, 3, 3, generator=g)
+        ref.train()(y)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        assert batch_stats_args(bn.train(), y, mean, var, updates, "triton") is not None
+    assert int(bn.num_batches_tracked) == 3  # deferred
+    calls = _Calls()
+    with calls:
+        commit(updates)
+    assert calls.n == 2
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 5
+
+
 # --------------------------------------------------------------------------------------------
 # the op under torch.library's checks and torch.compile
 # --------------------------------------------------------------------------------------------
