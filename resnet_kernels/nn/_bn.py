@@ -175,7 +175,7 @@ class BatchStats(NamedTuple):
 
 
 def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tensor, var: Tensor,
-                     updates: List[Callable[[], None]], backend: Optional[str]) -> Optional[BatchStats]:
+                     updates: list, backend: Optional[str]) -> Optional[BatchStats]:
     """``bn`` (using batch statistics) applied to ``y``, whose batch mean and biased variance are
     ``mean``/``var``, as a :class:`BatchStats` for ``batch_norm_act``; bn's side effects (the running
     statistics and num_batches_tracked) are appended to ``updates`` as a ``PendingUpdate``, exactly

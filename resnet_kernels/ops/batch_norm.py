@@ -813,7 +813,10 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two contiguous tensors share memory (same storage, intersecting element ranges)."""
     if a is b:
         return True
-    sa, sb = a.untyped_storage(), b.untyped_storage()
+    try:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False  # a wrapper without storage (tracing): the op checks the real tensors when it runs
     if sa._cdata != sb._cdata:
         return False
     a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
