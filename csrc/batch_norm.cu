@@ -406,17 +406,33 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ---------------------------------------------------------------------------------------------
 // running statistics
 // ---------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads)
-    bn_running_update_kernel(const float* __restrict__ mean, const float* __restrict__ var, void* running_mean,
-                             int rmd, void* running_var, int rvd, int64_t* __restrict__ num_batches_tracked,
-                             float keep, float take, float take_var, int64_t C) {
+// Up to kBnRunningUpdateSlots updates, passed by value; thread c updates channel c of each of them.
+struct RunningSlots {
+  const float* mean[kBnRunningUpdateSlots];
+  const float* var[kBnRunningUpdateSlots];
+  void* running_mean[kBnRunningUpdateSlots];  // nullptr = absent
+  void* running_var[kBnRunningUpdateSlots];
+  int64_t* num_batches_tracked[kBnRunningUpdateSlots];
+  int rmd[kBnRunningUpdateSlots], rvd[kBnRunningUpdateSlots];
+  float keep[kBnRunningUpdateSlots], take[kBnRunningUpdateSlots], take_var[kBnRunningUpdateSlots];
+  int64_t C[kBnRunningUpdateSlots];
+  int n;
+};
+
+__global__ void __launch_bounds__(kThreads) bn_running_update_kernel(const RunningSlots s) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
-  if (c >= C) return;
-  if (running_mean != nullptr)
-    store_param(running_mean, rmd, c, mul_rn(load_param(running_mean, rmd, c), keep) + mul_rn(mean[c], take));
-  if (running_var != nullptr)
-    store_param(running_var, rvd, c, mul_rn(load_param(running_var, rvd, c), keep) + mul_rn(var[c], take_var));
+#pragma unroll
+  for (int i = 0; i < kBnRunningUpdateSlots; ++i) {
+    if (i >= s.n) break;
+    if (c == 0 && s.num_batches_tracked[i] != nullptr) *s.num_batches_tracked[i] += 1;
+    if (c >= s.C[i]) continue;
+    if (s.running_mean[i] != nullptr)
+      store_param(s.running_mean[i], s.rmd[i], c,
+                  mul_rn(load_param(s.running_mean[i], s.rmd[i], c), s.keep[i]) + mul_rn(s.mean[i][c], s.take[i]));
+    if (s.running_var[i] != nullptr)
+      store_param(s.running_var[i], s.rvd[i], c,
+                  mul_rn(load_param(s.running_var[i], s.rvd[i], c), s.keep[i]) + mul_rn(s.var[i][c], s.take_var[i]));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -749,32 +765,59 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   });
 }
 
-void bn_running_update(const BnRunningUpdateArgs& a) {
+void bn_running_update(const BnRunningUpdateArgs& a) { bn_running_update_many({a}); }
+
+void bn_running_update_many(const std::vector<BnRunningUpdateArgs>& list) {
   using namespace bnk;
   const char* fn = "bn_running_update";
-  check_nonneg(a.C, fn, "C");
-  if (a.running_mean) check_ptr(a.mean, fn, "mean");
-  if (a.running_var) check_ptr(a.var, fn, "var");
-  check_param_dtype(a.running_mean_dtype, a.running_mean, fn, "running_mean");
-  check_param_dtype(a.running_var_dtype, a.running_var, fn, "running_var");
-  bar::check_aligned(a.mean, 4, fn, "mean", "float32");
-  bar::check_aligned(a.var, 4, fn, "var", "float32");
-  bar::check_aligned(a.running_mean, param_size(a.running_mean_dtype), fn, "running_mean",
-                     dtype_name(a.running_mean_dtype));
-  bar::check_aligned(a.running_var, param_size(a.running_var_dtype), fn, "running_var",
-                     dtype_name(a.running_var_dtype));
-  bar::check_aligned(a.num_batches_tracked, 8, fn, "num_batches_tracked", "int64");
-  if (a.num_batches_tracked == 0 && (a.C == 0 || (a.running_mean == 0 && a.running_var == 0))) return;
-  // the reference's scalars: (1 - factor), factor and factor * unbias in double, then float32
-  const float keep = static_cast<float>(1.0 - a.factor);
-  const float take = static_cast<float>(a.factor);
-  const float take_var = static_cast<float>(a.factor * a.unbias);
-  const int64_t blocks = std::max<int64_t>(1, ceil_div(a.C, kThreads));
-  bn_running_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(a.stream)>>>(
-      reinterpret_cast<const float*>(a.mean), reinterpret_cast<const float*>(a.var),
-      reinterpret_cast<void*>(a.running_mean), static_cast<int>(a.running_mean_dtype),
-      reinterpret_cast<void*>(a.running_var), static_cast<int>(a.running_var_dtype),
-      reinterpret_cast<int64_t*>(a.num_batches_tracked), keep, take, take_var, a.C);
+  if (list.empty() || list.size() > static_cast<size_t>(kBnRunningUpdateSlots))
+    throw ArgError(cat(fn, ": args must hold 1 to ", kBnRunningUpdateSlots, " updates per launch, got ",
+                       list.size()));
+  RunningSlots s{};
+  int64_t C_max = 0;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const BnRunningUpdateArgs& a = list[i];
+    if (a.stream != list[0].stream)
+      throw ArgError(cat(fn, ": args[", i, "].stream differs from args[0].stream (one launch, one stream)"));
+    check_nonneg(a.C, fn, "C");
+    if (a.running_mean) check_ptr(a.mean, fn, "mean");
+    if (a.running_var) check_ptr(a.var, fn, "var");
+    check_param_dtype(a.running_mean_dtype, a.running_mean, fn, "running_mean");
+    check_param_dtype(a.running_var_dtype, a.running_var, fn, "running_var");
+    bar::check_aligned(a.mean, 4, fn, "mean", "float32");
+    bar::check_aligned(a.var, 4, fn, "var", "float32");
+    bar::check_aligned(a.running_mean, param_size(a.running_mean_dtype), fn, "running_mean",
+                       dtype_name(a.running_mean_dtype));
+    bar::check_aligned(a.running_var, param_size(a.running_var_dtype), fn, "running_var",
+                       dtype_name(a.running_var_dtype));
+    bar::check_aligned(a.num_batches_tracked, 8, fn, "num_batches_tracked", "int64");
+    for (size_t j = 0; j < i; ++j) {
+      const BnRunningUpdateArgs& b = list[j];
+      for (std::uintptr_t p : {a.running_mean, a.running_var, a.num_batches_tracked})
+        if (p != 0 && (p == b.running_mean || p == b.running_var || p == b.num_batches_tracked))
+          throw ArgError(cat(fn, ": args[", i, "] updates a buffer of args[", j, "] (one launch updates each once)"));
+    }
+  }
+  for (const BnRunningUpdateArgs& a : list) {
+    if (a.num_batches_tracked == 0 && (a.C == 0 || (a.running_mean == 0 && a.running_var == 0))) continue;
+    const int i = s.n++;
+    s.mean[i] = reinterpret_cast<const float*>(a.mean);
+    s.var[i] = reinterpret_cast<const float*>(a.var);
+    s.running_mean[i] = reinterpret_cast<void*>(a.running_mean);
+    s.running_var[i] = reinterpret_cast<void*>(a.running_var);
+    s.num_batches_tracked[i] = reinterpret_cast<int64_t*>(a.num_batches_tracked);
+    s.rmd[i] = static_cast<int>(a.running_mean_dtype);
+    s.rvd[i] = static_cast<int>(a.running_var_dtype);
+    // the reference's scalars: (1 - factor), factor and factor * unbias in double, then float32
+    s.keep[i] = static_cast<float>(1.0 - a.factor);
+    s.take[i] = static_cast<float>(a.factor);
+    s.take_var[i] = static_cast<float>(a.factor * a.unbias);
+    s.C[i] = a.C;
+    C_max = std::max(C_max, a.C);
+  }
+  if (s.n == 0) return;
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(C_max, kThreads));
+  bn_running_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(list[0].stream)>>>(s);
   check_launch("bn_running_update_kernel");
 }
 

@@ -14,6 +14,7 @@
 // model.to(bfloat16)). All math in float32, every output rounded once.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -74,6 +75,10 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a);
 // running_mean = (1 - factor) * running_mean + factor * mean;
 // running_var = (1 - factor) * running_var + factor * unbias * var; num_batches_tracked += 1 (int64).
 // In float32, rounded once to each buffer's dtype; in place; one launch.
+// bn_running_update_many: up to kBnRunningUpdateSlots such updates (a residual block's BatchNorms,
+// each its own C, factor, unbias, buffers and dtypes) in one launch; every element's stream must be
+// the same, and no buffer may appear in two elements (they are updated concurrently).
+constexpr int kBnRunningUpdateSlots = 4;
 struct BnRunningUpdateArgs {
   std::uintptr_t mean, var;                                       // float32, length C
   std::uintptr_t running_mean, running_var, num_batches_tracked;  // 0 = absent
@@ -83,5 +88,6 @@ struct BnRunningUpdateArgs {
   std::uintptr_t stream;
 };
 void bn_running_update(const BnRunningUpdateArgs& a);
+void bn_running_update_many(const std::vector<BnRunningUpdateArgs>& a);
 
 }  // namespace rk

@@ -277,6 +277,15 @@ PYBIND11_MODULE(_C, m) {
         rk::bn_running_update(a);
       },
       py::arg("args"), "running mean/var and num_batches_tracked update, in place (BnRunningUpdateArgs)");
+  m.def(
+      "bn_running_update_many",
+      [](const std::vector<rk::BnRunningUpdateArgs>& a) {
+        py::gil_scoped_release nogil;
+        rk::bn_running_update_many(a);
+      },
+      py::arg("args"),
+      "up to bn_running_update_slots running-statistics updates (a list of BnRunningUpdateArgs, one stream) in one launch");
+  m.attr("bn_running_update_slots") = rk::kBnRunningUpdateSlots;
 
   m.def(
       "bn_add_relu_forward",

@@ -367,3 +367,54 @@ def test_auto_takes_the_prologue_per_unit_where_the_chosen_implementation_applie
         out_o.backward(g)
     _compare(blk, ours, xr, xo, out_r, out_o)
     assert block_calls == {"forward": 1, "backward": 1}
+
+
+class _UpdateCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bn_running_update op calls and how many BatchNorms each updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "resnet_kernels" and func._schema.name.endswith("bn_running_update"):
+            self.sizes.append(len(args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_block_updates_its_running_statistics_in_one_call(backend, block_calls, monkeypatch):
+    """A bottleneck with its projection: its 4 BatchNorms' running statistics go out in one
+    bn_running_update call (one launch on triton and cuda) after the block succeeded, matching
+    torchvision's over two steps (momentum 0.1 and None); a block whose tail fails updates none."""
+    dt = torch.float64 if backend == "torch" else torch.float32
+    for momentum in (0.1, None):
+        torch.manual_seed(0)
+        norm = functools.partial(nn.BatchNorm2d, momentum=momentum)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), norm(16))
+        blk = torchvision.models.resnet.Bottleneck(8, 4, stride=2, downsample=down, norm_layer=norm).to(dt)
+        ours = rk.fuse(copy.deepcopy(blk), backend=backend)
+        for step in range(2):
+            x = torch.randn(2, 8, 6, 6, dtype=dt, requires_grad=True)
+            calls = _UpdateCalls()
+            with calls:
+                out = ours(x)
+            assert calls.sizes == [4], calls.sizes
+            blk(x)
+            out.sum().backward()
+        for (n, a), (_, b) in zip(blk.named_buffers(), ours.named_buffers()):
+            if a.is_floating_point():
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            else:
+                assert torch.equal(a, b), n
+    assert block_calls["forward"] == 4
+    before = copy.deepcopy(ours.state_dict())
+
+    def fail(*a, **k):
+        raise RuntimeError("planted failure in the block's tail")
+
+    monkeypatch.setattr(_block, "batch_norm_act_bits", fail)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        ours(torch.randn(2, 8, 6, 6, dtype=dt, requires_grad=True))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(before[k], v), f"{k} changed by a failed block"

@@ -137,16 +137,23 @@ def _finalize_spec(dt, P, C, arch, param_dt=None):
                       num_warps=cfg["num_warps"], arch=arch)
 
 
-def _running_spec(buf_dt, C, arch):
+def _running_spec(buf_dts, C, arch):
+    """_running_kernel with len(buf_dts) of its RUNNING_SLOTS slots used (a block's BatchNorms),
+    every buffer present, the others' flags 0."""
+    buf_dts = list(buf_dts)
     cfg = K._running_config(C)
-    acc = "*fp64" if buf_dt == torch.float64 else "*fp32"
-    sig = dict(mean_ptr=acc, var_ptr=acc, rm_ptr=ACT[buf_dt], rv_ptr=ACT[buf_dt], nbt_ptr="*i64", keep="fp32",
-               keep_lo="fp32", keep_lo2="fp32", f="fp32", f_lo="fp32", f_lo2="fp32", fu="fp32", fu_lo="fp32",
-               fu_lo2="fp32", C="i32")
-    return KernelSpec(MOD, "_running_kernel", sig,
-                      dict(BLOCK=cfg["BLOCK"], HAS_RM=True, HAS_RV=True, HAS_NBT=True,
-                           RM64=buf_dt == torch.float64, RV64=buf_dt == torch.float64),
-                      num_warps=cfg["num_warps"], arch=arch)
+    sig, flags = {}, {}
+    for s in range(K.RUNNING_SLOTS):
+        dt = buf_dts[s] if s < len(buf_dts) else buf_dts[0]  # an unused slot gets slot 0's pointers
+        acc = "*fp64" if dt == torch.float64 else "*fp32"
+        sig.update({f"m{s}": acc, f"v{s}": acc, f"rm{s}": ACT[dt], f"rv{s}": ACT[dt], f"n{s}": "*i64"})
+        for name in ("k", "f", "fu"):
+            sig.update({f"{name}{s}": "fp32", f"{name}{s}_lo": "fp32", f"{name}{s}_lo2": "fp32"})
+        sig[f"C{s}"] = "i32"
+        flags[f"F{s}"] = (K.RUN_RM | K.RUN_RV | K.RUN_NBT | (K.RUN_RM64 | K.RUN_RV64 if dt == torch.float64 else 0)
+                          if s < len(buf_dts) else 0)
+    return KernelSpec(MOD, "_running_kernel", sig, dict(BLOCK=cfg["BLOCK"], **flags), num_warps=cfg["num_warps"],
+                      arch=arch)
 
 
 def _cases():
@@ -198,16 +205,20 @@ def _cases():
         ("reduce-planes-bf16-bits", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 90, mask_bits=True), True),
         ("finalize-fp32", _finalize_spec(fp32, 264, 512, 90), False),
         ("finalize-fp64", _finalize_spec(fp64, 264, 512, 90), False),
-        ("running-fp32", _running_spec(fp32, 512, 90), False),
-        ("running-bf16", _running_spec(bf16, 64, 90), False),
-        ("running-fp64", _running_spec(fp64, 2048, 90), False),
+        ("running-fp32", _running_spec([fp32], 512, 90), False),
+        ("running-bf16", _running_spec([bf16], 64, 90), False),
+        ("running-fp64", _running_spec([fp64], 2048, 90), False),
+        # a bottleneck block with its projection: 4 BatchNorms in one launch (C up to 2048)
+        ("running-block-fp32", _running_spec([fp32] * 4, 2048, 90), False),
+        ("running-block-mixed", _running_spec([fp32, bf16, torch.float16, fp64], 1024, 90), False),
         # sm_80 (A100): one dtype per kernel
         ("sm80-fwd-cols-bf16", _fwd_spec(bf16, 256, 64, 56 * 56, "nhwc", 80), True),
         ("sm80-apply-planes-bf16", _apply_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
         ("sm80-reduce-cols-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nhwc", 80), True),
         ("sm80-reduce-planes-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
         ("sm80-finalize-fp32", _finalize_spec(fp32, 264, 512, 80), False),
-        ("sm80-running-fp32", _running_spec(fp32, 512, 80), False),
+        ("sm80-running-fp32", _running_spec([fp32], 512, 80), False),
+        ("sm80-running-block-fp32", _running_spec([fp32] * 4, 2048, 80), False),
     ]
     return out
 

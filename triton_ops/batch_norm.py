@@ -54,7 +54,8 @@ Kernel launches per call (what the accountant declares):
 * ``batch_norm_act_coef``: 1, the backward's reduce + in-launch finalize (``_reduce_finalize``,
   shared with ``batch_norm_act_backward``): the finalize writes the coefficient rows (A, B, K) of
   y's BN (and of the identity's) to the op's (3, C) outputs instead of the apply kernel's buffer.
-* ``bn_running_update``: 1 (``_running_kernel``), none when all three buffers are None.
+* ``bn_running_update``: 1 (``_running_kernel``) per RUNNING_SLOTS BatchNorms (a residual block's
+  updates together), none when no buffer is given.
 
 Activation bytes per call (counted, not measured; E = N*C*H*W elements of s bytes each):
 
@@ -555,19 +556,26 @@ def _apply_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, coef_ptr, gy
         tl.store(gi_ptr + offs, cast_for_store(ia * g - (ib + ik * di), gi_ptr), mask=mask)
 
 
+# per-slot flags of _running_kernel (a constexpr bit set per BatchNorm)
+RUN_RM = 1  # running_mean present
+RUN_RV = 2  # running_var present
+RUN_NBT = 4  # num_batches_tracked present
+RUN_RM64 = 8  # running_mean is float64
+RUN_RV64 = 16  # running_var is float64
+RUNNING_SLOTS = 4  # BatchNorms per _running_kernel launch (a bottleneck block's with its projection)
+
+
 @triton.jit
-def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                    keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo, fu_lo2, C,
-                    BLOCK: tl.constexpr, HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, HAS_NBT: tl.constexpr,
-                    RM64: tl.constexpr, RV64: tl.constexpr):
+def _running_slot(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo,
+                  fu_lo2, C, BLOCK: tl.constexpr, FLAGS: tl.constexpr):
     # running_mean = keep * running_mean + f * mean; running_var = keep * running_var + fu * var
     # (keep = 1 - factor, fu = factor * unbias), each computed in float64 for a float64 buffer,
     # else float32; program 0 also increments num_batches_tracked.
     pid = tl.program_id(0)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
-    if HAS_RM:
-        if RM64:
+    if FLAGS & 1:  # RUN_RM
+        if FLAGS & 8:  # RUN_RM64
             z = tl.zeros([BLOCK], dtype=tl.float64)  # float64 factors: their float32 parts added in float64
             rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
                 tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + f) + f_lo) + f_lo2)
@@ -575,8 +583,8 @@ def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
             rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
                 tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * f
         tl.store(rm_ptr + cols, cast_for_store(rm, rm_ptr), mask=cmask)
-    if HAS_RV:
-        if RV64:
+    if FLAGS & 2:  # RUN_RV
+        if FLAGS & 16:  # RUN_RV64
             z = tl.zeros([BLOCK], dtype=tl.float64)
             rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + keep) + keep_lo) + keep_lo2) + \
                 tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float64) * (((z + fu) + fu_lo) + fu_lo2)
@@ -584,9 +592,29 @@ def _running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr,
             rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
                 tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * fu
         tl.store(rv_ptr + cols, cast_for_store(rv, rv_ptr), mask=cmask)
-    if HAS_NBT:
+    if FLAGS & 4:  # RUN_NBT
         if pid == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _running_kernel(m0, v0, rm0, rv0, n0, k0, k0_lo, k0_lo2, f0, f0_lo, f0_lo2, fu0, fu0_lo, fu0_lo2, C0,
+                    m1, v1, rm1, rv1, n1, k1, k1_lo, k1_lo2, f1, f1_lo, f1_lo2, fu1, fu1_lo, fu1_lo2, C1,
+                    m2, v2, rm2, rv2, n2, k2, k2_lo, k2_lo2, f2, f2_lo, f2_lo2, fu2, fu2_lo, fu2_lo2, C2,
+                    m3, v3, rm3, rv3, n3, k3, k3_lo, k3_lo2, f3, f3_lo, f3_lo2, fu3, fu3_lo, fu3_lo2, C3,
+                    BLOCK: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr):
+    # The running-statistics updates of up to RUNNING_SLOTS BatchNorms (a residual block's) in one
+    # launch: slot s (its own C, factors, buffers and dtypes; flags Fs, 0 = unused slot) is
+    # _running_slot; the grid covers the largest C, and a program's columns beyond a slot's C are
+    # masked off.
+    if F0 != 0:
+        _running_slot(m0, v0, rm0, rv0, n0, k0, k0_lo, k0_lo2, f0, f0_lo, f0_lo2, fu0, fu0_lo, fu0_lo2, C0, BLOCK, F0)
+    if F1 != 0:
+        _running_slot(m1, v1, rm1, rv1, n1, k1, k1_lo, k1_lo2, f1, f1_lo, f1_lo2, fu1, fu1_lo, fu1_lo2, C1, BLOCK, F1)
+    if F2 != 0:
+        _running_slot(m2, v2, rm2, rv2, n2, k2, k2_lo, k2_lo2, f2, f2_lo, f2_lo2, fu2, fu2_lo, fu2_lo2, C2, BLOCK, F2)
+    if F3 != 0:
+        _running_slot(m3, v3, rm3, rv3, n3, k3, k3_lo, k3_lo2, f3, f3_lo, f3_lo2, fu3, fu3_lo, fu3_lo2, C3, BLOCK, F3)
 
 
 KERNELS = {
@@ -883,24 +911,38 @@ def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, 
                          relu, N, C, HW, _layout(inner, HW))
 
 
-def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:
-    if running_mean is None and running_var is None and num_batches_tracked is None:
-        return
-    C = mean.numel()
-    cfg = _running_config(max(C, 1))
-    factor = float(factor)
-    keep = _parts(1.0 - factor)
-    f = _parts(factor)
-    fu = _parts(factor * float(unbias))
-    dummy = mean
+def running_flags(running_mean, running_var, num_batches_tracked) -> int:
+    """The constexpr slot flags of _running_kernel for one BatchNorm's buffers (0: nothing to do)."""
+    flags = 0
+    if running_mean is not None:
+        flags |= RUN_RM | (RUN_RM64 if running_mean.dtype == torch.float64 else 0)
+    if running_var is not None:
+        flags |= RUN_RV | (RUN_RV64 if running_var.dtype == torch.float64 else 0)
+    if num_batches_tracked is not None:
+        flags |= RUN_NBT
+    return flags
 
-    def opt(t):
-        return t if t is not None else dummy
 
-    with _on_device(mean):
-        _running_kernel[cfg["grid"]](
-            mean, var, opt(running_mean), opt(running_var), opt(num_batches_tracked), *keep, *f, *fu, C,
-            BLOCK=cfg["BLOCK"], HAS_RM=running_mean is not None, HAS_RV=running_var is not None,
-            HAS_NBT=num_batches_tracked is not None,
-            RM64=running_mean is not None and running_mean.dtype == torch.float64,
-            RV64=running_var is not None and running_var.dtype == torch.float64, num_warps=cfg["num_warps"])
+def bn_running_update(updates) -> None:
+    """``updates``: (mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) per
+    BatchNorm (resnet_kernels/ops/batch_norm.py ``RunningUpdate``), no buffer in two of them: one
+    ``_running_kernel`` launch per RUNNING_SLOTS BatchNorms."""
+    live = [u for u in updates if running_flags(*u[2:5])]
+    for i in range(0, len(live), RUNNING_SLOTS):
+        group = live[i:i + RUNNING_SLOTS]
+        cfg = _running_config(max(max(u[0].numel() for u in group), 1))
+        dummy = group[0][0]
+        args, flags = [], []
+        for s in range(RUNNING_SLOTS):
+            if s < len(group):
+                mean, var, rm, rv, nbt, factor, unbias = group[s]
+                factor = float(factor)
+                args += [mean, var] + [t if t is not None else dummy for t in (rm, rv, nbt)]
+                args += [*_parts(1.0 - factor), *_parts(factor), *_parts(factor * float(unbias)), mean.numel()]
+                flags.append(running_flags(rm, rv, nbt))
+            else:
+                args += [dummy] * 5 + [0.0] * 9 + [0]
+                flags.append(0)
+        with _on_device(dummy):
+            _running_kernel[cfg["grid"]](*args, BLOCK=cfg["BLOCK"], F0=flags[0], F1=flags[1], F2=flags[2],
+                                         F3=flags[3], num_warps=cfg["num_warps"])

@@ -559,25 +559,48 @@ def _aten_bn_coef_cost(call):
     return launches, b
 
 
+_RUNNING_SLOTS = 4  # BatchNorms per running-update launch (triton_ops/batch_norm.py RUNNING_SLOTS, csrc kBnRunningUpdateSlots)
+
+
 def _update_cost(call):
-    """bn_running_update: one kernel over C values (read the statistics and the buffers, write the buffers)."""
-    bufs = _vecs(call.running_mean, call.running_var)
-    return 1, _vecs(call.mean, call.var) + 2 * bufs + (16 if call.nbt is not None else 0)
+    """bn_running_update (cuda, triton): one kernel per 4 BatchNorms (a residual block's updates
+    together) over their C values (read the statistics and the buffers, write the buffers)."""
+    b = 0
+    for u in call.updates:
+        b += _vecs(u.mean, u.var) * (u.running_mean is not None or u.running_var is not None)
+        b += 2 * _vecs(u.running_mean, u.running_var) + (16 if u.num_batches_tracked is not None else 0)
+    return -(-len(call.updates) // _RUNNING_SLOTS), b
 
 
 def _aten_update_cost(call):
-    """aten_batch_norm.bn_running_update: lerp_ per buffer (plus a cast when the buffer's dtype is
-    not the statistics'), var * unbias, num_batches_tracked.add_."""
+    """aten_batch_norm.bn_running_update: _foreach_mul (var * unbias), a cast per statistic whose
+    dtype is not its buffer's, _foreach_lerp_ per buffer dtype, _foreach_add_ (num_batches_tracked):
+    PyTorch's multi-tensor launches, one each for a call's few (C,) vectors."""
+    from .aten_batch_norm import running_groups
+
+    ups = call.updates
+    with_var, groups, nbts = running_groups(ups)
     launches, b = 0, 0
-    for t, s in ((call.running_mean, call.mean), (call.running_var, call.var)):
-        if t is not None:
-            cast = t.dtype != s.dtype
-            launches, b = launches + 1 + int(cast), b + 2 * nbytes(t) + nbytes(s) + (nbytes(s) + nbytes(t) if cast else 0)
-    if call.running_var is not None:
-        launches, b = launches + 1, b + 2 * nbytes(call.var)
-    if call.nbt is not None:
-        launches, b = launches + 1, b + 16
+    if with_var:
+        launches, b = 1, sum(2 * nbytes(ups[i].var) for i in with_var)
+    for pairs in groups.values():
+        launches += 1
+        for i, k in pairs:
+            buf, stat = ups[i][k], ups[i][k - 2]
+            if buf.dtype != stat.dtype:
+                launches, b = launches + 1, b + nbytes(stat) + nbytes(buf)
+            b += 3 * nbytes(buf)
+    if nbts:
+        launches, b = launches + 1, b + 16 * len(nbts)
     return launches, b
+
+
+def _cuda_update_supports(call) -> Optional[str]:
+    """csrc's running-update kernel reads float32 statistics and float32/16-bit buffers."""
+    why = _no_float64(call)
+    if why is None and not call.stats_float32:
+        why = "mean/var not float32 (the cuda running-update kernel reads float32 statistics)"
+    return why
 
 
 def _cutlass_conv_cost(call):
@@ -686,7 +709,8 @@ register(Impl("conv2d_bn_stats", "torch", _P + "torch_conv2d:conv2d_bn_stats", p
 for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_backward", "batch_norm_act_backward"),
                  ("batch_norm_act_coef", "batch_norm_act_coef"), ("bn_running_update", "bn_running_update"),
                  ("batch_norm_act_bits", "batch_norm_act_forward")):
-    register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn, supports=_no_float64, priority=20,
+    register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn,
+                  supports=_cuda_update_supports if _op == "bn_running_update" else _no_float64, priority=20,
                   cost=_COSTS[(_op, "cuda")]))
     # batch_norm_act_bits and batch_norm_act_coef run in the training block, whose backward reads the
     # 1-bit ReLU mask: triton writes and reads it in its kernels, cuda packs / unpacks it by extra

@@ -107,11 +107,34 @@ def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, 
     return [coef, icoef, gw, gb, giw, gib]
 
 
-def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias):
-    """``lerp_`` per buffer (PyTorch's own kernels; the unbiased variance one more small launch)."""
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    if running_var is not None:
-        running_var.lerp_((var * unbias).to(running_var.dtype), factor)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+def running_groups(updates):
+    """How ``bn_running_update`` batches a call's updates into foreach launches: (the indices of the
+    updates with a running_var, whose var * unbias is one ``_foreach_mul``; per buffer dtype, the
+    (update index, 2 = running_mean | 3 = running_var) pairs one ``_foreach_lerp_`` updates (a
+    statistic of another dtype than its buffer cast first, one launch each); the
+    num_batches_tracked, one ``_foreach_add_``). Shared with the accountant's cost
+    (resnet_kernels/backends/__init__.py ``_aten_update_cost``)."""
+    with_var = [i for i, u in enumerate(updates) if u[3] is not None]
+    groups = {}
+    for i, u in enumerate(updates):
+        for k in (2, 3):
+            if u[k] is not None:
+                groups.setdefault(u[k].dtype, []).append((i, k))
+    return with_var, groups, [u[4] for u in updates if u[4] is not None]
+
+
+def bn_running_update(updates):
+    """PyTorch's foreach kernels (one multi-tensor launch each for a block's few (C,) vectors):
+    ``_foreach_mul`` (var * unbias), ``_foreach_lerp_`` per buffer dtype (a statistic of another
+    dtype than its buffer cast first: one launch each), ``_foreach_add_`` (num_batches_tracked)."""
+    with_var, groups, nbts = running_groups(updates)
+    unbiased = {}
+    if with_var:
+        prods = torch._foreach_mul([updates[i][1] for i in with_var], [float(updates[i][6]) for i in with_var])
+        unbiased = dict(zip(with_var, prods))
+    for dt, pairs in groups.items():
+        bufs = [updates[i][k] for i, k in pairs]
+        srcs = [(updates[i][0] if k == 2 else unbiased[i]).to(dt) for i, k in pairs]
+        torch._foreach_lerp_(bufs, srcs, [float(updates[i][5]) for i, _ in pairs])
+    if nbts:
+        torch._foreach_add_(nbts, 1)

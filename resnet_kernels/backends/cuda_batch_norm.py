@@ -18,7 +18,7 @@ For the accountant (counted from the code, not measured):
 * coefficients (batch_norm_act_coef): the backward's reduce + finalize alone (2 launches): the same
   entry point with coef/id_coef set and no grad_y/grad_identity; the finalize writes (A, B, K) to
   the (3, C) outputs.
-* running update: 1 launch (C-sized vectors and num_batches_tracked).
+* running update: 1 launch per 4 BatchNorms (C-sized vectors and num_batches_tracked).
 """
 
 from __future__ import annotations
@@ -96,13 +96,21 @@ def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, 
               grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, eps, id_eps, relu, C, inner)
 
 
-def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:
+def bn_running_update(updates) -> None:
+    """``updates``: (mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) per
+    BatchNorm, no buffer in two of them: one ``bn_running_update_many`` launch per
+    ``_C.bn_running_update_slots`` (4) BatchNorms, with a BnRunningUpdateArgs each."""
     C_ = C_module()
-    ref = next(t for t in (running_mean, running_var, num_batches_tracked, mean) if t is not None)
-    with device_guard(ref):
-        args = fill_args(
-            C_.BnRunningUpdateArgs, mean=ptr(mean), var=ptr(var), running_mean=ptr(running_mean),
-            running_var=ptr(running_var), num_batches_tracked=ptr(num_batches_tracked),
-            running_mean_dtype=_code(running_mean), running_var_dtype=_code(running_var), factor=float(factor),
-            unbias=float(unbias), C=mean.numel(), stream=stream_of(ref))
-        call("bn_running_update", args)
+    slots = C_.bn_running_update_slots
+    for i in range(0, len(updates), slots):
+        group = updates[i:i + slots]
+        first = group[0]
+        ref = next(t for t in (first[2], first[3], first[4], first[0]) if t is not None)
+        with device_guard(ref):
+            stream = stream_of(ref)
+            args = [fill_args(C_.BnRunningUpdateArgs, mean=ptr(mean), var=ptr(var), running_mean=ptr(running_mean),
+                              running_var=ptr(running_var), num_batches_tracked=ptr(num_batches_tracked),
+                              running_mean_dtype=_code(running_mean), running_var_dtype=_code(running_var),
+                              factor=float(factor), unbias=float(unbias), C=mean.numel(), stream=stream)
+                    for mean, var, running_mean, running_var, num_batches_tracked, factor, unbias in group]
+            call("bn_running_update_many", args)

@@ -164,12 +164,15 @@ def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, 
               grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, coef, id_coef)
 
 
-def bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> None:
-    if running_mean is not None:
-        acc = acc_dtype(running_mean.dtype)
-        running_mean.copy_(running_mean.to(acc) * (1.0 - factor) + mean.to(acc) * factor)
-    if running_var is not None:
-        acc = acc_dtype(running_var.dtype)
-        running_var.copy_(running_var.to(acc) * (1.0 - factor) + var.to(acc) * (factor * unbias))
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+def bn_running_update(updates) -> None:
+    """``updates``: (mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) per
+    BatchNorm (resnet_kernels/ops/batch_norm.py ``RunningUpdate``), applied one after the other."""
+    for mean, var, running_mean, running_var, num_batches_tracked, factor, unbias in updates:
+        if running_mean is not None:
+            acc = acc_dtype(running_mean.dtype)
+            running_mean.copy_(running_mean.to(acc) * (1.0 - factor) + mean.to(acc) * factor)
+        if running_var is not None:
+            acc = acc_dtype(running_var.dtype)
+            running_var.copy_(running_var.to(acc) * (1.0 - factor) + var.to(acc) * (factor * unbias))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)

@@ -16,7 +16,9 @@ and updates its running statistics with them and the global count, as nn.SyncBat
 Failed calls change nothing: the argument checks (and torch's "more than 1 value per channel"
 error) come before any side effect, and a caller that still has to run ops that may raise passes
 ``updates=[]``: the side effects are then appended to that list as callables instead of being
-applied, and the caller runs them (``commit(updates)``) once everything has succeeded.
+applied, and the caller runs them (``commit(updates)``) once everything has succeeded
+(``batch_stats_args`` appends ``PendingUpdate`` entries, which ``commit`` applies together: one
+``bn_running_update`` call, one launch for a residual block's BatchNorms).
 
 Empty batches behave like ``nn.BatchNorm2d``: in training ``num_batches_tracked`` still counts
 the call, the running statistics are left unchanged, and (scale, shift) are (weight, bias) (torch
@@ -44,10 +46,44 @@ def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def commit(updates: Optional[List[Callable[[], None]]]) -> None:
-    """Apply the side effects deferred by ``bn_scale_shift(..., updates=...)``, in order."""
+class PendingUpdate(NamedTuple):
+    """A BatchNorm's running-statistics update deferred by ``batch_stats_args``: ``update`` is the
+    (mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) tuple of
+    ``ops.batch_norm.bn_running_update_many``."""
+
+    update: tuple
+    backend: Optional[str]
+
+
+def commit(updates: Optional[List]) -> None:
+    """Apply the side effects deferred by ``bn_scale_shift(..., updates=...)`` (callables) and
+    ``batch_stats_args`` (``PendingUpdate``), in order: consecutive running-statistics updates of one
+    backend go out as one ``bn_running_update_many`` call (one launch for a residual block's up to 4
+    BatchNorms on cuda and triton), split where a buffer would be updated twice (a BatchNorm module
+    used twice), so that each applies after the previous one as nn.BatchNorm2d's would."""
+    batch: list = []
+    backend = None
+    seen: set = set()
     for u in updates or ():
+        if isinstance(u, PendingUpdate):
+            ids = {id(t) for t in u.update[2:5] if t is not None}
+            if batch and (u.backend != backend or ids & seen):
+                _flush(batch, backend)
+                batch, seen = [], set()
+            batch.append(u.update)
+            backend = u.backend
+            seen |= ids
+            continue
+        if batch:
+            _flush(batch, backend)
+            batch, seen = [], set()
         u()
+    if batch:
+        _flush(batch, backend)
+
+
+def _flush(batch: list, backend: Optional[str]) -> None:
+    (_bn_running_update_many or _load_update())(batch, backend=backend)
 
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
@@ -139,11 +175,11 @@ class BatchStats(NamedTuple):
 
 
 def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tensor, var: Tensor,
-                     updates: List[Callable[[], None]], backend: Optional[str]) -> Optional[BatchStats]:
+                     updates: list, backend: Optional[str]) -> Optional[BatchStats]:
     """``bn`` (using batch statistics) applied to ``y``, whose batch mean and biased variance are
     ``mean``/``var``, as a :class:`BatchStats` for ``batch_norm_act``; bn's side effects (the running
-    statistics and num_batches_tracked, one ``bn_running_update`` kernel) are appended to
-    ``updates``, exactly those of ``bn_scale_shift``. None (and nothing appended) where the general
+    statistics and num_batches_tracked) are appended to ``updates`` as a ``PendingUpdate``, exactly
+    those of ``bn_scale_shift``; ``commit`` applies a unit's or a block's together (one kernel). None (and nothing appended) where the general
     path must run: a synchronising SyncBatchNorm, an empty batch. Raises (before any side effect)
     what ``bn_scale_shift`` raises."""
     if y.dim() != 4:
@@ -160,25 +196,26 @@ def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tenso
     running = bn.training and bn.running_mean is not None
     if count or running:
         if bn.momentum is None:
-            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0) if count else 0.0
+            # the count this update will follow: the buffer's, plus this BN's updates still pending
+            # in ``updates`` (a module used twice in one block)
+            pending = sum(1 for u in updates if isinstance(u, PendingUpdate) and u.update[4] is bn.num_batches_tracked)
+            factor = 1.0 / (float(bn.num_batches_tracked) + 1.0 + pending) if count else 0.0
         else:
             factor = bn.momentum
-        bn_running_update = _bn_running_update or _load_update()
         rm, rv = (bn.running_mean, bn.running_var) if running else (None, None)
         nbt = bn.num_batches_tracked if count else None
-        updates.append(lambda: bn_running_update(mean, var, rm, rv, nbt, factor=factor, unbias=m / (m - 1),
-                                                 backend=backend))
+        updates.append(PendingUpdate((mean, var, rm, rv, nbt, factor, m / (m - 1)), backend))
     return BatchStats(mean, var, bn.weight, bn.bias, float(bn.eps))
 
 
-_bn_running_update = None
+_bn_running_update_many = None
 
 
 def _load_update():
-    global _bn_running_update
-    from ..ops.batch_norm import bn_running_update  # imported on first use (the op module imports this one)
-    _bn_running_update = bn_running_update
-    return bn_running_update
+    global _bn_running_update_many
+    from ..ops.batch_norm import bn_running_update_many  # imported on first use (the op module imports this one)
+    _bn_running_update_many = bn_running_update_many
+    return bn_running_update_many
 
 
 def _run(effects: List[Callable[[], None]], updates: Optional[List[Callable[[], None]]]) -> None:

@@ -1,6 +1,7 @@
 """Fused ops (each defined once with torch.library; backends in resnet_kernels.backends)."""
 
-from .batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef, bn_running_update
+from .batch_norm import (batch_norm_act, batch_norm_act_bits, batch_norm_act_coef, bn_running_update,
+                         bn_running_update_many)
 from .bn_add_relu import add_relu, bn_add_relu
 from .conv2d import conv2d_epilogue, conv2d_stats
 from .conv2d_bn import conv2d_bn_stats
@@ -11,5 +12,6 @@ from . import _flops
 _flops.register()  # FLOP formulas for torch.utils.flop_counter
 
 __all__ = ["add_relu", "batch_norm_act", "batch_norm_act_bits", "batch_norm_act_coef", "bn_add_relu", "bn_running_update",
+           "bn_running_update_many",
            "conv2d_backward",
            "conv2d_bn_stats", "conv2d_epilogue", "conv2d_stats", "max_pool2d"]

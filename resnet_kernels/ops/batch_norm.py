@@ -5,6 +5,9 @@
           R = the identity's own BN (id_mean ... id_eps) of identity, or identity, or 0
     bn_running_update(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias)
         the running-statistics update of nn.BatchNorm2d, in place (one kernel)
+    bn_running_update_many(updates)
+        those of several BatchNorms (a residual block's) in one call: one kernel for up to 4
+        (the op itself takes lists: ``bn_running_update`` is its one-BatchNorm form)
 
 ``mean``/``var`` are **the batch statistics of y** (biased variance), e.g. from ``conv2d_stats``'s
 epilogue, and likewise ``id_mean``/``id_var`` of ``identity``: the backward is nn.BatchNorm2d's
@@ -35,7 +38,7 @@ SyncBatchNorm, a convolution bias before the BN, empty batches.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -296,46 +299,76 @@ class CoefCall:
         return None
 
 
+class RunningUpdate(NamedTuple):
+    """One BatchNorm's running-statistics update, as the ``bn_running_update`` launchers take it."""
+
+    mean: Tensor
+    var: Tensor
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    factor: float
+    unbias: float
+
+
 class UpdateCall:
-    """A bn_running_update call. It mutates its buffers: the measured 'auto' runs candidates on
-    copies (``fresh=True`` returns them for verification) and then the chosen one in place."""
+    """A bn_running_update call: the updates of one or more BatchNorms (a residual block's), applied
+    together. It mutates its buffers: the measured 'auto' runs candidates on copies (``fresh=True``
+    returns them for verification) and then the chosen one in place."""
 
     op = OP_UPDATE
     mutates = True
 
-    def __init__(self, mean, var, running_mean, running_var, num_batches_tracked, factor, unbias):
-        self.mean, self.var = mean, var
-        self.running_mean, self.running_var, self.nbt = running_mean, running_var, num_batches_tracked
-        self.factor, self.unbias = factor, unbias
-        self.device = mean.device
-        self.dtype = running_mean.dtype if running_mean is not None else mean.dtype
-        self.C = mean.shape[0]
+    def __init__(self, updates: List[RunningUpdate], device: torch.device):
+        self.updates = updates
+        self.device = device
+        ts = [t for u in updates for t in u[:5] if t is not None and t.is_floating_point()]
+        # what the implementations' supports() read: float64 anywhere (statistics or buffers), and
+        # whether every statistic is float32 (the csrc kernel reads float32 statistics)
+        self.dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+        self.stats_float32 = all(u.mean.dtype == torch.float32 and u.var.dtype == torch.float32 for u in updates)
 
     def params(self):
-        return (self.running_mean, self.running_var)
+        return tuple(t for u in self.updates for t in (u.running_mean, u.running_var))
 
     def key(self) -> str:
-        return f"{self.C}|{self.mean.dtype}|{_short(self.dtype)}|{_flags(self.running_mean, self.running_var, self.nbt)}"
+        return ";".join(f"{u.mean.shape[0]}|{u.mean.dtype}|{_short(_buf_dtype(u))}|"
+                        f"{_flags(u.running_mean, u.running_var, u.num_batches_tracked)}" for u in self.updates)
 
     def describe(self) -> str:
-        return f"C={self.C} {_short(self.dtype)} buffers"
+        Cs = ",".join(str(u.mean.shape[0]) for u in self.updates)
+        dts = ",".join(sorted({_short(_buf_dtype(u)) for u in self.updates}))
+        return f"{len(self.updates)} BatchNorm(s) C={Cs} {dts} buffers"
 
     def run(self, impl, fresh: bool = False):
-        bufs = (self.running_mean, self.running_var, self.nbt)
+        updates = self.updates
         if fresh:
-            bufs = tuple(b.clone() if b is not None else None for b in bufs)
-        impl.load()(self.mean, self.var, *bufs, self.factor, self.unbias)
-        return bufs if fresh else None
+            updates = [u._replace(**{n: getattr(u, n).clone() for n in _BUFFERS if getattr(u, n) is not None})
+                       for u in updates]
+        impl.load()(updates)
+        return [u[2:5] for u in updates] if fresh else None
 
     def compare(self, got, ref):
-        rtol = verify_rtol(self.dtype if self.dtype.is_floating_point else torch.float32)
-        for name, g, r in zip(("running_mean", "running_var"), got[:2], ref[:2]):
-            err = mismatch(name, g, r, rtol)
-            if err is not None:
-                return err
-        if got[2] is not None and not torch.equal(got[2], ref[2]):
-            return "num_batches_tracked differs"
+        for i, (g, r) in enumerate(zip(got, ref)):
+            for name, gt, rt in zip(_BUFFERS, g, r):
+                if gt is None:
+                    continue
+                if name == "num_batches_tracked":
+                    if not torch.equal(gt, rt):
+                        return f"num_batches_tracked[{i}] differs"
+                    continue
+                err = mismatch(f"{name}[{i}]", gt, rt, verify_rtol(gt.dtype))
+                if err is not None:
+                    return err
         return None
+
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _buf_dtype(u: RunningUpdate):
+    return u.running_mean.dtype if u.running_mean is not None else (
+        u.running_var.dtype if u.running_var is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,34 +724,113 @@ _batch_norm_act = Eager(batch_norm_act_op, _setup_context, _backward)
 # --------------------------------------------------------------------------------------------
 # running statistics
 # --------------------------------------------------------------------------------------------
-def _validate_update(mean, var, running_mean, running_var, num_batches_tracked):
+# The op takes lists (one entry per BatchNorm) with the buffers compacted: ``buffers[i]`` says which of
+# update i's running_mean (1), running_var (2), num_batches_tracked (4) are present, and the three
+# buffer lists hold the present ones in update order (torch.compile cannot functionalise a mutated
+# list holding None).
+_HAS = (1, 2, 4)
+
+
+def _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias) -> List[RunningUpdate]:
+    """The op's list arguments as one RunningUpdate per BatchNorm, validated (messages name the
+    argument, with its index when the call updates several BatchNorms)."""
     op = OP_UPDATE
-    for name, t in (("mean", mean), ("var", var)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
-            raise ValueError(f"{op}: {name} must be a 1-D floating-point tensor of per-channel statistics")
-    C = mean.shape[0]
-    if var.shape != mean.shape or var.device != mean.device:
-        raise ValueError(f"{op}: var must match mean (shape {tuple(mean.shape)}, device {mean.device}), got "
-                         f"shape {tuple(var.shape)} on {var.device}")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != C or not t.is_floating_point() or t.device != mean.device:
-            raise ValueError(f"{op}: {name} must be a 1-D floating-point tensor of C={C} values on {mean.device}, "
-                             f"got shape {tuple(t.shape)} {t.dtype} on {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
-    if num_batches_tracked is not None:
-        t = num_batches_tracked
-        if t.numel() != 1 or t.dtype != torch.long or t.device != mean.device:
-            raise ValueError(f"{op}: num_batches_tracked must be a one-element int64 tensor on {mean.device}, "
-                             f"got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+    n = len(mean)
+    for name, v in (("var", var), ("buffers", buffers), ("factor", factor), ("unbias", unbias)):
+        if len(v) != n:
+            raise ValueError(f"{op}: {name} must have one entry per BatchNorm ({n}, as mean), got {len(v)}")
+    lists = (running_mean, running_var, num_batches_tracked)
+    pos = [0, 0, 0]
+    updates = []
+    for i in range(n):
+        b = buffers[i]
+        if not isinstance(b, int) or not 0 <= b <= 7:
+            raise ValueError(f"{op}: buffers[{i}] must be a bit set of 1 (running_mean), 2 (running_var), "
+                             f"4 (num_batches_tracked), got {b!r}")
+        bufs = []
+        for k, (name, lst) in enumerate(zip(_BUFFERS, lists)):
+            if b & _HAS[k]:
+                if pos[k] >= len(lst):
+                    raise ValueError(f"{op}: {name} has {len(lst)} tensors, fewer than buffers says are present")
+                bufs.append(lst[pos[k]])
+                pos[k] += 1
+            else:
+                bufs.append(None)
+        updates.append(RunningUpdate(mean[i], var[i], *bufs, factor[i], unbias[i]))
+    for name, lst, k in zip(_BUFFERS, lists, pos):
+        if len(lst) != k:
+            raise ValueError(f"{op}: {name} has {len(lst)} tensors, buffers says {k} are present")
+    _validate_update(updates)
+    return updates
 
 
-def update_call(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) -> UpdateCall:
-    _validate_update(mean, var, running_mean, running_var, num_batches_tracked)
-    return UpdateCall(mean.contiguous(), var.contiguous(), running_mean, running_var, num_batches_tracked,
-                      float(factor), float(unbias))
+def _validate_update(updates: List[RunningUpdate]) -> None:
+    op = OP_UPDATE
+    several = len(updates) > 1
+
+    def nm(name, i):
+        return f"{name}[{i}]" if several else name
+
+    for i, u in enumerate(updates):
+        mean, var = u.mean, u.var
+        for name, t in (("mean", mean), ("var", var)):
+            if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
+                raise ValueError(f"{op}: {nm(name, i)} must be a 1-D floating-point tensor of per-channel statistics")
+        C = mean.shape[0]
+        if var.shape != mean.shape or var.device != mean.device:
+            raise ValueError(f"{op}: {nm('var', i)} must match {nm('mean', i)} (shape {tuple(mean.shape)}, device "
+                             f"{mean.device}), got shape {tuple(var.shape)} on {var.device}")
+        for name, t in (("running_mean", u.running_mean), ("running_var", u.running_var)):
+            if t is None:
+                continue
+            if t.dim() != 1 or t.shape[0] != C or not t.is_floating_point() or t.device != mean.device:
+                raise ValueError(f"{op}: {nm(name, i)} must be a 1-D floating-point tensor of C={C} values on "
+                                 f"{mean.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{op}: {nm(name, i)} must be contiguous (it is updated in place)")
+        if u.num_batches_tracked is not None:
+            t = u.num_batches_tracked
+            if t.numel() != 1 or t.dtype != torch.long or t.device != mean.device:
+                raise ValueError(f"{op}: {nm('num_batches_tracked', i)} must be a one-element int64 tensor on "
+                                 f"{mean.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+        if i and mean.device != updates[0].mean.device:
+            raise ValueError(f"{op}: {nm('mean', i)} is on {mean.device}, mean[0] on {updates[0].mean.device} "
+                             f"(one launch, one device)")
+    # the implementations update every buffer of the call at once: each may appear once
+    seen = []
+    for i, u in enumerate(updates):
+        for name, t in zip(_BUFFERS, u[2:5]):
+            if t is None:
+                continue
+            for other, j, s in seen:
+                if _overlap(t, s):
+                    raise ValueError(f"{op}: {nm(name, i)} shares memory with {nm(other, j)}: each buffer may be "
+                                     f"updated once per call (apply such updates in separate calls, in order)")
+            seen.append((name, i, t))
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors share memory (same storage, intersecting element ranges)."""
+    if a is b:
+        return True
+    try:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False  # a wrapper without storage (tracing): the op checks the real tensors when it runs
+    if sa._cdata != sb._cdata:
+        return False
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def update_call(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor,
+                unbias) -> UpdateCall:
+    updates = _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
+    # a BatchNorm without buffers has nothing to update: not handed to the implementations
+    return UpdateCall([u._replace(mean=u.mean.contiguous(), var=u.var.contiguous(), factor=float(u.factor),
+                                  unbias=float(u.unbias))
+                       for u in updates if any(t is not None for t in u[2:5])],
+                      mean[0].device if len(mean) else torch.device("cpu"))
 
 
 # the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
@@ -728,20 +840,23 @@ CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call, O
 
 @torch.library.custom_op("resnet_kernels::bn_running_update",
                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def bn_running_update_op(mean: Tensor, var: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         num_batches_tracked: Optional[Tensor], factor: float, unbias: float, backend: str) -> None:
-    call = update_call(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias)
-    if mean.numel() == 0:
+def bn_running_update_op(mean: List[Tensor], var: List[Tensor], running_mean: List[Tensor], running_var: List[Tensor],
+                         num_batches_tracked: List[Tensor], buffers: List[int], factor: List[float],
+                         unbias: List[float], backend: str) -> None:
+    call = update_call(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
+    if all(u.mean.numel() == 0 for u in call.updates):
+        # nothing to dispatch (no BatchNorm with buffers, or only empty ones: C == 0)
         _tune.check_requested(OP_UPDATE, backend, call)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+        for u in call.updates:
+            if u.num_batches_tracked is not None:
+                u.num_batches_tracked.add_(1)
         return
     _tune.dispatch(OP_UPDATE, backend, call)
 
 
 @bn_running_update_op.register_fake
-def _(mean, var, running_mean, running_var, num_batches_tracked, factor, unbias, backend):
-    _validate_update(mean, var, running_mean, running_var, num_batches_tracked)
+def _(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias, backend):
+    _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
 
 
 _bn_running_update = Eager(bn_running_update_op)
@@ -794,10 +909,43 @@ def bn_running_update(mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
     """running = (1 - factor) running + factor (mean, var * unbias); num_batches_tracked += 1."""
     check_tensor_args(OP_UPDATE, ("running_mean", "running_var", "num_batches_tracked"), mean=mean, var=var,
                       running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked)
+    _update([RunningUpdate(mean, var, running_mean, running_var, num_batches_tracked,
+                           _check_float(OP_UPDATE, "factor", factor), _check_float(OP_UPDATE, "unbias", unbias))],
+            backend)
+
+
+def bn_running_update_many(updates: Sequence[RunningUpdate], *, backend: Optional[str] = None) -> None:
+    """Several BatchNorms' ``bn_running_update`` in one call (one launch for up to 4 on cuda and
+    triton: a residual block's): ``updates`` are (mean, var, running_mean, running_var,
+    num_batches_tracked, factor, unbias) tuples (``RunningUpdate``), buffers None where absent, no
+    buffer in two of them. All or nothing: a call that raises has changed no buffer."""
+    checked = []
+    for i, u in enumerate(updates):
+        if not isinstance(u, tuple) or len(u) != 7:
+            raise TypeError(f"{OP_UPDATE}: updates[{i}] must be a (mean, var, running_mean, running_var, "
+                            f"num_batches_tracked, factor, unbias) tuple, got {type(u).__name__}")
+        mean, var, rm, rv, nbt, factor, unbias = u
+        check_tensor_args(OP_UPDATE, (f"running_mean[{i}]", f"running_var[{i}]", f"num_batches_tracked[{i}]"),
+                          **{f"mean[{i}]": mean, f"var[{i}]": var, f"running_mean[{i}]": rm,
+                             f"running_var[{i}]": rv, f"num_batches_tracked[{i}]": nbt})
+        checked.append(RunningUpdate(mean, var, rm, rv, nbt, _check_float(OP_UPDATE, f"factor[{i}]", factor),
+                                     _check_float(OP_UPDATE, f"unbias[{i}]", unbias)))
+    _update(checked, backend)
+
+
+def _update(updates: List[RunningUpdate], backend: Optional[str]) -> None:
+    lists = ([], [], [])
+    buffers = []
+    for u in updates:
+        b = 0
+        for k, t in enumerate(u[2:5]):
+            if t is not None:
+                lists[k].append(t)
+                b |= _HAS[k]
+        buffers.append(b)
     with torch.no_grad():
-        _bn_running_update(mean.detach(), var.detach(), running_mean, running_var, num_batches_tracked,
-                             _check_float(OP_UPDATE, "factor", factor), _check_float(OP_UPDATE, "unbias", unbias),
-                             _backend.op_arg(backend))
+        _bn_running_update([u.mean.detach() for u in updates], [u.var.detach() for u in updates], *lists, buffers,
+                           [u.factor for u in updates], [u.unbias for u in updates], _backend.op_arg(backend))
 
 
-__all__ = ["batch_norm_act", "bn_running_update"]
+__all__ = ["batch_norm_act", "bn_running_update", "bn_running_update_many", "RunningUpdate"]

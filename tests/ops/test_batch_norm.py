@@ -274,7 +274,8 @@ def test_opcheck():
             iw.requires_grad_(), ib.requires_grad_(), 1e-5, 1e-3, True, "torch")
     torch.library.opcheck(torch.ops.resnet_kernels.batch_norm_act.default, args)
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
-    torch.library.opcheck(torch.ops.resnet_kernels.bn_running_update.default, (m, v, rm, rv, nbt, 0.1, 1.5, "torch"))
+    torch.library.opcheck(torch.ops.resnet_kernels.bn_running_update.default,
+                          ([m], [v], [rm], [rv], [nbt], [7], [0.1], [1.5], "torch"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,10 +321,10 @@ def test_running_update(C, bdtype, cuda_target):
         rm, rv, nbt = rm0.clone(), rv0.clone(), nbt0.clone()
         rm64, rv64, nbt64 = rm0.double(), rv0.double(), nbt0.clone()
         factor, unbias = 0.1, 50 / 49
-        cuda_impl.bn_running_update(mean, var, rm if with_mean else None, rv if with_var else None,
-                                    nbt if with_nbt else None, factor, unbias)
-        torch_impl.bn_running_update(mean.double(), var.double(), rm64 if with_mean else None,
-                                     rv64 if with_var else None, nbt64 if with_nbt else None, factor, unbias)
+        cuda_impl.bn_running_update([(mean, var, rm if with_mean else None, rv if with_var else None,
+                                      nbt if with_nbt else None, factor, unbias)])
+        torch_impl.bn_running_update([(mean.double(), var.double(), rm64 if with_mean else None,
+                                       rv64 if with_var else None, nbt64 if with_nbt else None, factor, unbias)])
         tag = f"mean={with_mean} var={with_var} nbt={with_nbt}"
         if with_mean:
             mag = (rm0.double() * (1 - factor)).abs() + (mean.double() * factor).abs()
@@ -340,6 +340,64 @@ def test_running_update(C, bdtype, cuda_target):
             assert torch.equal(rv, rv0), f"running_var changed although not given ({tag})"
         assert nbt.item() == (42 if with_nbt else 41), tag
         assert nbt.dtype == torch.int64
+
+
+def test_running_update_many_one_launch(cuda_target):
+    """csrc's bn_running_update_many: 4 BatchNorms (C = 3, 300, 1, 37; float32, bfloat16 and
+    float16 buffers; some absent) in one call, each against the float64 reference; the launcher
+    splits 5 into two launches."""
+    g = torch.Generator().manual_seed(11)
+    dev = cuda_target
+    Cs, dts = (3, 300, 1, 37, 5), (torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)
+    given = ((True, True, True), (True, False, True), (False, True, False), (True, True, False), (True, True, True))
+    ups, refs, olds = [], [], []
+    for C, dt, (wm, wv, wn) in zip(Cs, dts, given):
+        mean, var = (torch.randn(C, generator=g) * 3).to(dev), (torch.rand(C, generator=g) * 2).to(dev)
+        rm0, rv0 = torch.randn(C, generator=g).to(dt).to(dev), torch.rand(C, generator=g).to(dt).to(dev)
+        nbt0 = torch.tensor(C, dtype=torch.int64, device=dev)
+        factor, unbias = 1.0 / (C + 1), 10 / 9
+        ups.append((mean, var, rm0.clone() if wm else None, rv0.clone() if wv else None, nbt0.clone() if wn else None,
+                    factor, unbias))
+        refs.append((mean.double(), var.double(), rm0.double() if wm else None, rv0.double() if wv else None,
+                     nbt0.clone() if wn else None, factor, unbias))
+        olds.append((rm0, rv0))
+    cuda_impl.bn_running_update(ups)
+    torch_impl.bn_running_update(refs)
+    for i, (u, r, (rm0, rv0)) in enumerate(zip(ups, refs, olds)):
+        for k, (name, t0) in enumerate((("running_mean", rm0), ("running_var", rv0))):
+            got, exp = u[2 + k], r[2 + k]
+            if got is None:
+                continue
+            stat = u[k].double() * (u[6] if k else 1.0)
+            mag = (t0.double() * (1 - u[5])).abs() + (stat * u[5]).abs()
+            rt.assert_within(got, exp, rt.elementwise_bound(exp, mag, torch.float32, ops=4, stored=got.dtype),
+                             f"{name}[{i}]")
+        if u[4] is not None:
+            assert int(u[4]) == Cs[i] + 1, f"num_batches_tracked[{i}]"
+
+
+def test_running_update_many_refuses(cuda_target):
+    """The C++ API's checks: 1 to 4 updates per launch, one stream, each buffer once."""
+    from resnet_kernels.backends.cuda_common import C_module, call, ptr
+
+    C_ = C_module()
+    dev = cuda_target
+    m, rm, rm2 = torch.zeros(4, device=dev), torch.zeros(4, device=dev), torch.zeros(4, device=dev)
+
+    def args(running_mean, stream=0):
+        a = C_.BnRunningUpdateArgs()
+        a.mean, a.var, a.running_mean, a.C, a.factor, a.unbias, a.stream = ptr(m), ptr(m), ptr(running_mean), 4, 0.5, 1.0, stream
+        a.running_mean_dtype = cuda_impl.DTYPE_CODES[torch.float32]
+        return a
+
+    assert C_.bn_running_update_slots == 4
+    with pytest.raises(ValueError, match=r"bn_running_update: args must hold 1 to 4 updates per launch, got 5"):
+        call("bn_running_update_many", [args(torch.zeros(4, device=dev)) for _ in range(5)])
+    with pytest.raises(ValueError, match=r"args\[1\] updates a buffer of args\[0\]"):
+        call("bn_running_update_many", [args(rm), args(rm)])
+    with pytest.raises(ValueError, match=r"args\[1\].stream differs from args\[0\].stream"):
+        call("bn_running_update_many", [args(rm), args(rm2, stream=1)])
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rm2, torch.zeros(4))
 
 
 # --------------------------------------------------------------------------------------------

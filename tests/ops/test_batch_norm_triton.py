@@ -471,7 +471,7 @@ def test_running_update(C, buf_dtype, stat_dtype, which):
     rm = rm0.clone() if "running_mean" in which else None
     rv = rv0.clone() if "running_var" in which else None
     nbt = nbt0.clone() if "num_batches_tracked" in which else None
-    TK.bn_running_update(mean, var, rm, rv, nbt, factor, unbias)
+    TK.bn_running_update([(mean, var, rm, rv, nbt, factor, unbias)])
     atol, rtol = TOL[buf_dtype]
     u = _u(buf_dtype)
     if rm is not None:
@@ -497,8 +497,8 @@ def test_running_update_matches_reference_repeatedly():
         mean = torch.randn(C, generator=g).to(DEV)
         var = (torch.rand(C, generator=g) + 0.5).to(DEV)
         factor = 1.0 / (step + 1)  # momentum=None: cumulative average
-        TK.bn_running_update(mean, var, *bufs, factor, 8 / 7)
-        REF.bn_running_update(mean, var, *ref, factor, 8 / 7)
+        TK.bn_running_update([(mean, var, *bufs, factor, 8 / 7)])
+        REF.bn_running_update([(mean, var, *ref, factor, 8 / 7)])
     torch.testing.assert_close(bufs[0], ref[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(bufs[1], ref[1], atol=1e-6, rtol=1e-6)
     assert bufs[2].item() == ref[2].item() == 10
