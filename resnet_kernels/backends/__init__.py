@@ -837,9 +837,55 @@ def _aten_conv_bwd_cost(call):
     return max(launches, 1), b
 
 
+def _cuda_dgrad_refusal(call):
+    """cuda_conv_backward.dgrad_refusal for this call: None when csrc's dgrad kernel computes grad_x."""
+    from .cuda_conv_backward import dgrad_refusal
+
+    return dgrad_refusal(call.g, call.mask, call.y, call.xs, call.weight, call.stride, call.residual, call.res_mask,
+                         call.up_y)
+
+
+def _cuda_own_dgrad_cost(call):
+    """cuda_conv_backward._dgrad (csrc/conv2d_dgrad.cu): the weight re-laid out (one copy: read and
+    write it), the dgrad kernel (the operand g, the mask (activation or bits), y with coef, the weight
+    once; the residual and its mask, the upstream mask x and up_y read once in the epilogue; grad_x and
+    with upstream reductions the per-tile partials written), the finalize kernel (partials and 4
+    per-channel vectors in, 5 out)."""
+    W = nbytes(call.weight)
+    launches, b = 2, 2 * W
+    b += _conv_bwd_operand_reads(call) + W + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.xs)
+    b += 4 * call.weight.shape[0] * 4 if call.coef is not None else 0
+    if call.upstream:
+        N, Cin, H, Wd = call.xs.shape
+        sh, sw = call.stride
+        tiles = sum(-(-(N * -(-(H - ah) // sh) * -(-(Wd - aw) // sw)) // 128)
+                    for ah in range(min(sh, H)) for aw in range(min(sw, Wd)))
+        p = 2 * tiles * Cin * 4
+        launches += 1
+        b += nbytes(call.xs) + nbytes(call.up_y) + 2 * p + 9 * Cin * 4
+    return launches, b
+
+
 def _cuda_conv_bwd_cost(call):
-    """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted."""
+    """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted. grad_x by
+    csrc's dgrad (``_cuda_own_dgrad_cost``) where ``dgrad_refusal`` lets it, else the separate passes
+    around cuDNN; grad_weight by cuDNN's wgrad on the materialised operand."""
     need_x, need_w = call.needs[0], call.needs[1]
+    if need_x and _cuda_dgrad_refusal(call) is None:
+        launches, b = _cuda_own_dgrad_cost(call)
+        ul, ub = _upstream_input_cost(call)
+        launches, b = launches + ul, b + ub
+        if need_w:
+            g = nbytes(call.g)
+            if call.mask is not None and is_bits(call.mask):
+                u = unpack_cost(call.mask, call.g)
+                launches, b = launches + u[0], b + u[1]
+            if call.mask is not None:
+                launches, b = launches + 1, b + 3 * g
+            if call.coef is not None:
+                launches, b = launches + 3, b + 3 * g + nbytes(call.y) + 64 * call.weight.shape[0]
+            launches, b = launches + 1, b + g + nbytes(call.xs) + nbytes(call.weight)
+        return launches, b
     g = nbytes(call.g)
     launches, b = _unpack_masks(call)
     ul, ub = _upstream_input_cost(call)

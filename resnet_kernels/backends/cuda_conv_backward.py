@@ -1,10 +1,22 @@
-"""conv2d_backward (resnet_kernels/ops/conv_backward.py) on the cuda backend: csrc's elementwise
-and BatchNorm kernels around cuDNN's dgrad and wgrad (``aten.convolution_backward``, as the cuda
-backend's other convolution backwards). The separate-pass variant of the fused backward: the
-operand dy is materialised once in the activation dtype, then both convolutions read it.
-Contract: ``backends/torch_conv_backward.py``.
+"""conv2d_backward (resnet_kernels/ops/conv_backward.py) on the cuda backend. Contract:
+``backends/torch_conv_backward.py``. Two paths for grad_x, chosen per call by :func:`dgrad_refusal`
+(the registry's cost model branches on the same function, so the accountant counts the path that
+runs):
 
-Kernels per call:
+* csrc's implicit-GEMM dgrad (csrc/conv2d_dgrad.cu: mma.sync, sm_80+): the operand dy computed in
+  registers from (g, mask, y, mean, coef) as it is loaded, the residual (+ res_mask), the upstream
+  ReLU and the upstream BN-backward reductions (per-CTA partials + a fixed-order finalize kernel) in
+  its epilogue. Launches: the weight re-laid out (Cin, KH, KW, Cout) (one copy), the dgrad kernel,
+  with upstream reductions the finalize kernel. Taken for float16/bfloat16 with every
+  activation-shaped tensor channels_last, Cin and Cout multiples of 8, stride 1 or 2, at most 9
+  filter taps per stride parity class (1x1, 3x3).
+* otherwise csrc's elementwise and BatchNorm kernels around cuDNN's dgrad (``aten.convolution_backward``,
+  as the cuda backend's other convolution backwards): the separate-pass variant, below.
+
+grad_weight is cuDNN's wgrad on the operand dy materialised once in the activation dtype (shared
+with the cuDNN dgrad when that path runs).
+
+Kernels per call of the separate-pass path:
 * operand, with coef: ``bn_add_relu`` forward with x = g, scale = A, shift = K mean - B,
   identity = y, id_scale = -K (dy = A g + (K mean - B) - K y, 1 pass, one rounding), preceded by one
   ``bn_add_relu`` backward pass (g * (mask > 0), exact) when a mask is given; without coef: that
@@ -19,12 +31,16 @@ Kernels per call:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .. import _alloc
 from .._bits import is_bits, unpack
 from .._checks import acc_dtype
 from .cuda_batch_norm import batch_norm_act_backward
 from .cuda_bn_add_relu import bn_add_relu_backward, bn_add_relu_forward
+from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 from .torch_conv_backward import _tf32, upstream_input
 
 
@@ -53,19 +69,91 @@ def _operand(g, mask, y, mean, coef):
     return dy
 
 
+_DGRAD_DTYPES = (torch.float16, torch.bfloat16)
+_DGRAD_MAX_TAPS = 9  # csrc/conv2d_dgrad.cu kMaxTaps: filter taps per stride parity class
+
+
+def _nhwc_dense(t) -> bool:
+    """Dense channels_last with a 16-byte aligned start (every csrc dgrad access is 16 bytes; a
+    tensor's storage itself is aligned): what the csrc dgrad reads and writes."""
+    return t.is_contiguous(memory_format=torch.channels_last) and (t.storage_offset() * t.element_size()) % 16 == 0
+
+
+def dgrad_refusal(g, mask, y, xs, weight, stride, residual, res_mask, up_y) -> Optional[str]:
+    """Why csrc's dgrad kernel does not compute this call's grad_x (then cuDNN's does, with the
+    separate passes); None when it does. ``xs``: x, or up_y when x is recomputed."""
+    if g.dtype not in _DGRAD_DTYPES:
+        return f"{g.dtype} (csrc dgrad: float16, bfloat16)"
+    Cout, Cin, KH, KW = weight.shape
+    if Cin % 8 or Cout % 8:
+        return f"Cin = {Cin}, Cout = {Cout} (csrc dgrad: multiples of 8)"
+    sh, sw = (int(v) for v in stride)
+    if sh > 2 or sw > 2:
+        return f"stride {tuple(stride)} (csrc dgrad: 1 or 2)"
+    if -(-KH // sh) * -(-KW // sw) > _DGRAD_MAX_TAPS:
+        return f"a {KH}x{KW} kernel at stride {tuple(stride)} (csrc dgrad: at most 9 taps per stride parity class)"
+    for name, t in (("g", g), ("mask", mask), ("y", y), ("x", xs), ("residual", residual), ("res_mask", res_mask),
+                    ("up_y", up_y)):
+        if t is not None and not is_bits(t) and not _nhwc_dense(t):
+            return f"{name} is not channels_last (csrc dgrad: channels_last activations)"
+    return None
+
+
+def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual, res_mask, up_y, up_mean, up_var,
+           up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias) -> None:
+    """grad_x (+ the upstream outputs) by csrc's dgrad kernel (``conv2d_dgrad``, csrc/conv2d_dgrad.h)."""
+    C_ = C_module()
+    N, Cin, H, W = grad_x.shape
+    Cout, _, KH, KW = weight.shape
+    OH, OW = g.shape[2], g.shape[3]
+    up = up_y is not None
+    if not _nhwc_dense(grad_x):
+        raise ValueError(f"conv2d_backward (cuda): grad_x must be channels_last like x, got strides {grad_x.stride()}")
+    with device_guard(g):
+        wt = weight.permute(1, 2, 3, 0).contiguous()  # (Cin, KH, KW, Cout): one copy kernel
+        nbytes = C_.conv2d_dgrad_workspace_bytes(N=N, Cin=Cin, H=H, W=W, stride_h=int(stride[0]),
+                                                 stride_w=int(stride[1]), upstream=up)
+        ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=g.device) if up else None
+        mbits, rbits = (mask if is_bits(mask) else None), (res_mask if is_bits(res_mask) else None)
+        pdt = up_grad_weight.dtype if up_grad_weight is not None else (
+            up_grad_bias.dtype if up_grad_bias is not None else torch.float32)
+        args = fill_args(
+            C_.Conv2dDgradArgs, dtype=DTYPE_CODES[g.dtype], g=ptr(g), mask=ptr(None if mbits is not None else mask),
+            mask_bits=ptr(mbits), y=ptr(y if coef is not None else None),
+            coef=ptr(coef.contiguous() if coef is not None else None),
+            mean=ptr(mean.contiguous() if coef is not None else None), wt=ptr(wt), grad_x=ptr(grad_x),
+            residual=ptr(residual), res_mask=ptr(None if rbits is not None else res_mask), res_bits=ptr(rbits),
+            up_out=ptr(x if up else None), up_y=ptr(up_y), up_mean=ptr(up_mean if up else None),
+            up_var=ptr(up_var if up else None), up_weight=ptr(up_weight if up else None),
+            up_coef=ptr(up_coef if up else None), up_grad_weight=ptr(up_grad_weight if up else None),
+            up_grad_bias=ptr(up_grad_bias if up else None), workspace=ptr(ws), workspace_bytes=nbytes,
+            up_w_dtype=DTYPE_CODES[up_weight.dtype] if (up and up_weight is not None) else 0,
+            up_gw_dtype=DTYPE_CODES[pdt], up_eps=float(up_eps), N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH,
+            KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
+            OH=OH, OW=OW, stream=stream_of(g))
+        call("conv2d_dgrad", args)
+
+
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,
                     up_mean, up_var, up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias, allow_tf32, *,
                     up_bias=None) -> None:
+    own = grad_x is not None and dgrad_refusal(g, mask, y, x if x is not None else up_y, weight, stride, residual,
+                                               res_mask, up_y) is None
     if x is None:  # recomputed from the upstream unit (the contract's ``upstream_input``: torch ops, counted)
         x = upstream_input(up_y, up_mean, up_var, up_weight, up_bias, up_eps)
+    if own:
+        _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual, res_mask, up_y, up_mean, up_var,
+               up_weight, up_eps, up_coef, up_grad_weight, up_grad_bias)
+        if grad_weight is None:
+            return
     dy = _operand(g, mask, y, mean, coef)
     with _tf32(allow_tf32):
         gx, gw, _ = torch.ops.aten.convolution_backward(
             dy, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-            [grad_x is not None, grad_weight is not None, False])
+            [grad_x is not None and not own, grad_weight is not None, False])
     if grad_weight is not None:
         grad_weight.copy_(gw)
-    if grad_x is None:
+    if grad_x is None or own:
         return
     C, inner = x.shape[1], _inner(x)
     if residual is not None:
