@@ -90,6 +90,11 @@ struct Params {
   const void* up_out;
   const void* up_y;
   const float* up_mean;
+  const float* up_var;  // with up_weight, up_bias, up_eps: up_out recomputed from up_y (up_out null)
+  const void* up_weight;
+  const void* up_bias;
+  int up_w_code;  // 0 float32, 1 float16, 2 bfloat16
+  float up_eps;
   float* part;  // [2][tiles][Cin] (sum_g, sum_gd) or nullptr
   int N, Cin, H, W, Cout, OH, OW, sw, sh;
   int wrow;       // KH * KW * Cout: one wt row
@@ -129,6 +134,11 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 }
 __device__ __forceinline__ uint4 ld16(const void* base, long long elem_off) {
   return __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + elem_off));
+}
+__device__ __forceinline__ float vec_at(const void* v, int code, int c) {
+  if (code == 0) return static_cast<const float*>(v)[c];
+  if (code == 1) return to_acc(static_cast<const __half*>(v)[c]);
+  return to_acc(static_cast<const __nv_bfloat16*>(v)[c]);
 }
 
 // ---- the dgrad kernel --------------------------------------------------------------------
@@ -326,12 +336,22 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   const int cv = tid % VPR;  // this thread's 8 channels: the same for all its rows
   const int col0 = n0 + cv * 8;
   const bool col_ok = col0 < p.Cin;
-  float up_mu[8], s_g[8], s_gd[8];
+  float up_mu[8], s_g[8], s_gd[8], xs_[8], xt_[8];  // xs_, xt_: up_out recomputed = relu(up_y * xs_ + xt_)
+  const bool x_up = UP && p.up_out == nullptr;
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     s_g[e] = 0.f;
     s_gd[e] = 0.f;
     up_mu[e] = (UP && col_ok) ? __ldg(p.up_mean + col0 + e) : 0.f;
+    xs_[e] = 1.f;
+    xt_[e] = 0.f;
+    if (x_up && col_ok) {
+      const int c = col0 + e;
+      const float sc = (p.up_weight != nullptr ? vec_at(p.up_weight, p.up_w_code, c) : 1.f) *
+                       (1.f / sqrtf(p.up_var[c] + p.up_eps));
+      xs_[e] = sc;
+      xt_[e] = (p.up_bias != nullptr ? vec_at(p.up_bias, p.up_w_code, c) : 0.f) - up_mu[e] * sc;
+    }
   }
 #pragma unroll 1
   for (int r = tid / VPR; r < BM; r += EP_ROWS) {
@@ -362,13 +382,21 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
       for (int e = 0; e < 8; ++e)
         if (!(elem<T>(uo, e) > 0.f)) v[e] = 0.f;
     }
+    uint4 uy = make_uint4(0, 0, 0, 0);
+    if constexpr (UP) uy = ld16(p.up_y, off);
+    if (x_up) {  // the upstream ReLU mask of x = round(relu(up_y * s + t)) (rounded: exactly batch_norm_act's zeros)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float xv = fmaxf(elem<T>(uy, e) * xs_[e] + xt_[e], 0.f);
+        if (!(to_acc(from_acc<T>(xv)) > 0.f)) v[e] = 0.f;
+      }
+    }
     uint32_t w4[4];
 #pragma unroll
     for (int e2 = 0; e2 < 4; ++e2) w4[e2] = pack2<T>(v[2 * e2], v[2 * e2 + 1]);
     const uint4 outv = make_uint4(w4[0], w4[1], w4[2], w4[3]);
     *reinterpret_cast<uint4*>(gx + off) = outv;
     if constexpr (UP) {
-      const uint4 uy = ld16(p.up_y, off);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float gr = elem<T>(outv, e);
@@ -568,7 +596,6 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   if ((a.coef % 4) || (a.mean % 4)) throw ArgError(cat(fn, ": coef and mean must be 4-byte aligned"));
   const bool up = a.up_y != 0;
   if (up) {
-    check_ptr(a.up_out, fn, "up_out (up_y was given)");
     check_ptr(a.up_mean, fn, "up_mean (up_y was given)");
     check_ptr(a.up_var, fn, "up_var (up_y was given)");
     check_ptr(a.up_coef, fn, "up_coef (up_y was given)");
@@ -605,6 +632,11 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.up_out = reinterpret_cast<const void*>(a.up_out);
   p.up_y = reinterpret_cast<const void*>(a.up_y);
   p.up_mean = reinterpret_cast<const float*>(a.up_mean);
+  p.up_var = reinterpret_cast<const float*>(a.up_var);
+  p.up_weight = reinterpret_cast<const void*>(a.up_weight);
+  p.up_bias = reinterpret_cast<const void*>(a.up_bias);
+  p.up_w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
+  p.up_eps = static_cast<float>(a.up_eps);
   p.part = up ? reinterpret_cast<float*>(a.workspace) : nullptr;
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);

@@ -9,9 +9,13 @@
 //                                                          rounded to dtype (the GEMM operand)
 //   gx  = conv_transpose(dy, w)[n, ci, h, w]    (float32 accumulation, mma.sync m16n8k16)
 //   gx += residual * (res_mask > 0)             residual / res_mask optional (res_mask 1-bit: res_bits)
-//   gx  = gx * (up_out > 0)                     up_out optional (the upstream unit's ReLU output = x)
+//   gx  = gx * (up_out > 0)                     up_out optional (the upstream unit's ReLU output = x);
+//                                               with up_y given and up_out absent, up_out is recomputed
+//                                               from up_y: round(relu(up_y * s + t)), s = up_weight *
+//                                               rsqrt(up_var + up_eps) (up_weight absent: 1), t = up_bias
+//                                               - up_mean * s (up_bias absent: 0), in float32
 //   grad_x = round(gx)
-//   upstream reductions (up_y given; requires up_out): per input channel ci over N, H, W (m = N*H*W)
+//   upstream reductions (up_y given): per input channel ci over N, H, W (m = N*H*W)
 //     sum_g = sum(grad_x), sum_gd = sum(grad_x * (up_y - up_mean[ci])) (per-CTA float32 partials,
 //     combined in a fixed order in float64 by a finalize kernel: deterministic), then
 //     invstd = rsqrt(up_var + up_eps), A = up_weight * invstd (up_weight absent: invstd)
@@ -32,7 +36,7 @@
 //   coef (3, Cout), mean (Cout,) float32 contiguous (both or neither)
 //   residual, res_mask, up_out, up_y, grad_x  (N, Cin, H, W) of dtype, channels_last;
 //                   res_bits: uint8 (N, H, W, ceil(Cin/8))
-//   up_mean, up_var (Cin,) float32; up_weight (Cin,) of up_w_dtype or 0; up_coef (3, Cin) float32
+//   up_mean, up_var (Cin,) float32; up_weight, up_bias (Cin,) of up_w_dtype or 0; up_coef (3, Cin) float32
 //   up_grad_weight, up_grad_bias (Cin,) of up_gw_dtype or 0
 //   workspace: conv2d_dgrad_workspace_bytes(...) bytes (the upstream partials; 0 without up_y)
 // Requires a device of compute capability >= 8.0.
@@ -50,6 +54,7 @@ struct Conv2dDgradArgs {
   std::uintptr_t grad_x;                             // output
   std::uintptr_t residual, res_mask, res_bits, up_out;
   std::uintptr_t up_y, up_mean, up_var, up_weight;   // upstream reductions: up_y given
+  std::uintptr_t up_bias;                            // only to recompute up_out (up_out = 0)
   std::uintptr_t up_coef, up_grad_weight, up_grad_bias;
   std::uintptr_t workspace;
   int64_t workspace_bytes;

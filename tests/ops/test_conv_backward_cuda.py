@@ -1,11 +1,12 @@
-"""csrc's implicit-GEMM dgrad (csrc/conv2d_dgrad.cu), the 'cuda' conv2d_backward's grad_x path for
-float16/bfloat16 channels_last with Cin and Cout multiples of 8, stride 1 or 2, <= 9 taps per stride
-parity class (``cuda_conv_backward.dgrad_refusal``): every optional part of the op (mask as an
-activation or 1-bit, coef, residual + res_mask, the upstream ReLU and BN-backward reductions, x
-recomputed from up_y) against the float64 reference and PyTorch's own error ('aten'), under the
-project's policy (``testing.assert_close_to_ref``), with the outputs NaN-poisoned by the op. Without
-a GPU the kernel's own source runs on the host runner (``cuda_target``; tiny shapes: it is slow).
-Each case also checks which path ran: the csrc kernel, or (refused) cuDNN without it.
+"""csrc's implicit-GEMM dgrad and wgrad (csrc/conv2d_dgrad.cu, csrc/conv2d_wgrad.cu), the 'cuda'
+conv2d_backward's path for float16/bfloat16 channels_last with Cin and Cout multiples of 8 (the dgrad:
+also stride 1 or 2, <= 9 taps per stride parity class; ``cuda_conv_backward.dgrad_refusal`` /
+``wgrad_refusal``): every optional part of the op (mask as an activation or 1-bit, coef, residual +
+res_mask, the upstream ReLU and BN-backward reductions, x recomputed from up_y) against the float64
+reference and PyTorch's own error ('aten'), under the project's policy
+(``testing.assert_close_to_ref``), with the outputs NaN-poisoned by the op. Without a GPU the
+kernels' own source runs on the host runner (``cuda_target``; small shapes: it is slow). Each case
+also checks which path ran: the csrc kernels, or (refused) cuDNN without them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_kernels import _bits, _registry
+from resnet_kernels import _bits, _registry, testing
 from resnet_kernels.backends import cuda_conv_backward
-from resnet_kernels.ops.conv_backward import BackwardCall
+from resnet_kernels.ops.conv_backward import BackwardCall, conv2d_backward
 from ops.test_conv_backward import CONFIGS, Case, _check  # (tests/ is on the path: pyproject)
 
 # (id, N, Cin, H, W, Cout, k, stride, pad): odd H = W = 7 and N = 1, both strides, 1x1 and 3x3
@@ -29,15 +30,20 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def dgrad_calls(monkeypatch):
-    """The names of the csrc entry points cuda_conv_backward calls."""
+    """What cuda_conv_backward runs: the names of the csrc entry points it calls, and "operand" /
+    "upstream_input" when it materialises dy (the cuDNN path) / x recomputed from up_y."""
     seen = []
-    real = cuda_conv_backward.call
 
-    def spy(name, *args):
-        seen.append(name)
-        return real(name, *args)
+    def spy(name, real):
+        def f(*args, **kw):
+            seen.append(name)
+            return real(*args, **kw)
+        return f
 
-    monkeypatch.setattr(cuda_conv_backward, "call", spy)
+    real_call = cuda_conv_backward.call
+    monkeypatch.setattr(cuda_conv_backward, "call", lambda name, *a: (seen.append(name), real_call(name, *a))[1])
+    monkeypatch.setattr(cuda_conv_backward, "_operand", spy("operand", cuda_conv_backward._operand))
+    monkeypatch.setattr(cuda_conv_backward, "upstream_input", spy("upstream_input", cuda_conv_backward.upstream_input))
     return seen
 
 
@@ -64,8 +70,34 @@ def test_csrc_dgrad_matches_the_reference(shape, config, bits, cuda_target, dgra
         pt = case.run("aten")
         dgrad_calls.clear()
         got = case.run("cuda", device=cuda_target)
-        assert dgrad_calls.count("conv2d_dgrad") == 1, dgrad_calls  # the csrc kernel computed grad_x
+        # the csrc kernels computed grad_x and grad_weight: nothing materialised (x = None: recomputed in them)
+        assert dgrad_calls == ["conv2d_dgrad", "conv2d_wgrad"], dgrad_calls
         _check(case, got, pt, ref)
+
+
+@pytest.mark.parametrize("config", ["plain", "proj", "first-proj"])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], ("7x7s2", 1, 8, 11, 11, 16, 7, 2, 3)],
+                         ids=["3x3s2", "tiles-s2", "7x7s2"])
+def test_csrc_wgrad_alone_matches_the_reference(shape, config, cuda_target, dgrad_calls):
+    """grad_weight only: x = None is recomputed from up_y by the wgrad kernel as it loads it (nothing
+    materialised); any kernel size (the stem's 7x7 stride 2)."""
+    for dtype in DTYPES:
+        case = Case(shape, config, dtype, "channels_last", seed=2)
+        outs = {}
+        for backend, device, dt in (("torch", "cpu", torch.float64), ("aten", "cpu", None),
+                                    ("cuda", cuda_target, None)):
+            t = [None if v is None else v.to(device, dt) if (dt is not None and v.is_floating_point()) else
+                 v.to(device) for v in case.tensors()]
+            g, mask, y, mean, coef, x, weight, _, _, up_y, up_mean, up_var, up_weight, up_bias = t
+            dgrad_calls.clear()
+            outs[backend] = conv2d_backward(g, x, weight, stride=case.stride, padding=case.padding, mask=mask, y=y,
+                                            mean=mean, coef=coef, up_y=up_y, up_mean=up_mean, up_var=up_var,
+                                            up_weight=up_weight, up_bias=up_bias, need_x=False, backend=backend)
+        assert dgrad_calls == ["conv2d_wgrad"], dgrad_calls  # no upstream_input, no cuDNN, no dgrad
+        ref, pt, got = outs["torch"], outs["aten"], outs["cuda"]
+        assert got[0] is None
+        testing.assert_close_to_ref(f"grad_weight ({dtype})", got[1].cpu(), pt[1].cpu(), ref[1], dtype,
+                                    n_terms=case.terms["grad_weight"], roundings=2 * testing.ROUNDINGS)
 
 
 @pytest.mark.parametrize("shape", [("c3", 1, 3, 7, 7, 8, 3, 1, 1), ("cout6", 1, 8, 5, 5, 6, 1, 1, 0),
@@ -82,7 +114,7 @@ def test_refused_calls_run_cudnn_and_say_why(shape, cuda_target, dgrad_calls):
     pt = case.run("aten")
     dgrad_calls.clear()
     got = case.run("cuda", device=cuda_target)
-    assert "conv2d_dgrad" not in dgrad_calls
+    assert "conv2d_dgrad" not in dgrad_calls and "operand" in dgrad_calls
     _check(case, got, pt, ref)
 
 
@@ -118,3 +150,13 @@ def test_the_kernel_names_the_bad_argument(cuda_target):
     fields.update(stride_h=1, dtype=0)
     with pytest.raises(ValueError, match="float32 is not supported"):
         C_.conv2d_dgrad(fill_args(C_.Conv2dDgradArgs, **fields))
+
+
+@pytest.mark.parametrize("dims", [(1, 8, 8, 1, 1, 5, 5), (256, 64, 64, 1, 1, 56, 56), (256, 512, 512, 3, 3, 7, 7),
+                                  (256, 1024, 2048, 1, 1, 7, 7), (2, 16, 40, 7, 7, 6, 6), (256, 64, 256, 1, 1, 56, 56)])
+def test_the_accountants_split_count_is_the_kernels(dims, cuda_target):
+    from resnet_kernels.backends.cuda_common import C_module
+
+    N, Cin, Cout, KH, KW, OH, OW = dims
+    assert cuda_conv_backward.wgrad_splits(*dims) == C_module().conv2d_wgrad_splits(
+        N=N, Cin=Cin, Cout=Cout, KH=KH, KW=KW, OH=OH, OW=OW)
