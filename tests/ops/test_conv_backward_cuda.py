@@ -160,3 +160,31 @@ def test_the_accountants_split_count_is_the_kernels(dims, cuda_target):
     N, Cin, Cout, KH, KW, OH, OW = dims
     assert cuda_conv_backward.wgrad_splits(*dims) == C_module().conv2d_wgrad_splits(
         N=N, Cin=Cin, Cout=Cout, KH=KH, KW=KW, OH=OH, OW=OW)
+
+
+# planted bugs (tests/host_runner.py ``build(patches=...)``): the host runner must report them
+_BUGS = {
+    "dgrad_barrier": ("conv2d_dgrad", {"conv2d_dgrad.cu": [(
+        "    if (more) store(st ^ 1);  // the other buffer: last read before the previous __syncthreads\n"
+        "    __syncthreads();\n", "    if (more) store(st ^ 1);\n")]}),
+    "wgrad_barrier": ("conv2d_wgrad", {"conv2d_wgrad.cu": [(
+        "    if (more) store(st ^ 1);\n    __syncthreads();\n", "    if (more) store(st ^ 1);\n")]}),
+}
+
+
+@pytest.mark.parametrize("bug", list(_BUGS))
+def test_a_missing_main_loop_barrier_is_reported(bug, cuda_target):
+    import host_runner
+    import rk_testing
+
+    if rk_testing.HAS_GPU:
+        pytest.skip("planted bugs run on the host runner only")
+    kernel, patches = _BUGS[bug]
+    runner = host_runner.HostRunner(host_runner.build(patches=patches))
+    case = Case(SHAPES[4], "tail", torch.bfloat16, "channels_last")
+    from resnet_kernels.backends import cuda_common
+
+    with cuda_common.host_runner(runner):
+        with pytest.raises(RuntimeError, match=r"shared-memory race") as info:
+            case.run("cuda", device="cpu")
+    assert f"{kernel}_kernel" in str(info.value)
