@@ -11,9 +11,10 @@
 // per tap: no division in the main loop). Stride 1 is one class with every tap; stride 2 is four
 // classes (the 1x1 stride-2 classes without taps write the epilogue of gx = 0 only).
 //
-// A tile [BM pixels][32 co] = dy, B tile [BN ci][32 co] = wt[ci, r, s, co], both K-contiguous.
-// K runs co tile outer, taps inner: the per-channel coefficients of a thread's 8 channels are
-// reloaded only when the co tile changes.
+// A tile [BM pixels][32 co] = dy (K-contiguous, ldmatrix), B tile [32 co][BN ci] = w[co, ci, r, s]
+// read in place (input channels contiguous: a channels_last weight, or any 1x1; ldmatrix.trans, the
+// wgrad's B tile). K runs co tile outer, taps inner: the per-channel coefficients of a thread's 8
+// channels are reloaded only when the co tile changes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,10 +58,13 @@ constexpr int EP_BYTES = BM * EP_LD * 4;
 constexpr int SMEM_BYTES = PIPE_BYTES > EP_BYTES ? PIPE_BYTES : EP_BYTES;
 constexpr int ROW_STEP = kThreads / CHUNKS;  // 32
 constexpr int AROWS = BM / ROW_STEP;         // 4
-constexpr int BROWS = BN / ROW_STEP;         // 2
+constexpr int B_CPR = BN / 8;                // B tile: 16-byte chunks per co row (8)
+constexpr int B_RSTEP = kThreads / B_CPR;    // rows tid / 8 + 16 i
+constexpr int BROWS = BKE / B_RSTEP;         // 2
 constexpr int VPR = BN / 8;                  // epilogue: 8-channel vectors per tile row
 constexpr int EP_ROWS = kThreads / VPR;      // rows handled at once (16)
 static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory");
+static_assert(BKE * BN * 2 == B_STAGE, "the B tile is [32 co][64 ci]");
 static_assert(2 * EP_ROWS * BN * 4 <= SMEM_BYTES, "upstream partial staging fits");
 
 struct ClassInfo {
@@ -72,7 +76,7 @@ struct ClassInfo {
   int ntaps;
   int dh[kMaxTaps], dw[kMaxTaps];  // dy pixel (i + dh, j + dw) of each tap
   int dpix[kMaxTaps];              // dh * OW + dw
-  int wofs[kMaxTaps];              // (r * KW + s) * Cout: the tap's column in wt's rows
+  int wofs[kMaxTaps];              // r * w_stride[2] + s * w_stride[3]
 };
 
 struct Params {
@@ -82,7 +86,7 @@ struct Params {
   const void* y;
   const float* coef;  // (3, Cout) or nullptr
   const float* mean;
-  const void* wt;
+  const void* w;
   void* gx;
   const void* res;
   const void* res_mask;
@@ -97,7 +101,7 @@ struct Params {
   float up_eps;
   float* part;  // [2][tiles][Cin] (sum_g, sum_gd) or nullptr
   int N, Cin, H, W, Cout, OH, OW, sw, sh;
-  int wrow;       // KH * KW * Cout: one wt row
+  long long ws0;  // w_stride[0] (w_stride[1] == 1)
   int gbytes;     // bytes per pixel of mask_bits (ceil(Cout / 8))
   int xbytes;     // of res_bits (ceil(Cin / 8))
   int co_tiles;   // ceil(Cout / 32)
@@ -135,6 +139,8 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 __device__ __forceinline__ uint4 ld16(const void* base, long long elem_off) {
   return __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + elem_off));
 }
+// the B tile: [32 co rows][64 ci] (8 chunks per row, XOR-swizzled with row & 7)
+__device__ __forceinline__ int b_swz(int row, int chunk) { return row * (BN * 2) + ((chunk ^ (row & 7)) << 4); }
 __device__ __forceinline__ float vec_at(const void* v, int code, int c) {
   if (code == 0) return static_cast<const float*>(v)[c];
   if (code == 1) return to_acc(static_cast<const __half*>(v)[c]);
@@ -169,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   const int m0 = tile.m * BM;
   const int n0 = tile.n * BN;
 
-  const T* __restrict__ wt = static_cast<const T*>(p.wt);
+  const T* __restrict__ wp = static_cast<const T*>(p.w);
   const bool has_coef = p.coef != nullptr;
   const bool has_mask = p.mask != nullptr;
   const bool has_bits = p.mbits != nullptr;
@@ -187,8 +193,10 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
     a_j[r] = px.q;
     a_pix[r] = (px.n * p.OH + px.p) * p.OW + px.q;
   }
-  // weight rows ci = n0 + row0 + 32 * r
-  const int b_ci0 = n0 + row0;
+  // weight chunks: output channel rows b_row0 + 16 i of the K tile, input channels ci_b..ci_b+7
+  const int b_cc = tid % B_CPR, b_row0 = tid / B_CPR;
+  const int ci_b = n0 + b_cc * 8;
+  const bool ci_ok = ci_b < p.Cin;  // Cin % 8 == 0
 
   // ---- staged registers of the next tile
   uint4 rg[AROWS], ry[AROWS], rm[AROWS];
@@ -218,9 +226,9 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
     const int wofs = ci_.wofs[ld_tap];
 #pragma unroll
     for (int r = 0; r < BROWS; ++r) {
-      const int ci = b_ci0 + ROW_STEP * r;
-      const bool ok = co_ok && ci < p.Cin;
-      rw[r] = ok ? ld16(wt, static_cast<long long>(ci) * p.wrow + wofs + co) : make_uint4(0, 0, 0, 0);
+      const int cw = ld_co + b_row0 + B_RSTEP * r;
+      const bool ok = ci_ok && cw < p.Cout;
+      rw[r] = ok ? ld16(wp, cw * p.ws0 + wofs + ci_b) : make_uint4(0, 0, 0, 0);
     }
     if (has_coef && ld_tap == 0 && ld_co != st_co) {
       // a new co tile: its channels' coefficients (the staged tile of the old one is stored already)
@@ -264,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
     }
 #pragma unroll
     for (int r = 0; r < BROWS; ++r)
-      *reinterpret_cast<uint4*>(smem + 2 * A_STAGE + st * B_STAGE + swz(row0 + ROW_STEP * r, chunk)) = rw[r];
+      *reinterpret_cast<uint4*>(smem + 2 * A_STAGE + st * B_STAGE + b_swz(b_row0 + B_RSTEP * r, b_cc)) = rw[r];
   };
 
   float acc[MI][NI][4];
@@ -275,6 +283,8 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
+  // ldmatrix.trans row addresses of the B tile (matrix l >> 3: k rows +8 for 1, 3; n +8 for 2, 3)
+  const int b_k = ((lane >> 3) & 1) * 8 + (lane & 7), b_n = ((lane >> 4) & 1) * 8;
   auto compute = [&](int st) {
     const uint32_t a_st = a_base + st * A_STAGE;
     const uint32_t b_st = b_base + st * B_STAGE;
@@ -288,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
 #pragma unroll
       for (int np = 0; np < NI / 2; ++np) {
         uint32_t r[4];
-        conv::ldsm_x4(r, b_st + swz(wn * WARP_N + np * 16 + conv::b_ldsm_row(lane), conv::b_ldsm_chunk(lane, ks)));
+        conv::ldsm_x4_trans(r, b_st + b_swz(ks * 16 + b_k, (wn * WARP_N + np * 16 + b_n) >> 3));
         bf[2 * np][0] = r[0];
         bf[2 * np][1] = r[1];
         bf[2 * np + 1][0] = r[2];
@@ -580,12 +590,23 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   check_int32(a.N * OH * OW * a.Cout + BM * a.Cout, fn, "N*OH*OW*Cout");
   check_int32(a.N * a.H * a.W + BM, fn, "N*H*W");
   check_int32(a.Cin * a.KH * a.KW * a.Cout, fn, "the weight's numel");
+  for (int i = 0; i < 4; ++i) {
+    static const char* names[4] = {"w_stride[0]", "w_stride[1]", "w_stride[2]", "w_stride[3]"};
+    check_nonneg(a.w_stride[i], fn, names[i]);
+    check_int32(a.w_stride[i] * 8, fn, names[i]);
+  }
+  if (a.w_stride[1] != 1 && a.Cin > 1)
+    throw ArgError(cat(fn, ": w_stride[1] = ", a.w_stride[1], " must be 1 (input channels contiguous: a channels_last "
+                       "weight, or a 1x1)"));
+  if (a.w_stride[0] % 8 || (a.KH > 1 && a.w_stride[2] % 8) || (a.KW > 1 && a.w_stride[3] % 8))
+    throw ArgError(cat(fn, ": w_stride = (", a.w_stride[0], ", ", a.w_stride[1], ", ", a.w_stride[2], ", ",
+                       a.w_stride[3], ") must keep 8-element chunks 16-byte aligned (multiples of 8)"));
   // ---- pointers: present, 16-byte aligned (every vector access is 16 bytes)
   check_ptr(a.g, fn, "g");
-  check_ptr(a.wt, fn, "wt");
+  check_ptr(a.w, fn, "w");
   check_ptr(a.grad_x, fn, "grad_x");
   for (auto [v, name] : {std::pair<std::uintptr_t, const char*>{a.g, "g"}, {a.mask, "mask"}, {a.y, "y"},
-                         {a.wt, "wt"}, {a.grad_x, "grad_x"}, {a.residual, "residual"}, {a.res_mask, "res_mask"},
+                         {a.w, "w"}, {a.grad_x, "grad_x"}, {a.residual, "residual"}, {a.res_mask, "res_mask"},
                          {a.up_out, "up_out"}, {a.up_y, "up_y"}})
     if (v % 16 != 0) throw ArgError(cat(fn, ": ", name, " must be 16-byte aligned"));
   if (a.mask && a.mask_bits) throw ArgError(cat(fn, ": mask and mask_bits are both given (one or neither)"));
@@ -624,7 +645,7 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.y = reinterpret_cast<const void*>(a.y);
   p.coef = reinterpret_cast<const float*>(a.coef);
   p.mean = reinterpret_cast<const float*>(a.mean);
-  p.wt = reinterpret_cast<const void*>(a.wt);
+  p.w = reinterpret_cast<const void*>(a.w);
   p.gx = reinterpret_cast<void*>(a.grad_x);
   p.res = reinterpret_cast<const void*>(a.residual);
   p.res_mask = reinterpret_cast<const void*>(a.res_mask);
@@ -647,7 +668,7 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.OW = static_cast<int>(OW);
   p.sh = static_cast<int>(a.stride_h);
   p.sw = static_cast<int>(a.stride_w);
-  p.wrow = static_cast<int>(a.KH * a.KW * a.Cout);
+  p.ws0 = a.w_stride[0];
   p.gbytes = static_cast<int>(ceil_div(a.Cout, 8));
   p.xbytes = static_cast<int>(ceil_div(a.Cin, 8));
   p.co_tiles = static_cast<int>(ceil_div(a.Cout, BKE));
@@ -676,7 +697,7 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
           c.dh[t] = dr >= 0 ? dr / p.sh : -((-dr) / p.sh);  // exact: dr is a multiple of sh
           c.dw[t] = ds >= 0 ? ds / p.sw : -((-ds) / p.sw);
           c.dpix[t] = c.dh[t] * p.OW + c.dw[t];
-          c.wofs[t] = (r * static_cast<int>(a.KW) + s) * p.Cout;
+          c.wofs[t] = static_cast<int>(r * a.w_stride[2] + s * a.w_stride[3]);
         }
       }
       ctas += c.m_tiles * p.n_tiles;

@@ -31,7 +31,8 @@
 //
 // Tensors
 //   g, mask, y      (N, Cout, OH, OW) of dtype, channels_last; mask_bits: uint8 (N, OH, OW, ceil(Cout/8))
-//   wt              the weight re-laid out (Cin, KH, KW, Cout) contiguous (weight.permute(1, 2, 3, 0)),
+//   w               the weight (Cout, Cin, KH, KW) of dtype, element strides w_stride with w_stride[1] == 1
+//                   (input channels contiguous: channels_last, or any 1x1), the others multiples of 8,
 //                   16-byte aligned
 //   coef (3, Cout), mean (Cout,) float32 contiguous (both or neither)
 //   residual, res_mask, up_out, up_y, grad_x  (N, Cin, H, W) of dtype, channels_last;
@@ -50,7 +51,8 @@ namespace rk {
 struct Conv2dDgradArgs {
   DType dtype;
   std::uintptr_t g, mask, mask_bits, y, coef, mean;  // operand side; 0 = absent (not g)
-  std::uintptr_t wt;                                 // (Cin, KH, KW, Cout) contiguous
+  std::uintptr_t w;                                  // (Cout, Cin, KH, KW), w_stride[1] == 1
+  int64_t w_stride[4];
   std::uintptr_t grad_x;                             // output
   std::uintptr_t residual, res_mask, res_bits, up_out;
   std::uintptr_t up_y, up_mean, up_var, up_weight;   // upstream reductions: up_y given

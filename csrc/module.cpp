@@ -174,7 +174,7 @@ PYBIND11_MODULE(_C, m) {
   dg.def(py::init<>());
   def_dtype(dg, "Conv2dDgradArgs.dtype");
   RK_FIELD(dg, g); RK_FIELD(dg, mask); RK_FIELD(dg, mask_bits); RK_FIELD(dg, y); RK_FIELD(dg, coef); RK_FIELD(dg, mean);
-  RK_FIELD(dg, wt); RK_FIELD(dg, grad_x); RK_FIELD(dg, residual); RK_FIELD(dg, res_mask); RK_FIELD(dg, res_bits);
+  RK_FIELD(dg, w); RK_FIELD(dg, grad_x); RK_FIELD(dg, residual); RK_FIELD(dg, res_mask); RK_FIELD(dg, res_bits);
   RK_FIELD(dg, up_out); RK_FIELD(dg, up_y); RK_FIELD(dg, up_mean); RK_FIELD(dg, up_var); RK_FIELD(dg, up_weight);
   RK_FIELD(dg, up_bias);
   RK_FIELD(dg, up_coef); RK_FIELD(dg, up_grad_weight); RK_FIELD(dg, up_grad_bias); RK_FIELD(dg, workspace);
@@ -184,6 +184,7 @@ PYBIND11_MODULE(_C, m) {
   RK_FIELD(dg, stream);
   def_dtype_field<&rk::Conv2dDgradArgs::up_w_dtype>(dg, "up_w_dtype");
   def_dtype_field<&rk::Conv2dDgradArgs::up_gw_dtype>(dg, "up_gw_dtype");
+  def_strides<&rk::Conv2dDgradArgs::w_stride>(dg, "w_stride");
   finish(dg);
 
   py::class_<rk::Conv2dWgradArgs> wg(m, "Conv2dWgradArgs", py::module_local(),

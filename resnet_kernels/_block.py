@@ -65,7 +65,7 @@ _OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits", "conv2d
 # conv2d_backward inside the block. 'cuda' computes the operand inside its csrc dgrad/wgrad
 # (bf16/fp16 channels_last), but its block forward ops (batch_norm_act_bits packs the mask with
 # torch ops, batch_norm_act_coef, conv2d_stats) still count more than its per-op graph (ResNet-50
-# train, batch 256, bf16: 706 launches / 117.4 GB as a block vs 557 / 95.5 per op), so it keeps the
+# train, batch 256, bf16: 654 launches / 117.3 GB as a block vs 557 / 95.5 per op), so it keeps the
 # per-op graph too until those are fused.
 _BLOCK_BACKENDS = ("triton", "torch")
 # Backends whose block forward applies each inner unit's BN + ReLU in the next convolution's operand

@@ -850,13 +850,15 @@ def _cuda_refusals(call):
 
 
 def _cuda_own_dgrad_cost(call):
-    """cuda_conv_backward._dgrad (csrc/conv2d_dgrad.cu): the weight re-laid out (one copy: read and
-    write it), the dgrad kernel (the operand g, the mask (activation or bits), y with coef, the weight
+    """cuda_conv_backward._dgrad (csrc/conv2d_dgrad.cu): a channels_last copy of the weight (read and
+    write it) unless ``dgrad_weight_in_place``, the dgrad kernel (the operand g, the mask (activation or bits), y with coef, the weight
     once; the residual and its mask, the upstream mask x (x None: recomputed from the up_y it reads
     anyway, + 3 vectors) and up_y read once in the epilogue; grad_x and with upstream reductions the
     per-tile partials written), the finalize kernel (partials and 4 per-channel vectors in, 5 out)."""
+    from .cuda_conv_backward import dgrad_weight_in_place
+
     W = nbytes(call.weight)
-    launches, b = 2, 2 * W
+    launches, b = (1, 0) if dgrad_weight_in_place(call.weight) else (2, 2 * W)
     b += _conv_bwd_operand_reads(call) + W + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.xs)
     b += 4 * call.weight.shape[0] * 4 if call.coef is not None else 0
     if call.upstream:

@@ -7,8 +7,9 @@ path that runs:
 * grad_x: csrc's implicit-GEMM dgrad (csrc/conv2d_dgrad.cu: mma.sync, sm_80+): the operand dy
   computed in registers from (g, mask, y, mean, coef) as it is loaded, the residual (+ res_mask),
   the upstream ReLU (x None: its mask recomputed from up_y) and the upstream BN-backward reductions
-  (per-CTA partials + a fixed-order finalize kernel) in its epilogue. Launches: the weight re-laid
-  out (Cin, KH, KW, Cout) (one copy), the dgrad kernel, with upstream reductions the finalize.
+  (per-CTA partials + a fixed-order finalize kernel) in its epilogue. Launches: the dgrad kernel,
+  with upstream reductions the finalize, and a channels_last copy of the weight unless it is read in
+  place (:func:`dgrad_weight_in_place`: channels_last, or a 1x1).
   Taken for float16/bfloat16 with every activation-shaped tensor channels_last, Cin and Cout
   multiples of 8, stride 1 or 2, at most 9 filter taps per stride parity class (1x1, 3x3).
 * grad_weight: csrc's implicit-GEMM wgrad (csrc/conv2d_wgrad.cu): the same operand prologue, x
@@ -113,6 +114,15 @@ def dgrad_refusal(g, mask, y, xs, weight, stride, residual, res_mask, up_y) -> O
     return None
 
 
+def dgrad_weight_in_place(weight) -> bool:
+    """Whether csrc's dgrad reads this weight as it is (input channels contiguous, 16-byte aligned
+    8-channel chunks: a channels_last weight, or a contiguous 1x1), else it gets a channels_last copy."""
+    s0, s1, s2, s3 = weight.stride()
+    KH, KW = weight.shape[2], weight.shape[3]
+    return (s1 == 1 and s0 % 8 == 0 and (KH == 1 or s2 % 8 == 0) and (KW == 1 or s3 % 8 == 0)
+            and (weight.storage_offset() * weight.element_size()) % 16 == 0)
+
+
 def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual, res_mask, up_y, up_mean, up_var,
            up_weight, up_bias, up_eps, up_coef, up_grad_weight, up_grad_bias) -> None:
     """grad_x (+ the upstream outputs) by csrc's dgrad kernel (``conv2d_dgrad``, csrc/conv2d_dgrad.h);
@@ -125,7 +135,8 @@ def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual,
     if not _nhwc_dense(grad_x):
         raise ValueError(f"conv2d_backward (cuda): grad_x must be channels_last like x, got strides {grad_x.stride()}")
     with device_guard(g):
-        wt = weight.permute(1, 2, 3, 0).contiguous()  # (Cin, KH, KW, Cout): one copy kernel
+        # read in place when its input channels are contiguous (channels_last, or 1x1), else one copy
+        w = weight if dgrad_weight_in_place(weight) else weight.contiguous(memory_format=torch.channels_last)
         nbytes = C_.conv2d_dgrad_workspace_bytes(N=N, Cin=Cin, H=H, W=W, stride_h=int(stride[0]),
                                                  stride_w=int(stride[1]), upstream=up)
         ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=g.device) if up else None
@@ -137,7 +148,7 @@ def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual,
         args = fill_args(
             C_.Conv2dDgradArgs, dtype=DTYPE_CODES[g.dtype], g=ptr(g), mask=ptr(None if mbits is not None else mask),
             mask_bits=ptr(mbits), y=ptr(y if coef is not None else None),
-            coef=ptr(coef), mean=ptr(mean), wt=ptr(wt), grad_x=ptr(grad_x),
+            coef=ptr(coef), mean=ptr(mean), w=ptr(w), w_stride=list(w.stride()), grad_x=ptr(grad_x),
             residual=ptr(residual), res_mask=ptr(None if rbits is not None else res_mask), res_bits=ptr(rbits),
             up_out=ptr(x if up else None), up_y=ptr(up_y), up_mean=ptr(up_mean if up else None),
             up_var=ptr(up_var if up else None), up_weight=ptr(up_weight if up else None), up_bias=ptr(up_bias),

@@ -64,6 +64,9 @@ def test_csrc_dgrad_matches_the_reference(shape, config, bits, cuda_target, dgra
         pytest.skip("no mask in this configuration")
     for dtype in DTYPES:
         case = Case(shape, config, dtype, "channels_last", seed=1)
+        if dtype == torch.bfloat16:  # the weight read in place (channels_last); float16: contiguous (copied
+            case.weight = case.weight.contiguous(memory_format=torch.channels_last)  # unless 1x1)
+        assert cuda_conv_backward.dgrad_weight_in_place(case.weight) == (dtype == torch.bfloat16 or shape[6] == 1)
         if bits:
             _bits_of(case)
         ref = case.run("torch", dtype=torch.float64)
@@ -141,13 +144,16 @@ def test_the_kernel_names_the_bad_argument(cuda_target):
     C_ = C_module()
     fields = {f: 0 for f in C_.Conv2dDgradArgs.fields}
     fields.update(dtype=2, up_w_dtype=0, up_gw_dtype=0, up_eps=1e-5, N=1, Cin=3, H=4, W=4, Cout=8, KH=1, KW=1,
-                  stride_h=1, stride_w=1, pad_h=0, pad_w=0, OH=4, OW=4, g=16, wt=16, grad_x=16)
+                  stride_h=1, stride_w=1, pad_h=0, pad_w=0, OH=4, OW=4, g=16, w=16, w_stride=[8, 1, 8, 8], grad_x=16)
     with pytest.raises(ValueError, match="Cin = 3 must be a multiple of 8"):
         C_.conv2d_dgrad(fill_args(C_.Conv2dDgradArgs, **fields))
     fields.update(Cin=8, stride_h=3)
     with pytest.raises(ValueError, match="stride"):
         C_.conv2d_dgrad(fill_args(C_.Conv2dDgradArgs, **fields))
-    fields.update(stride_h=1, dtype=0)
+    fields.update(stride_h=1, w_stride=[72, 9, 3, 1])
+    with pytest.raises(ValueError, match=r"w_stride\[1\] = 9 must be 1"):
+        C_.conv2d_dgrad(fill_args(C_.Conv2dDgradArgs, **fields))
+    fields.update(w_stride=[8, 1, 8, 8], dtype=0)
     with pytest.raises(ValueError, match="float32 is not supported"):
         C_.conv2d_dgrad(fill_args(C_.Conv2dDgradArgs, **fields))
 
