@@ -16,6 +16,7 @@ import torch
 
 from resnet_kernels import _bits, _registry, testing
 from resnet_kernels.backends import cuda_conv_backward
+from resnet_kernels.backends import torch_conv_backward as ref_impl
 from resnet_kernels.ops.conv_backward import BackwardCall, conv2d_backward
 from ops.test_conv_backward import CONFIGS, Case, _check  # (tests/ is on the path: pyproject)
 
@@ -194,3 +195,21 @@ def test_a_missing_main_loop_barrier_is_reported(bug, cuda_target):
         with pytest.raises(RuntimeError, match=r"shared-memory race") as info:
             case.run("cuda", device="cpu")
     assert f"{kernel}_kernel" in str(info.value)
+
+
+@pytest.mark.parametrize("config", ["tail", "inner-ypre"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upstream_parameters_in_the_activation_dtype(config, dtype, cuda_target, dgrad_calls):
+    """up_weight / up_bias in the activation dtype (a model cast to bf16/fp16): the finalize reads them
+    and writes up_grad_weight / up_grad_bias in that dtype; the recomputed x reads them too."""
+    case = Case(SHAPES[1], config, dtype, "channels_last", seed=3)
+    case.up_weight = case.up_weight.to(dtype)
+    if case.up_bias is not None:
+        case.up_bias = case.up_bias.to(dtype)
+        case.h = ref_impl.upstream_input(case.up_y, case.up_mean, case.up_var, case.up_weight, case.up_bias, 1e-5)
+    ref = case.run("torch", dtype=torch.float64)
+    pt = case.run("aten")
+    got = case.run("cuda", device=cuda_target)
+    assert dgrad_calls.count("conv2d_dgrad") == 1
+    assert got[3].dtype == dtype and got[4].dtype == dtype
+    _check(case, got, pt, ref)
