@@ -80,11 +80,16 @@ def test_csrc_dgrad_matches_the_reference(shape, config, bits, cuda_target, dgra
 
 
 @pytest.mark.parametrize("config", ["plain", "proj", "first-proj"])
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], ("7x7s2", 1, 8, 11, 11, 16, 7, 2, 3)],
-                         ids=["3x3s2", "tiles-s2", "7x7s2"])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], ("7x7s2", 1, 8, 11, 11, 16, 7, 2, 3),
+                                   ("splitk", 4, 8, 16, 16, 8, 1, 1, 0), ("splitk3", 2, 8, 24, 24, 16, 3, 1, 1)],
+                         ids=["3x3s2", "tiles-s2", "7x7s2", "splitk", "splitk3"])
 def test_csrc_wgrad_alone_matches_the_reference(shape, config, cuda_target, dgrad_calls):
-    """grad_weight only: x = None is recomputed from up_y by the wgrad kernel as it loads it (nothing
-    materialised); any kernel size (the stem's 7x7 stride 2)."""
+    """grad_weight only (the dgrad's shape-independent parts are above): any kernel size (the stem's
+    7x7 stride 2), split-K (splitk: 2 splits, splitk3: 3 splits of 12 K tiles) and one split."""
+    _, N, Cin, H, W, Cout, k, s, p = shape
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    splits = cuda_conv_backward.wgrad_splits(N, Cin, Cout, k, k, OH, OW)
+    assert splits == {"splitk": 2, "splitk3": 3}.get(shape[0], 1)
     for dtype in DTYPES:
         case = Case(shape, config, dtype, "channels_last", seed=2)
         outs = {}
