@@ -23,10 +23,10 @@
 //     up_grad_weight = sum_gd * invstd, up_grad_bias = sum_g (each optional, dtype up_gw_dtype)
 //
 // Supported (everything else is an ArgError naming the argument; the Python launcher's
-// supports() routes such calls elsewhere): dtype float16 / bfloat16; every activation-shaped tensor
+// dgrad_refusal routes such calls to cuDNN): dtype float16 / bfloat16; every activation-shaped tensor
 // (g, mask, y, residual, res_mask, up_out, up_y, grad_x) dense channels_last (NHWC-contiguous)
 // and 16-byte aligned; Cin and Cout multiples of 8; stride 1 or 2 per dimension; at most
-// kDgradMaxTaps filter taps per stride parity class (ceil(KH/sh) * ceil(KW/sw) <= 9: 1x1, 3x3,
+// 9 filter taps per stride parity class (ceil(KH/sh) * ceil(KW/sw) <= 9: 1x1, 3x3,
 // 3x3 stride 2, ...); dilation 1, groups 1.
 //
 // Tensors

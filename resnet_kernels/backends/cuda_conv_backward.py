@@ -89,8 +89,8 @@ def _vec_dtype(up_weight, up_bias):
 
 
 def _nhwc_dense(t) -> bool:
-    """Dense channels_last with a 16-byte aligned start (every csrc dgrad access is 16 bytes; a
-    tensor's storage itself is aligned): what the csrc dgrad reads and writes."""
+    """Dense channels_last with a 16-byte aligned start (the csrc dgrad/wgrad access 16 bytes at a time; a
+    tensor's storage itself is aligned): what the csrc dgrad and wgrad read and write."""
     return t.is_contiguous(memory_format=torch.channels_last) and (t.storage_offset() * t.element_size()) % 16 == 0
 
 
@@ -163,7 +163,7 @@ def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual,
 
 def wgrad_splits(N: int, Cin: int, Cout: int, KH: int, KW: int, OH: int, OW: int) -> int:
     """The split-K count of csrc's wgrad (csrc/conv2d_wgrad.cu ``conv2d_wgrad_splits``, restated for the
-    accountant, which counts without _C; tests/ops/test_conv_dgrad_cuda.py checks they agree): about
+    accountant, which counts without _C; tests/ops/test_conv_backward_cuda.py checks they agree): about
     264 CTAs, at least 16 K tiles of 32 pixels per split, at most 64 splits."""
     tiles = KH * KW * -(-Cout // 128) * -(-Cin // 64)
     k_tiles = -(-(N * OH * OW) // 32)
