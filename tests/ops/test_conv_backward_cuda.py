@@ -218,3 +218,14 @@ def test_upstream_parameters_in_the_activation_dtype(config, dtype, cuda_target,
     assert dgrad_calls.count("conv2d_dgrad") == 1
     assert got[3].dtype == dtype and got[4].dtype == dtype
     _check(case, got, pt, ref)
+
+
+def test_results_are_bitwise_reproducible(cuda_target):
+    """Fixed-order reductions (the dgrad's upstream partials + finalize, the wgrad's split-K + reduce):
+    two runs give the same bits (on a GPU too: no atomics)."""
+    case = Case(("splitk3", 2, 16, 24, 24, 16, 3, 1, 1), "tail", torch.bfloat16, "channels_last", seed=4)
+    assert cuda_conv_backward.wgrad_splits(2, 16, 16, 3, 3, 24, 24) > 1
+    a = case.run("cuda", device=cuda_target)
+    b = case.run("cuda", device=cuda_target)
+    for name, u, v in zip(("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias"), a, b):
+        assert torch.equal(u, v), name
