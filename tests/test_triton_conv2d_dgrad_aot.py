@@ -23,10 +23,10 @@ identical to the packed case's: only stride values differ). The "fused-ypre" lay
 ``UP_FROM_Y``, no up_out) repeat l1 3x3 and b 1x1 in bf16.
 Asserted per case: it compiles; 0 bytes of spills; the fused variants (upstream reductions) exactly
 one atomic, the column tile's arrival counter (gpu-scope acq_rel add, after a CTA barrier: the
-in-launch finalize), their partials read back with ``ld.global.cg``, the plain ones none; tensor cores (``mma.sync`` on sm_80;
-``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync`` for fp32); the weight tile
-goes through ``cp.async`` (software pipelined) wherever its rows are 16-byte multiples (not the
-stem: Cin = 3). Register counts are printed (``pytest -s``).
+in-launch finalize), their partials read back with ``ld.global.cg``, the plain ones none; tensor
+cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync``
+for fp32); the weight tile goes through ``cp.async`` (software pipelined) wherever its rows are
+16-byte multiples (not the stem: Cin = 3). Register counts are printed (``pytest -s``).
 """
 
 from __future__ import annotations

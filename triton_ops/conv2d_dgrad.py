@@ -72,7 +72,9 @@ triton 3.8: l1 3x3 128x64x64 180 / 179 -> 191 / 182 (up_out and x = None alike);
 fp32 tiles +1 to +30 (at most 182). Triton 3.6: b 1x1 128x128x64 236 / 255 -> 244 / 255, 1-bit
 masks 251 / 255 -> 254 / 255, x = None 252 / 255 -> 255 / 255; l1 3x3 176 / 194 -> 181 / 194. The
 1x1 128x128 16-bit tiles were at the limit before (255 without spills) and still are: the first
-config to change (to 128x64 columns) if a triton version spills there.
+config to change (to 128x64 columns) if a triton version spills there. Tried and not kept: the
+finalize's channel index from ``_arange_after_loop`` too (triton 3.8 sm_80 255 -> 250, but 24 bytes
+of spills with 3.6 on sm_90, x = None); the epilogue's columns from it (more registers on sm_90).
 
 Launches per call: 1 (``_conv2d_dgrad_kernel``, the upstream finalize included); + 1 for the
 weight pack when the weight is not read in place and its pack is not cached (+ 1 copy when up_coef
@@ -114,7 +116,8 @@ import triton.language as tl
 
 from .. import _alloc
 from .._bits import bits_shape, is_bits
-from ._common import INTERPRET, arrival_counters, bn_channels, bn_dy, cast_for_store, drop_arrival_counters, mask_bit, round_to
+from ._common import (INTERPRET, arrival_counters, bn_channels, bn_dy, cast_for_store, drop_arrival_counters, mask_bit,
+                      round_to)
 from .batch_norm import _finalize_block, _finalize_rows
 from .conv2d import _arange_after_loop
 from .bn_add_relu import _on_device

@@ -811,8 +811,9 @@ def _triton_conv_bwd_cost(call):
     operand and the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in
     the epilogue, grad_x and per-tile partials written (1 launch), and with upstream reductions the
     finalize, run by each column tile's last-arriving program in the same launch (partials and
-    per-channel vectors in, coefficients and parameter gradients out). x None (recomputed from up_y): the wgrad reads up_y in x's place (+ 4 upstream vectors),
-    the dgrad epilogue no x (its mask comes from the up_y it reads anyway)."""
+    per-channel vectors in, coefficients and parameter gradients out). x None (recomputed from
+    up_y): the wgrad reads up_y in x's place (+ 4 upstream vectors), the dgrad epilogue no x (its
+    mask comes from the up_y it reads anyway)."""
     need_x, need_w = call.needs[0], call.needs[1]
     Cout, Cin, KH, KW = call.weight.shape
     launches = b = 0

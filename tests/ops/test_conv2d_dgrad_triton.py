@@ -345,10 +345,14 @@ def test_dgrad_finalize_many_arrivals(monkeypatch, shape_id, dt, layout):
     must be written before the finalize reads it)."""
     from resnet_kernels.triton_ops import _common
 
+    monkeypatch.setattr(_common, "ARRIVAL_COUNTERS", {})  # a fresh zeroed buffer (whatever ran before)
     monkeypatch.setattr(dg, "INTERPRETER_CONFIG", _SMALL_TILES)
     monkeypatch.setattr(dg, "_finalize_rows", lambda P, block_c, interpret=None: 8)
     dtype, tf32 = DTYPES[dt]
     a = _make(shape_id, dtype, layout, mask=True, coef=True, res=True, up=True, seed=11)
+    if shape_id == "1x1s2_many":  # a non-contiguous up_coef: finalized into a buffer, then copied
+        a["up_coef"] = rk_testing.poisoned((a["up_coef"].shape[1], 3), torch.float32, DEVICE, "nchw").t()
+        assert not a["up_coef"].is_contiguous()
     plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
                                         "residual", "res_mask", "up_out", "up_y", "up_mean")), tf32,
                        up_bn=(a["up_var"], a["up_weight"], None, a["up_eps"]))
@@ -379,7 +383,7 @@ def test_dgrad_finalize_drops_counters_on_error(monkeypatch):
     def boom(*args, **kwargs):
         raise Boom
 
-    monkeypatch.setattr(dg, "_conv2d_dgrad_kernel", {plan.grid: boom, (plan.grid[0], plan.grid[1]): boom})
+    monkeypatch.setattr(dg, "_conv2d_dgrad_kernel", {plan.grid: boom})  # kernel[grid](...) raises
     with pytest.raises(Boom):
         _call(dg.conv2d_dgrad, a, True)
     assert key not in _common.ARRIVAL_COUNTERS
