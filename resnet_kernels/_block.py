@@ -30,7 +30,7 @@ element, in the same kernel on triton), and the backward saves and reads those b
 No gradient of a BN's output or of a ReLU is ever materialised on the fused implementation: each
 ``conv2d_backward`` computes its operand from (g, y, A, B, K) as it loads it, and reduces the next
 unit's BN backward in its epilogue. Per unit of a bottleneck that replaces {BN reduce, finalize,
-apply (grad_y written), dgrad, wgrad} with {dgrad + finalize, wgrad}; the residual-gradient
+apply (grad_y written), dgrad, wgrad} with {dgrad (finalize in its launch), wgrad}; the residual-gradient
 accumulate kernel at the block input disappears (counted: ``resnet-kernels count``).
 
 Used only where it computes exactly what the unfused path computes: plain eager execution (not

@@ -21,10 +21,12 @@ WCL_CASES ("<layer>+wcl") repeat 16-bit 3x3 layers with a channels_last weight, 
 Cin-contiguous operand (16-byte cp.async asserted), each in its own cache dir (its kernel can be
 identical to the packed case's: only stride values differ). The "fused-ypre" layers (x = None: the upstream ReLU mask recomputed from up_y in the epilogue,
 ``UP_FROM_Y``, no up_out) repeat l1 3x3 and b 1x1 in bf16.
-Asserted per case: it compiles; 0 bytes of spills; tensor cores (``mma.sync`` on sm_80;
-``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync`` for fp32); the weight tile
-goes through ``cp.async`` (software pipelined) wherever its rows are 16-byte multiples (not the
-stem: Cin = 3). Register counts are printed (``pytest -s``).
+Asserted per case: it compiles; 0 bytes of spills; the fused variants (upstream reductions) exactly
+one atomic, the column tile's arrival counter (gpu-scope acq_rel add, after a CTA barrier: the
+in-launch finalize), their partials read back with ``ld.global.cg``, the plain ones none; tensor
+cores (``mma.sync`` on sm_80; ``wgmma.mma_async`` on sm_90 for 16-bit, ``wgmma`` or ``mma.sync``
+for fp32); the weight tile goes through ``cp.async`` (software pipelined) wherever its rows are
+16-byte multiples (not the stem: Cin = 3). Register counts are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def _child_compile_all(out_path: str) -> None:
             vec(cout, 3) if fused else None, w, gx, (s, s), (p, p), act(cin, h) if fused else None,
             mask(cin, h), act(cin, h) if fused and not ypre else None, act(cin, h) if fused else None,
             vec(cin) if fused else None, allow_tf32, config=cfg, arch=cc,
-            up_bn=(vec(cin), vec(cin), vec(cin), 1e-5) if ypre else None)
+            up_bn=(vec(cin), vec(cin), vec(cin), 1e-5) if fused else None,
+            up_fin=(vec(cin, 3), vec(cin), vec(cin)) if fused else None)
         names = [a for a in kernel.arg_names if a not in plan.constexprs]
         assert len(names) == len(plan.args), (names, len(plan.args))
         signature, constexprs, attrs = {}, {}, {}
@@ -175,8 +178,15 @@ def _child_compile_all(out_path: str) -> None:
                 r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)",
                 ptx)}),
             w_kmajor=arg["swk"] == 1,
+            atomics=re.findall(r"\b(?:atom|red)\.[\w.]+", ptx),
+            ld_cg=bool(re.search(r"\bld\.global\.cg\b", ptx)),
             w_row_bytes=(cin if arg["swn"] == 1 else cout * k * k) * torch.empty((), dtype=dtype).element_size(),
         )
+        m = re.search(r"\batom\.", ptx)
+        if m:  # the release pattern: a CTA barrier between the last global store and the atomic
+            before = ptx[:m.start()]
+            last_bar = max(before.rfind("bar.sync"), before.rfind("barrier.sync"))
+            entry.update(release_barrier=last_bar > before.rfind("st.global") >= 0)
         results.append(entry)
     with open(out_path, "w") as f:
         json.dump(results, f)
@@ -247,6 +257,13 @@ def test_dgrad_kernel_aot(aot_results, layer, dtype, arch):
         assert 16 in r["cp_async_sizes"], r
     if dtype.startswith("fp32"):
         assert r["w_kmajor"], "fp32 weights are packed K-major"
+    if r["variant"].startswith("fused"):
+        # the upstream finalize in the same launch: the column tile's last arrival sums the partials
+        assert r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], r["atomics"]
+        assert r["release_barrier"], "no CTA barrier between the partial stores and the counter atomic"
+        assert r["ld_cg"], "the partials are not read with ld.global.cg"
+    else:
+        assert r["atomics"] == [], r["atomics"]
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ Kernel launches per call (what the accountant declares):
   ``_apply_kernel`` writes grad_y and grad_identity in one pass. The reduce launch is skipped when
   no per-channel sum is needed (only grad_identity of a raw identity), the apply kernel when
   neither grad_y nor grad_identity is requested: 2 launches for every training step that needs
-  grad_y, 1 otherwise (was 3: a separate ``_finalize_kernel`` launch, which the dgrad's upstream
-  reductions still use, triton_ops/conv2d_dgrad.py). grad_y may be grad_out's own buffer (the
+  grad_y, 1 otherwise (was 3: a separate ``_finalize_kernel`` launch; the dgrad's upstream
+  reductions, triton_ops/conv2d_dgrad.py, also run ``_finalize_block`` in their own launch now).
+  grad_y may be grad_out's own buffer (the
   reduce pass reads grad_out before the apply pass, which reads each element before writing it;
   tests/ops/test_batch_norm_triton.py checks it bitwise).
 * ``batch_norm_act_coef``: 1, the backward's reduce + in-launch finalize (``_reduce_finalize``,
@@ -98,7 +99,7 @@ ID_RAW = 1
 ID_BN = 2
 
 _INT32_MAX = 2 ** 31 - 1
-# rows of the (6, C) coefficient buffer written by _finalize_kernel for _apply_kernel:
+# rows of the (6, C) coefficient buffer written by the finalize (_finalize_block) for _apply_kernel:
 # grad = A * g - B - K * (x - mean)  for x = y (rows 0..2) and x = identity (rows 3..5)
 N_COEF = 6
 
@@ -471,9 +472,11 @@ def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
                      NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
                      W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
                      COEF_I: tl.constexpr, IS64: tl.constexpr):
-    # A separate launch of ``_finalize_block``, program pc owning the channel block pc: the dgrad's
-    # upstream reductions (triton_ops/conv2d_dgrad.py). The reduce kernels below run the same
-    # finalize in their own launch (their last-arriving program per channel block).
+    # A separate launch of ``_finalize_block``, program pc owning the channel block pc. Not launched
+    # by the library any more: the reduce kernels above and the dgrad's upstream reductions
+    # (triton_ops/conv2d_dgrad.py) run the same finalize in their own launch (their last-arriving
+    # program per channel block); kept as the finalize's standalone AOT subject
+    # (tests/test_triton_batch_norm_aot.py).
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr,
                     coef_ptr, icoef_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo,

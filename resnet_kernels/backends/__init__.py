@@ -810,9 +810,10 @@ def _triton_conv_bwd_cost(call):
     counted). dgrad: the weight operand (``_triton_dgrad_pack``: read in place, or packed), the
     operand and the weight read, the residual (+ its mask), the upstream x (mask) and up_y read in
     the epilogue, grad_x and per-tile partials written (1 launch), and with upstream reductions the
-    finalize kernel (partials and per-channel vectors in, coefficients and parameter gradients
-    out). x None (recomputed from up_y): the wgrad reads up_y in x's place (+ 4 upstream vectors),
-    the dgrad epilogue no x (its mask comes from the up_y it reads anyway)."""
+    finalize, run by each column tile's last-arriving program in the same launch (partials and
+    per-channel vectors in, coefficients and parameter gradients out). x None (recomputed from
+    up_y): the wgrad reads up_y in x's place (+ 4 upstream vectors), the dgrad epilogue no x (its
+    mask comes from the up_y it reads anyway)."""
     need_x, need_w = call.needs[0], call.needs[1]
     Cout, Cin, KH, KW = call.weight.shape
     launches = b = 0
@@ -829,7 +830,6 @@ def _triton_conv_bwd_cost(call):
         if call.upstream:
             N, _, H, W = call.xs.shape
             p = 2 * max(1, (N * H * W + 127) // 128) * Cin * 4  # (2, tiles of 128 rows, Cin) partials
-            launches += 1
             b += (4 * Cin * 4 if call.x_from_up else nbytes(call.x)) + nbytes(call.up_y) + 2 * p + 12 * Cin * 4
     return max(launches, 1), b
 

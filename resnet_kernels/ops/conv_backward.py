@@ -26,7 +26,7 @@ epilogue's ReLU mask) and never writes it; x's shape, dtype and layout are up_y'
 
 The math every implementation follows, argument for argument, is
 ``resnet_kernels/backends/torch_conv_backward.py``. Implementations (registry): ``triton`` (the
-dgrad kernel with the operand prologue and the epilogue above plus a finalize kernel; the wgrad
+dgrad kernel with the operand prologue and the epilogue above, finalized in its launch; the wgrad
 kernel with the same prologue and a deterministic split-K), ``aten`` (the operand materialised
 once by PyTorch's elementwise ops, then ``aten.convolution_backward``: cuDNN's dgrad and wgrad),
 ``torch`` (the reference, in the accumulation dtype). Outputs that are not requested are returned

@@ -74,12 +74,20 @@ INPLACE_SHAPES = [
     ("3x3s1p1_c16", 2, 16, 5, 5, 24, 3, 1, 1),
     ("3x3s2p1_c8", 1, 8, 8, 7, 16, 3, 2, 1),
 ]
+# many row tiles per column tile (with ``_SMALL_TILES``: 16-row tiles), for the in-launch upstream
+# finalize (test_dgrad_finalize_many_arrivals): P = classes x row tiles programs arrive on each
+# column tile's counter; Cin = 24: a full and a partial column tile
+MANY_TILE_SHAPES = [
+    ("3x3s2p1_many", 1, 24, 11, 11, 16, 3, 2, 1),  # 4 classes x 3 row tiles: P = 12
+    ("1x1s2_many", 1, 24, 11, 11, 16, 1, 2, 0),    # 3 of the 4 classes reached by no tap
+    ("3x3s1p1_many", 2, 24, 6, 6, 16, 3, 1, 1),    # one class, 72 rows: P = 5
+]
 LAYOUTS = ["nchw", "channels_last"]
 _fmt = rk_testing.memory_format
 
 
 def _shape(shape_id):
-    return next(c for c in SHAPES + EXTRA_SHAPES + INPLACE_SHAPES if c[0] == shape_id)[1:]
+    return next(c for c in SHAPES + EXTRA_SHAPES + INPLACE_SHAPES + MANY_TILE_SHAPES if c[0] == shape_id)[1:]
 
 
 def _act(gen, shape, dtype, layout, relu=False):
@@ -321,8 +329,69 @@ def test_dgrad_mixed_layouts():
         _run_and_check(a, torch.float16, False, f"g {lay}, x {xlay}")
 
 
+_SMALL_TILES = dg.DgradConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("shape_id,dt,layout", [("3x3s2p1_many", "fp32", "channels_last"),
+                                                 ("3x3s2p1_many", "bf16", "nchw"),
+                                                 ("1x1s2_many", "fp16", "channels_last"),
+                                                 ("3x3s1p1_many", "fp32-tf32", "nchw")])
+def test_dgrad_finalize_many_arrivals(monkeypatch, shape_id, dt, layout):
+    """The upstream finalize runs in the dgrad's launch: every program of a column tile (all parity
+    classes x all row tiles, those past a smaller class's rows too) arrives on the tile's counter and
+    the last one sums the P partial rows (here in steps of 8 rows, the last one partial where P = 12
+    or 5). 16-row tiles so that many programs arrive; parity with the reference; the counters
+    (``_common.ARRIVAL_COUNTERS``) are all 0 again afterwards; the partials are poisoned (every row
+    must be written before the finalize reads it)."""
+    from resnet_kernels.triton_ops import _common
+
+    monkeypatch.setattr(_common, "ARRIVAL_COUNTERS", {})  # a fresh zeroed buffer (whatever ran before)
+    monkeypatch.setattr(dg, "INTERPRETER_CONFIG", _SMALL_TILES)
+    monkeypatch.setattr(dg, "_finalize_rows", lambda P, block_c, interpret=None: 8)
+    dtype, tf32 = DTYPES[dt]
+    a = _make(shape_id, dtype, layout, mask=True, coef=True, res=True, up=True, seed=11)
+    if shape_id == "1x1s2_many":  # a non-contiguous up_coef: finalized into a buffer, then copied
+        a["up_coef"] = rk_testing.poisoned((a["up_coef"].shape[1], 3), torch.float32, DEVICE, "nchw").t()
+        assert not a["up_coef"].is_contiguous()
+    plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
+                                        "residual", "res_mask", "up_out", "up_y", "up_mean")), tf32,
+                       up_bn=(a["up_var"], a["up_weight"], None, a["up_eps"]))
+    n, cin, h, w, cout, k, s, p = _shape(shape_id)
+    assert plan.P == s * s * -(-n * -(-h // s) * -(-w // s) // 16) and plan.P >= 5, plan.P
+    assert plan.grid == (plan.P // (s * s) * 2, s * s) and plan.constexprs["FIN_BLOCK_P"] == 8
+    assert plan.counter_key in _common.ARRIVAL_COUNTERS
+    b = _run_and_check(a, dtype, tf32, f"{shape_id} {dt} {layout}")
+    assert (b["grad_x"] == 0).any() and (b["grad_x"] != 0).any()
+    assert all(int(c.count_nonzero()) == 0 for c in _common.ARRIVAL_COUNTERS.values())
+
+
+def test_dgrad_finalize_drops_counters_on_error(monkeypatch):
+    """A launch that raises (it may have arrived partly) drops its counter buffer: the next call
+    starts from a fresh zeroed one."""
+    from resnet_kernels.triton_ops import _common
+
+    a = _make("1x1s1", torch.float32, "channels_last", up=True, seed=12)
+    plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
+                                        "residual", "res_mask", "up_out", "up_y", "up_mean")), True,
+                       up_bn=(a["up_var"], a["up_weight"], None, a["up_eps"]))
+    key = plan.counter_key
+    assert key in _common.ARRIVAL_COUNTERS
+
+    class Boom(Exception):
+        pass
+
+    def boom(*args, **kwargs):
+        raise Boom
+
+    monkeypatch.setattr(dg, "_conv2d_dgrad_kernel", {plan.grid: boom})  # kernel[grid](...) raises
+    with pytest.raises(Boom):
+        _call(dg.conv2d_dgrad, a, True)
+    assert key not in _common.ARRIVAL_COUNTERS
+
+
 def test_dgrad_deterministic():
-    """Two runs: bitwise identical grad_x and upstream outputs (no atomics, fixed orders)."""
+    """Two runs: bitwise identical grad_x and upstream outputs (fixed orders; the only atomic is the
+    upstream finalize's arrival counter, which picks the program that sums, not the order)."""
     outs = []
     for _ in range(2):
         a = _make("1x1s1", torch.float32, "channels_last", mask=True, coef=True, up=True, seed=5)
@@ -356,7 +425,8 @@ def test_dgrad_weight_read_in_place(shape_id, dt, wlayout):
     w = a["weight"]
     wc.reset_stats()
     plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
-                                        "residual", "res_mask", "up_out", "up_y", "up_mean")), tf32)
+                                        "residual", "res_mask", "up_out", "up_y", "up_mean")), tf32,
+                       up_bn=(a["up_var"], a["up_weight"], None, a["up_eps"]))
     inplace = _expect_inplace(w, dtype)
     if inplace:  # (a 1x1 weight's N-major pack can be a view too: then it goes through the cache)
         assert plan.args[5].data_ptr() == w.data_ptr(), (shape_id, dt, wlayout)
@@ -390,6 +460,10 @@ def test_dgrad_rejects_float64_and_mismatches():
         _call(dg.conv2d_dgrad, b, False)
     a["mask"] = a["g"].contiguous(memory_format=torch.channels_last)  # not g's layout
     with pytest.raises(ValueError, match="mask"):
+        _call(dg.conv2d_dgrad, a, False)
+    a = _make("1x1s1", torch.float32, "nchw", up=True)
+    a["up_var"] = None  # the in-launch finalize needs it
+    with pytest.raises(ValueError, match="up_var"):
         _call(dg.conv2d_dgrad, a, False)
 
 
