@@ -198,8 +198,9 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
 
 def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """bn (running statistics) with conv's bias folded into a per-channel (scale, shift). Cached
-    across calls (``_weight_cache``: keyed on the running statistics, weight, bias and conv bias, so
-    never stale after an optimizer step, a running-statistics update or load_state_dict) when no
+    across calls per BatchNorm (``_weight_cache.derived``: keyed on the running statistics, weight,
+    bias and conv bias, so never stale after an optimizer step, a running-statistics update,
+    load_state_dict, ``.to()`` or a replaced parameter) when no
     gradient can flow through it and nothing is being traced: an inference forward then launches no
     per-channel kernels at all."""
     def fold(_=None):
@@ -210,12 +211,15 @@ def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(shift.dtype) * scale
         return scale, shift
 
-    params = (bn.weight, bn.bias, conv.bias)
-    if (not isinstance(xin, Tensor) or bn.running_var is None or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))):
+    w, b, cb = bn.weight, bn.bias, conv.bias
+    rv = bn.running_var
+    if (not isinstance(xin, Tensor) or rv is None or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and ((w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+                                             or (cb is not None and cb.requires_grad)))):
         return fold()
-    fmt = ("bn_fold", xin.dtype, float(bn.eps), xin.device)
-    return _weight_cache.packed(bn.running_var, fmt, fold, deps=(bn.running_mean,) + params)
+    dev = xin.device
+    return _weight_cache.derived(bn, ("bn_fold", xin.dtype, bn.eps, dev, conv.out_channels), fold,
+                                 (rv, bn.running_mean, w, b, cb), dev)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
