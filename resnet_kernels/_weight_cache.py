@@ -183,7 +183,7 @@ def _quick(deps: Tuple[Any, ...]) -> tuple:
     id, ``_version``, ``data_ptr()``, dtype. The checks ``_ok_fingerprint`` adds (plain strided
     tensor, not a window of a larger storage, not an inference tensor) hold for as long as these do:
     they were checked when the entry was made."""
-    return tuple(None if d is None else (id(d), d._version, d.data_ptr(), d.dtype) for d in deps)
+    return tuple([None if d is None else (id(d), d._version, d.data_ptr(), d.dtype) for d in deps])
 
 
 def derived(owner: Any, fmt: Hashable, fn: Callable[[], Any], deps: Tuple[Any, ...], device: torch.device) -> Any:

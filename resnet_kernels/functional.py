@@ -134,6 +134,7 @@ def _fx_node(fn, tensors, args, kwargs):
 
 
 _check_bool = check_bool
+_Proxy = torch.fx.Proxy
 
 
 def _cast(t, dtype: Optional[torch.dtype]):
@@ -232,9 +233,8 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     """
     _check_pair("conv_bn_act", conv, bn)
     _check_bool("conv_bn_act", "relu", relu)
-    node = _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
-    if node is not None:
-        return node
+    if isinstance(x, _Proxy) or isinstance(residual, _Proxy):  # (the node's arguments built only then)
+        return _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
@@ -251,8 +251,9 @@ def _plain_ok(x, backend, *bns) -> bool:
     """'auto' runs this unit as the user's own layers (``_tune.plain_layers``). Not with a
     SyncBatchNorm: PyTorch's refuses CPU tensors in a distributed job, where the fused path syncs
     over gloo."""
-    if any(isinstance(b, nn.SyncBatchNorm) for b in bns):
-        return False
+    for b in bns:
+        if isinstance(b, nn.SyncBatchNorm):
+            return False
     return _tune.plain_layers(x, _backend.op_arg(backend))
 
 
@@ -306,10 +307,9 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
-    node = _fx_node(conv_bn_add_act, (x, shortcut_input), (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn),
-                    dict(relu=relu, backend=backend))
-    if node is not None:
-        return node
+    if isinstance(x, _Proxy) or isinstance(shortcut_input, _Proxy):
+        return _fx_node(conv_bn_add_act, (x, shortcut_input),
+                        (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn), dict(relu=relu, backend=backend))
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_bn_input(bn, y)
