@@ -53,7 +53,12 @@ def get_backend() -> str:
 def op_arg(backend: str | None) -> str:
     """The ``backend`` argument an op receives: the one in force for None, else a checked name
     ('auto' stays 'auto': the op resolves it for its tensors' device)."""
-    return get_backend() if backend is None else _check_name(backend)
+    if backend is None:
+        scoped = _scoped_backend.get()
+        return scoped if scoped is not None else _global_backend
+    if type(backend) is str and (backend == "auto" or backend in _registry._backends):
+        return backend  # (every call of every op: _check_name's test, without its two calls)
+    return _check_name(backend)
 
 
 @contextlib.contextmanager

@@ -172,10 +172,63 @@ def packed(weight: torch.Tensor, fmt: Hashable, pack_fn: Callable[[torch.Tensor]
     return value
 
 
+# ------------------------------------------------------------------------------------------------
+# small values derived from a module's tensors (e.g. a BatchNorm folded into (scale, shift))
+
+_derived: Dict[int, Tuple[weakref.ref, tuple, tuple, Any]] = {}  # id(owner) -> (ref, deps, quick fp, value)
+
+
+def _quick(deps: Tuple[Any, ...]) -> tuple:
+    """What a hit compares for each of ``deps`` (pinned by the entry, so ids are not reused):
+    id, ``_version``, ``data_ptr()``, dtype. The checks ``_ok_fingerprint`` adds (plain strided
+    tensor, not a window of a larger storage, not an inference tensor) hold for as long as these do:
+    they were checked when the entry was made."""
+    return tuple([None if d is None else (id(d), d._version, d.data_ptr(), d.dtype) for d in deps])
+
+
+def derived(owner: Any, fmt: Hashable, fn: Callable[[], Any], deps: Tuple[Any, ...], device: torch.device) -> Any:
+    """``fn()``, from the cache when ``fmt`` and every tensor in ``deps`` (None entries allowed) are
+    unchanged since it was computed for ``owner`` (one entry per owner, held as long as the owner
+    lives): the rules of ``packed`` (version, storage, dtype; never under CUDA-graph capture,
+    FSDP2, ``RESNET_KERNELS_WEIGHT_CACHE=0``, for inference or subclass tensors), with a hit
+    checking only each dependency's identity, version, address and dtype (about 1 us each instead
+    of ``packed``'s full fingerprint). ``fn`` must depend only on the values and geometry of
+    ``deps`` and on ``fmt``; its value is made outside inference mode. ``device``: where the value
+    lives (on CUDA the current stream is part of the key, as in ``fingerprint``)."""
+    if not enabled() or _fsdp2_active():
+        return fn()
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return fn()
+        fmt = (fmt, torch.cuda.current_stream(device).cuda_stream)
+    key = id(owner)
+    e = _derived.get(key)
+    if e is not None and e[0]() is owner:
+        try:
+            if e[2] == (fmt, _quick(deps)):
+                return e[3]
+        except RuntimeError:  # an inference tensor has no version counter
+            return fn()
+    for d in deps:
+        if d is not None and _ok_fingerprint(d) is None:
+            return fn()
+    with torch.inference_mode(False):
+        value = fn()
+
+    def drop(ref, key=key):
+        cur = _derived.get(key)
+        if cur is not None and cur[0] is ref:
+            del _derived[key]
+
+    _derived[key] = (weakref.ref(owner, drop), tuple(deps), (fmt, _quick(deps)), value)
+    return value
+
+
 def clear() -> None:
     """Drop every cached pack."""
     with _lock:
         _cache.clear()
+        _derived.clear()
 
 
 def stats() -> Dict[str, int]:

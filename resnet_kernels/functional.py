@@ -134,6 +134,7 @@ def _fx_node(fn, tensors, args, kwargs):
 
 
 _check_bool = check_bool
+_Proxy = torch.fx.Proxy
 
 
 def _cast(t, dtype: Optional[torch.dtype]):
@@ -198,8 +199,9 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
 
 def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """bn (running statistics) with conv's bias folded into a per-channel (scale, shift). Cached
-    across calls (``_weight_cache``: keyed on the running statistics, weight, bias and conv bias, so
-    never stale after an optimizer step, a running-statistics update or load_state_dict) when no
+    across calls per BatchNorm (``_weight_cache.derived``: keyed on the running statistics, weight,
+    bias and conv bias, so never stale after an optimizer step, a running-statistics update,
+    load_state_dict, ``.to()`` or a replaced parameter) when no
     gradient can flow through it and nothing is being traced: an inference forward then launches no
     per-channel kernels at all."""
     def fold(_=None):
@@ -210,12 +212,15 @@ def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(shift.dtype) * scale
         return scale, shift
 
-    params = (bn.weight, bn.bias, conv.bias)
-    if (not isinstance(xin, Tensor) or bn.running_var is None or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))):
+    w, b, cb = bn.weight, bn.bias, conv.bias
+    rv = bn.running_var
+    if (not isinstance(xin, Tensor) or rv is None or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and ((w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+                                             or (cb is not None and cb.requires_grad)))):
         return fold()
-    fmt = ("bn_fold", xin.dtype, float(bn.eps), xin.device)
-    return _weight_cache.packed(bn.running_var, fmt, fold, deps=(bn.running_mean,) + params)
+    dev = xin.device
+    return _weight_cache.derived(bn, ("bn_fold", xin.dtype, bn.eps, dev, conv.out_channels), fold,
+                                 (rv, bn.running_mean, w, b, cb), dev)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
@@ -228,9 +233,8 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     """
     _check_pair("conv_bn_act", conv, bn)
     _check_bool("conv_bn_act", "relu", relu)
-    node = _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
-    if node is not None:
-        return node
+    if isinstance(x, _Proxy) or isinstance(residual, _Proxy):  # (the node's arguments built only then)
+        return _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
@@ -247,8 +251,9 @@ def _plain_ok(x, backend, *bns) -> bool:
     """'auto' runs this unit as the user's own layers (``_tune.plain_layers``). Not with a
     SyncBatchNorm: PyTorch's refuses CPU tensors in a distributed job, where the fused path syncs
     over gloo."""
-    if any(isinstance(b, nn.SyncBatchNorm) for b in bns):
-        return False
+    for b in bns:
+        if isinstance(b, nn.SyncBatchNorm):
+            return False
     return _tune.plain_layers(x, _backend.op_arg(backend))
 
 
@@ -302,10 +307,9 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
-    node = _fx_node(conv_bn_add_act, (x, shortcut_input), (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn),
-                    dict(relu=relu, backend=backend))
-    if node is not None:
-        return node
+    if isinstance(x, _Proxy) or isinstance(shortcut_input, _Proxy):
+        return _fx_node(conv_bn_add_act, (x, shortcut_input),
+                        (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn), dict(relu=relu, backend=backend))
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_bn_input(bn, y)

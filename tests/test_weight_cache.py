@@ -132,3 +132,105 @@ def test_graph_capture_never_uses_a_cached_pack():
     torch.cuda.synchronize()
     ref = F.conv2d(x.double(), w.double(), padding=1)
     assert (out.double() - ref).abs().max().item() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# derived values (the eval BatchNorm fold of resnet_kernels.functional, cached per BatchNorm)
+
+def test_derived_hit_and_each_invalidation():
+    wc.clear()
+    owner = torch.nn.BatchNorm2d(4).to(DEVICE)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return owner.running_var * 2 + owner.weight.detach()
+
+    def deps():
+        return (owner.running_var, owner.weight, None)
+
+    dev = torch.device(DEVICE)
+    v1 = wc.derived(owner, "f", fn, deps(), dev)
+    assert wc.derived(owner, "f", fn, deps(), dev) is v1 and len(calls) == 1
+    wc.derived(owner, "g", fn, deps(), dev)  # another format: recomputed (one entry per owner)
+    assert len(calls) == 2
+    with torch.no_grad():
+        owner.running_var.add_(1)  # version
+    assert torch.equal(wc.derived(owner, "f", fn, deps(), dev), owner.running_var * 2 + owner.weight.detach())
+    assert len(calls) == 3
+    owner.weight = torch.nn.Parameter(torch.full((4,), 3.0, device=DEVICE))  # a replaced parameter
+    assert torch.equal(wc.derived(owner, "f", fn, deps(), dev), owner.running_var * 2 + 3)
+    owner.to(torch.float64)  # new storage and dtype
+    got = wc.derived(owner, "f", fn, deps(), dev)
+    assert got.dtype == torch.float64 and len(calls) == 5
+    owner.weight.data = torch.zeros(4, dtype=torch.float64, device=DEVICE)  # .data: a new address
+    assert torch.equal(wc.derived(owner, "f", fn, deps(), dev), owner.running_var * 2)
+    assert len(calls) == 6
+
+
+def test_derived_bypassed(monkeypatch):
+    wc.clear()
+    owner = torch.nn.BatchNorm2d(4)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return owner.running_var + 1
+
+    dev = torch.device("cpu")
+    with torch.inference_mode():
+        inf = torch.ones(4)
+    wc.derived(owner, "f", fn, (inf,), dev)
+    wc.derived(owner, "f", fn, (inf,), dev)  # inference tensors have no version counter: never cached
+    assert len(calls) == 2
+    monkeypatch.setenv("RESNET_KERNELS_WEIGHT_CACHE", "0")
+    wc.derived(owner, "f", fn, (owner.running_var,), dev)
+    wc.derived(owner, "f", fn, (owner.running_var,), dev)
+    assert len(calls) == 4
+    monkeypatch.delenv("RESNET_KERNELS_WEIGHT_CACHE")
+    wc.derived(owner, "f", fn, (owner.running_var,), dev)
+    assert wc.derived(owner, "f", fn, (owner.running_var,), dev) is not None and len(calls) == 5
+    del owner, fn  # the entry goes with its owner
+    import gc
+    gc.collect()
+    assert not wc._derived
+
+
+@pytest.mark.parametrize("backend", ["aten", "torch"])
+def test_eval_fold_follows_the_module(backend):
+    """The cached eval fold of conv_bn_act against the plain layers after each change of what it
+    depends on: a running-statistics update (a training step), train/eval, a replaced parameter,
+    .to(float64), load_state_dict, another backend."""
+    from resnet_kernels.functional import conv_bn_act
+
+    wc.clear()
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1, bias=True), torch.nn.BatchNorm2d(4)
+    x = torch.randn(2, 3, 5, 5)
+
+    def check(be=backend):
+        conv.eval(), bn.eval()
+        with torch.no_grad():
+            got = conv_bn_act(x.to(conv.weight.dtype), conv, bn, backend=be)
+            ref = torch.relu(bn(conv(x.to(conv.weight.dtype))))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        a = conv_bn_act(x, conv, bn, backend=backend)
+        assert torch.equal(conv_bn_act(x, conv, bn, backend=backend), a)
+    (entry,) = wc._derived.values()
+    check()
+    assert wc._derived[id(bn)] is entry  # a hit: nothing changed
+    bn.train(), conv.train()
+    conv_bn_act(x, conv, bn, backend=backend)  # a training step updates the running statistics
+    check()
+    bn.weight = torch.nn.Parameter(torch.randn(4))
+    check()
+    conv.bias = torch.nn.Parameter(torch.randn(4))
+    check()
+    bn.load_state_dict({k: v * 1.5 if v.is_floating_point() else v for k, v in bn.state_dict().items()})
+    check()
+    check("torch" if backend == "aten" else "aten")
+    conv.to(torch.float64), bn.to(torch.float64)
+    check()

@@ -27,9 +27,12 @@ def _bn_eval(x, mean, var, weight, bias, eps):
     # native_batch_norm wants the parameters and statistics in one dtype (the statistics' dtype,
     # float32/float64: a no-op for float32 parameters)
     dt = mean.dtype
-    w = weight.to(dt) if weight is not None else None
-    b = bias.to(dt) if bias is not None else None
-    return _aten.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
+    w = weight if weight is None or weight.dtype is dt else weight.to(dt)
+    b = bias if bias is None or bias.dtype is dt else bias.to(dt)
+    return _native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
+
+
+_native_batch_norm = torch.native_batch_norm  # (the C binding: no OpOverloadPacket Python call)
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out, eps,
@@ -47,7 +50,7 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
 
 def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
     invstd = torch.rsqrt(var + eps)
-    w = weight.to(mean.dtype) if weight is not None else None
+    w = weight if weight is None or weight.dtype is mean.dtype else weight.to(mean.dtype)
     gx, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
                                                   [need_x, need_w and w is not None, need_b])
     if gw is not None and w_dtype is not None and gw.dtype != w_dtype:

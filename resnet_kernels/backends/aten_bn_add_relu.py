@@ -11,6 +11,10 @@ from torch import Tensor
 from .._checks import acc_dtype
 
 
+# what torch.backends.cudnn.enabled reads (that module property costs ~1 us a call)
+_cudnn_enabled = torch._C._get_cudnn_enabled
+
+
 def _v(t, C):
     return None if t is None else t.view(1, C, 1, 1)
 
@@ -47,7 +51,7 @@ def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu
         # (invstd is exactly 1, so its per-channel affine is exactly (scale, shift)): one native,
         # vectorised pass computed in fp32 and rounded once to x's dtype (mixed-dtype BN)
         zeros, ones = _unit_stats(C, scale.dtype, x.device)
-        y = torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, torch.backends.cudnn.enabled)
+        y = torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, _cudnn_enabled())
         _add_identity(y, identity, si, bi)  # y has the accumulation dtype here: no double rounding
         return y.relu_() if relu else y
     # fp32 (fp64) math in a temporary of the accumulation dtype, rounded once at the end

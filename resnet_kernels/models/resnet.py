@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _backend
+from .. import _backend, _block
 from ..functional import conv_bn_act, conv_bn_add_act, residual_block
 from ._units import is_4d, projection_reason, relu_ok, unit_ok
 from .._script import no_script
@@ -73,6 +73,10 @@ def _conv_bn_add_relu(blk: nn.Module, h: Tensor, conv: nn.Module, bn: nn.Module,
 def _block_train(blk: nn.Module, x: Tensor, units) -> Optional[Tensor]:
     """The whole block as one autograd function (training with batch statistics: the fused
     backward, resnet_kernels/_block.py), or None where the per-unit path runs."""
+    # what rules it out for the whole block first (no gradient; a backend whose requests keep the
+    # per-op graph: _block.applicable's first checks), before the per-unit checks
+    if not torch.is_grad_enabled() or not _block.backend_ok(_backend.op_arg(blk.backend)):
+        return None
     ds = blk.downsample
     if not all(unit_ok(x, c, b) for c, b in units):
         return None

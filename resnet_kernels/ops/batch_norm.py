@@ -52,6 +52,8 @@ from .._checks import (acc_dtype, check_activation, check_bool, check_channel_ve
 from .._numerics import mismatch, verify_rtol
 from ._nodiff import register_not_differentiable
 
+_F32, _F64 = torch.float32, torch.float64
+
 OP = "batch_norm_act"
 OP_BACKWARD = OP + "_backward"
 OP_UPDATE = "bn_running_update"
@@ -70,16 +72,17 @@ def _param(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     if t is None:
         return None
     dt = t.dtype
-    if dt is not x.dtype:
-        acc = acc_dtype(x.dtype)
+    xdt = x.dtype
+    if dt is not xdt:
+        acc = _F64 if xdt is _F64 else _F32  # acc_dtype, inline (per argument of every call)
         if dt is not acc:
             t = t.to(acc)
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _stat(t: Tensor, x: Tensor) -> Tensor:
-    acc = acc_dtype(x.dtype)
-    if t.dtype != acc:
+    acc = _F64 if x.dtype is _F64 else _F32  # acc_dtype, inline
+    if t.dtype is not acc:
         t = t.to(acc)
     return t if t.is_contiguous() else t.contiguous()  # (no-op .to/.contiguous skipped: a dispatch each)
 
