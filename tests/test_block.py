@@ -224,6 +224,15 @@ def test_explicit_backend_without_the_block_ops_keeps_the_per_op_path(monkeypatc
     assert block_calls == {"forward": 0, "backward": 0}
 
 
+def test_which_explicit_backends_run_the_block():
+    """triton, torch and cuda (its csrc BatchNorm writes and reads the 1-bit mask, its csrc
+    dgrad/wgrad compute the BN-backward operand: counted below its per-op graph, tests/test_count.py)
+    run the block; aten (separate passes around cuDNN) keeps the per-op graph."""
+    assert _block._BLOCK_BACKENDS == ("triton", "torch", "cuda")
+    assert all(_block.backend_ok(b) for b in ("auto", "triton", "torch", "cuda"))
+    assert not _block.backend_ok("aten")
+
+
 def _tiny_blocks():
     from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
