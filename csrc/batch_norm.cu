@@ -26,7 +26,9 @@
 // traffic (identity none/raw/BN'd; which sums; which gradients). Weight/bias presence and the
 // parameters' dtypes (float32 or the activation's 16-bit type) are uniform runtime values read
 // once per thread; the ReLU is a uniform runtime flag (as in bn_add_relu). Instances per
-// architecture: forward 48, reduce 64, apply 80, finalize 1, running update 1.
+// architecture: forward 48 + 6 writing the 1-bit mask (BITS: channels_last, VEC 8), bits
+// pack 6, reduce 128 (half of them reading the 1-bit mask: MB), apply 80, finalize 1, running
+// update 1.
 #include "batch_norm.h"
 
 #include "bn_add_relu_impl.cuh"
@@ -35,6 +37,7 @@ namespace rk {
 namespace bnk {  // batch_norm internals
 
 using bar::BwdPlan;
+using bar::FastDivU64;
 using bar::from_acc;
 using bar::kThreads;
 using bar::load_pack;
@@ -147,7 +150,9 @@ __device__ __forceinline__ bool thread_channels(const Tiling& t, int64_t& c0) {
   }
 }
 
-// body(vi) for every vector index of this thread (all of them share the thread's channels).
+// body(vi, pix) for every vector index of this thread (all of them share the thread's channels);
+// pix is the pixel (n * H*W + h * W + w) of the vector's first element: channels_last, the row;
+// NCHW, n * inner + q * VEC (the vector's VEC elements are pixels pix .. pix + VEC - 1).
 template <bool NHWC, int VEC, typename Body>
 __device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
   if constexpr (NHWC) {
@@ -155,7 +160,7 @@ __device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
     const int64_t cv = static_cast<int64_t>(blockIdx.y) * t.bx + tx;
     if (cv >= t.Cv || ty >= t.by) return;
     const int64_t rstep = static_cast<int64_t>(gridDim.x) * t.by;
-    for (int64_t r = static_cast<int64_t>(blockIdx.x) * t.by + ty; r < t.rows; r += rstep) body(r * t.Cv + cv);
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * t.by + ty; r < t.rows; r += rstep) body(r * t.Cv + cv, r);
   } else {
     int64_t c, p, j0, j1;
     t.g.block_range(blockIdx.x, c, p, j0, j1);
@@ -164,7 +169,7 @@ __device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
     int64_t n, q;
     t.g.start(j, n, q);
     for (; j < j1; j += kThreads) {
-      body(t.g.vector_index(n, c, q));
+      body(t.g.vector_index(n, c, q), (n * t.g.inner_v + q) * VEC);
       t.g.advance(n, q);
     }
   }
@@ -175,10 +180,16 @@ __device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
 // ---------------------------------------------------------------------------------------------
 enum IdMode : int { kIdNone = 0, kIdRaw = 1, kIdBn = 2 };
 
-template <typename T, int VEC, bool NHWC, int IDM>
+// BITS: also the 1-bit mask of out > 0 (resnet_kernels/_bits.py: uint8 [pixel][ceil(C/8)], bit c % 8 of
+// byte [pixel][c / 8]) in the same pass: channels_last with VEC == 8 (16-bit types, C % 8 == 0, 16-byte
+// aligned pointers): a thread's vector is one byte of the mask, written by that thread alone.
+// Elsewhere (float32, NCHW, C % 8 != 0) bn_bits_pack_kernel packs out afterwards.
+template <typename T, int VEC, bool NHWC, int IDM, bool BITS>
 __global__ void __launch_bounds__(kThreads, 2)
-    bn_act_fwd_kernel(const T* __restrict__ y, const T* __restrict__ identity, T* __restrict__ out, const BnParams bn,
-                      const BnParams idbn, const Tiling t, const bool relu) {
+    bn_act_fwd_kernel(const T* __restrict__ y, const T* __restrict__ identity, T* __restrict__ out,
+                      uint8_t* __restrict__ bits, const BnParams bn, const BnParams idbn, const Tiling t,
+                      const bool relu) {
+  static_assert(!BITS || (NHWC && VEC == 8), "in-kernel bits: channels_last, 8 channels a thread");
   constexpr int NCH = NHWC ? VEC : 1;
   int64_t c0;
   if (!thread_channels<NHWC, VEC>(t, c0)) return;  // no barriers in this kernel
@@ -189,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     is[k] = ib[k] = 0.f;
     if constexpr (IDM == kIdBn) bn_affine(idbn, c0 + k, is[k], ib[k]);
   }
-  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi, int64_t pix) {
     const Pack<T, VEC> yv = load_pack<T, VEC>(y, vi);
     Pack<T, VEC> iv;
     if constexpr (IDM != kIdNone) iv = load_pack<T, VEC>(identity, vi);
@@ -207,15 +218,65 @@ __global__ void __launch_bounds__(kThreads, 2)
       ov.v[k] = from_acc<T>(z);
     }
     store_pack<T, VEC>(out, vi, ov);
+    if constexpr (BITS) {
+      uint32_t m = 0;  // of the stored (rounded) values, as _bits.pack compares them
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) m |= (to_acc(ov.v[k]) > 0.f ? 1u : 0u) << k;
+      bits[pix * (t.C / 8) + c0 / 8] = static_cast<uint8_t>(m);
+    }
   });
+}
+
+// The 1-bit mask of out > 0 packed from out (where the forward cannot write it: NCHW, C % 8 != 0,
+// or a vector width below 4): one thread per byte, every byte written (the bits past C are 0).
+// channels_last: thread b writes byte b = [pixel][cb] from out[pixel][8cb .. 8cb+7]; NCHW: thread
+// index ((n * CB + cb) * HW + s) (neighbouring threads read neighbouring pixels of a plane) writes
+// byte [(n * HW + s)][cb] from out[n][8cb + j][s].
+struct PackGeom {
+  int64_t nbytes = 0, C = 1, CB = 1, HW = 1;
+  FastDivU64 div_cb, div_hw;
+};
+
+template <typename T, bool NHWC>
+__global__ void __launch_bounds__(kThreads) bn_bits_pack_kernel(const T* __restrict__ out, uint8_t* __restrict__ bits,
+                                                                const PackGeom g) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < g.nbytes; i += stride) {
+    int64_t byte, e0, estep, cb;
+    if constexpr (NHWC) {
+      const int64_t pix = static_cast<int64_t>(g.div_cb.div(static_cast<uint64_t>(i)));
+      cb = i - pix * g.CB;
+      byte = i;
+      e0 = pix * g.C + cb * 8;
+      estep = 1;
+    } else {
+      const int64_t rest = static_cast<int64_t>(g.div_hw.div(static_cast<uint64_t>(i)));
+      const int64_t s = i - rest * g.HW;
+      const int64_t n = static_cast<int64_t>(g.div_cb.div(static_cast<uint64_t>(rest)));
+      cb = rest - n * g.CB;
+      byte = (n * g.HW + s) * g.CB + cb;
+      e0 = (n * g.C + cb * 8) * g.HW + s;
+      estep = g.HW;
+    }
+    const int64_t nc = g.C - cb * 8 < 8 ? g.C - cb * 8 : 8;
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < nc) m |= (to_acc(out[e0 + j * estep]) > 0.f ? 1u : 0u) << j;
+    bits[byte] = static_cast<uint8_t>(m);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // backward 1/3: per-block partials of sum g, sum g*(y - mean), sum g*(identity - id_mean)
 // ---------------------------------------------------------------------------------------------
-template <typename T, int VEC, bool NHWC, bool SD, bool SI>
+// MB: the ReLU mask is the 1-bit mask of out > 0 (out_bits, resnet_kernels/_bits.py: bit c % 8 of
+// byte [pixel][c / 8], CB = ceil(C/8) bytes a pixel) instead of out (relu is then true): channels_last
+// with VEC a multiple of 8 reads one byte per 8 channels, otherwise one byte per element.
+template <typename T, int VEC, bool NHWC, bool SD, bool SI, bool MB>
 __global__ void __launch_bounds__(kThreads, 2)
-    bn_act_bwd_reduce_kernel(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ y,
+    bn_act_bwd_reduce_kernel(const T* __restrict__ grad_out, const T* __restrict__ out,
+                             const uint8_t* __restrict__ out_bits, const T* __restrict__ y,
                              const T* __restrict__ identity, const float* __restrict__ mean,
                              const float* __restrict__ id_mean, float* __restrict__ ws, const Tiling t,
                              const bool relu) {
@@ -234,17 +295,41 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (active) imu[k] = id_mean[c0 + k];
     }
   }
-  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi, int64_t pix) {
     const Pack<T, VEC> gv = load_pack<T, VEC>(grad_out, vi);
     Pack<T, VEC> ov, yv, iv;
-    if (relu) ov = load_pack<T, VEC>(out, vi);
+    if constexpr (!MB) {
+      if (relu) ov = load_pack<T, VEC>(out, vi);
+    }
     if constexpr (SD) yv = load_pack<T, VEC>(y, vi);
     if constexpr (SI) iv = load_pack<T, VEC>(identity, vi);
+    constexpr int NB = MB && NHWC && VEC % 8 == 0 ? VEC / 8 : 1;  // whole bytes of this vector
+    uint32_t mb[NB];
+    const int64_t CB = (t.C + 7) / 8;
+    if constexpr (MB && NHWC && VEC % 8 == 0) {
+#pragma unroll
+      for (int j = 0; j < NB; ++j) mb[j] = out_bits[pix * CB + c0 / 8 + j];
+    }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int ck = NHWC ? k : 0;
       float g = to_acc(gv.v[k]);
-      if (relu) g = to_acc(ov.v[k]) > 0.f ? g : 0.f;
+      if constexpr (MB) {
+        uint32_t byte, bit;
+        if constexpr (NHWC && VEC % 8 == 0) {
+          byte = mb[k / 8];
+          bit = k % 8;
+        } else if constexpr (NHWC) {
+          byte = out_bits[pix * CB + (c0 + k) / 8];
+          bit = static_cast<uint32_t>((c0 + k) % 8);
+        } else {
+          byte = out_bits[(pix + k) * CB + c0 / 8];
+          bit = static_cast<uint32_t>(c0 % 8);
+        }
+        g = (byte >> bit) & 1u ? g : 0.f;
+      } else {
+        if (relu) g = to_acc(ov.v[k]) > 0.f ? g : 0.f;
+      }
       a0[ck] += g;
       if constexpr (SD) a1[ck] += mul_rn(g, to_acc(yv.v[k]) - mu[ck]);
       if constexpr (SI) a2[ck] += mul_rn(g, to_acc(iv.v[k]) - imu[ck]);
@@ -382,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if constexpr (GY) load_coefs(coef, t.C, c0 + k, 0, mu[k], A[k], mg[k], kk[k]);
     if constexpr (GIM == kIdBn) load_coefs(coef, t.C, c0 + k, 4, imu[k], iA[k], img[k], ik[k]);
   }
-  for_each_vector<NHWC, VEC>(t, [&](int64_t vi) {
+  for_each_vector<NHWC, VEC>(t, [&](int64_t vi, int64_t pix) {
     const Pack<T, VEC> gv = load_pack<T, VEC>(grad_out, vi);
     Pack<T, VEC> ov, yv, iv, gyv, giv;
     if (relu) ov = load_pack<T, VEC>(out, vi);
@@ -574,7 +659,10 @@ void batch_norm_act_forward(const BatchNormActArgs& a) {
   const BnParams idbn =
       bn_params(a.id_mean, a.id_var, a.id_weight, a.id_weight_dtype, a.id_bias, a.id_bias_dtype, a.id_eps);
   const int idm = a.identity == 0 ? kIdNone : (a.id_mean == 0 ? kIdRaw : kIdBn);
+  // the bits in the forward kernel (bn_act_fwd_kernel's BITS), else packed by a second launch
+  const bool bits_in = a.bits != 0 && plan.nhwc && vec == 8;
   cudaStream_t st = as_stream(a.stream);
+  uint8_t* bits = reinterpret_cast<uint8_t*>(a.bits);
   with_dtype(a.dtype, fn, [&](auto tag) {
     using T = typename decltype(tag)::type;
     with_vec<T>(vec, [&](auto vc) {
@@ -583,13 +671,34 @@ void batch_norm_act_forward(const BatchNormActArgs& a) {
         constexpr bool NHWC = decltype(nc)::value;
         with_id_mode(idm, [&](auto ic) {
           constexpr int IDM = decltype(ic)::value;
-          bn_act_fwd_kernel<T, VEC, NHWC, IDM><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
-              reinterpret_cast<const T*>(a.y), reinterpret_cast<const T*>(a.identity), reinterpret_cast<T*>(a.out),
-              bn, idbn, t, a.relu);
-          check_launch("bn_act_fwd_kernel");
+          with_bool(bits_in, [&](auto bc) {
+            constexpr bool BITS = decltype(bc)::value;
+            if constexpr (!BITS || (NHWC && VEC == 8)) {
+              bn_act_fwd_kernel<T, VEC, NHWC, IDM, BITS><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
+                  reinterpret_cast<const T*>(a.y), reinterpret_cast<const T*>(a.identity),
+                  reinterpret_cast<T*>(a.out), bits, bn, idbn, t, a.relu);
+              check_launch("bn_act_fwd_kernel");
+            }
+          });
         });
       });
     });
+    if (a.bits != 0 && !bits_in) {
+      PackGeom g;
+      g.C = a.C;
+      g.CB = ceil_div(a.C, int64_t(8));
+      g.HW = a.inner;
+      g.nbytes = a.numel / a.C * g.CB;
+      g.div_cb = FastDivU64(static_cast<uint64_t>(g.CB));
+      g.div_hw = FastDivU64(static_cast<uint64_t>(g.HW));
+      const int64_t blocks = std::min<int64_t>(ceil_div(g.nbytes, int64_t(kThreads)), 4096);
+      with_bool(plan.nhwc, [&](auto nc) {
+        constexpr bool NHWC = decltype(nc)::value;
+        bn_bits_pack_kernel<T, NHWC><<<static_cast<unsigned>(blocks), kThreads, 0, st>>>(
+            reinterpret_cast<const T*>(a.out), bits, g);
+        check_launch("bn_bits_pack_kernel");
+      });
+    }
   });
 }
 
@@ -616,8 +725,9 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   const bool y_side = a.grad_y || a.grad_weight || a.coef;
   if (a.numel > 0) {  // an empty tensor's data pointer may be 0
     check_ptr(a.grad_out, fn, "grad_out");
-    if (a.relu && a.out == 0)
-      throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true"));
+    if (a.relu && a.out == 0 && a.out_bits == 0)
+      throw ArgError(cat(fn, ": out (the saved forward output, the ReLU mask) is required when relu=true (or ",
+                         "out_bits, its 1-bit mask)"));
     if (y_side && a.y == 0)
       throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y, grad_weight or coef"));
     if (a.grad_identity && a.identity == 0)
@@ -625,6 +735,10 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   }
   if (y_side && (a.mean == 0 || a.var == 0))
     throw ArgError(cat(fn, ": y, mean and var are required to compute grad_y, grad_weight or coef"));
+  if (a.out_bits != 0 && (!a.relu || a.out != 0))
+    throw ArgError(cat(fn, ": out_bits (the 1-bit ReLU mask) needs relu=true and out=0 (one mask)"));
+  if (a.out_bits != 0 && (a.grad_y != 0 || a.grad_identity != 0))
+    throw ArgError(cat(fn, ": out_bits is read by the reduce pass only: grad_y/grad_identity need out, not out_bits"));
   if ((a.grad_id_weight || a.grad_id_bias) && a.id_mean == 0)
     throw ArgError(cat(fn, ": grad_id_weight/grad_id_bias need the identity's own BatchNorm (id_mean, id_var)"));
   if (a.id_coef && a.id_mean == 0)
@@ -692,6 +806,8 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   float* ws = reinterpret_cast<float*>(a.workspace);
   float* coef = reduce ? ws + coef_offset(plan, a.C) : nullptr;
   const Tiling t = empty ? Tiling{} : make_tiling(plan, a.C);
+  const bool mb = a.out_bits != 0;
+  const uint8_t* ob = reinterpret_cast<const uint8_t*>(a.out_bits);
 
   with_dtype(a.dtype, fn, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -708,10 +824,13 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
             constexpr bool SD = decltype(dc)::value;
             with_bool(sum_i, [&](auto ic) {
               constexpr bool SI = decltype(ic)::value;
-              bn_act_bwd_reduce_kernel<T, VEC, NHWC, SD, SI><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
-                  go, o, yy, id, reinterpret_cast<const float*>(a.mean), reinterpret_cast<const float*>(a.id_mean),
-                  ws, t, a.relu);
-              check_launch("bn_act_bwd_reduce_kernel");
+              with_bool(mb, [&](auto mc) {
+                constexpr bool MB = decltype(mc)::value;
+                bn_act_bwd_reduce_kernel<T, VEC, NHWC, SD, SI, MB><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
+                    go, o, ob, yy, id, reinterpret_cast<const float*>(a.mean),
+                    reinterpret_cast<const float*>(a.id_mean), ws, t, a.relu);
+                check_launch("bn_act_bwd_reduce_kernel");
+              });
             });
           });
         });

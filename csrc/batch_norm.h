@@ -28,13 +28,20 @@ struct BatchNormActArgs {
   std::uintptr_t y, mean, var, weight, bias;                     // weight/bias: 0 = absent
   std::uintptr_t identity, id_mean, id_var, id_weight, id_bias;  // 0 = absent
   std::uintptr_t out;
+  // bits (0 = not needed): the 1-bit mask of out > 0 too, a contiguous uint8 (N, H, W, ceil(C/8))
+  // array (resnet_kernels/_bits.py: bit c % 8 of byte [n, h, w, c / 8]; the bits past C are 0),
+  // every byte written. Written by the forward kernel itself on channels_last (inner == 1) for
+  // float16/bfloat16 with C % 8 == 0 and every activation pointer 16-byte aligned (8 channels a
+  // thread: a byte); otherwise (float32, NCHW, C % 8 != 0, misaligned pointers) packed from out by
+  // a second launch (bn_bits_pack_kernel).
+  std::uintptr_t bits;
   DType weight_dtype, bias_dtype, id_weight_dtype, id_bias_dtype;  // of the pointers above (ignored when 0)
   double eps, id_eps;
   int64_t numel, C, inner;
   bool relu;
   std::uintptr_t stream;
 };
-// One launch (none when numel == 0).
+// One launch (none when numel == 0), two with bits outside the forward kernel's cases (above).
 void batch_norm_act_forward(const BatchNormActArgs& a);
 
 // g = grad_out * (out > 0) if relu else grad_out; sums over N, H, W per channel:
@@ -56,7 +63,11 @@ void batch_norm_act_forward(const BatchNormActArgs& a);
 // backward that applies the coefficients itself.
 struct BatchNormActBackwardArgs {
   DType dtype;
-  std::uintptr_t grad_out, out, y, mean, var, weight;  // out: read iff relu; weight 0 = 1
+  std::uintptr_t grad_out, out, y, mean, var, weight;  // out: read iff relu and out_bits == 0; weight 0 = 1
+  // out_bits: the ReLU mask as the 1-bit mask of out > 0 (layout: BatchNormActArgs::bits) instead of
+  // out (0 = absent; needs relu and out == 0); read by the reduce pass only: with out_bits, grad_y
+  // and grad_identity are refused (the batch_norm_act_coef half).
+  std::uintptr_t out_bits;
   std::uintptr_t identity, id_mean, id_var, id_weight;
   std::uintptr_t grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias;  // 0 = not needed
   std::uintptr_t coef, id_coef;  // float32 [3][C] (A, B, K) of y's / the identity's BN; 0 = not needed

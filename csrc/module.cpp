@@ -245,7 +245,7 @@ PYBIND11_MODULE(_C, m) {
   def_dtype(bna, "BatchNormActArgs.dtype");
   RK_FIELD(bna, y); RK_FIELD(bna, mean); RK_FIELD(bna, var); RK_FIELD(bna, weight); RK_FIELD(bna, bias);
   RK_FIELD(bna, identity); RK_FIELD(bna, id_mean); RK_FIELD(bna, id_var); RK_FIELD(bna, id_weight);
-  RK_FIELD(bna, id_bias); RK_FIELD(bna, out);
+  RK_FIELD(bna, id_bias); RK_FIELD(bna, out); RK_FIELD(bna, bits);
   def_dtype_field<&rk::BatchNormActArgs::weight_dtype>(bna, "weight_dtype");
   def_dtype_field<&rk::BatchNormActArgs::bias_dtype>(bna, "bias_dtype");
   def_dtype_field<&rk::BatchNormActArgs::id_weight_dtype>(bna, "id_weight_dtype");
@@ -259,7 +259,7 @@ PYBIND11_MODULE(_C, m) {
                                                "pointer 0 = absent");
   bnb.def(py::init<>());
   def_dtype(bnb, "BatchNormActBackwardArgs.dtype");
-  RK_FIELD(bnb, grad_out); RK_FIELD(bnb, out); RK_FIELD(bnb, y); RK_FIELD(bnb, mean); RK_FIELD(bnb, var);
+  RK_FIELD(bnb, grad_out); RK_FIELD(bnb, out); RK_FIELD(bnb, out_bits); RK_FIELD(bnb, y); RK_FIELD(bnb, mean); RK_FIELD(bnb, var);
   RK_FIELD(bnb, weight); RK_FIELD(bnb, identity); RK_FIELD(bnb, id_mean); RK_FIELD(bnb, id_var);
   RK_FIELD(bnb, id_weight); RK_FIELD(bnb, grad_y); RK_FIELD(bnb, grad_identity); RK_FIELD(bnb, grad_weight);
   RK_FIELD(bnb, grad_bias); RK_FIELD(bnb, grad_id_weight); RK_FIELD(bnb, grad_id_bias);

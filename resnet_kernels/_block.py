@@ -37,7 +37,8 @@ Used only where it computes exactly what the unfused path computes: plain eager 
 under torch.compile, FX tracing, functorch or dispatch modes: those see the per-op graph), a
 gradient needed, every BN using batch statistics through ``batch_stats_args`` (not a synchronising
 SyncBatchNorm, no conv bias, a non-empty batch), and the requested backend implementing the
-block's fused backward (``auto``, ``triton``, and ``torch`` as the reference; see ``_BLOCK_BACKENDS``).
+block's fused backward (``auto``, ``triton``, ``cuda``, and ``torch`` as the reference; see
+``_BLOCK_BACKENDS``).
 """
 
 from __future__ import annotations
@@ -60,16 +61,15 @@ from .ops.conv_backward import conv2d_backward
 
 _OPS = ("conv2d_backward", "batch_norm_act_coef", "batch_norm_act_bits", "conv2d_bn_stats")
 # Explicit backends that run the block as one function: those whose conv2d_backward computes the
-# BN-backward operand inside the convolution kernels (triton), and the reference (torch: exact
-# float64 parity of the whole chain). 'aten' implements conv2d_backward as separate passes around
-# cuDNN, which count more launches and bytes than its per-op graph (resnet-kernels count): an
-# explicit request for it keeps the per-op graph; 'auto' may still measure and pick its
-# conv2d_backward inside the block. 'cuda' computes the operand inside its csrc dgrad/wgrad
-# (bf16/fp16 channels_last), but its block forward ops (batch_norm_act_bits packs the mask with
-# torch ops, batch_norm_act_coef, conv2d_stats) still count more than its per-op graph (ResNet-50
-# train, batch 256, bf16: 654 launches / 117.3 GB as a block vs 557 / 95.5 per op), so it keeps the
-# per-op graph too until those are fused.
-_BLOCK_BACKENDS = ("triton", "torch")
+# BN-backward operand inside the convolution kernels (triton; cuda: its csrc dgrad/wgrad, bf16/fp16
+# channels_last, with the csrc BatchNorm writing the 1-bit mask in its forward kernel and its reduce
+# kernel reading it), and the reference (torch: exact float64 parity of the whole chain). cuda's
+# block counts below its per-op graph (batch 256, bf16, channels_last, train: ResNet-50 474
+# launches / 76.0 GB vs 553 / 95.5 per op; ResNet-18 191 / 18.1 vs 215 / 21.3; resnet-kernels
+# count). 'aten' implements conv2d_backward as separate passes around cuDNN, which count more
+# launches and bytes than its per-op graph: an explicit request for it keeps the per-op graph;
+# 'auto' may still measure and pick its conv2d_backward inside the block.
+_BLOCK_BACKENDS = ("triton", "torch", "cuda")
 # Explicit backends whose block forward applies each inner unit's BN + ReLU in the next convolution's
 # operand prologue (``conv2d_bn_stats``) and whose backward recomputes that input from the saved conv
 # output (``conv2d_backward`` with x=None): the normalised activations are never written nor saved.

@@ -224,6 +224,15 @@ def test_explicit_backend_without_the_block_ops_keeps_the_per_op_path(monkeypatc
     assert block_calls == {"forward": 0, "backward": 0}
 
 
+def test_which_explicit_backends_run_the_block():
+    """triton, torch and cuda (its csrc BatchNorm writes and reads the 1-bit mask, its csrc
+    dgrad/wgrad compute the BN-backward operand: counted below its per-op graph, tests/test_count.py)
+    run the block; aten (separate passes around cuDNN) keeps the per-op graph."""
+    assert _block._BLOCK_BACKENDS == ("triton", "torch", "cuda")
+    assert all(_block.backend_ok(b) for b in ("auto", "triton", "torch", "cuda"))
+    assert not _block.backend_ok("aten")
+
+
 def _tiny_blocks():
     from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
@@ -418,3 +427,61 @@ def test_a_block_updates_its_running_statistics_in_one_call(backend, block_calls
         ours(torch.randn(2, 8, 6, 6, dtype=dt, requires_grad=True))
     for k, v in ours.state_dict().items():
         assert torch.equal(before[k], v), f"{k} changed by a failed block"
+
+
+@pytest.mark.parametrize("name", ["basic-proj", "bottleneck-id"])
+def test_cuda_block_matches_its_per_op_graph(name, cuda_target, monkeypatch, block_calls):
+    """The cuda backend's block (csrc BatchNorm writing and reading the 1-bit mask, csrc
+    dgrad/wgrad computing the BN-backward operand; the host runner without a GPU), float16
+    channels_last: output, input and parameter gradients, running statistics close to the per-op
+    cuda graph's and to torchvision's in float64 (the two fp16 graphs round differently)."""
+    from resnet_kernels.backends import cuda_common
+
+    launched = []
+    real_module = cuda_common.C_module
+
+    class _Spy:  # the csrc entry points called (through cuda_common.call)
+        def __init__(self, mod):
+            self._mod = mod
+
+        def __getattr__(self, fn):
+            launched.append(fn)
+            return getattr(self._mod, fn)
+
+    monkeypatch.setattr(cuda_common, "C_module", lambda: _Spy(real_module()))
+    block, shape = _tiny_blocks()[name]
+    _randomise_bn(block)
+    ref = copy.deepcopy(block).double()
+    nets = []
+    for use_block in (True, False):
+        net = rk.fuse(copy.deepcopy(block), backend="cuda").to(cuda_target, torch.float16).to(
+            memory_format=torch.channels_last)
+        nets.append(net)
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64)
+    g = None
+    results = []
+    for i, net in enumerate(nets):
+        if i == 1:
+            monkeypatch.setattr(_block, "backend_ok", lambda backend: False)
+        xo = x.to(cuda_target, torch.float16).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = net(xo)
+        if g is None:
+            g = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(g.to(cuda_target, torch.float16).contiguous(memory_format=torch.channels_last))
+        results.append([out, xo.grad] + [p.grad for p in net.parameters()] + list(net.buffers()))
+    assert block_calls == {"forward": 1, "backward": 1}
+    assert {"batch_norm_act_forward", "batch_norm_act_backward"} <= set(launched), set(launched)
+    xr = x.clone().requires_grad_()
+    out_r = ref(xr)
+    out_r.backward(g)
+    want = [out_r, xr.grad] + [p.grad for p in ref.parameters()] + list(ref.buffers())
+    for k, (a, b, r) in enumerate(zip(*results, want)):
+        if not r.is_floating_point():
+            assert torch.equal(a.cpu(), r) and torch.equal(b.cpu(), r), k
+            continue
+        r = r.detach()
+        scale = max(float(r.abs().max()), 1e-6)
+        for got in (a.detach(), b.detach()):
+            err = float((got.double().cpu() - r).abs().max())
+            assert err <= 3e-2 * scale, (k, err, scale)

@@ -49,6 +49,7 @@ EXPECTED_KERNELS = [
     "nhwc_stats_finalize_kernel",
     # csrc/batch_norm.cu
     "bn_act_fwd_kernel",
+    "bn_bits_pack_kernel",
     "bn_act_bwd_reduce_kernel",
     "bn_act_bwd_finalize_kernel",
     "bn_act_bwd_apply_kernel",

@@ -411,8 +411,21 @@ def _triton_bn_bits_cost(call):
     return launches + pl, b + pb
 
 
+def _cuda_bn_bits_cost(call):
+    """batch_norm_act_bits on cuda (csrc/batch_norm.cu): ``_fused_bn_cost`` plus the bits written by
+    the forward kernel itself for float16/bfloat16 on channels_last (or H*W == 1) with C % 8 == 0
+    (16-byte-aligned activations assumed: fresh allocations); otherwise (float32, NCHW, C % 8 != 0)
+    a second csrc launch (bn_bits_pack_kernel) reads out and writes the bits."""
+    launches, b = _fused_bn_cost(call)
+    N, C, H, W = call.y.shape
+    B = N * H * W * ((C + 7) // 8)
+    if (call.layout != "nchw" or H * W == 1) and C % 8 == 0 and call.y.element_size() == 2:
+        return launches, b + B
+    return launches + 1, b + nbytes(call.y) + B
+
+
 def _packed_after(cost):
-    """batch_norm_act_bits on cuda / aten: their forward, then ``_bits.pack`` of out by torch ops."""
+    """batch_norm_act_bits on aten: its forward, then ``_bits.pack`` of out by torch ops."""
     def fn(call):
         launches, b = cost(call)
         pl, pb = pack_cost(call.y)
@@ -517,14 +530,10 @@ def _triton_bn_bwd_cost(call):
 
 
 def _cuda_bn_coef_cost(call):
-    """``_fused_bn_coef_cost``; a 1-bit ``out`` is first unpacked (``_bits.unpack_cost``) and applied
-    by a where (read grad_out and the bool mask, write the masked gradient) before the csrc kernels,
-    which then run with relu off (not reading a mask)."""
-    launches, b = _fused_bn_coef_cost(call)
-    if call.relu and is_bits(call.out):
-        ul, ub = unpack_cost(call.out, call.grad_out)
-        launches, b = launches + ul + 1, b + ub + 2 * nbytes(call.grad_out) + call.grad_out.numel() - nbytes(call.out)
-    return launches, b
+    """``_fused_bn_coef_cost`` (reduce + finalize: 2 launches); a 1-bit ``out``
+    (resnet_kernels/_bits.py) is read natively by the csrc reduce kernel (``out_bits``): its bytes are
+    the bits' (nbytes of a uint8 tensor)."""
+    return _fused_bn_coef_cost(call)
 
 
 def _aten_bn_coef_cost(call):
@@ -630,7 +639,7 @@ _COSTS = {
     ("conv2d_epilogue", "aten"): _aten_conv_cost, ("conv2d_stats", "aten"): _aten_conv_cost,
     ("batch_norm_act", "cuda"): _fused_bn_cost, ("batch_norm_act", "triton"): _fused_bn_cost,
     ("batch_norm_act", "aten"): _aten_bn_cost,
-    ("batch_norm_act_bits", "cuda"): _packed_after(_fused_bn_cost),
+    ("batch_norm_act_bits", "cuda"): _cuda_bn_bits_cost,
     ("batch_norm_act_bits", "triton"): _triton_bn_bits_cost,
     ("batch_norm_act_bits", "aten"): _packed_after(_aten_bn_cost),
     ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _triton_bn_bwd_cost,

@@ -9,6 +9,10 @@ running buffers float32 or a 16-bit type.
 
 For the accountant (counted from the code, not measured):
 * forward: 1 launch; reads y (and identity), writes out (+ 4 or 8 per-channel vectors).
+* forward with the 1-bit mask (batch_norm_act_bits, ``mask_bits``): written by the same launch for
+  float16/bfloat16 channels_last with C % 8 == 0 (16-byte-aligned activations: fresh allocations);
+  otherwise (float32, NCHW, C % 8 != 0) a second csrc launch packs it from out (reads out, writes
+  the bits).
 * backward: reduce + finalize when any per-channel sum is needed (grad_y, grad_weight, grad_bias,
   grad_id_*, or grad_identity with id_mean), + apply when grad_y or grad_identity is needed: 3 in
   training with every gradient, 1 for a raw grad_identity alone. The reduce reads grad_out, out
@@ -17,7 +21,8 @@ For the accountant (counted from the code, not measured):
   grad_identity; the workspace (partials and coefficients) is (3 * P + 8) * C * 4 bytes, P <= 1024.
 * coefficients (batch_norm_act_coef): the backward's reduce + finalize alone (2 launches): the same
   entry point with coef/id_coef set and no grad_y/grad_identity; the finalize writes (A, B, K) to
-  the (3, C) outputs.
+  the (3, C) outputs. A 1-bit ``out`` (resnet_kernels/_bits.py) is read by the reduce kernel
+  itself (``out_bits``): its bytes instead of out's.
 * running update: 1 launch per 4 BatchNorms (C-sized vectors and num_batches_tracked).
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._bits import is_bits, pack, unpack
+from .._bits import is_bits
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 
 
@@ -35,24 +40,24 @@ def _code(t) -> int:
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
                            eps, id_eps, relu, C, inner, mask_bits=None) -> None:
-    """``mask_bits``: packed from out by torch ops after the kernel (``_bits.pack``: extra launches,
-    counted; csrc is not edited for it)."""
+    """``mask_bits``: the 1-bit mask of out > 0 (resnet_kernels/_bits.py), written by the csrc forward
+    (``BatchNormActArgs.bits``: in its kernel for 16-bit channels_last with C % 8 == 0, else by a
+    second launch packing out)."""
     C_ = C_module()
     with device_guard(y):
         args = fill_args(
             C_.BatchNormActArgs, dtype=DTYPE_CODES[y.dtype], y=ptr(y), mean=ptr(mean), var=ptr(var),
             weight=ptr(weight), bias=ptr(bias), identity=ptr(identity), id_mean=ptr(id_mean), id_var=ptr(id_var),
-            id_weight=ptr(id_weight), id_bias=ptr(id_bias), out=ptr(out), weight_dtype=_code(weight),
+            id_weight=ptr(id_weight), id_bias=ptr(id_bias), out=ptr(out), bits=ptr(mask_bits), weight_dtype=_code(weight),
             bias_dtype=_code(bias), id_weight_dtype=_code(id_weight), id_bias_dtype=_code(id_bias), eps=float(eps),
             id_eps=float(id_eps), numel=y.numel(), C=C, inner=inner, relu=bool(relu), stream=stream_of(y))
         call("batch_norm_act_forward", args)
-    if mask_bits is not None:
-        pack(out, out=mask_bits)
 
 
 def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
               grad_weight, grad_bias, grad_id_weight, grad_id_bias, coef, id_coef, eps, id_eps, relu, C, inner) -> None:
     C_ = C_module()
+    bits = out is not None and is_bits(out)
     code = DTYPE_CODES[grad_out.dtype]
     numel = grad_out.numel()
     with device_guard(grad_out):
@@ -61,7 +66,8 @@ def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id
         # is written first by an earlier launch of the same call (so it is not poisoned).
         ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=grad_out.device)
         args = fill_args(
-            C_.BatchNormActBackwardArgs, dtype=code, grad_out=ptr(grad_out), out=ptr(out if relu else None),
+            C_.BatchNormActBackwardArgs, dtype=code, grad_out=ptr(grad_out),
+            out=ptr(out if relu and not bits else None), out_bits=ptr(out if relu and bits else None),
             y=ptr(y), mean=ptr(mean), var=ptr(var), weight=ptr(weight), identity=ptr(identity),
             id_mean=ptr(id_mean), id_var=ptr(id_var), id_weight=ptr(id_weight), grad_y=ptr(grad_y),
             grad_identity=ptr(grad_identity), grad_weight=ptr(grad_weight), grad_bias=ptr(grad_bias),
@@ -84,12 +90,7 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
 def batch_norm_act_coef(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, coef, id_coef,
                         grad_weight, grad_bias, grad_id_weight, grad_id_bias, eps, id_eps, relu, C, inner) -> None:
     """coef / id_coef: (3, C) float32, contiguous (the op allocates them). A 1-bit ``out``
-    (resnet_kernels/_bits.py) is unpacked and applied by torch ops first (csrc reads an activation
-    mask): the kernels then see the masked gradient with relu off."""
-    if relu and is_bits(out):
-        grad_out = torch.where(unpack(out, grad_out), grad_out,
-                               torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-        out, relu = None, False
+    (resnet_kernels/_bits.py) is read by the reduce kernel itself (``out_bits``)."""
     if id_mean is None:
         identity = id_var = id_weight = None
     _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, None, None, grad_weight,

@@ -439,6 +439,20 @@ def test_backward_argument_errors(kw, pattern, cuda_target):
     assert torch.isnan(grad_y).all(), "a refused call wrote an output"
 
 
+def test_backward_refuses_bits_for_the_apply_pass(cuda_target):
+    """A 1-bit ReLU mask (out_bits) is read by the reduce pass only (batch_norm_act_coef): asking
+    for grad_y with it is refused, naming out_bits, before anything is written."""
+    from resnet_kernels import _bits
+
+    case = Case((1, 3, 7, 7), torch.float32, "nchw", cuda_target)
+    grad_y = _nan(case.shape, torch.float32, cuda_target)
+    with pytest.raises(ValueError, match=r"out_bits is read by the reduce pass only"):
+        cuda_impl.batch_norm_act_backward(case.grad_out, _bits.pack(case.out), case.y, case.mean, case.var,
+                                          case.weight, None, None, None, None, grad_y, None, None, None, None, None,
+                                          EPS, ID_EPS, True, 3, 49)
+    assert torch.isnan(grad_y).all(), "a refused call wrote an output"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_batch(layout, cuda_target):
     """N = 0 (the op layer returns early; the launchers still behave): the forward writes nothing,

@@ -134,8 +134,9 @@ def test_batch_norm_act_coef_reads_bits_like_out(backend, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_reads_and_writes_bits(layout, cuda_target):
-    """The cuda backend (csrc on the host runner without a GPU): its torch passes around the kernels
-    (unpack + where before them, pack after the forward) give what the full mask gives."""
+    """The cuda backend (csrc on the host runner without a GPU): the bits written by its forward
+    and read by its reduce kernel (and by the convolution backward's torch passes) give what the
+    full mask gives."""
     from resnet_kernels.ops.batch_norm import batch_norm_act, batch_norm_act_bits
 
     dev = cuda_target
@@ -256,10 +257,18 @@ def test_the_accountant_counts_the_bits():
     t_fwd = _registry.get_impl("batch_norm_act", "triton").cost(fwd)
     t_bits = _registry.get_impl("batch_norm_act_bits", "triton").cost(bits)
     assert t_bits == (t_fwd[0], t_fwd[1] + y.numel() // 8)  # same kernel, + the bits written
-    for be in ("cuda", "aten"):
-        plain = _registry.get_impl("batch_norm_act", be).cost(fwd)
-        with_bits = _registry.get_impl("batch_norm_act_bits", be).cost(bits)
-        assert with_bits[0] > plain[0] and with_bits[1] > plain[1] + y.numel() // 8, be  # packed afterwards
+    c_fwd = _registry.get_impl("batch_norm_act", "cuda").cost(fwd)
+    assert _registry.get_impl("batch_norm_act_bits", "cuda").cost(bits) == (c_fwd[0], c_fwd[1] + y.numel() // 8)
+    y13 = torch.empty((256, 13, 56, 56), dtype=torch.bfloat16, device="meta")  # NCHW, C % 8 != 0
+    m13 = torch.empty(13, device="meta")
+    args13 = (y13, m13, m13, None, None, None, None, None, None, None, 1e-5, 1e-5, True)
+    c_fwd = _registry.get_impl("batch_norm_act", "cuda").cost(forward_call(*args13))
+    B13 = 256 * 56 * 56 * 2
+    assert _registry.get_impl("batch_norm_act_bits", "cuda").cost(bits_call(*args13)) == (
+        c_fwd[0] + 1, c_fwd[1] + nbytes(y13) + B13)  # csrc's pack launch: read out, write the bits
+    plain = _registry.get_impl("batch_norm_act", "aten").cost(fwd)
+    with_bits = _registry.get_impl("batch_norm_act_bits", "aten").cost(bits)
+    assert with_bits[0] > plain[0] and with_bits[1] > plain[1] + y.numel() // 8  # packed afterwards
     b = torch.empty(_bits.bits_shape(y.shape), dtype=torch.uint8, device="meta")
     assert nbytes(b) == y.numel() // 8
 
@@ -286,3 +295,61 @@ def test_the_block_saves_the_bits_and_not_its_output(backend):
     assert len(bits) == 1 and torch.equal(bits[0], _bits.pack(out.detach()))
     out.backward(torch.randn_like(out))
     assert x.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# the cuda backend's csrc kernels write and read the bits themselves (csrc/batch_norm.cu)
+# --------------------------------------------------------------------------------------------
+CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_forward_writes_every_byte_of_the_bits(layout, dtype, cuda_target):
+    """csrc batch_norm_act_forward with bits: equal to ``_bits.pack(out)`` into a poisoned buffer
+    (every byte written, the bits past C zero), relu on and off, with and without the identity: in
+    the forward kernel (16-bit channels_last, C % 8 == 0: 8 channels a thread; C = 520: several
+    column tiles) and by the pack launch (float32, NCHW, C % 8 != 0)."""
+    from resnet_kernels.backends import cuda_batch_norm
+
+    dev = cuda_target
+    shapes = [(1, C, 7, 7) for C in (3, 8, 13, 64)] + [(1, 520, 2, 2)]
+    zeros = 0
+    for shape in shapes:
+        y, m, v, w, b, idt = (t.to(dev) for t in _fwd_args(shape, layout, dtype))
+        C = shape[1]
+        inner = 1 if layout == "channels_last" else shape[2] * shape[3]
+        for relu in (True, False):
+            for identity in (None, idt):
+                out = torch.full_like(y, float("nan"))
+                bits = torch.full(_bits.bits_shape(shape), 0xA5, dtype=torch.uint8, device=dev)
+                cuda_batch_norm.batch_norm_act_forward(y, m, v, w, b, identity, None, None, None, None, out, 1e-5,
+                                                       1e-5, relu, C, inner, mask_bits=bits)
+                assert not out.isnan().any()
+                assert torch.equal(bits, _bits.pack(out)), (shape, relu, identity is None)
+                zeros += int((out <= 0).sum()) if relu else 0
+    assert zeros > 0  # some bits are 0 (relu zeros are not > 0)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_coef_reads_bits_like_out(layout, dtype, cuda_target):
+    """csrc's reduce kernel reading the bits (out_bits) gives bitwise what it gives reading out: one
+    byte per 8 channels (channels_last 16-bit, C % 8 == 0), one per element (float32, C % 8 != 0,
+    NCHW), with and without the identity's BN."""
+    dev = cuda_target
+    for C in (3, 8, 13, 64):
+        grad_out, out, *rest = (t.to(dev) for t in _coef_args(layout, C=C, dtype=dtype))
+        bits = _bits.pack(out)
+        for with_id in (True, False):
+            args = rest if with_id else rest[:4] + [None] * 4
+            kw = dict(relu=True, need_weight=True, need_bias=True, need_id_weight=with_id, need_id_bias=with_id,
+                      backend="cuda")
+            want = batch_norm_act_coef(grad_out, out, *args, **kw)
+            got = batch_norm_act_coef(grad_out, bits, *args, **kw)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (C, with_id)
+            masked = torch.where(out > 0, grad_out, torch.zeros((), dtype=dtype, device=dev))
+            plain = batch_norm_act_coef(masked, out, *args, **{**kw, "relu": False})
+            for a, b in zip(got, plain):  # the mask is applied (not a no-op)
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (C, with_id)
