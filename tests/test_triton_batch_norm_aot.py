@@ -30,7 +30,7 @@ CPU = torch.device("cpu")  # the device only sets the (runtime) number of progra
 # bn_add_relu's backward); the per-channel kernels are tiny (C / 128 programs: occupancy does not
 # matter; float64 needs two registers per value).
 MAX_REGS = {"_fwd_kernel": 64, "_apply_kernel": 64, "_reduce_cols_kernel": 128, "_reduce_planes_kernel": 128,
-            "_finalize_kernel": 96, "_running_kernel": 64}
+            "_running_kernel": 64}
 
 
 def _i(int64: bool) -> str:
@@ -96,13 +96,15 @@ def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=
                       divisible_by_16=div16)
 
 
-def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True, int64=False, mask_bits=False):
+def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True, int64=False, mask_bits=False,
+                 param_dt=None):
     cfg = K._reduce_config(N, C, HW, layout, _size(dt), CPU, interpret=False)
     act, acc = ACT[dt], _acc(dt)
+    par = ACT[param_dt] if param_dt is not None else acc
     sig = dict(go_ptr=act, out_ptr="*u8" if mask_bits else act,
                y_ptr=act, mean_ptr=acc, id_ptr=act, im_ptr=acc, pg_ptr=acc, pd_ptr=acc,
-               pi_ptr=acc, var_ptr=acc, w_ptr=acc, iv_ptr=acc, iw_ptr=acc, gw_ptr=acc, gb_ptr=acc, giw_ptr=acc,
-               gib_ptr=acc, coef_ptr=acc, icoef_ptr=acc, cnt_ptr="*i32", eps="fp32", eps_lo="fp32", eps_lo2="fp32",
+               pi_ptr=acc, var_ptr=acc, w_ptr=par, iv_ptr=acc, iw_ptr=par, gw_ptr=par, gb_ptr=par, giw_ptr=par,
+               gib_ptr=par, coef_ptr=acc, icoef_ptr=acc, cnt_ptr="*i32", eps="fp32", eps_lo="fp32", eps_lo2="fp32",
                id_eps="fp32", id_eps_lo="fp32", id_eps_lo2="fp32", inv_m="fp32", inv_m_lo="fp32", inv_m_lo2="fp32")
     # the in-launch finalize: every output of batch_norm_act_backward's / _coef's training use
     fin = dict(HAS_W=True, HAS_IW=need[2], W_GW=need[1], W_GB=need[0], W_GIW=need[2], W_GIB=need[2] and need[0],
@@ -120,21 +122,6 @@ def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True,
         sig.update(N=_i(int64), C=_i(int64), HW_V=_i(int64), N_TILES="i32", HW_TILES="i32")
         constexprs.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_HW=cfg["BLOCK_HW"])
     return KernelSpec(MOD, kernel, sig, constexprs, num_warps=cfg["num_warps"], arch=arch)
-
-
-def _finalize_spec(dt, P, C, arch, param_dt=None):
-    cfg = K._finalize_config(P, C, interpret=False)
-    acc = _acc(dt)
-    par = ACT[param_dt] if param_dt is not None else acc
-    sig = dict(pg_ptr=acc, pd_ptr=acc, pi_ptr=acc, var_ptr=acc, w_ptr=par, iv_ptr=acc, iw_ptr=par, gw_ptr=par,
-               gb_ptr=par, giw_ptr=par, gib_ptr=par, coef_ptr=acc, icoef_ptr=acc, eps="fp32", eps_lo="fp32",
-               eps_lo2="fp32", id_eps="fp32", id_eps_lo="fp32", id_eps_lo2="fp32", inv_m="fp32", inv_m_lo="fp32",
-               inv_m_lo2="fp32", P="i32", C="i32")
-    flags = dict(NEED_G=True, NEED_D=True, NEED_I=True, HAS_W=True, HAS_IW=True, W_GW=True, W_GB=True, W_GIW=True,
-                 W_GIB=True, COEF_Y=True, COEF_I=True)
-    return KernelSpec(MOD, "_finalize_kernel", sig, dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
-                                                          IS64=dt == torch.float64, **flags),
-                      num_warps=cfg["num_warps"], arch=arch)
 
 
 def _running_spec(buf_dts, C, arch):
@@ -179,7 +166,7 @@ def _cases():
         out.append((f"apply-planes-{n}-14x14", _apply_spec(dt, 256, 256, 196, "nchw", 90, want_vec=4), True))
         # parameters in the activation dtype (model.to(bf16))
         out.append((f"fwd-cols-{n}-params-{n}", _fwd_spec(dt, 256, 64, 56 * 56, "nhwc", 90, param_dt=dt), True))
-        out.append((f"finalize-{n}-params", _finalize_spec(fp32, 264, 512, 90, param_dt=dt), False))
+        out.append((f"reduce-cols-{n}-params-{n}", _reduce_spec(dt, 256, 512, 49, "nhwc", 90, param_dt=dt), True))
     out += [
         ("fwd-planes-fp32-7x7", _fwd_spec(fp32, 256, 512, 49, "nchw", 90, want_vec=1), False),
         ("apply-planes-fp32-7x7", _apply_spec(fp32, 256, 512, 49, "nchw", 90, want_vec=1), False),
@@ -203,8 +190,6 @@ def _cases():
         ("fwd-planes-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nchw", 90, bits=True), True),
         ("reduce-cols-bf16-bits", _reduce_spec(bf16, 256, 256, 56 * 56, "nhwc", 90, mask_bits=True), True),
         ("reduce-planes-bf16-bits", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 90, mask_bits=True), True),
-        ("finalize-fp32", _finalize_spec(fp32, 264, 512, 90), False),
-        ("finalize-fp64", _finalize_spec(fp64, 264, 512, 90), False),
         ("running-fp32", _running_spec([fp32], 512, 90), False),
         ("running-bf16", _running_spec([bf16], 64, 90), False),
         ("running-fp64", _running_spec([fp64], 2048, 90), False),
@@ -216,7 +201,6 @@ def _cases():
         ("sm80-apply-planes-bf16", _apply_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
         ("sm80-reduce-cols-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nhwc", 80), True),
         ("sm80-reduce-planes-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
-        ("sm80-finalize-fp32", _finalize_spec(fp32, 264, 512, 80), False),
         ("sm80-running-fp32", _running_spec([fp32], 512, 80), False),
         ("sm80-running-block-fp32", _running_spec([fp32] * 4, 2048, 80), False),
     ]

@@ -47,7 +47,7 @@ Kernel launches per call (what the accountant declares):
   ``_apply_kernel`` writes grad_y and grad_identity in one pass. The reduce launch is skipped when
   no per-channel sum is needed (only grad_identity of a raw identity), the apply kernel when
   neither grad_y nor grad_identity is requested: 2 launches for every training step that needs
-  grad_y, 1 otherwise (was 3: a separate ``_finalize_kernel`` launch; the dgrad's upstream
+  grad_y, 1 otherwise (was 3: a separate finalize launch; the dgrad's upstream
   reductions, triton_ops/conv2d_dgrad.py, also run ``_finalize_block`` in their own launch now).
   grad_y may be grad_out's own buffer (the
   reduce pass reads grad_out before the apply pass, which reads each element before writing it;
@@ -88,7 +88,7 @@ from .._bits import is_bits
 from .._bits import pack as pack_bits
 from ._common import (INTERPRET, arrival_counters, cast_for_store, drop_arrival_counters, mask_bit, pack_bits_cols,
                       pack_bits_rows)
-from .bn_add_relu import (_backward_config, _block_for_extent, _layout, _num_warps, _on_device, _sum_config,
+from .bn_add_relu import (_backward_config, _block_for_extent, _layout, _num_warps, _on_device,
                           _tile_elems, _vec_width)
 
 MODE_PLANES = 1
@@ -465,26 +465,6 @@ def _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
 
 
 @triton.jit
-def _finalize_kernel(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr,
-                     gw_ptr, gb_ptr, giw_ptr, gib_ptr, coef_ptr, icoef_ptr,
-                     eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo, inv_m_lo2, P, C,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_G: tl.constexpr, NEED_D: tl.constexpr,
-                     NEED_I: tl.constexpr, HAS_W: tl.constexpr, HAS_IW: tl.constexpr, W_GW: tl.constexpr,
-                     W_GB: tl.constexpr, W_GIW: tl.constexpr, W_GIB: tl.constexpr, COEF_Y: tl.constexpr,
-                     COEF_I: tl.constexpr, IS64: tl.constexpr):
-    # A separate launch of ``_finalize_block``, program pc owning the channel block pc. Not launched
-    # by the library any more: the reduce kernels above and the dgrad's upstream reductions
-    # (triton_ops/conv2d_dgrad.py) run the same finalize in their own launch (their last-arriving
-    # program per channel block); kept as the finalize's standalone AOT subject
-    # (tests/test_triton_batch_norm_aot.py).
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    _finalize_block(pg_ptr, pd_ptr, pi_ptr, var_ptr, w_ptr, iv_ptr, iw_ptr, gw_ptr, gb_ptr, giw_ptr, gib_ptr,
-                    coef_ptr, icoef_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, inv_m, inv_m_lo,
-                    inv_m_lo2, P, C, cols, cols < C, BLOCK_P, BLOCK_C, NEED_G, NEED_D, NEED_I, HAS_W, HAS_IW, W_GW,
-                    W_GB, W_GIW, W_GIB, COEF_Y, COEF_I, IS64)
-
-
-@triton.jit
 def _apply_kernel(go_ptr, out_ptr, y_ptr, mean_ptr, id_ptr, im_ptr, coef_ptr, gy_ptr, gi_ptr,
                   R, S_V, C,
                   MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -624,7 +604,6 @@ KERNELS = {
     "_fwd_kernel": _fwd_kernel,
     "_reduce_cols_kernel": _reduce_cols_kernel,
     "_reduce_planes_kernel": _reduce_planes_kernel,
-    "_finalize_kernel": _finalize_kernel,
     "_apply_kernel": _apply_kernel,
     "_running_kernel": _running_kernel,
 }
@@ -684,15 +663,9 @@ def _reduce_config(N: int, C: int, HW: int, layout: str, itemsize: int, device: 
     return _backward_config(N, C, HW, layout, itemsize, device, interpret)
 
 
-def _finalize_config(P: int, C: int, interpret: bool = None) -> dict:
-    """bn_add_relu's partial-sum tiling, one program per channel block."""
-    cfg = _sum_config(P, C, interpret)
-    return dict(cfg, grid=(triton.cdiv(C, cfg["BLOCK_C"]),))
-
-
 def _finalize_rows(P: int, block_c: int, interpret: bool = None) -> int:
     """Rows of partials the in-launch finalize sums per step ([rows, block_c] accumulators): the
-    separate finalize's tile (``_finalize_config``) over the reduce's channel block."""
+    tile of bn_add_relu's partial-sum finalize (``_sum_config``) over the reduce's channel block."""
     interpret = INTERPRET if interpret is None else interpret
     tile = min(_tile_elems(8, interpret), 1024)
     return max(1, min(triton.next_power_of_2(P), tile // block_c))
