@@ -4,8 +4,9 @@ Every implementation that runs here (torch, aten, triton under the interpreter, 
 runner without a GPU) against the float64 reference (batch_norm + relu + conv2d + var_mean in
 float64) under the project's policy (``resnet_kernels.testing.assert_close_to_ref``: PyTorch's own
 unfused result in the same dtype, h rounded to the dtype, is the yardstick), and against the two-op
-path of the same backend (batch_norm_act, then conv2d_stats): bitwise (torch, aten, cuda materialise
-h with batch_norm_act's own launcher; triton computes h in the conv kernel's prologue with the
+path of the same backend (batch_norm_act, then conv2d_stats): bitwise (torch, aten materialise
+h with batch_norm_act's own launcher; cuda computes h in its conv kernel's operand prologue with
+csrc batch_norm_act's own function, csrc/bn_affine.cuh; triton computes h in the conv kernel's prologue with the
 operations of its batch_norm_act kernel in the same order: bitwise under the interpreter; on a GPU
 the compiler may contract (y - mean) * scale + bias into an FMA differently in the two kernels, so
 there only the policy is asserted). bn_bias > 0 and small means: relu(shift) > 0, so a prologue that
