@@ -9,7 +9,8 @@ odd Cin: the element gather), 1x1 and 3x3, stride 1 and 2, N = 1, H = W = 7, bf1
 and means near the data: relu(shift) > 0, so a prologue that normalised the zero padding (instead of
 padding h) fails every padded case; y centred on the mean: about half the h are clamped by the ReLU.
 Outputs poisoned with NaN (an unwritten element fails). Without a GPU: the host runner
-(``cuda_target``), which runs csrc's own kernel source.
+(``cuda_target``), which runs csrc's own kernel source; there two planted bugs (the BN applied to
+the padding taps, the table's barrier removed) must fail, and the channel limit is exercised.
 """
 
 from __future__ import annotations
@@ -111,6 +112,19 @@ def test_prologue_parameters_in_the_activation_dtype(mode, cuda_target):
     _assert_bitwise(got, ref)
 
 
+def test_prologue_at_the_channel_limit(cuda_target):
+    """Cp = 1536 = PROLOGUE_MAX_CHANNELS (the whole shared-memory table), bf16 channels_last."""
+    from resnet_kernels.backends import cuda_conv2d
+
+    SHAPES["1x1_c1536"] = (1, cuda_conv2d.PROLOGUE_MAX_CHANNELS, 3, 3, 8, 1, 1, 0)
+    try:
+        case = _case("1x1_c1536", torch.bfloat16, "channels_last", cuda_target)
+    finally:
+        del SHAPES["1x1_c1536"]
+    got, ref, _ = _both(case, "channels_last", cuda_target, False)
+    _assert_bitwise(got, ref)
+
+
 def test_prologue_is_not_the_plain_conv(cuda_target):
     """Negative control: the in-kernel result is not the convolution of y_prev itself (the prologue ran)."""
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
@@ -175,3 +189,38 @@ def test_prologue_rejects_bad_arguments(over, match, host_runner_module):
     mod = host_runner_module
     with pytest.raises(ValueError, match=match):
         mod.conv2d_forward(cuda_common.fill_args(mod.Conv2dArgs, **_args(**over)))
+
+
+# ---- planted bugs (tests/host_runner.py ``build(patches=...)``): the checks above catch them
+_BUGS = {
+    # the BN applied to the padding taps (relu(shift) > 0 there instead of h's zero padding)
+    "pads_bn": [("      for (int j = 0; j < 4; ++j) g[i][j] = ok ? o[j] : 0u;\n",
+                 "      for (int j = 0; j < 4; ++j) g[i][j] = o[j];\n")],
+    # the barrier between the table's writes and the first tiles' transforms removed: a read before the
+    # write (the runner runs thread 0 first: "uninitialised") or in the same barrier interval (race)
+    "table_barrier": [("      tab[kConvPrologueMaxChannels + c] = sh;\n    }\n    __syncthreads();\n",
+                       "      tab[kConvPrologueMaxChannels + c] = sh;\n    }\n")],
+}
+
+
+def _planted(bug):
+    import host_runner
+
+    if host_runner.compiler() is None or rk_testing.HAS_GPU:
+        pytest.skip("the planted-bug builds run on the host runner (no GPU, a C++ compiler)")
+    return host_runner.HostRunner(host_runner.build(patches={"conv2d.cu": _BUGS[bug]}))
+
+
+def test_planted_padding_bug_fails_parity(host_runner_module):
+    case = _case("3x3s1_c16", torch.bfloat16, "channels_last", "cpu")
+    with cuda_common.host_runner(_planted("pads_bn")):
+        got, ref, _ = _both(case, "channels_last", "cpu", False)
+    assert not torch.equal(got[0], ref[0])
+
+
+def test_planted_table_race_is_reported(host_runner_module):
+    case = _case("3x3s1_c5", torch.float32, "nchw", "cpu")
+    with cuda_common.host_runner(_planted("table_barrier")):
+        with pytest.raises(RuntimeError, match=r"shared-memory race|uninitialised shared memory") as info:
+            _both(case, "nchw", "cpu", False)
+    assert "conv2d_igemm_kernel" in str(info.value)
