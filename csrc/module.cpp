@@ -9,6 +9,8 @@
 #include "bn_add_relu.h"
 #include "common.h"
 #include "conv2d.h"
+#include "conv2d_dgrad.h"
+#include "conv2d_wgrad.h"
 #include "maxpool.h"
 #include "nhwc_stats.h"
 #if RK_WITH_SM90
@@ -170,6 +172,39 @@ PYBIND11_MODULE(_C, m) {
   def_strides<&rk::Conv2dArgs::out_stride>(conv, "out_stride");
   def_strides<&rk::Conv2dArgs::res_stride>(conv, "res_stride");
   finish(conv);
+
+  py::class_<rk::Conv2dDgradArgs> dg(m, "Conv2dDgradArgs", py::module_local(),
+                                     "arguments of conv2d_dgrad (csrc/conv2d_dgrad.h); pointer 0 = absent");
+  dg.def(py::init<>());
+  def_dtype(dg, "Conv2dDgradArgs.dtype");
+  RK_FIELD(dg, g); RK_FIELD(dg, mask); RK_FIELD(dg, mask_bits); RK_FIELD(dg, y); RK_FIELD(dg, coef); RK_FIELD(dg, mean);
+  RK_FIELD(dg, w); RK_FIELD(dg, grad_x); RK_FIELD(dg, residual); RK_FIELD(dg, res_mask); RK_FIELD(dg, res_bits);
+  RK_FIELD(dg, up_out); RK_FIELD(dg, up_y); RK_FIELD(dg, up_mean); RK_FIELD(dg, up_var); RK_FIELD(dg, up_weight);
+  RK_FIELD(dg, up_bias);
+  RK_FIELD(dg, up_coef); RK_FIELD(dg, up_grad_weight); RK_FIELD(dg, up_grad_bias); RK_FIELD(dg, workspace);
+  RK_FIELD(dg, workspace_bytes); RK_FIELD(dg, up_eps); RK_FIELD(dg, N); RK_FIELD(dg, Cin); RK_FIELD(dg, H);
+  RK_FIELD(dg, W); RK_FIELD(dg, Cout); RK_FIELD(dg, KH); RK_FIELD(dg, KW); RK_FIELD(dg, stride_h);
+  RK_FIELD(dg, stride_w); RK_FIELD(dg, pad_h); RK_FIELD(dg, pad_w); RK_FIELD(dg, OH); RK_FIELD(dg, OW);
+  RK_FIELD(dg, stream);
+  def_dtype_field<&rk::Conv2dDgradArgs::up_w_dtype>(dg, "up_w_dtype");
+  def_dtype_field<&rk::Conv2dDgradArgs::up_gw_dtype>(dg, "up_gw_dtype");
+  def_strides<&rk::Conv2dDgradArgs::w_stride>(dg, "w_stride");
+  finish(dg);
+
+  py::class_<rk::Conv2dWgradArgs> wg(m, "Conv2dWgradArgs", py::module_local(),
+                                     "arguments of conv2d_wgrad (csrc/conv2d_wgrad.h); pointer 0 = absent");
+  wg.def(py::init<>());
+  def_dtype(wg, "Conv2dWgradArgs.dtype");
+  RK_FIELD(wg, g); RK_FIELD(wg, mask); RK_FIELD(wg, mask_bits); RK_FIELD(wg, y); RK_FIELD(wg, coef); RK_FIELD(wg, mean);
+  RK_FIELD(wg, x); RK_FIELD(wg, up_y); RK_FIELD(wg, up_mean); RK_FIELD(wg, up_var); RK_FIELD(wg, up_weight);
+  RK_FIELD(wg, up_bias); RK_FIELD(wg, up_eps); RK_FIELD(wg, grad_weight); RK_FIELD(wg, workspace);
+  RK_FIELD(wg, workspace_bytes); RK_FIELD(wg, splits); RK_FIELD(wg, N); RK_FIELD(wg, Cin); RK_FIELD(wg, H);
+  RK_FIELD(wg, W); RK_FIELD(wg, Cout); RK_FIELD(wg, KH); RK_FIELD(wg, KW); RK_FIELD(wg, stride_h);
+  RK_FIELD(wg, stride_w); RK_FIELD(wg, pad_h); RK_FIELD(wg, pad_w); RK_FIELD(wg, OH); RK_FIELD(wg, OW);
+  RK_FIELD(wg, stream);
+  def_dtype_field<&rk::Conv2dWgradArgs::up_w_dtype>(wg, "up_w_dtype");
+  def_strides<&rk::Conv2dWgradArgs::gw_stride>(wg, "gw_stride");
+  finish(wg);
 
   py::class_<rk::MaxPool2dArgs> pool(m, "MaxPool2dArgs", py::module_local(),
                                      "arguments of maxpool2d_forward (csrc/maxpool.h); pointer 0 = absent");
@@ -333,6 +368,47 @@ PYBIND11_MODULE(_C, m) {
       "implicit-GEMM conv2d with fused epilogue out = act(conv(x, w)*scale + bias + residual) and optional "
       "per-channel (mean, biased var) of conv(x, w) (Conv2dArgs); w is (Cout, ldw) with columns "
       "(r*KW+s)*Cin+c, zero padded to ldw");
+
+  m.def(
+      "conv2d_dgrad_workspace_bytes",
+      [](int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w, bool upstream) {
+        return rk::conv2d_dgrad_workspace_bytes(N, Cin, H, W, stride_h, stride_w, upstream);
+      },
+      py::arg("N"), py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("stride_h"), py::arg("stride_w"),
+      py::arg("upstream"), "bytes of device workspace conv2d_dgrad needs (0 without the upstream reductions)");
+  m.def(
+      "conv2d_dgrad",
+      [](const rk::Conv2dDgradArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_dgrad(a);
+      },
+      py::arg("args"),
+      "implicit-GEMM convolution data gradient with the BN-backward operand computed as it is loaded, the "
+      "residual / upstream-ReLU epilogue and the upstream BN-backward reductions (Conv2dDgradArgs)");
+
+  m.def(
+      "conv2d_wgrad_splits",
+      [](int64_t N, int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t OH, int64_t OW) {
+        return rk::conv2d_wgrad_splits(N, Cin, Cout, KH, KW, OH, OW);
+      },
+      py::arg("N"), py::arg("Cin"), py::arg("Cout"), py::arg("KH"), py::arg("KW"), py::arg("OH"), py::arg("OW"),
+      "the split-K count conv2d_wgrad is tuned for (from the shape only)");
+  m.def(
+      "conv2d_wgrad_workspace_bytes",
+      [](int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits) {
+        return rk::conv2d_wgrad_workspace_bytes(Cin, Cout, KH, KW, splits);
+      },
+      py::arg("Cin"), py::arg("Cout"), py::arg("KH"), py::arg("KW"), py::arg("splits"),
+      "bytes of device workspace conv2d_wgrad needs (0 for one split)");
+  m.def(
+      "conv2d_wgrad",
+      [](const rk::Conv2dWgradArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_wgrad(a);
+      },
+      py::arg("args"),
+      "implicit-GEMM convolution weight gradient with the BN-backward operand computed as it is loaded and x "
+      "optionally recomputed from the upstream unit (Conv2dWgradArgs); deterministic split-K");
 
   // ---- per-channel statistics of an fp32 NHWC matrix (csrc/nhwc_stats.h; the sm_90a conv's)
   py::class_<rk::NhwcStatsArgs> nst(m, "NhwcStatsArgs", py::module_local(),

@@ -843,12 +843,14 @@ def _triton_conv_bwd_cost(call):
     return max(launches, 1), b
 
 
-def _unpack_masks(call):
+def _unpack_masks(call, need_x=None):
     """(launches, bytes) of unpacking 1-bit mask / res_mask (resnet_kernels/_bits.py) first (the aten
-    and cuda implementations: their elementwise passes read bool masks then, counted as before)."""
+    and cuda implementations: their elementwise passes read bool masks then, counted as before);
+    res_mask only when grad_x is computed so (need_x, default: requested)."""
+    need_x = call.needs[0] if need_x is None else need_x
     launches = b = 0
     for m, like in ((call.mask, call.g), (call.res_mask, call.xs)):
-        if m is not None and is_bits(m) and (m is not call.res_mask or call.needs[0]):
+        if m is not None and is_bits(m) and (m is not call.res_mask or need_x):
             ul, ub = unpack_cost(m, like)
             launches, b = launches + ul, b + ub
     return launches, b
@@ -886,11 +888,82 @@ def _aten_conv_bwd_cost(call):
     return max(launches, 1), b
 
 
+def _cuda_refusals(call):
+    """(dgrad, wgrad) refusals of csrc's backward kernels for this call (cuda_conv_backward's
+    ``dgrad_refusal`` / ``wgrad_refusal``): None where the csrc kernel computes that output."""
+    from .cuda_conv_backward import dgrad_refusal, wgrad_refusal
+
+    return (dgrad_refusal(call.g, call.mask, call.y, call.xs, call.weight, call.stride, call.residual, call.res_mask,
+                          call.up_y),
+            wgrad_refusal(call.g, call.mask, call.y, call.xs, call.weight))
+
+
+def _cuda_own_dgrad_cost(call):
+    """cuda_conv_backward._dgrad (csrc/conv2d_dgrad.cu): a channels_last copy of the weight (read and
+    write it) unless ``dgrad_weight_in_place``, the dgrad kernel (the operand g, the mask (activation or bits), y with coef, the weight
+    once; the residual and its mask, the upstream mask x (x None: recomputed from the up_y it reads
+    anyway, + 3 vectors) and up_y read once in the epilogue; grad_x and with upstream reductions the
+    per-tile partials written), the finalize kernel (partials and 4 per-channel vectors in, 5 out)."""
+    from .cuda_conv_backward import dgrad_weight_in_place
+
+    W = nbytes(call.weight)
+    launches, b = (1, 0) if dgrad_weight_in_place(call.weight) else (2, 2 * W)
+    b += _conv_bwd_operand_reads(call) + W + nbytes(call.residual) + nbytes(call.res_mask) + nbytes(call.xs)
+    b += 4 * call.weight.shape[0] * 4 if call.coef is not None else 0
+    if call.upstream:
+        N, Cin, H, Wd = call.xs.shape
+        sh, sw = call.stride
+        tiles = sum(-(-(N * -(-(H - ah) // sh) * -(-(Wd - aw) // sw)) // 128)
+                    for ah in range(min(sh, H)) for aw in range(min(sw, Wd)))
+        p = 2 * tiles * Cin * 4
+        launches += 1
+        b += (3 * Cin * 4 if call.x_from_up else nbytes(call.xs)) + nbytes(call.up_y) + 2 * p + 9 * Cin * 4
+    return launches, b
+
+
+def _cuda_own_wgrad_cost(call):
+    """cuda_conv_backward._wgrad (csrc/conv2d_wgrad.cu): the operand (g, the mask, y with coef) and x
+    (x None: up_y, recomputed as it is loaded, + 4 vectors) read once, grad_weight written (1 launch);
+    with split-K (``wgrad_splits``) the float32 partials written and read back by the reduce kernel
+    (a second launch)."""
+    from .cuda_conv_backward import wgrad_splits
+
+    Cout, Cin, KH, KW = call.weight.shape
+    N, OH, OW = call.g.shape[0], call.g.shape[2], call.g.shape[3]
+    b = _conv_bwd_operand_reads(call) + nbytes(call.weight)
+    b += 4 * Cout * 4 if call.coef is not None else 0
+    b += nbytes(call.up_y) + 4 * Cin * 4 if call.x_from_up else nbytes(call.xs)
+    splits = wgrad_splits(N, Cin, Cout, KH, KW, OH, OW)
+    if splits == 1:
+        return 1, b
+    return 2, b + 2 * splits * Cout * Cin * KH * KW * 4
+
+
 def _cuda_conv_bwd_cost(call):
-    """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted."""
+    """cuda_conv_backward.conv2d_backward: see its module docstring for the passes counted. grad_x and
+    grad_weight by csrc's dgrad / wgrad (``_cuda_own_dgrad_cost``, ``_cuda_own_wgrad_cost``) where
+    ``dgrad_refusal`` / ``wgrad_refusal`` let them, the rest by the separate passes around cuDNN
+    (``_cuda_sep_conv_bwd_cost``)."""
     need_x, need_w = call.needs[0], call.needs[1]
+    rx, rw = _cuda_refusals(call)
+    own_x, own_w = need_x and rx is None, need_w and rw is None
+    launches = b = 0
+    if own_x:
+        launches, b = _cuda_own_dgrad_cost(call)
+    if own_w:
+        wl, wb = _cuda_own_wgrad_cost(call)
+        launches, b = launches + wl, b + wb
+    if (need_x and not own_x) or (need_w and not own_w):
+        sl, sb = _cuda_sep_conv_bwd_cost(call, need_x and not own_x, need_w and not own_w)
+        launches, b = launches + sl, b + sb
+    return max(launches, 1), b
+
+
+def _cuda_sep_conv_bwd_cost(call, need_x, need_w):
+    """The separate passes around cuDNN (cuda_conv_backward's module docstring) for the outputs the
+    csrc kernels do not compute (need_x / need_w)."""
     g = nbytes(call.g)
-    launches, b = _unpack_masks(call)
+    launches, b = _unpack_masks(call, need_x)
     ul, ub = _upstream_input_cost(call)
     launches, b = launches + ul, b + ub
     if call.mask is not None:  # the masking pass (a where after unpacking a 1-bit mask)

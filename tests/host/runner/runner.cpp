@@ -436,8 +436,10 @@ void compute_shfl(WarpSlot& w) {
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the row addresses of matrix i
 // (16 bytes per row); lane l receives in register i the 32 bits at row l/4, b16 columns
-// 2*(l%4), 2*(l%4)+1 of matrix i (PTX ISA, "Matrix fragments for ldmatrix").
-void compute_ldsm(WarpSlot& w, int warp) {
+// 2*(l%4), 2*(l%4)+1 of matrix i (PTX ISA, "Matrix fragments for ldmatrix"). With .trans (trans)
+// each matrix is transposed: register i holds the b16 elements at rows 2*(l%4) (low half) and
+// 2*(l%4)+1 (high half) of column l/4.
+void compute_ldsm(WarpSlot& w, int warp, bool trans) {
   unsigned char rows[4][8][16];
   for (int l = 0; l < 32; ++l) {
     const uint32_t addr = *static_cast<const uint32_t*>(w.in[l]);
@@ -451,7 +453,16 @@ void compute_ldsm(WarpSlot& w, int warp) {
   }
   for (int l = 0; l < 32; ++l) {
     uint32_t* r = static_cast<uint32_t*>(w.out[l]);
-    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], &rows[i][l / 4][4 * (l % 4)], 4);
+    for (int i = 0; i < 4; ++i) {
+      if (trans) {
+        uint16_t lo, hi;
+        std::memcpy(&lo, &rows[i][2 * (l % 4)][2 * (l / 4)], 2);
+        std::memcpy(&hi, &rows[i][2 * (l % 4) + 1][2 * (l / 4)], 2);
+        r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      } else {
+        std::memcpy(&r[i], &rows[i][l / 4][4 * (l % 4)], 4);
+      }
+    }
   }
 }
 
@@ -557,7 +568,7 @@ void collective(int kind, int sub, const void* in, void* out) {
       fail(fmt("divergent warp collective: lane %d of warp %d of block (%u,%u,%u) is at %s, lane %d at %s", l, warp,
                g_bidx.x, g_bidx.y, g_bidx.z, coll_name(w.kind[l]), lane, coll_name(kind)));
   if (kind == kShfl) compute_shfl(w);
-  if (kind == kLdsm) compute_ldsm(w, warp);
+  if (kind == kLdsm) compute_ldsm(w, warp, sub == 1);
   if (kind == kMma) compute_mma(w, sub);
   w.arrived = 0;
   for (int l = 0; l < 32; ++l) {
@@ -718,6 +729,7 @@ void cp_async_wait_group(int n) {
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { collective(kLdsm, 0, &addr, r); }
+void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { collective(kLdsm, 1, &addr, r); }
 
 void mma_sync(int kind, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   MmaIn in{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};

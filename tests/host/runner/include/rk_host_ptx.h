@@ -14,6 +14,7 @@ void cp_async_cg16(uint32_t dst, const void* src, int src_bytes);
 void cp_async_commit_group();
 void cp_async_wait_group(int n);
 void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr);
+void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr);
 void mma_sync(int kind, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 uint32_t cvt_rna_tf32(float f);
 }  // namespace rk_host
@@ -34,6 +35,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { ::rk_host::ldmatrix_x4(r, addr); }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  ::rk_host::ldmatrix_x4_trans(r, addr);
+}
 
 template <typename T>
 __device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
