@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "acc_types.cuh"
+#include "bn_affine.cuh"
 #include "conv2d.h"
 #include "conv2d_layout.h"
 #include "ptx.cuh"
@@ -17,6 +19,11 @@ namespace conv {
 namespace {
 
 enum Math : int { kMma16 = 0, kTf32 = 1, k3xTf32 = 2 };
+
+// the operand prologue's per-channel (scale, shift) table, after the 128 x 64 tile's pipeline
+// buffers in the same static shared array
+constexpr int PRO_TABLE_BYTES = 2 * kConvPrologueMaxChannels * static_cast<int>(sizeof(float));
+static_assert(TileCfg<64>::SMEM_BYTES + PRO_TABLE_BYTES <= 48 * 1024, "the prologue table fits static shared memory");
 
 struct Params {
   const void* x;
@@ -39,6 +46,10 @@ struct Params {
   // else along pixels); out_al16: out is 16-byte aligned; out_pvec: out_al16 and pixels of one
   // image are contiguous (w stride 1, h stride OW); res_cvec / res_pvec: the same for the residual
   int out_cvec, out_al16, out_pvec, res_cvec, res_pvec;
+  // operand prologue (the PRO kernels only; appended: the other kernels' parameter offsets are
+  // unchanged): x's BatchNorm (batch_norm.cu's BnParams) and Cp, the channels of its table
+  bnk::BnParams bn;
+  int Cp;
 };
 
 template <typename T>
@@ -76,23 +87,32 @@ struct Elem<__nv_bfloat16> {
 // flight across the tile's math); the 3xTF32 gather path would spill even at 168 on sm_80 and
 // gets up to 255 (198 with nvcc 13.0: 2 CTAs per SM).
 // The wide tile (BN_ = 128, 256 threads): 2 CTAs per SM at <= 128 registers.
-template <typename T, int MATH, bool VEC_A, int BN_>
-__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128                 ? 2
-                                                          : MATH == kMma16 && VEC_A    ? 4
-                                                          : MATH == k3xTf32 && !VEC_A ? 2
-                                                                                      : 3)
+// PRO (operand prologue, 128 x 64 tile only): A is x = y_prev and the MMA consumes
+// h = relu(x * scale[c] + shift[c]) rounded to T (batch_norm_act's arithmetic, bn_affine.cuh), zero
+// for padding taps and channels >= Cin. Its A chunks are register-staged on both paths (the vector
+// path's chunks become one 16-byte __ldg each instead of a cp.async): loaded before the tile's
+// math, transformed and stored to shared memory after it (store_a), like the gather path; the
+// per-channel (scale, shift) table of all Cp channels is computed once per CTA into shared memory
+// (after the pipeline buffers: Cp <= kConvPrologueMaxChannels). Occupancy as the gather path's.
+template <typename T, int MATH, bool VEC_A, int BN_, bool PRO = false>
+__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128                            ? 2
+                                                          : MATH == kMma16 && VEC_A && !PRO       ? 4
+                                                          : MATH == k3xTf32 && (!VEC_A || PRO) ? 2
+                                                                                                 : 3)
     conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
   constexpr int BKE = bk_elems(EB);   // K elements per tile
   constexpr int VEC = vec_elems(EB);  // elements per 16-byte chunk
   static_assert(MATH == kMma16 ? EB == 2 : EB == 4, "math mode / element type mismatch");
+  static_assert(!PRO || BN_ == 64, "the operand prologue runs on the 128 x 64 tile");
+  constexpr bool REG_A = !VEC_A || PRO;  // A chunks staged through registers (gather_a / store_a)
 
   using C = TileCfg<BN_>;
   constexpr int B_STAGE_BYTES = C::B_STAGE_BYTES;
   constexpr int ROW_STEP = C::ROW_STEP;
   // pipeline stages; after the main loop the epilogue's staging tile, then the statistics
-  __shared__ __align__(128) unsigned char smem[C::SMEM_BYTES];
+  __shared__ __align__(128) unsigned char smem[C::SMEM_BYTES + (PRO ? PRO_TABLE_BYTES : 0)];
   unsigned char* const smem_a = smem;
   unsigned char* const smem_b = smem + STAGES * A_STAGE_BYTES;
   const uint32_t a_base = smem_addr(smem_a);
@@ -163,14 +183,34 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
   };
   // generic path: this thread's chunks of the next tile, element by element into registers
   // (channels c..c+VEC-1 of the chunk's tap, those >= Cin zero), then step the tap on
-  uint32_t g[AROWS][4];  // unused (optimised away) on the VEC_A path
+  uint32_t g[AROWS][4];  // unused (optimised away) on the VEC_A path without PRO
+  int g_c = 0;           // PRO: the chunk's first channel
+  uint32_t g_ok = 0;     // PRO: bit i: row i's tap is in the image and in K
   auto gather_a = [&]() {
     const bool k_ok = tap.r < p.KH;
     const int nc = p.Cin - tap.c;  // valid channels in the chunk (>= VEC: all)
+    if constexpr (PRO) {
+      g_c = tap.c;
+      g_ok = 0;
+    }
+    if constexpr (VEC_A) {  // PRO on the vector path: one 16-byte load per chunk
+#pragma unroll
+      for (int i = 0; i < AROWS; ++i) {
+        const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
+        g_ok |= static_cast<uint32_t>(ok) << i;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (ok) v = __ldg(reinterpret_cast<const uint4*>(x + (a_off[i] + tap.off)));
+        g[i][0] = v.x;
+        g[i][1] = v.y;
+        g[i][2] = v.z;
+        g[i][3] = v.w;
+      }
+    } else {
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
       const bool ok = k_ok && in_image(a_h0[i] + tap.r, a_w0[i] + tap.s, p.H, p.W);
       const T* src = x + (a_off[i] + tap.off);
+      if constexpr (PRO) g_ok |= static_cast<uint32_t>(ok) << i;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         uint32_t bits = 0;
@@ -191,12 +231,55 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
         }
       }
     }
+    }
     tap_advance(tap, BKE, p.tile_dc, td);
   };
-  auto store_a = [&](int st) {
+  // PRO: h = relu(x * scale[c] + shift[c]) rounded to T (bn_act_fwd_kernel's operations), 0 for
+  // a padding tap (the convolution pads h, not x)
+  auto prologue = [&]() {
+    const uint4* const tab = reinterpret_cast<const uint4*>(smem + C::SMEM_BYTES);
+    float sc[VEC], sh[VEC];  // the chunk's channels g_c.. (g_c a multiple of VEC: 16-byte aligned)
+#pragma unroll
+    for (int q = 0; q < VEC / 4; ++q) {
+      const uint4 a = tab[g_c / 4 + q], b = tab[(kConvPrologueMaxChannels + g_c) / 4 + q];
+      const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sc[4 * q + j] = __uint_as_float(av[j]);
+        sh[4 * q + j] = __uint_as_float(bv[j]);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
-      if constexpr (!VEC_A) {
+      const bool ok = (g_ok >> i) & 1u;
+      uint32_t o[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        T v;
+        if constexpr (EB == 4) {
+          v = __uint_as_float(g[i][e]);
+        } else {
+          const unsigned short b = static_cast<unsigned short>(g[i][e >> 1] >> ((e & 1) * 16));
+          v = *reinterpret_cast<const T*>(&b);
+        }
+        float z = __fmul_rn(to_acc(v), sc[e]) + sh[e];
+        z = z < 0.f ? 0.f : z;  // NaN propagates, like batch_norm_act
+        const T h = from_acc<T>(z);
+        if constexpr (EB == 4) {
+          o[e] = __float_as_uint(h);
+        } else {
+          o[e >> 1] |= static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&h)) << ((e & 1) * 16);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[i][j] = ok ? o[j] : 0u;
+    }
+  };
+  auto store_a = [&](int st) {
+    if constexpr (PRO) prologue();
+#pragma unroll
+    for (int i = 0; i < AROWS; ++i) {
+      if constexpr (REG_A) {
         *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(C::vec_row(tid, i), chunk)) =
             make_uint4(g[i][0], g[i][1], g[i][2], g[i][3]);
       }
@@ -283,11 +366,21 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
 
   // ---- main loop: STAGES-deep pipeline; stage indices advance by compare-and-wrap (no modulo)
   const int KT = p.num_k_tiles;
+  if constexpr (PRO) {  // the (scale, shift) table of channels [0, Cp): zero past Cin
+    float* const tab = reinterpret_cast<float*>(smem + C::SMEM_BYTES);
+    for (int c = tid; c < p.Cp; c += C::THREADS) {
+      float sc = 0.f, sh = 0.f;
+      if (c < p.Cin) bnk::bn_affine(p.bn, c, sc, sh);
+      tab[c] = sc;
+      tab[kConvPrologueMaxChannels + c] = sh;
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < KT) {
       load_b(s);
-      if constexpr (VEC_A) {
+      if constexpr (!REG_A) {
         load_a_vec(s);
       } else {
         gather_a();
@@ -303,7 +396,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     const bool more = kt + STAGES - 1 < KT;
     if (more) {
       load_b(st_write);
-      if constexpr (VEC_A) {
+      if constexpr (!REG_A) {
         load_a_vec(st_write);
       } else {
         gather_a();
@@ -311,7 +404,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     }
     cp_async_commit();
     compute(st_read);
-    if constexpr (!VEC_A) {
+    if constexpr (REG_A) {
       if (more) store_a(st_write);  // read after the __syncthreads of iteration nt
     }
     st_read = st_read == STAGES - 1 ? 0 : st_read + 1;
@@ -563,9 +656,20 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
-// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances)
+// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances);
+// pro: the operand prologue (128 x 64 tile, both A paths: two more instances per math mode)
 template <typename T, int MATH>
-void launch_conv(const Params& p, bool vec_a, bool wide, dim3 grid, cudaStream_t stream) {
+void launch_conv(const Params& p, bool vec_a, bool wide, bool pro, dim3 grid, cudaStream_t stream) {
+  if (pro) {
+    if (vec_a) {
+      conv2d_igemm_kernel<T, MATH, true, 64, true><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
+      check_launch("conv2d_forward: conv2d_igemm_kernel (BN + ReLU operand prologue, vector A loads)");
+    } else {
+      conv2d_igemm_kernel<T, MATH, false, 64, true><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
+      check_launch("conv2d_forward: conv2d_igemm_kernel (BN + ReLU operand prologue, generic A gather)");
+    }
+    return;
+  }
   if constexpr (MATH == kMma16) {
     if (wide) {
       conv2d_igemm_kernel<T, MATH, true, 128><<<grid, TileCfg<128>::THREADS, 0, stream>>>(p);
@@ -683,6 +787,29 @@ void conv2d_forward(const Conv2dArgs& a) {
   if (a.residual % eb != 0) throw ArgError(cat(fn, ": residual is not aligned to its element size"));
   if (a.scale % 4 != 0) throw ArgError(cat(fn, ": scale is not 4-byte aligned"));
   if (a.bias % 4 != 0) throw ArgError(cat(fn, ": bias is not 4-byte aligned"));
+  // ---- operand prologue: x is y_prev, the MMA consumes relu(batch_norm(x)) (bn_affine.cuh)
+  const bool pro = a.bn_mean != 0;
+  if (pro) {
+    check_ptr(a.bn_var, fn, "bn_var (bn_mean was given)");
+    if (a.bn_mean % 4 != 0 || a.bn_var % 4 != 0) throw ArgError(cat(fn, ": bn_mean and bn_var must be 4-byte aligned"));
+    const std::pair<DType, const char*> pd[2] = {{a.bn_weight_dtype, "bn_weight_dtype"}, {a.bn_bias_dtype, "bn_bias_dtype"}};
+    const std::uintptr_t pp[2] = {a.bn_weight, a.bn_bias};
+    for (int i = 0; i < 2; ++i) {
+      if (pp[i] == 0) continue;
+      if (pd[i].first == DType::F64)
+        throw ArgError(cat(fn, ": ", pd[i].second, " is float64 (expected float32, float16 or bfloat16)"));
+      if (pp[i] % (pd[i].first == DType::F32 ? 4 : 2) != 0)
+        throw ArgError(cat(fn, ": ", i == 0 ? "bn_weight" : "bn_bias", " is not aligned to its element size"));
+    }
+    if (!(a.bn_eps >= 0.0)) throw ArgError(cat(fn, ": bn_eps = ", a.bn_eps, " must be >= 0"));
+    if (Cp > kConvPrologueMaxChannels)
+      throw ArgError(cat(fn, ": Cin = ", a.Cin, " (Cp = ", Cp, ") exceeds the operand prologue's ",
+                         kConvPrologueMaxChannels, " channels (its shared-memory table)"));
+    if (a.scale || a.bias || a.residual || a.relu)
+      throw ArgError(cat(fn, ": the operand prologue (bn_mean given) takes no scale, bias, residual or relu"));
+  } else if (a.bn_var || a.bn_weight || a.bn_bias) {
+    throw ArgError(cat(fn, ": bn_var/bn_weight/bn_bias were given without bn_mean"));
+  }
   for (int i = 0; i < 4; ++i) {
     static const char* xn[4] = {"x_stride[0]", "x_stride[1]", "x_stride[2]", "x_stride[3]"};
     static const char* on[4] = {"out_stride[0]", "out_stride[1]", "out_stride[2]", "out_stride[3]"};
@@ -767,25 +894,27 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.out_pvec = (p.out_al16 && a.out_stride[3] == 1 && a.out_stride[2] == OW) ? 1 : 0;
   p.res_cvec = (a.residual && a.residual % 16 == 0 && a.res_stride[1] == 1) ? 1 : 0;
   p.res_pvec = (a.residual && a.residual % 16 == 0 && a.res_stride[3] == 1 && a.res_stride[2] == OW) ? 1 : 0;
+  p.Cp = static_cast<int>(Cp);
+  if (pro) p.bn = bnk::bn_params(a.bn_mean, a.bn_var, a.bn_weight, a.bn_weight_dtype, a.bn_bias, a.bn_bias_dtype, a.bn_eps);
 
   const bool vec_a = a.x_stride[1] == 1 && a.Cin % vec == 0 && a.x_stride[0] % vec == 0 &&
                      a.x_stride[2] % vec == 0 && a.x_stride[3] % vec == 0 && a.x % 16 == 0;
   // the 128 x 128 tile where it helps: 16-bit, vector path, at least 128 output channels (half
   // the shared-memory and L2 traffic per MAC of the 128 x 64 tile); layers narrower than 128
   // would waste half of it
-  const bool wide = eb == 2 && vec_a && a.Cout >= 128;
+  const bool wide = eb == 2 && vec_a && a.Cout >= 128 && !pro;
   p.m_tiles = static_cast<int>(m_tiles);
   p.n_tiles = static_cast<int>(ceil_div(a.Cout, wide ? 128 : BN));
   const dim3 grid(static_cast<unsigned>(m_tiles * p.n_tiles));  // grouped order: tile_of
   switch (a.dtype) {
     case DType::F32:
       if (a.allow_tf32)
-        launch_conv<float, kTf32>(p, vec_a, false, grid, stream);
+        launch_conv<float, kTf32>(p, vec_a, false, pro, grid, stream);
       else
-        launch_conv<float, k3xTf32>(p, vec_a, false, grid, stream);
+        launch_conv<float, k3xTf32>(p, vec_a, false, pro, grid, stream);
       break;
-    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, grid, stream); break;
-    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, grid, stream); break;
+    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, pro, grid, stream); break;
+    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, pro, grid, stream); break;
     case DType::F64: break;  // rejected above
   }
   if (stats) {

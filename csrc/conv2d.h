@@ -24,6 +24,13 @@
 //   variance over N*OH*OW of y = conv(x, w) (fp32 accumulators, before scale/bias/residual/act).
 //   They need a device workspace of conv2d_workspace_bytes(...) bytes (per-tile partials);
 //   the reduction is deterministic (fixed order, no atomics).
+// Operand prologue (optional, bn_mean != 0): x is a BatchNorm's input y_prev and the convolution
+//   consumes h = relu(y_prev * scale[c] + shift[c]) instead, scale = bn_weight * 1/sqrt(bn_var + eps),
+//   shift = -bn_mean * scale + bn_bias (absent weight 1, bias 0), in float32 and rounded to `dtype`:
+//   batch_norm_act_forward's arithmetic (csrc/bn_affine.cuh), so h is bitwise what it writes; the
+//   zero padding applies to h. bn_mean/bn_var (Cin,) float32, bn_weight/bn_bias (Cin,) of
+//   bn_weight_dtype/bn_bias_dtype (float32, float16, bfloat16) or 0. Needs Cp <=
+//   kConvPrologueMaxChannels and no scale/bias/residual/relu (the statistics are allowed).
 // Math: float16/bfloat16 use mma.m16n8k16 tensor cores with fp32 accumulation; float32 uses
 //   TF32 mma.m16n8k8 when allow_tf32, else 3xTF32 (big/small split, error comparable to FP32 FMA).
 //   float64 is not supported (the op layer routes it to the torch backend).
@@ -51,7 +58,13 @@ struct Conv2dArgs {
   bool relu;
   bool allow_tf32;
   std::uintptr_t stream;
+  std::uintptr_t bn_mean, bn_var, bn_weight, bn_bias;  // operand prologue: bn_mean 0 = none
+  DType bn_weight_dtype, bn_bias_dtype;
+  double bn_eps;
 };
+
+// The operand prologue's channel limit (Cp, the padded Cin): its per-channel table is in shared memory.
+constexpr int64_t kConvPrologueMaxChannels = 1536;
 
 // Bytes of device workspace conv2d_forward needs (0 when compute_stats is false).
 int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats);

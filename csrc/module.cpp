@@ -164,6 +164,10 @@ PYBIND11_MODULE(_C, m) {
   RK_FIELD(conv, Cout); RK_FIELD(conv, KH); RK_FIELD(conv, KW); RK_FIELD(conv, stride_h); RK_FIELD(conv, stride_w);
   RK_FIELD(conv, pad_h); RK_FIELD(conv, pad_w); RK_FIELD(conv, OH); RK_FIELD(conv, OW); RK_FIELD(conv, ldw);
   RK_FIELD(conv, relu); RK_FIELD(conv, allow_tf32); RK_FIELD(conv, stream);
+  RK_FIELD(conv, bn_mean); RK_FIELD(conv, bn_var); RK_FIELD(conv, bn_weight); RK_FIELD(conv, bn_bias);
+  def_dtype_field<&rk::Conv2dArgs::bn_weight_dtype>(conv, "bn_weight_dtype");
+  def_dtype_field<&rk::Conv2dArgs::bn_bias_dtype>(conv, "bn_bias_dtype");
+  RK_FIELD(conv, bn_eps);
   def_strides<&rk::Conv2dArgs::x_stride>(conv, "x_stride");
   def_strides<&rk::Conv2dArgs::out_stride>(conv, "out_stride");
   def_strides<&rk::Conv2dArgs::res_stride>(conv, "res_stride");

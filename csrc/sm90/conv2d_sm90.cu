@@ -274,6 +274,8 @@ void validate(const Conv2dArgs& a) {
       throw ArgError(cat(fn, ": statistics are of conv(x, w) alone: scale, bias, residual and relu must be absent"));
   }
   if (a.mean % 4 || a.var % 4) throw ArgError(cat(fn, ": mean and var must be 4-byte aligned"));
+  if (a.bn_mean || a.bn_var || a.bn_weight || a.bn_bias)
+    throw ArgError(cat(fn, ": the operand prologue (bn_mean ...) is the mma.sync kernel's (conv2d_forward) only"));
 }
 
 void require_sm90(const char* fn) {

@@ -677,9 +677,10 @@ for _op in ("conv2d_epilogue", "conv2d_stats"):
                   cost=_cutlass_conv_cost))
 
 
-# conv2d_bn_stats (resnet_kernels/ops/conv2d_bn.py): conv2d_stats of relu(bn(y_prev)); triton applies
-# the BN + ReLU in its operand prologue (h never written), aten and cuda materialise h first with
-# their batch_norm_act launcher. Static order as conv2d_stats' (aten: the cuDNN floor).
+# conv2d_bn_stats (resnet_kernels/ops/conv2d_bn.py): conv2d_stats of relu(bn(y_prev)); triton and cuda
+# apply the BN + ReLU in their operand prologue (h never written; cuda up to Cp = 1536 input channels,
+# its shared-memory table: beyond, it materialises h with its batch_norm_act first), aten materialises
+# h first with its batch_norm_act launcher. Static order as conv2d_stats' (aten: the cuDNN floor).
 def _triton_conv_bn_cost(call):
     """``_triton_conv_cost`` (x = y_prev: the same bytes read) plus the BN's (Cin,) vectors, read by
     the prologue (once per program in fact: L2 hits, counted once)."""
@@ -688,9 +689,15 @@ def _triton_conv_bn_cost(call):
 
 
 def _cuda_conv_bn_cost(call):
-    """cuda batch_norm_act's one-pass kernel (read y_prev and the vectors, write h), then
-    ``_cuda_conv_cost`` (which reads h: x's bytes)."""
+    """The path that runs (cuda_conv2d.prologue_in_kernel): in the kernel, ``_cuda_conv_cost`` (y_prev
+    read as its x) plus the BN's (Cin,) vectors (read once per CTA into its (scale, shift) table: L2
+    hits, counted once); else cuda batch_norm_act's one-pass kernel (read y_prev and the vectors,
+    write h), then ``_cuda_conv_cost`` (which reads h: x's bytes)."""
+    from .cuda_conv2d import prologue_in_kernel
+
     launches, b = _cuda_conv_cost(call)
+    if prologue_in_kernel(call):
+        return launches, b + _vecs(*call.bn_vectors())
     return launches + 1, b + 2 * nbytes(call.x) + _vecs(*call.bn_vectors())
 
 
@@ -703,8 +710,10 @@ def _aten_conv_bn_cost(call):
 
 register(Impl("conv2d_bn_stats", "aten", _P + "aten_conv2d:conv2d_bn_stats", priority=10, auto_on=_EVERYWHERE,
               returns_output=True, cost=_aten_conv_bn_cost))
+# operand_prologue: the block takes the prologue graph for cuda's choice (in the kernel for every
+# Cp <= 1536; beyond, the launcher writes h to a temporary itself: still correct, counted as such)
 register(Impl("conv2d_bn_stats", "cuda", _P + "cuda_conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
-              priority=20, cost=_cuda_conv_bn_cost))
+              priority=20, cost=_cuda_conv_bn_cost, operand_prologue=True))
 register(Impl("conv2d_bn_stats", "triton", _TRITON + "conv2d:conv2d_bn_stats", supports=conv_kernel_supports,
               priority=30, cost=_triton_conv_bn_cost, operand_prologue=True))
 register(Impl("conv2d_bn_stats", "torch", _P + "torch_conv2d:conv2d_bn_stats", priority=90, auto_on=_EVERYWHERE,

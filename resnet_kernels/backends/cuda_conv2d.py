@@ -43,8 +43,25 @@ def _pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     return packed, ldw
 
 
+# the Conv2dArgs fields of the operand prologue (csrc/conv2d.h): absent
+NO_PROLOGUE = dict(bn_mean=0, bn_var=0, bn_weight=0, bn_bias=0, bn_weight_dtype=0, bn_bias_dtype=0, bn_eps=0.0)
+# csrc/conv2d.h kConvPrologueMaxChannels: the operand prologue's per-channel table (shared memory)
+# holds at most this many channels (Cp, the padded Cin)
+PROLOGUE_MAX_CHANNELS = 1536
+
+
+def prologue_in_kernel(call) -> bool:
+    """Whether ``conv2d_bn_stats`` on this call (a BnConvCall) applies the BN + ReLU in the
+    convolution kernel's operand prologue (Cp <= PROLOGUE_MAX_CHANNELS) rather than materialising h
+    with batch_norm_act first."""
+    Cin = call.weight.shape[1]
+    return padded_channels(Cin, call.x.element_size()) <= PROLOGUE_MAX_CHANNELS
+
+
 def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu, compute_stats, allow_tf32, *,
-                   dilation=(1, 1), groups: int = 1):
+                   dilation=(1, 1), groups: int = 1, prologue=None):
+    """``prologue``: None, or (mean, var, bn_weight, bn_bias, eps) of x's BatchNorm: the kernel
+    convolves h = relu(batch_norm(x)) (csrc/conv2d.h's operand prologue; no epilogue then)."""
     # dilation 1 and groups 1 only: the registry's ``supports`` routes the others elsewhere
     C_ = C_module()
     N, Cin, H, W = x.shape
@@ -66,19 +83,36 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
             stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
             OH=OH, OW=OW, ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()),
             res_stride=list(residual.stride()) if residual is not None else [0, 0, 0, 0],
-            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x))
+            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x), **_prologue_fields(prologue))
         call("conv2d_forward", args)
     if compute_stats:
         return mean, var
     return None
 
 
+def _prologue_fields(prologue):
+    if prologue is None:
+        return NO_PROLOGUE
+    from .cuda_batch_norm import _code
+
+    mean, var, bn_weight, bn_bias, eps = prologue
+    return dict(bn_mean=ptr(mean), bn_var=ptr(var), bn_weight=ptr(bn_weight), bn_bias=ptr(bn_bias),
+                bn_weight_dtype=_code(bn_weight), bn_bias_dtype=_code(bn_bias), bn_eps=float(eps))
+
+
 def conv2d_bn_stats(y_prev, mean, var, bn_weight, bn_bias, eps, weight, out, stride, padding, allow_tf32):
-    """``conv2d_bn_stats``: h materialised in a temporary by the cuda batch_norm_act kernel
-    (cuda_batch_norm.batch_norm_act_forward), then ``conv2d_forward`` with statistics (the csrc
-    kernels unchanged). Contract: resnet_kernels/backends/torch_conv2d.py."""
+    """``conv2d_bn_stats``. In the kernel when Cp <= PROLOGUE_MAX_CHANNELS (every ResNet layer):
+    ``conv2d_forward`` with statistics and the operand prologue, which computes h = relu(bn(y_prev))
+    in its A loads with batch_norm_act's arithmetic (csrc/bn_affine.cuh): h is never written.
+    Otherwise h is materialised in a temporary by the cuda batch_norm_act kernel
+    (cuda_batch_norm.batch_norm_act_forward) and convolved. The two paths are bitwise equal
+    (tests/ops/test_conv2d_cuda_prologue.py). Contract: resnet_kernels/backends/torch_conv2d.py."""
     from .cuda_batch_norm import batch_norm_act_forward
     from .torch_conv2d import _bn_geometry
+
+    if padded_channels(y_prev.shape[1], y_prev.element_size()) <= PROLOGUE_MAX_CHANNELS:
+        return conv2d_forward(y_prev, weight, None, None, None, out, stride, padding, False, True, allow_tf32,
+                              prologue=(mean, var, bn_weight, bn_bias, eps))
 
     h = _alloc.empty_like(y_prev)
     C, inner = _bn_geometry(y_prev)

@@ -17,7 +17,7 @@ import torch
 
 from .. import _alloc
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
-from .cuda_conv2d import pack_weight
+from .cuda_conv2d import NO_PROLOGUE, pack_weight
 
 
 def _nhwc_strides(t: torch.Tensor):
@@ -56,7 +56,7 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
             N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]),
             pad_h=int(padding[0]), pad_w=int(padding[1]), OH=OH, OW=OW, ldw=ldw, x_stride=_nhwc_strides(x),
             out_stride=_nhwc_strides(out), res_stride=_nhwc_strides(residual) if residual is not None else [0, 0, 0, 0],
-            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x))
+            relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x), **NO_PROLOGUE)
         nbytes = C_.conv2d_sm90_workspace_bytes(fill_args(C_.Conv2dArgs, **fields))
         ws = None
         if nbytes > 0:

@@ -11,15 +11,18 @@ dtype: scale = bn_weight[c] * rsqrt(var[c] + eps), h = relu((y_prev - mean[c]) *
 same backend rounds its output** before the convolution consumes it; then the convolution's zero
 padding applies to h (an out-of-bounds tap is 0, not relu(shift)). So the result is the two-op path
 ``conv2d_stats(batch_norm_act(y_prev, ..., relu=True), weight)`` of the same backend: bitwise for
-torch, aten and cuda (they materialise h with that backend's batch_norm_act launcher, then run its
-conv2d_stats launcher), and for triton, whose conv kernel computes h in its A-tile prologue with the
+torch and aten (they materialise h with that backend's batch_norm_act launcher, then run its
+conv2d_stats launcher), for cuda, whose csrc conv kernel computes h in its A-operand prologue with
+the very function csrc's batch_norm_act forward uses (csrc/bn_affine.cuh, the product rounded on its
+own: no FMA contraction), and for triton, whose conv kernel computes h in its A-tile prologue with the
 operations of triton's batch_norm_act kernel in the same order, bitwise under the interpreter (tested)
 and on a GPU up to the compiler contracting (y - mean) * scale + bias into an FMA differently in the
 two kernels (h then differs by at most one rounding of h's dtype in some elements: the same
 distribution).
 
-The triton implementation never writes h (its cost: conv2d_stats' with the (Cin,) vectors read);
-aten and cuda materialise it (counted: their batch_norm_act pass(es) plus the convolution).
+The triton and cuda implementations never write h (their cost: conv2d_stats' with the (Cin,) vectors
+read; cuda up to Cp = 1536 input channels, beyond which it materialises h first); aten materialises
+it (counted: its batch_norm_act passes plus the convolution).
 dilation 1, groups 1; float64 on torch and aten. Used inside the training block's forward
 (``resnet_kernels/_block.py``), whose own backward computes the gradients: not differentiable, like
 ``batch_norm_act_bits``.

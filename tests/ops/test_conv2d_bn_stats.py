@@ -4,8 +4,9 @@ Every implementation that runs here (torch, aten, triton under the interpreter, 
 runner without a GPU) against the float64 reference (batch_norm + relu + conv2d + var_mean in
 float64) under the project's policy (``resnet_kernels.testing.assert_close_to_ref``: PyTorch's own
 unfused result in the same dtype, h rounded to the dtype, is the yardstick), and against the two-op
-path of the same backend (batch_norm_act, then conv2d_stats): bitwise (torch, aten, cuda materialise
-h with batch_norm_act's own launcher; triton computes h in the conv kernel's prologue with the
+path of the same backend (batch_norm_act, then conv2d_stats): bitwise (torch, aten materialise
+h with batch_norm_act's own launcher; cuda computes h in its conv kernel's operand prologue with
+csrc batch_norm_act's own function, csrc/bn_affine.cuh; triton computes h in the conv kernel's prologue with the
 operations of its batch_norm_act kernel in the same order: bitwise under the interpreter; on a GPU
 the compiler may contract (y - mean) * scale + bias into an FMA differently in the two kernels, so
 there only the policy is asserted). bn_bias > 0 and small means: relu(shift) > 0, so a prologue that
@@ -215,8 +216,9 @@ def test_opcheck_and_not_differentiable():
 
 
 def test_costs_and_flops():
-    """Counted on meta tensors: triton is conv2d_stats' cost (y_prev read as its x) plus the (Cin,)
-    vectors, with conv2d_stats' launches; aten and cuda add their batch_norm_act pass(es) writing h."""
+    """Counted on meta tensors: triton and cuda (Cp <= 1536) are conv2d_stats' cost (y_prev read as its
+    x) plus the (Cin,) vectors, with conv2d_stats' launches; aten (and cuda beyond 1536 channels) add
+    their batch_norm_act pass(es) writing h."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from resnet_kernels import _registry
@@ -233,7 +235,17 @@ def test_costs_and_flops():
     cost = {b: _registry.get_impl("conv2d_bn_stats", b).cost(call) for b in ("triton", "cuda", "aten")}
     base = {b: _registry.get_impl("conv2d_stats", b).cost(plain) for b in ("triton", "cuda", "aten")}
     assert cost["triton"] == (base["triton"][0], base["triton"][1] + 4 * 64 * 4)
-    assert cost["cuda"] == (base["cuda"][0] + 1, base["cuda"][1] + 2 * nbytes(y) + 4 * 64 * 4)
+    # cuda: in the kernel's operand prologue (Cp = 64 <= 1536), as triton; materialised beyond
+    assert cost["cuda"] == (base["cuda"][0], base["cuda"][1] + 4 * 64 * 4)
+    y_wide = torch.empty((8, 1544, 7, 7), dtype=torch.bfloat16, device="meta").to(memory_format=cl)
+    w_wide = torch.empty((64, 1544, 1, 1), dtype=torch.bfloat16, device="meta").to(memory_format=cl)
+    vec_wide = [torch.empty((1544,), dtype=torch.float32, device="meta") for _ in range(4)]
+    call_wide = bn_conv_call(y_wide, *vec_wide, EPS, w_wide, (1, 1), (0, 0))
+    plain_wide = ConvCall("conv2d_stats", y_wide, w_wide, None, None, None, (1, 1), (0, 0), (1, 1), 1, False, True,
+                          "nhwc", call_wide.shape)
+    base_wide = _registry.get_impl("conv2d_stats", "cuda").cost(plain_wide)
+    assert _registry.get_impl("conv2d_bn_stats", "cuda").cost(call_wide) == (
+        base_wide[0] + 1, base_wide[1] + 2 * nbytes(y_wide) + 4 * 1544 * 4)
     assert cost["aten"] == (base["aten"][0] + 2, base["aten"][1] + 4 * nbytes(y) + 4 * 64 * 4)
     yc = torch.randn(2, 5, 7, 7)
     with FlopCounterMode(display=False) as fc:

@@ -32,6 +32,7 @@ import rk_testing
 from resnet_kernels import _alloc, testing
 from resnet_kernels._ext import get_C
 from resnet_kernels.backends import cuda_common
+from resnet_kernels.backends.cuda_conv2d import NO_PROLOGUE
 
 C_ = get_C()
 
@@ -192,7 +193,7 @@ def test_conv2d_mixed_strides_via_C(mode, cuda_target):
         bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
         W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0, OH=5, OW=4, ldw=ldw,
         x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
-        allow_tf32=False, stream=cuda_common.stream_of(x)))
+        allow_tf32=False, stream=cuda_common.stream_of(x), **NO_PROLOGUE))
     if x.is_cuda:
         torch.cuda.synchronize()
     ref = torch.relu(F.conv2d(x.double(), w.double(), None, (2, 2), (1, 0)) + res.double())
@@ -233,7 +234,7 @@ def test_conv2d_unaligned_out_and_residual_via_C(mode, layout, cuda_target):
         bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
         W=W, Cout=Cout, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, OH=H, OW=W, ldw=ldw,
         x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
-        allow_tf32=False, stream=cuda_common.stream_of(x)))
+        allow_tf32=False, stream=cuda_common.stream_of(x), **NO_PROLOGUE))
     if x.is_cuda:
         torch.cuda.synchronize()
     assert not out.isnan().any(), "unwritten (NaN-poisoned) output elements"
@@ -267,7 +268,7 @@ def _valid_args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
              workspace_bytes=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
              pad_w=1, OH=9, OW=9, ldw=72, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1],
-             res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0)
+             res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0, **NO_PROLOGUE)
     a.update(over)
     return a
 

@@ -24,6 +24,7 @@ import rk_testing
 from resnet_kernels import _alloc, _registry, testing
 from resnet_kernels._ext import get_C
 from resnet_kernels.backends import cuda_common, cutlass_supports
+from resnet_kernels.backends.cuda_conv2d import NO_PROLOGUE
 from resnet_kernels.ops.conv2d import ConvCall
 
 C_ = get_C()
@@ -325,7 +326,7 @@ def _args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
              workspace_bytes=0, N=2, Cin=16, H=9, W=9, Cout=24, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
              pad_w=1, OH=9, OW=9, ldw=144, x_stride=[1296, 1, 144, 16], out_stride=[1944, 1, 216, 24],
-             res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0)
+             res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0, **NO_PROLOGUE)
     a.update(over)
     return cuda_common.fill_args(C_.Conv2dArgs, **a)
 
