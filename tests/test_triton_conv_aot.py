@@ -25,6 +25,9 @@ the PTX and shared memory for at least two stages of the A and B tiles); with st
 arrival counters' gpu-scope acq_rel adds, each after a CTA barrier that follows the last global
 store before it (the release pattern), and the partials read back with ``ld.global.cg``; without
 statistics no atomic. Register counts are printed (``pytest -s``) as a table.
+PERS_CASES ("<layer>+pers", bf16): the opt-in persistent schedule (a loop over tiles around the whole
+tile), asserted like the one-tile-per-program kernel (the statistics' two atomics and release
+barriers inside the loop); its registers are in the printed table with the plain kernel's.
 BN_CASES ("<layer>+bn", bf16): conv2d_bn_stats' operand prologue (``PROLOGUE``: relu(bn(x)) on the A
 tiles, with statistics), asserted alike (the A/B tiles' 16-byte cp.async present, other copy sizes
 allowed for the prologue's per-channel vectors).
@@ -76,6 +79,10 @@ BN_CASES = [(lay, "bf16") for lay in LAYERS]
 TMA_CASES = [(lay, dt) for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2") for dt in ("bf16", "fp32-tf32")]
 # and with the conv2d_bn_stats prologue ("<layer>+bn+tma")
 TMA_BN_CASES = [(lay, "bf16") for lay in LAYERS if lay[0] == "l1_3x3s1"]
+# the opt-in persistent schedule (ConvConfig.persistent, "<layer>+pers"): the tile loop around the
+# whole tile (K loop, epilogue, the statistics merge with its counters), with statistics on a 64-wide
+# and a 128-wide tile, the inference epilogue on the 128x128 3x3 stride-2 layer
+PERS_CASES = [(lay, "bf16") for lay in LAYERS if lay[0] in ("l1_3x3s1", "l2_3x3s2", "ds_1x1s2")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +123,8 @@ def _child_compile_all(out_path: str) -> None:
             + [(case, 90, True, False) for case in TMA_CASES]
             + [(case, cc, False, True) for case, cc in itertools.product(WCL_CASES, ARCHS)]
             + [(case, cc, False, "bn") for case, cc in itertools.product(BN_CASES, ARCHS)]
-            + [(case, 90, True, "bn") for case in TMA_BN_CASES])
+            + [(case, 90, True, "bn") for case in TMA_BN_CASES]
+            + [(case, cc, False, "pers") for case, cc in itertools.product(PERS_CASES, ARCHS)])
     base_cache = os.environ["TRITON_CACHE_DIR"]
     results = []
     for ((name, n, cin, h, cout, k, s, p, epi), dt), cc, tma, wcl in jobs:
@@ -125,6 +133,11 @@ def _child_compile_all(out_path: str) -> None:
         x = torch.empty((n, cin, h, h), dtype=dtype, device="meta").to(memory_format=cl)
         w = torch.empty((cout, cin, k, k), dtype=dtype, device="meta")
         bn = None
+        persistent = wcl == "pers"
+        if persistent:
+            wcl = False
+            name = name + "+pers"
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(base_cache, f"pers-{name}-{dt}-{cc}")
         if wcl == "bn":
             wcl = False
             epi = "stats"
@@ -148,9 +161,12 @@ def _child_compile_all(out_path: str) -> None:
         cfg = conv.select_config(n * oh * oh, cout, cin, k, k, dtype, cc, allow_tf32)
         if tma:
             cfg = dataclasses.replace(cfg, w_tma=True)
+        if persistent:
+            cfg = dataclasses.replace(cfg, persistent=1)
         plan = conv._prepare(x, w, scale, bias, res, out, (s, s), (p, p), fused, not fused, allow_tf32, config=cfg,
                              arch=cc, bn=bn)
         assert plan.constexprs["PROLOGUE"] == (bn is not None), plan.constexprs
+        assert plan.constexprs["PERSISTENT"] == persistent, plan.constexprs
         if tma:
             assert plan.constexprs["W_DESC"] in (1, 2), plan.constexprs
             name = name + "+tma"
@@ -266,7 +282,8 @@ def aot_results(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("layer,dtype", [(lay[0], dt) for lay, dt in CASES] +
                          [(lay[0] + "+wcl", dt) for lay, dt in WCL_CASES] +
-                         [(lay[0] + "+bn", dt) for lay, dt in BN_CASES])
+                         [(lay[0] + "+bn", dt) for lay, dt in BN_CASES] +
+                         [(lay[0] + "+pers", dt) for lay, dt in PERS_CASES])
 def test_conv_kernel_aot(aot_results, layer, dtype, arch):
     r = aot_results[(layer, dtype, arch)]
     assert r["prologue"] == layer.endswith("+bn"), r

@@ -84,6 +84,8 @@ is neither coalesced nor vectorized (correct, but channels_last is the layout to
 stem loop the 16-bit A gather is element-wise (k -> cin is not contiguous in runs the compiler can
 prove), so only the B tile goes through cp.async there. Loads are cp.async; ``ConvConfig.w_tma``
 (opt-in, not yet measured on a GPU) takes the weight tiles through a TMA descriptor instead.
+``ConvConfig.persistent`` (opt-in, not measured either) launches a few programs per SM that loop
+over the tiles (``PERSISTENT``; each tile is ``_conv_tile``, which the default grid calls once).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ __all__ = ["conv2d_forward", "conv2d_bn_stats", "ConvConfig", "select_config"]
 
 
 @triton.jit
-def _conv2d_fwd_kernel(
+def _conv_tile(
+    pid,
     x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, cnt_ptr,
     bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
     C, H, W, COUT, OH, OW, M, KTOT, TILES_PER_GROUP,
@@ -124,7 +127,6 @@ def _conv2d_fwd_kernel(
 ):
     # ---- grouped tile order: GROUP_M row tiles sweep all column tiles together (L2 reuse of
     # the A rows and of the weight columns).
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -271,6 +273,48 @@ def _conv2d_fwd_kernel(
                          COUT, M, TILES_PER_GROUP, BLOCK_M, BLOCK_N, MERGE_T)
 
 
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, cnt_ptr,
+    bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps,
+    C, H, W, COUT, OH, OW, M, KTOT, TILES_PER_GROUP,
+    swk, swn,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    STATS: tl.constexpr, PACKED_K: tl.constexpr, EVEN_C: tl.constexpr, W_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MERGE_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PROLOGUE: tl.constexpr = False, HAS_BN_W: tl.constexpr = False, HAS_BN_B: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
+):
+    # one program per output tile (the grid is the tile count), or, PERSISTENT (opt-in,
+    # ``ConvConfig.persistent``), a grid of a few programs per SM, each walking the tiles
+    # pid, pid + grid, ... in the same grouped order (the statistics counters do not care which
+    # program arrives)
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(COUT, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _conv_tile(
+                tile, x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, mean_ptr,
+                var_ptr, cnt_ptr, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps, C, H, W, COUT, OH, OW, M,
+                KTOT, TILES_PER_GROUP, swk, swn, sxn, sxc, sxh, sxw, son, soc, soh, sow, srn, src, srh, srw,
+                stride_h, stride_w, pad_h, pad_w, KH, KW, HAS_SCALE, HAS_BIAS, HAS_RES, RELU, STATS, PACKED_K,
+                EVEN_C, W_DESC, DOT_PRECISION, UPCAST_DOT, MERGE_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                PROLOGUE, HAS_BN_W, HAS_BN_B)
+    else:
+        _conv_tile(
+            tl.program_id(0), x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, pmean_ptr, pm2_ptr, mean_ptr,
+            var_ptr, cnt_ptr, bn_mean_ptr, bn_var_ptr, bn_w_ptr, bn_b_ptr, bn_eps, C, H, W, COUT, OH, OW, M,
+            KTOT, TILES_PER_GROUP, swk, swn, sxn, sxc, sxh, sxw, son, soc, soh, sow, srn, src, srh, srw,
+            stride_h, stride_w, pad_h, pad_w, KH, KW, HAS_SCALE, HAS_BIAS, HAS_RES, RELU, STATS, PACKED_K,
+            EVEN_C, W_DESC, DOT_PRECISION, UPCAST_DOT, MERGE_T, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROLOGUE,
+            HAS_BN_W, HAS_BN_B)
+
+
 _NO_INLINE_ASM = tl.constexpr(INTERPRET)  # the interpreter runs no inline PTX
 
 
@@ -399,6 +443,9 @@ class ConvConfig:
     # dtype (see _weight_kmajor); False forces the N-major pack, True the K-major operand (in place or packed)
     w_kmajor: Optional[bool] = None
     w_tma: bool = False  # weight tiles through a TMA tensor descriptor where _weight_descriptor allows
+    # persistent schedule: this many programs per SM (the grid: at most the tile count), each looping
+    # over the tiles; 0: one program per tile. Opt-in, not measured on a GPU (see docs/CONV.md)
+    persistent: int = 0
     stats_group: Optional[int] = None  # m-tiles per statistics group; None: ``stats_group_tiles`` (tests force it)
 
 
@@ -562,6 +609,23 @@ def _cuda_arch(index: int) -> int:
     return major * 10 + minor
 
 
+# the persistent grid's SM count where there is no GPU: under the interpreter (a few programs, so
+# that each walks several tiles) and for meta tensors (the AOT test: the grid is not compiled in)
+_NO_GPU_SMS = 2
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``_NO_GPU_SMS`` off a GPU)."""
+    if device.type != "cuda" or INTERPRET:
+        return _NO_GPU_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @dataclass
 class _Plan:
     """Everything one launch needs: the kernel's positional arguments, its constexprs and the
@@ -660,9 +724,10 @@ def _prepare(x, weight, scale, bias, residual, out, stride, padding, relu, compu
         DOT_PRECISION=precision, UPCAST_DOT=INTERPRET, MERGE_T=stats_merge_rows(cfg.BLOCK_N),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         PROLOGUE=bn is not None, HAS_BN_W=bn is not None and bn[2] is not None,
-        HAS_BN_B=bn is not None and bn[3] is not None,
+        HAS_BN_B=bn is not None and bn[3] is not None, PERSISTENT=cfg.persistent > 0,
     )
-    grid = (num_m_tiles * num_n_tiles,)
+    tiles = num_m_tiles * num_n_tiles
+    grid = (min(tiles, cfg.persistent * _num_sms(x.device)) if cfg.persistent > 0 else tiles,)
     return _Plan(grid, args, constexprs, cfg.num_warps, cfg.num_stages, cfg, pmean, pm2, M, num_m_tiles, cout,
                  mean, var, tpg, groups, counters, key)
 

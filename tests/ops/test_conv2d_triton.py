@@ -712,3 +712,62 @@ def test_conv_weight_tma_descriptor(shape_id, dt, kmajor):
     _check_close(out, want, bound, f"{shape_id} {dt} tma stats")
     rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
     assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-prologue"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape_id", ["3x3s1p1", "3x3s2p1", "stem7x7s2p3", "1x1s2p0"])
+def test_conv_persistent_schedule(shape_id, dt, prologue):
+    """The opt-in persistent schedule (ConvConfig.persistent): a grid of a few programs (off a GPU
+    ``_NO_GPU_SMS`` per "SM"), each walking several output tiles, computes bitwise what one program
+    per tile does: the output with the whole epilogue, and the statistics (the fixed-order merge,
+    groups forced to 2 tiles so that a program's tiles span several groups) with the counters back
+    at zero; the conv2d_bn_stats operand prologue too. The output is poisoned, so a tile that no
+    program visits fails; and it matches the float64 reference."""
+    dtype, tf32 = DTYPES[dt]
+    x, w, r, stride, padding = _make(shape_id, dtype, "channels_last", res=True, seed=31)
+    cout, cin = w.shape[0], w.shape[1]
+    base = conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(1, 1, 1, 1, 1, dtype)
+    one = dataclasses.replace(base, stats_group=2)
+    pers = dataclasses.replace(one, persistent=1)
+    oh = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    plan = conv._prepare(x, w, None, None, None, _poisoned_out(x, cout, oh, ow, "channels_last"), stride, padding,
+                         False, True, tf32, config=pers)
+    tiles = plan.num_m_tiles * _cdiv(cout, pers.BLOCK_N)
+    assert plan.constexprs["PERSISTENT"] and plan.grid[0] == min(tiles, conv._num_sms(x.device)), (plan.grid, tiles)
+    if interpreting() and shape_id in ("3x3s1p1", "stem7x7s2p3"):
+        assert tiles == 4 and plan.grid[0] == 2, "each of the 2 programs should walk 2 tiles here"
+    g = torch.Generator().manual_seed(3)
+    scale = (torch.rand(cout, generator=g) + 0.5).to(DEVICE)
+    bias = torch.randn(cout, generator=g).to(DEVICE)
+    if prologue:
+        bn = (torch.randn(cin, generator=g).to(DEVICE), (torch.rand(cin, generator=g) + 0.5).to(DEVICE),
+              torch.randn(cin, generator=g).to(DEVICE), torch.randn(cin, generator=g).to(DEVICE), 1e-5)
+        got = []
+        for cfg in (one, pers):
+            out = _poisoned_out(x, cout, oh, ow, "channels_last")
+            mean, var = conv._launch(x, w, None, None, None, out, stride, padding, False, True, tf32, config=cfg,
+                                     bn=bn)
+            assert _counters_all_zero()
+            got.append((out, mean, var))
+        assert not torch.isnan(got[1][0]).any(), "unwritten output elements"
+        for a, b in zip(*got):
+            assert torch.equal(a, b)
+        return
+    results = []
+    for cfg in (one, pers):
+        epi = _run(x, w, scale, bias, r, stride, padding, True, False, tf32, "channels_last", config=cfg)[0]
+        out, (mean, var) = _run(x, w, None, None, None, stride, padding, False, True, tf32, "channels_last",
+                                config=cfg)
+        assert _counters_all_zero()
+        results.append((epi, out, mean, var))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    y, a = _ref64(x, w, stride, padding)
+    K = w[0].numel()
+    want, bound = _bound(dtype, tf32, K, y, a, scale, bias, r, True)
+    _check_close(results[1][0], want, bound, f"{shape_id} {dt} persistent epilogue")
+    rm, rv, tm, tv = _stats_tol(dtype, tf32, K, y, a)
+    mean, var = results[1][2], results[1][3]
+    assert ((mean.cpu().double() - rm).abs() <= tm).all() and ((var.cpu().double() - rv).abs() <= tv).all()
