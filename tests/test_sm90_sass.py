@@ -1,8 +1,8 @@
 """Machine-code checks of the CUTLASS sm_90a convolution (csrc/sm90/) in the installed _C, without
-a GPU: the sm_90a cubin holds the four CUTLASS kernels (bf16/fp16 x fused inference epilogue /
-training statistics epilogue, csrc/sm90/col_stats_epilogue.hpp; the combine of the latter's partials,
+a GPU: the sm_90a cubin holds the six CUTLASS kernels (bf16/fp16/float32-as-TF32 x fused inference
+epilogue / training statistics epilogue, csrc/sm90/col_stats_epilogue.hpp; the combine of the latter's partials,
 csrc/nhwc_stats.cu, is plain sm_80/sm_90 code checked by test_sass.py); every CUTLASS kernel issues
-wgmma (HGMMA, with the BF16 flavour for bfloat16) fed by TMA (UTMALDG) and stores through TMA
+wgmma (HGMMA, with the BF16 / TF32 flavour for bfloat16 / float32) fed by TMA (UTMALDG) and stores through TMA
 (UTMASTG); no kernel uses local memory (LOCAL/STACK in the resource table, LDL/STL in the SASS);
 the statistics epilogue issues its butterfly shuffles, one store per partial and no global atomic
 (its partials are deterministic); tools/sm90_resources.py --check agrees and prints the table.
@@ -52,12 +52,14 @@ def test_sm90a_cubin_holds_every_kernel(so):
     assert ARCH in elf_archs(so), f"{so} has cubins for {sorted(elf_archs(so))}, no {ARCH}"
     kernels = _cutlass_kernels(so)
     bf16 = [f for f in kernels if "bfloat16_t" in f]
+    tf32 = [f for f in kernels if "TF32TF32" in f]  # float32 operands: the TF32 wgmma atom
     fused = [f for f in kernels if "PerColLinComb" in f]  # the fused-epilogue fusion op
     stats = [f for f in kernels if "Sm90ColStatsPartials" in f]  # the training forward's statistics node
-    assert len(kernels) == 4, kernels
-    assert len(bf16) == 2 and len(fused) == 2 and len(stats) == 2, kernels
-    assert len(set(bf16) & set(fused)) == 1, "one fused-epilogue kernel per dtype"
-    assert len(set(bf16) & set(stats)) == 1, "one statistics-epilogue kernel per dtype"
+    assert len(kernels) == 6, kernels
+    assert len(bf16) == 2 and len(tf32) == 2 and len(fused) == 3 and len(stats) == 3, kernels
+    for dt in (bf16, tf32):
+        assert len(set(dt) & set(fused)) == 1, "one fused-epilogue kernel per dtype"
+        assert len(set(dt) & set(stats)) == 1, "one statistics-epilogue kernel per dtype"
 
 
 def test_cutlass_kernels_use_wgmma_and_tma(so):
@@ -68,6 +70,8 @@ def test_cutlass_kernels_use_wgmma_and_tma(so):
         assert not missing, f"{f[:120]}...: no {sorted(missing)} in its {ARCH} SASS"
         if "bfloat16_t" in f:
             assert "HGMMA.64x128x16.F32.BF16" in sass, f"{f[:120]}: the bf16 kernel must issue bf16 wgmma"
+        if "TF32TF32" in f:
+            assert "HGMMA.64x128x8.F32.TF32" in sass, f"{f[:120]}: the float32 kernel must issue tf32 wgmma"
         # CUTLASS asserts compiled in (no -DNDEBUG) make ptxas serialise the wgmma pipeline
         assert "__assertfail" not in sass, f"{f[:120]}: calls __assertfail (built without -DNDEBUG)"
 
@@ -101,7 +105,8 @@ def test_resources_tool_reports_and_checks(so):
     res = subprocess.run([sys.executable, str(REPO / "tools" / "sm90_resources.py"), "--so", so, "--check"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    for label in ("bf16 fused-epilogue", "fp16 fused-epilogue", "bf16 stats-epilogue", "fp16 stats-epilogue"):
+    for label in ("bf16 fused-epilogue", "fp16 fused-epilogue", "tf32 fused-epilogue", "bf16 stats-epilogue",
+                  "fp16 stats-epilogue", "tf32 stats-epilogue"):
         assert f"cutlass fprop {label}" in res.stdout, res.stdout
     assert "PROBLEM" not in res.stdout
     print(res.stdout)  # the register / shared-memory / stages / instruction table (pytest -s shows it)

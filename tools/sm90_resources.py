@@ -105,7 +105,8 @@ def short_name(mangled: str) -> str:
         dt = "bf16" if "bfloat16" in mangled else "fp16" if "half" in mangled else ""
         return f"{m.group(1)}<{dt}>" if dt else m.group(1)
     if "ConvUniversal" in mangled:
-        dt = "bf16" if "bfloat16_t" in mangled else "fp16"  # (half_t also appears in the bf16 names)
+        # (half_t appears in every name: the epilogue's smem copy atom)
+        dt = "bf16" if "bfloat16_t" in mangled else "tf32" if "TF32TF32" in mangled else "fp16"
         epi = ("fused-epilogue" if "PerColLinComb" in mangled else "stats-epilogue" if "ColStatsPartials" in mangled
                else "plain")
         return f"cutlass fprop {dt} {epi}"

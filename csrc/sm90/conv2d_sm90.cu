@@ -4,7 +4,8 @@
 // sm_90a (-gencode arch=compute_90a,code=sm_90a), only when the CUTLASS headers were found at
 // build time (CMakeLists.txt, setup.py); csrc/sm90/README.md has the details.
 //
-// Two kernels per dtype (bf16, fp16), 128x128x64 CTA tile, cluster 1x1x1:
+// Two kernels per dtype (bf16, fp16, and float32 computed in TF32 when the caller allows TF32),
+// CTA tile 128x128 by 128 bytes of K (64 16-bit or 32 float elements), cluster 1x1x1:
 //   * FusedConv<T>: out = act(conv(x, w) * scale[k] + bias[k] + residual), one kernel. The
 //     epilogue is CUTLASS's epilogue-visitor tree PerColLinCombPerColBiasEltAct: alpha is the
 //     per-channel scale vector (or the scalar 1), bias the per-channel bias (or 0), beta * C the
@@ -51,7 +52,11 @@ using namespace cute;
 constexpr cutlass::conv::Operator kFprop = cutlass::conv::Operator::kFprop;
 using ProblemShape = cutlass::conv::ConvProblemShape<kFprop, 2>;
 using LayoutNHWC = cutlass::layout::TensorNHWC;
-using TileShape = Shape<_128, _128, Shape<_64>>;
+// 128 bytes of K per stage row: 64 bf16/fp16 or 32 float (TF32) elements, the same shared memory
+// per stage for every dtype (6 stages; 5 for the float fused-epilogue kernel, whose float C and D
+// epilogue buffers take more of the carveout)
+template <typename T>
+using TileShapeOf = Shape<_128, _128, Shape<Int<128 / static_cast<int>(sizeof(T))>>>;
 using ClusterShape = Shape<_1, _1, _1>;
 
 // The pieces shared by both kernels: mainloop over T operands, an epilogue of output type D.
@@ -61,12 +66,12 @@ struct ConvKernelOf {
   static constexpr int kAlignC = 16 / sizeof(cute::conditional_t<cute::is_void_v<ElementC>, ElementD, ElementC>);
   static constexpr int kAlignD = 16 / sizeof(ElementD);
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShapeOf<T>, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, LayoutNHWC, kAlignC, ElementD,
       LayoutNHWC, kAlignD, cutlass::epilogue::TmaWarpSpecialized, FusionOp>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, kFprop, T, LayoutNHWC, kAlignT, T, LayoutNHWC, kAlignT,
-      float, TileShape, ClusterShape,
+      float, TileShapeOf<T>, ClusterShape,
       cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
@@ -189,6 +194,15 @@ struct Workspace {
 
 int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
 
+// f(T{}) with T the CUTLASS element type of a.dtype (validate() has admitted it: float only with
+// allow_tf32, computed in TF32)
+template <typename F>
+decltype(auto) by_dtype(const Conv2dArgs& a, F&& f) {
+  if (a.dtype == DType::BF16) return f(cutlass::bfloat16_t{});
+  if (a.dtype == DType::F16) return f(cutlass::half_t{});
+  return f(float{});
+}
+
 template <typename T>
 int64_t cutlass_workspace(const Conv2dArgs& a, bool stats) {
   if (stats)
@@ -207,8 +221,7 @@ Workspace layout(const Conv2dArgs& a, bool stats) {
   }
   w.cutlass = off;
   if (M > 0 && a.Cout > 0)
-    w.cutlass_bytes = a.dtype == DType::BF16 ? cutlass_workspace<cutlass::bfloat16_t>(a, stats)
-                                             : cutlass_workspace<cutlass::half_t>(a, stats);
+    w.cutlass_bytes = by_dtype(a, [&](auto t) { return cutlass_workspace<decltype(t)>(a, stats); });
   w.total = off + align256(w.cutlass_bytes);
   return w;
 }
@@ -217,8 +230,14 @@ constexpr int64_t kIntMax = 2147483647;
 
 void validate(const Conv2dArgs& a) {
   const char* fn = "conv2d_sm90_forward";
-  if (a.dtype != DType::BF16 && a.dtype != DType::F16)
-    throw ArgError(cat(fn, ": dtype must be float16 or bfloat16 (the sm_90a kernels), got ", dtype_name(a.dtype)));
+  if (a.dtype != DType::BF16 && a.dtype != DType::F16 && a.dtype != DType::F32)
+    throw ArgError(cat(fn, ": dtype must be float16, bfloat16 or float32 (the sm_90a kernels), got ",
+                       dtype_name(a.dtype)));
+  if (a.dtype == DType::F32 && !a.allow_tf32)
+    throw ArgError(cat(fn, ": float32 runs in TF32 on the sm_90a kernels: allow_tf32 must be true (the exact "
+                       "float32 convolution is conv2d_forward's)"));
+  // TMA moves rows of 16 bytes: 8 bf16/fp16 or 4 float channels
+  const int64_t vec = a.dtype == DType::F32 ? 4 : 8;
   check_positive(a.N, fn, "N");
   check_positive(a.Cin, fn, "Cin");
   check_positive(a.H, fn, "H");
@@ -230,8 +249,12 @@ void validate(const Conv2dArgs& a) {
   check_positive(a.stride_w, fn, "stride_w");
   check_nonneg(a.pad_h, fn, "pad_h");
   check_nonneg(a.pad_w, fn, "pad_w");
-  if (a.Cin % 8 != 0) throw ArgError(cat(fn, ": Cin must be a multiple of 8 (16-byte TMA rows), got ", a.Cin));
-  if (a.Cout % 8 != 0) throw ArgError(cat(fn, ": Cout must be a multiple of 8 (16-byte TMA rows), got ", a.Cout));
+  if (a.Cin % vec != 0)
+    throw ArgError(cat(fn, ": Cin must be a multiple of ", vec, " (16-byte TMA rows of ", dtype_name(a.dtype),
+                       "), got ", a.Cin));
+  if (a.Cout % vec != 0)
+    throw ArgError(cat(fn, ": Cout must be a multiple of ", vec, " (16-byte TMA rows of ", dtype_name(a.dtype),
+                       "), got ", a.Cout));
   if (a.stride_h > 8 || a.stride_w > 8)
     throw ArgError(cat(fn, ": stride must be <= 8 (TMA im2col element strides), got (", a.stride_h, ", ",
                        a.stride_w, ")"));
@@ -337,12 +360,7 @@ void conv2d_sm90_forward(const Conv2dArgs& a) {
   if (a.workspace_bytes < w.total)
     throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", w.total, " required"));
   if (a.workspace % 256) throw ArgError(cat(fn, ": workspace must be 256-byte aligned"));
-  if (a.Cout > 0 && a.N * a.OH * a.OW > 0) {
-    if (a.dtype == DType::BF16)
-      sm90::check<cutlass::bfloat16_t>(a, w);
-    else
-      sm90::check<cutlass::half_t>(a, w);
-  }
+  if (a.Cout > 0 && a.N * a.OH * a.OW > 0) sm90::by_dtype(a, [&](auto t) { sm90::check<decltype(t)>(a, w); });
   sm90::require_sm90(fn);
   cudaStream_t stream = as_stream(a.stream);
   const int64_t M = a.N * a.OH * a.OW;
@@ -354,10 +372,7 @@ void conv2d_sm90_forward(const Conv2dArgs& a) {
     }
     return;
   }
-  if (a.dtype == DType::BF16)
-    sm90::launch<cutlass::bfloat16_t>(a, w, stream);
-  else
-    sm90::launch<cutlass::half_t>(a, w, stream);
+  sm90::by_dtype(a, [&](auto t) { sm90::launch<decltype(t)>(a, w, stream); });
 }
 
 }  // namespace rk

@@ -134,8 +134,13 @@ def cutlass_supports(call) -> Optional[str]:
     if x.device.type == "cuda" and _sm90_cap(x.device) != (9, 0):
         cap = _sm90_cap(x.device)
         why.append(f"{x.device} is compute capability {cap[0]}.{cap[1]} (the sm_90a kernels run on 9.0 only)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        why.append(f"dtype {str(x.dtype).replace('torch.', '')} (the sm_90a kernels take bfloat16 and float16)")
+    if x.dtype == torch.float32:
+        if not call.allow_tf32:
+            why.append("float32 with TF32 disabled (torch.backends.cudnn.allow_tf32 is False): the sm_90a kernels "
+                       "compute float32 in TF32")
+    elif x.dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"dtype {str(x.dtype).replace('torch.', '')} (the sm_90a kernels take bfloat16, float16 and "
+                   f"float32 as TF32)")
     if call.groups != 1:
         why.append(f"groups={call.groups} (the sm_90a kernels implement groups=1)")
     if tuple(call.dilation) != (1, 1):
@@ -145,9 +150,12 @@ def cutlass_supports(call) -> Optional[str]:
         why.append("x is not channels_last (NHWC) contiguous (the sm_90a kernels read NHWC activations through "
                    "TMA and write NHWC outputs)")
     if Cin % 8 != 0 or Cin == 0:
-        why.append(f"Cin={Cin} is not a positive multiple of 8 (16-byte TMA rows)")
-    if Cout % 8 != 0:
-        why.append(f"Cout={Cout} is not a multiple of 8 (16-byte TMA rows)")
+        # 16-byte TMA rows need 8 channels of 16 bits (4 of float32, whose packed filter rows are
+        # however padded to a multiple of 8 columns: cuda_conv2d.pack_weight)
+        why.append(f"Cin={Cin} is not a positive multiple of 8 (16-byte TMA rows, unpadded packed filter rows)")
+    vec = 4 if x.dtype == torch.float32 else 8  # 16 bytes of channels (float64 is refused above)
+    if Cout % vec != 0:
+        why.append(f"Cout={Cout} is not a multiple of {vec} (16-byte TMA rows)")
     sh, sw = call.stride
     ph, pw = call.padding
     if sh > 8 or sw > 8:

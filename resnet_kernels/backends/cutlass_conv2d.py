@@ -6,8 +6,10 @@ for statistics the same convolution whose epilogue also writes each 128-row tile
 
 Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py;
 the registry's ``supports`` (``cutlass_supports`` in backends/__init__.py) keeps every call this
-kernel does not implement away from it: bfloat16/float16, channels_last, Cin and Cout multiples of
-8, groups 1, dilation 1, an sm_90 GPU. The weight is packed to KRSC ((Cout, KH, KW, Cin)
+kernel does not implement away from it: bfloat16/float16, or float32 where TF32 is allowed (computed
+in TF32: the operands' low mantissa bits are dropped by the tensor cores, as in Triton's tf32 dot),
+channels_last, Cin a multiple of 8 and Cout of 16 bytes' worth of channels, groups 1, dilation 1,
+an sm_90 GPU. The weight is packed to KRSC ((Cout, KH, KW, Cin)
 contiguous), the same pack as the cuda backend's (shared through resnet_kernels/_weight_cache.py).
 """
 

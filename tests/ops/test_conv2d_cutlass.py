@@ -41,7 +41,7 @@ needs_sm90 = pytest.mark.skipif(torch.cuda.is_available() and not _sm90_gpu(),
                                 reason="the sm_90a kernels run on compute capability 9.0 GPUs only")
 
 _U = testing.UNIT_ROUNDOFF
-DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}  # float32: TF32 allowed
 
 # (N, Cin, H, W, Cout, k, stride, pad): ResNet conv types with channels multiples of 8, odd sizes,
 # N = 1, partial M and N tiles (128 x 128), several K tiles (BK = 64)
@@ -86,7 +86,7 @@ def _make(shape_name, dtype, epi, dev, x_offset=0.0):
 def _launch(x, w, scale, bias, res, out, stride, pad, relu, stats):
     from resnet_kernels.backends.cutlass_conv2d import conv2d_forward
 
-    r = conv2d_forward(x, w, scale, bias, res, out, stride, pad, relu, stats, False)
+    r = conv2d_forward(x, w, scale, bias, res, out, stride, pad, relu, stats, x.dtype == torch.float32)
     torch.cuda.synchronize()
     return r
 
@@ -111,8 +111,27 @@ def test_cutlass_epilogue_matches_float64(shape, epi, mode):
     tol = 2 * e_torch + _U[dtype] * ref.abs().max().item()
     assert out.shape == oshape and out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert not out.isnan().any(), "unwritten (NaN-poisoned) output elements"
+    if dtype == torch.float32:
+        assert ((out.double() - ref).abs() <= _tf32_bound(x, w, stride, pad, ref, scale)).all()
+        return
     err = (out.double() - ref).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {e_torch:.3g})"
+
+
+def _tf32_bound(x, w, stride, pad, ref, scale=None):
+    """Elementwise error bound of a float32 convolution computed in TF32 by wgmma, which feeds the
+    operands' top 10 mantissa bits (truncation: each operand off by < 2**-10 relative, so each
+    product by < 2**-9 + 2**-20) and accumulates in float32 (K + 2 roundings of 2**-24), then rounds
+    the float32 epilogue: g conv(|x|, |w|) |scale| + 2**-23 |ref| with g = 2**-9 + 2**-20 +
+    (K + 2) 2**-24, doubled as the margin (the tensor cores' internal accumulation is not IEEE
+    round-to-nearest). cuDNN rounds to nearest instead, so "2x PyTorch's own error" is not the
+    measure for a truncating kernel (its errors are biased, not random-signed; docs/CONV.md
+    "Numerics"). A missing or doubled tap is an error of order |x w| ~ A / K: far above this."""
+    K = w[0].numel()
+    a = F.conv2d(x.double().abs(), w.double().abs(), None, stride, pad)
+    s = scale.double().abs().view(1, -1, 1, 1) if scale is not None else 1.0
+    g = 2.0**-9 + 2.0**-20 + (K + 2) * 2.0**-24
+    return 2 * (g * a * s + 2.0**-23 * ref.abs()) + torch.finfo(torch.float32).tiny
 
 
 def _check_stats(x, w, stride, pad, oshape, dtype, mean, var, out, rel_var_tol=None):
@@ -136,6 +155,9 @@ def _check_stats(x, w, stride, pad, oshape, dtype, mean, var, out, rel_var_tol=N
         e_rel = ((var.double() - rvar).abs() / rvar).max().item()
         t_rel = ((tvar.double() - rvar).abs() / rvar).max().item()
         assert e_rel <= 2 * t_rel + rel_var_tol, f"relative var error {e_rel:.3g} (PyTorch's {t_rel:.3g})"
+    if dtype == torch.float32:
+        assert ((out.double() - y64).abs() <= _tf32_bound(x, w, stride, pad, y64)).all()
+        return
     theirs = F.conv2d(x, w, None, stride, pad)
     tol = 2 * (theirs.double() - y64).abs().max().item() + _U[dtype] * ymax
     assert not out.isnan().any()
@@ -227,11 +249,16 @@ def test_cutlass_through_the_ops(mode):
     out = conv2d_epilogue(x, w, scale, bias, res, stride=stride, padding=pad, relu=True, backend="cutlass")
     ref = conv2d_epilogue(x, w, scale, bias, res, stride=stride, padding=pad, relu=True, backend="torch")
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert (out.double() - ref.double()).abs().max().item() <= 4 * _U[dtype] * ref.double().abs().max().item() + 1e-3
+    if dtype == torch.float32:
+        # the torch reference runs in TF32 too (cuDNN, rounding): twice the bound
+        assert ((out.double() - ref.double()).abs() <= 2 * _tf32_bound(x, w, stride, pad, ref.double(), scale)).all()
+    else:
+        assert (out.double() - ref.double()).abs().max().item() <= 4 * _U[dtype] * ref.double().abs().max().item() + 1e-3
     y, mean, var = conv2d_stats(x, w, stride=stride, padding=pad, backend="cutlass")
     y_ref, mean_ref, var_ref = conv2d_stats(x, w, stride=stride, padding=pad, backend="torch")
-    assert torch.allclose(mean.double(), mean_ref.double(), rtol=1e-4, atol=1e-4)
-    assert torch.allclose(var.double(), var_ref.double(), rtol=1e-3, atol=1e-4)
+    tf = 2.0**-8 if dtype == torch.float32 else 0.0  # TF32 products: 2**-9 relative each, for both sides
+    assert torch.allclose(mean.double(), mean_ref.double(), rtol=1e-4 + tf, atol=1e-4 + tf)
+    assert torch.allclose(var.double(), var_ref.double(), rtol=1e-3 + tf, atol=1e-4 + tf)
 
 
 @needs_gpu
@@ -265,12 +292,23 @@ def _call(N=2, Cin=16, H=9, W=9, Cout=24, k=3, stride=(1, 1), padding=(1, 1), di
 
 def test_supports_accepts_what_the_kernel_implements():
     for kw in (dict(), dict(dtype=torch.float16), dict(stats=True), dict(k=1, padding=(0, 0), stride=(2, 2)),
-               dict(k=7, stride=(2, 2), padding=(3, 3), Cin=8, H=23, W=21), dict(Cout=8, Cin=8)):
+               dict(k=7, stride=(2, 2), padding=(3, 3), Cin=8, H=23, W=21), dict(Cout=8, Cin=8),
+               dict(dtype=torch.float32), dict(dtype=torch.float32, stats=True, Cout=12)):
         assert cutlass_supports(_call(**kw)) is None, kw
 
 
+def test_supports_float32_only_as_tf32(monkeypatch):
+    """float32 runs in TF32 on the sm_90a kernels: refused where PyTorch's conv would not use TF32
+    (torch.backends.cudnn.allow_tf32 False), which then goes to the exact float32 paths."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    why = cutlass_supports(_call(dtype=torch.float32))
+    assert why is not None and "TF32" in why, why
+    assert cutlass_supports(_call(dtype=torch.bfloat16)) is None
+
+
 @pytest.mark.parametrize("kw, reason", [
-    (dict(dtype=torch.float32), "dtype float32"),
+    (dict(dtype=torch.float64), "dtype float64"),
+    (dict(dtype=torch.float32, Cout=6), "Cout=6 is not a multiple of 4"),
     (dict(layout="nchw"), "channels_last"),
     (dict(Cin=12), "Cin=12"),
     (dict(Cin=3, k=7, stride=(2, 2), padding=(3, 3)), "Cin=3"),
@@ -287,8 +325,8 @@ def test_supports_names_each_reason(kw, reason):
 
 
 def test_supports_lists_every_reason():
-    why = cutlass_supports(_call(dtype=torch.float32, Cin=12, Cout=10, layout="nchw"))
-    for reason in ("float32", "Cin=12", "Cout=10", "channels_last"):
+    why = cutlass_supports(_call(dtype=torch.float64, Cin=12, Cout=10, layout="nchw"))
+    for reason in ("float64", "Cin=12", "Cout=10", "channels_last"):
         assert reason in why, why
 
 
@@ -337,9 +375,11 @@ needs_kernels = pytest.mark.skipif(not HAS_SM90_KERNELS, reason="_C was built wi
 
 @needs_kernels
 @pytest.mark.parametrize("over, match", [
-    (dict(dtype=0), "float16 or bfloat16"),
+    (dict(dtype=3), "float16, bfloat16 or float32"),
+    (dict(dtype=0), "allow_tf32 must be true"),
     (dict(Cin=12, ldw=108, x_stride=[972, 1, 108, 12]), "Cin must be a multiple of 8"),
     (dict(Cout=20, out_stride=[1620, 1, 180, 20]), "Cout must be a multiple of 8"),
+    (dict(dtype=0, allow_tf32=True, Cout=18, out_stride=[1458, 1, 162, 18]), "Cout must be a multiple of 4"),
     (dict(x_stride=[1296, 81, 9, 1]), "x must be channels_last"),
     (dict(out_stride=[1944, 81, 9, 1]), "out must be channels_last"),
     (dict(ldw=152), "ldw"),
@@ -375,6 +415,8 @@ def test_C_workspace_bytes():
     dict(Cin=8, H=23, W=21, KH=7, KW=7, stride_h=2, stride_w=2, pad_h=3, pad_w=3, OH=12, OW=11, ldw=392,
          x_stride=[3864, 1, 168, 8], out_stride=[3168, 1, 264, 24]),
     dict(KH=1, KW=1, stride_h=2, stride_w=2, pad_h=0, pad_w=0, OH=5, OW=5, ldw=16, out_stride=[600, 1, 120, 24]),
+    dict(dtype=0, allow_tf32=True),  # float32 as TF32
+    dict(dtype=0, allow_tf32=True, mean=2048, var=3072, Cout=20, out_stride=[1620, 1, 180, 20]),
 ])
 def test_C_valid_arguments_pass_cutlass_checks_and_stop_at_the_device(over):
     """Valid arguments get through our validation and CUTLASS's host-side can_implement (run before
