@@ -6,7 +6,8 @@
 with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
 the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
 the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS``, and per
-unit under 'auto' where its chosen implementation does it in its loads (``_takes_prologue``), an inner
+unit under 'auto' where its chosen implementation does it in its loads and, measured forward + backward,
+the unit is faster so (``_takes_prologue``), an inner
 unit's BN + ReLU is applied by the next convolution to its operand instead, ``conv2d_bn_stats``, and
 h_i is neither written nor saved: the backward recomputes it, ``conv2d_backward`` with x=None), but
 its backward is one chain of ``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead
@@ -79,10 +80,10 @@ _BLOCK_BACKENDS = ("triton", "torch", "cuda")
 # dgrad/wgrad recompute x from up_y, 16-bit channels_last): counted, the prologue takes cuda's
 # ResNet-50 train block from 474 / 76.0 GB to 442 / 71.0 (ResNet-18 191 / 18.1 -> 183 / 17.0);
 # the reference checks the whole chain. Under 'auto' the
-# choice is per unit (``_takes_prologue``): the prologue graph where the implementation chosen for
-# that unit's ``conv2d_bn_stats`` (measured on CUDA against the others, which materialise h with
-# their batch_norm_act and then run their convolution: the written graph's own kernels) applies it
-# in its loads (``Impl.operand_prologue``); else the written graph (the static order: aten first).
+# choice is per unit (``_takes_prologue``): possible where the implementation chosen for that unit's
+# ``conv2d_bn_stats`` applies it in its loads (``Impl.operand_prologue``), and there, where 'auto'
+# measures, the two graphs' forward + backward are measured against each other (``_unit_graphs``);
+# else the written graph (the static order: aten first).
 _PROLOGUE_BACKENDS = ("triton", "torch", "cuda")
 
 
@@ -158,9 +159,10 @@ def _unit_graphs(call, st, weight: Tensor, u: "_Unit"):
         try:
             got = fwd_prologue()
             if y is not None:
-                err = call.compare(got, (y, m, v))
+                err = _compare_forward(call, got, (y, m, v))
                 if err is not None:
                     raise AssertionError(f"its forward disagrees with the written graph's: {err}")
+                del got
             else:  # (the written graph failed: the prologue graph's own output stands in)
                 y, m = got[0], got[1]
                 a = torch.rsqrt(got[2].to(m.dtype) + 1e-5)
@@ -180,13 +182,24 @@ def _unit_graphs(call, st, weight: Tensor, u: "_Unit"):
     return times, failed
 
 
+# The graphs' outputs are checked against each other, each op's implementation having been verified
+# against the reference within the op's tolerance (``call.compare``): two of them may differ by twice it.
+def _compare_forward(call, got, ref) -> Optional[str]:
+    """conv2d_bn_stats' (y, mean, var) against the written graph's (``ConvCall.compare``'s rule, twice
+    its tolerance)."""
+    rtol = 2 * verify_rtol(call.x.dtype, call.allow_tf32)
+    spread = float((ref[2].float().clamp_min(0).sqrt() + ref[1].float().abs()).max())
+    return (mismatch("y", got[0], ref[0], rtol) or mismatch("mean", got[1], ref[1], rtol, scale=spread)
+            or mismatch("var", got[2], ref[2], 2 * rtol))
+
+
 def _compare_backward(got, ref, dtype) -> Optional[str]:
     """conv2d_backward's outputs (grad_x, grad_weight, up_coef, up_grad_weight, up_grad_bias; None
-    where not requested) against the other graph's, with the op's verification rule
-    (``BackwardCall.compare``)."""
+    where not requested) against the other graph's (``BackwardCall.compare``'s rule, twice its
+    tolerance)."""
     rtol = verify_rtol(dtype, dtype == torch.float32 and cudnn_conv_tf32_enabled())
     for name, a, b in zip(("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias"), got, ref):
-        err = mismatch(name, a, b, 2 * rtol)
+        err = mismatch(name, a, b, 4 * rtol)
         if err is not None:
             return err
     return None
@@ -311,6 +324,8 @@ class _BlockFn(torch.autograd.Function):
         need_x = needs[1]
         nw = needs[2:2 + len(weights)]
         nbn = needs[2 + len(weights):]
+        # every consumer of g_out takes the activations' layout: a copy only where it arrives otherwise
+        # (the fused ResNets' head_pool writes the last block's channels_last: no copy, counted)
         g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(ys[-1]) else g_out.contiguous()
         tail = sts[-1]
         n_w, n_b = nbn[2 * (k - 1)], nbn[2 * (k - 1) + 1]

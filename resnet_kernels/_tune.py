@@ -455,8 +455,9 @@ def choose_graph(kind: str, call_key: str, device: torch.device, options: Tuple[
     machine fingerprint, in memory and in the file cache. ``options[0]`` is the static choice (not
     measuring: CPU tensors, ``RESNET_KERNELS_TUNE=0``, torch.compile tracing, CUDA-graph capture).
     ``measure()`` runs and verifies every option (on scratch tensors: it changes no user state) and
-    returns ({option: ms}, {option: why excluded}); it is called once per key, with the recording of
-    ``explain`` paused (the op calls it makes are not the model's). The fastest wins, ties to the
+    returns ({option: ms}, {option: why excluded}); it is called once per key (on every rank of a
+    distributed job: its op calls synchronise their own choices), with the recording of ``explain``
+    paused (the op calls it makes are not the model's). The fastest wins, ties to the
     first name in sorted order; an excluded option is reported once as a warning, like an
     implementation."""
     key = f"{kind}|{call_key}|det={int(_registry.deterministic_required())}"
@@ -476,12 +477,14 @@ def choose_graph(kind: str, call_key: str, device: torch.device, options: Tuple[
     chosen: Optional[str] = None
     entry = None
     error: Optional[BaseException] = None
+    # every rank measures (the op calls inside make their own choices, which synchronise across the
+    # ranks: all of them must make those calls together); rank 0's times decide
+    token = _recorder.set(None)
+    try:
+        times, failed = measure()
+    finally:
+        _recorder.reset(token)
     if dist is None or dist.get_rank() == 0:
-        token = _recorder.set(None)
-        try:
-            times, failed = measure()
-        finally:
-            _recorder.reset(token)
         times = {k: float(v) for k, v in times.items() if k in options}
         for k, err in failed.items():
             _warn_once(f"fail:{kind}:{k}:{key}", f"resnet_kernels: excluded the {k!r} option of {kind} for {call_key}: {err}")
