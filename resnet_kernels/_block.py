@@ -112,8 +112,10 @@ def _takes_prologue(backend: str, y_prev: Tensor, st, weight: Tensor, u: "_Unit"
         name, decision = _tune.choose_graph(_GRAPH, call.key(), call.device, _GRAPHS,
                                             lambda: _unit_graphs(call, st, weight, u))
         rec = _tune._recorder.get()
-        if rec is not None:
+        if rec is not None:  # (explain / tune list it: op 'block_unit_graph', impl 'prologue' or 'written')
+            where = _tune._where.get()
             decision.detail.setdefault("call", call.describe())
+            decision.detail.setdefault("module", where[-1] if where else "")
             rec.append(decision)
         return name == "prologue", (call if name == "prologue" else None)
     impl = _registry.first_candidate(_PROLOGUE_OP, call, call.device)

@@ -452,6 +452,11 @@ def test_auto_measures_each_units_graph_forward_and_backward(slow_recompute_for,
                     # forward + backward halves: prologue 1 + (1 or 10); written 2 + 2 + 1
                     assert d.detail["times_ms"] == {"prologue": 1.0 + (10.0 if k in slow_recompute_for else 1.0),
                                                     "written": 5.0}, d.detail
+                from resnet_kernels.tune import Explanation, _rows
+
+                table = Explanation(_rows(decisions), "cpu").table(times=True)  # what `tune` prints
+                rows = [ln for ln in table.splitlines() if "block_unit_graph" in ln and "written 5.0000 ms" in ln]
+                assert len(rows) == 2, table
             else:
                 assert not timed  # measured once per shape: the second step times nothing
             saved = [t for t in out_o.grad_fn.saved_tensors if t is not None]
