@@ -487,7 +487,8 @@ def choose_graph(kind: str, call_key: str, device: torch.device, options: Tuple[
     if dist is None or dist.get_rank() == 0:
         times = {k: float(v) for k, v in times.items() if k in options}
         for k, err in failed.items():
-            _warn_once(f"fail:{kind}:{k}:{key}", f"resnet_kernels: excluded the {k!r} option of {kind} for {call_key}: {err}")
+            _warn_once(f"fail:{kind}:{k}:{key}",
+                       f"resnet_kernels: excluded the {k!r} option of {kind} for {call_key}: {err}")
         _results[key] = {**times, **{k: "error: " + v for k, v in failed.items()}}
         if times:
             chosen = min(times, key=lambda k: (times[k], k))
@@ -607,5 +608,6 @@ def recording() -> Iterator[List[Decision]]:
         _recorder.reset(token)
 
 
-__all__ = ["choose", "choose_graph", "time_ms", "dispatch", "recording", "reset", "testing", "cache_path", "cache_dir", "cache_summary",
+__all__ = ["choose", "choose_graph", "time_ms", "dispatch", "recording", "reset", "testing", "cache_path", "cache_dir",
+           "cache_summary",
            "fingerprint", "results", "TuningWarning", "TuningNotice", "SCHEMA"]
