@@ -14,6 +14,8 @@
 #               verified per layer shape, the per-layer table printed before the summary
 #   bench-ops   the fused residual-epilogue suite, reduced (RK_BENCH_FAST=1)
 #   bench-conv  the convolution suite, reduced (RK_BENCH_FAST=1)
+#   bench-conv-bwd  the fused convolution backward (conv2d_backward: cuda, triton, aten), reduced
+#               (RK_BENCH_FAST=1: 4 ResNet layer shapes at batch 256)
 #   model-*     resnet-kernels bench: resnet18 and resnet50, train and infer, short runs (batch 64,
 #               10 timed steps; torch.compile only for resnet18 inference unless
 #               RK_GPU_CHECK_COMPILE_ALL=1)
@@ -150,6 +152,8 @@ export RESNET_KERNELS_CACHE_DIR="$RES/tune_cache"
 run_stage tune 90 "cd \"\$WORK\" && $RK tune --model resnet50 --mode train --batch ${RK_GPU_CHECK_MODEL_BATCH:-64} --quiet >\"\$RES/tune.txt\""
 run_stage bench-ops 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_ops.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_bn_add_relu.py\" -q --benchmark-json=\"\$RES/bench_ops.json\""
 run_stage bench-conv 60 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_conv.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_conv.py\" -q --benchmark-json=\"\$RES/bench_conv.json\""
+# (its records join the summary; no pytest-benchmark JSON of its own: the $OUT file limit)
+run_stage bench-conv-bwd 40 "export RK_BENCH_FAST=1 RK_BENCH_RECORDS=\"\$RES/records_conv_bwd.jsonl\"; $PYTEST \"\$ROOT/benchmarks/test_bench_conv_backward.py\" -q"
 
 MB=${RK_GPU_CHECK_MODEL_BATCH:-64}
 for model in resnet18 resnet50; do
@@ -174,7 +178,7 @@ models=("$RES"/model_*.json)
 results=()
 # the JSON-lines records (written case by case) survive a stage killed by its timeout, unlike
 # the pytest-benchmark JSON written at the end of the session
-for f in "$RES/records_ops.jsonl" "$RES/records_conv.jsonl" "${models[@]}"; do [[ -f $f ]] && results+=("$f"); done
+for f in "$RES/records_ops.jsonl" "$RES/records_conv.jsonl" "$RES/records_conv_bwd.jsonl" "${models[@]}"; do [[ -f $f ]] && results+=("$f"); done
 SUMMARY=$RES/summary.txt
 timeout 60 "$PY" "$ROOT/benchmarks/summarize.py" summary --stages "$STAGES" --json "$RES/summary.json" \
   "${results[@]}" >"$SUMMARY" 2>&1

@@ -6,7 +6,8 @@
 with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
 the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
 the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS``, and per
-unit under 'auto' where its chosen implementation does it in its loads (``_takes_prologue``), an inner
+unit under 'auto' where its chosen implementation does it in its loads and, measured forward + backward,
+the unit is faster so (``_takes_prologue``), an inner
 unit's BN + ReLU is applied by the next convolution to its operand instead, ``conv2d_bn_stats``, and
 h_i is neither written nor saved: the backward recomputes it, ``conv2d_backward`` with x=None), but
 its backward is one chain of ``conv2d_backward`` calls (resnet_kernels/ops/conv_backward.py) instead
@@ -52,6 +53,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _registry, _tune
 from ._eager import plain_eager
+from ._numerics import cudnn_conv_tf32_enabled, mismatch, verify_rtol
 from .nn._bn import batch_stats_args, commit, uses_batch_stats
 from .nn._sync import sync_group
 from .ops.batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef
@@ -78,30 +80,131 @@ _BLOCK_BACKENDS = ("triton", "torch", "cuda")
 # dgrad/wgrad recompute x from up_y, 16-bit channels_last): counted, the prologue takes cuda's
 # ResNet-50 train block from 474 / 76.0 GB to 442 / 71.0 (ResNet-18 191 / 18.1 -> 183 / 17.0);
 # the reference checks the whole chain. Under 'auto' the
-# choice is per unit (``_takes_prologue``): the prologue graph where the implementation chosen for
-# that unit's ``conv2d_bn_stats`` (measured on CUDA against the others, which materialise h with
-# their batch_norm_act and then run their convolution: the written graph's own kernels) applies it
-# in its loads (``Impl.operand_prologue``); else the written graph (the static order: aten first).
+# choice is per unit (``_takes_prologue``): possible where the implementation chosen for that unit's
+# ``conv2d_bn_stats`` applies it in its loads (``Impl.operand_prologue``), and there, where 'auto'
+# measures, the two graphs' forward + backward are measured against each other (``_unit_graphs``);
+# else the written graph (the static order: aten first).
 _PROLOGUE_BACKENDS = ("triton", "torch", "cuda")
+
+
+_GRAPH = "block_unit_graph"  # the measured choice of a unit's graph (``_tune.choose_graph``)
+_GRAPHS = ("prologue", "written")  # static order: where the chosen conv2d_bn_stats applies the prologue
 
 
 def _takes_prologue(backend: str, y_prev: Tensor, st, weight: Tensor, u: "_Unit"):
     """(whether unit ``u``, not the first, convolves relu(bn(y_prev)) through ``conv2d_bn_stats``
     (the prologue graph) rather than a written h, the op's validated call where 'auto' built one to
     decide (plain eager tensors: the caller dispatches it instead of validating twice) else None).
-    On 'auto': what 'auto' picks for that call, measured where it measures (CUDA; the tuner caches
-    the choice, so each shape is measured once), the static order elsewhere (and for fake or meta
-    tensors: the accountant counts the static choice). The backward's cost is not part of the
-    measurement: with the prologue graph each unit's ``conv2d_backward`` recomputes its input
-    (x=None; in its loads on triton)."""
+    On 'auto' the prologue graph needs the implementation 'auto' picks for that call to apply it in
+    its loads (``Impl.operand_prologue``); where it does and 'auto' measures (CUDA), the two graphs
+    of the unit are measured forward + backward (``_unit_graphs``: the prologue graph's
+    conv2d_bn_stats and conv2d_backward recomputing its input, x=None, against the written graph's
+    batch_norm_act + conv2d_stats and conv2d_backward reading the saved h) and the faster taken
+    (``_tune.choose_graph``: once per shape, cached like the ops' choices). Elsewhere the static
+    order (and for fake or meta tensors: the accountant counts the static choice)."""
     if backend != "auto":
         return backend in _PROLOGUE_BACKENDS, None
     call = bn_conv_call(y_prev, st.mean, st.var, st.weight, st.bias, st.eps, weight, u.stride, u.padding)
     if type(y_prev) is Tensor and plain_eager(()):
         impl = _tune.choose(_PROLOGUE_OP, call, call.device)[0]
-        return impl.operand_prologue, call
+        if not impl.operand_prologue:
+            return False, None
+        name, decision = _tune.choose_graph(_GRAPH, call.key(), call.device, _GRAPHS,
+                                            lambda: _unit_graphs(call, st, weight, u))
+        rec = _tune._recorder.get()
+        if rec is not None:  # (explain / tune list it: op 'block_unit_graph', impl 'prologue' or 'written')
+            where = _tune._where.get()
+            decision.detail.setdefault("call", call.describe())
+            decision.detail.setdefault("module", where[-1] if where else "")
+            rec.append(decision)
+        return name == "prologue", (call if name == "prologue" else None)
     impl = _registry.first_candidate(_PROLOGUE_OP, call, call.device)
     return impl is not None and impl.operand_prologue, None
+
+
+def _unit_graphs(call, st, weight: Tensor, u: "_Unit"):
+    """({graph: ms}, {graph: why excluded}) for ``_tune.choose_graph``: unit ``u``'s two graphs run,
+    verified against each other and timed, forward half + backward half, each op through 'auto'
+    (its own measured and verified choice, made in the untimed first run). Only y_prev, the BN's
+    vectors and the weight are read; everything else is scratch (no running statistic, parameter or
+    RNG state changes). The backward half is the unit's ``conv2d_backward`` with the upstream BN's
+    reductions, as the block's backward runs it for an inner unit (no mask: the tail's ReLU mask is
+    the same in both graphs), on a stand-in gradient (the unit's own conv output) and BN
+    coefficients derived from its statistics."""
+    y_prev, dev = call.x, call.device
+    bwd_kw = dict(stride=u.stride, padding=u.padding, up_y=y_prev, up_mean=st.mean, up_var=st.var,
+                  up_weight=st.weight, up_eps=st.eps, need_x=True, need_weight=True,
+                  need_up_weight=st.weight is not None, need_up_bias=st.bias is not None, backend="auto")
+    times: dict = {}
+    failed: dict = {}
+    with torch.no_grad():
+        def fwd_written():
+            h = batch_norm_act(y_prev, st.mean, st.var, st.weight, st.bias, eps=st.eps, relu=True, backend="auto")
+            return (h,) + tuple(conv2d_stats(h, weight, stride=u.stride, padding=u.padding, backend="auto"))
+
+        def fwd_prologue():
+            return tuple(_tune.dispatch(_PROLOGUE_OP, "auto", call))
+
+        try:
+            h, y, m, v = fwd_written()
+            acc = m.dtype
+            a = torch.rsqrt(v.to(acc) + 1e-5)
+            coef = torch.stack([a, m.to(acc) * 1e-3, a * 1e-3])
+            g = y  # a stand-in incoming gradient: y's shape, dtype and layout (only read)
+            ref_b = conv2d_backward(g, h, weight, y=y, mean=m, coef=coef, **bwd_kw)
+            times["written"] = (_tune.time_ms(fwd_written, dev)
+                                + _tune.time_ms(lambda: conv2d_backward(g, h, weight, y=y, mean=m, coef=coef,
+                                                                        **bwd_kw), dev))
+        except Exception as exc:  # noqa: BLE001 - excluded, reported once by choose_graph
+            failed["written"] = _tune._first_line(exc)
+            ref_b = y = None
+        try:
+            got = fwd_prologue()
+            if y is not None:
+                err = _compare_forward(call, got, (y, m, v))
+                if err is not None:
+                    raise AssertionError(f"its forward disagrees with the written graph's: {err}")
+                del got
+            else:  # (the written graph failed: the prologue graph's own output stands in)
+                y, m = got[0], got[1]
+                a = torch.rsqrt(got[2].to(m.dtype) + 1e-5)
+                coef = torch.stack([a, m * 1e-3, a * 1e-3])
+                g = y
+            up_bias = st.bias  # (x=None: the recompute reads the BN's bias)
+            got_b = conv2d_backward(g, None, weight, y=y, mean=m, coef=coef, up_bias=up_bias, **bwd_kw)
+            if ref_b is not None:
+                err = _compare_backward(got_b, ref_b, y.dtype)
+                if err is not None:
+                    raise AssertionError(f"its backward disagrees with the written graph's: {err}")
+            times["prologue"] = (_tune.time_ms(fwd_prologue, dev)
+                                 + _tune.time_ms(lambda: conv2d_backward(g, None, weight, y=y, mean=m, coef=coef,
+                                                                         up_bias=up_bias, **bwd_kw), dev))
+        except Exception as exc:  # noqa: BLE001
+            failed["prologue"] = _tune._first_line(exc)
+    return times, failed
+
+
+# The graphs' outputs are checked against each other, each op's implementation having been verified
+# against the reference within the op's tolerance (``call.compare``): two of them may differ by twice it.
+def _compare_forward(call, got, ref) -> Optional[str]:
+    """conv2d_bn_stats' (y, mean, var) against the written graph's (``ConvCall.compare``'s rule, twice
+    its tolerance)."""
+    rtol = 2 * verify_rtol(call.x.dtype, call.allow_tf32)
+    spread = float((ref[2].float().clamp_min(0).sqrt() + ref[1].float().abs()).max())
+    return (mismatch("y", got[0], ref[0], rtol) or mismatch("mean", got[1], ref[1], rtol, scale=spread)
+            or mismatch("var", got[2], ref[2], 2 * rtol))
+
+
+def _compare_backward(got, ref, dtype) -> Optional[str]:
+    """conv2d_backward's outputs (grad_x, grad_weight, up_coef, up_grad_weight, up_grad_bias; None
+    where not requested) against the other graph's (``BackwardCall.compare``'s rule, twice its
+    tolerance)."""
+    rtol = verify_rtol(dtype, dtype == torch.float32 and cudnn_conv_tf32_enabled())
+    for name, a, b in zip(("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias"), got, ref):
+        err = mismatch(name, a, b, 4 * rtol)
+        if err is not None:
+            return err
+    return None
 
 
 def backend_ok(backend: str) -> bool:
@@ -223,6 +326,8 @@ class _BlockFn(torch.autograd.Function):
         need_x = needs[1]
         nw = needs[2:2 + len(weights)]
         nbn = needs[2 + len(weights):]
+        # every consumer of g_out takes the activations' layout: a copy only where it arrives otherwise
+        # (the fused ResNets' head_pool writes the last block's channels_last: no copy, counted)
         g_out = g_out.contiguous(memory_format=torch.channels_last) if _cl(ys[-1]) else g_out.contiguous()
         tail = sts[-1]
         n_w, n_b = nbn[2 * (k - 1)], nbn[2 * (k - 1) + 1]

@@ -447,6 +447,80 @@ def choose(op: str, call: Any, device: torch.device) -> Tuple[Impl, Any, Decisio
                                                                       "failed": entry.get("failed", {})})
 
 
+def choose_graph(kind: str, call_key: str, device: torch.device, options: Tuple[str, ...],
+                 measure: Callable[[], Tuple[Dict[str, float], Dict[str, str]]]) -> Tuple[str, Decision]:
+    """A measured choice among ``options``, ways of computing the same thing that are not one op's
+    implementations (the training block's graph of a unit, ``resnet_kernels/_block.py``), cached
+    and synchronised across ranks exactly like ``choose``'s: per key ``kind|call_key|det=..`` and
+    machine fingerprint, in memory and in the file cache. ``options[0]`` is the static choice (not
+    measuring: CPU tensors, ``RESNET_KERNELS_TUNE=0``, torch.compile tracing, CUDA-graph capture).
+    ``measure()`` runs and verifies every option (on scratch tensors: it changes no user state) and
+    returns ({option: ms}, {option: why excluded}); it is called once per key (on every rank of a
+    distributed job: its op calls synchronise their own choices), with the recording of ``explain``
+    paused (the op calls it makes are not the model's). The fastest wins, ties to the
+    first name in sorted order; an excluded option is reported once as a warning, like an
+    implementation."""
+    key = f"{kind}|{call_key}|det={int(_registry.deterministic_required())}"
+    fp = fingerprint(device)
+    name = _memory.get(fp, {}).get(key)
+    if name in options:
+        return name, Decision(kind, name, "cached", key)
+    _load_file()
+    entry = _file_entries.get(fp, {}).get(key)
+    if entry is not None and entry.get("choice") in options:
+        _memory.setdefault(fp, {})[key] = entry["choice"]
+        return entry["choice"], Decision(kind, entry["choice"], "cached", key)
+    reason = why_not_measuring(device)
+    if reason is not None:
+        return options[0], Decision(kind, options[0], f"static (not timed: {reason})", key)
+    dist = _dist_sync()
+    chosen: Optional[str] = None
+    entry = None
+    error: Optional[BaseException] = None
+    # every rank measures (the op calls inside make their own choices, which synchronise across the
+    # ranks: all of them must make those calls together); rank 0's times decide
+    token = _recorder.set(None)
+    try:
+        times, failed = measure()
+    finally:
+        _recorder.reset(token)
+    if dist is None or dist.get_rank() == 0:
+        times = {k: float(v) for k, v in times.items() if k in options}
+        for k, err in failed.items():
+            _warn_once(f"fail:{kind}:{k}:{key}",
+                       f"resnet_kernels: excluded the {k!r} option of {kind} for {call_key}: {err}")
+        _results[key] = {**times, **{k: "error: " + v for k, v in failed.items()}}
+        if times:
+            chosen = min(times, key=lambda k: (times[k], k))
+            entry = {"choice": chosen, "times_ms": times, "failed": dict(failed)}
+        else:
+            error = BackendUnavailableError(f"{kind}: every option failed for {call_key}: "
+                                            + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            if dist is None:
+                raise error
+    if dist is not None:
+        box = [chosen if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        if box[0] is None:
+            raise error or BackendUnavailableError(f"{kind}: rank 0 found no working option for {call_key}")
+        if dist.get_rank() != 0:
+            chosen = box[0]
+            entry = {"choice": chosen, "times_ms": {}, "failed": {}, "from_rank": 0}
+    _memory.setdefault(fp, {})[key] = chosen
+    _write_entry(fp, key, entry)
+    return chosen, Decision(kind, chosen, "tuned", key, {"times_ms": entry.get("times_ms", {}),
+                                                         "failed": entry.get("failed", {})})
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """``fn``'s time in ms as 'auto' measures it (the injected timer of ``testing``, CUDA events on
+    CUDA): for callers measuring something other than one op call (``choose_graph``)."""
+    t = _time_ms(fn, device)
+    if not (isinstance(t, float) and math.isfinite(t) and t >= 0):
+        raise RuntimeError(f"the timer returned {t!r}")
+    return t
+
+
 def results() -> Dict[str, Dict[str, Any]]:
     """The measurements of this process, key -> {backend: ms or 'error: ...'}."""
     return dict(_results)
@@ -534,5 +608,6 @@ def recording() -> Iterator[List[Decision]]:
         _recorder.reset(token)
 
 
-__all__ = ["choose", "dispatch", "recording", "reset", "testing", "cache_path", "cache_dir", "cache_summary",
+__all__ = ["choose", "choose_graph", "time_ms", "dispatch", "recording", "reset", "testing", "cache_path", "cache_dir",
+           "cache_summary",
            "fingerprint", "results", "TuningWarning", "TuningNotice", "SCHEMA"]

@@ -60,8 +60,12 @@ class Explanation:
                     cells.append(f"{v:>12.4f}" if isinstance(v, (int, float)) else
                                  f"{'FAILED' if isinstance(v, str) else '-':>12}")
                 sp = r.speedup_over()
+                # a choice among graphs, not implementations (the training block's 'prologue' / 'written')
+                other = [f"{n} {v:.4f} ms" for n, v in r.times_ms.items() if n not in names
+                         and isinstance(v, (int, float))]
                 lines.append(f"{r.module[:27]:<28}{r.op:<22}" + "".join(cells)
-                             + f"  {r.impl:<8}{(f'{sp:.2f}x' if sp else '-'):>8}  {r.call}")
+                             + f"  {r.impl:<8}{(f'{sp:.2f}x' if sp else '-'):>8}  {r.call}"
+                             + (f" [{', '.join(other)}]" if other else ""))
             else:
                 lines.append(f"{r.module[:27]:<28}{r.op:<22}{r.impl:<16}{r.how[:29]:<30}{r.call}")
         summary = "; ".join(f"{op}: " + ", ".join(f"{i} x{n}" for i, n in sorted(c.items(), key=lambda kv: -kv[1]))

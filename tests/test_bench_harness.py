@@ -348,7 +348,8 @@ def test_gpu_check_script_syntax_and_references():
     assert r.returncode == 0, r.stderr
     text = script.read_text()
     assert "set -o pipefail" in text and "timeout" in text
-    for ref in ("benchmarks/test_bench_bn_add_relu.py", "benchmarks/test_bench_conv.py", "benchmarks/summarize.py"):
+    for ref in ("benchmarks/test_bench_bn_add_relu.py", "benchmarks/test_bench_conv.py",
+                "benchmarks/test_bench_conv_backward.py", "benchmarks/summarize.py"):
         assert (ROOT / ref).exists() and ref.split("/")[-1] in text
     assert "RESNET_KERNELS_REQUIRE_CUDA=1" in text and "--no-build-isolation" in text
 
@@ -380,5 +381,5 @@ def test_gpu_check_script_runs_end_to_end_with_every_stage_deselected(tmp_path):
     assert len(files) <= 8 and "summary.json" in files and "stages.tsv" in files
     stages = json.loads((out / "gpu_check" / "summary.json").read_text())["stages"]
     assert {s["stage"] for s in stages} >= {"install", "info", "check", "tests", "bench-ops", "bench-conv",
-                                            "model-resnet18-infer", "model-resnet50-train"}
+                                            "bench-conv-bwd", "model-resnet18-infer", "model-resnet50-train"}
     assert all(s["status"] == "skipped" for s in stages)

@@ -378,6 +378,150 @@ def test_auto_takes_the_prologue_per_unit_where_the_chosen_implementation_applie
     assert block_calls == {"forward": 1, "backward": 1}
 
 
+# The measured choice covers forward + backward of both graphs of a unit (_block._unit_graphs): a
+# timer simulating each launcher's cost from what ran (the registry's launchers wrapped: op, backend,
+# kernel size, whether conv2d_backward recomputes its input). The fake prologue implementation's
+# forward is cheaper than the written graph's batch_norm_act + conv2d_stats for every unit (the
+# forward alone picks the prologue everywhere); its backward, conv2d_backward with x=None, is made
+# slow for some kernel sizes: there the backward half flips the unit to the written graph.
+_RUNS: list = []
+
+
+def _sim_cost(op, backend, args, slow_recompute_for):
+    if op == "conv2d_bn_stats":
+        return 1.0 if backend == "fakepro" else 50.0
+    if op == "conv2d_backward":
+        if backend != "torch":
+            return 50.0
+        x, k = args[5], tuple(args[6].shape[2:])
+        return (10.0 if k in slow_recompute_for else 1.0) if x is None else 1.0
+    return 2.0  # batch_norm_act, conv2d_stats, ...: aten and torch alike (ties go to 'aten')
+
+
+@pytest.mark.parametrize("slow_recompute_for", [(), ((1, 1),), ((3, 3),)])
+def test_auto_measures_each_units_graph_forward_and_backward(slow_recompute_for, tmp_path, monkeypatch, block_calls):
+    import json
+    import sys
+
+    from resnet_kernels import _registry, _tune
+    from resnet_kernels._registry import Backend, Impl
+
+    sys.modules.setdefault(__name__, sys.modules[__name__])
+    monkeypatch.setenv("RESNET_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNET_KERNELS_TUNE", raising=False)
+    load = _registry.Impl.load
+
+    def logged_load(impl):
+        fn = load(impl)
+
+        def run(*a, **k):
+            _RUNS.append((impl.op, impl.backend, a))
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(_registry.Impl, "load", logged_load)
+    timed = []
+
+    def timer(fn, device):
+        _RUNS.clear()
+        fn()
+        timed.append(1)
+        return sum(_sim_cost(op, b, a, slow_recompute_for) for op, b, a in _RUNS)
+
+    fake = Backend("fakepro", "a test implementation with the operand prologue", lambda device: None)
+    impl = Impl("conv2d_bn_stats", "fakepro", f"{__name__}:_fake_prologue", priority=95, auto_on=("cpu",),
+                operand_prologue=True)
+    torch.manual_seed(0)
+    blk = torchvision.models.resnet.Bottleneck(16, 4).double()
+    _randomise_bn(blk)
+    # units 2 (3x3) and 3 (1x1) choose their graph; the backward half decides where it is slow
+    want = ["written" if k in slow_recompute_for else "prologue" for k in ((3, 3), (1, 1))]
+    with _registry.registered(fake, [impl]), _tune.testing(timer=timer, devices=("cpu",)):
+        ours = rk.fuse(copy.deepcopy(blk), backend="auto")
+        for step in range(2):
+            x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+            xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+            timed.clear()
+            with _tune.recording() as decisions:
+                out_o = ours(xo)
+            graphs = [d for d in decisions if d.op == "block_unit_graph"]
+            assert [d.impl for d in graphs] == want, graphs
+            assert [d.how for d in graphs] == (["tuned", "tuned"] if step == 0 else ["cached", "cached"])
+            if step == 0:
+                for d, k in zip(graphs, ((3, 3), (1, 1))):
+                    # forward + backward halves: prologue 1 + (1 or 10); written 2 + 2 + 1
+                    assert d.detail["times_ms"] == {"prologue": 1.0 + (10.0 if k in slow_recompute_for else 1.0),
+                                                    "written": 5.0}, d.detail
+                from resnet_kernels.tune import Explanation, _rows
+
+                table = Explanation(_rows(decisions), "cpu").table(times=True)  # what `tune` prints
+                rows = [ln for ln in table.splitlines() if "block_unit_graph" in ln and "written 5.0000 ms" in ln]
+                assert len(rows) == 2, table
+            else:
+                assert not timed  # measured once per shape: the second step times nothing
+            saved = [t for t in out_o.grad_fn.saved_tensors if t is not None]
+            # x, bits, y_1..y_3, 3 weights, and h_1 / h_2 where the next unit took the written graph
+            assert len(saved) == 8 + want.count("written"), len(saved)
+            out_r = blk(xr)
+            g = torch.randn_like(out_r)
+            out_r.backward(g)
+            out_o.backward(g)
+            # the measurement changed no running statistic, parameter or gradient: the block's
+            # step matches torchvision's exactly (float64)
+            _compare(blk, ours, xr, xo, out_r, out_o)
+            for m in (blk, ours):
+                m.zero_grad(set_to_none=True)
+        doc = json.loads((tmp_path / "cache" / "tuning.json").read_text())
+        entries = {k: e for v in doc["entries"].values() for k, e in v.items() if k.startswith("block_unit_graph|")}
+        assert sorted(e["choice"] for e in entries.values()) == sorted(want), entries
+    assert block_calls == {"forward": 2, "backward": 2}
+
+
+def test_the_graph_choice_excludes_a_graph_that_disagrees(tmp_path, monkeypatch):
+    """The graph measurement verifies the two graphs of a unit against each other: a prologue
+    graph whose backward (conv2d_backward recomputing x) is wrong — here the reference's own x=None
+    path, which the per-op verification trusts — is excluded with a warning naming it, and the
+    written graph runs, for both units, though its forward is slower."""
+    import sys
+
+    from resnet_kernels import _registry, _tune
+    from resnet_kernels._registry import Backend, Impl
+    from resnet_kernels.backends import torch_conv_backward
+
+    sys.modules.setdefault(__name__, sys.modules[__name__])
+    monkeypatch.setenv("RESNET_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNET_KERNELS_TUNE", raising=False)
+    real = torch_conv_backward.conv2d_backward
+
+    def wrong(g, mask, y, mean, coef, x, weight, grad_x, *rest, **kw):
+        out = real(g, mask, y, mean, coef, x, weight, grad_x, *rest, **kw)
+        if x is None and grad_x is not None:
+            grad_x.mul_(1.5)
+        return out
+
+    def timer(fn, device):
+        _FAKE_RAN.clear()
+        fn()
+        return 0.5 if _FAKE_RAN else 1.0
+
+    fake = Backend("fakepro", "a test implementation with the operand prologue", lambda device: None)
+    impl = Impl("conv2d_bn_stats", "fakepro", f"{__name__}:_fake_prologue", priority=95, auto_on=("cpu",),
+                operand_prologue=True)
+    torch.manual_seed(0)
+    blk = torchvision.models.resnet.Bottleneck(16, 4).double()
+    _randomise_bn(blk)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    monkeypatch.setattr(torch_conv_backward, "conv2d_backward", wrong)
+    with _registry.registered(fake, [impl]), _tune.testing(timer=timer, devices=("cpu",)):
+        ours = rk.fuse(copy.deepcopy(blk), backend="auto")
+        with _tune.recording() as decisions, pytest.warns(_tune.TuningWarning, match="'prologue' option"):
+            out = ours(x.clone().requires_grad_())
+    graphs = [d for d in decisions if d.op == "block_unit_graph"]
+    assert [d.impl for d in graphs] == ["written", "written"], graphs
+    assert all("backward disagrees" in d.detail["failed"]["prologue"] for d in graphs), graphs
+    assert len([t for t in out.grad_fn.saved_tensors if t is not None]) == 10  # h_1 and h_2 saved
+
+
 class _UpdateCalls(torch.utils._python_dispatch.TorchDispatchMode):
     """The bn_running_update op calls and how many BatchNorms each updates."""
 

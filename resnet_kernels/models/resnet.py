@@ -25,7 +25,7 @@ from .. import _backend, _block
 from ..functional import conv_bn_act, conv_bn_add_act, residual_block
 from ._units import is_4d, projection_reason, relu_ok, unit_ok
 from .._script import no_script
-from ..nn.pool import stem_pool
+from ..nn.pool import head_pool, stem_pool
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "conv1x1", "conv3x3",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -275,8 +275,11 @@ class ResNet(nn.Module):
         x = self.layer2(x)
         x = self.layer3(x)
         x = self.layer4(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
+        if self.fused:  # (its backward writes the last block's incoming gradient in the block's layout)
+            x = head_pool(self.avgpool, x)
+        else:
+            x = self.avgpool(x)
+            x = torch.flatten(x, 1)
         x = self.fc(x)
         return x
 

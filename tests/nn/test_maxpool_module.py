@@ -125,3 +125,50 @@ def test_own_resnet_routes_its_maxpool_and_fx_trace_keeps_the_op(op_calls):
     assert any(n.op == "call_function" and n.target is rk_pool._pool for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), want)
     assert op_calls == ["torch", "torch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_head_pool_is_avgpool_and_flatten_with_its_gradient_in_the_input_layout(dtype, channels_last):
+    """The fused ResNets' ``torch.flatten(avgpool(x), 1)`` (nn/pool.py ``head_pool``): bitwise the
+    output and the input gradient of nn.AdaptiveAvgPool2d((1, 1)) + flatten, odd shapes, every dtype;
+    the gradient dense in x's layout (channels_last for a channels_last x: what the last residual
+    block's backward consumes without a copy); double backward through it as through aten's pool."""
+    m = nn.AdaptiveAvgPool2d((1, 1))
+    x0 = torch.randn(3, 5, 7, 6, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    a, b = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    out_a, out_b = rk_pool.head_pool(m, a), torch.flatten(m(b), 1)
+    assert out_a.grad_fn is not None and "MeanHW" in type(out_a.grad_fn).__name__
+    assert torch.equal(out_a, out_b)
+    g = torch.randn(out_b.shape, dtype=torch.float64).to(dtype)
+    out_a.backward(g)
+    out_b.backward(g)
+    assert torch.equal(a.grad, b.grad)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert a.grad.is_contiguous(memory_format=fmt)
+    if dtype == torch.float64:
+        xg = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(rk_pool.head_pool(m, xg).pow(2).sum(), xg, create_graph=True)
+        xr = x0.clone().requires_grad_()
+        (gr,) = torch.autograd.grad(torch.flatten(m(xr), 1).pow(2).sum(), xr, create_graph=True)
+        assert torch.equal(gx, gr)
+        gx.sum().backward()
+        gr.sum().backward()
+        assert torch.equal(xg.grad, xr.grad)
+
+
+def test_head_pool_runs_the_module_where_it_does_not_apply():
+    """Another output size, hooks, no gradient needed: the module itself (same values)."""
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    for m in (nn.AdaptiveAvgPool2d((2, 2)), nn.AdaptiveMaxPool2d((1, 1))):
+        out = rk_pool.head_pool(m, x)
+        assert torch.equal(out, torch.flatten(m(x), 1)) and "MeanHW" not in type(out.grad_fn).__name__
+    hooked = nn.AdaptiveAvgPool2d(1)
+    seen = []
+    hooked.register_forward_hook(lambda mod, i, o: seen.append(1))
+    rk_pool.head_pool(hooked, x)
+    assert seen == [1]
+    with torch.no_grad():
+        assert torch.equal(rk_pool.head_pool(nn.AdaptiveAvgPool2d(1), x), x.mean((2, 3)))
