@@ -314,6 +314,7 @@ class CMakeBuild(build_ext):
         srcs = [p.name for ext_ in ("*.cu", "*.cpp") for p in sorted((ROOT / "csrc").glob(ext_))]
         if "-DRK_SM90A=ON" in sm90_args:
             srcs.append("sm90/conv2d_sm90.cu")
+            srcs.append("sm90/conv2d_sm90_bwd.cu")
         _say(f"compiling the CUDA backend resnet_kernels._C ({len(srcs)} sources: {', '.join(srcs)}) with {nvcc} "
              f"for sm_{', sm_'.join(map(str, archs))}, MAX_JOBS={jobs}. This takes {BUILD_MINUTES_2_CORES} minutes on "
              f"2 CPU cores (less with more cores and fewer architectures: RESNET_KERNELS_CUDA_ARCHS); "

@@ -15,6 +15,7 @@
 #include "nhwc_stats.h"
 #if RK_WITH_SM90
 #include "sm90/conv2d_sm90.h"
+#include "sm90/conv2d_sm90_bwd.h"
 #endif
 
 namespace py = pybind11;
@@ -445,6 +446,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("args"),
       "sm_90a CUTLASS implicit-GEMM conv2d (Conv2dArgs; csrc/sm90/conv2d_sm90.h): channels_last bf16/fp16, "
       "out = act(conv(x, w)*scale + bias + residual) or per-channel (mean, biased var) of conv(x, w)");
+
+  py::class_<rk::Conv2dSm90BwdArgs> sbw(m, "Conv2dSm90BwdArgs", py::module_local(),
+                                        "arguments of conv2d_sm90_dgrad / conv2d_sm90_wgrad "
+                                        "(csrc/sm90/conv2d_sm90_bwd.h); pointer 0 = absent");
+  sbw.def(py::init<>());
+  def_dtype(sbw, "Conv2dSm90BwdArgs.dtype");
+  RK_FIELD(sbw, dy); RK_FIELD(sbw, w); RK_FIELD(sbw, x); RK_FIELD(sbw, residual); RK_FIELD(sbw, grad_x);
+  RK_FIELD(sbw, grad_w); RK_FIELD(sbw, workspace); RK_FIELD(sbw, workspace_bytes); RK_FIELD(sbw, N);
+  RK_FIELD(sbw, Cin); RK_FIELD(sbw, H); RK_FIELD(sbw, W); RK_FIELD(sbw, Cout); RK_FIELD(sbw, KH); RK_FIELD(sbw, KW);
+  RK_FIELD(sbw, stride_h); RK_FIELD(sbw, stride_w); RK_FIELD(sbw, pad_h); RK_FIELD(sbw, pad_w); RK_FIELD(sbw, OH);
+  RK_FIELD(sbw, OW); RK_FIELD(sbw, stream);
+  finish(sbw);
+  m.def(
+      "conv2d_sm90_dgrad_workspace_bytes",
+      [](const rk::Conv2dSm90BwdArgs& a) { return rk::conv2d_sm90_dgrad_workspace_bytes(a); }, py::arg("args"),
+      "bytes of device workspace conv2d_sm90_dgrad needs for these arguments");
+  m.def(
+      "conv2d_sm90_wgrad_workspace_bytes",
+      [](const rk::Conv2dSm90BwdArgs& a) { return rk::conv2d_sm90_wgrad_workspace_bytes(a); }, py::arg("args"),
+      "bytes of device workspace conv2d_sm90_wgrad needs for these arguments");
+  m.def(
+      "conv2d_sm90_dgrad",
+      [](const rk::Conv2dSm90BwdArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_sm90_dgrad(a);
+      },
+      py::arg("args"),
+      "sm_90a CUTLASS dgrad (Conv2dSm90BwdArgs; csrc/sm90/conv2d_sm90_bwd.h): grad_x = conv_transpose(dy, w) "
+      "(+ residual), channels_last bf16/fp16, stride 1");
+  m.def(
+      "conv2d_sm90_wgrad",
+      [](const rk::Conv2dSm90BwdArgs& a) {
+        py::gil_scoped_release nogil;
+        rk::conv2d_sm90_wgrad(a);
+      },
+      py::arg("args"),
+      "sm_90a CUTLASS wgrad (Conv2dSm90BwdArgs; csrc/sm90/conv2d_sm90_bwd.h): KRSC grad_w from dy and x, "
+      "channels_last bf16/fp16, deterministic (no split-K)");
 #else
   m.attr("sm90_kernels") = false;
   m.attr("sm90_note") = std::string(RK_SM90_NOTE);

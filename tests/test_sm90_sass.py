@@ -44,8 +44,11 @@ def so():
     return C.__file__
 
 
-def _cutlass_kernels(so):
-    return sorted(f for f in resource_usage(so).get(ARCH, {}) if "ConvUniversal" in f)
+def _cutlass_kernels(so, kind="0"):
+    """The CUTLASS conv kernels of one cutlass::conv::Operator (0 fprop, 1 dgrad, 2 wgrad; the backward's
+    are tests/test_sm90_bwd_sass.py's)."""
+    return sorted(f for f in resource_usage(so).get(ARCH, {})
+                  if "ConvUniversal" in f and f"ConvProblemShapeILNS1_8OperatorE{kind}E" in f)
 
 
 def test_sm90a_cubin_holds_every_kernel(so):

@@ -107,15 +107,24 @@ def short_name(mangled: str) -> str:
     if "ConvUniversal" in mangled:
         # (half_t appears in every name: the epilogue's smem copy atom)
         dt = "bf16" if "bfloat16_t" in mangled else "tf32" if "TF32TF32" in mangled else "fp16"
+        kind = conv_kind(mangled)
+        if kind != "fprop":  # csrc/sm90/conv2d_sm90_bwd.cu: one epilogue each
+            return f"cutlass {kind} {dt}"
         epi = ("fused-epilogue" if "PerColLinComb" in mangled else "stats-epilogue" if "ColStatsPartials" in mangled
                else "plain")
         return f"cutlass fprop {dt} {epi}"
     return mangled[:60]
 
 
+def conv_kind(mangled: str) -> str:
+    """fprop / dgrad / wgrad: the cutlass::conv::Operator of a CUTLASS conv kernel's problem shape."""
+    m = re.search(r"ConvProblemShapeILNS\w+?OperatorE(\d)E", mangled)
+    return {"0": "fprop", "1": "dgrad", "2": "wgrad"}.get(m.group(1), "?") if m else "?"
+
+
 def stages(mangled: str) -> int:
     """The mainloop's pipeline stages, from the CUTLASS kernel's name (0: not a CUTLASS mainloop)."""
-    m = re.search(r"MainloopSm90TmaGmmaWarpSpecialized\w*?ILS\w+?_0ELi(\d+)E", mangled)
+    m = re.search(r"MainloopSm90TmaGmmaWarpSpecialized\w*?ILS\w+?_[012]ELi(\d+)E", mangled)
     return int(m.group(1)) if m else 0
 
 

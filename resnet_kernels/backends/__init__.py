@@ -1018,3 +1018,91 @@ register(Impl("conv2d_backward", "aten", _P + "aten_conv_backward:conv2d_backwar
               cost=_aten_conv_bwd_cost))
 register(Impl("conv2d_backward", "torch", _P + "torch_conv_backward:conv2d_backward", priority=90,
               auto_on=_EVERYWHERE, reference=True))
+
+
+# the cutlass implementation (resnet_kernels/backends/cutlass_conv_backward.py: CUTLASS sm_90a dgrad and
+# wgrad after one separate operand pass; compile-verified only, no GPU has run it): Hopper only, behind
+# the fused kernels in the static order ('auto' measures on CUDA anyway)
+def cutlass_conv_bwd_supports(call) -> Optional[str]:
+    """The conv2d_backward calls csrc/sm90/conv2d_sm90_bwd.h implements: every reason it refuses this
+    one, joined (None: supported)."""
+    from .cuda_conv_backward import _nhwc_dense
+
+    why = []
+    g, xs = call.g, call.xs
+    Cout, Cin, KH, KW = call.weight.shape
+    N, _, H, W = xs.shape
+    OH, OW = g.shape[2], g.shape[3]
+    need_x = call.needs[0]
+    if g.device.type == "cuda" and _sm90_cap(g.device) != (9, 0):
+        cap = _sm90_cap(g.device)
+        why.append(f"{g.device} is compute capability {cap[0]}.{cap[1]} (the sm_90a kernels run on 9.0 only)")
+    C = _ext.get_C()
+    if C is not None and getattr(C, "sm90_kernels", False) and not hasattr(C, "conv2d_sm90_dgrad"):
+        why.append("resnet_kernels._C predates the sm_90a backward kernels (rebuild it)")
+    if call.dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"dtype {str(call.dtype).replace('torch.', '')} (the sm_90a kernels take bfloat16 and float16)")
+    if Cin % 8 != 0:
+        why.append(f"Cin={Cin} is not a multiple of 8 (16-byte TMA rows)")
+    if Cout % 8 != 0:
+        why.append(f"Cout={Cout} is not a multiple of 8 (16-byte TMA rows)")
+    sh, sw = call.stride
+    ph, pw = call.padding
+    if need_x and (sh, sw) != (1, 1):
+        why.append(f"stride={tuple(call.stride)} with grad_x (CUTLASS's sm90 dgrad is unit-stride; strided dgrad is "
+                   f"the sm100 collectives')")
+    if sh > 8 or sw > 8:
+        why.append(f"stride={tuple(call.stride)} (TMA im2col takes strides <= 8)")
+    if max(ph, pw) > 128 or min(ph - (KH - 1), pw - (KW - 1)) < -128 or max(ph - (KH - 1), pw - (KW - 1)) > 127 \
+            or max(KH, KW) > 255:
+        why.append(f"padding={tuple(call.padding)} with kernel ({KH}, {KW}) is outside the TMA im2col corner "
+                   f"limits (padding <= 128, padding - (kernel - 1) in [-128, 127])")
+    if N * H * W * Cin > _INT32_MAX or N * OH * OW * Cout > _INT32_MAX:
+        why.append("a tensor of more than 2^31 - 1 elements (32-bit CUTLASS extents)")
+    for name, t in (("g", g), ("mask", call.mask), ("y", call.y), ("x" if call.x is not None else "up_y", xs),
+                    ("residual", call.residual), ("res_mask", call.res_mask), ("up_y", call.up_y)):
+        if t is not None and not is_bits(t) and not _nhwc_dense(t):
+            why.append(f"{name} is not dense channels_last with a 16-byte aligned start (TMA reads NHWC)")
+            break
+    return "; ".join(why) or None
+
+
+def _cutlass_conv_bwd_cost(call):
+    """cutlass_conv_backward.conv2d_backward (its docstring has the passes): x recomputed by torch ops
+    when None; the operand pass(es) as the cuda backend's separate path (a 1-bit mask unpacked, the
+    masking pass, the coefficient pass); the wgrad kernel (dy and x read, grad_weight written; a
+    KRSC temporary and a copy when grad_weight is not channels_last); the dgrad kernel (the weight
+    packed first unless ``weight_in_place``; dy, the weight and the residual read, grad_x written),
+    the residual's masking pass with res_mask, and with upstream reductions the cuda backend's
+    ``upstream_epilogue`` (reduce + finalize, the masking pass, ~8 per-channel ops)."""
+    from .cutlass_conv_backward import weight_in_place
+
+    need_x, need_w = call.needs[0], call.needs[1]
+    g, Wb = nbytes(call.g), nbytes(call.weight)
+    launches, b = _unpack_masks(call)
+    ul, ub = _upstream_input_cost(call)
+    launches, b = launches + ul, b + ub
+    if call.mask is not None:
+        launches, b = launches + 1, b + 3 * g
+    if call.coef is not None:
+        launches, b = launches + 3, b + 3 * g + nbytes(call.y) + 64 * call.weight.shape[0]
+    if need_w:
+        launches, b = launches + 1, b + g + nbytes(call.xs) + Wb
+        if not call.weight.is_contiguous(memory_format=torch.channels_last):
+            launches, b = launches + 1, b + 2 * Wb  # the KRSC temporary copied into grad_weight
+    if need_x:
+        X = nbytes(call.xs)
+        if not weight_in_place(call.weight):
+            launches, b = launches + 1, b + 2 * Wb  # pack_weight: read the weight, write KRSC
+        launches, b = launches + 1, b + g + Wb + X + nbytes(call.residual)
+        if call.res_mask is not None:
+            launches, b = launches + 1, b + 3 * X
+        if call.upstream:
+            N, C, H, W = call.xs.shape
+            launches += 2 + 1 + 8
+            b += 3 * X + 2 * max(1, (N * H * W + 2047) // 2048) * C * 4 * 2 + 3 * X + 64 * C
+    return max(launches, 1), b
+
+
+register(Impl("conv2d_backward", "cutlass", _P + "cutlass_conv_backward:conv2d_backward",
+              supports=cutlass_conv_bwd_supports, priority=35, cost=_cutlass_conv_bwd_cost))

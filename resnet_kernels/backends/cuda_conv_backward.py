@@ -252,9 +252,20 @@ def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stri
         if residual is None:
             grad_x.copy_(gx)
         return
-    acc = acc_dtype(g.dtype)
-    sum_g = torch.empty((C,), dtype=acc, device=g.device)
-    sum_gd_inv = torch.empty((C,), dtype=acc, device=g.device)  # sum_g (up_y - up_mean) * invstd
+    upstream_epilogue(gx, x, up_y, up_mean, up_var, up_weight, up_eps, grad_x, up_coef, up_grad_weight, up_grad_bias)
+
+
+def upstream_epilogue(gx, x, up_y, up_mean, up_var, up_weight, up_eps, grad_x, up_coef, up_grad_weight,
+                      up_grad_bias) -> None:
+    """The upstream unit's ReLU and BN-backward reductions after a data gradient gx (+ residual) that
+    a separate convolution wrote (cuDNN here, CUTLASS in cutlass_conv_backward): batch_norm_act_backward's
+    reduce + finalize (sum_g and sum_g (up_y - up_mean) of gx masked by x > 0, the parameter
+    gradients), one masking pass writing grad_x, and the coefficients (A, B, K) from those sums by
+    per-channel ops. gx: (N, C, H, W) in x's dtype and layout, not grad_x."""
+    C, inner = x.shape[1], _inner(x)
+    acc = acc_dtype(gx.dtype)
+    sum_g = torch.empty((C,), dtype=acc, device=gx.device)
+    sum_gd_inv = torch.empty((C,), dtype=acc, device=gx.device)  # sum_g (up_y - up_mean) * invstd
     batch_norm_act_backward(gx, x, up_y, up_mean, up_var, None, None, None, None, None, None, None, sum_gd_inv, sum_g,
                             None, None, up_eps, 0.0, True, C, inner)
     bn_add_relu_backward(gx, x, None, None, None, None, grad_x, None, None, None, None, True, C, inner)
