@@ -963,9 +963,12 @@ void conv2d_forward(const Conv2dArgs& a) {
   // ... with K tiles of 128 bytes (64 channels: Cin % 64 == 0, so a tile never straddles a filter
   // tap and K has no partial tile) in as many stages as the device's opt-in shared memory per
   // block holds: 4 (128 KiB) on sm_80/87/90/100 (163 / 227 KiB), 3 (96 KiB) on sm_86/89/120
-  // (99 KiB); below 96 KiB (no such sm_80+ GPU) the 64-byte-K tile above
+  // (99 KiB); below 96 KiB (no such sm_80+ GPU) the 64-byte-K tile above. Only for K >= 4 such
+  // tiles: a 1x1 conv on 64 or 128 channels has 1 or 2, its whole K is the pipeline's prologue, and
+  // one CTA per SM (the 128-byte tile's shared memory) would overlap nothing, where the 48 KiB tile
+  // runs 2 CTAs per SM (one's loads and epilogue under the other's math).
   int wide_stages = 0;
-  if (wide && a.Cin % 64 == 0) {
+  if (wide && a.Cin % 64 == 0 && K >= 4 * 64) {
     int optin = 0;
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                "conv2d_forward: cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)");
