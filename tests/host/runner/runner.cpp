@@ -703,6 +703,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
               void (*entry)(void*), void* ctx) {
   std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
   init_once();
+  if (g_launch_log.size() > (1u << 20)) g_launch_log.clear();  // never taken: bounded
   g_launch_log += kernel;
   g_launch_log += '\n';
   const int allowed = func_max_dynamic_smem(func);
