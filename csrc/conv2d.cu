@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <utility>
 
@@ -86,7 +87,9 @@ struct Elem<__nv_bfloat16> {
 // fragments) would spill at 128 registers, and for the gather path (its chunks' element loads in
 // flight across the tile's math); the 3xTF32 gather path would spill even at 168 on sm_80 and
 // gets up to 255 (198 with nvcc 13.0: 2 CTAs per SM).
-// The wide tile (BN_ = 128, 256 threads): 2 CTAs per SM at <= 128 registers.
+// The wide tile (BN_ = 128, 256 threads): 2 CTAs per SM at <= 128 registers; with 128-byte K tiles
+// (BKB = 128, 16-bit vector path only) its ST stages take 96 / 128 KiB of dynamic shared memory, so
+// one CTA per SM on every GPU: up to 255 registers (196 with nvcc 13.0).
 // PRO (operand prologue, 128 x 64 tile only): A is x = y_prev and the MMA consumes
 // h = relu(x * scale[c] + shift[c]) rounded to T (batch_norm_act's arithmetic, bn_affine.cuh), zero
 // for padding taps and channels >= Cin. Its A chunks are register-staged on both paths (the vector
@@ -94,27 +97,40 @@ struct Elem<__nv_bfloat16> {
 // math, transformed and stored to shared memory after it (store_a), like the gather path; the
 // per-channel (scale, shift) table of all Cp channels is computed once per CTA into shared memory
 // (after the pipeline buffers: Cp <= kConvPrologueMaxChannels). Occupancy as the gather path's.
-template <typename T, int MATH, bool VEC_A, int BN_, bool PRO = false>
-__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128                            ? 2
+template <typename T, int MATH, bool VEC_A, int BN_, bool PRO = false, int BKB = BK_BYTES, int ST = STAGES>
+__global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128 && BKB == 128                ? 1
+                                                          : BN_ == 128                            ? 2
                                                           : MATH == kMma16 && VEC_A && !PRO       ? 4
                                                           : MATH == k3xTf32 && (!VEC_A || PRO) ? 2
                                                                                                  : 3)
     conv2d_igemm_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int EB = sizeof(T);
-  constexpr int BKE = bk_elems(EB);   // K elements per tile
+  using C = TileCfg<BN_, BKB, ST>;
+  constexpr int BKE = C::BK_BYTES / EB;  // K elements per tile
   constexpr int VEC = vec_elems(EB);  // elements per 16-byte chunk
   static_assert(MATH == kMma16 ? EB == 2 : EB == 4, "math mode / element type mismatch");
   static_assert(!PRO || BN_ == 64, "the operand prologue runs on the 128 x 64 tile");
   constexpr bool REG_A = !VEC_A || PRO;  // A chunks staged through registers (gather_a / store_a)
 
-  using C = TileCfg<BN_>;
+  static_assert(BKB == BK_BYTES || (MATH == kMma16 && VEC_A && !PRO), "128-byte K tiles: the 16-bit vector path");
+  constexpr int A_STAGE_BYTES = C::A_STAGE_BYTES;
   constexpr int B_STAGE_BYTES = C::B_STAGE_BYTES;
   constexpr int ROW_STEP = C::ROW_STEP;
-  // pipeline stages; after the main loop the epilogue's staging tile, then the statistics
-  __shared__ __align__(128) unsigned char smem[C::SMEM_BYTES + (PRO ? PRO_TABLE_BYTES : 0)];
+  constexpr int BK_BYTES = C::BK_BYTES;
+  // pipeline stages; after the main loop the epilogue's staging tile, then the statistics. Up to
+  // 48 KiB static; the 128-byte K tiles' 96 / 128 KiB are dynamic (the launch's C::SMEM_BYTES,
+  // after launch_wide128's cudaFuncSetAttribute opt-in)
+  unsigned char* smem;
+  if constexpr (C::DYNAMIC) {
+    RK_DYNAMIC_SHARED(smem_dyn);
+    smem = smem_dyn;
+  } else {
+    __shared__ __align__(128) unsigned char smem_static[C::SMEM_BYTES + (PRO ? PRO_TABLE_BYTES : 0)];
+    smem = smem_static;
+  }
   unsigned char* const smem_a = smem;
-  unsigned char* const smem_b = smem + STAGES * A_STAGE_BYTES;
+  unsigned char* const smem_b = smem + C::STAGES * A_STAGE_BYTES;
   const uint32_t a_base = smem_addr(smem_a);
   const uint32_t b_base = smem_addr(smem_b);
 
@@ -147,7 +163,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
   // ---- filter-tap iterator of the next tile to load (this thread's chunk column on the
   // vectorised path, the tile's first column on the gather path) and the weight rows: advanced by
   // one tile per load with precomputed deltas, no division in the main loop.
-  const int chunk = vec_chunk(tid);
+  const int chunk = C::vec_chunk(tid);
   const TapDeltas& td = p.td;
   TapIter tap = tap_iter_at(chunk * VEC, td, p.xs[2], p.xs[3]);
   // weight rows n0 + vec_row(tid, i) = row0 + ROW_STEP * i: one pointer, per-row validity
@@ -156,9 +172,10 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
   const long long w_row_step = static_cast<long long>(ROW_STEP) * p.ldw;
   int w_k = chunk * VEC;  // weight column of this thread's chunk in the next tile to load
   // shared-memory destinations of this thread's chunks in stage 0: rows ROW_STEP apart keep the
-  // swizzle phase ((row >> 1) & 3), so chunk i is ROW_STEP rows after chunk 0
-  const uint32_t a_dst = a_base + swz(C::vec_row(tid, 0), chunk);
-  const uint32_t b_dst = b_base + swz(C::vec_row(tid, 0), chunk);
+  // swizzle phase ((row >> 1) & 3; row & 7 for 128-byte rows), so chunk i is ROW_STEP rows after
+  // chunk 0
+  const uint32_t a_dst = a_base + C::swizzle(C::vec_row(tid, 0), chunk);
+  const uint32_t b_dst = b_base + C::swizzle(C::vec_row(tid, 0), chunk);
 
   // the next tile's B chunks (stage st), then step the weight column on
   auto load_b = [&](int st) {
@@ -280,7 +297,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
 #pragma unroll
     for (int i = 0; i < AROWS; ++i) {
       if constexpr (REG_A) {
-        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + swz(C::vec_row(tid, i), chunk)) =
+        *reinterpret_cast<uint4*>(smem_a + st * A_STAGE_BYTES + C::swizzle(C::vec_row(tid, i), chunk)) =
             make_uint4(g[i][0], g[i][1], g[i][2], g[i][3]);
       }
     }
@@ -298,16 +315,16 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     const uint32_t a_st = a_base + st * A_STAGE_BYTES;
     const uint32_t b_st = b_base + st * B_STAGE_BYTES;
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
+    for (int ks = 0; ks < C::KSTEPS; ++ks) {
       uint32_t af[MI][4];
       uint32_t bf[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
-        ldsm_x4(af[mi], a_st + swz(wm * WARP_M + mi * 16 + a_ldsm_row(lane), a_ldsm_chunk(lane, ks)));
+        ldsm_x4(af[mi], a_st + C::swizzle(wm * WARP_M + mi * 16 + a_ldsm_row(lane), a_ldsm_chunk(lane, ks)));
 #pragma unroll
       for (int np = 0; np < NI / 2; ++np) {
         uint32_t r[4];
-        ldsm_x4(r, b_st + swz(wn * WARP_N + np * 16 + b_ldsm_row(lane), b_ldsm_chunk(lane, ks)));
+        ldsm_x4(r, b_st + C::swizzle(wn * WARP_N + np * 16 + b_ldsm_row(lane), b_ldsm_chunk(lane, ks)));
         bf[2 * np][0] = r[0];
         bf[2 * np][1] = r[1];
         bf[2 * np + 1][0] = r[2];
@@ -364,7 +381,9 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     }
   };
 
-  // ---- main loop: STAGES-deep pipeline; stage indices advance by compare-and-wrap (no modulo)
+  // ---- main loop: C::STAGES-deep pipeline; stage indices advance by compare-and-wrap (no modulo).
+  // (C::STAGES itself: a local constexpr copy renumbered the 64-byte-K kernels' PTX registers and
+  // changed their SASS.)
   const int KT = p.num_k_tiles;
   if constexpr (PRO) {  // the (scale, shift) table of channels [0, Cp): zero past Cin
     float* const tab = reinterpret_cast<float*>(smem + C::SMEM_BYTES);
@@ -377,7 +396,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     __syncthreads();
   }
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < C::STAGES - 1; ++s) {
     if (s < KT) {
       load_b(s);
       if constexpr (!REG_A) {
@@ -389,11 +408,11 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     }
     cp_async_commit();
   }
-  int st_read = 0, st_write = STAGES - 1;
+  int st_read = 0, st_write = C::STAGES - 1;
   for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 2>();
+    cp_async_wait<C::STAGES - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below
-    const bool more = kt + STAGES - 1 < KT;
+    const bool more = kt + C::STAGES - 1 < KT;
     if (more) {
       load_b(st_write);
       if constexpr (!REG_A) {
@@ -407,8 +426,8 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128             
     if constexpr (REG_A) {
       if (more) store_a(st_write);  // read after the __syncthreads of iteration nt
     }
-    st_read = st_read == STAGES - 1 ? 0 : st_read + 1;
-    st_write = st_write == STAGES - 1 ? 0 : st_write + 1;
+    st_read = st_read == C::STAGES - 1 ? 0 : st_read + 1;
+    st_write = st_write == C::STAGES - 1 ? 0 : st_write + 1;
   }
   // ---- epilogue: v = acc * scale + bias (fp32) staged through shared memory (the pipeline
   // buffers), then written with 16-byte vectors along out's contiguous dimension: channels when
@@ -656,10 +675,47 @@ __global__ void __launch_bounds__(kFinThreads)
   }
 }
 
-// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances);
+// The 128 x 128 tile with 128-byte K tiles in ST stages of dynamic shared memory (Cfg::SMEM_BYTES:
+// 96 / 128 KiB): the kernel instance's opt-in above 48 KiB (cudaFuncSetAttribute) once per device,
+// then the launch.
+template <int ST>
+using Wide128 = TileCfg<128, 128, ST>;
+template <typename Kernel>
+void opt_in_dynamic_smem(Kernel kernel, int dev, int bytes, std::atomic<unsigned long long>& done) {
+  const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0ull;  // other devices: every launch
+  unsigned long long seen = done.load();
+  if (bit != 0 && (seen & bit) != 0) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "conv2d_forward: cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) of the 128 x 128 "
+             "tile with 128-byte K tiles");
+  while (bit != 0 && !done.compare_exchange_strong(seen, seen | bit)) {
+  }
+}
+template <typename T>
+void launch_wide128(const Params& p, int stages, int dev, dim3 grid, cudaStream_t stream) {
+  if (stages == 4) {
+    static std::atomic<unsigned long long> opted{0};
+    opt_in_dynamic_smem(conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 4>, dev, Wide128<4>::SMEM_BYTES,
+                        opted);
+    conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 4><<<grid, Wide128<4>::THREADS, Wide128<4>::SMEM_BYTES,
+                                                                stream>>>(p);
+    check_launch("conv2d_forward: conv2d_igemm_kernel (128 x 128 tile, 128-byte K tiles, 4 stages)");
+  } else {
+    static std::atomic<unsigned long long> opted{0};
+    opt_in_dynamic_smem(conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 3>, dev, Wide128<3>::SMEM_BYTES,
+                        opted);
+    conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 3><<<grid, Wide128<3>::THREADS, Wide128<3>::SMEM_BYTES,
+                                                                stream>>>(p);
+    check_launch("conv2d_forward: conv2d_igemm_kernel (128 x 128 tile, 128-byte K tiles, 3 stages)");
+  }
+}
+
+// wide: the 128 x 128 tile (16-bit types on the vector path only: two more instances), with
+// wide_stages > 0 its 128-byte-K-tile version in that many stages (two more per stage count);
 // pro: the operand prologue (128 x 64 tile, both A paths: two more instances per math mode)
 template <typename T, int MATH>
-void launch_conv(const Params& p, bool vec_a, bool wide, bool pro, dim3 grid, cudaStream_t stream) {
+void launch_conv(const Params& p, bool vec_a, bool wide, int wide_stages, bool pro, int dev, dim3 grid,
+                 cudaStream_t stream) {
   if (pro) {
     if (vec_a) {
       conv2d_igemm_kernel<T, MATH, true, 64, true><<<grid, TileCfg<64>::THREADS, 0, stream>>>(p);
@@ -671,6 +727,10 @@ void launch_conv(const Params& p, bool vec_a, bool wide, bool pro, dim3 grid, cu
     return;
   }
   if constexpr (MATH == kMma16) {
+    if (wide && wide_stages > 0) {
+      launch_wide128<T>(p, wide_stages, dev, grid, stream);
+      return;
+    }
     if (wide) {
       conv2d_igemm_kernel<T, MATH, true, 128><<<grid, TileCfg<128>::THREADS, 0, stream>>>(p);
       check_launch("conv2d_forward: conv2d_igemm_kernel (128 x 128 tile, vectorised A loads)");
@@ -879,15 +939,12 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.M = static_cast<int>(M);
   p.K = static_cast<int>(K);
   p.ldw = static_cast<int>(a.ldw);
-  const int bke = BK_BYTES / eb;
-  p.num_k_tiles = static_cast<int>(ceil_div(K, bke));
   for (int i = 0; i < 4; ++i) {
     p.xs[i] = a.x_stride[i];
     p.os[i] = a.out_stride[i];
     p.rs[i] = a.residual ? a.res_stride[i] : 0;
   }
   p.td = tap_deltas(static_cast<int>(Cp), p.KW, p.xs[1], p.xs[2], p.xs[3]);
-  p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.relu = a.relu ? 1 : 0;
   p.out_cvec = a.out_stride[1] == 1 ? 1 : 0;
   p.out_al16 = a.out % 16 == 0 ? 1 : 0;
@@ -903,18 +960,35 @@ void conv2d_forward(const Conv2dArgs& a) {
   // the shared-memory and L2 traffic per MAC of the 128 x 64 tile); layers narrower than 128
   // would waste half of it
   const bool wide = eb == 2 && vec_a && a.Cout >= 128 && !pro;
+  // ... with K tiles of 128 bytes (64 channels: Cin % 64 == 0, so a tile never straddles a filter
+  // tap and K has no partial tile) in as many stages as the device's opt-in shared memory per
+  // block holds: 4 (128 KiB) on sm_80/87/90/100 (163 / 227 KiB), 3 (96 KiB) on sm_86/89/120
+  // (99 KiB); below 96 KiB (no such sm_80+ GPU) the 64-byte-K tile above. Only for K >= 4 such
+  // tiles: a 1x1 conv on 64 or 128 channels has 1 or 2, its whole K is the pipeline's prologue, and
+  // one CTA per SM (the 128-byte tile's shared memory) would overlap nothing, where the 48 KiB tile
+  // runs 2 CTAs per SM (one's loads and epilogue under the other's math).
+  int wide_stages = 0;
+  if (wide && a.Cin % 64 == 0 && K >= 4 * 64) {
+    int optin = 0;
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "conv2d_forward: cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+    wide_stages = optin >= Wide128<4>::SMEM_BYTES ? 4 : optin >= Wide128<3>::SMEM_BYTES ? 3 : 0;
+  }
+  const int bke = (wide_stages > 0 ? Wide128<4>::BK_BYTES : BK_BYTES) / eb;  // K elements per tile
+  p.num_k_tiles = static_cast<int>(ceil_div(K, bke));
+  p.tile_dc = static_cast<long long>(bke) * p.xs[1];
   p.m_tiles = static_cast<int>(m_tiles);
   p.n_tiles = static_cast<int>(ceil_div(a.Cout, wide ? 128 : BN));
   const dim3 grid(static_cast<unsigned>(m_tiles * p.n_tiles));  // grouped order: tile_of
   switch (a.dtype) {
     case DType::F32:
       if (a.allow_tf32)
-        launch_conv<float, kTf32>(p, vec_a, false, pro, grid, stream);
+        launch_conv<float, kTf32>(p, vec_a, false, 0, pro, dev, grid, stream);
       else
-        launch_conv<float, k3xTf32>(p, vec_a, false, pro, grid, stream);
+        launch_conv<float, k3xTf32>(p, vec_a, false, 0, pro, dev, grid, stream);
       break;
-    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, pro, grid, stream); break;
-    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, pro, grid, stream); break;
+    case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, wide_stages, pro, dev, grid, stream); break;
+    case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, wide_stages, pro, dev, grid, stream); break;
     case DType::F64: break;  // rejected above
   }
   if (stats) {

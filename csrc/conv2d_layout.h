@@ -14,7 +14,9 @@
 // 16-byte bank groups.
 //
 // Two CTA shapes (TileCfg<BN_>): 128 x 64 with 4 warps as 2 (M) x 2 (N), and 128 x 128 with 8 warps
-// as 2 x 4; warp tile 64 x 32 = MI (4) m16 tiles x NI (4) n8 tiles in both. One
+// as 2 x 4; warp tile 64 x 32 = MI (4) m16 tiles x NI (4) n8 tiles in both. The 128 x 128 shape
+// also comes with K tiles of 128 bytes (TileCfg<128, 128, ST>: 64 bf16/fp16 values, 8 chunks per
+// row swizzled with row & 7, ST = 3 or 4 stages in dynamic shared memory; see TileCfg). One
 // "k-step" is 32 bytes of K: a m16n8k16 for 16-bit types, a m16n8k8 for tf32. For both, the A
 // fragment of one m16 tile is one ldmatrix.x4 (matrices: rows 0-7/8-15 x chunk 0/1 of the
 // k-step), and the B fragments of two n8 tiles are one ldmatrix.x4 (matrices: n 0-7 chunk 0,
@@ -54,28 +56,55 @@ static_assert(BM * EP_LD_C * 4 <= STAGES * (A_STAGE_BYTES + B_STAGE_BYTES) &&
               "the epilogue staging tile fits in the pipeline buffers");
 static_assert(2 * WARP_M == BM && 2 * WARP_N == BN, "2 x 2 warps");
 
+// Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row` inside one stage's A or B tile.
+RK_HD int swz(int row, int chunk) { return row * BK_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4); }
+// The same for 128-byte rows (chunk 0..7): one row is one 128-byte line of the 32 banks, so the
+// 8 rows of one ldmatrix 8x8 matrix (consecutive rows, one logical chunk) take the 8 chunk slots
+// (chunk ^ (row & 7)): conflict-free, as are 8 threads storing the 8 chunks of one row.
+RK_HD int swz128(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
 // CTA shape by its output-channel width BN_ (64: the default; 128: the wide tile, 16-bit vector
 // path): 2 x (BN_ / 32) warps of 64 x 32; vectorised loads: each thread owns one chunk column
-// (vec_chunk) and the rows vec_row(tid, i) = tid / 4 + ROW_STEP * i.
-template <int BN_>
+// (vec_chunk) and the rows vec_row(tid, i) = tid / CHUNKS + ROW_STEP * i.
+// K tile: BKB bytes per row (64: the global BK_BYTES, 4 chunks, STAGES stages in static shared
+// memory, swizzle swz; 128: 8 chunks swizzled with row & 7 (swz128), ST stages: 96 KiB (3) or
+// 128 KiB (4) per CTA, above the 48 KiB of static shared memory, so DYNAMIC: extern __shared__,
+// sized at launch after cudaFuncSetAttribute's opt-in).
+template <int BN_, int BKB = BK_BYTES, int ST = STAGES>
 struct TileCfg {
   static constexpr int BN = BN_;
   static constexpr int WARPS_N = BN_ / WARP_N;
   static constexpr int THREADS = 32 * 2 * WARPS_N;
-  static constexpr int B_STAGE_BYTES = BN_ * BK_BYTES;
-  static constexpr int SMEM_BYTES = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
-  static constexpr int ROW_STEP = THREADS / CHUNKS;  // 32 / 64
-  static constexpr int A_VEC_ROWS = BM / ROW_STEP;   // 4 / 2
-  static constexpr int B_VEC_ROWS = BN_ / ROW_STEP;  // 2 / 2
+  static constexpr int BK_BYTES = BKB;
+  static constexpr int CHUNKS = BKB / 16;  // 16-byte chunks per tile row: 4 / 8
+  static constexpr int KSTEPS = BKB / KSTEP_BYTES;  // 2 / 4
+  static constexpr int STAGES = ST;
+  static constexpr int A_STAGE_BYTES = BM * BKB;
+  static constexpr int B_STAGE_BYTES = BN_ * BKB;
+  static constexpr int SMEM_BYTES = ST * (A_STAGE_BYTES + B_STAGE_BYTES);
+  static constexpr bool DYNAMIC = SMEM_BYTES > 48 * 1024;
+  static constexpr int ROW_STEP = THREADS / CHUNKS;  // 32 / 64; 32 for 128-byte rows
+  static constexpr int A_VEC_ROWS = BM / ROW_STEP;   // 4 / 2; 4
+  static constexpr int B_VEC_ROWS = BN_ / ROW_STEP;  // 2 / 2; 4
   static RK_HD int warp_m(int warp) { return warp / WARPS_N; }
   static RK_HD int warp_n(int warp) { return warp % WARPS_N; }
-  static RK_HD int vec_row(int tid, int i) { return (tid >> 2) + ROW_STEP * i; }
-  static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory (48 KiB)");
-  static_assert(ROW_STEP % 8 == 0, "rows ROW_STEP apart share the swizzle phase ((row >> 1) & 3)");
+  static RK_HD int vec_row(int tid, int i) { return (tid >> (CHUNKS == 8 ? 3 : 2)) + ROW_STEP * i; }
+  static RK_HD int vec_chunk(int tid) { return tid & (CHUNKS - 1); }
+  // Byte offset of 16-byte chunk `chunk` of tile row `row` inside one stage's A or B tile.
+  static RK_HD int swizzle(int row, int chunk) {
+    if constexpr (BKB == 128) {
+      return swz128(row, chunk);
+    } else {
+      return swz(row, chunk);
+    }
+  }
+  static_assert(BKB == 64 || BKB == 128, "K tiles of 64 or 128 bytes");
+  static_assert(BKB == 128 || SMEM_BYTES <= 48 * 1024, "static shared memory (48 KiB)");
+  static_assert(BKB == 64 || BN_ == 128, "128-byte K tiles: the 128 x 128 tile");
+  static_assert(ROW_STEP % 8 == 0, "rows ROW_STEP apart share the swizzle phase");
+  static_assert(BM * EP_LD_C * 4 <= SMEM_BYTES && conv::BN * EP_LD_P * 4 <= SMEM_BYTES,
+                "the epilogue staging tile fits in the pipeline buffers");
 };
-
-// Byte offset of 16-byte chunk `chunk` (0..3) of tile row `row` inside one stage's A or B tile.
-RK_HD int swz(int row, int chunk) { return row * BK_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4); }
 
 // Elements per tile row (one K tile) and per 16-byte chunk for an element of `elem_bytes`.
 RK_HD constexpr int bk_elems(int elem_bytes) { return BK_BYTES / elem_bytes; }

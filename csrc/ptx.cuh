@@ -82,4 +82,8 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t f) {
 }  // namespace conv
 }  // namespace rk
 
+// A kernel's dynamic shared memory (extern __shared__, its size the launch's third argument): a
+// declaration `unsigned char name[]`, 128-byte aligned.
+#define RK_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+
 #endif  // RK_HOST_RUNNER

@@ -182,8 +182,24 @@ class HostRunner:
         self._lib = ctypes.CDLL(str(so_path))  # the same loaded object: same globals
         self._lib.rk_host_register_buffer.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
         self._lib.rk_host_configure.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._lib.rk_host_configure_device.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.rk_host_take_launches.restype = ctypes.c_char_p
         # a "GPU" of 2 SMs x 2 resident blocks: grid-stride loops really loop
         self._lib.rk_host_configure(sm_count, blocks_per_sm)
+        self.configure_device(*self.DEFAULT_DEVICE)
+
+    # the device the runner poses as by default: an A100 (sm_80, 163 KiB opt-in shared memory per block)
+    DEFAULT_DEVICE = (8, 0, 163 * 1024)
+
+    def configure_device(self, major: int, minor: int, smem_optin: int) -> None:
+        """Pose as a device of compute capability major.minor with ``smem_optin`` bytes of opt-in
+        shared memory per block (what cudaDeviceGetAttribute reports and cudaFuncSetAttribute and
+        dynamic-shared-memory launches are checked against)."""
+        self._lib.rk_host_configure_device(major, minor, smem_optin)
+
+    def take_launches(self) -> list[str]:
+        """The kernels launched since the last call (their launch expressions in csrc), in order."""
+        return self._lib.rk_host_take_launches().decode().splitlines()
 
     def __getattr__(self, name):
         return getattr(self.module, name)

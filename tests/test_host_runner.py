@@ -10,7 +10,11 @@ patches=...)``) and runs the cuda launcher on CPU tensors through it.
 * an off-by-one at a partial M tile in the epilogue (m > M instead of m >= M): a store past the
   end of out -> "out-of-bounds global access" (on a GPU: silent corruption of a neighbour);
 * the second barrier of bn_add_relu_backward's block_sum removed: a warp overwrites the shared
-  partial another thread is still reading -> shared-memory race.
+  partial another thread is still reading -> shared-memory race;
+* the 128-byte-K 128 x 128 tile launched without its cudaFuncSetAttribute opt-in: 128 KiB of
+  dynamic shared memory above the 48 KiB default -> the launch fails (on a GPU: "invalid argument");
+* the same tile launched with 1 KiB less dynamic shared memory than it uses -> an access beyond the
+  launch's dynamic shared memory (on a GPU: an illegal address, or another CTA's data).
 
 The parity tests of the unmodified kernels on the runner are tests/ops/test_conv2d_cuda.py and
 tests/ops/test_bn_add_relu_cuda.py (fixture ``cuda_target``).
@@ -38,13 +42,18 @@ def _runner(bug):
 
 
 BUGS = {
-    "shallow_wait": {"conv2d.cu": [("    cp_async_wait<STAGES - 2>();\n", "    cp_async_wait<STAGES - 1>();\n")]},
+    "shallow_wait": {"conv2d.cu": [("    cp_async_wait<C::STAGES - 2>();\n", "    cp_async_wait<C::STAGES - 1>();\n")]},
     "missing_barrier": {"conv2d.cu": [(
         "    __syncthreads();  // tile kt visible to all; everyone is done with the stage refilled below\n", "")]},
     "fragment_index": {"conv2d_layout.h": [(
         "RK_HD int a_ldsm_chunk(int lane, int ks) { return ks * 2 + (lane >> 4); }",
         "RK_HD int a_ldsm_chunk(int lane, int ks) { return ks * 2 + ((lane >> 3) & 1); }")]},
     "partial_tile": {"conv2d.cu": [("      if (m >= p.M) continue;\n", "      if (m > p.M) continue;\n")]},
+    "wide_no_opt_in": {"conv2d.cu": [(
+        "    opt_in_dynamic_smem(conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 4>, dev, Wide128<4>::SMEM_BYTES,\n"
+        "                        opted);\n", "")]},
+    "wide_short_smem": {"conv2d.cu": [("Wide128<4>::THREADS, Wide128<4>::SMEM_BYTES,",
+                                       "Wide128<4>::THREADS, Wide128<4>::SMEM_BYTES - 1024,")]},
     "bn_block_sum_barrier": {"bn_add_relu_impl.cuh": [(
         "    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];\n  }\n  __syncthreads();\n",
         "    for (int w = 0; w < kThreads / 32; ++w) t += sm[w];\n  }\n")]},
@@ -65,6 +74,7 @@ def _conv(runner, dtype=torch.bfloat16, layout="channels_last", N=2, Cin=16, H=9
 
 def test_unmodified_kernels_run_clean(host_runner_module):
     assert _conv(host_runner_module) < 2 ** -7  # one bf16 rounding
+    assert _conv(host_runner_module, Cin=64, Cout=128) < 2 ** -7  # the 128-byte-K 128 x 128 tile
     assert _conv(host_runner_module, torch.float32, "nchw") < 2 ** -18  # 3xTF32, generic gather path
 
 
@@ -77,6 +87,17 @@ def test_conv_pipeline_and_tile_bugs_are_reported(bug, match):
     with pytest.raises(RuntimeError, match=match) as info:
         _conv(_runner(bug))
     assert "conv2d_igemm_kernel" in str(info.value)
+
+
+@pytest.mark.parametrize("bug, match", [
+    ("wide_no_opt_in", r"131072 bytes of dynamic shared memory: above the kernel's "
+                       r"cudaFuncAttributeMaxDynamicSharedMemorySize \(49152\)"),
+    ("wide_short_smem", r"of dynamic shared memory \[\d+, \d+\) by .*: beyond the launch's 130048 bytes"),
+])
+def test_dynamic_shared_memory_bugs_are_reported(bug, match):
+    with pytest.raises(RuntimeError, match=match) as info:
+        _conv(_runner(bug), Cin=64, Cout=128)
+    assert "conv2d_igemm_kernel<T, kMma16, true, 128, false, 128, 4>" in str(info.value)
 
 
 def test_wrong_fragment_index_fails_parity(host_runner_module):

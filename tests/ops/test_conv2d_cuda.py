@@ -62,6 +62,9 @@ SHAPES = {
     # the 128 x 128 tile (16-bit channels_last, Cout >= 128): 9 m tiles (a full band and one more)
     # x 2 n tiles, the second partial
     "3x3_wide_tile": (2, 16, 23, 25, 200, 3, 1, 1),
+    # ... with 128-byte K tiles (Cin % 64 == 0, K >= 256; tests/ops/test_conv2d_cuda_wide.py has
+    # more): stride 2, N = 1, a partial n tile
+    "3x3s2_wide_tile_k128": (1, 64, 9, 7, 136, 3, 2, 1),
 }
 EPILOGUES = {
     "plain": dict(scale=False, bias=False, residual=False, relu=False),

@@ -18,6 +18,12 @@
 //   module's static data is __shared__ memory (csrc kernels have no other static data); anything
 //   else must lie inside a tensor the Python side registered for this call (register_buffer), or
 //   the launch fails with "out-of-bounds global access".
+// * Dynamic shared memory: one buffer (g_dyn_shared, in the same static data, so it is shared memory
+//   to the checks) of which a launch may use its third launch argument's bytes; an access past them
+//   is an error. Above 48 KiB a launch fails (cudaErrorInvalidValue, as on a GPU) unless the
+//   kernel's cudaFuncAttributeMaxDynamicSharedMemorySize was set at least that high, and
+//   cudaFuncSetAttribute refuses values above the device's opt-in limit
+//   (cudaDevAttrMaxSharedMemoryPerBlockOptin; rk_host_configure_device sets the device posed as).
 // * Shared-memory race detector, per 4-byte word of shared memory and per barrier interval: a word
 //   written by one thread and read or written by another in the same interval, an access to a
 //   word an in-flight cp.async targets, and a read of a word never written in this CTA are errors.
@@ -172,6 +178,20 @@ const char* g_kernel = "";
 // ---- configuration and registered global buffers (Python, through ctypes)
 int g_sm_count = 2;
 int g_blocks_per_sm = 2;
+int g_cc_major = 8, g_cc_minor = 0;  // the device posed as: A100 (sm_80) by default
+int g_smem_optin = 163 * 1024;       // its opt-in shared memory per block
+std::string g_launch_log;            // names of the kernels launched since the last take (Python)
+
+// ---- dynamic shared memory (RK_DYNAMIC_SHARED): the largest opt-in of any GPU (227 KiB)
+constexpr size_t kMaxDynShared = 227 * 1024;
+constexpr size_t kStaticSmemLimit = 48 * 1024;  // dynamic bytes above it need the opt-in attribute
+alignas(128) unsigned char g_dyn_shared[kMaxDynShared];
+size_t g_dyn_bytes = 0;  // of the running launch
+struct FuncAttr {
+  const void* func;
+  int max_dynamic_smem;
+};
+std::vector<FuncAttr> g_func_attrs;
 struct Range {
   uintptr_t lo, hi;
 };
@@ -286,6 +306,11 @@ std::string shared_name(uintptr_t a) {
 
 // An access by thread `tid` (write or read) of [a, a+n) in shared memory.
 void shared_access(uintptr_t a, size_t n, bool write, int tid, const char* what) {
+  const uintptr_t dyn = reinterpret_cast<uintptr_t>(g_dyn_shared);
+  if (a + n > dyn && a < dyn + kMaxDynShared && a + n > dyn + g_dyn_bytes)
+    fail(fmt("%s of dynamic shared memory [%lu, %lu) by %s: beyond the launch's %zu bytes", what,
+             static_cast<unsigned long>(a - dyn), static_cast<unsigned long>(a + n - dyn), where(tid).c_str(),
+             g_dyn_bytes));
   for (uintptr_t w = a & ~uintptr_t(3); w < a + n; w += 4) {
     Shadow& s = word(w);
     if (s.inflight)
@@ -597,6 +622,37 @@ uint3 block_idx() { return g_bidx; }
 dim3 block_dim() { return g_block; }
 dim3 grid_dim() { return g_grid; }
 int sm_count() { return g_sm_count; }
+unsigned char* dynamic_shared() {
+  current("dynamic shared memory");
+  return g_dyn_shared;
+}
+int device_attribute(cudaDeviceAttr a) {
+  switch (a) {
+    case cudaDevAttrComputeCapabilityMajor: return g_cc_major;
+    case cudaDevAttrComputeCapabilityMinor: return g_cc_minor;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: return g_smem_optin;
+    case cudaDevAttrMultiProcessorCount: return g_sm_count;
+  }
+  return 0;
+}
+cudaError_t set_func_attribute(const void* func, cudaFuncAttribute attr, int value) {
+  std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > g_smem_optin) {
+    if (g_last_code == cudaSuccess) {
+      g_last_code = cudaErrorInvalidValue;
+      g_last_error = fmt("rk host runner: cudaFuncSetAttribute(attribute %d, %d): above the device's opt-in limit %d "
+                         "(or not modelled)", static_cast<int>(attr), value, g_smem_optin);
+    }
+    return cudaErrorInvalidValue;
+  }
+  for (FuncAttr& f : g_func_attrs)
+    if (f.func == func) {
+      f.max_dynamic_smem = value;
+      return cudaSuccess;
+    }
+  g_func_attrs.push_back({func, value});
+  return cudaSuccess;
+}
 int blocks_per_sm() { return g_blocks_per_sm; }
 
 void syncthreads() {
@@ -637,9 +693,29 @@ void kernel_end() {
   g_checking = false;
 }
 
-void run_grid(const char* kernel, dim3 grid, dim3 block, void (*entry)(void*), void* ctx) {
+int func_max_dynamic_smem(const void* func) {
+  for (const FuncAttr& f : g_func_attrs)
+    if (f.func == func) return f.max_dynamic_smem;
+  return static_cast<int>(kStaticSmemLimit);
+}
+
+void run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const void* func,
+              void (*entry)(void*), void* ctx) {
   std::lock_guard<std::recursive_mutex> lock(g_launch_mutex);
   init_once();
+  if (g_launch_log.size() > (1u << 20)) g_launch_log.clear();  // never taken: bounded
+  g_launch_log += kernel;
+  g_launch_log += '\n';
+  const int allowed = func_max_dynamic_smem(func);
+  if (dynamic_smem > static_cast<size_t>(allowed) || dynamic_smem > static_cast<size_t>(g_smem_optin)) {
+    if (g_last_code == cudaSuccess) {
+      g_last_code = cudaErrorInvalidValue;
+      g_last_error = fmt("rk host runner: launch of %s with %zu bytes of dynamic shared memory: above the kernel's "
+                         "cudaFuncAttributeMaxDynamicSharedMemorySize (%d) or the device's opt-in limit (%d)",
+                         kernel, dynamic_smem, allowed, g_smem_optin);
+    }
+    return;
+  }
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
       grid.z > 65535) {
@@ -651,6 +727,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, void (*entry)(void*), v
     return;
   }
   g_kernel = kernel;
+  g_dyn_bytes = dynamic_smem;
   g_grid = grid;
   g_block = block;
   g_nthreads = static_cast<int>(nthreads);
@@ -792,6 +869,23 @@ extern "C" void rk_host_clear_buffers() { rk_host::g_buffers.clear(); }
 extern "C" void rk_host_configure(int sm_count, int blocks_per_sm) {
   rk_host::g_sm_count = sm_count;
   rk_host::g_blocks_per_sm = blocks_per_sm;
+}
+// The device posed as (compute capability, opt-in shared memory per block). The kernels'
+// cudaFuncSetAttribute values stay (csrc opts in once per kernel and device); a launch above the new
+// opt-in limit fails all the same.
+extern "C" void rk_host_configure_device(int major, int minor, int smem_optin) {
+  std::lock_guard<std::recursive_mutex> lock(rk_host::g_launch_mutex);
+  rk_host::g_cc_major = major;
+  rk_host::g_cc_minor = minor;
+  rk_host::g_smem_optin = smem_optin;
+}
+// The kernels launched since the last call, one name per line (then forgotten).
+extern "C" const char* rk_host_take_launches() {
+  static std::string taken;
+  std::lock_guard<std::recursive_mutex> lock(rk_host::g_launch_mutex);
+  taken.swap(rk_host::g_launch_log);
+  rk_host::g_launch_log.clear();
+  return taken.c_str();
 }
 
 // Atomics in the (host-side) code of the kernel TUs: plain sequentially consistent operations.

@@ -5,6 +5,9 @@
 // (runner.cpp), and __half/__nv_bfloat16 are bit-exact software types. The fake <cuda_runtime.h>,
 // <cuda_fp16.h> and <cuda_bf16.h> next to this file include it. Launches (`k<<<g, b, s, st>>>(a)`)
 // are rewritten to `::rk_host::launcher(g, b, s, st, k, "k")(a)` by the build (tests/host_runner.py).
+// Dynamic shared memory (csrc/ptx.cuh's RK_DYNAMIC_SHARED) is one static buffer of the runner, its
+// first `s` bytes usable by the launch; above 48 KiB the launch needs the kernel's
+// cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) opt-in, as on a GPU.
 #pragma once
 
 #include <algorithm>
@@ -42,7 +45,13 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 #define CUDART_VERSION 13000
 
 // ---- runner entry points (runner.cpp) ---------------------------------------------------------
@@ -55,7 +64,11 @@ void syncthreads();
 uint64_t shfl(unsigned mask, uint64_t bits, int mode, int arg);  // mode: 0 xor, 1 down, 2 up, 3 idx
 [[noreturn]] void trap(const char* what);
 uint32_t cvta_shared(const void* p);
-void run_grid(const char* kernel, dim3 grid, dim3 block, void (*entry)(void*), void* ctx);
+void run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const void* func, void (*entry)(void*),
+              void* ctx);
+unsigned char* dynamic_shared();
+cudaError_t set_func_attribute(const void* func, cudaFuncAttribute attr, int value);
+int device_attribute(cudaDeviceAttr a);
 void kernel_begin();
 void kernel_end();
 cudaError_t take_error();
@@ -85,19 +98,20 @@ template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
+  size_t dynamic_smem;
   const char* name;
   template <typename... A>
   void operator()(A&&... a) const {
     const std::tuple<P...> params(static_cast<P>(std::forward<A>(a))...);
     const LaunchCtx<P...> ctx{kernel, &params};
-    run_grid(name, grid, block, &fiber_entry<P...>, const_cast<LaunchCtx<P...>*>(&ctx));
+    run_grid(name, grid, block, dynamic_smem, reinterpret_cast<const void*>(kernel), &fiber_entry<P...>,
+             const_cast<LaunchCtx<P...>*>(&ctx));
   }
 };
 
 template <typename... P>
-Launch<P...> launcher(dim3 grid, dim3 block, size_t /*shared bytes*/, cudaStream_t, void (*k)(P...),
-                      const char* name) {
-  return Launch<P...>{k, grid, block, name};
+Launch<P...> launcher(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, void (*k)(P...), const char* name) {
+  return Launch<P...>{k, grid, block, dynamic_smem, name};
 }
 
 template <typename T>
@@ -249,9 +263,14 @@ inline cudaError_t cudaDriverGetVersion(int* v) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int /*device*/) {
-  // the runner poses as a small sm_80 part: few SMs, so grid-stride loops really loop
-  *v = a == cudaDevAttrComputeCapabilityMajor ? 8 : ::rk_host::sm_count();
+  // the runner poses as a small sm_80 part (configurable: rk_host_configure_device): few SMs, so
+  // grid-stride loops really loop
+  *v = ::rk_host::device_attribute(a);
   return cudaSuccess;
+}
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F* func, cudaFuncAttribute attr, int value) {
+  return ::rk_host::set_func_attribute(reinterpret_cast<const void*>(func), attr, value);
 }
 template <typename K>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {

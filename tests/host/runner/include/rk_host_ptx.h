@@ -58,3 +58,6 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t f) { return ::rk_host::cvt_
 }  // namespace
 }  // namespace conv
 }  // namespace rk
+
+// the launch's dynamic shared memory: the runner's buffer (usable up to the launch's byte count)
+#define RK_DYNAMIC_SHARED(name) unsigned char* const name = ::rk_host::dynamic_shared()
