@@ -5,7 +5,9 @@
 //   g' = g * (mask > 0)                        mask: an activation like g, or 1 bit (bit c % 8 of
 //                                              byte c / 8 of the pixel's ceil(C / 8) bytes)
 //   dy = a[c] * g' - (b[c] + k[c] * (y - mean[c]))   with coef = (a, b, k) rows (3, C), else g'
-// in float32, rounded to T (float16 / bfloat16). Also the 16-byte vector helpers of both kernels.
+// in float32, rounded to T (float16 / bfloat16). Also the upstream unit's output recomputed from its
+// BN input when it is not materialised (the dgrad's upstream ReLU mask, the wgrad's x operand), and
+// the 16-byte vector helpers of both kernels.
 // Not part of the public API.
 #pragma once
 
@@ -16,6 +18,7 @@
 #include <cstdint>
 
 #include "acc_types.cuh"
+#include "common.h"
 
 namespace rk {
 namespace bnbwd {
@@ -129,6 +132,44 @@ __device__ __forceinline__ uint4 operand(const Chunk& s, const Coef& k, const Op
   }
   return make_uint4(w4[0], w4[1], w4[2], w4[3]);
 }
+
+// ---- the upstream unit's output x = relu(up_y * s + t), recomputed from its BN input up_y:
+// s = up_weight * (1 / sqrt(up_var + eps)) (up_weight absent: 1), t = up_bias - up_mean * s
+// (up_bias absent: 0), in float32
+
+// Its sources (a kernel parameter); y nullptr = not given.
+struct Upstream {
+  const void* y;        // [pix][C] of the activation dtype
+  const float* mean;    // (C,)
+  const float* var;     // (C,)
+  const void* weight;   // (C,) of w_code, or nullptr
+  const void* bias;     // (C,) of w_code, or nullptr
+  int w_code;           // 0 float32, 1 float16, 2 bfloat16
+  float eps;
+};
+
+inline Upstream upstream_of(std::uintptr_t y, std::uintptr_t mean, std::uintptr_t var, std::uintptr_t weight,
+                            std::uintptr_t bias, DType w_dtype, double eps) {
+  Upstream u;
+  u.y = reinterpret_cast<const void*>(y);
+  u.mean = reinterpret_cast<const float*>(mean);
+  u.var = reinterpret_cast<const float*>(var);
+  u.weight = reinterpret_cast<const void*>(weight);
+  u.bias = reinterpret_cast<const void*>(bias);
+  u.w_code = w_dtype == DType::F32 ? 0 : w_dtype == DType::F16 ? 1 : 2;
+  u.eps = static_cast<float>(eps);
+  return u;
+}
+
+// s and t of channel c; mean = u.mean[c], loaded by the caller
+__device__ __forceinline__ void x_affine(const Upstream& u, int c, float mean, float& s, float& t) {
+  const float sc = (u.weight != nullptr ? vec_at(u.weight, u.w_code, c) : 1.f) * (1.f / sqrtf(u.var[c] + u.eps));
+  s = sc;
+  t = (u.bias != nullptr ? vec_at(u.bias, u.w_code, c) : 0.f) - mean * sc;
+}
+
+// x of one element of up_y (float32: the caller rounds it to T)
+__device__ __forceinline__ float x_of(float up_y, float s, float t) { return fmaxf(up_y * s + t, 0.f); }
 
 }  // namespace bnbwd
 }  // namespace rk

@@ -36,7 +36,6 @@ namespace {
 using bnbwd::elem;
 using bnbwd::ld16;
 using bnbwd::pack2;
-using bnbwd::vec_at;
 using conv::BK_BYTES;
 using conv::BM;
 using conv::BN;
@@ -92,13 +91,7 @@ struct Params {
   const void* res_mask;
   const uint8_t* rbits;
   const void* up_out;
-  const void* up_y;
-  const float* up_mean;
-  const float* up_var;  // with up_weight, up_bias, up_eps: up_out recomputed from up_y (up_out null)
-  const void* up_weight;
-  const void* up_bias;
-  int up_w_code;  // 0 float32, 1 float16, 2 bfloat16
-  float up_eps;
+  bnbwd::Upstream up;  // up_y (UP) and its BN: up_out recomputed from it when up_out is null
   float* part;  // [2][tiles][Cin] (sum_g, sum_gd) or nullptr
   int N, Cin, H, W, Cout, OH, OW, sw, sh;
   long long ws0;  // w_stride[0] (w_stride[1] == 1)
@@ -284,16 +277,10 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   for (int e = 0; e < 8; ++e) {
     s_g[e] = 0.f;
     s_gd[e] = 0.f;
-    up_mu[e] = (UP && col_ok) ? __ldg(p.up_mean + col0 + e) : 0.f;
+    up_mu[e] = (UP && col_ok) ? __ldg(p.up.mean + col0 + e) : 0.f;
     xs_[e] = 1.f;
     xt_[e] = 0.f;
-    if (x_up && col_ok) {
-      const int c = col0 + e;
-      const float sc = (p.up_weight != nullptr ? vec_at(p.up_weight, p.up_w_code, c) : 1.f) *
-                       (1.f / sqrtf(p.up_var[c] + p.up_eps));
-      xs_[e] = sc;
-      xt_[e] = (p.up_bias != nullptr ? vec_at(p.up_bias, p.up_w_code, c) : 0.f) - up_mu[e] * sc;
-    }
+    if (x_up && col_ok) bnbwd::x_affine(p.up, col0 + e, up_mu[e], xs_[e], xt_[e]);
   }
 #pragma unroll 1
   for (int r = tid / VPR; r < BM; r += EP_ROWS) {
@@ -325,11 +312,11 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
         if (!(elem<T>(uo, e) > 0.f)) v[e] = 0.f;
     }
     uint4 uy = make_uint4(0, 0, 0, 0);
-    if constexpr (UP) uy = ld16(p.up_y, off);
+    if constexpr (UP) uy = ld16(p.up.y, off);
     if (x_up) {  // the upstream ReLU mask of x = round(relu(up_y * s + t)) (rounded: exactly batch_norm_act's zeros)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float xv = fmaxf(elem<T>(uy, e) * xs_[e] + xt_[e], 0.f);
+        const float xv = bnbwd::x_of(elem<T>(uy, e), xs_[e], xt_[e]);
         if (!(to_acc(from_acc<T>(xv)) > 0.f)) v[e] = 0.f;
       }
     }
@@ -578,13 +565,7 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.res_mask = reinterpret_cast<const void*>(a.res_mask);
   p.rbits = reinterpret_cast<const uint8_t*>(a.res_bits);
   p.up_out = reinterpret_cast<const void*>(a.up_out);
-  p.up_y = reinterpret_cast<const void*>(a.up_y);
-  p.up_mean = reinterpret_cast<const float*>(a.up_mean);
-  p.up_var = reinterpret_cast<const float*>(a.up_var);
-  p.up_weight = reinterpret_cast<const void*>(a.up_weight);
-  p.up_bias = reinterpret_cast<const void*>(a.up_bias);
-  p.up_w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
-  p.up_eps = static_cast<float>(a.up_eps);
+  p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
   p.part = up ? reinterpret_cast<float*>(a.workspace) : nullptr;
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);

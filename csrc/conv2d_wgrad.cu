@@ -31,7 +31,6 @@ namespace {
 using bnbwd::elem;
 using bnbwd::ld16;
 using bnbwd::pack2;
-using bnbwd::vec_at;
 using conv::c_col;
 using conv::c_row;
 using conv::MI;
@@ -64,13 +63,7 @@ __device__ __forceinline__ int b_swz(int row, int chunk) { return row * B_ROW + 
 struct Params {
   bnbwd::Operand dy;  // the A operand's sources (C = Cout)
   const void* x;
-  const void* up_y;
-  const float* up_mean;
-  const float* up_var;
-  const void* up_weight;
-  const void* up_bias;
-  int up_w_code;  // 0 float32, 1 float16, 2 bfloat16
-  float up_eps;
+  bnbwd::Upstream up;  // x recomputed from up.y when given (x null)
   void* gw;
   float* part;  // [splits][KH*KW][Cout][Cin] or nullptr (one split: written directly)
   long long gws[4];
@@ -106,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   const int KT = max(0, min(p.tiles_per_split, (p.M + BK - 1) / BK - k_tile0));
   const int k_end = p.M;
 
-  const bool x_up = p.up_y != nullptr;
+  const bool x_up = p.up.y != nullptr;
 
   // ---- A (dy) chunks: pixel rows a_row0 + 8 i, output channels co_a..co_a+7 (fixed per thread)
   const int a_cc = tid % A_CPR;
@@ -128,13 +121,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   for (int e = 0; e < 8; ++e) {
     xs_[e] = 1.f;
     xt_[e] = 0.f;
-    if (x_up && ci_ok) {
-      const int c = ci_b + e;
-      const float sc = (p.up_weight != nullptr ? vec_at(p.up_weight, p.up_w_code, c) : 1.f) *
-                       (1.f / sqrtf(p.up_var[c] + p.up_eps));
-      xs_[e] = sc;
-      xt_[e] = (p.up_bias != nullptr ? vec_at(p.up_bias, p.up_w_code, c) : 0.f) - p.up_mean[c] * sc;
-    }
+    if (x_up && ci_ok) bnbwd::x_affine(p.up, ci_b + e, p.up.mean[ci_b + e], xs_[e], xt_[e]);
   }
   int b_pix[BROWS];
   Pixel b_px[BROWS];
@@ -143,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
     b_pix[i] = k_tile0 * BK + b_row0 + B_RSTEP * i;
     b_px[i] = conv::decompose_m(b_pix[i] < p.M ? b_pix[i] : 0, p.OH, p.OW);
   }
-  const void* const xsrc = x_up ? p.up_y : p.x;
+  const void* const xsrc = x_up ? p.up.y : p.x;
 
   bnbwd::Chunk ra[AROWS];
   uint32_t valid = 0;
@@ -196,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int e = 2 * e2 + h;
-            const float xv = fmaxf(elem<T>(rx[i], e) * xs_[e] + xt_[e], 0.f);
+            const float xv = bnbwd::x_of(elem<T>(rx[i], e), xs_[e], xt_[e]);
             d[h] = ((xvalid >> i) & 1u) ? xv : 0.f;
           }
           w4[e2] = pack2<T>(d[0], d[1]);
@@ -403,13 +390,7 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
   Params p{};
   p.dy = bnbwd::operand_of(a.g, a.mask, a.mask_bits, a.y, a.coef, a.mean, a.Cout);
   p.x = reinterpret_cast<const void*>(a.x);
-  p.up_y = reinterpret_cast<const void*>(a.up_y);
-  p.up_mean = reinterpret_cast<const float*>(a.up_mean);
-  p.up_var = reinterpret_cast<const float*>(a.up_var);
-  p.up_weight = reinterpret_cast<const void*>(a.up_weight);
-  p.up_bias = reinterpret_cast<const void*>(a.up_bias);
-  p.up_w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
-  p.up_eps = static_cast<float>(a.up_eps);
+  p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
   p.gw = reinterpret_cast<void*>(a.grad_weight);
   p.part = need > 0 ? reinterpret_cast<float*>(a.workspace) : nullptr;
   for (int i = 0; i < 4; ++i) p.gws[i] = a.gw_stride[i];
