@@ -42,6 +42,17 @@ template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   return bits_of<T>(a) | (bits_of<T>(b) << 16);
 }
+// 8 floats f(0), ..., f(7) rounded to T and packed (element e in bits 16e..16e+15)
+template <typename T, typename F>
+__device__ __forceinline__ uint4 pack8(F&& f) {
+  uint32_t w4[4];
+#pragma unroll
+  for (int e2 = 0; e2 < 4; ++e2) {
+    const float lo = f(2 * e2), hi = f(2 * e2 + 1);  // in element order
+    w4[e2] = pack2<T>(lo, hi);
+  }
+  return make_uint4(w4[0], w4[1], w4[2], w4[3]);
+}
 __device__ __forceinline__ uint4 ld16(const void* base, long long elem_off) {
   return __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + elem_off));
 }
@@ -111,7 +122,9 @@ __device__ __forceinline__ void load_coef(Coef& k, const Operand& o, int c, bool
   }
 }
 
-// The chunk's operand, rounded to T and packed (16 bytes); zeros when !valid.
+// The chunk's operand, rounded to T and packed (16 bytes); zeros when !valid. (Written out rather
+// than through pack8: with the lambda, nvcc 13.0 made the dgrad's main loop 48 instructions per
+// k-step longer, over tests/test_conv_backward_sass.py's budget.)
 template <typename T>
 __device__ __forceinline__ uint4 operand(const Chunk& s, const Coef& k, const Operand& o, bool valid) {
   uint32_t w4[4];

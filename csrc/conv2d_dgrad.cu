@@ -35,7 +35,6 @@ namespace {
 
 using bnbwd::elem;
 using bnbwd::ld16;
-using bnbwd::pack2;
 using conv::BK_BYTES;
 using conv::BM;
 using conv::BN;
@@ -320,10 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
         if (!(to_acc(from_acc<T>(xv)) > 0.f)) v[e] = 0.f;
       }
     }
-    uint32_t w4[4];
-#pragma unroll
-    for (int e2 = 0; e2 < 4; ++e2) w4[e2] = pack2<T>(v[2 * e2], v[2 * e2 + 1]);
-    const uint4 outv = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+    const uint4 outv = bnbwd::pack8<T>([&](int e) { return v[e]; });
     *reinterpret_cast<uint4*>(gx + off) = outv;
     if constexpr (UP) {
 #pragma unroll

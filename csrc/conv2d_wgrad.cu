@@ -30,7 +30,6 @@ namespace {
 
 using bnbwd::elem;
 using bnbwd::ld16;
-using bnbwd::pack2;
 using conv::c_col;
 using conv::c_row;
 using conv::MI;
@@ -175,21 +174,11 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
 #pragma unroll
     for (int i = 0; i < BROWS; ++i) {
       uint4 v = rx[i];
-      if (x_up) {
-        uint32_t w4[4];
-#pragma unroll
-        for (int e2 = 0; e2 < 4; ++e2) {
-          float d[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int e = 2 * e2 + h;
-            const float xv = bnbwd::x_of(elem<T>(rx[i], e), xs_[e], xt_[e]);
-            d[h] = ((xvalid >> i) & 1u) ? xv : 0.f;
-          }
-          w4[e2] = pack2<T>(d[0], d[1]);
-        }
-        v = make_uint4(w4[0], w4[1], w4[2], w4[3]);
-      }
+      if (x_up)
+        v = bnbwd::pack8<T>([&](int e) {
+          const float xv = bnbwd::x_of(elem<T>(rx[i], e), xs_[e], xt_[e]);
+          return ((xvalid >> i) & 1u) ? xv : 0.f;
+        });
       *reinterpret_cast<uint4*>(smem + 2 * A_STAGE + st * B_STAGE + b_swz(b_row0 + B_RSTEP * i, b_cc)) = v;
     }
   };
