@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
       rw[r] = ok ? ld16(wp, cw * p.ws0 + wofs + ci_b) : make_uint4(0, 0, 0, 0);
     }
     // a new co tile: its channels' coefficients (the staged tile of the old one is stored already)
-    if (has_coef && ld_tap == 0 && ld_co != st_co) bnbwd::load_coef(coef, p.dy, co, co_ok);
+    if (has_coef && ld_tap == 0 && ld_co != st_co) bnbwd::load_coef(coef, p.dy, co, true);
     st_co = ld_co;
     if (++ld_tap == ntaps) {
       ld_tap = 0;

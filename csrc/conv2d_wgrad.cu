@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   const int co_a = m0 + a_cc * 8;
   const bool co_ok = co_a < p.Cout;  // Cout % 8 == 0: a chunk is all in or all out
   bnbwd::Coef coef;
-  bnbwd::load_coef(coef, p.dy, co_a, p.dy.coef != nullptr && co_ok);
+  bnbwd::load_coef(coef, p.dy, co_a, p.dy.coef != nullptr);
   int a_pix = k_tile0 * BK + a_row0;  // pixel of row a_row0 of the next tile to load
 
   // ---- B (x) chunks: pixel rows b_row0 + 16 i, input channels ci_b..ci_b+7; each row's output
