@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "acc_types.cuh"
+#include "bn_backward_operand.cuh"
 #include "conv2d_dgrad.h"
 #include "conv2d_layout.h"
 #include "ptx.cuh"
@@ -32,6 +33,8 @@ namespace rk {
 namespace dgrad {
 namespace {
 
+using bnbwd::elem;
+using bnbwd::ld16;
 using conv::BK_BYTES;
 using conv::BM;
 using conv::BN;
@@ -80,29 +83,17 @@ struct ClassInfo {
 };
 
 struct Params {
-  const void* g;
-  const void* mask;
-  const uint8_t* mbits;
-  const void* y;
-  const float* coef;  // (3, Cout) or nullptr
-  const float* mean;
+  bnbwd::Operand dy;  // the A operand's sources (C = Cout)
   const void* w;
   void* gx;
   const void* res;
   const void* res_mask;
   const uint8_t* rbits;
   const void* up_out;
-  const void* up_y;
-  const float* up_mean;
-  const float* up_var;  // with up_weight, up_bias, up_eps: up_out recomputed from up_y (up_out null)
-  const void* up_weight;
-  const void* up_bias;
-  int up_w_code;  // 0 float32, 1 float16, 2 bfloat16
-  float up_eps;
+  bnbwd::Upstream up;  // up_y (UP) and its BN: up_out recomputed from it when up_out is null
   float* part;  // [2][tiles][Cin] (sum_g, sum_gd) or nullptr
   int N, Cin, H, W, Cout, OH, OW, sw, sh;
   long long ws0;  // w_stride[0] (w_stride[1] == 1)
-  int gbytes;     // bytes per pixel of mask_bits (ceil(Cout / 8))
   int xbytes;     // of res_bits (ceil(Cin / 8))
   int co_tiles;   // ceil(Cout / 32)
   int n_tiles;    // ceil(Cin / BN)
@@ -111,41 +102,8 @@ struct Params {
   ClassInfo cls[kMaxClasses];
 };
 
-template <typename T>
-__device__ __forceinline__ float lo_f(uint32_t w) {
-  const unsigned short b = static_cast<unsigned short>(w & 0xffffu);
-  return to_acc(*reinterpret_cast<const T*>(&b));
-}
-template <typename T>
-__device__ __forceinline__ float hi_f(uint32_t w) {
-  const unsigned short b = static_cast<unsigned short>(w >> 16);
-  return to_acc(*reinterpret_cast<const T*>(&b));
-}
-// element e (0..7) of a 16-byte vector of 8 16-bit values
-template <typename T>
-__device__ __forceinline__ float elem(const uint4& v, int e) {
-  const uint32_t w = e < 2 ? v.x : e < 4 ? v.y : e < 6 ? v.z : v.w;
-  return (e & 1) ? hi_f<T>(w) : lo_f<T>(w);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t bits_of(float v) {
-  const T h = from_acc<T>(v);
-  return *reinterpret_cast<const unsigned short*>(&h);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  return bits_of<T>(a) | (bits_of<T>(b) << 16);
-}
-__device__ __forceinline__ uint4 ld16(const void* base, long long elem_off) {
-  return __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + elem_off));
-}
 // the B tile: [32 co rows][64 ci] (8 chunks per row, XOR-swizzled with row & 7)
 __device__ __forceinline__ int b_swz(int row, int chunk) { return row * (BN * 2) + ((chunk ^ (row & 7)) << 4); }
-__device__ __forceinline__ float vec_at(const void* v, int code, int c) {
-  if (code == 0) return static_cast<const float*>(v)[c];
-  if (code == 1) return to_acc(static_cast<const __half*>(v)[c]);
-  return to_acc(static_cast<const __nv_bfloat16*>(v)[c]);
-}
 
 // ---- the dgrad kernel --------------------------------------------------------------------
 // Registers: the accumulators (64), the staged operand (g, y, mask: 3 x 4 chunks of 16 bytes, the
@@ -176,9 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   const int n0 = tile.n * BN;
 
   const T* __restrict__ wp = static_cast<const T*>(p.w);
-  const bool has_coef = p.coef != nullptr;
-  const bool has_mask = p.mask != nullptr;
-  const bool has_bits = p.mbits != nullptr;
+  const bool has_coef = p.dy.coef != nullptr;
 
   // ---- per-thread A rows: class pixel (i, j) of image n, as the dy pixel index n*OH*OW + i*OW + j
   // (a tap adds dpix); rows past Mc get i far outside, so the tap's bounds test masks them
@@ -199,11 +155,10 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   const bool ci_ok = ci_b < p.Cin;  // Cin % 8 == 0
 
   // ---- staged registers of the next tile
-  uint4 rg[AROWS], ry[AROWS], rm[AROWS];
-  uint32_t rbit[AROWS];
+  bnbwd::Chunk ra[AROWS];
   uint32_t valid = 0;  // bit r: chunk r of A is inside dy
   uint4 rw[BROWS];
-  float ca[8], cb[8], ck[8], cmu[8];  // coefficients of the thread's 8 channels of the current co tile
+  bnbwd::Coef coef;  // of the thread's 8 channels of the current co tile
   int ld_tap = 0, ld_co = 0;          // tile to load next: tap index, first channel of the co tile
   int st_co = 0;                      // channels of the tile whose registers are staged
 
@@ -215,12 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
 #pragma unroll
     for (int r = 0; r < AROWS; ++r) {
       const bool ok = co_ok && conv::in_image(a_i[r] + dh, a_j[r] + dw, p.OH, p.OW);
-      const long long pix = static_cast<long long>(a_pix[r] + dpix);
-      const long long off = pix * p.Cout + co;
-      rg[r] = ok ? ld16(p.g, off) : make_uint4(0, 0, 0, 0);
-      if (has_coef) ry[r] = ok ? ld16(p.y, off) : make_uint4(0, 0, 0, 0);
-      if (has_mask) rm[r] = ok ? ld16(p.mask, off) : make_uint4(0, 0, 0, 0);
-      if (has_bits) rbit[r] = ok ? __ldg(p.mbits + (pix * p.gbytes + (co >> 3))) : 0u;
+      bnbwd::load_chunk(ra[r], p.dy, static_cast<long long>(a_pix[r] + dpix), co, ok);
       valid |= ok ? (1u << r) : 0u;
     }
     const int wofs = ci_.wofs[ld_tap];
@@ -230,17 +180,8 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
       const bool ok = ci_ok && cw < p.Cout;
       rw[r] = ok ? ld16(wp, cw * p.ws0 + wofs + ci_b) : make_uint4(0, 0, 0, 0);
     }
-    if (has_coef && ld_tap == 0 && ld_co != st_co) {
-      // a new co tile: its channels' coefficients (the staged tile of the old one is stored already)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const bool ok = co + e < p.Cout;
-        ca[e] = ok ? __ldg(p.coef + co + e) : 0.f;
-        cb[e] = ok ? __ldg(p.coef + p.Cout + co + e) : 0.f;
-        ck[e] = ok ? __ldg(p.coef + 2 * p.Cout + co + e) : 0.f;
-        cmu[e] = ok ? __ldg(p.mean + co + e) : 0.f;
-      }
-    }
+    // a new co tile: its channels' coefficients (the staged tile of the old one is stored already)
+    if (has_coef && ld_tap == 0 && ld_co != st_co) bnbwd::load_coef(coef, p.dy, co, true);
     st_co = ld_co;
     if (++ld_tap == ntaps) {
       ld_tap = 0;
@@ -250,26 +191,9 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   // the staged tile's operand dy (rounded) and weight chunks into stage st
   auto store = [&](int st) {
 #pragma unroll
-    for (int r = 0; r < AROWS; ++r) {
-      uint32_t w4[4];
-#pragma unroll
-      for (int e2 = 0; e2 < 4; ++e2) {
-        float d[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int e = 2 * e2 + h;
-          float gp = elem<T>(rg[r], e);
-          if (has_mask && !(elem<T>(rm[r], e) > 0.f)) gp = 0.f;
-          if (has_bits && !((rbit[r] >> e) & 1u)) gp = 0.f;
-          float v = gp;
-          if (has_coef) v = ca[e] * gp - (cb[e] + ck[e] * (elem<T>(ry[r], e) - cmu[e]));
-          d[h] = ((valid >> r) & 1u) ? v : 0.f;
-        }
-        w4[e2] = pack2<T>(d[0], d[1]);
-      }
+    for (int r = 0; r < AROWS; ++r)
       *reinterpret_cast<uint4*>(smem + st * A_STAGE + swz(row0 + ROW_STEP * r, chunk)) =
-          make_uint4(w4[0], w4[1], w4[2], w4[3]);
-    }
+          bnbwd::operand<T>(ra[r], coef, p.dy, (valid >> r) & 1u);
 #pragma unroll
     for (int r = 0; r < BROWS; ++r)
       *reinterpret_cast<uint4*>(smem + 2 * A_STAGE + st * B_STAGE + b_swz(b_row0 + B_RSTEP * r, b_cc)) = rw[r];
@@ -352,16 +276,10 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
   for (int e = 0; e < 8; ++e) {
     s_g[e] = 0.f;
     s_gd[e] = 0.f;
-    up_mu[e] = (UP && col_ok) ? __ldg(p.up_mean + col0 + e) : 0.f;
+    up_mu[e] = (UP && col_ok) ? __ldg(p.up.mean + col0 + e) : 0.f;
     xs_[e] = 1.f;
     xt_[e] = 0.f;
-    if (x_up && col_ok) {
-      const int c = col0 + e;
-      const float sc = (p.up_weight != nullptr ? vec_at(p.up_weight, p.up_w_code, c) : 1.f) *
-                       (1.f / sqrtf(p.up_var[c] + p.up_eps));
-      xs_[e] = sc;
-      xt_[e] = (p.up_bias != nullptr ? vec_at(p.up_bias, p.up_w_code, c) : 0.f) - up_mu[e] * sc;
-    }
+    if (x_up && col_ok) bnbwd::x_affine(p.up, col0 + e, up_mu[e], xs_[e], xt_[e]);
   }
 #pragma unroll 1
   for (int r = tid / VPR; r < BM; r += EP_ROWS) {
@@ -393,18 +311,15 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
         if (!(elem<T>(uo, e) > 0.f)) v[e] = 0.f;
     }
     uint4 uy = make_uint4(0, 0, 0, 0);
-    if constexpr (UP) uy = ld16(p.up_y, off);
+    if constexpr (UP) uy = ld16(p.up.y, off);
     if (x_up) {  // the upstream ReLU mask of x = round(relu(up_y * s + t)) (rounded: exactly batch_norm_act's zeros)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float xv = fmaxf(elem<T>(uy, e) * xs_[e] + xt_[e], 0.f);
+        const float xv = bnbwd::x_of(elem<T>(uy, e), xs_[e], xt_[e]);
         if (!(to_acc(from_acc<T>(xv)) > 0.f)) v[e] = 0.f;
       }
     }
-    uint32_t w4[4];
-#pragma unroll
-    for (int e2 = 0; e2 < 4; ++e2) w4[e2] = pack2<T>(v[2 * e2], v[2 * e2 + 1]);
-    const uint4 outv = make_uint4(w4[0], w4[1], w4[2], w4[3]);
+    const uint4 outv = bnbwd::pack8<T>([&](int e) { return v[e]; });
     *reinterpret_cast<uint4*>(gx + off) = outv;
     if constexpr (UP) {
 #pragma unroll
@@ -639,25 +554,14 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   cudaStream_t stream = as_stream(a.stream);
 
   Params p{};
-  p.g = reinterpret_cast<const void*>(a.g);
-  p.mask = reinterpret_cast<const void*>(a.mask);
-  p.mbits = reinterpret_cast<const uint8_t*>(a.mask_bits);
-  p.y = reinterpret_cast<const void*>(a.y);
-  p.coef = reinterpret_cast<const float*>(a.coef);
-  p.mean = reinterpret_cast<const float*>(a.mean);
+  p.dy = bnbwd::operand_of(a.g, a.mask, a.mask_bits, a.y, a.coef, a.mean, a.Cout);
   p.w = reinterpret_cast<const void*>(a.w);
   p.gx = reinterpret_cast<void*>(a.grad_x);
   p.res = reinterpret_cast<const void*>(a.residual);
   p.res_mask = reinterpret_cast<const void*>(a.res_mask);
   p.rbits = reinterpret_cast<const uint8_t*>(a.res_bits);
   p.up_out = reinterpret_cast<const void*>(a.up_out);
-  p.up_y = reinterpret_cast<const void*>(a.up_y);
-  p.up_mean = reinterpret_cast<const float*>(a.up_mean);
-  p.up_var = reinterpret_cast<const float*>(a.up_var);
-  p.up_weight = reinterpret_cast<const void*>(a.up_weight);
-  p.up_bias = reinterpret_cast<const void*>(a.up_bias);
-  p.up_w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
-  p.up_eps = static_cast<float>(a.up_eps);
+  p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
   p.part = up ? reinterpret_cast<float*>(a.workspace) : nullptr;
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);
@@ -669,7 +573,6 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.sh = static_cast<int>(a.stride_h);
   p.sw = static_cast<int>(a.stride_w);
   p.ws0 = a.w_stride[0];
-  p.gbytes = static_cast<int>(ceil_div(a.Cout, 8));
   p.xbytes = static_cast<int>(ceil_div(a.Cin, 8));
   p.co_tiles = static_cast<int>(ceil_div(a.Cout, BKE));
   p.n_tiles = static_cast<int>(ceil_div(a.Cin, BN));

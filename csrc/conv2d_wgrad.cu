@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "acc_types.cuh"
+#include "bn_backward_operand.cuh"
 #include "conv2d_layout.h"
 #include "conv2d_wgrad.h"
 #include "ptx.cuh"
@@ -27,6 +28,8 @@ namespace rk {
 namespace wgrad {
 namespace {
 
+using bnbwd::elem;
+using bnbwd::ld16;
 using conv::c_col;
 using conv::c_row;
 using conv::MI;
@@ -57,53 +60,17 @@ __device__ __forceinline__ int a_swz(int row, int chunk) { return row * A_ROW + 
 __device__ __forceinline__ int b_swz(int row, int chunk) { return row * B_ROW + ((chunk ^ (row & 7)) << 4); }
 
 struct Params {
-  const void* g;
-  const void* mask;
-  const uint8_t* mbits;
-  const void* y;
-  const float* coef;
-  const float* mean;
+  bnbwd::Operand dy;  // the A operand's sources (C = Cout)
   const void* x;
-  const void* up_y;
-  const float* up_mean;
-  const float* up_var;
-  const void* up_weight;
-  const void* up_bias;
-  int up_w_code;  // 0 float32, 1 float16, 2 bfloat16
-  float up_eps;
+  bnbwd::Upstream up;  // x recomputed from up.y when given (x null)
   void* gw;
   float* part;  // [splits][KH*KW][Cout][Cin] or nullptr (one split: written directly)
   long long gws[4];
   int N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, OH, OW;
   int M;            // pixels N*OH*OW
-  int gbytes;       // bytes per pixel of mask_bits
   int m_tiles, n_tiles, taps, splits;
   int tiles_per_split;  // K tiles (of BK pixels) per split
 };
-
-template <typename T>
-__device__ __forceinline__ float elem(const uint4& v, int e) {
-  const uint32_t w = e < 2 ? v.x : e < 4 ? v.y : e < 6 ? v.z : v.w;
-  const unsigned short b = static_cast<unsigned short>((e & 1) ? (w >> 16) : (w & 0xffffu));
-  return to_acc(*reinterpret_cast<const T*>(&b));
-}
-template <typename T>
-__device__ __forceinline__ uint32_t bits_of(float v) {
-  const T h = from_acc<T>(v);
-  return *reinterpret_cast<const unsigned short*>(&h);
-}
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  return bits_of<T>(a) | (bits_of<T>(b) << 16);
-}
-__device__ __forceinline__ uint4 ld16(const void* base, long long elem_off) {
-  return __ldg(reinterpret_cast<const uint4*>(static_cast<const unsigned short*>(base) + elem_off));
-}
-__device__ __forceinline__ float vec_at(const void* v, int code, int c) {
-  if (code == 0) return static_cast<const float*>(v)[c];
-  if (code == 1) return to_acc(static_cast<const __half*>(v)[c]);
-  return to_acc(static_cast<const __nv_bfloat16*>(v)[c]);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params p) {
@@ -131,25 +98,15 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   const int KT = max(0, min(p.tiles_per_split, (p.M + BK - 1) / BK - k_tile0));
   const int k_end = p.M;
 
-  const bool has_coef = p.coef != nullptr;
-  const bool has_mask = p.mask != nullptr;
-  const bool has_bits = p.mbits != nullptr;
-  const bool x_up = p.up_y != nullptr;
+  const bool x_up = p.up.y != nullptr;
 
   // ---- A (dy) chunks: pixel rows a_row0 + 8 i, output channels co_a..co_a+7 (fixed per thread)
   const int a_cc = tid % A_CPR;
   const int a_row0 = tid / A_CPR;
   const int co_a = m0 + a_cc * 8;
   const bool co_ok = co_a < p.Cout;  // Cout % 8 == 0: a chunk is all in or all out
-  float ca[8], cb[8], ck[8], cmu[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const bool ok = has_coef && co_ok;
-    ca[e] = ok ? __ldg(p.coef + co_a + e) : 0.f;
-    cb[e] = ok ? __ldg(p.coef + p.Cout + co_a + e) : 0.f;
-    ck[e] = ok ? __ldg(p.coef + 2 * p.Cout + co_a + e) : 0.f;
-    cmu[e] = ok ? __ldg(p.mean + co_a + e) : 0.f;
-  }
+  bnbwd::Coef coef;
+  bnbwd::load_coef(coef, p.dy, co_a, p.dy.coef != nullptr);
   int a_pix = k_tile0 * BK + a_row0;  // pixel of row a_row0 of the next tile to load
 
   // ---- B (x) chunks: pixel rows b_row0 + 16 i, input channels ci_b..ci_b+7; each row's output
@@ -163,13 +120,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   for (int e = 0; e < 8; ++e) {
     xs_[e] = 1.f;
     xt_[e] = 0.f;
-    if (x_up && ci_ok) {
-      const int c = ci_b + e;
-      const float sc = (p.up_weight != nullptr ? vec_at(p.up_weight, p.up_w_code, c) : 1.f) *
-                       (1.f / sqrtf(p.up_var[c] + p.up_eps));
-      xs_[e] = sc;
-      xt_[e] = (p.up_bias != nullptr ? vec_at(p.up_bias, p.up_w_code, c) : 0.f) - p.up_mean[c] * sc;
-    }
+    if (x_up && ci_ok) bnbwd::x_affine(p.up, ci_b + e, p.up.mean[ci_b + e], xs_[e], xt_[e]);
   }
   int b_pix[BROWS];
   Pixel b_px[BROWS];
@@ -178,10 +129,9 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
     b_pix[i] = k_tile0 * BK + b_row0 + B_RSTEP * i;
     b_px[i] = conv::decompose_m(b_pix[i] < p.M ? b_pix[i] : 0, p.OH, p.OW);
   }
-  const void* const xsrc = x_up ? p.up_y : p.x;
+  const void* const xsrc = x_up ? p.up.y : p.x;
 
-  uint4 rg[AROWS], ry[AROWS], rm[AROWS];
-  uint32_t rbit[AROWS];
+  bnbwd::Chunk ra[AROWS];
   uint32_t valid = 0;
   uint4 rx[BROWS];
   uint32_t xvalid = 0;
@@ -192,11 +142,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
     for (int i = 0; i < AROWS; ++i) {
       const int pix = a_pix + A_RSTEP * i;
       const bool ok = co_ok && pix < k_end;
-      const long long off = static_cast<long long>(pix) * p.Cout + co_a;
-      rg[i] = ok ? ld16(p.g, off) : make_uint4(0, 0, 0, 0);
-      if (has_coef) ry[i] = ok ? ld16(p.y, off) : make_uint4(0, 0, 0, 0);
-      if (has_mask) rm[i] = ok ? ld16(p.mask, off) : make_uint4(0, 0, 0, 0);
-      if (has_bits) rbit[i] = ok ? __ldg(p.mbits + (static_cast<long long>(pix) * p.gbytes + (co_a >> 3))) : 0u;
+      bnbwd::load_chunk(ra[i], p.dy, pix, co_a, ok);
       valid |= ok ? (1u << i) : 0u;
     }
     a_pix += BK;
@@ -222,44 +168,17 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
   };
   auto store = [&](int st) {
 #pragma unroll
-    for (int i = 0; i < AROWS; ++i) {
-      uint32_t w4[4];
-#pragma unroll
-      for (int e2 = 0; e2 < 4; ++e2) {
-        float d[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int e = 2 * e2 + h;
-          float gp = elem<T>(rg[i], e);
-          if (has_mask && !(elem<T>(rm[i], e) > 0.f)) gp = 0.f;
-          if (has_bits && !((rbit[i] >> e) & 1u)) gp = 0.f;
-          float v = gp;
-          if (has_coef) v = ca[e] * gp - (cb[e] + ck[e] * (elem<T>(ry[i], e) - cmu[e]));
-          d[h] = ((valid >> i) & 1u) ? v : 0.f;
-        }
-        w4[e2] = pack2<T>(d[0], d[1]);
-      }
+    for (int i = 0; i < AROWS; ++i)
       *reinterpret_cast<uint4*>(smem + st * A_STAGE + a_swz(a_row0 + A_RSTEP * i, a_cc)) =
-          make_uint4(w4[0], w4[1], w4[2], w4[3]);
-    }
+          bnbwd::operand<T>(ra[i], coef, p.dy, (valid >> i) & 1u);
 #pragma unroll
     for (int i = 0; i < BROWS; ++i) {
       uint4 v = rx[i];
-      if (x_up) {
-        uint32_t w4[4];
-#pragma unroll
-        for (int e2 = 0; e2 < 4; ++e2) {
-          float d[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int e = 2 * e2 + h;
-            const float xv = fmaxf(elem<T>(rx[i], e) * xs_[e] + xt_[e], 0.f);
-            d[h] = ((xvalid >> i) & 1u) ? xv : 0.f;
-          }
-          w4[e2] = pack2<T>(d[0], d[1]);
-        }
-        v = make_uint4(w4[0], w4[1], w4[2], w4[3]);
-      }
+      if (x_up)
+        v = bnbwd::pack8<T>([&](int e) {
+          const float xv = bnbwd::x_of(elem<T>(rx[i], e), xs_[e], xt_[e]);
+          return ((xvalid >> i) & 1u) ? xv : 0.f;
+        });
       *reinterpret_cast<uint4*>(smem + 2 * A_STAGE + st * B_STAGE + b_swz(b_row0 + B_RSTEP * i, b_cc)) = v;
     }
   };
@@ -458,20 +377,9 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
     throw ArgError(cat(fn, ": needs a GPU of compute capability >= 8.0 (mma.sync); device ", dev, " is ", major, ".x"));
 
   Params p{};
-  p.g = reinterpret_cast<const void*>(a.g);
-  p.mask = reinterpret_cast<const void*>(a.mask);
-  p.mbits = reinterpret_cast<const uint8_t*>(a.mask_bits);
-  p.y = reinterpret_cast<const void*>(a.y);
-  p.coef = reinterpret_cast<const float*>(a.coef);
-  p.mean = reinterpret_cast<const float*>(a.mean);
+  p.dy = bnbwd::operand_of(a.g, a.mask, a.mask_bits, a.y, a.coef, a.mean, a.Cout);
   p.x = reinterpret_cast<const void*>(a.x);
-  p.up_y = reinterpret_cast<const void*>(a.up_y);
-  p.up_mean = reinterpret_cast<const float*>(a.up_mean);
-  p.up_var = reinterpret_cast<const float*>(a.up_var);
-  p.up_weight = reinterpret_cast<const void*>(a.up_weight);
-  p.up_bias = reinterpret_cast<const void*>(a.up_bias);
-  p.up_w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
-  p.up_eps = static_cast<float>(a.up_eps);
+  p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
   p.gw = reinterpret_cast<void*>(a.grad_weight);
   p.part = need > 0 ? reinterpret_cast<float*>(a.workspace) : nullptr;
   for (int i = 0; i < 4; ++i) p.gws[i] = a.gw_stride[i];
@@ -489,7 +397,6 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
   p.OH = static_cast<int>(OH);
   p.OW = static_cast<int>(OW);
   p.M = static_cast<int>(a.N * OH * OW);
-  p.gbytes = static_cast<int>(ceil_div(a.Cout, 8));
   p.m_tiles = static_cast<int>(ceil_div(a.Cout, BM));
   p.n_tiles = static_cast<int>(ceil_div(a.Cin, BN));
   p.taps = static_cast<int>(a.KH * a.KW);

@@ -81,13 +81,19 @@ void def_dtype(C& cls, const char* what) {
   field_names(cls).append("dtype");
 }
 
+// The bound struct's Python name ("Conv2dDgradArgs"): its fields' errors name it.
+template <typename C>
+std::string struct_name(C& cls) {
+  return std::string(py::str(cls.attr("__name__")));
+}
+
 // Any other DType member as its integer code, checked on assignment (batch_norm.h's per-tensor codes).
 template <auto Member, typename C>
 void def_dtype_field(C& cls, const char* name) {
   using S = typename C::type;
   cls.def_property(
       name, [](const S& a) { return static_cast<int>(a.*Member); },
-      [name](S& a, int code) { a.*Member = rk::check_dtype(code, "batch_norm args", name); });
+      [sname = struct_name(cls), name](S& a, int code) { a.*Member = rk::check_dtype(code, sname.c_str(), name); });
   field_names(cls).append(name);
 }
 
@@ -103,9 +109,8 @@ void def_strides(C& cls, const char* name) {
   using S = typename C::type;
   cls.def_property(
       name, [](const S& a) { return std::vector<int64_t>(std::begin(a.*Member), std::end(a.*Member)); },
-      [name](S& a, const std::vector<int64_t>& v) {
-        if (v.size() != 4)
-          throw rk::ArgError(rk::cat("Conv2dArgs.", name, " must have 4 entries, got ", v.size()));
+      [what = struct_name(cls) + "." + name](S& a, const std::vector<int64_t>& v) {
+        if (v.size() != 4) throw rk::ArgError(rk::cat(what, " must have 4 entries, got ", v.size()));
         for (int i = 0; i < 4; ++i) (a.*Member)[i] = v[i];
       });
   field_names(cls).append(name);

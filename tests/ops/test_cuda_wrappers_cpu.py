@@ -32,7 +32,8 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 STRUCTS = {"Conv2dArgs": "conv2d.h", "BnAddReluArgs": "bn_add_relu.h", "BnAddReluBackwardArgs": "bn_add_relu.h",
            "MaxPool2dArgs": "maxpool.h", "MaxPool2dBackwardArgs": "maxpool.h", "NhwcStatsArgs": "nhwc_stats.h",
            "BatchNormActArgs": "batch_norm.h", "BatchNormActBackwardArgs": "batch_norm.h",
-           "BnRunningUpdateArgs": "batch_norm.h"}
+           "BnRunningUpdateArgs": "batch_norm.h", "Conv2dDgradArgs": "conv2d_dgrad.h",
+           "Conv2dWgradArgs": "conv2d_wgrad.h"}
 
 
 def header_members(header: str, struct: str) -> list[str]:
@@ -60,6 +61,35 @@ def test_every_struct_member_is_bound(struct, which, request):
     members = header_members(STRUCTS[struct], struct)
     assert len(members) >= 10  # the parser found them all (NhwcStatsArgs, the smallest, has 10)
     assert sorted(getattr(mod, struct).fields) == sorted(members)
+
+
+@pytest.mark.parametrize("which", ["_C", "host"])
+def test_stride_and_dtype_code_errors_name_their_struct(which, request):
+    """module.cpp's checked setters (def_strides: 4 entries; def_dtype_field: a dtype code) name the
+    struct the field belongs to, e.g. "Conv2dDgradArgs.w_stride", not another struct's."""
+    if which == "_C" and C_ is None:
+        pytest.skip("resnet_kernels._C is not built")
+    mod = C_ if which == "_C" else request.getfixturevalue("host_runner_module")
+    seen = set()
+    for struct in STRUCTS:
+        for field in getattr(mod, struct).fields:
+            a = getattr(mod, struct)()
+            if field.endswith("_stride"):
+                with pytest.raises(ValueError, match=rf"^{struct}\.{field} must have 4 entries, got 3$"):
+                    setattr(a, field, [1, 2, 3])
+                setattr(a, field, [4, 3, 2, 1])
+                assert getattr(a, field) == [4, 3, 2, 1]
+            elif field.endswith("_dtype"):
+                with pytest.raises(ValueError, match=rf"^{struct}: {field} has unsupported dtype code 9 "):
+                    setattr(a, field, 9)
+                setattr(a, field, 2)
+                assert getattr(a, field) == 2
+            else:
+                continue
+            seen.add(f"{struct}.{field}")
+    assert {"Conv2dArgs.x_stride", "Conv2dDgradArgs.w_stride", "Conv2dWgradArgs.gw_stride",
+            "Conv2dArgs.bn_weight_dtype", "Conv2dDgradArgs.up_gw_dtype", "Conv2dWgradArgs.up_w_dtype",
+            "BatchNormActArgs.id_bias_dtype"} <= seen, sorted(seen)
 
 
 def test_fill_args_rejects_missing_unknown_and_mistyped_fields(host_runner_module):
