@@ -151,7 +151,10 @@ __device__ __forceinline__ uint4 operand(const Chunk& s, const Coef& k, const Op
 
 // ---- the upstream unit's output x = relu(up_y * s + t), recomputed from its BN input up_y:
 // s = up_weight * (1 / sqrt(up_var + eps)) (up_weight absent: 1), t = up_bias - up_mean * s
-// (up_bias absent: 0), in float32
+// (up_bias absent: 0), in float32 with batch_norm_act's operations (bn_affine.cuh, batch_norm.cu's
+// bn_act_fwd_kernel: products rounded before the additions, __fmul_rn, so that nvcc does not
+// contract them into an FMA): x rounded to T is bitwise what batch_norm_act writes. (The host
+// runner compiles with -ffp-contract=off: it cannot tell a contracted product from a rounded one.)
 
 // Its sources (a kernel parameter); y nullptr = not given.
 struct Upstream {
@@ -179,13 +182,13 @@ inline Upstream upstream_of(std::uintptr_t y, std::uintptr_t mean, std::uintptr_
 
 // s and t of channel c; mean = u.mean[c], loaded by the caller
 __device__ __forceinline__ void x_affine(const Upstream& u, int c, float mean, float& s, float& t) {
-  const float sc = (u.weight != nullptr ? vec_at(u.weight, u.w_code, c) : 1.f) * (1.f / sqrtf(u.var[c] + u.eps));
+  const float sc = __fmul_rn(u.weight != nullptr ? vec_at(u.weight, u.w_code, c) : 1.f, 1.f / sqrtf(u.var[c] + u.eps));
   s = sc;
-  t = (u.bias != nullptr ? vec_at(u.bias, u.w_code, c) : 0.f) - mean * sc;
+  t = __fmul_rn(-mean, sc) + (u.bias != nullptr ? vec_at(u.bias, u.w_code, c) : 0.f);
 }
 
 // x of one element of up_y (float32: the caller rounds it to T)
-__device__ __forceinline__ float x_of(float up_y, float s, float t) { return fmaxf(up_y * s + t, 0.f); }
+__device__ __forceinline__ float x_of(float up_y, float s, float t) { return fmaxf(__fmul_rn(up_y, s) + t, 0.f); }
 
 }  // namespace bnbwd
 }  // namespace rk

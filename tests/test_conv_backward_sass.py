@@ -29,7 +29,7 @@ FILES = {
     }, ("conv2d_wgrad_reduce_kernelI13__nv_bfloat16E", "conv2d_wgrad_reduce_kernelI6__halfE")),
 }
 # instructions of the main loop per k-step (16 HMMA per warp), nvcc 13.0: dgrad 458-482 (sm_80) /
-# 478-502 (sm_90), wgrad 452-480 / 464-492, plus ~5%. The operand prologue (32 elements per thread
+# 478-502 (sm_90), wgrad 460-488 / 472-500, plus ~5%. The operand prologue (32 elements per thread
 # per K tile: unpack, mask, BN-backward FMA, round) dominates; the forward's vectorised loop
 # (cp.async, no prologue) is ~113
 MAIN_LOOP_BUDGET = 520
