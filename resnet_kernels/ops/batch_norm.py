@@ -694,6 +694,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    return backward_with(ctx, grad, _batch_norm_act_backward)
+
+
+def backward_with(ctx, grad, run):
+    """The op's backward with ``run`` (the ``batch_norm_act_backward`` op's signature) computing the
+    gradients: the op itself, or a fused unit's validated plan of it (resnet_kernels/_unitplan.py)."""
     out, y, mean, var, weight, identity, id_mean, id_var, id_weight = ctx.saved_tensors
     n = ctx.needs_input_grad
     ny, nw, nb, ni, niw, nib = bool(n[0]), bool(n[3]), bool(n[4]), bool(n[5]), bool(n[8]), bool(n[9])
@@ -703,7 +709,7 @@ def _backward(ctx, grad):
     grad = in_layout_of(grad, y)
     w_dt, b_dt, iw_dt, ib_dt = ctx.pdt
     ni = ni and identity is not None
-    gy, gi, gw, gb, giw, gib = _batch_norm_act_backward(
+    gy, gi, gw, gb, giw, gib = run(
         grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, ctx.eps, ctx.id_eps, ctx.relu, ny, ni,
         nw and weight is not None, nb and ctx.has_bias, niw and id_weight is not None, nib and ctx.has_id_bias,
         w_dt or b_dt, iw_dt or ib_dt, ctx.backend)
