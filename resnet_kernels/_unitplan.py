@@ -385,14 +385,22 @@ class _TrainUnit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         n = ctx.needs_input_grad
-        # (plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb)
-        nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[7:16]
         saved = ctx.saved_tensors
         recs = ctx.recs
         pos = 0
         for rec in recs:
             rec.saved_tensors = saved[pos:pos + rec.n]
             pos += rec.n
+        try:
+            return _TrainUnit._backward(ctx, recs, n, grad)
+        finally:
+            for rec in recs:  # (the unpacked output's grad_fn is this node: no reference cycle left behind)
+                rec.saved_tensors = ()
+
+    @staticmethod
+    def _backward(ctx, recs, n, grad):
+        # (plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb)
+        nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[7:16]
         bn_rec, conv_rec = recs[0], recs[1]
         proj = len(recs) == 3
         ny = nx or nw
