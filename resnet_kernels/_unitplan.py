@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,7 +109,8 @@ def _buf(t) -> Any:
 
 
 def _bn_key(bn) -> tuple:
-    return (type(bn), bn.training, bn.track_running_stats, type(bn.momentum), bn.momentum, bn.eps, _sig(bn.weight), _sig(bn.bias),
+    return (type(bn), bn.training, bn.track_running_stats, type(bn.momentum), bn.momentum, bn.eps,
+            _sig(bn.weight), _sig(bn.bias),
             _buf(bn.running_mean), _buf(bn.running_var), _buf(bn.num_batches_tracked))
 
 
@@ -253,8 +254,8 @@ class _TrainPlan:
         """The ``batch_norm_act_backward`` op (its signature) for this unit's backward: its validated
         call rebound (the saved tensors' geometry is the forward plan's; the key adds the gradient's
         and the flags), else the op (which validates), whose call becomes the template."""
-        args = (grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu, ny, ni, nw, nb,
-                niw, nib, w_dt, iw_dt, requested)
+        args = (grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu, ny, ni, nw,
+                nb, niw, nib, w_dt, iw_dt, requested)
         if not _usable(requested):
             return _bn_ops._batch_norm_act_backward(*args)
         key = (_sig(grad), ny, ni, nw, nb, niw, nib, w_dt, iw_dt)
@@ -405,7 +406,8 @@ class _TrainUnit(torch.autograd.Function):
         proj = len(recs) == 3
         ny = nx or nw
         ni = (nrx or nrw) if proj else nid
-        # batch_norm_act's inputs: y, mean, var (conv outputs), weight, bias, identity, id_mean, id_var, id_weight, id_bias
+        # batch_norm_act's inputs: y, mean, var (conv outputs), weight, bias, identity, id_mean, id_var,
+        # id_weight, id_bias
         bn_rec.needs_input_grad = (ny, ny, ny, nbw, nbb, ni, ni and proj, ni and proj, nrbw, nrbb,
                                    False, False, False, False)
         g = _bn_ops.backward_with(bn_rec, grad, ctx.plan.run_backward)

@@ -13,7 +13,7 @@ from torch import nn
 import resnet_kernels.ops.batch_norm as bn_ops
 import resnet_kernels.ops.conv2d as conv_ops
 from resnet_kernels import _tune, _unitplan
-from resnet_kernels.functional import conv_bn_act, conv_bn_add_act
+from resnet_kernels.functional import conv_bn_add_act
 
 # (multiples of 8: PyTorch's oneDNN CPU weight gradient of a channels_last 1x1 stride-2 convolution
 # with 6 -> 10 channels is racy with 2 threads and corrupts memory with 1, upstream, whatever calls it)
