@@ -72,6 +72,8 @@ _noticed = False
 _timer_override: Optional[Callable[[Callable[[], Any], torch.device], float]] = None
 _tunable_devices = {"cuda"}
 _recorder: contextvars.ContextVar[Optional[List[Decision]]] = contextvars.ContextVar("rk_recorder", default=None)
+# the Calls dispatched while a fused unit's whole path runs (resnet_kernels/_unitplan.py makes its plan of them)
+_capture: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("rk_capture", default=None)
 # the module path the recorded calls are attributed to (explain's forward hooks push and pop it)
 _where: contextvars.ContextVar[Optional[List[str]]] = contextvars.ContextVar("rk_where", default=None)
 
@@ -565,6 +567,9 @@ def dispatch(op: str, requested: str, call: Any) -> Any:
     """Resolve ``requested`` ('auto' or a backend name) for this call and run it; returns the
     implementation's outputs (``call.run``'s value)."""
     device = call.device
+    cap = _capture.get()
+    if cap is not None:
+        cap.append((op, requested, call))
     if _recorder.get() is None and not log.isEnabledFor(logging.DEBUG):
         # the hot path: nothing records or logs the decision, so none is built (same resolution)
         if requested != "auto":

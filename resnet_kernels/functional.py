@@ -51,7 +51,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _backend, _tune, _weight_cache
+from . import _backend, _tune, _unitplan, _weight_cache
 from ._checks import check_bool, in_layout_of, layout_of
 from .nn._bn import BatchStats, batch_stats_args, bn_scale_shift, commit, uses_batch_stats
 from .ops.batch_norm import batch_norm_act
@@ -193,8 +193,16 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
     xin, padding = _conv_input(x, conv)
     scale, shift = _folded_scale_shift(xin, conv, bn)
     residual = _in_layout(residual, xin)
-    return conv2d_epilogue(xin, _cast(conv.weight, wdt), scale, shift, residual, stride=conv.stride, padding=padding,
-                           dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
+    w = _cast(conv.weight, wdt)
+
+    def full():
+        return conv2d_epilogue(xin, w, scale, shift, residual, stride=conv.stride, padding=padding,
+                               dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
+
+    requested = _backend.op_arg(backend)
+    if requested != "auto" and _unitplan.ENABLED:  # the unit's validated plan (resnet_kernels/_unitplan.py)
+        return _unitplan.eval_unit(xin, w, scale, shift, residual, conv, padding, relu, requested, full)
+    return full()
 
 
 def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -283,16 +291,36 @@ def _plain(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     return torch.relu_(y) if relu else y
 
 
+def _planned(x, conv, wdt, backend) -> Optional[str]:
+    """The explicit backend requested when a training unit may run through its validated plan
+    (resnet_kernels/_unitplan.py: plain eager, no autocast, no conv bias), else None."""
+    if wdt is not None or conv.bias is not None or not _unitplan.ENABLED:
+        return None
+    if type(x) is not Tensor and type(x) is not nn.Parameter:
+        return None
+    requested = _backend.op_arg(backend)
+    return None if requested == "auto" else requested
+
+
 def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
     if uses_batch_stats(bn):
-        # bn's running-statistics update is applied only once every op has succeeded, so a
-        # call that raises (a bad residual, an unusable backend) changes nothing
-        updates: list = []
-        y, st = _train_parts(x, conv, bn, backend, wdt, updates)
-        out = _apply(y, st, residual, None, relu, backend)
-        commit(updates)
-        return out
+        requested = _planned(x, conv, wdt, backend)
+        if requested is not None:
+            xin, padding = _conv_input(x, conv)
+            return _unitplan.train_unit(xin, conv, bn, padding, residual, None, None, None, None, relu, requested,
+                                        lambda: _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt))
+        return _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt)
     return _folded_epilogue(x, conv, bn, relu, residual, backend, wdt)
+
+
+def _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt):
+    # bn's running-statistics update is applied only once every op has succeeded, so a
+    # call that raises (a bad residual, an unusable backend) changes nothing
+    updates: list = []
+    y, st = _train_parts(x, conv, bn, backend, wdt, updates)
+    out = _apply(y, st, residual, None, relu, backend)
+    commit(updates)
+    return out
 
 
 def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input: Tensor,
@@ -332,6 +360,20 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
 def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt):
     if shortcut_conv is None:
         return _conv_bn_act(x, conv, bn, relu, shortcut_input, backend, wdt)
+    if uses_batch_stats(bn) and uses_batch_stats(shortcut_bn):
+        requested = _planned(x, conv, wdt, backend)
+        if requested is not None and shortcut_conv.bias is None and (
+                type(shortcut_input) is Tensor or type(shortcut_input) is nn.Parameter):
+            xin, padding = _conv_input(x, conv)
+            rin, rpadding = _conv_input(shortcut_input, shortcut_conv)
+            return _unitplan.train_unit(xin, conv, bn, padding, None, rin, shortcut_conv, shortcut_bn, rpadding, relu,
+                                        requested, lambda: _conv_bn_add_act_full(x, conv, bn, shortcut_input,
+                                                                                 shortcut_conv, shortcut_bn, relu,
+                                                                                 backend, wdt))
+    return _conv_bn_add_act_full(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt)
+
+
+def _conv_bn_add_act_full(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt):
     updates: list = []  # both BNs' side effects, applied once every op has succeeded
     if uses_batch_stats(bn):
         y, st = _train_parts(x, conv, bn, backend, wdt, updates)

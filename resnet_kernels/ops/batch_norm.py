@@ -694,6 +694,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    return backward_with(ctx, grad, _batch_norm_act_backward)
+
+
+def backward_with(ctx, grad, run):
+    """The op's backward with ``run`` (the ``batch_norm_act_backward`` op's signature) computing the
+    gradients: the op itself, or a fused unit's validated plan of it (resnet_kernels/_unitplan.py)."""
     out, y, mean, var, weight, identity, id_mean, id_var, id_weight = ctx.saved_tensors
     n = ctx.needs_input_grad
     ny, nw, nb, ni, niw, nib = bool(n[0]), bool(n[3]), bool(n[4]), bool(n[5]), bool(n[8]), bool(n[9])
@@ -703,7 +709,7 @@ def _backward(ctx, grad):
     grad = in_layout_of(grad, y)
     w_dt, b_dt, iw_dt, ib_dt = ctx.pdt
     ni = ni and identity is not None
-    gy, gi, gw, gb, giw, gib = _batch_norm_act_backward(
+    gy, gi, gw, gb, giw, gib = run(
         grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, ctx.eps, ctx.id_eps, ctx.relu, ny, ni,
         nw and weight is not None, nb and ctx.has_bias, niw and id_weight is not None, nib and ctx.has_id_bias,
         w_dt or b_dt, iw_dt or ib_dt, ctx.backend)
@@ -800,7 +806,9 @@ def _validate_update(updates: List[RunningUpdate]) -> None:
             raise ValueError(f"{op}: {nm('mean', i)} is on {mean.device}, mean[0] on {updates[0].mean.device} "
                              f"(one launch, one device)")
     # the implementations update every buffer of the call at once: each may appear once
-    seen = []
+    if not _any_overlap(updates):
+        return
+    seen = []  # (some buffers overlap: the pairwise scan names the first pair, in call order)
     for i, u in enumerate(updates):
         for name, t in zip(_BUFFERS, u[2:5]):
             if t is None:
@@ -810,6 +818,42 @@ def _validate_update(updates: List[RunningUpdate]) -> None:
                     raise ValueError(f"{op}: {nm(name, i)} shares memory with {nm(other, j)}: each buffer may be "
                                      f"updated once per call (apply such updates in separate calls, in order)")
             seen.append((name, i, t))
+
+
+def _any_overlap(updates: List[RunningUpdate]) -> bool:
+    """False when no two buffers of the call share memory (``_overlap``'s rule), from one sweep over
+    the buffers' byte ranges sorted per storage instead of comparing every pair (a block's 4
+    BatchNorms have 12 buffers: 66 pairs, two storage lookups each). True when some may: the
+    pairwise scan then decides and names the pair (also for what the sweep does not model: an
+    empty buffer, a tensor without storage)."""
+    ids = set()
+    spans = []
+    for u in updates:
+        for t in u[2:5]:
+            if t is None:
+                continue
+            if id(t) in ids:
+                return True
+            ids.add(id(t))
+            n = t.numel()
+            if n == 0:
+                return True
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return True
+            a0 = t.storage_offset() * t.element_size()
+            spans.append((st._cdata, a0, a0 + n * t.element_size()))
+    spans.sort()
+    storage, end = None, 0
+    for cdata, a0, a1 in spans:
+        if cdata == storage and a0 < end:
+            return True
+        if cdata != storage:
+            storage, end = cdata, a1
+        elif a1 > end:
+            end = a1
+    return False
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:

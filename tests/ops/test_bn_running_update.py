@@ -399,3 +399,28 @@ def test_compiles_fullgraph():
         torch.testing.assert_close(a.running_mean, b.running_mean)
         torch.testing.assert_close(a.running_var, b.running_var)
         assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 4
+
+
+def test_the_overlap_sweep_never_misses_what_the_pairwise_rule_finds():
+    """``_any_overlap`` (one sorted sweep) gates the pairwise scan: it may say True for buffers that
+    do not overlap (the scan then finds nothing), never False for buffers that do."""
+    from resnet_kernels.ops.batch_norm import RunningUpdate, _any_overlap, _overlap
+
+    g = torch.Generator().manual_seed(0)
+    stores = [torch.zeros(40), torch.zeros(40, dtype=torch.float64)]
+    found = {True: 0, False: 0}
+    for _ in range(300):
+        bufs = []
+        for _ in range(int(torch.randint(1, 9, (1,), generator=g))):
+            s = stores[int(torch.randint(0, 2, (1,), generator=g))]
+            a = int(torch.randint(0, 36, (1,), generator=g))
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            bufs.append(s[a:a + n] if int(torch.randint(0, 4, (1,), generator=g)) else torch.zeros(n))
+        ups = [RunningUpdate(None, None, b, None, None, 0.1, 1.0) for b in bufs]
+        pairwise = any(_overlap(bufs[i], bufs[j]) for i in range(len(bufs)) for j in range(i))
+        found[pairwise] += 1
+        if pairwise:
+            assert _any_overlap(ups)
+        else:
+            assert not _any_overlap(ups)  # storage-backed, non-empty: the sweep is exact
+    assert found[True] and found[False]

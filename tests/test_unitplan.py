@@ -1,0 +1,300 @@
+"""The fused units' validated plans (resnet_kernels/_unitplan.py): a repeated call skips the
+validation and reruns the captured Calls, with the same numbers, the same side effects and the same
+errors as the whole path; every change that validation reads makes a new plan (never stale)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_kernels.ops.batch_norm as bn_ops
+import resnet_kernels.ops.conv2d as conv_ops
+from resnet_kernels import _tune, _unitplan
+from resnet_kernels.functional import conv_bn_add_act
+
+# (multiples of 8: PyTorch's oneDNN CPU weight gradient of a channels_last 1x1 stride-2 convolution
+# with 6 -> 10 channels is racy with 2 threads and corrupts memory with 1, upstream, whatever calls it)
+C_IN, C = 8, 16
+BACKENDS = ["aten", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    _unitplan.clear()
+    yield
+    _unitplan.ENABLED = True
+    _unitplan.clear()
+
+
+def _world(projection: bool, momentum=0.1, seed=0):
+    torch.manual_seed(seed)
+    w = dict(conv=nn.Conv2d(C, C, 3, padding=1, bias=False), bn=nn.BatchNorm2d(C, momentum=momentum))
+    if projection:
+        w["sconv"] = nn.Conv2d(C_IN, C, 1, stride=2, bias=False)
+        w["sbn"] = nn.BatchNorm2d(C, momentum=momentum)
+    with torch.no_grad():
+        for m in w.values():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return w
+
+
+def _inputs(projection: bool, layout: str, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, C, 4, 4, generator=g)
+    s = torch.randn(2, C_IN, 8, 8, generator=g) if projection else torch.randn(2, C, 4, 4, generator=g)
+    if layout == "channels_last":
+        h, s = h.to(memory_format=torch.channels_last), s.to(memory_format=torch.channels_last)
+    return h.requires_grad_(), s.requires_grad_()
+
+
+def _unit(w, h, s, backend):
+    if "sconv" in w:
+        return conv_bn_add_act(h, w["conv"], w["bn"], s, w["sconv"], w["sbn"], backend=backend)
+    return conv_bn_add_act(h, w["conv"], w["bn"], s, backend=backend)
+
+
+def _run(w, h, s, backend, plans: bool, steps: int = 3):
+    """steps training steps (SGD on the modules) then an eval forward; everything observable."""
+    _unitplan.ENABLED = plans
+    try:
+        mods = list(w.values())
+        opt = torch.optim.SGD([p for m in mods for p in m.parameters()], lr=0.1, momentum=0.9)
+        got = []
+        for _ in range(steps):
+            for m in mods:
+                m.train()
+            opt.zero_grad()
+            h.grad = s.grad = None
+            out = _unit(w, h, s, backend)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            got += [out.detach(), h.grad.clone(), s.grad.clone()]
+            got += [p.grad.clone() for m in mods for p in m.parameters()]
+            opt.step()
+            got += [b.clone() for m in mods for b in m.buffers()]
+        for m in mods:
+            m.eval()
+        with torch.no_grad():
+            got.append(_unit(w, h, s, backend))
+        return got
+    finally:
+        _unitplan.ENABLED = True
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride(), i
+        assert torch.equal(x, y), i
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bitwise_the_whole_path(backend, layout, projection, momentum):
+    w = _world(projection, momentum)
+    h, s = _inputs(projection, layout)
+    ref = _run(copy.deepcopy(w), h, s, backend, plans=False)
+    assert _unitplan.count() == 0
+    got = _run(w, h, s, backend, plans=True)
+    # the training unit (per BatchNorm), the eval units (per conv: the main and the projection)
+    assert _unitplan.count() == (3 if projection else 2)
+    _assert_same(got, ref)
+
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_hit_validates_nothing(monkeypatch, projection):
+    w = _world(projection)
+    h, s = _inputs(projection, "nchw")
+    conv_v = _counting(monkeypatch, conv_ops, "_validate_conv")
+    bn_v = _counting(monkeypatch, bn_ops, "_validate")
+    upd_v = _counting(monkeypatch, bn_ops, "_validate_update")
+    bwd_v = _counting(monkeypatch, bn_ops, "_validate_backward")
+    _unit(w, h, s, "aten").sum().backward()  # the whole path: validated, the plan made
+    first = (len(conv_v), len(bn_v), len(upd_v), len(bwd_v))
+    assert first == ((2 if projection else 1), 1, 1, 1)
+    _unit(w, h, s, "aten").sum().backward()  # the planned forward; its backward's plan is made
+    assert (len(conv_v), len(bn_v), len(upd_v), len(bwd_v)) == first[:3] + (2,)
+    for _ in range(2):
+        _unit(w, h, s, "aten").sum().backward()
+    assert (len(conv_v), len(bn_v), len(upd_v), len(bwd_v)) == first[:3] + (2,)
+    # eval: conv2d_epilogue's validation, once
+    epi_v = _counting(monkeypatch, conv_ops, "_validate_epilogue")
+    for m in w.values():
+        m.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            _unit(w, h, s, "aten")
+    assert len(epi_v) == (2 if projection else 1)
+
+
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+def _state(w):
+    return [t.clone() for m in w.values() for t in list(m.parameters()) + list(m.buffers())]
+
+
+@pytest.mark.parametrize("change", ["bn_weight_shape", "conv_dtype", "x_channels", "residual_shape",
+                                    "aliased_buffers", "residual_dtype"])
+def test_a_bad_call_after_a_plan_raises_what_the_whole_path_raises(change):
+    """Each change is one validation reads: the plan misses, the whole path names the argument,
+    and the failed call changes no state (and makes no plan)."""
+    w = _world(False)
+    h, s = _inputs(False, "nchw")
+    for _ in range(2):
+        _unit(w, h, s, "aten")
+    assert _unitplan.count() == 1
+    conv, bn = w["conv"], w["bn"]
+    if change == "bn_weight_shape":
+        bn.weight.data = torch.ones(C + 1)
+    elif change == "conv_dtype":
+        conv.weight.data = conv.weight.data.double()
+    elif change == "x_channels":
+        h = torch.randn(2, C + 1, 4, 4)
+    elif change == "residual_shape":
+        s = torch.randn(2, C, 5, 5)
+    elif change == "aliased_buffers":
+        bn.running_var.data = bn.running_mean.data
+    elif change == "residual_dtype":
+        s = s.detach().double()
+    before = _state(w)
+    got = _error(lambda: _unit(w, h, s, "aten"))
+    assert _unitplan.count() == 1
+    _unitplan.ENABLED = False
+    want = _error(lambda: _unit(w, h, s, "aten"))
+    assert got == want
+    _assert_same(_state(w), before)
+
+
+def test_each_change_validation_reads_makes_a_new_plan():
+    w = _world(True)
+    h, s = _inputs(True, "nchw")
+    ref_w = copy.deepcopy(w)
+
+    def both(fn):
+        _unitplan.ENABLED = True
+        a = fn(w)
+        _unitplan.ENABLED = False
+        b = fn(ref_w)
+        _unitplan.ENABLED = True
+        _assert_same([a], [b])
+
+    def train(world):
+        for m in world.values():
+            m.train()
+        return _unit(world, h, s, "aten").detach()
+
+    def evaluate(world):
+        for m in world.values():
+            m.eval()
+        with torch.no_grad():
+            return _unit(world, h, s, "aten")
+
+    both(train)
+    both(train)
+    n = _unitplan.count()
+    both(evaluate)  # train/eval switch
+    assert _unitplan.count() == n + 2  # the main and the shortcut conv2d_epilogue
+    n = _unitplan.count()
+    # a replaced buffer (another address) and a replaced parameter: new plans, and the new tensors are used
+    for world in (w, ref_w):
+        world["bn"].running_mean = torch.zeros(C)
+        world["sbn"].weight = nn.Parameter(torch.full((C,), 2.0))
+    both(train)
+    assert _unitplan.count() == n + 1
+    # load_state_dict and an in-place parameter change: values only, the plan stays and reads them
+    state = _world(True, seed=5)
+    for world in (w, ref_w):
+        for k in world:
+            world[k].load_state_dict(state[k].state_dict())
+        with torch.no_grad():
+            world["bn"].bias.add_(0.25)
+    n = _unitplan.count()
+    both(train)
+    both(evaluate)
+    assert _unitplan.count() == n
+    # dtype and layout changes (.to()): new plans
+    for world in (w, ref_w):
+        for m in world.values():
+            m.to(torch.float64)
+    h64, s64 = h.detach().double(), s.detach().double()
+
+    def train64(world):
+        for m in world.values():
+            m.train()
+        return _unit(world, h64, s64, "aten").detach()
+
+    both(train64)
+    for world in (w, ref_w):
+        for m in world.values():
+            m.to(memory_format=torch.channels_last)
+    hcl, scl = h64.to(memory_format=torch.channels_last), s64.to(memory_format=torch.channels_last)
+
+    def train_cl(world):
+        for m in world.values():
+            m.train()
+        return _unit(world, hcl, scl, "aten").detach()
+
+    both(train_cl)
+    assert _unitplan.count() > n
+
+
+def test_plans_are_bounded_per_module():
+    w = _world(False)
+    for n in range(2, 2 + 2 * _unitplan.MAX_PLANS):
+        h = torch.randn(n, C, 4, 4)
+        _unit(w, h, torch.randn(n, C, 4, 4), "aten")
+    assert _unitplan.count() == _unitplan.MAX_PLANS
+
+
+def test_no_plan_where_each_op_must_be_seen():
+    """explain's recorder, the DEBUG log, 'auto' and a function mode see every op call."""
+    w = _world(False)
+    h, s = _inputs(False, "nchw")
+    with _tune.recording() as rec:
+        _unit(w, h, s, "aten")
+        _unit(w, h, s, "aten")
+    assert [d.op for d in rec].count("conv2d_stats") == 2
+    assert _unitplan.count() == 0
+    _unit(w, h, s, "auto")
+    assert _unitplan.count() == 0
+    with torch.device("cpu"):  # a TorchFunctionMode
+        _unit(w, h, s, "aten")
+    assert _unitplan.count() == 0
+
+
+def test_gradcheck_through_the_planned_unit():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    bn = nn.BatchNorm2d(4).double()
+    sconv = nn.Conv2d(2, 4, 1, stride=2, bias=False).double()
+    sbn = nn.BatchNorm2d(4).double()
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten")  # makes the plan
+    assert _unitplan.count() == 1
+    torch.autograd.gradcheck(lambda x, r: conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten"), (x, r))
+    assert _unitplan.count() == 1
