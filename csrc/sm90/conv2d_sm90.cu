@@ -41,6 +41,7 @@
 #include "../conv2d.h"
 #include "../nhwc_stats.h"
 #include "col_stats_epilogue.hpp"
+#include "conv_common.hpp"
 #include "conv2d_sm90.h"
 
 namespace rk {
@@ -92,61 +93,11 @@ using StatsConv = ConvKernelOf<
     cutlass::epilogue::fusion::Sm90EVT<Sm90ColStatsPartials<T, colstats::kSubRows, colstats::kSubCols>,
                                        cutlass::epilogue::fusion::Sm90AccFetch>>;
 
-ProblemShape make_problem(const Conv2dArgs& a) {
-  const int N = static_cast<int>(a.N), H = static_cast<int>(a.H), W = static_cast<int>(a.W);
-  const int C = static_cast<int>(a.Cin), K = static_cast<int>(a.Cout);
-  const int R = static_cast<int>(a.KH), S = static_cast<int>(a.KW);
-  return ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {N, H, W, C}, {K, R, S, C},
-                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
-                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
-                      {static_cast<int>(a.stride_h), static_cast<int>(a.stride_w)}, {1, 1}, 1);
-}
-
-// The epilogue's C/D strides ((q, p, n), 1, 0) from the problem's packed NPQK output strides.
-template <typename Stride>
-Stride output_stride(const ProblemShape& ps) {
-  Stride s{};
-  cute::for_each(cute::make_seq<cute::rank<0>(Stride{})>{},
-                 [&](auto i) { cute::get<0, i>(s) = ps.stride_C[ProblemShape::RankT - 2 - i]; });
-  return s;
-}
-
-const char* status_name(cutlass::Status s) { return cutlassGetStatusString(s); }
-
-// CUTLASS's own host-side checks of the arguments we built (no device access): run before the
-// device check, so they are exercised (and tested) on machines without an sm_90 GPU.
-template <typename Conv>
-void check_conv(const typename Conv::Arguments& args, int64_t workspace_bytes, const char* what) {
-  const size_t need = Conv::get_workspace_size(args);
-  if (static_cast<int64_t>(need) > workspace_bytes)
-    throw ArgError(cat("conv2d_sm90_forward: ", what, " needs ", need, " bytes of CUTLASS workspace, got ",
-                       workspace_bytes));
-  const cutlass::Status st = Conv::can_implement(args);
-  if (st != cutlass::Status::kSuccess)
-    throw ArgError(cat("conv2d_sm90_forward: CUTLASS cannot implement this convolution (", what, "): ",
-                       status_name(st), " (TMA limits: channels multiple of 8, padding <= 128, "
-                       "pad - (kernel - 1) >= -128, kernel size <= 255)"));
-}
-
-template <typename Conv>
-void run_conv(const typename Conv::Arguments& args, void* workspace, int64_t workspace_bytes, cudaStream_t stream,
-              const char* what) {
-  check_conv<Conv>(args, workspace_bytes, what);
-  cutlass::Status st;
-  Conv op;
-  st = op.initialize(args, workspace, stream);
-  if (st != cutlass::Status::kSuccess)
-    throw CudaError(cat("conv2d_sm90_forward: ", what, " initialize: ", status_name(st)));
-  st = op.run(stream);
-  if (st != cutlass::Status::kSuccess) throw CudaError(cat("conv2d_sm90_forward: ", what, " run: ", status_name(st)));
-  check_launch(what);
-}
-
 template <typename T>
 typename FusedConv<T>::Conv::Arguments fused_args(const Conv2dArgs& a) {
   using Conv = typename FusedConv<T>::Conv;
   using Kernel = typename Conv::ConvKernel;
-  const ProblemShape ps = make_problem(a);
+  const ProblemShape ps = make_problem<ProblemShape>(a);
   typename Conv::Arguments args{};
   args.problem_shape = ps;
   args.mainloop.ptr_A = reinterpret_cast<const T*>(a.x);
@@ -161,9 +112,9 @@ typename FusedConv<T>::Conv::Arguments fused_args(const Conv2dArgs& a) {
   fus.activation.upper_bound = std::numeric_limits<float>::infinity();
   // without a residual C points at out (never read: beta = 0) so that its TMA descriptor is valid
   args.epilogue.ptr_C = reinterpret_cast<const T*>(a.residual ? a.residual : a.out);
-  args.epilogue.dC = output_stride<typename Kernel::StrideC>(ps);
+  args.epilogue.dC = nhwc_output_stride<typename Kernel::StrideC>(ps);
   args.epilogue.ptr_D = reinterpret_cast<T*>(a.out);
-  args.epilogue.dD = output_stride<typename Kernel::StrideD>(ps);
+  args.epilogue.dD = nhwc_output_stride<typename Kernel::StrideD>(ps);
   return args;
 }
 
@@ -171,7 +122,7 @@ template <typename T>
 typename StatsConv<T>::Conv::Arguments stats_args(const Conv2dArgs& a, float* part_mean, float* part_m2) {
   using Conv = typename StatsConv<T>::Conv;
   using Kernel = typename Conv::ConvKernel;
-  const ProblemShape ps = make_problem(a);
+  const ProblemShape ps = make_problem<ProblemShape>(a);
   typename Conv::Arguments args{};
   args.problem_shape = ps;
   args.mainloop.ptr_A = reinterpret_cast<const T*>(a.x);
@@ -179,9 +130,9 @@ typename StatsConv<T>::Conv::Arguments stats_args(const Conv2dArgs& a, float* pa
   // Sm90EVT's arguments: the child's (Sm90AccFetch: none), then the node's
   args.epilogue.thread = {{}, {part_mean, part_m2, static_cast<int>(a.Cout)}};
   args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = output_stride<typename Kernel::StrideC>(ps);
+  args.epilogue.dC = nhwc_output_stride<typename Kernel::StrideC>(ps);
   args.epilogue.ptr_D = reinterpret_cast<T*>(a.out);
-  args.epilogue.dD = output_stride<typename Kernel::StrideD>(ps);
+  args.epilogue.dD = nhwc_output_stride<typename Kernel::StrideD>(ps);
   return args;
 }
 
@@ -301,29 +252,21 @@ void validate(const Conv2dArgs& a) {
     throw ArgError(cat(fn, ": the operand prologue (bn_mean ...) is the mma.sync kernel's (conv2d_forward) only"));
 }
 
-void require_sm90(const char* fn) {
-  int dev = 0, major = 0, minor = 0;
-  check_cuda(cudaGetDevice(&dev), "conv2d_sm90_forward: cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  if (major != 9 || minor != 0)
-    throw ArgError(cat(fn, ": the sm_90a kernels run on compute capability 9.0 (H100/H200/GH200) only; device ", dev,
-                       " is ", major, ".", minor));
-}
-
 // The per-tile partials in the caller's workspace (nhwc_stats' layout: means, then M2s).
 std::pair<float*, float*> part_ptrs(const Conv2dArgs& a, const Workspace& w) {
   float* pm = reinterpret_cast<float*>(a.workspace + w.stats);
   return {pm, pm + ceil_div(a.N * a.OH * a.OW, static_cast<int64_t>(colstats::kTileRows)) * a.Cout};
 }
 
+constexpr const char* kFn = "conv2d_sm90_forward";
+
 template <typename T>
 void check(const Conv2dArgs& a, const Workspace& w) {
   if (a.mean == 0)
-    check_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), w.cutlass_bytes, "conv2d_sm90 fused-epilogue kernel");
+    check_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), w.cutlass_bytes, kFn, "fused-epilogue kernel");
   else
     check_conv<typename StatsConv<T>::Conv>(stats_args<T>(a, part_ptrs(a, w).first, part_ptrs(a, w).second),
-                                            w.cutlass_bytes, "conv2d_sm90 statistics-epilogue kernel");
+                                            w.cutlass_bytes, kFn, "statistics-epilogue kernel");
 }
 
 template <typename T>
@@ -332,13 +275,13 @@ void launch(const Conv2dArgs& a, const Workspace& w, cudaStream_t stream) {
   void* cws = w.cutlass_bytes ? ws + w.cutlass : nullptr;
   const bool stats = a.mean != 0;
   if (!stats) {
-    run_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), cws, w.cutlass_bytes, stream,
-                                          "conv2d_sm90 fused-epilogue kernel");
+    run_conv<typename FusedConv<T>::Conv>(fused_args<T>(a), cws, w.cutlass_bytes, stream, kFn,
+                                          "fused-epilogue kernel");
     return;
   }
   const auto parts = part_ptrs(a, w);
   run_conv<typename StatsConv<T>::Conv>(stats_args<T>(a, parts.first, parts.second), cws, w.cutlass_bytes, stream,
-                                        "conv2d_sm90 statistics-epilogue kernel");
+                                        kFn, "statistics-epilogue kernel");
   nhwc_stats_combine(parts.first, parts.second, a.N * a.OH * a.OW, a.Cout, reinterpret_cast<float*>(a.mean),
                      reinterpret_cast<float*>(a.var), a.stream);
 }

@@ -32,6 +32,7 @@
 
 #include "../common.h"
 #include "conv2d_sm90_bwd.h"
+#include "conv_common.hpp"
 
 namespace rk {
 namespace sm90bwd {
@@ -83,33 +84,11 @@ struct WgradConv {
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 };
 
-// The user-facing shapes are the forward's: activation x (N, H, W, Cin), filter (Cout, KH, KW, Cin)
-// (ConvProblemShape derives dy's (N, OH, OW, Cout) and assigns A/B/C per operator).
-template <typename ProblemShape>
-ProblemShape make_problem(const Conv2dSm90BwdArgs& a) {
-  const int N = static_cast<int>(a.N), H = static_cast<int>(a.H), W = static_cast<int>(a.W);
-  const int C = static_cast<int>(a.Cin), K = static_cast<int>(a.Cout);
-  const int R = static_cast<int>(a.KH), S = static_cast<int>(a.KW);
-  return ProblemShape(cutlass::conv::Mode::kCrossCorrelation, {N, H, W, C}, {K, R, S, C},
-                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
-                      {static_cast<int>(a.pad_h), static_cast<int>(a.pad_w)},
-                      {static_cast<int>(a.stride_h), static_cast<int>(a.stride_w)}, {1, 1}, 1);
-}
-
-// dgrad's C/D strides ((w, h, n), 1, 0) from the problem's packed NHWC strides (as the forward's).
-template <typename Stride, typename ProblemShape>
-Stride nhwc_output_stride(const ProblemShape& ps) {
-  Stride s{};
-  cute::for_each(cute::make_seq<cute::rank<0>(Stride{})>{},
-                 [&](auto i) { cute::get<0, i>(s) = ps.stride_C[ProblemShape::RankT - 2 - i]; });
-  return s;
-}
-
 template <typename T>
 typename DgradConv<T>::Conv::Arguments dgrad_args(const Conv2dSm90BwdArgs& a) {
   using Conv = typename DgradConv<T>::Conv;
   using Kernel = typename Conv::ConvKernel;
-  const auto ps = make_problem<typename DgradConv<T>::ProblemShape>(a);
+  const auto ps = sm90::make_problem<typename DgradConv<T>::ProblemShape>(a);
   typename Conv::Arguments args{};
   args.problem_shape = ps;
   args.mainloop.ptr_A = reinterpret_cast<const T*>(a.dy);
@@ -118,9 +97,9 @@ typename DgradConv<T>::Conv::Arguments dgrad_args(const Conv2dSm90BwdArgs& a) {
   args.epilogue.thread.beta = a.residual ? 1.f : 0.f;  // beta 0: C is never loaded
   // without a residual C points at grad_x (never read: beta = 0) so that its TMA descriptor is valid
   args.epilogue.ptr_C = reinterpret_cast<const T*>(a.residual ? a.residual : a.grad_x);
-  args.epilogue.dC = nhwc_output_stride<typename Kernel::StrideC>(ps);
+  args.epilogue.dC = sm90::nhwc_output_stride<typename Kernel::StrideC>(ps);
   args.epilogue.ptr_D = reinterpret_cast<T*>(a.grad_x);
-  args.epilogue.dD = nhwc_output_stride<typename Kernel::StrideD>(ps);
+  args.epilogue.dD = sm90::nhwc_output_stride<typename Kernel::StrideD>(ps);
   return args;
 }
 
@@ -128,7 +107,7 @@ template <typename T>
 typename WgradConv<T>::Conv::Arguments wgrad_args(const Conv2dSm90BwdArgs& a) {
   using Conv = typename WgradConv<T>::Conv;
   using Kernel = typename Conv::ConvKernel;
-  const auto ps = make_problem<typename WgradConv<T>::ProblemShape>(a);
+  const auto ps = sm90::make_problem<typename WgradConv<T>::ProblemShape>(a);
   typename Conv::Arguments args{};
   args.problem_shape = ps;
   args.mainloop.ptr_A = reinterpret_cast<const T*>(a.dy);
@@ -140,32 +119,6 @@ typename WgradConv<T>::Conv::Arguments wgrad_args(const Conv2dSm90BwdArgs& a) {
   args.epilogue.ptr_D = reinterpret_cast<T*>(a.grad_w);
   args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, ps.shape_C, ps.stride_C, kWgrad);
   return args;
-}
-
-// CUTLASS's own host-side checks of the arguments we built (no device access): run before the
-// device check, so they are exercised on machines without an sm_90 GPU.
-template <typename Conv>
-void check_conv(const typename Conv::Arguments& args, int64_t workspace_bytes, const char* fn) {
-  const size_t need = Conv::get_workspace_size(args);
-  if (static_cast<int64_t>(need) > workspace_bytes)
-    throw ArgError(cat(fn, ": needs ", need, " bytes of CUTLASS workspace, got ", workspace_bytes));
-  const cutlass::Status st = Conv::can_implement(args);
-  if (st != cutlass::Status::kSuccess)
-    throw ArgError(cat(fn, ": CUTLASS cannot implement this convolution: ", cutlassGetStatusString(st),
-                       " (TMA limits: channels multiple of 8, padding <= 128, pad - (kernel - 1) >= -128, "
-                       "kernel size <= 255)"));
-}
-
-template <typename Conv>
-void run_conv(const typename Conv::Arguments& args, const Conv2dSm90BwdArgs& a, const char* fn) {
-  cudaStream_t stream = as_stream(a.stream);
-  void* ws = a.workspace_bytes > 0 ? reinterpret_cast<void*>(a.workspace) : nullptr;
-  Conv op;
-  cutlass::Status st = op.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess) throw CudaError(cat(fn, ": initialize: ", cutlassGetStatusString(st)));
-  st = op.run(stream);
-  if (st != cutlass::Status::kSuccess) throw CudaError(cat(fn, ": run: ", cutlassGetStatusString(st)));
-  check_launch(fn);
 }
 
 constexpr int64_t kIntMax = 2147483647;
@@ -234,30 +187,25 @@ int64_t workspace_bytes(const Conv2dSm90BwdArgs& a, bool dgrad) {
   return (b + 255) / 256 * 256;
 }
 
-void require_sm90(const char* fn) {
-  int dev = 0, major = 0, minor = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  if (major != 9 || minor != 0)
-    throw ArgError(cat(fn, ": the sm_90a kernels run on compute capability 9.0 (H100/H200/GH200) only; device ", dev,
-                       " is ", major, ".", minor));
+// CUTLASS's host-side checks, then the device check, then the launch (the checks run first so that
+// machines without an sm_90 GPU exercise them)
+template <typename Conv>
+void check_and_run(const typename Conv::Arguments& args, const Conv2dSm90BwdArgs& a, const char* fn,
+                   const char* what) {
+  sm90::check_conv<Conv>(args, a.workspace_bytes, fn, what);
+  sm90::require_sm90(fn);
+  sm90::run_conv<Conv>(args, a.workspace_bytes > 0 ? reinterpret_cast<void*>(a.workspace) : nullptr,
+                       a.workspace_bytes, as_stream(a.stream), fn, what);
 }
 
 template <typename T>
 void dgrad(const Conv2dSm90BwdArgs& a, const char* fn) {
-  const auto args = dgrad_args<T>(a);
-  check_conv<typename DgradConv<T>::Conv>(args, a.workspace_bytes, fn);
-  require_sm90(fn);
-  run_conv<typename DgradConv<T>::Conv>(args, a, fn);
+  check_and_run<typename DgradConv<T>::Conv>(dgrad_args<T>(a), a, fn, "dgrad kernel");
 }
 
 template <typename T>
 void wgrad(const Conv2dSm90BwdArgs& a, const char* fn) {
-  const auto args = wgrad_args<T>(a);
-  check_conv<typename WgradConv<T>::Conv>(args, a.workspace_bytes, fn);
-  require_sm90(fn);
-  run_conv<typename WgradConv<T>::Conv>(args, a, fn);
+  check_and_run<typename WgradConv<T>::Conv>(wgrad_args<T>(a), a, fn, "wgrad kernel");
 }
 
 void check_workspace(const Conv2dSm90BwdArgs& a, int64_t need, const char* fn) {
