@@ -122,6 +122,23 @@ def _cutlass_available(device: Optional[torch.device]) -> Optional[str]:
 _INT32_MAX = 2**31 - 1
 
 
+def _tma_conv_reasons(stride, padding, KH: int, KW: int, x_numel: int, out_numel: int) -> list:
+    """What the CUTLASS sm_90a convolutions' TMA im2col and 32-bit extents refuse (the forward's and
+    the backward's ``supports`` alike): strides above 8, padding outside the im2col corner limits,
+    tensors of more than 2^31 - 1 elements."""
+    why = []
+    (sh, sw), (ph, pw) = stride, padding
+    if sh > 8 or sw > 8:
+        why.append(f"stride={tuple(stride)} (TMA im2col takes strides <= 8)")
+    if max(ph, pw) > 128 or min(ph - (KH - 1), pw - (KW - 1)) < -128 or max(ph - (KH - 1), pw - (KW - 1)) > 127 \
+            or max(KH, KW) > 255:
+        why.append(f"padding={tuple(padding)} with kernel ({KH}, {KW}) is outside the TMA im2col corner "
+                   f"limits (padding <= 128, padding - (kernel - 1) in [-128, 127])")
+    if x_numel > _INT32_MAX or out_numel > _INT32_MAX:
+        why.append("a tensor of more than 2^31 - 1 elements (32-bit CUTLASS extents)")
+    return why
+
+
 def cutlass_supports(call) -> Optional[str]:
     """The calls the CUTLASS sm_90a convolution (csrc/sm90/conv2d_sm90.h) implements: every reason
     it refuses this one, joined (None: supported). The device itself is checked by the backend's
@@ -156,16 +173,7 @@ def cutlass_supports(call) -> Optional[str]:
     vec = 4 if x.dtype == torch.float32 else 8  # 16 bytes of channels (float64 is refused above)
     if Cout % vec != 0:
         why.append(f"Cout={Cout} is not a multiple of {vec} (16-byte TMA rows)")
-    sh, sw = call.stride
-    ph, pw = call.padding
-    if sh > 8 or sw > 8:
-        why.append(f"stride={tuple(call.stride)} (TMA im2col takes strides <= 8)")
-    if max(ph, pw) > 128 or min(ph - (KH - 1), pw - (KW - 1)) < -128 or max(ph - (KH - 1), pw - (KW - 1)) > 127 \
-            or max(KH, KW) > 255:
-        why.append(f"padding={tuple(call.padding)} with kernel ({KH}, {KW}) is outside the TMA im2col corner "
-                   f"limits (padding <= 128, padding - (kernel - 1) in [-128, 127])")
-    if N * H * W * Cin > _INT32_MAX or N * OH * OW * Cout > _INT32_MAX:
-        why.append("a tensor of more than 2^31 - 1 elements (32-bit CUTLASS extents)")
+    why += _tma_conv_reasons(call.stride, call.padding, KH, KW, N * H * W * Cin, N * OH * OW * Cout)
     if x.device.type == "cuda":
         if x.data_ptr() % 16 != 0:
             why.append("x's data pointer is not 16-byte aligned (TMA)")
@@ -1046,19 +1054,10 @@ def cutlass_conv_bwd_supports(call) -> Optional[str]:
         why.append(f"Cin={Cin} is not a multiple of 8 (16-byte TMA rows)")
     if Cout % 8 != 0:
         why.append(f"Cout={Cout} is not a multiple of 8 (16-byte TMA rows)")
-    sh, sw = call.stride
-    ph, pw = call.padding
-    if need_x and (sh, sw) != (1, 1):
+    if need_x and tuple(call.stride) != (1, 1):
         why.append(f"stride={tuple(call.stride)} with grad_x (CUTLASS's sm90 dgrad is unit-stride; strided dgrad is "
                    f"the sm100 collectives')")
-    if sh > 8 or sw > 8:
-        why.append(f"stride={tuple(call.stride)} (TMA im2col takes strides <= 8)")
-    if max(ph, pw) > 128 or min(ph - (KH - 1), pw - (KW - 1)) < -128 or max(ph - (KH - 1), pw - (KW - 1)) > 127 \
-            or max(KH, KW) > 255:
-        why.append(f"padding={tuple(call.padding)} with kernel ({KH}, {KW}) is outside the TMA im2col corner "
-                   f"limits (padding <= 128, padding - (kernel - 1) in [-128, 127])")
-    if N * H * W * Cin > _INT32_MAX or N * OH * OW * Cout > _INT32_MAX:
-        why.append("a tensor of more than 2^31 - 1 elements (32-bit CUTLASS extents)")
+    why += _tma_conv_reasons(call.stride, call.padding, KH, KW, N * H * W * Cin, N * OH * OW * Cout)
     for name, t in (("g", g), ("mask", call.mask), ("y", call.y), ("x" if call.x is not None else "up_y", xs),
                     ("residual", call.residual), ("res_mask", call.res_mask), ("up_y", call.up_y)):
         if t is not None and not is_bits(t) and not _nhwc_dense(t):
