@@ -111,6 +111,20 @@ _backends: Dict[str, Backend] = {}
 _impls: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
 _launchers: Dict[str, Callable[..., Any]] = {}
 _sorted: Dict[Tuple[str, bool], List[Impl]] = {}  # implementations(op, include_hidden), rebuilt on change
+_epoch = 0  # bumped by every change of the registry (what a resolution made earlier may rest on)
+
+
+def _changed() -> None:
+    global _epoch
+    _epoch += 1
+    _sorted.clear()
+
+
+def epoch() -> int:
+    """A number that changes whenever a backend or an implementation is registered or removed: a
+    resolution remembered together with it (resnet_kernels/_unitplan.py) is current while it is
+    unchanged."""
+    return _epoch
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +136,7 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _backends:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _backends[backend.name] = backend
-    _sorted.clear()
+    _changed()
     return backend
 
 
@@ -134,7 +148,7 @@ def register(impl: Impl) -> Impl:
     if impl.backend in _impls[impl.op]:
         raise ValueError(f"{impl.op} already has a {impl.backend!r} implementation")
     _impls[impl.op][impl.backend] = impl
-    _sorted.clear()
+    _changed()
     return impl
 
 
@@ -156,7 +170,7 @@ def registered(backend: Optional[Backend] = None, impls: Sequence[Impl] = ()) ->
             _impls[impl.op].pop(impl.backend, None)
         if added_backend:
             _backends.pop(backend.name, None)
-        _sorted.clear()
+        _changed()
 
 
 # --------------------------------------------------------------------------------------------

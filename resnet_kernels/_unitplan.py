@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _eager, _registry, _tune
-from ._checks import acc_dtype, channel_vector, layout_of
+from . import _alloc, _eager, _registry, _tune
+from ._checks import acc_dtype, channel_vector, in_layout_of, layout_of
 from ._numerics import cudnn_conv_tf32_enabled
 from .ops import batch_norm as _bn_ops
 from .ops import conv2d as _conv_ops
@@ -60,6 +60,10 @@ _F32 = torch.float32
 _OP_STATS, _OP_EPI = _conv_ops.OP_STATS, _conv_ops.OP_EPILOGUE
 _OP_BN, _OP_UPD, _OP_BWD = _bn_ops.OP, _bn_ops.OP_UPDATE, _bn_ops.OP_BACKWARD
 _resolve = _registry.resolve_explicit
+_det = torch.are_deterministic_algorithms_enabled
+_like = _bn_ops._like
+_new_out, _dense_strides = _conv_ops._new_out, _conv_ops._dense_strides
+_empty_like = _alloc.empty_like
 _NO_PLAN = object()  # a key whose unit does not fit a plan (remembered: not captured again)
 
 # module -> {key: plan or _NO_PLAN}; weak, so a plan never keeps a module (or its tensors) alive
@@ -108,15 +112,19 @@ def _buf(t) -> Any:
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr())
 
 
+# A module's parameters and buffers are read from its own dicts: what the attribute reads, without
+# nn.Module.__getattr__'s Python frame (about 1 us each; a training unit reads a dozen).
 def _bn_key(bn) -> tuple:
+    p, b = bn._parameters, bn._buffers
     return (type(bn), bn.training, bn.track_running_stats, type(bn.momentum), bn.momentum, bn.eps,
-            _sig(bn.weight), _sig(bn.bias),
-            _buf(bn.running_mean), _buf(bn.running_var), _buf(bn.num_batches_tracked))
+            _sig(p.get("weight")), _sig(p.get("bias")),
+            _buf(b.get("running_mean")), _buf(b.get("running_var")), _buf(b.get("num_batches_tracked")))
 
 
 def _conv_key(xin, conv, padding) -> tuple:
-    w = conv.weight
-    return (_sig(xin), _sig(w), conv.stride, padding, conv.dilation, conv.groups, conv.bias is None)
+    p = conv._parameters
+    return (_sig(xin), _sig(p.get("weight")), conv.stride, padding, conv.dilation, conv.groups,
+            p.get("bias") is None)
 
 
 def _bad(key: tuple) -> bool:
@@ -178,14 +186,28 @@ _CONV_TENSORS = ("x", "weight", "scale", "bias", "residual")
 _BN_TENSORS = ("y", "mean", "var", "weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias")
 
 
+def _token(tf32: bool) -> tuple:
+    """What a bound plan's resolutions rest on besides its key (``_bind_train``): the registry (its
+    epoch changes with every registration or removal), the deterministic mode and, for float32
+    convolutions, TF32 (both read by ``resolve_explicit`` and the implementations' ``supports``)."""
+    return (_registry._epoch, _det(), tf32)
+
+
+def _current(token, be, requested: str, device, tf32: bool) -> bool:
+    """Whether implementations bound under ``token`` for backend ``be`` still are what
+    ``resolve_explicit`` would give: the same token, the same registered backend, available here."""
+    return token == _token(tf32) and _registry._backends.get(requested) is be and be.available(device) is None
+
+
 # --------------------------------------------------------------------------------------------
 # eval: conv2d_epilogue
 # --------------------------------------------------------------------------------------------
 class _EvalPlan:
-    __slots__ = ("conv",)
+    __slots__ = ("conv", "fast")
 
     def __init__(self, conv):
         self.conv = conv
+        self.fast = None  # (token, backend, implementation, y's strides): bound once a hit resolved it
 
 
 def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, requested: str, full):
@@ -195,7 +217,7 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
         return full()
     key = (_OP_EPI, requested, relu, _sig(xin), _sig(weight), _sig(scale), _sig(shift), _sig(residual), conv.stride,
            padding, conv.dilation, conv.groups)
-    if _bad(key) or key[3] is None or key[4] is None or key[3][3].type == "meta":
+    if _SUB in key or key[3] is None or key[4] is None or key[3][3].type == "meta":  # (_bad, for a flat key)
         return full()
     if torch.is_grad_enabled() and (xin.requires_grad or weight.requires_grad
                                     or (scale is not None and scale.requires_grad)
@@ -214,14 +236,32 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
     if plan is _NO_PLAN:
         return full()
     tpl = plan.conv
+    tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
+    f = plan.fast
+    if f is not None and _current(f[0], f[1], requested, xin.device, tf32):
+        # bound (see _Bound): the launcher with the tensors the Call would hold (no conversion for this key)
+        impl = f[2]
+        ro = impl.returns_output
+        out = None if ro else _new_out(tpl.shape, xin, tpl.layout)
+        res = impl.load()(xin, weight, scale, shift, residual, out, tpl.stride, tpl.padding, tpl.relu, False, tf32,
+                          dilation=tpl.dilation, groups=tpl.groups)
+        if not ro:
+            return out
+        y = res[0]
+        if y.stride() == f[3] and y.dtype == xin.dtype:
+            return y
+        return _clone_call(tpl, x=xin, weight=weight, scale=scale, bias=shift, residual=residual,
+                           allow_tf32=tf32)._finish(impl, out, res)[0]
     acc = acc_dtype(xin.dtype)
     call = _clone_call(tpl, x=xin, weight=_conv_ops._dense_weight(weight), scale=channel_vector(scale, acc),
-                       bias=channel_vector(shift, acc), residual=residual,
-                       allow_tf32=xin.dtype is _F32 and cudnn_conv_tf32_enabled())
+                       bias=channel_vector(shift, acc), residual=residual, allow_tf32=tf32)
     impl = _resolve(_OP_EPI, requested, call, call.device)
     if impl is None:
         return full()
-    return call.run(impl)[0]
+    y = call.run(impl)[0]
+    if call.weight is weight and call.scale is scale and call.bias is shift:
+        plan.fast = (_token(tf32), _registry._backends[requested], impl, y.stride())
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,12 +282,14 @@ class _Rec:
 
 
 class _TrainPlan:
-    __slots__ = ("conv", "rconv", "bn", "upd", "y_layout", "bwd")
+    __slots__ = ("conv", "rconv", "bn", "upd", "y_layout", "bwd", "fast", "fast_bwd")
 
     def __init__(self, conv, rconv, bn, upd, y_layout):
         self.conv, self.rconv, self.bn, self.upd = conv, rconv, bn, upd
         self.y_layout = y_layout
         self.bwd = {}  # batch_norm_act_backward's validated calls: key -> template or _NO_PLAN
+        self.fast = None  # the forward's implementations, bound (_Bound), once a hit resolved them
+        self.fast_bwd = {}  # needs -> (token, batch_norm_act_backward's implementation) for the bound backward
 
     def run_backward(self, grad, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, eps, id_eps, relu,
                      ny, ni, nw, nb, niw, nib, w_dt, iw_dt, requested):
@@ -278,6 +320,9 @@ class _TrainPlan:
         impl = _resolve(_OP_BWD, requested, call, call.device)
         if impl is None:
             return _tune.dispatch(_OP_BWD, requested, call)
+        if self.fast is not None and call.weight is weight and call.id_weight is id_weight:
+            # (for the bound backward: no conversion here)
+            self.fast_bwd[call.needs] = (_token(False), impl, _registry._backends[requested])
         return call.run(impl)
 
 
@@ -294,14 +339,28 @@ def _factor_unbias(bn, m: int, count: bool, running: bool):
 
 
 def _update_entry(bn, mean, var, m: int):
-    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    running = bn.training and bn.running_mean is not None
+    b = bn._buffers
+    nbt, rm = b.get("num_batches_tracked"), b.get("running_mean")
+    count = bn.training and bn.track_running_stats and nbt is not None
+    running = bn.training and rm is not None
     if not (count or running):
         return None
     factor, unbias = _factor_unbias(bn, m, count, running)
-    rm, rv = (bn.running_mean, bn.running_var) if running else (None, None)
-    return _bn_ops.RunningUpdate(mean.contiguous(), var.contiguous(), rm, rv,
-                                 bn.num_batches_tracked if count else None, factor, unbias)
+    return _bn_ops.RunningUpdate(mean.contiguous(), var.contiguous(), rm if running else None,
+                                 b.get("running_var") if running else None, nbt if count else None, factor, unbias)
+
+
+def _updates(bn, rbn, mean, var, rmean, rvar, y) -> list:
+    m = y.numel() // y.shape[1]
+    ups = []
+    u = _update_entry(bn, mean, var, m)
+    if u is not None:
+        ups.append(u)
+    if rbn is not None:
+        u = _update_entry(rbn, rmean, rvar, m)
+        if u is not None:
+            ups.append(u)
+    return ups
 
 
 def _in_layout(t: Tensor, layout: str) -> Tensor:
@@ -311,22 +370,25 @@ def _in_layout(t: Tensor, layout: str) -> Tensor:
     return t.contiguous()
 
 
-def _run_conv(tpl, requested, x, w):
-    call = _clone_call(tpl, x=x, weight=_conv_ops._dense_weight(w),
-                       allow_tf32=x.dtype is _F32 and cudnn_conv_tf32_enabled())
+def _run_conv(tpl, requested, x, w, tf32):
+    """(y, mean, var, the implementation, whether the weight was passed as given)."""
+    call = _clone_call(tpl, x=x, weight=_conv_ops._dense_weight(w), allow_tf32=tf32)
     impl = _resolve(_OP_STATS, requested, call, call.device)
     if impl is None:  # the backend now leaves this op to 'auto' (a registry change): the dispatcher's way
-        return _tune.dispatch(_OP_STATS, requested, call)
-    return call.run(impl)
+        return _tune.dispatch(_OP_STATS, requested, call) + (None, False)
+    return call.run(impl) + (impl, call.weight is w)
 
 
 def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu,
-             need_saves: bool):
-    """The unit's ops; returns (out, [(setup_context recorder, inputs)] or None)."""
-    y, mean, var = _run_conv(plan.conv, requested, xin, w)
-    r = rmean = rvar = None
+             need_saves: bool, tf32: bool):
+    """The unit's ops, each resolved as the dispatcher does; returns (out, [(setup_context recorder,
+    inputs)] or None). Binds the plan (``_bind_train``) where every op resolved to an
+    implementation that takes this key's tensors as they are."""
+    y, mean, var, cimpl, dense = _run_conv(plan.conv, requested, xin, w, tf32)
+    r = rmean = rvar = rimpl = None
     if plan.rconv is not None:
-        r, rmean, rvar = _run_conv(plan.rconv, requested, rx, rw)
+        r, rmean, rvar, rimpl, rdense = _run_conv(plan.rconv, requested, rx, rw, tf32)
+        dense = dense and rdense and rimpl is not None
         ident = _in_layout(r, plan.y_layout)
     bn_args = (y, mean, var, bw, bb, ident, rmean, rvar, rbw, rbb, eps, id_eps, relu, requested)
     call = _clone_call(plan.bn, y=y, mean=_bn_ops._stat(mean, y), var=_bn_ops._stat(var, y),
@@ -336,16 +398,17 @@ def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw
                        id_weight=_bn_ops._param(rbw, y), id_bias=_bn_ops._param(rbb, y))
     impl = _resolve(_OP_BN, requested, call, call.device)
     out = call.run(impl) if impl is not None else _tune.dispatch(_OP_BN, requested, call)
+    uimpl = None
     if plan.upd is not None:  # as commit(): after the unit's ops succeeded, all BatchNorms in one call
-        m = y.numel() // y.shape[1]
-        ups = [u for u in (_update_entry(bn, mean, var, m),
-                           _update_entry(rbn, rmean, rvar, m) if rbn is not None else None) if u is not None]
-        ucall = _clone_call(plan.upd, updates=ups)
+        ucall = _clone_call(plan.upd, updates=_updates(bn, rbn, mean, var, rmean, rvar, y))
         uimpl = _resolve(_OP_UPD, requested, ucall, ucall.device)
         if uimpl is not None:
             ucall.run(uimpl)
         else:
             _tune.dispatch(_OP_UPD, requested, ucall)
+    if (cimpl is not None and dense and impl is not None and (plan.upd is None or uimpl is not None)
+            and call.weight is bw and call.bias is bb and call.id_weight is rbw and call.id_bias is rbb):
+        plan.fast = _Bound(_token(tf32), _registry._backends[requested], cimpl, rimpl, impl, uimpl, y, xin)
     if not need_saves:
         return out, None
     saves = []
@@ -365,26 +428,161 @@ def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw
     return out, saves
 
 
+# --------------------------------------------------------------------------------------------
+# the bound training unit: a hit whose resolutions are current runs the launchers directly
+# --------------------------------------------------------------------------------------------
+class _Bound:
+    """A training plan's implementations as one hit resolved them (``resolve_explicit``: the
+    registry, the backend's availability, ``supports`` and the deterministic mode), with what they
+    rest on (``_token``) and what their outputs must look like (``ConvCall._finish``'s contract:
+    y dense in x's layout and dtype, (C,) contiguous statistics in the accumulation dtype, not
+    aliased). Made only where the whole path's per-call conversions are no-ops for this key (a dense
+    weight; BN parameters in the activation or accumulation dtype, contiguous), so the launchers get
+    exactly the tensors the Calls would hold. A later hit under the same token, with the backend
+    still available, calls them directly (``_fast_forward``/``_fast_backward``): the same launchers,
+    arguments and order as the Calls', without rebuilding, re-resolving and re-checking them."""
+
+    __slots__ = ("token", "be", "conv", "rconv", "bn", "upd", "strides", "acc", "cshape")
+
+    def __init__(self, token, be, conv, rconv, bn, upd, y, x):
+        self.token, self.be, self.conv, self.rconv, self.bn, self.upd = token, be, conv, rconv, bn, upd
+        self.strides = y.stride()
+        self.acc = acc_dtype(x.dtype)
+        self.cshape = (y.shape[1],)
+
+
+def _fast_conv(f: _Bound, tpl, impl, x, w, tf32):
+    """``_run_conv`` through a bound implementation; ``ConvCall._finish`` (which fixes or names what
+    is off) runs only when the outputs are not what the contract says."""
+    ro = impl.returns_output
+    out = None if ro else _new_out(tpl.shape, x, tpl.layout)
+    res = impl.load()(x, w, None, None, None, out, tpl.stride, tpl.padding, False, True, tf32, dilation=tpl.dilation,
+                      groups=tpl.groups)
+    y, st = res if ro else (out, res)
+    if type(st) is tuple and len(st) == 2:
+        mean, var = st
+        acc, cs = f.acc, f.cshape
+        if (y.stride() == f.strides and y.dtype == x.dtype and mean.dtype == acc and var.dtype == acc
+                and mean.shape == cs and var.shape == cs and mean.is_contiguous() and var.is_contiguous()
+                and mean.untyped_storage().data_ptr() != var.untyped_storage().data_ptr()):
+            return y, mean, var
+    return _clone_call(tpl, x=x, weight=w, allow_tf32=tf32)._finish(impl, out, res)
+
+
+def _fast_forward(plan: _TrainPlan, f: _Bound, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps,
+                  relu, tf32):
+    """``_forward``'s ops through ``f``: (out, y, mean, var, r, rmean, rvar, identity as batch_norm_act
+    took it)."""
+    y, mean, var = _fast_conv(f, plan.conv, f.conv, xin, w, tf32)
+    r = rmean = rvar = None
+    if plan.rconv is not None:
+        r, rmean, rvar = _fast_conv(f, plan.rconv, f.rconv, rx, rw, tf32)
+        ident = _in_layout(r, plan.y_layout)
+    impl, tpl = f.bn, plan.bn
+    out = None if impl.returns_output else _empty_like(y)
+    got = impl.load()(y, mean, var, bw, bb, ident, rmean, rvar, rbw, rbb, out, eps, id_eps, relu, tpl.C, tpl.inner)
+    if out is None:
+        out = got if (got.stride() == y.stride() and got.dtype == y.dtype) else _like(got, y)
+    if f.upd is not None:
+        f.upd.load()(_updates(bn, rbn, mean, var, rmean, rvar, y))
+    return out, y, mean, var, r, rmean, rvar, ident
+
+
+def _fast_backward(ctx, grad):
+    """``_TrainUnit._backward`` for a bound forward: batch_norm_act's backward (``backward_with``'s
+    flags, the implementation bound per flags once the plan's backward resolved it), then each
+    convolution's input gradients (``_stats_backward``: the statistics' gradients are None here)."""
+    plan = ctx.plan
+    out, y, mean, var, bw, ident, rmean, rvar, rbw, xin, w, rx, rw = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[7:16]
+    proj = plan.rconv is not None
+    ny = nx or nw
+    ni = (nrx or nrw) if proj else nid
+    if grad is None or not (ny or nbw or nbb or ni or nrbw or nrbb):
+        return (None,) * 16
+    grad = in_layout_of(grad, y)
+    has_b, has_rb, (w_dt, b_dt, iw_dt, ib_dt) = ctx.pinfo
+    ni = ni and ident is not None
+    needs = (ny, ni, nbw and bw is not None, nbb and has_b, nrbw and rbw is not None, nrbb and has_rb)
+    bound = plan.fast_bwd.get(needs)
+    if bound is None or not _current(bound[0], bound[2], ctx.requested, grad.device, False):
+        gy, gi, gw, gb, giw, gib = plan.run_backward(
+            grad, out, y, mean, var, bw, ident, rmean, rvar, rbw, ctx.eps, ctx.id_eps, ctx.relu, *needs,
+            w_dt or b_dt, iw_dt or ib_dt, ctx.requested)
+    else:
+        impl = bound[1]
+        pdt = (w_dt or b_dt, w_dt or b_dt, iw_dt or ib_dt, iw_dt or ib_dt)
+        C, inner = plan.bn.C, plan.bn.inner
+        identity = ident if (rmean is not None or ni) else None
+        if impl.returns_output:
+            got = impl.load()(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, needs, pdt, ctx.eps,
+                              ctx.id_eps, ctx.relu, C, inner)
+            gy, gi, gw, gb, giw, gib = got  # (where not needed: ignored below, as backward_with does)
+            if ny and gy is not None and (gy.stride() != grad.stride() or gy.dtype != grad.dtype):
+                gy = _like(gy, grad)
+            if ni and gi is not None and (gi.stride() != grad.stride() or gi.dtype != grad.dtype):
+                gi = _like(gi, grad)
+        else:
+            outs = _bn_ops._backward_outputs(grad, C, needs, pdt, fake=False)
+            gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
+            impl.load()(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, gy, gi, gw, gb, giw, gib, ctx.eps,
+                        ctx.id_eps, ctx.relu, C, inner)
+    _as = _bn_ops._as
+    gbw = _as(gw, w_dt) if needs[2] else None
+    gbb = _as(gb, b_dt) if needs[3] else None
+    grbw = _as(giw, iw_dt) if needs[4] else None
+    grbb = _as(gib, ib_dt) if needs[5] else None
+    gx = gw = grx = grw = None
+    if ny and gy is not None:
+        gx, gw = _conv_ops._conv_input_grads(plan.conv, in_layout_of(gy, xin), xin, w, bool(nx), bool(nw))
+    if proj:
+        if (nrx or nrw) and gi is not None:
+            grx, grw = _conv_ops._conv_input_grads(plan.rconv, in_layout_of(gi, rx), rx, rw, bool(nrx), bool(nrw))
+        gi = None
+    elif not ni:
+        gi = None
+    return (None, None, None, None, None, None, None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
+
+
 class _TrainUnit(torch.autograd.Function):
     """One training unit as one autograd node: forward the unit's ops, backward the ops' own
     backward functions in autograd's order (batch_norm_act's, then each convolution's)."""
 
     @staticmethod
     def forward(ctx, plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb):
+        tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
+        f = plan.fast
+        ctx.plan = plan
+        if f is not None and _current(f.token, f.be, requested, xin.device, tf32):
+            out, y, mean, var, r, rmean, rvar, ident = _fast_forward(plan, f, bn, rbn, xin, w, bw, bb, ident, rx, rw,
+                                                                     rbw, rbb, eps, id_eps, relu, tf32)
+            keep = xin.requires_grad or w.requires_grad
+            rkeep = rx is not None and (rx.requires_grad or rw.requires_grad)
+            ctx.save_for_backward(out if relu else None, y, mean, var, bw, ident, rmean, rvar, rbw,
+                                  xin if keep else None, w if keep else None, rx if rkeep else None,
+                                  rw if rkeep else None)
+            ctx.fast, ctx.requested, ctx.eps, ctx.id_eps, ctx.relu = f, requested, eps, id_eps, relu
+            ctx.pinfo = (bb is not None, rbb is not None,
+                         (None if bw is None else bw.dtype, None if bb is None else bb.dtype,
+                          None if rbw is None else rbw.dtype, None if rbb is None else rbb.dtype))
+            return out
+        ctx.fast = None
         out, saves = _forward(plan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu,
-                              True)
+                              True, tf32)
         tensors = []
         for rec in saves:
             tensors.extend(rec.saved)
             rec.n = len(rec.saved)
             rec.saved = ()
         ctx.recs = saves
-        ctx.plan = plan
         ctx.save_for_backward(*tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fast is not None:
+            return _fast_backward(ctx, grad)
         n = ctx.needs_input_grad
         saved = ctx.saved_tensors
         recs = ctx.recs
@@ -444,19 +642,30 @@ def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu:
         return out
     if plan is _NO_PLAN:
         return full()
-    w, bw, bb = conv.weight, bn.weight, bn.bias
+    p = bn._parameters
+    w, bw, bb = conv._parameters.get("weight"), p.get("weight"), p.get("bias")
     rw = rbw = rbb = None
     if rconv is not None:
-        rw, rbw, rbb = rconv.weight, rbn.weight, rbn.bias
+        p = rbn._parameters
+        rw, rbw, rbb = rconv._parameters.get("weight"), p.get("weight"), p.get("bias")
         ident = None
     else:
         ident = None if identity is None else _in_layout(identity, plan.y_layout)
     eps = float(bn.eps)
     id_eps = float(rbn.eps) if rbn is not None else 1e-5
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xin, w, bw, bb, ident, rx, rw, rbw,
-                                                                                   rbb)):
+    if torch.is_grad_enabled() and (xin.requires_grad or w.requires_grad or (bw is not None and bw.requires_grad)
+                                    or (bb is not None and bb.requires_grad)
+                                    or (ident is not None and ident.requires_grad)
+                                    or (rx is not None and (rx.requires_grad or rw.requires_grad
+                                                            or (rbw is not None and rbw.requires_grad)
+                                                            or (rbb is not None and rbb.requires_grad)))):
         return _TrainUnit.apply(plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb)
-    return _forward(plan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu, False)[0]
+    tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
+    f = plan.fast
+    if f is not None and _current(f.token, f.be, requested, xin.device, tf32):
+        return _fast_forward(plan, f, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu, tf32)[0]
+    return _forward(plan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu, False,
+                    tf32)[0]
 
 
 def _make_train_plan(calls, requested: str, proj: bool, bn, rbn):

@@ -220,15 +220,17 @@ def _folded_scale_shift(xin, conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(shift.dtype) * scale
         return scale, shift
 
-    w, b, cb = bn.weight, bn.bias, conv.bias
-    rv = bn.running_var
+    # (the modules' own dicts: what the attributes read, without nn.Module.__getattr__'s Python frame)
+    p, bufs = bn._parameters, bn._buffers
+    w, b, cb = p.get("weight"), p.get("bias"), conv._parameters.get("bias")
+    rv = bufs.get("running_var")
     if (not isinstance(xin, Tensor) or rv is None or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and ((w is not None and w.requires_grad) or (b is not None and b.requires_grad)
                                              or (cb is not None and cb.requires_grad)))):
         return fold()
     dev = xin.device
     return _weight_cache.derived(bn, ("bn_fold", xin.dtype, bn.eps, dev, conv.out_channels), fold,
-                                 (rv, bn.running_mean, w, b, cb), dev)
+                                 (rv, bufs.get("running_mean"), w, b, cb), dev)
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = True,
@@ -241,8 +243,17 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, relu: bool = 
     """
     _check_pair("conv_bn_act", conv, bn)
     _check_bool("conv_bn_act", "relu", relu)
+    return unit_act(x, conv, bn, relu, residual, backend)
+
+
+def unit_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual: Optional[Tensor],
+             backend: Optional[str]) -> Tensor:
+    """``conv_bn_act`` past the checks of its modules and flag, for callers that made them: the
+    fused models, whose units ``models._units.unit_ok`` accepted (exactly nn.Conv2d and
+    nn.BatchNorm2d/nn.SyncBatchNorm of matching width) with a literal bool ``relu``."""
     if isinstance(x, _Proxy) or isinstance(residual, _Proxy):  # (the node's arguments built only then)
         return _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
+    backend = _backend.op_arg(backend)  # (once: the name in force, passed on)
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
@@ -335,9 +346,18 @@ def conv_bn_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_inp
         raise ValueError("conv_bn_add_act: give both shortcut_conv and shortcut_bn, or neither")
     if shortcut_conv is not None:
         _check_pair("conv_bn_add_act (shortcut)", shortcut_conv, shortcut_bn)
+    return unit_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend)
+
+
+def unit_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input: Tensor,
+                 shortcut_conv: Optional[nn.Conv2d], shortcut_bn: Optional[nn.BatchNorm2d], relu: bool,
+                 backend: Optional[str]) -> Tensor:
+    """``conv_bn_add_act`` past the checks of its modules and flag (see ``unit_act``; the projection's
+    pair accepted by ``models._units.projection_reason``)."""
     if isinstance(x, _Proxy) or isinstance(shortcut_input, _Proxy):
         return _fx_node(conv_bn_add_act, (x, shortcut_input),
                         (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn), dict(relu=relu, backend=backend))
+    backend = _backend.op_arg(backend)
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_bn_input(bn, y)

@@ -5,6 +5,7 @@ errors as the whole path; every change that validation reads makes a new plan (n
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 import resnet_kernels.ops.batch_norm as bn_ops
 import resnet_kernels.ops.conv2d as conv_ops
-from resnet_kernels import _tune, _unitplan
+from resnet_kernels import _registry, _tune, _unitplan
 from resnet_kernels.functional import conv_bn_add_act
 
 # (multiples of 8: PyTorch's oneDNN CPU weight gradient of a channels_last 1x1 stride-2 convolution
@@ -60,8 +61,11 @@ def _unit(w, h, s, backend):
     return conv_bn_add_act(h, w["conv"], w["bn"], s, backend=backend)
 
 
-def _run(w, h, s, backend, plans: bool, steps: int = 3):
-    """steps training steps (SGD on the modules) then an eval forward; everything observable."""
+def _run(w, h, s, backend, plans: bool, steps: int = 4, evals: int = 3):
+    """steps training steps (SGD on the modules) then eval forwards; everything observable. With
+    plans, the steps take each way a unit can run: the whole path (the plan made), a hit resolving
+    its ops (the plan bound; its backward's plan made), a bound forward whose backward binds, then
+    bound both ways (eval: whole path, resolving hit, bound)."""
     _unitplan.ENABLED = plans
     try:
         mods = list(w.values())
@@ -81,7 +85,8 @@ def _run(w, h, s, backend, plans: bool, steps: int = 3):
         for m in mods:
             m.eval()
         with torch.no_grad():
-            got.append(_unit(w, h, s, backend))
+            for _ in range(evals):
+                got.append(_unit(w, h, s, backend))
         return got
     finally:
         _unitplan.ENABLED = True
@@ -145,6 +150,66 @@ def test_a_hit_validates_nothing(monkeypatch, projection):
         for _ in range(3):
             _unit(w, h, s, "aten")
     assert len(epi_v) == (2 if projection else 1)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_bound_hit_resolves_until_what_it_rests_on_changes(monkeypatch, projection):
+    """Bound plans call their launchers without resolving them again while the registry (its epoch),
+    the deterministic mode and TF32 are unchanged and the backend is still registered and available;
+    any change resolves again (and an unavailable backend raises what resolution raises)."""
+    w = _world(projection)
+    h, s = _inputs(projection, "nchw")
+    resolved = _counting(monkeypatch, _unitplan, "_resolve")
+    ref_w = copy.deepcopy(w)
+
+    def step(world=w):
+        out = _unit(world, h, s, "aten")
+        out.sum().backward()
+        return out.detach()
+
+    for _ in range(3):  # the whole path, a resolving hit (binds the forward), a bound forward (binds the backward)
+        step()
+    n = len(resolved)
+    per_hit = (2 if projection else 1) + 2  # the convolutions, batch_norm_act, bn_running_update
+    assert n == per_hit + 1  # (+ the backward's, on the third step)
+    for _ in range(2):
+        step()
+    assert len(resolved) == n  # bound both ways
+    with _registry.registered(_registry.Backend("rk_test_epoch", "a test backend", lambda d: None, hidden=True)):
+        step()
+        assert len(resolved) == n + per_hit + 1  # the registry changed: forward and backward resolve again
+        step()
+        assert len(resolved) == n + per_hit + 1
+    step()  # (and changed back)
+    n = len(resolved)
+    step()
+    assert len(resolved) == n
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        step()
+        assert len(resolved) == n + per_hit + 1
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    # the backend replaced behind the registry's back, now unavailable: the bound hit resolves, which raises
+    aten = _registry._backends["aten"]
+    gone = dataclasses.replace(aten, available=lambda d: "gone for this test")
+    monkeypatch.setitem(_registry._backends, "aten", gone)
+    before = _state(w)
+    with pytest.raises(_registry.BackendUnavailableError, match="gone for this test"):
+        _unit(w, h, s, "aten")
+    _assert_same(_state(w), before)
+    monkeypatch.setitem(_registry._backends, "aten", aten)
+    # and the numbers of all those steps (eleven, the failed call changed nothing): the whole path's
+    _unitplan.ENABLED = False
+    try:
+        for _ in range(10):
+            step(ref_w)
+        b = step(ref_w)
+    finally:
+        _unitplan.ENABLED = True
+    a = step()
+    _assert_same([a] + _state(w), [b] + _state(ref_w))
 
 
 def _error(fn):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _backend, _block
-from ..functional import conv_bn_act, conv_bn_add_act, residual_block
+from ..functional import residual_block, unit_act, unit_add_act
 from ._units import is_4d, projection_reason, relu_ok, unit_ok
 from .._script import no_script
 from ..nn.pool import head_pool, stem_pool
@@ -50,8 +50,8 @@ def _check_backend(backend: Optional[str]) -> Optional[str]:
 # units shared by the blocks (``blk`` is the block: it provides .backend, .relu, .downsample)
 # ------------------------------------------------------------------------------------------------
 def _conv_bn_relu(blk: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
-    if unit_ok(x, conv, bn):
-        return conv_bn_act(x, conv, bn, relu=True, backend=blk.backend)
+    if unit_ok(x, conv, bn):  # (what conv_bn_act checks of the modules: unit_act skips it)
+        return unit_act(x, conv, bn, True, None, blk.backend)
     return blk.relu(bn(conv(x)))
 
 
@@ -61,10 +61,10 @@ def _conv_bn_add_relu(blk: nn.Module, h: Tensor, conv: nn.Module, bn: nn.Module,
     main = unit_ok(h, conv, bn)
     if main and ds is not None and is_4d(x) and projection_reason(ds) is None:
         # the 1x1 projection's BN, the block's last BN, the add and the ReLU in one pass
-        return conv_bn_add_act(h, conv, bn, x, ds[0], ds[1], relu=True, backend=blk.backend)
+        return unit_add_act(h, conv, bn, x, ds[0], ds[1], True, blk.backend)
     shortcut = x if ds is None else ds(x)
     if main:
-        return conv_bn_add_act(h, conv, bn, shortcut, relu=True, backend=blk.backend)
+        return unit_add_act(h, conv, bn, shortcut, None, None, True, blk.backend)
     out = bn(conv(h))
     out += shortcut
     return blk.relu(out)
@@ -267,7 +267,7 @@ class ResNet(nn.Module):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         if self.fused and relu_ok(self.relu) and unit_ok(x, self.conv1, self.bn1):
-            x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
+            x = unit_act(x, self.conv1, self.bn1, True, None, self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))
         x = stem_pool(self.maxpool, x, self.backend) if self.fused else self.maxpool(x)

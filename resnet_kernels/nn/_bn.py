@@ -43,7 +43,10 @@ def _batch_mean_var(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn.training:
+        return True
+    b = bn._buffers  # (what bn.running_mean reads, without nn.Module.__getattr__'s Python frame)
+    return b.get("running_mean") is None and b.get("running_var") is None
 
 
 class PendingUpdate(NamedTuple):

@@ -158,12 +158,14 @@ def count_calls(monkeypatch, module) -> Dict[str, int]:
                 counts["conv_bn_add_act"] = counts.get("conv_bn_add_act", 0) + 1
             return out
         monkeypatch.setattr(module, "residual_block", block)
-    for fn in ("conv_bn_act", "conv_bn_add_act"):
+    # (models.resnet calls the functions past their module checks, unit_act / unit_add_act)
+    for fn, name in (("conv_bn_act", "conv_bn_act"), ("conv_bn_add_act", "conv_bn_add_act"),
+                     ("unit_act", "conv_bn_act"), ("unit_add_act", "conv_bn_add_act")):
         if not hasattr(module, fn):
             continue
         orig = getattr(module, fn)
 
-        def wrapped(*a, _orig=orig, _fn=fn, **k):
+        def wrapped(*a, _orig=orig, _fn=name, **k):
             counts[_fn] = counts.get(_fn, 0) + 1
             return _orig(*a, **k)
         monkeypatch.setattr(module, fn, wrapped)
