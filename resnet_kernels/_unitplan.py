@@ -11,10 +11,12 @@ shape, strides, dtype and device of every tensor argument, the modules' hyperpar
 geometry, BN eps/momentum/mode, affine and tracked buffers), the requested backend, and the running
 buffers' addresses (the running-statistics update refuses overlapping buffers). A later call with
 the same key rebinds the Calls to its own tensors and runs each op as ``_tune.dispatch`` does for an
-explicit backend (``_registry.resolve_explicit`` on every call: registry changes, availability,
-``supports(call)`` and the deterministic mode are read as usual; then ``call.run``), the training
-unit's ops under one autograd function whose backward is the ops' own backward formulas
-(``_setup_context``/``_backward`` of ``batch_norm_act`` and ``conv2d_stats``), the
+explicit backend (``_registry.resolve_explicit``: registry changes, availability, ``supports(call)``
+and the deterministic mode are read as usual; then ``call.run``); the first such hit binds the plan
+to the implementations it resolved (``_Bound``: valid while ``_token`` and the registered backend
+are unchanged and it is available, else resolved again), and later hits call their launchers
+directly. The training unit's ops run under one autograd function whose backward is the ops' own
+backward formulas (``_setup_context``/``_backward`` of ``batch_norm_act`` and ``conv2d_stats``), the
 running-statistics update after the output, as ``commit`` does. Same launchers, same tensors, same
 order, same side effects: the same numbers.
 
