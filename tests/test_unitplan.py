@@ -16,6 +16,8 @@ import resnet_kernels.ops.conv2d as conv_ops
 from resnet_kernels import _registry, _tune, _unitplan
 from resnet_kernels.functional import conv_bn_add_act
 
+import rk_testing
+
 # (multiples of 8: PyTorch's oneDNN CPU weight gradient of a channels_last 1x1 stride-2 convolution
 # with 6 -> 10 channels is racy with 2 threads and corrupts memory with 1, upstream, whatever calls it)
 C_IN, C = 8, 16
@@ -363,3 +365,18 @@ def test_gradcheck_through_the_planned_unit():
     assert _unitplan.count() == 1
     torch.autograd.gradcheck(lambda x, r: conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten"), (x, r))
     assert _unitplan.count() == 1
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_bitwise_the_whole_path_kernel_backends(request, backend, layout, projection):
+    """The bound paths with our kernels' launchers (they write into preallocated outputs): csrc's on
+    the host runner and Triton's under the interpreter without a GPU. Bitwise the whole path."""
+    device = request.getfixturevalue("cuda_target") if backend == "cuda" else rk_testing.DEVICE
+    w = {k: m.to(device) for k, m in _world(projection).items()}
+    h, s = (t.detach().to(device).requires_grad_() for t in _inputs(projection, layout))
+    ref = _run(copy.deepcopy(w), h, s, backend, plans=False)
+    got = _run(w, h, s, backend, plans=True)
+    assert _unitplan.count() == (3 if projection else 2)
+    _assert_same(got, ref)
