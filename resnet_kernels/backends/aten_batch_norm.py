@@ -126,18 +126,25 @@ def running_groups(updates):
     return with_var, groups, [u[4] for u in updates if u[4] is not None]
 
 
+def _in_dtype(t, dt):
+    return t if t.dtype == dt else t.to(dt)  # (a no-op .to still costs a dispatch)
+
+
 def bn_running_update(updates):
     """PyTorch's foreach kernels (one multi-tensor launch each for a block's few (C,) vectors):
     ``_foreach_mul`` (var * unbias), ``_foreach_lerp_`` per buffer dtype (a statistic of another
     dtype than its buffer cast first: one launch each), ``_foreach_add_`` (num_batches_tracked)."""
     with_var, groups, nbts = running_groups(updates)
     unbiased = {}
-    if with_var:
+    if len(with_var) == 1:  # (one vector: the same single launch as the foreach, without its list plumbing)
+        i = with_var[0]
+        unbiased = {i: torch.mul(updates[i][1], float(updates[i][6]))}
+    elif with_var:
         prods = torch._foreach_mul([updates[i][1] for i in with_var], [float(updates[i][6]) for i in with_var])
         unbiased = dict(zip(with_var, prods))
     for dt, pairs in groups.items():
         bufs = [updates[i][k] for i, k in pairs]
-        srcs = [(updates[i][0] if k == 2 else unbiased[i]).to(dt) for i, k in pairs]
+        srcs = [_in_dtype(updates[i][0] if k == 2 else unbiased[i], dt) for i, k in pairs]
         torch._foreach_lerp_(bufs, srcs, [float(updates[i][5]) for i, _ in pairs])
     if nbts:
         torch._foreach_add_(nbts, 1)
