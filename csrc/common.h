@@ -11,7 +11,6 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 
 namespace rk {
@@ -73,13 +72,17 @@ enum ConvZeroOk : unsigned { kZeroNone = 0u, kZeroN = 1u, kZeroCin = 2u, kZeroH 
 template <typename Args>
 void check_conv_sizes(const Args& a, const char* fn, unsigned zero_ok,
                       std::initializer_list<std::pair<int64_t, const char*>> more_positive = {}) {
-  for (auto [v, name, bit] : {std::tuple<int64_t, const char*, unsigned>{a.N, "N", kZeroN}, {a.Cin, "Cin", kZeroCin},
-                              {a.H, "H", kZeroH}, {a.W, "W", kZeroW}, {a.Cout, "Cout", kZeroCout}}) {
+  const auto extent = [&](int64_t v, const char* name, unsigned bit) {
     if (zero_ok & bit)
       check_nonneg(v, fn, name);
     else
       check_positive(v, fn, name);
-  }
+  };
+  extent(a.N, "N", kZeroN);
+  extent(a.Cin, "Cin", kZeroCin);
+  extent(a.H, "H", kZeroH);
+  extent(a.W, "W", kZeroW);
+  extent(a.Cout, "Cout", kZeroCout);
   check_positive(a.KH, fn, "KH");
   check_positive(a.KW, fn, "KW");
   check_positive(a.stride_h, fn, "stride_h");
