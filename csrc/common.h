@@ -7,9 +7,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace rk {
 
@@ -57,6 +59,37 @@ inline void check_nonneg(int64_t v, const char* fn, const char* arg) {
 
 inline void check_positive(int64_t v, const char* fn, const char* arg) {
   if (v <= 0) throw ArgError(cat(fn, ": ", arg, " must be > 0, got ", v));
+}
+
+// Extents of a convolution's argument struct that an entry point accepts at zero (an empty batch, image or
+// output channel set); check_conv_sizes requires the others positive.
+enum ConvZeroOk : unsigned { kZeroNone = 0u, kZeroN = 1u, kZeroCin = 2u, kZeroH = 4u, kZeroW = 8u, kZeroCout = 16u };
+
+// The size checks every convolution entry point makes of its argument struct (fields N, Cin, H, W, Cout, KH,
+// KW, stride_h, stride_w, pad_h, pad_w), in this order, so a call with several bad fields names the first:
+// the extents N, Cin, H, W, Cout positive, or >= 0 where `zero_ok` has their bit; KH, KW, stride_h, stride_w
+// positive; then `more_positive` (fields of the struct's own, also positive); pad_h, pad_w >= 0.
+template <typename Args>
+void check_conv_sizes(const Args& a, const char* fn, unsigned zero_ok,
+                      std::initializer_list<std::pair<int64_t, const char*>> more_positive = {}) {
+  const auto extent = [&](int64_t v, const char* name, unsigned bit) {
+    if (zero_ok & bit)
+      check_nonneg(v, fn, name);
+    else
+      check_positive(v, fn, name);
+  };
+  extent(a.N, "N", kZeroN);
+  extent(a.Cin, "Cin", kZeroCin);
+  extent(a.H, "H", kZeroH);
+  extent(a.W, "W", kZeroW);
+  extent(a.Cout, "Cout", kZeroCout);
+  check_positive(a.KH, fn, "KH");
+  check_positive(a.KW, fn, "KW");
+  check_positive(a.stride_h, fn, "stride_h");
+  check_positive(a.stride_w, fn, "stride_w");
+  for (auto [v, name] : more_positive) check_positive(v, fn, name);
+  check_nonneg(a.pad_h, fn, "pad_h");
+  check_nonneg(a.pad_w, fn, "pad_w");
 }
 
 inline void check_cuda(cudaError_t err, const char* what) {

@@ -800,17 +800,7 @@ void conv2d_forward(const Conv2dArgs& a) {
                          "(use the torch backend)"));
   }
   // ---- sizes
-  check_nonneg(a.N, fn, "N");
-  check_positive(a.Cin, fn, "Cin");
-  check_nonneg(a.H, fn, "H");
-  check_nonneg(a.W, fn, "W");
-  check_nonneg(a.Cout, fn, "Cout");
-  check_positive(a.KH, fn, "KH");
-  check_positive(a.KW, fn, "KW");
-  check_positive(a.stride_h, fn, "stride_h");
-  check_positive(a.stride_w, fn, "stride_w");
-  check_nonneg(a.pad_h, fn, "pad_h");
-  check_nonneg(a.pad_w, fn, "pad_w");
+  check_conv_sizes(a, fn, kZeroN | kZeroH | kZeroW | kZeroCout);
   for (auto [v, name] : {std::pair<int64_t, const char*>{a.N, "N"}, {a.Cin, "Cin"}, {a.H, "H"}, {a.W, "W"},
                          {a.Cout, "Cout"}, {a.KH, "KH"}, {a.KW, "KW"}, {a.stride_h, "stride_h"},
                          {a.stride_w, "stride_w"}, {a.pad_h, "pad_h"}, {a.pad_w, "pad_w"}})

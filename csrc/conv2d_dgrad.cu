@@ -478,17 +478,7 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   const char* fn = "conv2d_dgrad";
   if (a.dtype != DType::F16 && a.dtype != DType::BF16)
     throw ArgError(cat(fn, ": dtype ", dtype_name(a.dtype), " is not supported (float16 or bfloat16)"));
-  check_positive(a.N, fn, "N");
-  check_positive(a.Cin, fn, "Cin");
-  check_positive(a.H, fn, "H");
-  check_positive(a.W, fn, "W");
-  check_positive(a.Cout, fn, "Cout");
-  check_positive(a.KH, fn, "KH");
-  check_positive(a.KW, fn, "KW");
-  check_positive(a.stride_h, fn, "stride_h");
-  check_positive(a.stride_w, fn, "stride_w");
-  check_nonneg(a.pad_h, fn, "pad_h");
-  check_nonneg(a.pad_w, fn, "pad_w");
+  check_conv_sizes(a, fn, kZeroNone);
   if (a.stride_h > 2 || a.stride_w > 2)
     throw ArgError(cat(fn, ": stride (", a.stride_h, ", ", a.stride_w, ") is not supported (1 or 2 per dimension)"));
   if (a.Cin % 8 != 0) throw ArgError(cat(fn, ": Cin = ", a.Cin, " must be a multiple of 8"));

@@ -324,12 +324,7 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
   const char* fn = "conv2d_wgrad";
   if (a.dtype != DType::F16 && a.dtype != DType::BF16)
     throw ArgError(cat(fn, ": dtype ", dtype_name(a.dtype), " is not supported (float16 or bfloat16)"));
-  for (auto [v, name] : {std::pair<int64_t, const char*>{a.N, "N"}, {a.Cin, "Cin"}, {a.H, "H"}, {a.W, "W"},
-                         {a.Cout, "Cout"}, {a.KH, "KH"}, {a.KW, "KW"}, {a.stride_h, "stride_h"},
-                         {a.stride_w, "stride_w"}, {a.splits, "splits"}})
-    check_positive(v, fn, name);
-  check_nonneg(a.pad_h, fn, "pad_h");
-  check_nonneg(a.pad_w, fn, "pad_w");
+  check_conv_sizes(a, fn, kZeroNone, {{a.splits, "splits"}});
   if (a.Cin % 8 != 0) throw ArgError(cat(fn, ": Cin = ", a.Cin, " must be a multiple of 8"));
   if (a.Cout % 8 != 0) throw ArgError(cat(fn, ": Cout = ", a.Cout, " must be a multiple of 8"));
   if (a.splits > kMaxSplits) throw ArgError(cat(fn, ": splits = ", a.splits, " > ", kMaxSplits));

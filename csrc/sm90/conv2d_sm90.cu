@@ -189,17 +189,7 @@ void validate(const Conv2dArgs& a) {
                        "float32 convolution is conv2d_forward's)"));
   // TMA moves rows of 16 bytes: 8 bf16/fp16 or 4 float channels
   const int64_t vec = a.dtype == DType::F32 ? 4 : 8;
-  check_positive(a.N, fn, "N");
-  check_positive(a.Cin, fn, "Cin");
-  check_positive(a.H, fn, "H");
-  check_positive(a.W, fn, "W");
-  check_nonneg(a.Cout, fn, "Cout");
-  check_positive(a.KH, fn, "KH");
-  check_positive(a.KW, fn, "KW");
-  check_positive(a.stride_h, fn, "stride_h");
-  check_positive(a.stride_w, fn, "stride_w");
-  check_nonneg(a.pad_h, fn, "pad_h");
-  check_nonneg(a.pad_w, fn, "pad_w");
+  check_conv_sizes(a, fn, kZeroCout);
   if (a.Cin % vec != 0)
     throw ArgError(cat(fn, ": Cin must be a multiple of ", vec, " (16-byte TMA rows of ", dtype_name(a.dtype),
                        "), got ", a.Cin));

@@ -128,17 +128,7 @@ void validate(const Conv2dSm90BwdArgs& a, bool dgrad) {
   const char* fn = dgrad ? "conv2d_sm90_dgrad" : "conv2d_sm90_wgrad";
   if (a.dtype != DType::BF16 && a.dtype != DType::F16)
     throw ArgError(cat(fn, ": dtype must be float16 or bfloat16 (the sm_90a kernels), got ", dtype_name(a.dtype)));
-  check_positive(a.N, fn, "N");
-  check_positive(a.Cin, fn, "Cin");
-  check_positive(a.H, fn, "H");
-  check_positive(a.W, fn, "W");
-  check_positive(a.Cout, fn, "Cout");
-  check_positive(a.KH, fn, "KH");
-  check_positive(a.KW, fn, "KW");
-  check_positive(a.stride_h, fn, "stride_h");
-  check_positive(a.stride_w, fn, "stride_w");
-  check_nonneg(a.pad_h, fn, "pad_h");
-  check_nonneg(a.pad_w, fn, "pad_w");
+  check_conv_sizes(a, fn, kZeroNone);
   if (a.Cin % 8 != 0) throw ArgError(cat(fn, ": Cin must be a multiple of 8 (16-byte TMA rows), got ", a.Cin));
   if (a.Cout % 8 != 0) throw ArgError(cat(fn, ": Cout must be a multiple of 8 (16-byte TMA rows), got ", a.Cout));
   if (dgrad && (a.stride_h != 1 || a.stride_w != 1))
