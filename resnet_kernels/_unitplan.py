@@ -64,7 +64,7 @@ _OP_BN, _OP_UPD, _OP_BWD = _bn_ops.OP, _bn_ops.OP_UPDATE, _bn_ops.OP_BACKWARD
 _resolve = _registry.resolve_explicit
 _det = torch.are_deterministic_algorithms_enabled
 _like = _bn_ops._like
-_new_out, _dense_strides = _conv_ops._new_out, _conv_ops._dense_strides
+_new_out = _conv_ops._new_out
 _empty_like = _alloc.empty_like
 _NO_PLAN = object()  # a key whose unit does not fit a plan (remembered: not captured again)
 
@@ -189,7 +189,7 @@ _BN_TENSORS = ("y", "mean", "var", "weight", "bias", "identity", "id_mean", "id_
 
 
 def _token(tf32: bool) -> tuple:
-    """What a bound plan's resolutions rest on besides its key (``_bind_train``): the registry (its
+    """What a bound plan's resolutions rest on besides its key (``_Bound``): the registry (its
     epoch changes with every registration or removal), the deterministic mode and, for float32
     convolutions, TF32 (both read by ``resolve_explicit`` and the implementations' ``supports``)."""
     return (_registry._epoch, _det(), tf32)
@@ -384,7 +384,7 @@ def _run_conv(tpl, requested, x, w, tf32):
 def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu,
              need_saves: bool, tf32: bool):
     """The unit's ops, each resolved as the dispatcher does; returns (out, [(setup_context recorder,
-    inputs)] or None). Binds the plan (``_bind_train``) where every op resolved to an
+    inputs)] or None). Binds the plan (``_Bound``) where every op resolved to an
     implementation that takes this key's tensors as they are."""
     y, mean, var, cimpl, dense = _run_conv(plan.conv, requested, xin, w, tf32)
     r = rmean = rvar = rimpl = None
