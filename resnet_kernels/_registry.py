@@ -111,20 +111,15 @@ _backends: Dict[str, Backend] = {}
 _impls: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
 _launchers: Dict[str, Callable[..., Any]] = {}
 _sorted: Dict[Tuple[str, bool], List[Impl]] = {}  # implementations(op, include_hidden), rebuilt on change
-_epoch = 0  # bumped by every change of the registry (what a resolution made earlier may rest on)
+# bumped by every registration or removal: a resolution remembered together with it (the bound unit
+# plans, resnet_kernels/_unitplan.py) is current while it is unchanged
+_epoch = 0
 
 
 def _changed() -> None:
     global _epoch
     _epoch += 1
     _sorted.clear()
-
-
-def epoch() -> int:
-    """A number that changes whenever a backend or an implementation is registered or removed: a
-    resolution remembered together with it (resnet_kernels/_unitplan.py) is current while it is
-    unchanged."""
-    return _epoch
 
 
 # --------------------------------------------------------------------------------------------
