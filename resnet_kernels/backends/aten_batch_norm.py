@@ -132,7 +132,7 @@ def _in_dtype(t, dt):
 
 def bn_running_update(updates):
     """PyTorch's foreach kernels (one multi-tensor launch each for a block's few (C,) vectors):
-    ``_foreach_mul`` (var * unbias), ``_foreach_lerp_`` per buffer dtype (a statistic of another
+    ``_foreach_mul`` (var * unbias; one BatchNorm's: a ``mul``), ``_foreach_lerp_`` per buffer dtype (a statistic of another
     dtype than its buffer cast first: one launch each), ``_foreach_add_`` (num_batches_tracked)."""
     with_var, groups, nbts = running_groups(updates)
     unbiased = {}
