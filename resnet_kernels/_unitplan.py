@@ -75,8 +75,9 @@ _DEBUG = logging.DEBUG
 
 
 def clear() -> None:
-    """Forget every plan (tests)."""
+    """Forget every plan and memo (tests)."""
     _plans.clear()
+    _memos.clear()
 
 
 def count() -> int:
@@ -212,9 +213,12 @@ class _EvalPlan:
         self.fast = None  # (token, backend, implementation, y's strides): bound once a hit resolved it
 
 
-def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, requested: str, full):
+def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, requested: str, full, memo=None):
     """``conv2d_epilogue(xin, weight, scale, shift, residual, ...)`` through the plan of ``conv``
-    (the eval unit's module) when no gradient is needed; ``full()`` runs the whole path."""
+    (the eval unit's module) when no gradient is needed; ``full()`` runs the whole path. ``memo``:
+    (x, bn, residual, fold) as the unit's entry received them when ``xin``, ``residual`` and
+    ``weight`` are them unconverted (``_folded_epilogue``): a bound hit then becomes the unit's
+    memo (``eval_hit``)."""
     if not _usable(requested):
         return full()
     key = (_OP_EPI, requested, relu, _sig(xin), _sig(weight), _sig(scale), _sig(shift), _sig(residual), conv.stride,
@@ -241,19 +245,10 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
     tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
     f = plan.fast
     if f is not None and _current(f[0], f[1], requested, xin.device, tf32):
-        # bound (see _Bound): the launcher with the tensors the Call would hold (no conversion for this key)
-        impl = f[2]
-        ro = impl.returns_output
-        out = None if ro else _new_out(tpl.shape, xin, tpl.layout)
-        res = impl.load()(xin, weight, scale, shift, residual, out, tpl.stride, tpl.padding, tpl.relu, False, tf32,
-                          dilation=tpl.dilation, groups=tpl.groups)
-        if not ro:
-            return out
-        y = res[0]
-        if y.stride() == f[3] and y.dtype == xin.dtype:
-            return y
-        return _clone_call(tpl, x=xin, weight=weight, scale=scale, bias=shift, residual=residual,
-                           allow_tf32=tf32)._finish(impl, out, res)[0]
+        y = _eval_launch(tpl, f, xin, weight, scale, shift, residual, tf32)
+        if memo is not None and memo[3] is not None:
+            _memos[conv] = _EvalMemo(memo[1], requested, relu, xin, residual, weight, conv, memo[3], plan)
+        return y
     acc = acc_dtype(xin.dtype)
     call = _clone_call(tpl, x=xin, weight=_conv_ops._dense_weight(weight), scale=channel_vector(scale, acc),
                        bias=channel_vector(shift, acc), residual=residual, allow_tf32=tf32)
@@ -264,6 +259,83 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
     if call.weight is weight and call.scale is scale and call.bias is shift:
         plan.fast = (_token(tf32), _registry._backends[requested], impl, y.stride())
     return y
+
+
+def _eval_launch(tpl, f, xin, weight, scale, shift, residual, tf32: bool):
+    """A bound eval plan's launch (see ``_Bound``): the launcher with the tensors the Call would
+    hold (no conversion for this key); ``ConvCall._finish`` only where the output is off-contract."""
+    impl = f[2]
+    ro = impl.returns_output
+    out = None if ro else _new_out(tpl.shape, xin, tpl.layout)
+    res = impl.load()(xin, weight, scale, shift, residual, out, tpl.stride, tpl.padding, tpl.relu, False, tf32,
+                      dilation=tpl.dilation, groups=tpl.groups)
+    if not ro:
+        return out
+    y = res[0]
+    if y.stride() == f[3] and y.dtype == xin.dtype:
+        return y
+    return _clone_call(tpl, x=xin, weight=weight, scale=scale, bias=shift, residual=residual,
+                       allow_tf32=tf32)._finish(impl, out, res)[0]
+
+
+class _EvalMemo:
+    """An eval unit's last bound hit as the fused models' entry saw it (``functional.unit_act`` /
+    ``unit_add_act``): its BatchNorm, the backend and flag, what validation read of x, the residual
+    and the weight, the convolution's geometry, the folded (scale, shift) objects of the BatchNorm's
+    cache, and the plan. ``eval_hit`` re-reads each of them, so a call that would take another path
+    (or another key) does not hit."""
+
+    __slots__ = ("bn", "requested", "relu", "xsig", "rsig", "wsig", "geometry", "fold", "plan", "devtype")
+
+    def __init__(self, bn, requested, relu, x, residual, weight, conv, fold, plan):
+        self.bn, self.requested, self.relu = bn, requested, relu
+        self.xsig, self.rsig, self.wsig = _sig(x), _sig(residual), _sig(weight)
+        self.geometry = _geometry(conv)
+        self.fold, self.plan = fold, plan
+        self.devtype = x.device.type
+
+
+def _geometry(conv) -> tuple:
+    """What the path from a unit's entry to its plan reads of the convolution besides its weight
+    (``functional._conv_input``: the padding mode and form; the plan key: the rest)."""
+    return (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+            conv._reversed_padding_repeated_twice)
+
+
+# conv -> _EvalMemo (weak: a memo never keeps a module alive)
+_memos: "weakref.WeakKeyDictionary[Any, _EvalMemo]" = weakref.WeakKeyDictionary()
+_autocast_on = torch.is_autocast_enabled
+
+
+def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
+    """act(bn(conv(x)) + residual) for an eval unit (``bn`` with running statistics) called from
+    its entry (``functional.unit_act``/``unit_add_act``, past their module checks), through its
+    memo, when everything the whole path would read is what the memo recorded: then the whole
+    path would take exactly that bound hit (``eval_unit``) with the same tensors. Else None (the
+    caller takes the whole path). ``fold``: ``functional._folded_scale_shift`` (the BatchNorm's
+    cached fold, re-read: a changed statistic, parameter, eps or dtype gives other objects)."""
+    m = _memos.get(conv)
+    if m is None or m.bn is not bn or bn.training or m.relu is not relu or m.requested != requested:
+        return None
+    if type(x) is not Tensor or _sig(x) != m.xsig or _sig(residual) != m.rsig:
+        return None
+    w = conv._parameters.get("weight")
+    if _sig(w) != m.wsig or _geometry(conv) != m.geometry:
+        return None
+    if not _usable(requested) or _autocast_on(m.devtype):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        return None
+    plan = m.plan
+    f = plan.fast
+    tf32 = x.dtype is _F32 and cudnn_conv_tf32_enabled()
+    if f is None or not _current(f[0], f[1], requested, x.device, tf32):
+        return None
+    scale_shift = fold(x, conv, bn)
+    if scale_shift is not m.fold:
+        return None
+    return _eval_launch(plan.conv, f, x, w, scale_shift[0], scale_shift[1], residual, tf32)
 
 
 # --------------------------------------------------------------------------------------------

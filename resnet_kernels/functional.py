@@ -191,17 +191,22 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
                      backend: Optional[str], wdt: Optional[torch.dtype] = None) -> Tensor:
     """act(bn(conv(x)) + residual) with bn using running statistics: one conv2d_epilogue."""
     xin, padding = _conv_input(x, conv)
-    scale, shift = _folded_scale_shift(xin, conv, bn)
-    residual = _in_layout(residual, xin)
+    fold = _folded_scale_shift(xin, conv, bn)
+    scale, shift = fold
+    rin = _in_layout(residual, xin)
     w = _cast(conv.weight, wdt)
 
     def full():
-        return conv2d_epilogue(xin, w, scale, shift, residual, stride=conv.stride, padding=padding,
+        return conv2d_epilogue(xin, w, scale, shift, rin, stride=conv.stride, padding=padding,
                                dilation=conv.dilation, groups=conv.groups, relu=relu, backend=backend)
 
     requested = _backend.op_arg(backend)
     if requested != "auto" and _unitplan.ENABLED:  # the unit's validated plan (resnet_kernels/_unitplan.py)
-        return _unitplan.eval_unit(xin, w, scale, shift, residual, conv, padding, relu, requested, full)
+        # what the unit's memo needs (_unitplan.eval_hit): nothing converted, the fold the cache's
+        memo = None
+        if xin is x and rin is residual and wdt is None and _weight_cache.derived_holds(bn, fold):
+            memo = (x, bn, residual, fold)
+        return _unitplan.eval_unit(xin, w, scale, shift, rin, conv, padding, relu, requested, full, memo)
     return full()
 
 
@@ -254,6 +259,10 @@ def unit_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residua
     if isinstance(x, _Proxy) or isinstance(residual, _Proxy):  # (the node's arguments built only then)
         return _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
     backend = _backend.op_arg(backend)  # (once: the name in force, passed on)
+    if backend != "auto" and not bn.training:  # an eval unit's memo (resnet_kernels/_unitplan.py)
+        y = _unitplan.eval_hit(x, conv, bn, residual, relu, backend, _folded_scale_shift)
+        if y is not None:
+            return y
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_residual("conv_bn_act", "residual", residual, y)  # before the BatchNorm changes state
@@ -358,6 +367,18 @@ def unit_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input:
         return _fx_node(conv_bn_add_act, (x, shortcut_input),
                         (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn), dict(relu=relu, backend=backend))
     backend = _backend.op_arg(backend)
+    if backend != "auto" and not bn.training:  # eval units' memos (resnet_kernels/_unitplan.py)
+        if shortcut_conv is None:
+            y = _unitplan.eval_hit(x, conv, bn, shortcut_input, relu, backend, _folded_scale_shift)
+            if y is not None:
+                return y
+        elif not (shortcut_bn.training or uses_batch_stats(bn)):
+            # the projection's unit, then the main one with its output (_conv_bn_add_act_full's order)
+            r = _unitplan.eval_hit(shortcut_input, shortcut_conv, shortcut_bn, None, False, backend,
+                                   _folded_scale_shift)
+            if r is not None:
+                y = _unitplan.eval_hit(x, conv, bn, r, relu, backend, _folded_scale_shift)
+                return y if y is not None else _folded_epilogue(x, conv, bn, relu, r, backend)
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_bn_input(bn, y)

@@ -63,11 +63,11 @@ def _unit(w, h, s, backend):
     return conv_bn_add_act(h, w["conv"], w["bn"], s, backend=backend)
 
 
-def _run(w, h, s, backend, plans: bool, steps: int = 4, evals: int = 3):
+def _run(w, h, s, backend, plans: bool, steps: int = 4, evals: int = 5):
     """steps training steps (SGD on the modules) then eval forwards; everything observable. With
     plans, the steps take each way a unit can run: the whole path (the plan made), a hit resolving
     its ops (the plan bound; its backward's plan made), a bound forward whose backward binds, then
-    bound both ways (eval: whole path, resolving hit, bound)."""
+    bound both ways (eval: whole path, resolving hit, bound (the unit's memo made), memo hits)."""
     _unitplan.ENABLED = plans
     try:
         mods = list(w.values())
@@ -149,7 +149,7 @@ def test_a_hit_validates_nothing(monkeypatch, projection):
     for m in w.values():
         m.eval()
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(5):  # (whole, resolving, bound: the memo made, memo hits)
             _unit(w, h, s, "aten")
     assert len(epi_v) == (2 if projection else 1)
 
@@ -212,6 +212,131 @@ def test_a_bound_hit_resolves_until_what_it_rests_on_changes(monkeypatch, projec
         _unitplan.ENABLED = True
     a = step()
     _assert_same([a] + _state(w), [b] + _state(ref_w))
+
+
+def _hits(monkeypatch):
+    """Counts eval_hit's hits (memo used) and misses."""
+    got = {"hit": 0, "miss": 0}
+    real = _unitplan.eval_hit
+
+    def counted(*a):
+        y = real(*a)
+        got["hit" if y is not None else "miss"] += 1
+        return y
+
+    monkeypatch.setattr(_unitplan, "eval_hit", counted)
+    return got
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projection):
+    """An eval unit's memo (``eval_hit``) stands for the whole path from the unit's entry: each
+    change of something that path reads (values read through the BatchNorm's fold, the module
+    geometry, the inputs' geometry, the flags and global modes, the registry) misses it, and every
+    call's output is the whole path's, bitwise."""
+    w = _world(projection)
+    h, s = _inputs(projection, "nchw")
+    h, s = h.detach(), s.detach()
+    ref_w = copy.deepcopy(w)
+    for world in (w, ref_w):
+        for m in world.values():
+            m.eval()
+    hits = _hits(monkeypatch)
+    units = 2 if projection else 1
+
+    def both(args=None, world_fn=None, expect_hits=None, grad=False):
+        hits.update(hit=0, miss=0)
+        a_h, a_s = args if args is not None else (h, s)
+        with torch.set_grad_enabled(grad):
+            a = _unit(w, a_h, a_s, "aten")
+            _unitplan.ENABLED = False
+            try:
+                b = _unit(ref_w, a_h, a_s, "aten")
+            finally:
+                _unitplan.ENABLED = True
+        _assert_same([a.detach()], [b.detach()])
+        if expect_hits is not None:
+            assert hits["hit"] == expect_hits, hits
+
+    for _ in range(3):  # the whole path, the resolving hit, the bound hit (the memos made)
+        both(expect_hits=0)
+    both(expect_hits=units)
+    both(expect_hits=units)
+
+    def change(fn, again=units):
+        """fn applied to both worlds: the next call misses the main unit's memo, the one after hits."""
+        for world in (w, ref_w):
+            fn(world)
+        both()
+        assert hits["hit"] < units or units == 0, hits
+        for _ in range(3):
+            both()
+        assert hits["hit"] == again, hits
+
+    def stats(world):
+        with torch.no_grad():
+            world["bn"].running_mean.add_(0.125)  # in place: the fold's version changes
+
+    change(stats)
+
+    def eps(world):
+        world["bn"].eps = 1e-3
+
+    change(eps)
+
+    def new_weight(world):
+        world["bn"].weight = nn.Parameter(torch.full((C,), 1.5))
+
+    change(new_weight)
+
+    def geometry(world):
+        world["conv"].padding = (2, 2)
+        world["conv"].dilation = (2, 2)
+
+    change(geometry)
+
+    def conv_weight(world):
+        with torch.no_grad():
+            world["conv"].weight.mul_(0.5)  # values: read by the launcher, the memo stays
+
+    for world in (w, ref_w):
+        conv_weight(world)
+    both(expect_hits=units)
+    # another input layout, another batch: other keys
+    hcl = h.to(memory_format=torch.channels_last)
+    both((hcl, s))
+    assert hits["hit"] < units
+    both((torch.randn(3, C, 4, 4), torch.randn(3, C_IN, 8, 8) if projection else torch.randn(3, C, 4, 4)))
+    assert hits["hit"] < units
+    both(expect_hits=units)  # (back: the memo is still the last bound hit's, this key's)
+    # global modes the whole path reads
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        both(expect_hits=0)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        both(expect_hits=0)
+    both(grad=True, expect_hits=0)  # the BatchNorm's parameters need a gradient: no cached fold
+    with _registry.registered(_registry.Backend("rk_test_memo", "a test backend", lambda d: None, hidden=True)):
+        both(expect_hits=0)
+    for _ in range(3):
+        both()
+    both(expect_hits=units)
+    # the conv paired with another BatchNorm, and the memo's BatchNorm in training: no hit
+    other = copy.deepcopy(w["bn"])
+    other_ref = copy.deepcopy(ref_w["bn"])
+    with torch.no_grad():
+        other.running_var.mul_(2)
+        other_ref.running_var.mul_(2)
+    w["bn"], other = other, w["bn"]
+    ref_w["bn"], other_ref = other_ref, ref_w["bn"]
+    both()
+    assert hits["hit"] < units
+    w["bn"].train()
+    ref_w["bn"].train()
+    both(expect_hits=0)
 
 
 def _error(fn):

@@ -776,19 +776,25 @@ def _fused_pool_bwd_cost(call):
 
 def _aten_pool_cost(call):
     """aten_maxpool.maxpool2d_forward: max_pool2d_with_indices (x, out, int64 indices: CUDA writes
-    them even without a gradient), then with an argmax: idx // W, idx + ih * (kw - W), - base, to uint8."""
+    them even without a gradient), then with an argmax: idx - base (int64), the table lookup
+    (index_select into uint8); a window wider than the input: idx // W, idx + ih * (kw - W), - base,
+    to uint8."""
     m = _pool_elems(call)
     launches, b = 1, nbytes(call.x) + m * call.x.element_size() + 8 * m
     if call.need_argmax:
-        launches, b = launches + 4, b + 16 * m + 24 * m + 16 * m + 9 * m
+        if call.k[1] <= call.x.shape[3]:
+            launches, b = launches + 2, b + 16 * m + 9 * m
+        else:
+            launches, b = launches + 4, b + 16 * m + 24 * m + 16 * m + 9 * m
     return launches, b
 
 
 def _aten_pool_bwd_cost(call):
-    """aten_maxpool.maxpool2d_backward: argmax to int64 (long, + base, // kw, add_), then
-    max_pool2d_with_indices_backward (read grad_out and the int64 indices, write grad_x)."""
+    """aten_maxpool.maxpool2d_backward: the argmax to int32 (the lookup's index), the table lookup
+    (int64 offsets), + base in place, then max_pool2d_with_indices_backward (read grad_out and the
+    int64 indices, write grad_x)."""
     m = call.grad_out.numel()
-    launches, b = 4, 9 * m + 16 * m + 16 * m + 24 * m
+    launches, b = 3, 5 * m + 12 * m + 16 * m
     return launches + 1, b + nbytes(call.grad_out) + 8 * m + _act_bytes(call.input_shape(), call.grad_out.dtype)
 
 

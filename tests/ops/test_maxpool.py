@@ -20,7 +20,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "channels_last"]
 BACKENDS = ["torch", "aten", "triton", "cuda"]
 # (shape, kernel, stride, padding): the stem's 3/2/1 on odd sizes (7x7, C = 3, N = 1), a 56x56-like
-# plane, asymmetric windows and strides, overlapping windows (stride 1), no padding, 1x1
+# plane, asymmetric windows and strides, overlapping windows (stride 1), no padding, 1x1, windows
+# wider or taller than the input
 CASES = [
     ((1, 3, 7, 7), 3, 2, 1),
     ((2, 5, 9, 11), 3, 2, 1),
@@ -30,6 +31,8 @@ CASES = [
     ((1, 2, 8, 8), 2, 2, 0),
     ((2, 3, 5, 7), (5, 3), (2, 3), (2, 0)),
     ((1, 4, 1, 1), 1, 1, 0),
+    ((1, 2, 2, 3), (3, 5), 1, (1, 2)),  # a window wider than the input (aten: the division formula)
+    ((1, 2, 1, 6), 3, 1, 1),  # taller than the input
 ]
 
 
