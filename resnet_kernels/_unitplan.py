@@ -78,6 +78,7 @@ def clear() -> None:
     """Forget every plan and memo (tests)."""
     _plans.clear()
     _memos.clear()
+    _tmemos.clear()
 
 
 def count() -> int:
@@ -696,14 +697,20 @@ class _TrainUnit(torch.autograd.Function):
         return (None, None, None, None, None, None, None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
 
 
-def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str, full):
+def _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str) -> tuple:
+    return (_OP_STATS, requested, relu, _conv_key(xin, conv, padding), _bn_key(bn), _sig(identity),
+            None if rconv is None else (_conv_key(rx, rconv, rpadding), _bn_key(rbn)))
+
+
+def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str, full,
+               memo: bool = False):
     """relu(bn(conv(xin)) + S) in training, S = ``identity`` (raw, may be None) or, with ``rconv``,
     rbn(rconv(rx)); ``full()`` runs the whole path (``functional``'s). Through the unit's plan where
-    one applies (see the module docstring)."""
+    one applies (see the module docstring). ``memo``: ``xin`` and ``rx`` are the unit entry's own
+    inputs (nothing padded or copied): a hit becomes the unit's memo (``train_hit``)."""
     if not _usable(requested) or bn is rbn or isinstance(bn, _Sync) or isinstance(rbn, _Sync):
         return full()
-    key = (_OP_STATS, requested, relu, _conv_key(xin, conv, padding), _bn_key(bn), _sig(identity),
-           None if rconv is None else (_conv_key(rx, rconv, rpadding), _bn_key(rbn)))
+    key = _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu, requested)
     if _bad(key[3]) or _bad(key[4]) or key[5] is _SUB or key[3][0] is None or (
             key[6] is not None and (_bad(key[6][0]) or _bad(key[6][1]) or key[6][0][0] is None)) \
             or xin.device.type == "meta":
@@ -716,6 +723,18 @@ def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu:
         return out
     if plan is _NO_PLAN:
         return full()
+    out = _train_run(plan, xin, conv, bn, identity, rx, rconv, rbn, relu, requested)
+    if memo:
+        m = _tmemos.get(bn)
+        if m is None or m.plan is not plan or m.key != key or m.conv is not conv or m.rconv is not rconv \
+                or m.rbn is not rbn:
+            _tmemos[bn] = _TrainMemo(key, plan, conv, rconv, rbn, xin.device.type)
+    return out
+
+
+def _train_run(plan, xin, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str):
+    """A plan hit's run: the unit's tensors read from its modules, then the planned ops (under
+    ``_TrainUnit`` when a gradient is needed; bound where ``plan.fast`` is current)."""
     p = bn._parameters
     w, bw, bb = conv._parameters.get("weight"), p.get("weight"), p.get("bias")
     rw = rbw = rbb = None
@@ -740,6 +759,43 @@ def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu:
         return _fast_forward(plan, f, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu, tf32)[0]
     return _forward(plan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu, False,
                     tf32)[0]
+
+
+class _TrainMemo:
+    """A training unit's last plan hit from its entry (``functional.unit_act``/``unit_add_act``):
+    the key it had (everything the ops' validation reads), the plan, its modules and the
+    convolutions' geometry (what ``functional._conv_input`` reads to pass the inputs as they are)."""
+
+    __slots__ = ("key", "plan", "conv", "rconv", "rbn", "devtype", "geometry", "rgeometry")
+
+    def __init__(self, key, plan, conv, rconv, rbn, devtype):
+        self.key, self.plan, self.conv, self.rconv, self.rbn, self.devtype = key, plan, conv, rconv, rbn, devtype
+        self.geometry = _geometry(conv)
+        self.rgeometry = None if rconv is None else _geometry(rconv)
+
+
+# bn -> _TrainMemo (weak, as the plans)
+_tmemos: "weakref.WeakKeyDictionary[Any, _TrainMemo]" = weakref.WeakKeyDictionary()
+
+
+def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str):
+    """``train_unit`` for a training unit called from its entry (``functional.unit_act`` /
+    ``unit_add_act``, past their module checks) through its memo: when the whole path would reach
+    ``train_unit`` with x and rx as they are (plain tensors, no autocast, the convolutions' padding
+    unchanged) and the key it would compute is the memo's, the memo's plan runs; else None."""
+    m = _tmemos.get(bn)
+    if m is None or m.conv is not conv or m.rconv is not rconv or m.rbn is not rbn:
+        return None
+    if type(x) is not Tensor or (rx is not None and type(rx) is not Tensor) or not _usable(requested) \
+            or _autocast_on(m.devtype):
+        return None
+    if _geometry(conv) != m.geometry or (rconv is not None and _geometry(rconv) != m.rgeometry):
+        return None
+    key = _train_key(x, conv, bn, conv.padding, identity, rx, rconv, rbn, None if rconv is None else rconv.padding,
+                     relu, requested)
+    if key != m.key:
+        return None
+    return _train_run(m.plan, x, conv, bn, identity, rx, rconv, rbn, relu, requested)
 
 
 def _make_train_plan(calls, requested: str, proj: bool, bn, rbn):

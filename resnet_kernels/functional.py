@@ -259,8 +259,11 @@ def unit_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residua
     if isinstance(x, _Proxy) or isinstance(residual, _Proxy):  # (the node's arguments built only then)
         return _fx_node(conv_bn_act, (x, residual), (x, conv, bn), dict(relu=relu, residual=residual, backend=backend))
     backend = _backend.op_arg(backend)  # (once: the name in force, passed on)
-    if backend != "auto" and not bn.training:  # an eval unit's memo (resnet_kernels/_unitplan.py)
-        y = _unitplan.eval_hit(x, conv, bn, residual, relu, backend, _folded_scale_shift)
+    if backend != "auto":  # the unit's memo (resnet_kernels/_unitplan.py)
+        if bn.training:
+            y = _unitplan.train_hit(x, conv, bn, residual, None, None, None, relu, backend)
+        else:
+            y = _unitplan.eval_hit(x, conv, bn, residual, relu, backend, _folded_scale_shift)
         if y is not None:
             return y
     if _plain_ok(x, backend, bn):  # 'auto' on CPU tensors: PyTorch's own layers
@@ -328,7 +331,8 @@ def _conv_bn_act(x, conv, bn, relu, residual, backend, wdt):
         if requested is not None:
             xin, padding = _conv_input(x, conv)
             return _unitplan.train_unit(xin, conv, bn, padding, residual, None, None, None, None, relu, requested,
-                                        lambda: _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt))
+                                        lambda: _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt),
+                                        xin is x)
         return _conv_bn_act_train(x, conv, bn, relu, residual, backend, wdt)
     return _folded_epilogue(x, conv, bn, relu, residual, backend, wdt)
 
@@ -367,7 +371,14 @@ def unit_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input:
         return _fx_node(conv_bn_add_act, (x, shortcut_input),
                         (x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn), dict(relu=relu, backend=backend))
     backend = _backend.op_arg(backend)
-    if backend != "auto" and not bn.training:  # eval units' memos (resnet_kernels/_unitplan.py)
+    if backend != "auto" and bn.training:  # the training unit's memo (resnet_kernels/_unitplan.py)
+        if shortcut_conv is None or shortcut_bn.training:
+            y = _unitplan.train_hit(x, conv, bn, shortcut_input if shortcut_conv is None else None,
+                                    None if shortcut_conv is None else shortcut_input, shortcut_conv, shortcut_bn,
+                                    relu, backend)
+            if y is not None:
+                return y
+    elif backend != "auto":  # eval units' memos
         if shortcut_conv is None:
             y = _unitplan.eval_hit(x, conv, bn, shortcut_input, relu, backend, _folded_scale_shift)
             if y is not None:
@@ -410,7 +421,8 @@ def _conv_bn_add_act(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, re
             return _unitplan.train_unit(xin, conv, bn, padding, None, rin, shortcut_conv, shortcut_bn, rpadding, relu,
                                         requested, lambda: _conv_bn_add_act_full(x, conv, bn, shortcut_input,
                                                                                  shortcut_conv, shortcut_bn, relu,
-                                                                                 backend, wdt))
+                                                                                 backend, wdt),
+                                        xin is x and rin is shortcut_input)
     return _conv_bn_add_act_full(x, conv, bn, shortcut_input, shortcut_conv, shortcut_bn, relu, backend, wdt)
 
 

@@ -243,6 +243,7 @@ def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projectio
             m.eval()
     hits = _hits(monkeypatch)
     units = 2 if projection else 1
+    PADDED = units - 1  # (an input the whole path pads itself is never memoised; the projection's is)
 
     def both(args=None, world_fn=None, expect_hits=None, grad=False):
         hits.update(hit=0, miss=0)
@@ -289,9 +290,16 @@ def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projectio
 
     change(new_weight)
 
-    def geometry(world):
+    def padding_mode(world):  # (the whole path pads x itself)
+        world["conv"].padding_mode = "reflect"
+
+    change(padding_mode, again=PADDED)
+
+    def geometry(world):  # (nn.Conv2d's own padding of the input follows: its reversed padding too)
+        world["conv"].padding_mode = "zeros"
         world["conv"].padding = (2, 2)
         world["conv"].dilation = (2, 2)
+        world["conv"]._reversed_padding_repeated_twice = [2, 2, 2, 2]
 
     change(geometry)
 
@@ -336,6 +344,132 @@ def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projectio
     assert hits["hit"] < units
     w["bn"].train()
     ref_w["bn"].train()
+    both(expect_hits=0)
+
+
+def _train_hits(monkeypatch):
+    got = {"hit": 0, "miss": 0}
+    real = _unitplan.train_hit
+
+    def counted(*a):
+        y = real(*a)
+        got["hit" if y is not None else "miss"] += 1
+        return y
+
+    monkeypatch.setattr(_unitplan, "train_hit", counted)
+    return got
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_the_training_memo_hits_only_while_what_it_read_holds(monkeypatch, projection):
+    """A training unit's memo (``train_hit``) stands for the whole path from the unit's entry to its
+    plan: each change of what that path reads (the key: inputs, modules, flags; the convolutions'
+    padding; autocast and the global modes) misses it; every step's outputs, gradients and buffers
+    are the whole path's, bitwise."""
+    w = _world(projection)
+    h, s = _inputs(projection, "nchw")
+    ref_w = copy.deepcopy(w)
+    hits = _train_hits(monkeypatch)
+
+    def both(args=None, expect_hits=None):
+        hits.update(hit=0, miss=0)
+        a_h, a_s = args if args is not None else (h, s)
+        got = []
+        for world, plans in ((w, True), (ref_w, False)):
+            _unitplan.ENABLED = plans
+            try:
+                hh, ss = a_h.detach().requires_grad_(), a_s.detach().requires_grad_()
+                out = _unit(world, hh, ss, "aten")
+                out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+                got.append([out.detach(), hh.grad, ss.grad] + _state(world)
+                           + [p.grad for m in world.values() for p in m.parameters()])
+                for m in world.values():
+                    m.zero_grad()
+            finally:
+                _unitplan.ENABLED = True
+        _assert_same(got[0], got[1])
+        if expect_hits is not None:
+            assert hits["hit"] == expect_hits, hits
+
+    for _ in range(2):  # the whole path (the plan made), the first hit (the memo made)
+        both(expect_hits=0)
+    both(expect_hits=1)
+    both(expect_hits=1)
+
+    PADDED = 0  # (an input the whole path pads itself is never memoised)
+
+    def change(fn, again=1):
+        for world in (w, ref_w):
+            fn(world)
+        both(expect_hits=0)
+        for _ in range(2):
+            both()
+        both(expect_hits=again)
+
+    def momentum(world):
+        world["bn"].momentum = 0.25
+
+    change(momentum)
+
+    def cumulative(world):
+        world["bn"].momentum = None
+
+    change(cumulative)
+
+    def eps(world):
+        world["bn"].eps = 1e-3
+
+    change(eps)
+
+    def new_buffer(world):
+        world["bn"].running_var = torch.ones(C)
+
+    change(new_buffer)
+
+    def new_weight(world):
+        world["conv"].weight = nn.Parameter(world["conv"].weight.detach().clone())
+
+    both(expect_hits=1)  # (a new Parameter of the same geometry: the same key; the new tensor is read)
+    for world in (w, ref_w):
+        new_weight(world)
+    both(expect_hits=1)
+
+    def padding_mode(world):  # (the whole path pads x itself: the key from x as given would not change)
+        world["conv"].padding_mode = "reflect"
+
+    change(padding_mode, again=PADDED)
+
+    def geometry(world):  # (nn.Conv2d's own padding of the input follows: its reversed padding too)
+        world["conv"].padding_mode = "zeros"
+        world["conv"].padding = (2, 2)
+        world["conv"].dilation = (2, 2)
+        world["conv"]._reversed_padding_repeated_twice = [2, 2, 2, 2]
+
+    change(geometry)
+    # another layout, another batch: other keys (the memo is the last hit's)
+    both((h.to(memory_format=torch.channels_last), s.to(memory_format=torch.channels_last)), expect_hits=0)
+    both((torch.randn(3, C, 4, 4), torch.randn(3, C_IN, 8, 8) if projection else torch.randn(3, C, 4, 4)),
+         expect_hits=0)
+    both(expect_hits=1)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        both(expect_hits=1)  # (the memo's plan resolves again: its token changed)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hits.update(hit=0)
+        with torch.no_grad():
+            _unit(w, h, s, "aten")
+            _unit(ref_w, h, s, "aten")  # (the running statistics move in both worlds)
+        assert hits["hit"] == 0
+    # the memo's BatchNorm in eval, or paired with another conv: no training hit
+    other = copy.deepcopy(w["conv"])
+    w["conv"], other = other, w["conv"]
+    ref_w["conv"] = copy.deepcopy(ref_w["conv"])
+    both(expect_hits=0)
+    for world in (w, ref_w):
+        world["bn"].eval()
     both(expect_hits=0)
 
 

@@ -134,6 +134,16 @@ def bn_running_update(updates):
     """PyTorch's foreach kernels (one multi-tensor launch each for a block's few (C,) vectors):
     ``_foreach_mul`` (var * unbias; one BatchNorm's: a ``mul``), ``_foreach_lerp_`` per buffer dtype (a statistic of another
     dtype than its buffer cast first: one launch each), ``_foreach_add_`` (num_batches_tracked)."""
+    if len(updates) == 1:
+        mean, var, rm, rv, nbt, factor, unbias = updates[0]
+        if rm is not None and rv is not None and rm.dtype == rv.dtype == mean.dtype == var.dtype:
+            # one BatchNorm (the common call): what running_groups arranges below, without its lists
+            # (the same launches: the mul, one lerp over both buffers, the count's add)
+            f = float(factor)
+            torch._foreach_lerp_([rm, rv], [mean, torch.mul(var, float(unbias))], [f, f])
+            if nbt is not None:
+                nbt.add_(1)
+            return
     with_var, groups, nbts = running_groups(updates)
     unbiased = {}
     if len(with_var) == 1:  # (one vector: the same single launch as the foreach, without its list plumbing)
