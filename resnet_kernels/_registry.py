@@ -256,21 +256,38 @@ def candidates(op: str, call: Any, device: torch.device) -> Tuple[List[Impl], Di
     return ok, why
 
 
+# (op, device type) -> (epoch, implementation): first_candidate's answer where it cannot depend on
+# the call or the deterministic mode (every implementation before it excluded by auto_on alone; it
+# supports every call and is deterministic); still checked for availability on every use
+_first: Dict[Tuple[str, str], Tuple[int, "Impl"]] = {}
+
+
 def first_candidate(op: str, call: Any, device: torch.device) -> Optional[Impl]:
     """The first implementation 'auto' may choose for this call here, in static order (the hot
     path of devices 'auto' does not measure on; ``candidates`` says why the others are out)."""
-    det = None
     dtype = device.type
+    hit = _first.get((op, dtype))
+    if hit is not None and hit[0] == _epoch and _backends[hit[1].backend].available(device) is None:
+        return hit[1]
+    det = None
+    static = True  # every implementation passed over so far was, whatever the call
     for impl in implementations(op, include_hidden=False):
-        if dtype not in impl.auto_on or _backends[impl.backend].available(device) is not None:
+        if dtype not in impl.auto_on:
+            continue
+        if _backends[impl.backend].available(device) is not None:
+            static = False
             continue
         if impl.supports is not None and impl.supports(call) is not None:
+            static = False
             continue
         if not impl.deterministic:
+            static = False
             if det is None:
                 det = deterministic_required()
             if det:
                 continue
+        if static and impl.supports is None:
+            _first[(op, dtype)] = (_epoch, impl)
         return impl
     return None
 

@@ -570,12 +570,12 @@ def _fast_backward(ctx, grad):
     plan = ctx.plan
     out, y, mean, var, bw, ident, rmean, rvar, rbw, xin, w, rx, rw = ctx.saved_tensors
     n = ctx.needs_input_grad
-    nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[7:16]
+    nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[1:10]
     proj = plan.rconv is not None
     ny = nx or nw
     ni = (nrx or nrw) if proj else nid
     if grad is None or not (ny or nbw or nbb or ni or nrbw or nrbb):
-        return (None,) * 16
+        return (None,) * 10
     grad = in_layout_of(grad, y)
     has_b, has_rb, (w_dt, b_dt, iw_dt, ib_dt) = ctx.pinfo
     ni = ni and ident is not None
@@ -617,7 +617,7 @@ def _fast_backward(ctx, grad):
         gi = None
     elif not ni:
         gi = None
-    return (None, None, None, None, None, None, None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
+    return (None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
 
 
 class _TrainUnit(torch.autograd.Function):
@@ -625,7 +625,8 @@ class _TrainUnit(torch.autograd.Function):
     backward functions in autograd's order (batch_norm_act's, then each convolution's)."""
 
     @staticmethod
-    def forward(ctx, plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb):
+    def forward(ctx, args, xin, w, bw, bb, ident, rx, rw, rbw, rbb):
+        plan, requested, bn, rbn, eps, id_eps, relu = args  # (the non-tensor arguments: one apply argument)
         tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
         f = plan.fast
         ctx.plan = plan
@@ -673,8 +674,8 @@ class _TrainUnit(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, recs, n, grad):
-        # (plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb)
-        nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[7:16]
+        # ((plan, requested, bn, rbn, eps, id_eps, relu), xin, w, bw, bb, ident, rx, rw, rbw, rbb)
+        nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[1:10]
         bn_rec, conv_rec = recs[0], recs[1]
         proj = len(recs) == 3
         ny = nx or nw
@@ -694,7 +695,7 @@ class _TrainUnit(torch.autograd.Function):
                 recs[2].needs_input_grad = (nrx, nrw, False, False, False, False, False)
                 grx, grw = _conv_ops._stats_backward(recs[2], gi, None, None)[:2]
             gi = None
-        return (None, None, None, None, None, None, None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
+        return (None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
 
 
 def _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str) -> tuple:
@@ -752,7 +753,8 @@ def _train_run(plan, xin, conv, bn, identity, rx, rconv, rbn, relu: bool, reques
                                     or (rx is not None and (rx.requires_grad or rw.requires_grad
                                                             or (rbw is not None and rbw.requires_grad)
                                                             or (rbb is not None and rbb.requires_grad)))):
-        return _TrainUnit.apply(plan, requested, bn, rbn, eps, id_eps, relu, xin, w, bw, bb, ident, rx, rw, rbw, rbb)
+        return _TrainUnit.apply((plan, requested, bn, rbn, eps, id_eps, relu), xin, w, bw, bb, ident, rx, rw, rbw,
+                                rbb)
     tf32 = xin.dtype is _F32 and cudnn_conv_tf32_enabled()
     f = plan.fast
     if f is not None and _current(f.token, f.be, requested, xin.device, tf32):

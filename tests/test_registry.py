@@ -394,3 +394,46 @@ def test_cache_summary_reports_a_bad_cache_without_warning(cache_dir):
         warnings.simplefilter("error")
         got = _tune.cache_summary()
     assert got["exists"] and got["entries"] == 0 and "is corrupt" in got["error"]
+
+
+def test_the_static_first_choice_is_remembered_only_while_it_cannot_change():
+    """first_candidate (what 'auto' runs on CPU tensors) remembers its answer per (op, device type)
+    only where no call or mode can change it, and answers afresh after any registration, for a
+    backend that became unavailable, and where a passed-over implementation depended on the call."""
+    import sys
+    sys.modules.setdefault(_MOD, sys.modules[__name__])
+    x, s, b, i = _args()
+    cpu = torch.device("cpu")
+    import importlib
+    call = importlib.import_module("resnet_kernels.ops.bn_add_relu").ForwardCall(x, s, b, i, None, None, True, "nchw")
+
+    def first():
+        return _registry.first_candidate("bn_add_relu", call, cpu).backend
+
+    assert first() == "aten" and first() == "aten"
+    assert ("bn_add_relu", "cpu") in _registry._first
+    up = {"on": True}
+    switch = Backend("rk_switch", "", lambda device: None if up["on"] else "switched off")
+    with _registry.registered(switch, [_impl("rk_switch", "_fake_ok", priority=0)]):
+        assert first() == "rk_switch" and first() == "rk_switch"  # (the registration: answered afresh)
+        up["on"] = False
+        assert first() == "aten"  # unavailable now: passed over, and not remembered (availability can change)
+        up["on"] = True
+        assert first() == "rk_switch"
+    assert first() == "aten"
+    picky = Backend("rk_picky", "", lambda device: None)
+    wants = {"c": 3}
+    with _registry.registered(picky, [_impl("rk_picky", "_fake_ok", priority=0,
+                                            supports=lambda c: None if c.x.shape[1] == wants["c"] else "no")]):
+        assert first() == "rk_picky"
+        wants["c"] = 4  # the same epoch, another answer from supports: never remembered past it
+        assert first() == "aten"
+    nondet = Backend("rk_nondet", "", lambda device: None)
+    with _registry.registered(nondet, [_impl("rk_nondet", "_fake_nondet", priority=0, deterministic=False)]):
+        assert first() == "rk_nondet"
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert first() == "aten"
+        finally:
+            torch.use_deterministic_algorithms(prev)

@@ -49,7 +49,7 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
 
 
 def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
-    invstd = torch.rsqrt(var + eps)
+    invstd = torch.add(var, eps).rsqrt_()
     w = weight if weight is None or weight.dtype is mean.dtype else weight.to(mean.dtype)
     gx, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
                                                   [need_x, need_w and w is not None, need_b])
@@ -82,7 +82,7 @@ def _coef_side(g, x, mean, var, weight, eps, m, need_w, need_b, w_dtype):
     A = weight * invstd, B = A * sum_g / m, K = A * invstd * grad_weight / m (grad_weight =
     sum_gd * invstd)."""
     acc = mean.dtype
-    invstd = torch.rsqrt(var + eps)
+    invstd = torch.add(var, eps).rsqrt_()
     w = weight.to(acc) if weight is not None else torch.ones_like(mean)
     _, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps, [False, True, True])
     a = invstd * w if weight is not None else invstd
