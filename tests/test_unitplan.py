@@ -214,17 +214,17 @@ def test_a_bound_hit_resolves_until_what_it_rests_on_changes(monkeypatch, projec
     _assert_same([a] + _state(w), [b] + _state(ref_w))
 
 
-def _hits(monkeypatch):
-    """Counts eval_hit's hits (memo used) and misses."""
+def _hits(monkeypatch, name="eval_hit"):
+    """Counts a memo's hits (``_unitplan.eval_hit`` / ``train_hit`` returned the output) and misses."""
     got = {"hit": 0, "miss": 0}
-    real = _unitplan.eval_hit
+    real = getattr(_unitplan, name)
 
     def counted(*a):
         y = real(*a)
         got["hit" if y is not None else "miss"] += 1
         return y
 
-    monkeypatch.setattr(_unitplan, "eval_hit", counted)
+    monkeypatch.setattr(_unitplan, name, counted)
     return got
 
 
@@ -347,19 +347,6 @@ def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projectio
     both(expect_hits=0)
 
 
-def _train_hits(monkeypatch):
-    got = {"hit": 0, "miss": 0}
-    real = _unitplan.train_hit
-
-    def counted(*a):
-        y = real(*a)
-        got["hit" if y is not None else "miss"] += 1
-        return y
-
-    monkeypatch.setattr(_unitplan, "train_hit", counted)
-    return got
-
-
 @pytest.mark.parametrize("projection", [False, True])
 def test_the_training_memo_hits_only_while_what_it_read_holds(monkeypatch, projection):
     """A training unit's memo (``train_hit``) stands for the whole path from the unit's entry to its
@@ -369,7 +356,7 @@ def test_the_training_memo_hits_only_while_what_it_read_holds(monkeypatch, proje
     w = _world(projection)
     h, s = _inputs(projection, "nchw")
     ref_w = copy.deepcopy(w)
-    hits = _train_hits(monkeypatch)
+    hits = _hits(monkeypatch, "train_hit")
 
     def both(args=None, expect_hits=None):
         hits.update(hit=0, miss=0)
