@@ -217,9 +217,9 @@ class _EvalPlan:
 def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, requested: str, full, memo=None):
     """``conv2d_epilogue(xin, weight, scale, shift, residual, ...)`` through the plan of ``conv``
     (the eval unit's module) when no gradient is needed; ``full()`` runs the whole path. ``memo``:
-    (x, bn, residual, fold) as the unit's entry received them when ``xin``, ``residual`` and
-    ``weight`` are them unconverted (``_folded_epilogue``): a bound hit then becomes the unit's
-    memo (``eval_hit``)."""
+    (bn, the BatchNorm's cached fold) when ``xin``, ``residual`` and ``weight`` are the unit entry's
+    own, unconverted (``_folded_epilogue``): a bound hit then becomes the unit's memo
+    (``eval_hit``)."""
     if not _usable(requested):
         return full()
     key = (_OP_EPI, requested, relu, _sig(xin), _sig(weight), _sig(scale), _sig(shift), _sig(residual), conv.stride,
@@ -247,8 +247,8 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
     f = plan.fast
     if f is not None and _current(f[0], f[1], requested, xin.device, tf32):
         y = _eval_launch(tpl, f, xin, weight, scale, shift, residual, tf32)
-        if memo is not None and memo[3] is not None:
-            _memos[conv] = _EvalMemo(memo[1], requested, relu, xin, residual, weight, conv, memo[3], plan)
+        if memo is not None:
+            _memos[conv] = _EvalMemo(memo[0], requested, relu, xin, residual, weight, conv, memo[1], plan)
         return y
     acc = acc_dtype(xin.dtype)
     call = _clone_call(tpl, x=xin, weight=_conv_ops._dense_weight(weight), scale=channel_vector(scale, acc),
@@ -289,7 +289,7 @@ class _EvalMemo:
     __slots__ = ("bn", "requested", "relu", "xsig", "rsig", "wsig", "geometry", "fold", "plan", "devtype")
 
     def __init__(self, bn, requested, relu, x, residual, weight, conv, fold, plan):
-        self.bn, self.requested, self.relu = bn, requested, relu
+        self.bn, self.requested, self.relu = weakref.ref(bn), requested, relu
         self.xsig, self.rsig, self.wsig = _sig(x), _sig(residual), _sig(weight)
         self.geometry = _geometry(conv)
         self.fold, self.plan = fold, plan
@@ -303,7 +303,7 @@ def _geometry(conv) -> tuple:
             conv._reversed_padding_repeated_twice)
 
 
-# conv -> _EvalMemo (weak: a memo never keeps a module alive)
+# conv -> _EvalMemo (weak, and the memo holds its BatchNorm weakly: a memo keeps no module alive)
 _memos: "weakref.WeakKeyDictionary[Any, _EvalMemo]" = weakref.WeakKeyDictionary()
 _autocast_on = torch.is_autocast_enabled
 
@@ -316,7 +316,7 @@ def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
     caller takes the whole path). ``fold``: ``functional._folded_scale_shift`` (the BatchNorm's
     cached fold, re-read: a changed statistic, parameter, eps or dtype gives other objects)."""
     m = _memos.get(conv)
-    if m is None or m.bn is not bn or bn.training or m.relu is not relu or m.requested != requested:
+    if m is None or m.bn() is not bn or bn.training or m.relu is not relu or m.requested != requested:
         return None
     if type(x) is not Tensor or _sig(x) != m.xsig or _sig(residual) != m.rsig:
         return None
@@ -727,8 +727,8 @@ def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu:
     out = _train_run(plan, xin, conv, bn, identity, rx, rconv, rbn, relu, requested)
     if memo:
         m = _tmemos.get(bn)
-        if m is None or m.plan is not plan or m.key != key or m.conv is not conv or m.rconv is not rconv \
-                or m.rbn is not rbn:
+        if m is None or m.plan is not plan or m.key != key or m.conv() is not conv or m.rconv() is not rconv \
+                or m.rbn() is not rbn:
             _tmemos[bn] = _TrainMemo(key, plan, conv, rconv, rbn, xin.device.type)
     return out
 
@@ -771,10 +771,22 @@ class _TrainMemo:
     __slots__ = ("key", "plan", "conv", "rconv", "rbn", "devtype", "geometry", "rgeometry")
 
     def __init__(self, key, plan, conv, rconv, rbn, devtype):
-        self.key, self.plan, self.conv, self.rconv, self.rbn, self.devtype = key, plan, conv, rconv, rbn, devtype
+        self.key, self.plan, self.devtype = key, plan, devtype
+        self.conv, self.rconv, self.rbn = _weak(conv), _weak(rconv), _weak(rbn)
         self.geometry = _geometry(conv)
         self.rgeometry = None if rconv is None else _geometry(rconv)
 
+
+def _weak(m):
+    """A weak reference to module ``m``, or one that gives None for None (the memos hold no module)."""
+    return _NONE_REF if m is None else weakref.ref(m)
+
+
+def _none():
+    return None
+
+
+_NONE_REF = _none
 
 # bn -> _TrainMemo (weak, as the plans)
 _tmemos: "weakref.WeakKeyDictionary[Any, _TrainMemo]" = weakref.WeakKeyDictionary()
@@ -786,7 +798,7 @@ def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str)
     ``train_unit`` with x and rx as they are (plain tensors, no autocast, the convolutions' padding
     unchanged) and the key it would compute is the memo's, the memo's plan runs; else None."""
     m = _tmemos.get(bn)
-    if m is None or m.conv is not conv or m.rconv is not rconv or m.rbn is not rbn:
+    if m is None or m.conv() is not conv or m.rconv() is not rconv or m.rbn() is not rbn:
         return None
     if type(x) is not Tensor or (rx is not None and type(rx) is not Tensor) or not _usable(requested) \
             or _autocast_on(m.devtype):

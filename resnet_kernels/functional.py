@@ -202,10 +202,10 @@ def _folded_epilogue(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
 
     requested = _backend.op_arg(backend)
     if requested != "auto" and _unitplan.ENABLED:  # the unit's validated plan (resnet_kernels/_unitplan.py)
-        # what the unit's memo needs (_unitplan.eval_hit): nothing converted, the fold the cache's
+        # the unit's memo (_unitplan.eval_hit) where nothing was converted and the fold is the cache's
         memo = None
         if xin is x and rin is residual and wdt is None and _weight_cache.derived_holds(bn, fold):
-            memo = (x, bn, residual, fold)
+            memo = (bn, fold)
         return _unitplan.eval_unit(xin, w, scale, shift, rin, conv, padding, relu, requested, full, memo)
     return full()
 
@@ -389,7 +389,10 @@ def unit_add_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, shortcut_input:
                                    _folded_scale_shift)
             if r is not None:
                 y = _unitplan.eval_hit(x, conv, bn, r, relu, backend, _folded_scale_shift)
-                return y if y is not None else _folded_epilogue(x, conv, bn, relu, r, backend)
+                if y is not None:
+                    return y
+                if _autocast_dtype(x) is None:  # (else the whole path, which casts)
+                    return _folded_epilogue(x, conv, bn, relu, r, backend)
     if _plain_ok(x, backend, bn, shortcut_bn):  # 'auto' on CPU tensors: PyTorch's own layers
         y = conv(x)
         _check_bn_input(bn, y)

@@ -460,6 +460,45 @@ def test_the_training_memo_hits_only_while_what_it_read_holds(monkeypatch, proje
     both(expect_hits=0)
 
 
+def test_memos_keep_no_module_alive():
+    """A memo is held by its key module (weakly) and holds the unit's other modules weakly: a module
+    replaced in the model is freed, and so is everything once the model goes."""
+    import gc
+    import weakref
+    w = _world(True)
+    h, s = _inputs(True, "nchw")
+
+    def both_modes(w):
+        for m in w.values():
+            m.train()
+        for _ in range(3):
+            _unit(w, h, s, "aten").sum().backward()
+        for m in w.values():
+            m.eval()
+        with torch.no_grad():
+            for _ in range(4):
+                _unit(w, h, s, "aten")
+
+    both_modes(w)
+    assert len(_unitplan._tmemos) == 1 and len(_unitplan._memos) == 2
+    # replaced: the training memo's conv and projection pair (kept by bn), the eval memo's BatchNorm (kept by conv)
+    old = [weakref.ref(w[k]) for k in ("conv", "sconv", "sbn")]
+    for k in ("conv", "sconv", "sbn"):
+        w[k] = copy.deepcopy(w[k])
+    gc.collect()
+    assert all(r() is None for r in old)
+    old_bn = weakref.ref(w["bn"])
+    w["bn"] = copy.deepcopy(w["bn"])
+    gc.collect()
+    assert old_bn() is None
+    both_modes(w)
+    refs = [weakref.ref(m) for m in w.values()]
+    del w
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(_unitplan._tmemos) == 0 and len(_unitplan._memos) == 0
+
+
 def _error(fn):
     with pytest.raises(Exception) as e:
         fn()
