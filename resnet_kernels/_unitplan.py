@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import _alloc, _eager, _registry, _tune
-from ._checks import acc_dtype, channel_vector, in_layout_of, layout_of
+from ._checks import acc_dtype, channel_vector, layout_of
 from ._numerics import cudnn_conv_tf32_enabled
 from .ops import batch_norm as _bn_ops
 from .ops import conv2d as _conv_ops
@@ -65,6 +65,8 @@ _resolve = _registry.resolve_explicit
 _det = torch.are_deterministic_algorithms_enabled
 _like = _bn_ops._like
 _new_out = _conv_ops._new_out
+_conv_input_grads = _conv_ops._conv_input_grads
+_MF = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}  # what in_layout_of makes of a layout
 _empty_like = _alloc.empty_like
 _NO_PLAN = object()  # a key whose unit does not fit a plan (remembered: not captured again)
 
@@ -576,7 +578,7 @@ def _fast_backward(ctx, grad):
     ni = (nrx or nrw) if proj else nid
     if grad is None or not (ny or nbw or nbb or ni or nrbw or nrbb):
         return (None,) * 10
-    grad = in_layout_of(grad, y)
+    grad = grad.contiguous(memory_format=_MF[plan.y_layout])  # (in_layout_of(grad, y): y's layout is the key's)
     has_b, has_rb, (w_dt, b_dt, iw_dt, ib_dt) = ctx.pinfo
     ni = ni and ident is not None
     needs = (ny, ni, nbw and bw is not None, nbb and has_b, nrbw and rbw is not None, nrbb and has_rb)
@@ -603,17 +605,20 @@ def _fast_backward(ctx, grad):
             gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
             impl.load()(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, gy, gi, gw, gb, giw, gib, ctx.eps,
                         ctx.id_eps, ctx.relu, C, inner)
-    _as = _bn_ops._as
-    gbw = _as(gw, w_dt) if needs[2] else None
-    gbb = _as(gb, b_dt) if needs[3] else None
-    grbw = _as(giw, iw_dt) if needs[4] else None
-    grbb = _as(gib, ib_dt) if needs[5] else None
+    # (the parameters' gradients in their own dtypes: _bn_ops._as, inline)
+    gbw = (gw if w_dt is None or gw.dtype == w_dt else gw.to(w_dt)) if needs[2] else None
+    gbb = (gb if b_dt is None or gb.dtype == b_dt else gb.to(b_dt)) if needs[3] else None
+    grbw = (giw if iw_dt is None or giw.dtype == iw_dt else giw.to(iw_dt)) if needs[4] else None
+    grbb = (gib if ib_dt is None or gib.dtype == ib_dt else gib.to(ib_dt)) if needs[5] else None
     gx = gw = grx = grw = None
-    if ny and gy is not None:
-        gx, gw = _conv_ops._conv_input_grads(plan.conv, in_layout_of(gy, xin), xin, w, bool(nx), bool(nw))
+    if ny and gy is not None:  # (in_layout_of(gy, xin): x's layout is the conv template's)
+        tpl = plan.conv
+        gx, gw = _conv_input_grads(tpl, gy.contiguous(memory_format=_MF[tpl.layout]), xin, w, bool(nx), bool(nw))
     if proj:
         if (nrx or nrw) and gi is not None:
-            grx, grw = _conv_ops._conv_input_grads(plan.rconv, in_layout_of(gi, rx), rx, rw, bool(nrx), bool(nrw))
+            tpl = plan.rconv
+            grx, grw = _conv_input_grads(tpl, gi.contiguous(memory_format=_MF[tpl.layout]), rx, rw, bool(nrx),
+                                         bool(nrw))
         gi = None
     elif not ni:
         gi = None
