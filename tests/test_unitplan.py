@@ -214,6 +214,20 @@ def test_a_bound_hit_resolves_until_what_it_rests_on_changes(monkeypatch, projec
     _assert_same([a] + _state(w), [b] + _state(ref_w))
 
 
+def _reflect_padding(world):
+    """The main conv pads with 'reflect': the whole path pads x itself (a key computed from x as
+    given would not change; the memos' geometry check misses)."""
+    world["conv"].padding_mode = "reflect"
+
+
+def _wider_padding(world):
+    """Back to zero padding, wider and dilated (nn.Conv2d's own reversed padding follows)."""
+    world["conv"].padding_mode = "zeros"
+    world["conv"].padding = (2, 2)
+    world["conv"].dilation = (2, 2)
+    world["conv"]._reversed_padding_repeated_twice = [2, 2, 2, 2]
+
+
 def _hits(monkeypatch, name="eval_hit"):
     """Counts a memo's hits (``_unitplan.eval_hit`` / ``train_hit`` returned the output) and misses."""
     got = {"hit": 0, "miss": 0}
@@ -290,18 +304,8 @@ def test_the_eval_memo_hits_only_while_what_it_read_holds(monkeypatch, projectio
 
     change(new_weight)
 
-    def padding_mode(world):  # (the whole path pads x itself)
-        world["conv"].padding_mode = "reflect"
-
-    change(padding_mode, again=PADDED)
-
-    def geometry(world):  # (nn.Conv2d's own padding of the input follows: its reversed padding too)
-        world["conv"].padding_mode = "zeros"
-        world["conv"].padding = (2, 2)
-        world["conv"].dilation = (2, 2)
-        world["conv"]._reversed_padding_repeated_twice = [2, 2, 2, 2]
-
-    change(geometry)
+    change(_reflect_padding, again=PADDED)
+    change(_wider_padding)
 
     def conv_weight(world):
         with torch.no_grad():
@@ -421,18 +425,8 @@ def test_the_training_memo_hits_only_while_what_it_read_holds(monkeypatch, proje
         new_weight(world)
     both(expect_hits=1)
 
-    def padding_mode(world):  # (the whole path pads x itself: the key from x as given would not change)
-        world["conv"].padding_mode = "reflect"
-
-    change(padding_mode, again=PADDED)
-
-    def geometry(world):  # (nn.Conv2d's own padding of the input follows: its reversed padding too)
-        world["conv"].padding_mode = "zeros"
-        world["conv"].padding = (2, 2)
-        world["conv"].dilation = (2, 2)
-        world["conv"]._reversed_padding_repeated_twice = [2, 2, 2, 2]
-
-    change(geometry)
+    change(_reflect_padding, again=PADDED)
+    change(_wider_padding)
     # another layout, another batch: other keys (the memo is the last hit's)
     both((h.to(memory_format=torch.channels_last), s.to(memory_format=torch.channels_last)), expect_hits=0)
     both((torch.randn(3, C, 4, 4), torch.randn(3, C_IN, 8, 8) if projection else torch.randn(3, C, 4, 4)),
