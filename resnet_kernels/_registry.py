@@ -262,13 +262,22 @@ def candidates(op: str, call: Any, device: torch.device) -> Tuple[List[Impl], Di
 _first: Dict[Tuple[str, str], Tuple[int, "Impl"]] = {}
 
 
+def static_first(op: str, device: torch.device) -> Optional[Impl]:
+    """``first_candidate``'s kept answer for any call of ``op`` on ``device``'s type, when it has one
+    that is current (the same registry epoch) and available here; else None."""
+    hit = _first.get((op, device.type))
+    if hit is not None and hit[0] == _epoch and _backends[hit[1].backend].available(device) is None:
+        return hit[1]
+    return None
+
+
 def first_candidate(op: str, call: Any, device: torch.device) -> Optional[Impl]:
     """The first implementation 'auto' may choose for this call here, in static order (the hot
     path of devices 'auto' does not measure on; ``candidates`` says why the others are out)."""
+    impl = static_first(op, device)
+    if impl is not None:
+        return impl
     dtype = device.type
-    hit = _first.get((op, dtype))
-    if hit is not None and hit[0] == _epoch and _backends[hit[1].backend].available(device) is None:
-        return hit[1]
     det = None
     static = True  # every implementation passed over so far was, whatever the call
     for impl in implementations(op, include_hidden=False):

@@ -563,6 +563,11 @@ def check_requested(op: str, requested: str, call: Any) -> None:
         _registry.resolve_explicit(op, requested, call, call.device)
 
 
+def quiet() -> bool:
+    """Nothing captures, records or logs op decisions now (``dispatch``'s hot path: no Decision built)."""
+    return _capture.get() is None and _recorder.get() is None and not log.isEnabledFor(logging.DEBUG)
+
+
 def dispatch(op: str, requested: str, call: Any) -> Any:
     """Resolve ``requested`` ('auto' or a backend name) for this call and run it; returns the
     implementation's outputs (``call.run``'s value)."""

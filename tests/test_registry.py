@@ -437,3 +437,28 @@ def test_the_static_first_choice_is_remembered_only_while_it_cannot_change():
             assert first() == "aten"
         finally:
             torch.use_deterministic_algorithms(prev)
+
+
+def test_apply_in_place_runs_what_dispatch_would_run():
+    """The aten convolution epilogue's nested bn_add_relu (ops.bn_add_relu.apply_in_place) skips
+    building a Call for 'auto' on CPU tensors only where dispatch would run the kept static first
+    choice; a registration changes it, and a recorder still sees the decision."""
+    import importlib
+    import sys
+    sys.modules.setdefault(_MOD, sys.modules[__name__])
+    bar = importlib.import_module("resnet_kernels.ops.bn_add_relu")
+    x, s, b, i = _args()
+    want = _expected(x, s, b, i)
+    RAN.clear()
+    torch.testing.assert_close(bar.apply_in_place(x.clone(), s, b, i, True), want)
+    assert RAN == []  # aten's
+    with _registry.registered(FAKE, [_impl("fake", "_fake_ok")]):
+        got = bar.apply_in_place(x.clone(), s, b, i, True)
+        assert RAN == ["fast"]
+        torch.testing.assert_close(got, want)
+        with _tune.recording() as rec:
+            bar.apply_in_place(x.clone(), s, b, i, True)
+        assert [(d.op, d.impl) for d in rec] == [("bn_add_relu", "fake")]
+    RAN.clear()
+    bar.apply_in_place(x.clone(), s, b, i, True)
+    assert RAN == []
