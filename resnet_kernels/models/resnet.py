@@ -57,7 +57,7 @@ def _conv_bn_relu(blk: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module) -> 
 
 def _conv_bn_add_relu(blk: nn.Module, h: Tensor, conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     """relu(bn(conv(h)) + shortcut(x)), shortcut = blk.downsample or the identity."""
-    ds = blk.downsample
+    ds = blk._modules.get("downsample")  # (blk.downsample: a submodule, or None)
     main = unit_ok(h, conv, bn)
     if main and ds is not None and is_4d(x) and projection_reason(ds) is None:
         # the 1x1 projection's BN, the block's last BN, the add and the ReLU in one pass
@@ -77,7 +77,7 @@ def _block_train(blk: nn.Module, x: Tensor, units) -> Optional[Tensor]:
     # per-op graph: _block.applicable's first checks), before the per-unit checks
     if not torch.is_grad_enabled() or not _block.backend_ok(_backend.op_arg(blk.backend)):
         return None
-    ds = blk.downsample
+    ds = blk._modules.get("downsample")
     if not all(unit_ok(x, c, b) for c, b in units):
         return None
     if ds is not None and (not is_4d(x) or projection_reason(ds) is not None):
@@ -122,13 +122,16 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.fused and relu_ok(self.relu)):
+        m = self._modules  # (the submodules without nn.Module.__getattr__'s frame per read)
+        if not (self.fused and relu_ok(m.get("relu"))):
             return self._forward_plain(x)
-        out = _block_train(self, x, ((self.conv1, self.bn1), (self.conv2, self.bn2)))
-        if out is not None:
-            return out
-        out = _conv_bn_relu(self, x, self.conv1, self.bn1)
-        return _conv_bn_add_relu(self, out, self.conv2, self.bn2, x)
+        conv1, bn1, conv2, bn2 = m.get("conv1"), m.get("bn1"), m.get("conv2"), m.get("bn2")
+        if torch.is_grad_enabled():  # (_block_train's first condition, before its units are gathered)
+            out = _block_train(self, x, ((conv1, bn1), (conv2, bn2)))
+            if out is not None:
+                return out
+        out = _conv_bn_relu(self, x, conv1, bn1)
+        return _conv_bn_add_relu(self, out, conv2, bn2, x)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
@@ -173,14 +176,18 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.fused and relu_ok(self.relu)):
+        m = self._modules  # (as BasicBlock.forward)
+        if not (self.fused and relu_ok(m.get("relu"))):
             return self._forward_plain(x)
-        out = _block_train(self, x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)))
-        if out is not None:
-            return out
-        out = _conv_bn_relu(self, x, self.conv1, self.bn1)
-        out = _conv_bn_relu(self, out, self.conv2, self.bn2)
-        return _conv_bn_add_relu(self, out, self.conv3, self.bn3, x)
+        conv1, bn1, conv2, bn2 = m.get("conv1"), m.get("bn1"), m.get("conv2"), m.get("bn2")
+        conv3, bn3 = m.get("conv3"), m.get("bn3")
+        if torch.is_grad_enabled():
+            out = _block_train(self, x, ((conv1, bn1), (conv2, bn2), (conv3, bn3)))
+            if out is not None:
+                return out
+        out = _conv_bn_relu(self, x, conv1, bn1)
+        out = _conv_bn_relu(self, out, conv2, bn2)
+        return _conv_bn_add_relu(self, out, conv3, bn3, x)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
@@ -266,22 +273,33 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        if self.fused and relu_ok(self.relu) and unit_ok(x, self.conv1, self.bn1):
-            x = unit_act(x, self.conv1, self.bn1, True, None, self.backend)
+        if not self.fused:
+            return self._forward_plain(x)
+        m = self._modules  # (the submodules without nn.Module.__getattr__'s frame per read)
+        conv1, bn1, relu = m.get("conv1"), m.get("bn1"), m.get("relu")
+        if relu_ok(relu) and unit_ok(x, conv1, bn1):
+            x = unit_act(x, conv1, bn1, True, None, self.backend)
         else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = stem_pool(self.maxpool, x, self.backend) if self.fused else self.maxpool(x)
+            x = relu(bn1(conv1(x)))
+        x = stem_pool(m.get("maxpool"), x, self.backend)
+        x = m.get("layer1")(x)
+        x = m.get("layer2")(x)
+        x = m.get("layer3")(x)
+        x = m.get("layer4")(x)
+        x = head_pool(m.get("avgpool"), x)  # (its backward writes the last block's incoming gradient in the block's layout)
+        return m.get("fc")(x)
+
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        """torchvision's forward (``fused = False``)."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
         x = self.layer4(x)
-        if self.fused:  # (its backward writes the last block's incoming gradient in the block's layout)
-            x = head_pool(self.avgpool, x)
-        else:
-            x = self.avgpool(x)
-            x = torch.flatten(x, 1)
-        x = self.fc(x)
-        return x
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
