@@ -62,8 +62,9 @@ _F32 = torch.float32
 _OP_STATS, _OP_EPI = _conv_ops.OP_STATS, _conv_ops.OP_EPILOGUE
 _OP_BN, _OP_UPD, _OP_BWD = _bn_ops.OP, _bn_ops.OP_UPDATE, _bn_ops.OP_BACKWARD
 _resolve = _registry.resolve_explicit
-_det = torch.are_deterministic_algorithms_enabled
+_det = torch._C._get_deterministic_algorithms  # (what torch.are_deterministic_algorithms_enabled returns, without its frame)
 _like = _bn_ops._like
+_RunningUpdate = _bn_ops.RunningUpdate
 _new_out = _conv_ops._new_out
 _conv_input_grads = _conv_ops._conv_input_grads
 _MF = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}  # what in_layout_of makes of a layout
@@ -109,40 +110,36 @@ def _sig(t) -> Any:
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _buf(t) -> Any:
-    """A running buffer: also its address (the update's overlap check reads it)."""
-    if t is None:
-        return None
-    if type(t) is not Tensor and type(t) is not _Parameter:
-        return _SUB
-    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr())
+# what a training key accepts as a tensor argument, parameter or buffer (None: an absent optional)
+_KEY_TYPES = frozenset((Tensor, _Parameter, type(None)))
 
 
 # A module's parameters and buffers are read from its own dicts: what the attribute reads, without
 # nn.Module.__getattr__'s Python frame (about 1 us each; a training unit reads a dozen).
-def _bn_key(bn) -> tuple:
+def _unit_key(xin, conv, padding, bn):
+    """A training key's part for one (conv, BatchNorm) pair, or None where a tensor is a subclass
+    or not a tensor (no plan): what validation reads of x, the weight and the BatchNorm's
+    parameters and buffers (shape, strides, dtype, device; a running buffer also its address, which
+    the update's overlap check reads), the convolution's geometry and bias, the BatchNorm's mode
+    and hyperparameters. (One function, no per-tensor calls: this runs once per training unit.)"""
+    cp = conv._parameters
+    w = cp.get("weight")
     p, b = bn._parameters, bn._buffers
-    return (type(bn), bn.training, bn.track_running_stats, type(bn.momentum), bn.momentum, bn.eps,
-            _sig(p.get("weight")), _sig(p.get("bias")),
-            _buf(b.get("running_mean")), _buf(b.get("running_var")), _buf(b.get("num_batches_tracked")))
-
-
-def _conv_key(xin, conv, padding) -> tuple:
-    p = conv._parameters
-    return (_sig(xin), _sig(p.get("weight")), conv.stride, padding, conv.dilation, conv.groups,
-            p.get("bias") is None)
-
-
-def _bad(key: tuple) -> bool:
-    """A key holding a tensor subclass or a non-tensor (``_sig`` gave _SUB): no plan."""
-    for part in key:
-        if part is _SUB:
-            return True
-        if type(part) is tuple:
-            for e in part:
-                if e is _SUB:
-                    return True
-    return False
+    bw, bb = p.get("weight"), p.get("bias")
+    rm, rv, nbt = b.get("running_mean"), b.get("running_var"), b.get("num_batches_tracked")
+    tx = type(xin)
+    if (tx is not Tensor and tx is not _Parameter) or not {type(w), type(bw), type(bb), type(rm), type(rv),
+                                                           type(nbt)} <= _KEY_TYPES:
+        return None
+    return (xin.shape, xin.stride(), xin.dtype, xin.device,
+            None if w is None else (w.shape, w.stride(), w.dtype, w.device),
+            conv.stride, padding, conv.dilation, conv.groups, cp.get("bias") is None,
+            type(bn), bn.training, bn.track_running_stats, type(bn.momentum), bn.momentum, bn.eps,
+            None if bw is None else (bw.shape, bw.stride(), bw.dtype, bw.device),
+            None if bb is None else (bb.shape, bb.stride(), bb.dtype, bb.device),
+            None if rm is None else (rm.shape, rm.stride(), rm.dtype, rm.device, rm.data_ptr()),
+            None if rv is None else (rv.shape, rv.stride(), rv.dtype, rv.device, rv.data_ptr()),
+            None if nbt is None else (nbt.shape, nbt.stride(), nbt.dtype, nbt.device, nbt.data_ptr()))
 
 
 def _lookup(owner, key):
@@ -202,7 +199,9 @@ def _token(tf32: bool) -> tuple:
 def _current(token, be, requested: str, device, tf32: bool) -> bool:
     """Whether implementations bound under ``token`` for backend ``be`` still are what
     ``resolve_explicit`` would give: the same token, the same registered backend, available here."""
-    return token == _token(tf32) and _registry._backends.get(requested) is be and be.available(device) is None
+    # (token == _token(tf32), read in place: this runs once per bound forward and backward)
+    return (token[0] == _registry._epoch and token[1] == _det() and token[2] == tf32
+            and _registry._backends.get(requested) is be and be.available(device) is None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +398,7 @@ class _TrainPlan:
             return _tune.dispatch(_OP_BWD, requested, call)
         if self.fast is not None and call.weight is weight and call.id_weight is id_weight:
             # (for the bound backward: no conversion here)
-            self.fast_bwd[call.needs] = (_token(False), impl, _registry._backends[requested])
+            self.fast_bwd[call.needs] = (_token(False), impl, _registry._backends[requested], _target(impl))
         return call.run(impl)
 
 
@@ -485,7 +484,8 @@ def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw
             _tune.dispatch(_OP_UPD, requested, ucall)
     if (cimpl is not None and dense and impl is not None and (plan.upd is None or uimpl is not None)
             and call.weight is bw and call.bias is bb and call.id_weight is rbw and call.id_bias is rbb):
-        plan.fast = _Bound(_token(tf32), _registry._backends[requested], cimpl, rimpl, impl, uimpl, y, xin)
+        plan.fast = _Bound(_token(tf32), _registry._backends[requested], cimpl, rimpl, impl, uimpl, y, xin, bn,
+                           rbn, bw, bb, rbw, rbb)
     if not need_saves:
         return out, None
     saves = []
@@ -517,24 +517,63 @@ class _Bound:
     weight; BN parameters in the activation or accumulation dtype, contiguous), so the launchers get
     exactly the tensors the Calls would hold. A later hit under the same token, with the backend
     still available, calls them directly (``_fast_forward``/``_fast_backward``): the same launchers,
-    arguments and order as the Calls', without rebuilding, re-resolving and re-checking them."""
+    arguments and order as the Calls', without rebuilding, re-resolving and re-checking them.
 
-    __slots__ = ("token", "be", "conv", "rconv", "bn", "upd", "strides", "acc", "cshape")
+    It also keeps each implementation's launcher as ``_target`` gives it ((module, name), looked up
+    per call as the registry's ``_ModuleAttr`` does: a monkeypatched launcher is still the one
+    called) and what the running-statistics update reads that the key fixes: the
+    unbiasing factor m / (m - 1) (m = y's elements per channel) and, per BatchNorm with an update,
+    whether it counts batches and keeps running statistics (``_update_entry``'s conditions)."""
 
-    def __init__(self, token, be, conv, rconv, bn, upd, y, x):
+    __slots__ = ("token", "be", "conv", "rconv", "bn", "upd", "strides", "acc", "cshape", "cfn", "rcfn", "bfn",
+                 "ufn", "bro", "unbias", "usides", "pinfo")
+
+    def __init__(self, token, be, conv, rconv, bn, upd, y, x, bn_mod, rbn_mod, bw, bb, rbw, rbb):
         self.token, self.be, self.conv, self.rconv, self.bn, self.upd = token, be, conv, rconv, bn, upd
         self.strides = y.stride()
         self.acc = acc_dtype(x.dtype)
         self.cshape = (y.shape[1],)
+        self.cfn = _target(conv)
+        self.rcfn = None if rconv is None else _target(rconv)
+        self.bfn = _target(bn)
+        self.ufn = None if upd is None else _target(upd)
+        self.bro = bn.returns_output
+        m = y.numel() // y.shape[1]
+        self.unbias = float(m / (m - 1))
+        sides = []
+        for i, b in enumerate((bn_mod, rbn_mod)):
+            if b is None:
+                continue
+            bufs = b._buffers
+            count = bool(b.training and b.track_running_stats and bufs.get("num_batches_tracked") is not None)
+            running = bool(b.training and bufs.get("running_mean") is not None)
+            if count or running:
+                sides.append((i, count, running))
+        self.usides = tuple(sides)
+        # the BN parameters' presence and dtypes (the key fixes them): what the backward converts to
+        self.pinfo = (bb is not None, rbb is not None,
+                      (None if bw is None else bw.dtype, None if bb is None else bb.dtype,
+                       None if rbw is None else rbw.dtype, None if rbb is None else rbb.dtype))
 
 
-def _fast_conv(f: _Bound, tpl, impl, x, w, tf32):
-    """``_run_conv`` through a bound implementation; ``ConvCall._finish`` (which fixes or names what
-    is off) runs only when the outputs are not what the contract says."""
+def _target(impl):
+    """(object, attribute) whose getattr is ``impl``'s launcher at call time: the registry's
+    ``_ModuleAttr`` (module, function name) unpacked, so a call is one getattr instead of its
+    ``__call__`` frame."""
+    fn = impl.load()
+    if type(fn) is _registry._ModuleAttr:
+        return fn.mod, fn.attr
+    return fn, "__call__"
+
+
+def _fast_conv(f: _Bound, tpl, impl, fn, x, w, tf32):
+    """``_run_conv`` through a bound implementation (``fn``: its launcher's ``_target``);
+    ``ConvCall._finish`` (which fixes or names what is off) runs only when the outputs are not what
+    the contract says."""
     ro = impl.returns_output
     out = None if ro else _new_out(tpl.shape, x, tpl.layout)
-    res = impl.load()(x, w, None, None, None, out, tpl.stride, tpl.padding, False, True, tf32, dilation=tpl.dilation,
-                      groups=tpl.groups)
+    res = getattr(*fn)(x, w, None, None, None, out, tpl.stride, tpl.padding, False, True, tf32, dilation=tpl.dilation,
+             groups=tpl.groups)
     y, st = res if ro else (out, res)
     if type(st) is tuple and len(st) == 2:
         mean, var = st
@@ -546,22 +585,44 @@ def _fast_conv(f: _Bound, tpl, impl, x, w, tf32):
     return _clone_call(tpl, x=x, weight=w, allow_tf32=tf32)._finish(impl, out, res)
 
 
+def _fast_updates(f: _Bound, bn, rbn, mean, var, rmean, rvar) -> list:
+    """``_updates`` for a bound plan: the RunningUpdate per BatchNorm with an update, its buffers and
+    momentum read from the module now (the cumulative average's factor from its count), the rest
+    from ``f`` (what the plan's key fixes)."""
+    ups = []
+    for side, count, running in f.usides:
+        b, mu, va = (bn, mean, var) if side == 0 else (rbn, rmean, rvar)
+        bufs = b._buffers
+        nbt = bufs.get("num_batches_tracked") if count else None
+        mom = b.momentum
+        if mom is None:
+            factor = 1.0 / (float(nbt) + 1.0) if count else 0.0
+        else:
+            factor = float(mom)
+        ups.append(_RunningUpdate(mu, va, bufs.get("running_mean") if running else None,
+                                  bufs.get("running_var") if running else None, nbt, factor, f.unbias))
+    return ups
+
+
 def _fast_forward(plan: _TrainPlan, f: _Bound, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps,
                   relu, tf32):
     """``_forward``'s ops through ``f``: (out, y, mean, var, r, rmean, rvar, identity as batch_norm_act
     took it)."""
-    y, mean, var = _fast_conv(f, plan.conv, f.conv, xin, w, tf32)
+    y, mean, var = _fast_conv(f, plan.conv, f.conv, f.cfn, xin, w, tf32)
     r = rmean = rvar = None
     if plan.rconv is not None:
-        r, rmean, rvar = _fast_conv(f, plan.rconv, f.rconv, rx, rw, tf32)
+        r, rmean, rvar = _fast_conv(f, plan.rconv, f.rconv, f.rcfn, rx, rw, tf32)
         ident = _in_layout(r, plan.y_layout)
-    impl, tpl = f.bn, plan.bn
-    out = None if impl.returns_output else _empty_like(y)
-    got = impl.load()(y, mean, var, bw, bb, ident, rmean, rvar, rbw, rbb, out, eps, id_eps, relu, tpl.C, tpl.inner)
-    if out is None:
+    tpl = plan.bn
+    if f.bro:
+        got = getattr(*f.bfn)(y, mean, var, bw, bb, ident, rmean, rvar, rbw, rbb, None, eps, id_eps, relu, tpl.C,
+                              tpl.inner)
         out = got if (got.stride() == y.stride() and got.dtype == y.dtype) else _like(got, y)
-    if f.upd is not None:
-        f.upd.load()(_updates(bn, rbn, mean, var, rmean, rvar, y))
+    else:
+        out = _empty_like(y)
+        getattr(*f.bfn)(y, mean, var, bw, bb, ident, rmean, rvar, rbw, rbb, out, eps, id_eps, relu, tpl.C, tpl.inner)
+    if f.ufn is not None:
+        getattr(*f.ufn)(_fast_updates(f, bn, rbn, mean, var, rmean, rvar))
     return out, y, mean, var, r, rmean, rvar, ident
 
 
@@ -570,6 +631,7 @@ def _fast_backward(ctx, grad):
     flags, the implementation bound per flags once the plan's backward resolved it), then each
     convolution's input gradients (``_stats_backward``: the statistics' gradients are None here)."""
     plan = ctx.plan
+    requested, eps, id_eps, relu = ctx.fargs
     out, y, mean, var, bw, ident, rmean, rvar, rbw, xin, w, rx, rw = ctx.saved_tensors
     n = ctx.needs_input_grad
     nx, nw, nbw, nbb, nid, nrx, nrw, nrbw, nrbb = n[1:10]
@@ -579,22 +641,22 @@ def _fast_backward(ctx, grad):
     if grad is None or not (ny or nbw or nbb or ni or nrbw or nrbb):
         return (None,) * 10
     grad = grad.contiguous(memory_format=_MF[plan.y_layout])  # (in_layout_of(grad, y): y's layout is the key's)
-    has_b, has_rb, (w_dt, b_dt, iw_dt, ib_dt) = ctx.pinfo
+    has_b, has_rb, (w_dt, b_dt, iw_dt, ib_dt) = ctx.fast.pinfo
     ni = ni and ident is not None
     needs = (ny, ni, nbw and bw is not None, nbb and has_b, nrbw and rbw is not None, nrbb and has_rb)
     bound = plan.fast_bwd.get(needs)
-    if bound is None or not _current(bound[0], bound[2], ctx.requested, grad.device, False):
+    if bound is None or not _current(bound[0], bound[2], requested, grad.device, False):
         gy, gi, gw, gb, giw, gib = plan.run_backward(
-            grad, out, y, mean, var, bw, ident, rmean, rvar, rbw, ctx.eps, ctx.id_eps, ctx.relu, *needs,
-            w_dt or b_dt, iw_dt or ib_dt, ctx.requested)
+            grad, out, y, mean, var, bw, ident, rmean, rvar, rbw, eps, id_eps, relu, *needs,
+            w_dt or b_dt, iw_dt or ib_dt, requested)
     else:
-        impl = bound[1]
+        impl, fn = bound[1], bound[3]
         pdt = (w_dt or b_dt, w_dt or b_dt, iw_dt or ib_dt, iw_dt or ib_dt)
         C, inner = plan.bn.C, plan.bn.inner
         identity = ident if (rmean is not None or ni) else None
         if impl.returns_output:
-            got = impl.load()(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, needs, pdt, ctx.eps,
-                              ctx.id_eps, ctx.relu, C, inner)
+            got = getattr(*fn)(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, needs, pdt, eps, id_eps, relu,
+                               C, inner)
             gy, gi, gw, gb, giw, gib = got  # (where not needed: ignored below, as backward_with does)
             if ny and gy is not None and (gy.stride() != grad.stride() or gy.dtype != grad.dtype):
                 gy = _like(gy, grad)
@@ -603,8 +665,8 @@ def _fast_backward(ctx, grad):
         else:
             outs = _bn_ops._backward_outputs(grad, C, needs, pdt, fake=False)
             gy, gi, gw, gb, giw, gib = (t if t.numel() else None for t in outs)
-            impl.load()(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, gy, gi, gw, gb, giw, gib, ctx.eps,
-                        ctx.id_eps, ctx.relu, C, inner)
+            getattr(*fn)(grad, out, y, mean, var, bw, identity, rmean, rvar, rbw, gy, gi, gw, gb, giw, gib, eps, id_eps,
+                         relu, C, inner)
     # (the parameters' gradients in their own dtypes: _bn_ops._as, inline)
     gbw = (gw if w_dt is None or gw.dtype == w_dt else gw.to(w_dt)) if needs[2] else None
     gbb = (gb if b_dt is None or gb.dtype == b_dt else gb.to(b_dt)) if needs[3] else None
@@ -643,10 +705,7 @@ class _TrainUnit(torch.autograd.Function):
             ctx.save_for_backward(out if relu else None, y, mean, var, bw, ident, rmean, rvar, rbw,
                                   xin if keep else None, w if keep else None, rx if rkeep else None,
                                   rw if rkeep else None)
-            ctx.fast, ctx.requested, ctx.eps, ctx.id_eps, ctx.relu = f, requested, eps, id_eps, relu
-            ctx.pinfo = (bb is not None, rbb is not None,
-                         (None if bw is None else bw.dtype, None if bb is None else bb.dtype,
-                          None if rbw is None else rbw.dtype, None if rbb is None else rbb.dtype))
+            ctx.fast, ctx.fargs = f, (requested, eps, id_eps, relu)
             return out
         ctx.fast = None
         out, saves = _forward(plan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps, relu,
@@ -703,9 +762,25 @@ class _TrainUnit(torch.autograd.Function):
         return (None, gx, gw, gbw, gbb, gi, grx, grw, grbw, grbb)
 
 
-def _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str) -> tuple:
-    return (_OP_STATS, requested, relu, _conv_key(xin, conv, padding), _bn_key(bn), _sig(identity),
-            None if rconv is None else (_conv_key(rx, rconv, rpadding), _bn_key(rbn)))
+def _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str):
+    """A training unit's plan key, or None where it can have no plan (a tensor subclass or a
+    non-tensor among its arguments, parameters and buffers)."""
+    k = _unit_key(xin, conv, padding, bn)
+    if k is None:
+        return None
+    if identity is None:
+        isig = None
+    else:
+        ti = type(identity)
+        if ti is not Tensor and ti is not _Parameter:
+            return None
+        isig = (identity.shape, identity.stride(), identity.dtype, identity.device)
+    if rconv is None:
+        return (_OP_STATS, requested, relu, k, isig, None)
+    rk = _unit_key(rx, rconv, rpadding, rbn)
+    if rk is None:
+        return None
+    return (_OP_STATS, requested, relu, k, isig, rk)
 
 
 def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu: bool, requested: str, full,
@@ -717,9 +792,7 @@ def train_unit(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu:
     if not _usable(requested) or bn is rbn or isinstance(bn, _Sync) or isinstance(rbn, _Sync):
         return full()
     key = _train_key(xin, conv, bn, padding, identity, rx, rconv, rbn, rpadding, relu, requested)
-    if _bad(key[3]) or _bad(key[4]) or key[5] is _SUB or key[3][0] is None or (
-            key[6] is not None and (_bad(key[6][0]) or _bad(key[6][1]) or key[6][0][0] is None)) \
-            or xin.device.type == "meta":
+    if key is None or xin.device.type == "meta":
         return full()
     plan = _lookup(bn, key)
     if plan is None:
@@ -795,6 +868,10 @@ _NONE_REF = _none
 
 # bn -> _TrainMemo (weak, as the plans)
 _tmemos: "weakref.WeakKeyDictionary[Any, _TrainMemo]" = weakref.WeakKeyDictionary()
+_tmemo_get = _tmemos.data.get  # (keyed by weak references: what WeakKeyDictionary.get looks up)
+_ref = weakref.ref
+_globally_plain = _eager._globally_plain
+_recorder_get = _tune._recorder.get
 
 
 def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str):
@@ -802,13 +879,16 @@ def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str)
     ``unit_add_act``, past their module checks) through its memo: when the whole path would reach
     ``train_unit`` with x and rx as they are (plain tensors, no autocast, the convolutions' padding
     unchanged) and the key it would compute is the memo's, the memo's plan runs; else None."""
-    m = _tmemos.get(bn)
+    m = _tmemo_get(_ref(bn))  # (_tmemos.get(bn) without WeakKeyDictionary.get's frame)
     if m is None or m.conv() is not conv or m.rconv() is not rconv or m.rbn() is not rbn:
         return None
-    if type(x) is not Tensor or (rx is not None and type(rx) is not Tensor) or not _usable(requested) \
-            or _autocast_on(m.devtype):
+    # (_usable, inline: plain eager, no recorder, no DEBUG log; then autocast)
+    if type(x) is not Tensor or (rx is not None and type(rx) is not Tensor) or not ENABLED \
+            or not _globally_plain() or _recorder_get() is not None or _log_debug(_DEBUG) or _autocast_on(m.devtype):
         return None
-    if _geometry(conv) != m.geometry or (rconv is not None and _geometry(rconv) != m.rgeometry):
+    if (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+            conv._reversed_padding_repeated_twice) != m.geometry \
+            or (rconv is not None and _geometry(rconv) != m.rgeometry):  # (_geometry(conv), inline)
         return None
     key = _train_key(x, conv, bn, conv.padding, identity, rx, rconv, rbn, None if rconv is None else rconv.padding,
                      relu, requested)

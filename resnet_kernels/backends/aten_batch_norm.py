@@ -23,6 +23,17 @@ from .._bits import is_bits, pack, unpack
 _aten = torch.ops.aten
 
 
+def _raw(overload):
+    """The operator's C entry behind ``torch.ops.aten.<op>.default`` (``OpOverload.__call__``
+    calls exactly it), without that Python frame; the overload itself where a torch version has
+    no such attribute."""
+    return getattr(overload, "_op", overload)
+
+
+_threshold_backward = _raw(_aten.threshold_backward.default)
+_native_batch_norm_backward = _raw(_aten.native_batch_norm_backward.default)
+
+
 def _bn_eval(x, mean, var, weight, bias, eps):
     # native_batch_norm wants the parameters and statistics in one dtype (the statistics' dtype,
     # float32/float64: a no-op for float32 parameters)
@@ -38,7 +49,11 @@ _native_batch_norm = torch.native_batch_norm  # (the C binding: no OpOverloadPac
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out, eps,
                            id_eps, relu, C, inner, mask_bits=None):
     """``mask_bits``: packed from the result by torch ops afterwards (``_bits.pack``, counted)."""
-    z = _bn_eval(y, mean, var, weight, bias, eps)
+    dt = mean.dtype
+    if (weight is None or weight.dtype is dt) and (bias is None or bias.dtype is dt):
+        z = _native_batch_norm(y, weight, bias, mean, var, False, 0.0, eps)[0]  # (_bn_eval, inline)
+    else:
+        z = _bn_eval(y, mean, var, weight, bias, eps)
     if identity is not None:
         z.add_(_bn_eval(identity, id_mean, id_var, id_weight, id_bias, id_eps) if id_mean is not None else identity)
     if relu:
@@ -51,8 +66,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
 def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
     invstd = torch.add(var, eps).rsqrt_()
     w = weight if weight is None or weight.dtype is mean.dtype else weight.to(mean.dtype)
-    gx, gw, gb = _aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
-                                                  [need_x, need_w and w is not None, need_b])
+    gx, gw, gb = _native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
+                                             [need_x, need_w and w is not None, need_b])
     if gw is not None and w_dtype is not None and gw.dtype != w_dtype:
         gw = gw.to(w_dtype)
     if gb is not None and w_dtype is not None and gb.dtype != w_dtype:
@@ -65,7 +80,7 @@ def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_me
     """Returns [grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (None
     where not needed)."""
     ny, ni, nw, nb, niw, nib = needs
-    g = _aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+    g = _threshold_backward(grad_out, out, 0) if relu else grad_out
     gy = gw = gb = gi = giw = gib = None
     if ny or nw or nb:
         gy, gw, gb = _bn_grads(g, y, mean, var, weight, eps, ny, nw, nb, pdtypes[0])
