@@ -24,7 +24,7 @@ import resnet_kernels as rk
 
 torchvision = pytest.importorskip("torchvision")
 
-CASES = {"auto": dict(batch=8, size=64, steps=10), "aten": dict(batch=2, size=32, steps=20)}
+CASES = {"auto": dict(batch=8, size=64, steps=10), "aten": dict(batch=2, size=32, steps=60)}
 ROUNDS = 5  # interleaved rounds; the ratio reported is the median of the rounds' (each a median of steps)
 
 
