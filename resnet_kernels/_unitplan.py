@@ -572,8 +572,8 @@ def _fast_conv(f: _Bound, tpl, impl, fn, x, w, tf32):
     the contract says."""
     ro = impl.returns_output
     out = None if ro else _new_out(tpl.shape, x, tpl.layout)
-    res = getattr(*fn)(x, w, None, None, None, out, tpl.stride, tpl.padding, False, True, tf32, dilation=tpl.dilation,
-             groups=tpl.groups)
+    res = getattr(*fn)(x, w, None, None, None, out, tpl.stride, tpl.padding, False, True, tf32,
+                       dilation=tpl.dilation, groups=tpl.groups)
     y, st = res if ro else (out, res)
     if type(st) is tuple and len(st) == 2:
         mean, var = st
