@@ -212,7 +212,8 @@ class _EvalPlan:
 
     def __init__(self, conv):
         self.conv = conv
-        self.fast = None  # (token, backend, implementation, y's strides): bound once a hit resolved it
+        self.fast = None  # (token, backend, implementation, y's strides, its launcher's _target): bound once a
+        # hit resolved it
 
 
 def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, requested: str, full, memo=None):
@@ -259,7 +260,7 @@ def eval_unit(xin, weight, scale, shift, residual, conv, padding, relu: bool, re
         return full()
     y = call.run(impl)[0]
     if call.weight is weight and call.scale is scale and call.bias is shift:
-        plan.fast = (_token(tf32), _registry._backends[requested], impl, y.stride())
+        plan.fast = (_token(tf32), _registry._backends[requested], impl, y.stride(), _target(impl))
     return y
 
 
@@ -269,8 +270,8 @@ def _eval_launch(tpl, f, xin, weight, scale, shift, residual, tf32: bool):
     impl = f[2]
     ro = impl.returns_output
     out = None if ro else _new_out(tpl.shape, xin, tpl.layout)
-    res = impl.load()(xin, weight, scale, shift, residual, out, tpl.stride, tpl.padding, tpl.relu, False, tf32,
-                      dilation=tpl.dilation, groups=tpl.groups)
+    res = getattr(*f[4])(xin, weight, scale, shift, residual, out, tpl.stride, tpl.padding, tpl.relu, False, tf32,
+                         dilation=tpl.dilation, groups=tpl.groups)
     if not ro:
         return out
     y = res[0]
@@ -306,6 +307,10 @@ def _geometry(conv) -> tuple:
 
 # conv -> _EvalMemo (weak, and the memo holds its BatchNorm weakly: a memo keeps no module alive)
 _memos: "weakref.WeakKeyDictionary[Any, _EvalMemo]" = weakref.WeakKeyDictionary()
+_memo_get = _memos.data.get  # (keyed by weak references: what WeakKeyDictionary.get looks up)
+_ref = weakref.ref
+_globally_plain = _eager._globally_plain
+_recorder_get = _tune._recorder.get
 _autocast_on = torch.is_autocast_enabled
 
 
@@ -315,16 +320,26 @@ def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
     memo, when everything the whole path would read is what the memo recorded: then the whole
     path would take exactly that bound hit (``eval_unit``) with the same tensors. Else None (the
     caller takes the whole path). ``fold``: ``functional._folded_scale_shift`` (the BatchNorm's
-    cached fold, re-read: a changed statistic, parameter, eps or dtype gives other objects)."""
-    m = _memos.get(conv)
+    cached fold, re-read: a changed statistic, parameter, eps or dtype gives other objects).
+    (``_memos.get``, ``_sig``, ``_geometry`` and ``_usable`` inline: this runs once per eval unit.)"""
+    m = _memo_get(_ref(conv))
     if m is None or m.bn() is not bn or bn.training or m.relu is not relu or m.requested != requested:
         return None
-    if type(x) is not Tensor or _sig(x) != m.xsig or _sig(residual) != m.rsig:
+    if type(x) is not Tensor or (x.shape, x.stride(), x.dtype, x.device) != m.xsig:
+        return None
+    if residual is None:
+        if m.rsig is not None:
+            return None
+    elif (type(residual) is not Tensor and type(residual) is not _Parameter) \
+            or (residual.shape, residual.stride(), residual.dtype, residual.device) != m.rsig:
         return None
     w = conv._parameters.get("weight")
-    if _sig(w) != m.wsig or _geometry(conv) != m.geometry:
+    if (type(w) is not Tensor and type(w) is not _Parameter) or (w.shape, w.stride(), w.dtype, w.device) != m.wsig \
+            or (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
+                conv._reversed_padding_repeated_twice) != m.geometry:
         return None
-    if not _usable(requested) or _autocast_on(m.devtype):
+    if not ENABLED or not _globally_plain() or _recorder_get() is not None or _log_debug(_DEBUG) \
+            or _autocast_on(m.devtype):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                     or (residual is not None and residual.requires_grad)):
@@ -869,9 +884,6 @@ _NONE_REF = _none
 # bn -> _TrainMemo (weak, as the plans)
 _tmemos: "weakref.WeakKeyDictionary[Any, _TrainMemo]" = weakref.WeakKeyDictionary()
 _tmemo_get = _tmemos.data.get  # (keyed by weak references: what WeakKeyDictionary.get looks up)
-_ref = weakref.ref
-_globally_plain = _eager._globally_plain
-_recorder_get = _tune._recorder.get
 
 
 def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str):

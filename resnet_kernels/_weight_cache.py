@@ -66,16 +66,18 @@ _env_key = os.environ.encodekey(_ENV_NAME) if hasattr(os.environ, "encodekey") e
 _env_decode = getattr(os.environ, "decodevalue", None)
 
 
-def _env_value() -> str:
-    if type(_env_data) is dict and _env_key is not None and _env_decode is not None:
-        v = _env_data.get(_env_key)
-        return "1" if v is None else _env_decode(v)
-    return os.environ.get(_ENV_NAME, "1")
+_ENV_DIRECT = type(_env_data) is dict and _env_key is not None and _env_decode is not None
 
 
 def enabled() -> bool:
     """RESNET_KERNELS_WEIGHT_CACHE (read at each call; unset: on)."""
-    v = _env_value()
+    if _ENV_DIRECT:
+        v = _env_data.get(_env_key)
+        if v is None:
+            return True
+        v = _env_decode(v)
+    else:
+        v = os.environ.get(_ENV_NAME, "1")
     return v == "1" or v.strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -90,7 +92,12 @@ def _fsdp2_active() -> bool:
         except Exception:  # torch built without distributed
             cs = False
         _cs = cs
-    return bool(_cs) and len(getattr(_cs, "_module_state_mapping", ())) > 0
+    if not _cs:
+        return False
+    mapping = getattr(_cs, "_module_state_mapping", ())
+    # (a WeakKeyDictionary's own dict, without its __len__ frame: it may still count entries whose
+    # module is gone but not yet removed, which only reads as active: the uncached path)
+    return len(mapping.data if type(mapping) is weakref.WeakKeyDictionary else mapping) > 0
 
 
 def fingerprint(w: torch.Tensor) -> tuple:
@@ -212,7 +219,8 @@ def derived(owner: Any, fmt: Hashable, fn: Callable[[], Any], deps: Tuple[Any, .
     of ``packed``'s full fingerprint). ``fn`` must depend only on the values and geometry of
     ``deps`` and on ``fmt``; its value is made outside inference mode. ``device``: where the value
     lives (on CUDA the current stream is part of the key, as in ``fingerprint``)."""
-    if not enabled() or _fsdp2_active():
+    # (enabled() only where the variable is set: unset reads as on)
+    if not (_ENV_DIRECT and _env_key not in _env_data) and not enabled() or _fsdp2_active():
         return fn()
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
@@ -222,8 +230,19 @@ def derived(owner: Any, fmt: Hashable, fn: Callable[[], Any], deps: Tuple[Any, .
     e = _derived.get(key)
     if e is not None and e[0]() is owner:
         try:
-            if e[2] == (fmt, _quick(deps)):
-                return e[3]
+            # (e[2] == (fmt, _quick(deps)), compared in place: this runs once per folded BatchNorm call)
+            if e[2][0] == fmt:
+                q = e[2][1]
+                if len(q) == len(deps):
+                    for d, t in zip(deps, q):
+                        if d is None:
+                            if t is not None:
+                                break
+                        elif t is None or t[0] != id(d) or t[1] != d._version or t[2] != d.data_ptr() \
+                                or t[3] != d.dtype:
+                            break
+                    else:
+                        return e[3]
         except RuntimeError:  # an inference tensor has no version counter
             return fn()
     for d in deps:

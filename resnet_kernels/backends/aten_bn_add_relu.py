@@ -10,6 +10,8 @@ from torch import Tensor
 
 from .._checks import acc_dtype
 
+_F32, _F64 = torch.float32, torch.float64
+
 
 # what torch.backends.cudnn.enabled reads (that module property costs ~1 us a call)
 _cudnn_enabled = torch._C._get_cudnn_enabled
@@ -44,16 +46,19 @@ def _add_identity(dst: Tensor, identity, si, bi) -> None:
 
 def bn_add_relu_forward(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner):
     """Declared ``returns_output``: ``out`` is None and the result is returned (x's layout)."""
-    acc = acc_dtype(x.dtype)
-    si, bi = _v(id_scale, C), _v(id_shift, C)
-    if scale is not None and shift is not None and (identity is None or x.dtype == acc):
+    dt = x.dtype
+    acc = _F64 if dt is _F64 else _F32  # (acc_dtype, inline)
+    if scale is not None and shift is not None and (identity is None or dt == acc):
         # x * scale + shift as PyTorch's eval-mode batch_norm with mean 0, variance 1, eps 0
         # (invstd is exactly 1, so its per-channel affine is exactly (scale, shift)): one native,
         # vectorised pass computed in fp32 and rounded once to x's dtype (mixed-dtype BN)
-        zeros, ones = _unit_stats(C, scale.dtype, x.device)
+        stats = _UNIT.get((C, scale.dtype, x.device))
+        zeros, ones = stats if stats is not None else _unit_stats(C, scale.dtype, x.device)
         y = torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, _cudnn_enabled())
-        _add_identity(y, identity, si, bi)  # y has the accumulation dtype here: no double rounding
+        if identity is not None:  # y has the accumulation dtype here: no double rounding
+            _add_identity(y, identity, _v(id_scale, C), _v(id_shift, C))
         return y.relu_() if relu else y
+    si, bi = _v(id_scale, C), _v(id_shift, C)
     # fp32 (fp64) math in a temporary of the accumulation dtype, rounded once at the end
     s, b = _v(scale, C), _v(shift, C)
     dst = torch.empty_like(x, dtype=acc)

@@ -15,6 +15,7 @@ produces every tensor gradient; per-channel gradients are reductions over N, H, 
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional
 
 import torch
@@ -25,9 +26,13 @@ from .._eager import Eager
 from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
                        check_layout, check_like, check_tensor_args)
 from .._numerics import mismatch, verify_rtol
+from .._registry import _ModuleAttr
+
+_launchers_get = _registry._launchers.get
 
 OP = "bn_add_relu"
 OP_BACKWARD = OP + "_backward"
+_DEBUG = logging.DEBUG
 
 
 def _geometry(x: Tensor, layout: str) -> tuple[int, int]:
@@ -87,8 +92,11 @@ class ForwardCall:
 def _launch(impl, x, scale, shift, identity, id_scale, id_shift, relu: bool, C: int, inner: int, out) -> Tensor:
     """One forward launch with the op's output contract: the result has x's strides and dtype;
     ``out``: where an implementation that writes into its output writes (None: a fresh one)."""
+    fn = _launchers_get(impl.launcher) or impl.load()  # (Impl.load's cached entry, without its frame)
+    if type(fn) is _ModuleAttr:  # (the launcher as its module holds it now, without _ModuleAttr's frame)
+        fn = getattr(fn.mod, fn.attr)
     if impl.returns_output:
-        got = impl.load()(x, scale, shift, identity, id_scale, id_shift, None, relu, C, inner)
+        got = fn(x, scale, shift, identity, id_scale, id_shift, None, relu, C, inner)
         if got.stride() != x.stride() or got.dtype != x.dtype:
             dense = _alloc.empty_like(x)  # the op's output has x's strides (its fake says so)
             dense.copy_(got)
@@ -96,7 +104,7 @@ def _launch(impl, x, scale, shift, identity, id_scale, id_shift, relu: bool, C: 
         return got
     if out is None:
         out = _alloc.empty_like(x)
-    impl.load()(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner)
+    fn(x, scale, shift, identity, id_scale, id_shift, out, relu, C, inner)
     return out
 
 
@@ -147,12 +155,15 @@ def apply_in_place(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     convolution's epilogue)."""
     layout = "nhwc" if (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) else "nchw"
     device = y.device
-    if device.type not in _tune._tunable_devices and _tune.quiet():
+    # (_tune.quiet(), inline)
+    if device.type not in _tune._tunable_devices and _tune._capture.get() is None and _tune._recorder.get() is None \
+            and not _tune.log.isEnabledFor(_DEBUG):
         # what dispatch would run: the static first choice, when it holds for every call
         impl = _registry.static_first(OP, device)
         if impl is not None:
-            C, inner = _geometry(y, layout)
-            return _launch(impl, y, scale, shift, residual, None, None, bool(relu), C, inner, y)
+            N, C, H, W = y.shape  # (_geometry, inline)
+            return _launch(impl, y, scale, shift, residual, None, None, bool(relu), C, H * W if layout == "nchw" else 1,
+                           y)
     call = ForwardCall(y, scale, shift, residual, None, None, relu, layout, out=y)
     return _tune.dispatch(OP, "auto", call)
 
