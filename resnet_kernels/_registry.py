@@ -34,6 +34,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from ._checks import DEVICE_TYPE
+
 OPS: Tuple[str, ...] = ("bn_add_relu", "bn_add_relu_backward", "conv2d_epilogue", "conv2d_stats", "batch_norm_act",
                         "batch_norm_act_backward", "batch_norm_act_coef", "bn_running_update", "maxpool2d",
                         "maxpool2d_backward", "conv2d_backward", "batch_norm_act_bits", "conv2d_bn_stats")
@@ -265,7 +267,7 @@ _first: Dict[Tuple[str, str], Tuple[int, "Impl"]] = {}
 def static_first(op: str, device: torch.device) -> Optional[Impl]:
     """``first_candidate``'s kept answer for any call of ``op`` on ``device``'s type, when it has one
     that is current (the same registry epoch) and available here; else None."""
-    hit = _first.get((op, device.type))
+    hit = _first.get((op, DEVICE_TYPE[device]))
     if hit is not None and hit[0] == _epoch and _backends[hit[1].backend].available(device) is None:
         return hit[1]
     return None
@@ -277,7 +279,7 @@ def first_candidate(op: str, call: Any, device: torch.device) -> Optional[Impl]:
     impl = static_first(op, device)
     if impl is not None:
         return impl
-    dtype = device.type
+    dtype = DEVICE_TYPE[device]
     det = None
     static = True  # every implementation passed over so far was, whatever the call
     for impl in implementations(op, include_hidden=False):

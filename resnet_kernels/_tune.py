@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from . import _registry
+from ._checks import DEVICE_TYPE
 from ._registry import BackendUnavailableError, Decision, Impl
 
 log = logging.getLogger("resnet_kernels")
@@ -395,7 +396,7 @@ def _dist_sync():
 
 def choose(op: str, call: Any, device: torch.device) -> Tuple[Impl, Any, Decision]:
     """(implementation, its outputs if they were computed while measuring else None, decision)."""
-    if device.type not in _tunable_devices:  # the hot path on CPU tensors: the static order
+    if DEVICE_TYPE[device] not in _tunable_devices:  # the hot path on CPU tensors: the static order
         impl = _registry.first_candidate(op, call, device)
         if impl is not None:
             return impl, None, Decision(op, impl.backend, "static")
@@ -405,7 +406,7 @@ def choose(op: str, call: Any, device: torch.device) -> Tuple[Impl, Any, Decisio
         raise BackendUnavailableError(f"{op}: no implementation can run this call on {device.type} tensors ({detail})")
     if len(cands) == 1:
         return cands[0], None, Decision(op, cands[0].backend, "only candidate")
-    if device.type not in _tunable_devices:
+    if DEVICE_TYPE[device] not in _tunable_devices:
         return cands[0], None, Decision(op, cands[0].backend, "static")
     key = f"{op}|{call.key()}|det={int(_registry.deterministic_required())}"
     by_name = {c.backend: c for c in cands}
@@ -543,7 +544,7 @@ def plain_layers(x: Any, requested: str, unit: str = UNIT, record: bool = True) 
     (fake tensors) or an explicit backend (the reference 'torch' stays the oracle). ``unit``: what
     ``explain`` lists it as (the stem's max pool: 'maxpool2d'); ``record=False``: a question only
     (not listed by ``explain``: the caller asks again where it runs the unit)."""
-    if requested != "auto" or type(x) is not torch.Tensor or x.device.type in _tunable_devices:
+    if requested != "auto" or type(x) is not torch.Tensor or DEVICE_TYPE[x.device] in _tunable_devices:
         return False
     if torch.compiler.is_compiling():
         return False
@@ -581,7 +582,7 @@ def dispatch(op: str, requested: str, call: Any) -> Any:
             impl = _registry.resolve_explicit(op, requested, call, device)
             if impl is not None:
                 return call.run(impl)
-        elif device.type not in _tunable_devices:
+        elif DEVICE_TYPE[device] not in _tunable_devices:
             impl = _registry.first_candidate(op, call, device)
             if impl is not None:
                 return call.run(impl)

@@ -312,6 +312,7 @@ _ref = weakref.ref
 _globally_plain = _eager._globally_plain
 _recorder_get = _tune._recorder.get
 _autocast_on = torch.is_autocast_enabled
+_any_autocast = torch._C._is_any_autocast_enabled  # (cheaper than the per-device check, which parses its argument)
 
 
 def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
@@ -339,7 +340,7 @@ def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
                 conv._reversed_padding_repeated_twice) != m.geometry:
         return None
     if not ENABLED or not _globally_plain() or _recorder_get() is not None or _log_debug(_DEBUG) \
-            or _autocast_on(m.devtype):
+            or (_any_autocast() and _autocast_on(m.devtype)):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                     or (residual is not None and residual.requires_grad)):
@@ -896,7 +897,8 @@ def train_hit(x, conv, bn, identity, rx, rconv, rbn, relu: bool, requested: str)
         return None
     # (_usable, inline: plain eager, no recorder, no DEBUG log; then autocast)
     if type(x) is not Tensor or (rx is not None and type(rx) is not Tensor) or not ENABLED \
-            or not _globally_plain() or _recorder_get() is not None or _log_debug(_DEBUG) or _autocast_on(m.devtype):
+            or not _globally_plain() or _recorder_get() is not None or _log_debug(_DEBUG) \
+            or (_any_autocast() and _autocast_on(m.devtype)):
         return None
     if (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode,
             conv._reversed_padding_repeated_twice) != m.geometry \

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, Hashable, Tuple
 
 import torch
 
+from ._checks import DEVICE_TYPE
+
 MAX_ENTRIES = 4096
 
 _lock = threading.RLock()  # re-entrant: a weakref callback can run (GC) while the lock is held
@@ -222,7 +224,7 @@ def derived(owner: Any, fmt: Hashable, fn: Callable[[], Any], deps: Tuple[Any, .
     # (enabled() only where the variable is set: unset reads as on)
     if not (_ENV_DIRECT and _env_key not in _env_data) and not enabled() or _fsdp2_active():
         return fn()
-    if device.type == "cuda":
+    if DEVICE_TYPE[device] == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return fn()
         fmt = (fmt, torch.cuda.current_stream(device).cuda_stream)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend, _tune, _unitplan, _weight_cache
-from ._checks import check_bool, in_layout_of, layout_of
+from ._checks import DEVICE_TYPE, check_bool, in_layout_of, layout_of
 from .nn._bn import BatchStats, batch_stats_args, bn_scale_shift, commit, uses_batch_stats
 from .ops.batch_norm import batch_norm_act
 from .ops.bn_add_relu import bn_add_relu
@@ -115,7 +115,7 @@ def _autocast_dtype(x) -> Optional[torch.dtype]:
     'meta' that has no autocast: torch.is_autocast_enabled would raise for it)."""
     if not (isinstance(x, Tensor) and x.is_floating_point()):
         return None
-    dev = x.device.type
+    dev = DEVICE_TYPE[x.device]
     if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)

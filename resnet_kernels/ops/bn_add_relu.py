@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _alloc, _backend, _registry, _tune
 from .._eager import Eager
-from .._checks import (acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
+from .._checks import (DEVICE_TYPE, acc_dtype, channel_vector, check_activation, check_bool, check_channel_vector,
                        check_layout, check_like, check_tensor_args)
 from .._numerics import mismatch, verify_rtol
 from .._registry import _ModuleAttr
@@ -156,7 +156,7 @@ def apply_in_place(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     layout = "nhwc" if (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) else "nchw"
     device = y.device
     # (_tune.quiet(), inline)
-    if device.type not in _tune._tunable_devices and _tune._capture.get() is None and _tune._recorder.get() is None \
+    if DEVICE_TYPE[device] not in _tune._tunable_devices and _tune._capture.get() is None and _tune._recorder.get() is None \
             and not _tune.log.isEnabledFor(_DEBUG):
         # what dispatch would run: the static first choice, when it holds for every call
         impl = _registry.static_first(OP, device)
