@@ -156,8 +156,8 @@ def apply_in_place(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
     layout = "nhwc" if (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) else "nchw"
     device = y.device
     # (_tune.quiet(), inline)
-    if DEVICE_TYPE[device] not in _tune._tunable_devices and _tune._capture.get() is None and _tune._recorder.get() is None \
-            and not _tune.log.isEnabledFor(_DEBUG):
+    if DEVICE_TYPE[device] not in _tune._tunable_devices and _tune._capture.get() is None \
+            and _tune._recorder.get() is None and not _tune.log.isEnabledFor(_DEBUG):
         # what dispatch would run: the static first choice, when it holds for every call
         impl = _registry.static_first(OP, device)
         if impl is not None:
