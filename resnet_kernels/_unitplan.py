@@ -312,7 +312,9 @@ _ref = weakref.ref
 _globally_plain = _eager._globally_plain
 _recorder_get = _tune._recorder.get
 _autocast_on = torch.is_autocast_enabled
-_any_autocast = torch._C._is_any_autocast_enabled  # (cheaper than the per-device check, which parses its argument)
+# (cheaper than the per-device check, which parses its argument; a private entry, so where a torch
+# version lacks it every call asks the per-device check)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
 
 
 def eval_hit(x, conv, bn, residual, relu: bool, requested: str, fold):
