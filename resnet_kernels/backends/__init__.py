@@ -390,13 +390,14 @@ def _triton_conv_cost(call):
 
 def _aten_conv_cost(call):
     """cuDNN's convolution counted as one launch (x, weight, y); with statistics
-    torch.batch_norm_stats (read y) and invstd.pow(-2); with an epilogue, the bn_add_relu pass that
-    'auto' picks statically on CUDA tensors (the cuda kernel: read y (+ residual), write y)."""
+    torch.batch_norm_update_stats (one pass: read y, write mean and var); with an epilogue, the
+    bn_add_relu pass that 'auto' picks statically on CUDA tensors (the cuda kernel: read y
+    (+ residual), write y)."""
     Cout = call.shape[1]
     y = _act_bytes(call.shape, call.x.dtype)
     launches, b = 1, nbytes(call.x) + nbytes(call.weight) + y
     if call.compute_stats:
-        return launches + 2, b + y + 2 * Cout * 4 + 2 * Cout * 4
+        return launches + 1, b + y + 2 * Cout * 4
     if call.scale is not None or call.bias is not None or call.residual is not None or call.relu:
         launches, b = launches + 1, b + 2 * y + nbytes(call.residual) + _vecs(call.scale, call.bias)
     return launches, b

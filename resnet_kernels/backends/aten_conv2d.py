@@ -5,8 +5,8 @@ CPU) in the activation dtype, exactly what ``nn.Conv2d`` runs, plus
   convolution's output in place by the ``bn_add_relu`` op's implementation that 'auto' chooses
   (our fused kernels on a GPU), computed in fp32 and rounded once;
 * ``conv2d_stats``: the per-channel batch mean and biased variance in one read pass of the output
-  (``torch.batch_norm_stats``, Welford, on CUDA; ``torch.batch_norm_update_stats`` on CPU and
-  ``torch.var_mean`` elsewhere, in the accumulation dtype).
+  (``torch.batch_norm_update_stats`` without running buffers on CUDA and CPU: PyTorch's own
+  batch-statistics kernels; ``torch.var_mean`` elsewhere; in the accumulation dtype).
 
 The floor the measured 'auto' can always fall back to on a GPU, and what 'auto' uses on CPU
 tensors. It allocates its output (``returns_output`` in the registry): an aten convolution has no
@@ -28,10 +28,13 @@ def batch_mean_var(y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of y over (N, H, W), in the accumulation dtype."""
     dt = y.dtype
     acc = acc_dtype(dt)
-    if y.is_cuda and dt != torch.float64:
-        # one Welford pass; eps = 0 so var = invstd**-2 exactly as computed (var 0 -> invstd inf -> 0)
-        mean, invstd = torch.batch_norm_stats(y, 0.0)
-        return mean.to(acc), invstd.to(acc).pow(-2)
+    if y.is_cuda:
+        # PyTorch's own batch-statistics pass (batch_norm_mean_var: the one nn.BatchNorm2d's training
+        # forward runs; Welford, NCHW or channels_last) with no running buffers: mean and biased
+        # variance in the accumulation dtype, one launch (batch_norm_stats gives invstd instead, whose
+        # pow(-2) was a second launch and two more roundings)
+        mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
+        return (mean if mean.dtype == acc else mean.to(acc)), (var if var.dtype == acc else var.to(acc))
     ya = y if dt == acc else y.to(acc)
     if y.is_cpu:
         # PyTorch's CPU batch-norm statistics kernel (biased variance, one pass): 3-10x less time
