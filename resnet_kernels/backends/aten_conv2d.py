@@ -29,10 +29,10 @@ def batch_mean_var(y: Tensor) -> Tuple[Tensor, Tensor]:
     dt = y.dtype
     acc = acc_dtype(dt)
     if y.is_cuda:
-        # PyTorch's own batch-statistics pass (batch_norm_mean_var: the one nn.BatchNorm2d's training
-        # forward runs; Welford, NCHW or channels_last) with no running buffers: mean and biased
-        # variance in the accumulation dtype, one launch (batch_norm_stats gives invstd instead, whose
-        # pow(-2) was a second launch and two more roundings)
+        # PyTorch's own batch-statistics pass (batch_norm_mean_var, what its native CUDA batch norm
+        # computes its statistics with; Welford, NCHW or channels_last) with no running buffers: mean
+        # and biased variance in the accumulation dtype, one launch (batch_norm_stats gives invstd
+        # instead, whose pow(-2) was a second launch and two more roundings)
         mean, var = torch.batch_norm_update_stats(y, None, None, 0.0)
         return (mean if mean.dtype == acc else mean.to(acc)), (var if var.dtype == acc else var.to(acc))
     ya = y if dt == acc else y.to(acc)
