@@ -19,6 +19,9 @@
 #   model-*     resnet-kernels bench: resnet18 and resnet50, train and infer, short runs (batch 64,
 #               10 timed steps; torch.compile only for resnet18 inference unless
 #               RK_GPU_CHECK_COMPILE_ALL=1)
+#   count-check benchmarks/count_vs_profiler.py: ResNet-18 and -50 training steps (eager, cuda,
+#               triton) profiled on the GPU, their kernels against `resnet-kernels count`'s
+#               launches (the counted numbers' first check; printed into the log)
 # then prints a summary table LAST (ours vs eager vs torch.compile, % of copy bandwidth, stage
 # status). Everything shares one time budget (RK_GPU_CHECK_BUDGET seconds, default 470: under
 # 8 minutes on an H100); a stage that would start past it is reported as "no-time".
@@ -171,6 +174,10 @@ for model in resnet18 resnet50; do
     run_stage "model-$model-$mode" $cap "cd \"\$WORK\" && $RK bench --model $model --mode $mode --batch $MB --iters 10 --warmup 3 --backends $backends --quiet --json \"\$RES/model_${model}_${mode}.json\""
   done
 done
+
+# the accountant checked: counted launches against the kernels the profiler sees (last: the model
+# runs above compiled the Triton kernels it reuses; a diagnostic, printed into the log)
+run_stage count-check 60 "cd \"\$WORK\" && \"\$PY\" \"\$ROOT/benchmarks/count_vs_profiler.py\" --batch $MB"
 
 # ---- summary (printed last) -------------------------------------------------------------------
 shopt -s nullglob

@@ -349,7 +349,8 @@ def test_gpu_check_script_syntax_and_references():
     text = script.read_text()
     assert "set -o pipefail" in text and "timeout" in text
     for ref in ("benchmarks/test_bench_bn_add_relu.py", "benchmarks/test_bench_conv.py",
-                "benchmarks/test_bench_conv_backward.py", "benchmarks/summarize.py"):
+                "benchmarks/test_bench_conv_backward.py", "benchmarks/summarize.py",
+                "benchmarks/count_vs_profiler.py"):
         assert (ROOT / ref).exists() and ref.split("/")[-1] in text
     assert "RESNET_KERNELS_REQUIRE_CUDA=1" in text and "--no-build-isolation" in text
 
@@ -381,5 +382,6 @@ def test_gpu_check_script_runs_end_to_end_with_every_stage_deselected(tmp_path):
     assert len(files) <= 8 and "summary.json" in files and "stages.tsv" in files
     stages = json.loads((out / "gpu_check" / "summary.json").read_text())["stages"]
     assert {s["stage"] for s in stages} >= {"install", "info", "check", "tests", "bench-ops", "bench-conv",
-                                            "bench-conv-bwd", "model-resnet18-infer", "model-resnet50-train"}
+                                            "bench-conv-bwd", "model-resnet18-infer", "model-resnet50-train",
+                                            "count-check"}
     assert all(s["status"] == "skipped" for s in stages)
