@@ -1,12 +1,14 @@
 """Packed convolution weights cached across calls, keyed so that a cached pack is never stale.
 
 The conv launchers re-lay the (Cout, Cin, KH, KW) weight out as the GEMM operand their kernel
-reads (triton_ops/conv2d.py, backends/cuda_conv2d.py). Packing on every forward costs an
-allocation, a permute-copy (and a zero fill) per conv: 2-3 launches and ~50 MB of memory
-traffic per ResNet-50 forward (counted in ../shared/reviews/2026-12-02-kernel-review.md, P10).
-``packed(weight, fmt, pack_fn)`` returns ``pack_fn(weight)`` from a cache instead when nothing the
-pack depends on can have changed since it was made. The entry is keyed on the tensor object
-(a weak reference: the entry goes when the weight does) and checked against its fingerprint:
+reads (triton_ops/conv2d.py, backends/cuda_conv2d.py) where they cannot read it in place (a
+channels_last or 1x1 weight: ``conv_fwd_inplace_strides``, ``cuda_conv2d.in_place_ldw``).
+Packing on every forward costs an allocation, a permute-copy (and a zero fill) per conv: 2-3
+launches and ~50 MB of memory traffic per ResNet-50 forward (counted in
+../shared/reviews/2026-12-02-kernel-review.md, P10). ``packed(weight, fmt, pack_fn)`` returns
+``pack_fn(weight)`` from a cache instead when nothing the pack depends on can have changed since
+it was made. The entry is keyed on the tensor object (a weak reference: the entry goes when the
+weight does) and checked against its fingerprint:
 
 * ``weight._version``: every in-place write through the tensor or any view/detach of it bumps it
   (optimizer steps, ``load_state_dict`` (``param.copy_`` under no_grad), ``nn.init``, ``w.mul_()``);

@@ -305,19 +305,23 @@ def _partials(call) -> int:
 
 
 def _cuda_conv_cost(call):
-    """pack_weight (a permute copy, plus a zero fill of the whole packed matrix first when it has
-    padding: channels Cin -> Cp, a multiple of 16 bytes' worth, or columns up to a multiple of 8),
-    the implicit-GEMM kernel (x, packed weight, the epilogue's operands, out; per-tile statistics
-    partials) and, with statistics, conv2d_stats_finalize_kernel."""
+    """pack_weight where the weight is not read in place (``cuda_conv2d.in_place_ldw``): a permute
+    copy, plus a zero fill of the whole packed matrix first when it has padding (channels Cin -> Cp,
+    a multiple of 16 bytes' worth, or columns up to a multiple of 8); the implicit-GEMM kernel (x,
+    the weight matrix, the epilogue's operands, out; per-tile statistics partials) and, with
+    statistics, conv2d_stats_finalize_kernel."""
+    from .cuda_conv2d import in_place_ldw, padded_channels
+
     Cout, Cin, KH, KW = call.weight.shape
     wsz = call.weight.element_size()
     K = Cin * KH * KW
-    vec = 16 // wsz
-    Cp = (Cin + vec - 1) // vec * vec  # cuda_conv2d.padded_channels
-    ldw = (KH * KW * Cp + 7) // 8 * 8
-    launches, b = 1, nbytes(call.weight) + Cout * K * wsz
-    if ldw > K:
-        launches, b = launches + 1, b + Cout * ldw * wsz
+    ldw = in_place_ldw(call.weight, call.x.dtype)
+    launches = b = 0
+    if not ldw:
+        ldw = (KH * KW * padded_channels(Cin, wsz) + 7) // 8 * 8
+        launches, b = 1, nbytes(call.weight) + Cout * K * wsz
+        if ldw > K:
+            launches, b = launches + 1, b + Cout * ldw * wsz
     launches, b = launches + 1, b + _conv_io(call) + Cout * ldw * wsz
     if call.compute_stats:
         p = _partials(call)

@@ -5,8 +5,10 @@ Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/back
 The kernel takes the weight as a (Cout, ldw) matrix whose columns are ordered (kh, kw, cin) with
 cin fastest and cin padded with zero channels to Cp, a multiple of 16 bytes' worth of elements (so
 each 16-byte chunk of K is one filter tap: the stem's 3 channels become 8 for 16-bit types, 4 for
-fp32), ldw = KH*KW*Cp rounded up to a multiple of 8, zero padded: prepared here (small next to the
-activations). x, out and residual are passed with their element strides (NCHW or channels_last).
+fp32), ldw = KH*KW*Cp rounded up to a multiple of 8, zero padded: the weight itself where its
+memory already is that matrix (``in_place_ldw``: channels_last or 1x1, no padding needed), else
+packed here (small next to the activations). x, out and residual are passed with their element
+strides (NCHW or channels_last).
 """
 
 from __future__ import annotations
@@ -43,6 +45,27 @@ def _pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     return packed, ldw
 
 
+def in_place_ldw(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """ldw of ``weight`` read in place as the kernel's (Cout, ldw) matrix, or 0 where it must be
+    packed. In place when its memory already is that matrix: (Cout, KH, KW, Cin)-ordered with a unit
+    Cin stride (``_weight_cache.conv_fwd_inplace_strides``: a channels_last weight, or a 1x1 one
+    with a unit Cin stride, contiguous ones too), in the activations' dtype, no channel padding
+    (Cp = Cin), rows exactly K = KH*KW*Cin apart (no columns past K to zero) with K a multiple of 8,
+    and a 16-byte-aligned pointer: every ResNet convolution but the stem's after
+    ``model.to(memory_format=torch.channels_last)``, and every 1x1 one. A training step changes
+    every weight, so the pack (a copy launch per convolution per step) is then gone."""
+    from .. import _weight_cache
+
+    st = _weight_cache.conv_fwd_inplace_strides(weight, dtype)
+    if st is None:
+        return 0
+    Cout, Cin, KH, KW = weight.shape
+    K = KH * KW * Cin
+    if Cin != padded_channels(Cin, weight.element_size()) or K % 8 or (Cout > 1 and st[1] != K):
+        return 0
+    return K if weight.data_ptr() % 16 == 0 else 0
+
+
 # the Conv2dArgs fields of the operand prologue (csrc/conv2d.h): absent
 NO_PROLOGUE = dict(bn_mean=0, bn_var=0, bn_weight=0, bn_bias=0, bn_weight_dtype=0, bn_bias_dtype=0, bn_eps=0.0)
 # csrc/conv2d.h kConvPrologueMaxChannels: the operand prologue's per-channel table (shared memory)
@@ -68,7 +91,8 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     Cout, _, KH, KW = weight.shape
     OH, OW = out.shape[2], out.shape[3]
     with device_guard(x):
-        wmat, ldw = pack_weight(weight)
+        ldw = in_place_ldw(weight, x.dtype)
+        wmat, ldw = (weight, ldw) if ldw else pack_weight(weight)
         mean = var = ws = None
         nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
         if compute_stats:

@@ -246,6 +246,78 @@ def test_conv2d_unaligned_out_and_residual_via_C(mode, layout, cuda_target):
     assert (out.double() - ref).abs().max().item() <= tol
 
 
+# ---- the weight read in place (cuda_conv2d.in_place_ldw): no pack where its memory already is the
+# kernel's (Cout, ldw) matrix
+@pytest.mark.parametrize("mode", ["bf16", "fp32", "tf32"])
+@pytest.mark.parametrize("shape", ["3x3s1", "3x3s2", "1x1s2", "3x3_wide_tile", "3x3s2_wide_tile_k128"])
+def test_conv2d_in_place_weight_is_bitwise_the_packed_one(shape, mode, cuda_target, monkeypatch):
+    """A channels_last weight (and a contiguous 1x1 one) is read in place, without pack_weight; the
+    same weight NCHW-contiguous (3x3) or with a padded Cout stride (1x1) is packed. Outputs and
+    statistics are bitwise the same either way: the kernel sees the same matrix."""
+    from resnet_kernels.backends import cuda_conv2d
+
+    packs = []
+    real = cuda_conv2d.pack_weight
+    monkeypatch.setattr(cuda_conv2d, "pack_weight", lambda w: packs.append(1) or real(w))
+    x, w, _, _, _, stride, pad, oshape = _make(shape, mode, "channels_last", EPILOGUES["plain"], cuda_target)
+    dtype = DTYPE[mode]
+    k = w.shape[2]
+    if k == 1:  # contiguous is in place; a Cout stride past K (rows 8 elements apart more) is packed
+        w_in = w.contiguous()
+        w_pk = torch.empty(w.shape[0], w.shape[1] + 8, 1, 1, dtype=dtype, device=cuda_target)[:, :w.shape[1]]
+        w_pk.copy_(w)
+    else:
+        w_in = w.contiguous(memory_format=torch.channels_last)
+        w_pk = w.contiguous()
+    assert cuda_conv2d.in_place_ldw(w_in, dtype) == w.shape[1] * k * k
+    assert cuda_conv2d.in_place_ldw(w_pk, dtype) == 0
+    got = []
+    for ww in (w_in, w_pk):
+        out = _poisoned(oshape, dtype, "channels_last", cuda_target)
+        n = len(packs)
+        mean, var = _launch(x, ww, None, None, None, out, stride, pad, False, True, mode)
+        got.append((out, mean, var, len(packs) - n))
+    (o1, m1, v1, p1), (o2, m2, v2, p2) = got
+    assert (p1, p2) == (0, 1)
+    assert not o1.isnan().any(), "unwritten (NaN-poisoned) output elements"
+    assert torch.equal(o1, o2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+    ref = F.conv2d(x.double(), w.double(), None, stride, pad)
+    theirs = _torch_conv(x, w, stride, pad, mode)
+    tol = 2 * (theirs.double() - ref).abs().max().item() + FLOOR[mode] * ref.abs().max().item()
+    assert (o1.double() - ref).abs().max().item() <= tol
+
+
+def _strided_weight(shape, strides, dtype, offset=0):
+    n = offset + 1 + sum((d - 1) * st for d, st in zip(shape, strides))
+    return torch.zeros(n, dtype=dtype).as_strided(shape, strides, offset)
+
+
+_BF, _CL = torch.bfloat16, torch.channels_last
+# (what, the weight, the activations' dtype, the expected ldw; 0: packed)
+_IN_PLACE_CASES = [
+    ("channels_last 3x3 bf16", torch.empty(8, 16, 3, 3, dtype=_BF).to(memory_format=_CL), _BF, 144),
+    ("contiguous 1x1 bf16", torch.empty(8, 16, 1, 1, dtype=_BF), _BF, 16),
+    ("contiguous 3x3: packed", torch.empty(8, 16, 3, 3, dtype=_BF), _BF, 0),
+    ("the stem's Cin = 3: channel padding", torch.empty(8, 3, 7, 7, dtype=_BF).to(memory_format=_CL), _BF, 0),
+    ("bf16 Cin = 12: channel padding to 16", torch.empty(8, 12, 3, 3, dtype=_BF).to(memory_format=_CL), _BF, 0),
+    ("fp32 Cin = 4 3x3: K = 36 not a multiple of 8", torch.empty(8, 4, 3, 3).to(memory_format=_CL), torch.float32,
+     0),
+    ("fp32 Cin = 8 3x3", torch.empty(8, 8, 3, 3).to(memory_format=_CL), torch.float32, 72),
+    ("another dtype than the activations", torch.empty(8, 16, 3, 3, dtype=_BF).to(memory_format=_CL),
+     torch.float16, 0),
+    ("a Cout stride past K", _strided_weight((8, 16, 1, 1), (24, 1, 1, 1), _BF), _BF, 0),
+    ("a single row: any Cout stride", _strided_weight((1, 16, 1, 1), (24, 1, 1, 1), _BF), _BF, 16),
+    ("2 bytes past a 16-byte boundary", _strided_weight((8, 16, 1, 1), (16, 1, 1, 1), _BF, 1), _BF, 0),
+]
+
+
+@pytest.mark.parametrize("case, w, dtype, want", _IN_PLACE_CASES, ids=[c[0] for c in _IN_PLACE_CASES])
+def test_in_place_ldw_decides(case, w, dtype, want):
+    from resnet_kernels.backends.cuda_conv2d import in_place_ldw
+
+    assert in_place_ldw(w, dtype) == want, case
+
+
 def test_conv2d_stats_empty_batch_is_nan(cuda_target):
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
 

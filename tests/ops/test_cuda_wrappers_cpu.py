@@ -244,11 +244,17 @@ def test_pack_weight_pads_channels_and_the_cost_agrees(dtype, Cin, k):
     assert torch.equal(taps[..., :Cin], w.permute(0, 2, 3, 1))
     assert not taps[..., Cin:].any() and not packed[:, K:].any()
     # the declared cost: pack (read w, write its K*Cin part, zero the whole matrix first when padded),
-    # the conv (x, packed weight, out)
+    # the conv (x, packed weight, out); a 1x1 weight with a unit Cin stride and no padding (Cin = 64)
+    # is read in place instead: no pack, the conv reads w itself (ldw = K)
     x = torch.empty(2, Cin, 9, 9, dtype=dtype)
     call = SimpleNamespace(weight=w, x=x, shape=(2, Cout, 9, 9), residual=None, scale=None, bias=None,
                            compute_stats=False)
     wsz = w.element_size()
+    conv_b = nbytes(x) + 2 * Cout * 81 * wsz
+    if cuda_conv2d.in_place_ldw(w, dtype):
+        assert (Cin, k) == (64, 1) and ldw == Cin
+        assert _cuda_conv_cost(call) == (1, conv_b + nbytes(w))
+        return
     padded = ldw > Cin * k * k
-    want_b = 2 * nbytes(w) + (Cout * ldw * wsz if padded else 0) + nbytes(x) + 2 * Cout * 81 * wsz + Cout * ldw * wsz
+    want_b = 2 * nbytes(w) + (Cout * ldw * wsz if padded else 0) + conv_b + Cout * ldw * wsz
     assert _cuda_conv_cost(call) == (2 + padded, want_b)
