@@ -248,7 +248,7 @@ def test_conv2d_unaligned_out_and_residual_via_C(mode, layout, cuda_target):
 
 # ---- the weight read in place (cuda_conv2d.in_place_ldw): no pack where its memory already is the
 # kernel's (Cout, ldw) matrix
-@pytest.mark.parametrize("mode", ["bf16", "fp32", "tf32"])
+@pytest.mark.parametrize("mode", list(DTYPE))
 @pytest.mark.parametrize("shape", ["3x3s1", "3x3s2", "1x1s2", "3x3_wide_tile", "3x3s2_wide_tile_k128"])
 def test_conv2d_in_place_weight_is_bitwise_the_packed_one(shape, mode, cuda_target, monkeypatch):
     """A channels_last weight (and a contiguous 1x1 one) is read in place, without pack_weight; the
