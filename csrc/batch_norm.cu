@@ -138,6 +138,39 @@ __device__ __forceinline__ void for_each_vector(const Tiling& t, Body&& body) {
 // ---------------------------------------------------------------------------------------------
 enum IdMode : int { kIdNone = 0, kIdRaw = 1, kIdBn = 2 };
 
+// Up to kBnRunningUpdateSlots running-statistics updates, passed by value (n = 0: none).
+struct RunningSlots {
+  const float* mean[kBnRunningUpdateSlots];
+  const float* var[kBnRunningUpdateSlots];
+  void* running_mean[kBnRunningUpdateSlots];  // nullptr = absent
+  void* running_var[kBnRunningUpdateSlots];
+  int64_t* num_batches_tracked[kBnRunningUpdateSlots];
+  int rmd[kBnRunningUpdateSlots], rvd[kBnRunningUpdateSlots];
+  float keep[kBnRunningUpdateSlots], take[kBnRunningUpdateSlots], take_var[kBnRunningUpdateSlots];
+  int64_t C[kBnRunningUpdateSlots];
+  int n;
+};
+
+// Thread `gid` of `total` updates channels gid, gid + total, ... of each slot (running = keep *
+// running + take * statistic, in float32, rounded once to the buffer's dtype); thread 0 counts the
+// batch. The buffers are disjoint from everything else the launch reads or writes (the callers check).
+__device__ __forceinline__ void running_update(const RunningSlots& s, int64_t gid, int64_t total) {
+#pragma unroll
+  for (int i = 0; i < kBnRunningUpdateSlots; ++i) {
+    if (i >= s.n) break;
+    if (gid == 0 && s.num_batches_tracked[i] != nullptr) *s.num_batches_tracked[i] += 1;
+    for (int64_t c = gid; c < s.C[i]; c += total) {
+      if (s.running_mean[i] != nullptr)
+        store_param(s.running_mean[i], s.rmd[i], c,
+                    mul_rn(load_param(s.running_mean[i], s.rmd[i], c), s.keep[i]) + mul_rn(s.mean[i][c], s.take[i]));
+      if (s.running_var[i] != nullptr)
+        store_param(s.running_var[i], s.rvd[i], c,
+                    mul_rn(load_param(s.running_var[i], s.rvd[i], c), s.keep[i]) +
+                        mul_rn(s.var[i][c], s.take_var[i]));
+    }
+  }
+}
+
 // BITS: also the 1-bit mask of out > 0 (resnet_kernels/_bits.py: uint8 [pixel][ceil(C/8)], bit c % 8 of
 // byte [pixel][c / 8]) in the same pass: channels_last with VEC == 8 (16-bit types, C % 8 == 0, 16-byte
 // aligned pointers): a thread's vector is one byte of the mask, written by that thread alone.
@@ -146,9 +179,12 @@ template <typename T, int VEC, bool NHWC, int IDM, bool BITS>
 __global__ void __launch_bounds__(kThreads, 2)
     bn_act_fwd_kernel(const T* __restrict__ y, const T* __restrict__ identity, T* __restrict__ out,
                       uint8_t* __restrict__ bits, const BnParams bn, const BnParams idbn, const Tiling t,
-                      const bool relu) {
+                      const bool relu, const RunningSlots run) {
   static_assert(!BITS || (NHWC && VEC == 8), "in-kernel bits: channels_last, 8 channels a thread");
   constexpr int NCH = NHWC ? VEC : 1;
+  if (run.n != 0)  // the block's running-statistics updates (batch_norm_act_bits' running), every thread of the grid
+    running_update(run, (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x,
+                   static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x);
   int64_t c0;
   if (!thread_channels<NHWC, VEC>(t, c0)) return;  // no barriers in this kernel
   float s[NCH], b[NCH], is[NCH], ib[NCH];
@@ -449,33 +485,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ---------------------------------------------------------------------------------------------
 // running statistics
 // ---------------------------------------------------------------------------------------------
-// Up to kBnRunningUpdateSlots updates, passed by value; thread c updates channel c of each of them.
-struct RunningSlots {
-  const float* mean[kBnRunningUpdateSlots];
-  const float* var[kBnRunningUpdateSlots];
-  void* running_mean[kBnRunningUpdateSlots];  // nullptr = absent
-  void* running_var[kBnRunningUpdateSlots];
-  int64_t* num_batches_tracked[kBnRunningUpdateSlots];
-  int rmd[kBnRunningUpdateSlots], rvd[kBnRunningUpdateSlots];
-  float keep[kBnRunningUpdateSlots], take[kBnRunningUpdateSlots], take_var[kBnRunningUpdateSlots];
-  int64_t C[kBnRunningUpdateSlots];
-  int n;
-};
-
 __global__ void __launch_bounds__(kThreads) bn_running_update_kernel(const RunningSlots s) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-#pragma unroll
-  for (int i = 0; i < kBnRunningUpdateSlots; ++i) {
-    if (i >= s.n) break;
-    if (c == 0 && s.num_batches_tracked[i] != nullptr) *s.num_batches_tracked[i] += 1;
-    if (c >= s.C[i]) continue;
-    if (s.running_mean[i] != nullptr)
-      store_param(s.running_mean[i], s.rmd[i], c,
-                  mul_rn(load_param(s.running_mean[i], s.rmd[i], c), s.keep[i]) + mul_rn(s.mean[i][c], s.take[i]));
-    if (s.running_var[i] != nullptr)
-      store_param(s.running_var[i], s.rvd[i], c,
-                  mul_rn(load_param(s.running_var[i], s.rvd[i], c), s.keep[i]) + mul_rn(s.var[i][c], s.take_var[i]));
-  }
+  running_update(s, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                 static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -557,16 +569,27 @@ inline BwdPlan plan_for(int64_t numel, int64_t C, int64_t inner, int vec, const 
 inline int64_t coef_offset(const BwdPlan& p, int64_t C) { return 3 * p.P * C; }  // in floats
 inline int64_t workspace_floats(const BwdPlan& p, int64_t C) { return 3 * p.P * C + 8 * C; }
 
+// (defined after the entry points) the checked slots of up to kBnRunningUpdateSlots updates
+RunningSlots running_slots(const std::vector<BnRunningUpdateArgs>& list, const char* fn, bool may_be_empty);
 }  // namespace bnk
 
 // =============================================================================================
 // entry points
 // =============================================================================================
-void batch_norm_act_forward(const BatchNormActArgs& a) {
+void batch_norm_act_forward(const BatchNormActArgs& a) { batch_norm_act_forward_running(a, {}); }
+
+void batch_norm_act_forward_running(const BatchNormActArgs& a, const std::vector<BnRunningUpdateArgs>& running) {
   using namespace bnk;
   const char* fn = "batch_norm_act_forward";
   with_dtype(a.dtype, fn, [](auto) {});  // refuses float64 before anything else
-  if (!bar::check_geometry(fn, a.numel, a.C, a.inner)) return;
+  const RunningSlots run = running_slots(running, fn, true);
+  for (size_t i = 0; i < running.size(); ++i)
+    if (running[i].stream != a.stream)
+      throw ArgError(cat(fn, ": running[", i, "].stream differs from args.stream (one launch, one stream)"));
+  if (!bar::check_geometry(fn, a.numel, a.C, a.inner)) {
+    if (!running.empty()) bn_running_update_many(running);  // no output to write: the updates alone
+    return;
+  }
   check_ptr(a.y, fn, "y");
   check_ptr(a.mean, fn, "mean");
   check_ptr(a.var, fn, "var");
@@ -619,7 +642,7 @@ void batch_norm_act_forward(const BatchNormActArgs& a) {
             if constexpr (!BITS || (NHWC && VEC == 8)) {
               bn_act_fwd_kernel<T, VEC, NHWC, IDM, BITS><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
                   reinterpret_cast<const T*>(a.y), reinterpret_cast<const T*>(a.identity),
-                  reinterpret_cast<T*>(a.out), bits, bn, idbn, t, a.relu);
+                  reinterpret_cast<T*>(a.out), bits, bn, idbn, t, a.relu, run);
               check_launch("bn_act_fwd_kernel");
             }
           });
@@ -832,11 +855,22 @@ void bn_running_update(const BnRunningUpdateArgs& a) { bn_running_update_many({a
 void bn_running_update_many(const std::vector<BnRunningUpdateArgs>& list) {
   using namespace bnk;
   const char* fn = "bn_running_update";
-  if (list.empty() || list.size() > static_cast<size_t>(kBnRunningUpdateSlots))
-    throw ArgError(cat(fn, ": args must hold 1 to ", kBnRunningUpdateSlots, " updates per launch, got ",
-                       list.size()));
-  RunningSlots s{};
+  const RunningSlots s = running_slots(list, fn, false);
+  if (s.n == 0) return;
   int64_t C_max = 0;
+  for (int i = 0; i < s.n; ++i) C_max = std::max(C_max, s.C[i]);
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(C_max, kThreads));
+  bn_running_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(list[0].stream)>>>(s);
+  check_launch("bn_running_update_kernel");
+}
+
+namespace bnk {
+// The checked slots of up to kBnRunningUpdateSlots updates (none: n = 0, allowed where `may_be_empty`).
+RunningSlots running_slots(const std::vector<BnRunningUpdateArgs>& list, const char* fn, bool may_be_empty) {
+  if ((list.empty() && !may_be_empty) || list.size() > static_cast<size_t>(kBnRunningUpdateSlots))
+    throw ArgError(cat(fn, ": ", may_be_empty ? "running" : "args", " must hold ", may_be_empty ? 0 : 1, " to ",
+                       kBnRunningUpdateSlots, " updates per launch, got ", list.size()));
+  RunningSlots s{};
   for (size_t i = 0; i < list.size(); ++i) {
     const BnRunningUpdateArgs& a = list[i];
     if (a.stream != list[0].stream)
@@ -875,12 +909,9 @@ void bn_running_update_many(const std::vector<BnRunningUpdateArgs>& list) {
     s.take[i] = static_cast<float>(a.factor);
     s.take_var[i] = static_cast<float>(a.factor * a.unbias);
     s.C[i] = a.C;
-    C_max = std::max(C_max, a.C);
   }
-  if (s.n == 0) return;
-  const int64_t blocks = std::max<int64_t>(1, ceil_div(C_max, kThreads));
-  bn_running_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(list[0].stream)>>>(s);
-  check_launch("bn_running_update_kernel");
+  return s;
 }
+}  // namespace bnk
 
 }  // namespace rk

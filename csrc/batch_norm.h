@@ -101,4 +101,11 @@ struct BnRunningUpdateArgs {
 void bn_running_update(const BnRunningUpdateArgs& a);
 void bn_running_update_many(const std::vector<BnRunningUpdateArgs>& a);
 
+// batch_norm_act_forward, and in the same launch the running-statistics updates of up to
+// kBnRunningUpdateSlots BatchNorms (bn_running_update_many's; the training block's tail,
+// batch_norm_act_bits): every thread of the forward's grid takes a share of their channels. The
+// buffers must not overlap anything the forward reads or writes (the caller checks). numel == 0:
+// the updates alone (bn_running_update_many's launch).
+void batch_norm_act_forward_running(const BatchNormActArgs& a, const std::vector<BnRunningUpdateArgs>& running);
+
 }  // namespace rk

@@ -302,6 +302,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"), "out = act(BN(y) + identity or BN(identity)) from given batch statistics (BatchNormActArgs)");
   m.def(
+      "batch_norm_act_forward_running",
+      [](const rk::BatchNormActArgs& a, const std::vector<rk::BnRunningUpdateArgs>& running) {
+        py::gil_scoped_release nogil;
+        rk::batch_norm_act_forward_running(a, running);
+      },
+      py::arg("args"), py::arg("running"),
+      "batch_norm_act_forward plus up to bn_running_update_slots running-statistics updates in its launch");
+  m.def(
       "batch_norm_act_backward_workspace_bytes",
       [](int dtype, int64_t numel, int64_t C, int64_t inner) {
         return rk::batch_norm_act_backward_workspace_bytes(

@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 from . import _registry, _tune
 from ._eager import plain_eager
 from ._numerics import cudnn_conv_tf32_enabled, mismatch, verify_rtol
-from .nn._bn import batch_stats_args, commit, uses_batch_stats
+from .nn._bn import batch_stats_args, commit, one_call, uses_batch_stats
 from .nn._sync import sync_group
 from .ops.batch_norm import batch_norm_act, batch_norm_act_bits, batch_norm_act_coef
 from .ops.conv2d import conv2d_stats
@@ -285,13 +285,18 @@ class _BlockFn(torch.autograd.Function):
             std = batch_stats_args(proj.bn, yd, md, vd, updates, backend)
             if std is None:
                 raise _Fallback()
+        # the block's running-statistics updates go with its last op (in its launch on triton), which
+        # applies them only once it runs: a block that raises before has changed no buffer
+        ups = one_call(updates)
+        if proj is not None:
             out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean,
                                             std.var, std.weight, std.bias, eps=tail.eps, id_eps=std.eps, relu=True,
-                                            backend=backend)
+                                            updates=ups or (), backend=backend)
         else:
             out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, x, eps=tail.eps,
-                                            relu=True, backend=backend)
-        commit(updates)
+                                            relu=True, updates=ups or (), backend=backend)
+        if ups is None:  # (a BatchNorm used twice in the block: its updates in order, as commit splits them)
+            commit(updates)
         ctx.plan = plan
         ctx.pro = pro
         ctx.sts = sts

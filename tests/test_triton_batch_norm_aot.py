@@ -29,7 +29,8 @@ CPU = torch.device("cpu")  # the device only sets the (runtime) number of progra
 # registers per thread); the reduce kernels keep three accumulators per element (<= 128, as
 # bn_add_relu's backward); the per-channel kernels are tiny (C / 128 programs: occupancy does not
 # matter; float64 needs two registers per value).
-MAX_REGS = {"_fwd_kernel": 64, "_apply_kernel": 64, "_reduce_cols_kernel": 128, "_reduce_planes_kernel": 128,
+MAX_REGS = {"_fwd_kernel": 64, "_fwd_running_kernel": 64, "_apply_kernel": 64, "_reduce_cols_kernel": 128,
+            "_reduce_planes_kernel": 128,
             "_running_kernel": 64}
 
 
@@ -53,7 +54,9 @@ def _ew_runtime(cfg, N, C, HW, layout, int64):
 
 
 def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=None, int64=False, want_mode=None,
-              want_vec=None, bits=False):
+              want_vec=None, bits=False, running=None):
+    """_fwd_kernel's spec; ``running`` (buffer dtypes, one per BatchNorm): _fwd_running_kernel's,
+    the tail of the training block applying its BatchNorms' running-statistics updates."""
     cfg = K._elementwise_config(N, C, HW, layout, _size(dt), interpret=False, **K._fwd_load(id_mode))
     if bits:  # batch_norm_act_bits: the tiling that keeps each mask byte's 8 channels in one tile
         assert K.bits_in_kernel(C, layout)
@@ -73,8 +76,18 @@ def _fwd_spec(dt, N, C, HW, layout, arch, id_mode=K.ID_BN, relu=True, param_dt=N
     constexprs = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"], HAS_W=True,
                       HAS_B=True, ID_MODE=id_mode, HAS_IW=id_mode == K.ID_BN, HAS_IB=id_mode == K.ID_BN,
                       RELU=relu, IS64=dt == torch.float64, INT64=int64, BITS=bits)
-    return KernelSpec(MOD, "_fwd_kernel", sig, constexprs, num_warps=cfg["num_warps"], arch=arch,
+    kernel = "_fwd_kernel"
+    if running is not None:
+        kernel = "_fwd_running_kernel"
+        rsig, rflags = _running_slots(running)
+        sig.update(rsig)
+        constexprs.update(RUN_BLOCK=min(triton_next_pow2(C), 512), **rflags)
+    return KernelSpec(MOD, kernel, sig, constexprs, num_warps=cfg["num_warps"], arch=arch,
                       divisible_by_16=div16)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _apply_spec(dt, N, C, HW, layout, arch, gi_mode=K.ID_BN, need_gy=True, relu=True, int64=False, want_mode=None,
@@ -127,8 +140,15 @@ def _reduce_spec(dt, N, C, HW, layout, arch, need=(True, True, True), relu=True,
 def _running_spec(buf_dts, C, arch):
     """_running_kernel with len(buf_dts) of its RUNNING_SLOTS slots used (a block's BatchNorms),
     every buffer present, the others' flags 0."""
-    buf_dts = list(buf_dts)
     cfg = K._running_config(C)
+    sig, flags = _running_slots(buf_dts)
+    return KernelSpec(MOD, "_running_kernel", sig, dict(BLOCK=cfg["BLOCK"], **flags), num_warps=cfg["num_warps"],
+                      arch=arch)
+
+
+def _running_slots(buf_dts):
+    """The RUNNING_SLOTS slots' signature and flags (``_running_kernel``'s, ``_fwd_running_kernel``'s)."""
+    buf_dts = list(buf_dts)
     sig, flags = {}, {}
     for s in range(K.RUNNING_SLOTS):
         dt = buf_dts[s] if s < len(buf_dts) else buf_dts[0]  # an unused slot gets slot 0's pointers
@@ -139,8 +159,7 @@ def _running_spec(buf_dts, C, arch):
         sig[f"C{s}"] = "i32"
         flags[f"F{s}"] = (K.RUN_RM | K.RUN_RV | K.RUN_NBT | (K.RUN_RM64 | K.RUN_RV64 if dt == torch.float64 else 0)
                           if s < len(buf_dts) else 0)
-    return KernelSpec(MOD, "_running_kernel", sig, dict(BLOCK=cfg["BLOCK"], **flags), num_warps=cfg["num_warps"],
-                      arch=arch)
+    return sig, flags
 
 
 def _cases():
@@ -188,6 +207,13 @@ def _cases():
         ("fwd-cols-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nhwc", 90, bits=True), True),
         ("fwd-cols-bf16-bits-C2048", _fwd_spec(bf16, 256, 2048, 49, "nhwc", 90, bits=True), True),
         ("fwd-planes-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nchw", 90, bits=True), True),
+        # the block's tail applying its BatchNorms' running-statistics updates in the same launch
+        ("fwd-running-cols-bf16-bits-block", _fwd_spec(bf16, 256, 256, 56 * 56, "nhwc", 90, bits=True,
+                                                       running=[fp32] * 4), True),
+        ("fwd-running-cols-bf16-bits-C2048", _fwd_spec(bf16, 256, 2048, 49, "nhwc", 90, bits=True,
+                                                       running=[fp32, fp32, fp32]), True),
+        ("fwd-running-planes-fp32-mixed", _fwd_spec(fp32, 32, 64, 56 * 56, "nchw", 90, bits=True,
+                                                    running=[fp32, bf16, fp64]), True),
         ("reduce-cols-bf16-bits", _reduce_spec(bf16, 256, 256, 56 * 56, "nhwc", 90, mask_bits=True), True),
         ("reduce-planes-bf16-bits", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 90, mask_bits=True), True),
         ("running-fp32", _running_spec([fp32], 512, 90), False),
@@ -201,6 +227,8 @@ def _cases():
         ("sm80-apply-planes-bf16", _apply_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
         ("sm80-reduce-cols-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nhwc", 80), True),
         ("sm80-reduce-planes-bf16", _reduce_spec(bf16, 256, 64, 56 * 56, "nchw", 80), True),
+        ("sm80-fwd-running-cols-bf16-bits", _fwd_spec(bf16, 256, 64, 56 * 56, "nhwc", 80, bits=True,
+                                                      running=[fp32] * 2), True),
         ("sm80-running-fp32", _running_spec([fp32], 512, 80), False),
         ("sm80-running-block-fp32", _running_spec([fp32] * 4, 2048, 80), False),
     ]

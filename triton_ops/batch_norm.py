@@ -34,7 +34,9 @@ not measured: no GPU here).
 
 Kernel launches per call (what the accountant declares):
 
-* ``batch_norm_act_forward``: 1 (``_fwd_kernel``).
+* ``batch_norm_act_forward``: 1 (``_fwd_kernel``); with ``running`` (batch_norm_act_bits, the
+  training block's tail) 1 too: ``_fwd_running_kernel`` also applies up to RUNNING_SLOTS
+  running-statistics updates (any more: ``bn_running_update`` after it).
 * ``batch_norm_act_backward``: at most 2, deterministic, no atomics on the data:
   ``_reduce_cols_kernel`` (channels_last) or ``_reduce_planes_kernel`` (NCHW) writes per-program
   partial sums to a (K, P, C) float32 buffer, then each program arrives on its channel block's
@@ -114,6 +116,55 @@ def _fwd_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, 
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
                 HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr,
                 BITS: tl.constexpr = False):
+    _fwd_tile(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr, bits_ptr,
+              eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C, MODE, VEC, BLOCK_R, BLOCK_S, HAS_W,
+              HAS_B, ID_MODE, HAS_IW, HAS_IB, RELU, IS64, INT64, BITS)
+
+
+@triton.jit
+def _fwd_running_kernel(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr,
+                        bits_ptr, eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C,
+                        m0, v0, rm0, rv0, n0, k0, k0_lo, k0_lo2, f0, f0_lo, f0_lo2, fu0, fu0_lo, fu0_lo2, C0,
+                        m1, v1, rm1, rv1, n1, k1, k1_lo, k1_lo2, f1, f1_lo, f1_lo2, fu1, fu1_lo, fu1_lo2, C1,
+                        m2, v2, rm2, rv2, n2, k2, k2_lo, k2_lo2, f2, f2_lo, f2_lo2, fu2, fu2_lo, fu2_lo2, C2,
+                        m3, v3, rm3, rv3, n3, k3, k3_lo, k3_lo2, f3, f3_lo, f3_lo2, fu3, fu3_lo, fu3_lo2, C3,
+                        MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
+                        HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr,
+                        BITS: tl.constexpr, RUN_BLOCK: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                        F2: tl.constexpr, F3: tl.constexpr):
+    # _fwd_kernel's tile, after (batch_norm_act_bits' ``running``) the running-statistics updates of
+    # up to RUNNING_SLOTS BatchNorms, as _running_kernel computes them, spread over the programs:
+    # program l (in row-major order of the grid) updates the RUN_BLOCK-column chunks l, l + P, ...
+    # of each slot (P programs) and program 0 increments the num_batches_tracked. The buffers are
+    # disjoint from everything the tile reads (the op checks), so the order does not matter; first,
+    # so that none of their registers is live with the tile's (sm_80: 70 -> within 64 per thread).
+    lid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    if F0 != 0:
+        _running_range(m0, v0, rm0, rv0, n0, k0, k0_lo, k0_lo2, f0, f0_lo, f0_lo2, fu0, fu0_lo, fu0_lo2, C0, lid,
+                       nprog, RUN_BLOCK, F0)
+    if F1 != 0:
+        _running_range(m1, v1, rm1, rv1, n1, k1, k1_lo, k1_lo2, f1, f1_lo, f1_lo2, fu1, fu1_lo, fu1_lo2, C1, lid,
+                       nprog, RUN_BLOCK, F1)
+    if F2 != 0:
+        _running_range(m2, v2, rm2, rv2, n2, k2, k2_lo, k2_lo2, f2, f2_lo, f2_lo2, fu2, fu2_lo, fu2_lo2, C2, lid,
+                       nprog, RUN_BLOCK, F2)
+    if F3 != 0:
+        _running_range(m3, v3, rm3, rv3, n3, k3, k3_lo, k3_lo2, f3, f3_lo, f3_lo2, fu3, fu3_lo, fu3_lo2, C3, lid,
+                       nprog, RUN_BLOCK, F3)
+    _fwd_tile(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr, bits_ptr,
+              eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C, MODE, VEC, BLOCK_R, BLOCK_S, HAS_W,
+              HAS_B, ID_MODE, HAS_IW, HAS_IB, RELU, IS64, INT64, BITS)
+
+
+@triton.jit
+def _fwd_tile(y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, id_ptr, im_ptr, iv_ptr, iw_ptr, ib_ptr, out_ptr, bits_ptr,
+              eps, eps_lo, eps_lo2, id_eps, id_eps_lo, id_eps_lo2, R, S_V, C,
+              MODE: tl.constexpr, VEC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ID_MODE: tl.constexpr, HAS_IW: tl.constexpr,
+              HAS_IB: tl.constexpr, RELU: tl.constexpr, IS64: tl.constexpr, INT64: tl.constexpr,
+              BITS: tl.constexpr):
     # The tensor is an [R, S] matrix (S = S_V * VEC, so the compiler knows rows start on a VEC
     # boundary); the program owns the tile [BLOCK_R, BLOCK_S] at (program_id(0), program_id(1));
     # channel = row % C (MODE_PLANES) or column (MODE_COLS). The per-channel values are computed
@@ -551,11 +602,35 @@ RUNNING_SLOTS = 4  # BatchNorms per _running_kernel launch (a bottleneck block's
 @triton.jit
 def _running_slot(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo,
                   fu_lo2, C, BLOCK: tl.constexpr, FLAGS: tl.constexpr):
-    # running_mean = keep * running_mean + f * mean; running_var = keep * running_var + fu * var
-    # (keep = 1 - factor, fu = factor * unbias), each computed in float64 for a float64 buffer,
-    # else float32; program 0 also increments num_batches_tracked.
+    # _running_cols on this program's BLOCK columns; program 0 also increments num_batches_tracked.
     pid = tl.program_id(0)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    _running_cols(mean_ptr, var_ptr, rm_ptr, rv_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo, fu_lo2, C,
+                  pid * BLOCK, BLOCK, FLAGS)
+    if FLAGS & 4:  # RUN_NBT
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _running_range(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo,
+                   fu_lo2, C, lid, nprog, BLOCK: tl.constexpr, FLAGS: tl.constexpr):
+    # _running_cols on the BLOCK-column chunks lid, lid + nprog, ... of the C values; program lid 0
+    # also increments num_batches_tracked.
+    for start in range(lid * BLOCK, C, nprog * BLOCK):
+        _running_cols(mean_ptr, var_ptr, rm_ptr, rv_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo, fu_lo2,
+                      C, start, BLOCK, FLAGS)
+    if FLAGS & 4:  # RUN_NBT
+        if lid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _running_cols(mean_ptr, var_ptr, rm_ptr, rv_ptr, keep, keep_lo, keep_lo2, f, f_lo, f_lo2, fu, fu_lo,
+                  fu_lo2, C, start, BLOCK: tl.constexpr, FLAGS: tl.constexpr):
+    # running_mean = keep * running_mean + f * mean; running_var = keep * running_var + fu * var
+    # (keep = 1 - factor, fu = factor * unbias) on columns [start, start + BLOCK) of C, each computed
+    # in float64 for a float64 buffer, else float32.
+    cols = start + tl.arange(0, BLOCK)
     cmask = cols < C
     if FLAGS & 1:  # RUN_RM
         if FLAGS & 8:  # RUN_RM64
@@ -575,9 +650,6 @@ def _running_slot(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, keep, keep_lo, kee
             rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * keep + \
                 tl.load(var_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * fu
         tl.store(rv_ptr + cols, cast_for_store(rv, rv_ptr), mask=cmask)
-    if FLAGS & 4:  # RUN_NBT
-        if pid == 0:
-            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 @triton.jit
@@ -602,6 +674,7 @@ def _running_kernel(m0, v0, rm0, rv0, n0, k0, k0_lo, k0_lo2, f0, f0_lo, f0_lo2, 
 
 KERNELS = {
     "_fwd_kernel": _fwd_kernel,
+    "_fwd_running_kernel": _fwd_running_kernel,
     "_reduce_cols_kernel": _reduce_cols_kernel,
     "_reduce_planes_kernel": _reduce_planes_kernel,
     "_apply_kernel": _apply_kernel,
@@ -730,13 +803,19 @@ def _bits_config(cfg: dict, C: int, R: int, S: int) -> dict:
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
+                           eps, id_eps, relu, C, inner, mask_bits=None, running=None) -> None:
     """``mask_bits`` (optional): the 1-bit mask of out > 0 (resnet_kernels/_bits.py), written by the
-    same kernel (``bits_in_kernel``), else packed from out afterwards (NCHW with C % 8 != 0)."""
+    same kernel (``bits_in_kernel``), else packed from out afterwards (NCHW with C % 8 != 0).
+    ``running`` (optional): ``bn_running_update``'s updates, the first RUNNING_SLOTS (with buffers)
+    applied by the same launch (``_fwd_running_kernel``), any more by ``bn_running_update`` after it."""
     N, C, HW = _shape(y, C, inner)
     numel = y.numel()
     if numel == 0:
+        if running:
+            bn_running_update(running)
         return
+    live = [u for u in running if running_flags(*u[2:5])] if running else []
+    live, running = live[:RUNNING_SLOTS], live[RUNNING_SLOTS:]  # (the buffers are disjoint: any order)
     id_mode = ID_NONE if identity is None else (ID_BN if id_mean is not None else ID_RAW)
     layout = _layout(inner, HW)
     cfg = _elementwise_config(N, C, HW, layout, y.element_size(), **_fwd_load(id_mode))
@@ -750,19 +829,26 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     def opt(t):
         return t if t is not None else d
 
-    with _on_device(y):
-        _fwd_kernel[cfg["grid"]](
-            y, mean, var, opt(weight), opt(bias), opt(identity),
+    args = (y, mean, var, opt(weight), opt(bias), opt(identity),
             opt(id_mean if id_mode == ID_BN else None), opt(id_var if id_mode == ID_BN else None),
             opt(id_weight if id_mode == ID_BN else None), opt(id_bias if id_mode == ID_BN else None), out,
-            mask_bits if bits_here else out, *e3, *ie3, cfg["R"], cfg["S_V"], C,
-            MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
-            HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
-            HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
-            RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX, BITS=bits_here,
-            num_warps=cfg["num_warps"])
+            mask_bits if bits_here else out, *e3, *ie3, cfg["R"], cfg["S_V"], C)
+    kw = dict(MODE=cfg["MODE"], VEC=cfg["VEC"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
+              HAS_W=weight is not None, HAS_B=bias is not None, ID_MODE=id_mode,
+              HAS_IW=id_mode == ID_BN and id_weight is not None, HAS_IB=id_mode == ID_BN and id_bias is not None,
+              RELU=bool(relu), IS64=y.dtype == torch.float64, INT64=numel > _INT32_MAX, BITS=bits_here,
+              num_warps=cfg["num_warps"])
+    with _on_device(y):
+        if live:
+            rargs, flags = _running_args(live, mean)
+            _fwd_running_kernel[cfg["grid"]](*args, *rargs, RUN_BLOCK=_run_block(live), F0=flags[0], F1=flags[1],
+                                             F2=flags[2], F3=flags[3], **kw)
+        else:
+            _fwd_kernel[cfg["grid"]](*args, **kw)
         if mask_bits is not None and not bits_here:
             pack_bits(out, out=mask_bits)
+    if running:
+        bn_running_update(running)
 
 
 def _reduce_finalize(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_weight,
@@ -908,17 +994,30 @@ def bn_running_update(updates) -> None:
         group = live[i:i + RUNNING_SLOTS]
         cfg = _running_config(max(max(u[0].numel() for u in group), 1))
         dummy = group[0][0]
-        args, flags = [], []
-        for s in range(RUNNING_SLOTS):
-            if s < len(group):
-                mean, var, rm, rv, nbt, factor, unbias = group[s]
-                factor = float(factor)
-                args += [mean, var] + [t if t is not None else dummy for t in (rm, rv, nbt)]
-                args += [*_parts(1.0 - factor), *_parts(factor), *_parts(factor * float(unbias)), mean.numel()]
-                flags.append(running_flags(rm, rv, nbt))
-            else:
-                args += [dummy] * 5 + [0.0] * 9 + [0]
-                flags.append(0)
+        args, flags = _running_args(group, dummy)
         with _on_device(dummy):
             _running_kernel[cfg["grid"]](*args, BLOCK=cfg["BLOCK"], F0=flags[0], F1=flags[1], F2=flags[2],
                                          F3=flags[3], num_warps=cfg["num_warps"])
+
+
+def _running_args(group, dummy) -> tuple:
+    """(the runtime arguments of RUNNING_SLOTS slots, their flags) for up to RUNNING_SLOTS updates
+    with buffers (``_running_kernel``'s, also ``_fwd_running_kernel``'s): unused slots get ``dummy``
+    pointers and flags 0."""
+    args, flags = [], []
+    for s in range(RUNNING_SLOTS):
+        if s < len(group):
+            mean, var, rm, rv, nbt, factor, unbias = group[s]
+            factor = float(factor)
+            args += [mean, var] + [t if t is not None else dummy for t in (rm, rv, nbt)]
+            args += [*_parts(1.0 - factor), *_parts(factor), *_parts(factor * float(unbias)), mean.numel()]
+            flags.append(running_flags(rm, rv, nbt))
+        else:
+            args += [dummy] * 5 + [0.0] * 9 + [0]
+            flags.append(0)
+    return args, flags
+
+
+def _run_block(group) -> int:
+    """_fwd_running_kernel's chunk of columns per program and slot."""
+    return min(triton.next_power_of_2(max(max(u[0].numel() for u in group), 1)), 512)

@@ -633,6 +633,35 @@ def _cuda_update_supports(call) -> Optional[str]:
     return why
 
 
+def _cuda_bits_supports(call) -> Optional[str]:
+    """batch_norm_act_bits on cuda: the forward's (``_no_float64``) and, with running-statistics
+    updates, those of the running-update kernel it launches after (``_cuda_update_supports``)."""
+    why = _no_float64(call)
+    if why is None and call.ucall is not None:
+        why = _cuda_update_supports(call.ucall)
+        if why is not None:
+            why = f"the running-statistics updates: {why}"
+    return why
+
+
+def _with_running(cost, update_cost, in_launch: bool = False):
+    """batch_norm_act_bits' cost with its running-statistics updates (``call.ucall``): ``cost``, plus
+    ``update_cost``'s launches and bytes (``in_launch``: the forward's own launch applies 4, so only
+    their bytes (triton's ``_fwd_running_kernel``, csrc's ``batch_norm_act_forward_running``); the
+    rest go out as ``bn_running_update``)."""
+    def fn(call):
+        launches, b = cost(call)
+        if call.ucall is None:
+            return launches, b
+        ul, ub = update_cost(call.ucall)
+        if in_launch:  # (the rest: bn_running_update's launches, one per 4)
+            ul = -(-max(len(call.ucall.updates) - _RUNNING_SLOTS, 0) // _RUNNING_SLOTS)
+        return launches + ul, b + ub
+    fn.__doc__ = (f"{cost.__name__}, with running-statistics updates + {update_cost.__name__}"
+                  f"{' (4 in the same launch: their bytes only)' if in_launch else ''}")
+    return fn
+
+
 def _cutlass_conv_cost(call):
     """pack_weight (a permute copy: Cin % 8 == 0, no padding), then the CUTLASS kernel (x, packed
     weight, the epilogue's operands, out) and, with statistics, the same kernel with the statistics
@@ -660,9 +689,9 @@ _COSTS = {
     ("conv2d_epilogue", "aten"): _aten_conv_cost, ("conv2d_stats", "aten"): _aten_conv_cost,
     ("batch_norm_act", "cuda"): _fused_bn_cost, ("batch_norm_act", "triton"): _fused_bn_cost,
     ("batch_norm_act", "aten"): _aten_bn_cost,
-    ("batch_norm_act_bits", "cuda"): _cuda_bn_bits_cost,
-    ("batch_norm_act_bits", "triton"): _triton_bn_bits_cost,
-    ("batch_norm_act_bits", "aten"): _packed_after(_aten_bn_cost),
+    ("batch_norm_act_bits", "cuda"): _with_running(_cuda_bn_bits_cost, _update_cost, in_launch=True),
+    ("batch_norm_act_bits", "triton"): _with_running(_triton_bn_bits_cost, _update_cost, in_launch=True),
+    ("batch_norm_act_bits", "aten"): _with_running(_packed_after(_aten_bn_cost), _aten_update_cost),
     ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _triton_bn_bwd_cost,
     ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
     ("batch_norm_act_coef", "cuda"): _cuda_bn_coef_cost, ("batch_norm_act_coef", "triton"): _triton_bn_coef_cost,
@@ -749,7 +778,8 @@ for _op, _fn in (("batch_norm_act", "batch_norm_act_forward"), ("batch_norm_act_
                  ("batch_norm_act_coef", "batch_norm_act_coef"), ("bn_running_update", "bn_running_update"),
                  ("batch_norm_act_bits", "batch_norm_act_forward")):
     register(Impl(_op, "cuda", _P + "cuda_batch_norm:" + _fn,
-                  supports=_cuda_update_supports if _op == "bn_running_update" else _no_float64, priority=20,
+                  supports={"bn_running_update": _cuda_update_supports,
+                            "batch_norm_act_bits": _cuda_bits_supports}.get(_op, _no_float64), priority=20,
                   cost=_COSTS[(_op, "cuda")]))
     # batch_norm_act_bits and batch_norm_act_coef run in the training block, whose backward reads the
     # 1-bit ReLU mask: triton writes and reads it in its kernels, cuda packs / unpacks it by extra

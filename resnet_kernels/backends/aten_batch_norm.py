@@ -70,8 +70,9 @@ def _scalar(v: float, like: torch.Tensor):
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out, eps,
-                           id_eps, relu, C, inner, mask_bits=None):
-    """``mask_bits``: packed from the result by torch ops afterwards (``_bits.pack``, counted)."""
+                           id_eps, relu, C, inner, mask_bits=None, running=None):
+    """``mask_bits``: packed from the result by torch ops afterwards (``_bits.pack``, counted).
+    ``running``: ``bn_running_update`` (its foreach launches) after."""
     dt = mean.dtype
     if (weight is None or weight.dtype is dt) and (bias is None or bias.dtype is dt):
         z = _native_batch_norm(y, weight, bias, mean, var, False, 0.0, eps)[0]  # (_bn_eval, inline)
@@ -83,6 +84,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
         z.relu_()
     if mask_bits is not None:
         pack(z, out=mask_bits)
+    if running:
+        bn_running_update(running)
     return z
 
 

@@ -39,19 +39,29 @@ def _code(t) -> int:
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
+                           eps, id_eps, relu, C, inner, mask_bits=None, running=None) -> None:
     """``mask_bits``: the 1-bit mask of out > 0 (resnet_kernels/_bits.py), written by the csrc forward
     (``BatchNormActArgs.bits``: in its kernel for 16-bit channels_last with C % 8 == 0, else by a
-    second launch packing out)."""
+    second launch packing out). ``running``: ``bn_running_update``'s updates, the first
+    ``_C.bn_running_update_slots`` (4) in the forward's own launch (``batch_norm_act_forward_running``:
+    every thread of its grid takes a share of their channels), any more by ``bn_running_update``."""
     C_ = C_module()
     with device_guard(y):
+        stream = stream_of(y)
         args = fill_args(
             C_.BatchNormActArgs, dtype=DTYPE_CODES[y.dtype], y=ptr(y), mean=ptr(mean), var=ptr(var),
             weight=ptr(weight), bias=ptr(bias), identity=ptr(identity), id_mean=ptr(id_mean), id_var=ptr(id_var),
             id_weight=ptr(id_weight), id_bias=ptr(id_bias), out=ptr(out), bits=ptr(mask_bits), weight_dtype=_code(weight),
             bias_dtype=_code(bias), id_weight_dtype=_code(id_weight), id_bias_dtype=_code(id_bias), eps=float(eps),
-            id_eps=float(id_eps), numel=y.numel(), C=C, inner=inner, relu=bool(relu), stream=stream_of(y))
-        call("batch_norm_act_forward", args)
+            id_eps=float(id_eps), numel=y.numel(), C=C, inner=inner, relu=bool(relu), stream=stream)
+        if running:
+            slots = C_.bn_running_update_slots
+            call("batch_norm_act_forward_running", args, _running_args(C_, running[:slots], stream))
+            running = running[slots:]
+        else:
+            call("batch_norm_act_forward", args)
+    if running:
+        bn_running_update(running)
 
 
 def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, grad_y, grad_identity,
@@ -108,10 +118,13 @@ def bn_running_update(updates) -> None:
         first = group[0]
         ref = next(t for t in (first[2], first[3], first[4], first[0]) if t is not None)
         with device_guard(ref):
-            stream = stream_of(ref)
-            args = [fill_args(C_.BnRunningUpdateArgs, mean=ptr(mean), var=ptr(var), running_mean=ptr(running_mean),
-                              running_var=ptr(running_var), num_batches_tracked=ptr(num_batches_tracked),
-                              running_mean_dtype=_code(running_mean), running_var_dtype=_code(running_var),
-                              factor=float(factor), unbias=float(unbias), C=mean.numel(), stream=stream)
-                    for mean, var, running_mean, running_var, num_batches_tracked, factor, unbias in group]
-            call("bn_running_update_many", args)
+            call("bn_running_update_many", _running_args(C_, group, stream_of(ref)))
+
+
+def _running_args(C_, group, stream) -> list:
+    """A BnRunningUpdateArgs per update of ``group``."""
+    return [fill_args(C_.BnRunningUpdateArgs, mean=ptr(mean), var=ptr(var), running_mean=ptr(running_mean),
+                      running_var=ptr(running_var), num_batches_tracked=ptr(num_batches_tracked),
+                      running_mean_dtype=_code(running_mean), running_var_dtype=_code(running_var),
+                      factor=float(factor), unbias=float(unbias), C=mean.numel(), stream=stream)
+            for mean, var, running_mean, running_var, num_batches_tracked, factor, unbias in group]

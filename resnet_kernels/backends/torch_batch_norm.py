@@ -32,7 +32,8 @@ coefficients ``batch_norm_act_coef`` (the reduce + finalize half of the backward
     id_coef (3, C) = those of the identity's BN (None otherwise), and the parameter gradients as the
     backward does; grad_y / grad_identity are not computed.
 
-running statistics ``bn_running_update``
+running statistics ``bn_running_update`` (and ``batch_norm_act_forward``'s ``running``: the same
+updates after the forward, one launch with it where the implementation can)
     running_mean = (1 - factor) * running_mean + factor * mean
     running_var  = (1 - factor) * running_var + factor * var * unbias
     num_batches_tracked += 1 (when given)
@@ -74,8 +75,9 @@ def _affine(mean, var, weight, bias, eps, acc) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, out,
-                           eps, id_eps, relu, C, inner, mask_bits=None) -> None:
-    """``mask_bits`` (optional): the 1-bit mask of out > 0 (resnet_kernels/_bits.py), of the rounded out."""
+                           eps, id_eps, relu, C, inner, mask_bits=None, running=None) -> None:
+    """``mask_bits`` (optional): the 1-bit mask of out > 0 (resnet_kernels/_bits.py), of the rounded out.
+    ``running`` (optional, batch_norm_act_bits): ``bn_running_update``'s updates, applied after."""
     acc = acc_dtype(y.dtype)
     _, scale, shift = _affine(mean, var, weight, bias, eps, acc)
     z = y.to(acc) * scale + shift
@@ -90,6 +92,8 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     out.copy_(z)
     if mask_bits is not None:
         pack(out, out=mask_bits)
+    if running:
+        bn_running_update(running)
 
 
 def coefficients(coef, var, weight, eps, mean_g, mean_gd, acc=None) -> Tuple[Tensor, Tensor, Tensor]:

@@ -85,6 +85,26 @@ def commit(updates: Optional[List]) -> None:
         _flush(batch, backend)
 
 
+def one_call(updates: Optional[List]) -> Optional[List[tuple]]:
+    """The (mean, var, running_mean, running_var, num_batches_tracked, factor, unbias) tuples of
+    ``updates`` where ``commit`` would apply them as one ``bn_running_update_many`` call (every entry
+    a ``PendingUpdate`` of one backend, no buffer in two of them), for an op that applies them
+    itself after its output (the training block's tail, ``batch_norm_act_bits``); else None."""
+    if not updates:
+        return []
+    seen: set = set()
+    backend = updates[0].backend if isinstance(updates[0], PendingUpdate) else None
+    for u in updates:
+        if not isinstance(u, PendingUpdate) or u.backend != backend:
+            return None
+        for t in u.update[2:5]:
+            if t is not None:
+                if id(t) in seen:
+                    return None
+                seen.add(id(t))
+    return [u.update for u in updates]
+
+
 def _flush(batch: list, backend: Optional[str]) -> None:
     (_bn_running_update_many or _load_update())(batch, backend=backend)
 

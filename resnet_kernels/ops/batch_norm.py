@@ -28,7 +28,9 @@ and wgrad, so grad_y is never written. It is used inside a backward and is not d
 ``batch_norm_act_bits`` is ``batch_norm_act`` returning ``[out, bits]``, bits the 1-bit mask of
 out > 0 (``resnet_kernels/_bits.py``), written by the same Triton kernel: the training block's tail
 (``resnet_kernels/_block.py``), whose backward reads the bits instead of out (``batch_norm_act_coef``'s
-``out`` and ``conv2d_backward``'s ``mask``/``res_mask`` accept either). Not differentiable.
+``out`` and ``conv2d_backward``'s ``mask``/``res_mask`` accept either). It also applies the block's
+running-statistics updates (``bn_running_update``'s lists), in the same launch on triton and cuda.
+Not differentiable.
 
 This is the path ``resnet_kernels.functional`` takes for a BatchNorm in training (see
 ``nn/_bn.py``: ``batch_stats_args``); the general per-channel ``(scale, shift)`` path
@@ -152,8 +154,12 @@ class ForwardCall:
     def __init__(self, y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
                  layout):
         self.y, self.mean, self.var, self.weight, self.bias = y, mean, var, weight, bias
-        # batch_norm_act_bits (``bits_call``): the 1-bit mask of out > 0 (resnet_kernels/_bits.py) too
+        # batch_norm_act_bits (``bits_call``): the 1-bit mask of out > 0 (resnet_kernels/_bits.py) too,
+        # and the running-statistics updates applied after it (``ucall``: an UpdateCall; the call then
+        # mutates those buffers: the measured 'auto' runs its candidates on copies of them)
         self.bits = False
+        self.ucall = None
+        self.mutates = False
         self.identity, self.id_mean, self.id_var, self.id_weight, self.id_bias = identity, id_mean, id_var, id_weight, id_bias
         self.eps, self.id_eps, self.relu, self.layout = eps, id_eps, bool(relu), layout
         self.device = y.device
@@ -167,22 +173,33 @@ class ForwardCall:
         return (f"{tuple(self.y.shape)}|{self.layout}|{self.y.dtype}|"
                 f"{_flags(self.weight, self.bias, self.identity, self.id_mean, self.id_weight, self.id_bias)}|"
                 f"p{_short(self.weight.dtype if self.weight is not None else None)}|relu{int(self.relu)}"
-                f"{'|bits' if self.bits else ''}")
+                f"{'|bits' if self.bits else ''}{'' if self.ucall is None else '|run ' + self.ucall.key()}")
 
     def describe(self) -> str:
         return f"y {tuple(self.y.shape)} {_short(self.y.dtype)} {self.layout}"
 
-    def run(self, impl, fresh: bool = True):
-        """out; batch_norm_act_bits: [out, bits]."""
+    def run(self, impl, fresh: bool = False):
+        """out; batch_norm_act_bits: [out, bits], and with updates and ``fresh`` (the measured 'auto':
+        on copies of the buffers) [out, bits, the updated copies]. The outputs are always new."""
         out = None if impl.returns_output else _alloc.empty_like(self.y)
         kw = {}
         if self.bits:
             kw["mask_bits"] = empty_like_bits(self.y)
+        bufs = None
+        if self.ucall is not None:
+            ups = self.ucall.updates
+            if fresh:
+                ups = [u._replace(**{n: getattr(u, n).clone() for n in _BUFFERS if getattr(u, n) is not None})
+                       for u in ups]
+                bufs = [u[2:5] for u in ups]
+            kw["running"] = ups
         got = impl.load()(self.y, self.mean, self.var, self.weight, self.bias, self.identity, self.id_mean,
                           self.id_var, self.id_weight, self.id_bias, out, self.eps, self.id_eps, self.relu, self.C,
                           self.inner, **kw)
         out = out if out is not None else _like(got, self.y)
-        return [out, kw["mask_bits"]] if kw else out
+        if not self.bits:
+            return out
+        return [out, kw["mask_bits"]] if bufs is None else [out, kw["mask_bits"], bufs]
 
     def compare(self, got, ref):
         if not self.bits:
@@ -190,6 +207,8 @@ class ForwardCall:
         err = mismatch("out", got[0], ref[0], verify_rtol(self.y.dtype))
         if err is None and not torch.equal(got[1], _pack_bits(got[0])):
             return "mask_bits differ from the output's (out > 0)"
+        if err is None and self.ucall is not None:
+            err = self.ucall.compare(got[2], ref[2])
         return err
 
 
@@ -378,19 +397,47 @@ def _buf_dtype(u: RunningUpdate):
 # forward op
 # --------------------------------------------------------------------------------------------
 def forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps,
-                 relu) -> ForwardCall:
+                 relu, op: str = OP) -> ForwardCall:
     """The validated call of the op's arguments (also what the accountant costs)."""
-    layout = _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
+    layout = _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, op)
     return ForwardCall(y, _stat(mean, y), _stat(var, y), _param(weight, y), _param(bias, y), identity,
                        None if id_mean is None else _stat(id_mean, y), None if id_var is None else _stat(id_var, y),
                        _param(id_weight, y), _param(id_bias, y), eps, id_eps, relu, layout)
 
 
 def bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps,
-              relu) -> ForwardCall:
-    """batch_norm_act_bits' call: batch_norm_act's, writing the 1-bit mask too."""
-    call = forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+              relu, run_mean=(), run_var=(), running_mean=(), running_var=(), num_batches_tracked=(), buffers=(),
+              factor=(), unbias=()) -> ForwardCall:
+    """batch_norm_act_bits' call: batch_norm_act's, writing the 1-bit mask too, and applying the
+    running-statistics updates given by the lists (``bn_running_update``'s, the statistics named
+    run_mean/run_var) after it: ``call.ucall`` (an ``UpdateCall``, or None without one)."""
+    call = forward_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
+                        OP_BITS)
     call.bits, call.op = True, OP_BITS
+    if len(run_mean) or len(buffers):
+        ups = _expand(run_mean, run_var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias,
+                      OP_BITS, "run_")
+        # the kernel reads these while it writes the buffers: none may share memory with a buffer
+        # (compared per storage first: one lookup per tensor, the exact test only on a shared storage)
+        reads: dict = {}
+        for rname, t in (("y", y), ("mean", mean), ("var", var), ("weight", weight), ("bias", bias),
+                         ("identity", identity), ("id_mean", id_mean), ("id_var", id_var), ("id_weight", id_weight),
+                         ("id_bias", id_bias)):
+            if t is not None:
+                reads.setdefault(_storage_id(t), []).append((rname, t))
+        for i, u in enumerate(ups):
+            if u.mean.device != y.device:
+                raise ValueError(f"{OP_BITS}: run_mean[{i}] must be on y's device ({y.device}), got {u.mean.device}")
+            for bname, buf in zip(_BUFFERS, u[2:5]):
+                if buf is None:
+                    continue
+                for rname, t in reads.get(_storage_id(buf), ()):
+                    if _overlap(buf, t):
+                        raise ValueError(f"{OP_BITS}: {bname}[{i}] shares memory with {rname}, which the same "
+                                         f"kernel reads (it is updated in place)")
+        ucall = update_call_of(ups)
+        if ucall.updates:
+            call.ucall, call.mutates = ucall, True
     return call
 
 
@@ -415,28 +462,38 @@ def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias,
 # --------------------------------------------------------------------------------------------
 # forward op writing the 1-bit ReLU mask too (the training block's tail: resnet_kernels/_block.py)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("resnet_kernels::batch_norm_act_bits", mutates_args=())
+@torch.library.custom_op("resnet_kernels::batch_norm_act_bits",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def batch_norm_act_bits_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                            identity: Optional[Tensor], id_mean: Optional[Tensor], id_var: Optional[Tensor],
                            id_weight: Optional[Tensor], id_bias: Optional[Tensor], eps: float, id_eps: float,
-                           relu: bool, backend: str) -> List[Tensor]:
-    """[out, bits]: batch_norm_act's out and the 1-bit mask of out > 0 (resnet_kernels/_bits.py)."""
-    call = bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu)
+                           relu: bool, run_mean: List[Tensor], run_var: List[Tensor], running_mean: List[Tensor],
+                           running_var: List[Tensor], num_batches_tracked: List[Tensor], buffers: List[int],
+                           factor: List[float], unbias: List[float], backend: str) -> List[Tensor]:
+    """[out, bits]: batch_norm_act's out and the 1-bit mask of out > 0 (resnet_kernels/_bits.py);
+    then the running-statistics updates of the lists (``bn_running_update``'s arguments, the
+    statistics named run_mean/run_var), in the same kernel where the implementation can (triton)."""
+    call = bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
+                     run_mean, run_var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
     if y.numel() == 0:
         _tune.check_requested(OP_BITS, backend, call)
+        if call.ucall is not None:  # no output to write; the updates still apply (as bn_running_update's)
+            _apply_updates(call.ucall, backend)
         return [_alloc.empty_like(y), empty_like_bits(y)]
     return _tune.dispatch(OP_BITS, backend, call)
 
 
 @batch_norm_act_bits_op.register_fake
-def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, backend):
-    _validate(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, OP_BITS)
+def _(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, run_mean, run_var,
+      running_mean, running_var, num_batches_tracked, buffers, factor, unbias, backend):
+    bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu, run_mean,
+              run_var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
     return [torch.empty_like(y), y.new_empty(bits_shape(y.shape), dtype=torch.uint8)]
 
 
-register_not_differentiable(batch_norm_act_bits_op,
-                            f"{OP_BITS} is not differentiable: it is the forward of the training block's tail "
-                            f"(resnet_kernels/_block.py), whose own backward computes the gradients")
+# Not differentiable (the training block's own backward computes the gradients): an op that mutates
+# its arguments takes no autograd formula, so a backward through its outputs raises PyTorch's "no
+# autograd formula was registered" for resnet_kernels.batch_norm_act_bits.
 _batch_norm_act_bits = Eager(batch_norm_act_bits_op)
 
 
@@ -740,14 +797,15 @@ _batch_norm_act = Eager(batch_norm_act_op, _setup_context, _backward)
 _HAS = (1, 2, 4)
 
 
-def _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias) -> List[RunningUpdate]:
+def _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias, op: str = OP_UPDATE,
+            stats: str = "") -> List[RunningUpdate]:
     """The op's list arguments as one RunningUpdate per BatchNorm, validated (messages name the
-    argument, with its index when the call updates several BatchNorms)."""
-    op = OP_UPDATE
+    argument, with its index when the call updates several BatchNorms; ``stats``: the prefix of the
+    statistics' argument names, "run_" in batch_norm_act_bits)."""
     n = len(mean)
-    for name, v in (("var", var), ("buffers", buffers), ("factor", factor), ("unbias", unbias)):
+    for name, v in ((stats + "var", var), ("buffers", buffers), ("factor", factor), ("unbias", unbias)):
         if len(v) != n:
-            raise ValueError(f"{op}: {name} must have one entry per BatchNorm ({n}, as mean), got {len(v)}")
+            raise ValueError(f"{op}: {name} must have one entry per BatchNorm ({n}, as {stats}mean), got {len(v)}")
     lists = (running_mean, running_var, num_batches_tracked)
     pos = [0, 0, 0]
     updates = []
@@ -769,12 +827,11 @@ def _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, 
     for name, lst, k in zip(_BUFFERS, lists, pos):
         if len(lst) != k:
             raise ValueError(f"{op}: {name} has {len(lst)} tensors, buffers says {k} are present")
-    _validate_update(updates)
+    _validate_update(updates, op, stats)
     return updates
 
 
-def _validate_update(updates: List[RunningUpdate]) -> None:
-    op = OP_UPDATE
+def _validate_update(updates: List[RunningUpdate], op: str = OP_UPDATE, stats: str = "") -> None:
     several = len(updates) > 1
 
     def nm(name, i):
@@ -782,13 +839,14 @@ def _validate_update(updates: List[RunningUpdate]) -> None:
 
     for i, u in enumerate(updates):
         mean, var = u.mean, u.var
-        for name, t in (("mean", mean), ("var", var)):
+        for name, t in ((stats + "mean", mean), (stats + "var", var)):
             if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
                 raise ValueError(f"{op}: {nm(name, i)} must be a 1-D floating-point tensor of per-channel statistics")
         C = mean.shape[0]
         if var.shape != mean.shape or var.device != mean.device:
-            raise ValueError(f"{op}: {nm('var', i)} must match {nm('mean', i)} (shape {tuple(mean.shape)}, device "
-                             f"{mean.device}), got shape {tuple(var.shape)} on {var.device}")
+            raise ValueError(f"{op}: {nm(stats + 'var', i)} must match {nm(stats + 'mean', i)} (shape "
+                             f"{tuple(mean.shape)}, device {mean.device}), got shape {tuple(var.shape)} on "
+                             f"{var.device}")
         for name, t in (("running_mean", u.running_mean), ("running_var", u.running_var)):
             if t is None:
                 continue
@@ -803,8 +861,8 @@ def _validate_update(updates: List[RunningUpdate]) -> None:
                 raise ValueError(f"{op}: {nm('num_batches_tracked', i)} must be a one-element int64 tensor on "
                                  f"{mean.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
         if i and mean.device != updates[0].mean.device:
-            raise ValueError(f"{op}: {nm('mean', i)} is on {mean.device}, mean[0] on {updates[0].mean.device} "
-                             f"(one launch, one device)")
+            raise ValueError(f"{op}: {nm(stats + 'mean', i)} is on {mean.device}, {stats}mean[0] on "
+                             f"{updates[0].mean.device} (one launch, one device)")
     # the implementations update every buffer of the call at once: each may appear once
     if not _any_overlap(updates):
         return
@@ -856,6 +914,15 @@ def _any_overlap(updates: List[RunningUpdate]) -> bool:
     return False
 
 
+def _storage_id(t: Tensor):
+    """t's storage's identity, or None for a tensor without one (tracing wrappers: the op checks the
+    real tensors when it runs)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two contiguous tensors share memory (same storage, intersecting element ranges)."""
     if a is b:
@@ -872,12 +939,16 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
 
 def update_call(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor,
                 unbias) -> UpdateCall:
-    updates = _expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
+    return update_call_of(_expand(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias))
+
+
+def update_call_of(updates: List[RunningUpdate]) -> UpdateCall:
+    """The UpdateCall of validated updates (``_expand``'s)."""
     # a BatchNorm without buffers has nothing to update: not handed to the implementations
     return UpdateCall([u._replace(mean=u.mean.contiguous(), var=u.var.contiguous(), factor=float(u.factor),
                                   unbias=float(u.unbias))
                        for u in updates if any(t is not None for t in u[2:5])],
-                      mean[0].device if len(mean) else torch.device("cpu"))
+                      updates[0].mean.device if updates else torch.device("cpu"))
 
 
 # the op's arguments (without backend) -> its call, for the accountant (resnet_kernels/count.py)
@@ -890,7 +961,11 @@ CALLS = {OP: forward_call, OP_BACKWARD: backward_call, OP_UPDATE: update_call, O
 def bn_running_update_op(mean: List[Tensor], var: List[Tensor], running_mean: List[Tensor], running_var: List[Tensor],
                          num_batches_tracked: List[Tensor], buffers: List[int], factor: List[float],
                          unbias: List[float], backend: str) -> None:
-    call = update_call(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
+    _apply_updates(update_call(mean, var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias),
+                   backend)
+
+
+def _apply_updates(call: UpdateCall, backend: str) -> None:
     if all(u.mean.numel() == 0 for u in call.updates):
         # nothing to dispatch (no BatchNorm with buffers, or only empty ones: C == 0)
         _tune.check_requested(OP_UPDATE, backend, call)
@@ -932,18 +1007,26 @@ def batch_norm_act_bits(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[T
                         bias: Optional[Tensor] = None, identity: Optional[Tensor] = None,
                         id_mean: Optional[Tensor] = None, id_var: Optional[Tensor] = None,
                         id_weight: Optional[Tensor] = None, id_bias: Optional[Tensor] = None, *, eps: float = 1e-5,
-                        id_eps: float = 1e-5, relu: bool = True, backend: Optional[str] = None) -> List[Tensor]:
+                        id_eps: float = 1e-5, relu: bool = True, updates: Sequence[RunningUpdate] = (),
+                        backend: Optional[str] = None) -> List[Tensor]:
     """``batch_norm_act`` that also returns the 1-bit mask of out > 0: ``[out, bits]``, bits a
     contiguous uint8 (N, H, W, ceil(C/8)) tensor (resnet_kernels/_bits.py), written by the same
     kernel where the implementation can (triton; cuda/aten pack it afterwards with torch ops). What
     the training block's tail runs (resnet_kernels/_block.py): its backward reads the bits instead
-    of out. Not differentiable (the block's own backward computes the gradients)."""
+    of out. Not differentiable (the block's own backward computes the gradients).
+
+    ``updates``: running-statistics updates (``RunningUpdate``s, as ``bn_running_update_many``
+    takes them: the block's BatchNorms') applied after the output is written, by the same kernel
+    on triton (no launch of their own), else by the backend's ``bn_running_update``; no buffer in
+    two of them nor sharing memory with an input. All or nothing: a call that raises before its
+    launch has changed no buffer."""
     check_tensor_args(OP_BITS, ("weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias"), y=y,
                       mean=mean, var=var, weight=weight, bias=bias, identity=identity, id_mean=id_mean, id_var=id_var,
                       id_weight=id_weight, id_bias=id_bias)
     tensors = (y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias)
     args = tensors + (_check_float(OP_BITS, "eps", eps), _check_float(OP_BITS, "id_eps", id_eps),
-                      check_bool(OP_BITS, "relu", relu), _backend.op_arg(backend))
+                      check_bool(OP_BITS, "relu", relu)) + _update_lists(_checked_updates(OP_BITS, updates)) + (
+                          _backend.op_arg(backend),)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         # through the dispatcher: the op's autograd (a backward that raises) is attached to the outputs
         return batch_norm_act_bits_op(*args)
@@ -966,21 +1049,31 @@ def bn_running_update_many(updates: Sequence[RunningUpdate], *, backend: Optiona
     triton: a residual block's): ``updates`` are (mean, var, running_mean, running_var,
     num_batches_tracked, factor, unbias) tuples (``RunningUpdate``), buffers None where absent, no
     buffer in two of them. All or nothing: a call that raises has changed no buffer."""
+    _update(_checked_updates(OP_UPDATE, updates), backend)
+
+
+def _checked_updates(op: str, updates) -> List[RunningUpdate]:
+    """``updates`` (a sequence of 7-tuples) as RunningUpdates, their types checked."""
+    if isinstance(updates, (Tensor, str)) or not isinstance(updates, (list, tuple)):
+        raise TypeError(f"{op}: updates must be a list or tuple of RunningUpdate tuples, got {type(updates).__name__}")
     checked = []
     for i, u in enumerate(updates):
         if not isinstance(u, tuple) or len(u) != 7:
-            raise TypeError(f"{OP_UPDATE}: updates[{i}] must be a (mean, var, running_mean, running_var, "
+            raise TypeError(f"{op}: updates[{i}] must be a (mean, var, running_mean, running_var, "
                             f"num_batches_tracked, factor, unbias) tuple, got {type(u).__name__}")
         mean, var, rm, rv, nbt, factor, unbias = u
-        check_tensor_args(OP_UPDATE, (f"running_mean[{i}]", f"running_var[{i}]", f"num_batches_tracked[{i}]"),
+        check_tensor_args(op, (f"running_mean[{i}]", f"running_var[{i}]", f"num_batches_tracked[{i}]"),
                           **{f"mean[{i}]": mean, f"var[{i}]": var, f"running_mean[{i}]": rm,
                              f"running_var[{i}]": rv, f"num_batches_tracked[{i}]": nbt})
-        checked.append(RunningUpdate(mean, var, rm, rv, nbt, _check_float(OP_UPDATE, f"factor[{i}]", factor),
-                                     _check_float(OP_UPDATE, f"unbias[{i}]", unbias)))
-    _update(checked, backend)
+        checked.append(RunningUpdate(mean, var, rm, rv, nbt, _check_float(op, f"factor[{i}]", factor),
+                                     _check_float(op, f"unbias[{i}]", unbias)))
+    return checked
 
 
-def _update(updates: List[RunningUpdate], backend: Optional[str]) -> None:
+def _update_lists(updates: List[RunningUpdate]) -> tuple:
+    """The op's list arguments of these updates: (mean, var, running_mean, running_var,
+    num_batches_tracked, buffers, factor, unbias), the buffers compacted (``_HAS``), the
+    statistics detached (the update is not differentiable)."""
     lists = ([], [], [])
     buffers = []
     for u in updates:
@@ -990,9 +1083,13 @@ def _update(updates: List[RunningUpdate], backend: Optional[str]) -> None:
                 lists[k].append(t)
                 b |= _HAS[k]
         buffers.append(b)
+    return ([u.mean.detach() for u in updates], [u.var.detach() for u in updates], *lists, buffers,
+            [u.factor for u in updates], [u.unbias for u in updates])
+
+
+def _update(updates: List[RunningUpdate], backend: Optional[str]) -> None:
     with torch.no_grad():
-        _bn_running_update([u.mean.detach() for u in updates], [u.var.detach() for u in updates], *lists, buffers,
-                           [u.factor for u in updates], [u.unbias for u in updates], _backend.op_arg(backend))
+        _bn_running_update(*_update_lists(updates), _backend.op_arg(backend))
 
 
 __all__ = ["batch_norm_act", "bn_running_update", "bn_running_update_many", "RunningUpdate"]

@@ -161,6 +161,58 @@ def test_cuda_reads_and_writes_bits(layout, cuda_target):
     assert torch.equal(o, batch_norm_act(y, m, v, w, b, idt, backend="cuda")) and torch.equal(bits, _bits.pack(o))
 
 
+@pytest.mark.parametrize("case", ["nhwc-bits-in-kernel-4", "nchw-packed-after-5", "one-program-wide-C"])
+def test_cuda_tail_applies_the_running_updates_in_its_launch(case, cuda_target, monkeypatch):
+    """csrc's batch_norm_act_forward_running (the host runner without a GPU): the forward's own
+    launch applies up to 4 updates (every thread of its grid a share of the channels: C = 1040 with
+    a one-block grid loops), a fifth goes out as bn_running_update; out and bits bitwise those of
+    the call without updates, the buffers bitwise bn_running_update_many's on cuda (16-bit
+    buffers, mean-only and count-only updates included)."""
+    import resnet_kernels.backends.cuda_batch_norm as cbn
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits, bn_running_update_many
+
+    dev = cuda_target
+    layout = "nchw" if case.startswith("nchw") else "channels_last"
+    shape = {"nhwc-bits-in-kernel-4": (2, 16, 3, 5), "nchw-packed-after-5": (2, 13, 3, 3),
+             "one-program-wide-C": (1, 8, 1, 2)}[case]
+    y, m, v, w, b, idt = (t.to(dev, torch.float16) if t.dim() == 4 else t.to(dev)
+                          for t in _fwd_args(shape, layout))
+    Cs = {"nhwc-bits-in-kernel-4": [16, 3, 64, 24], "nchw-packed-after-5": [13, 7, 5, 9, 11],
+          "one-program-wide-C": [1040]}[case]
+
+    def make():
+        ups = _updates(Cs, torch.float32, seed=5)
+        ups[0] = ups[0][:3] + (ups[0][3].float(),) + ups[0][4:]
+        if len(ups) > 1:
+            ups[1] = (ups[1][0], ups[1][1], ups[1][2].bfloat16(), ups[1][3].half(), ups[1][4], ups[1][5], ups[1][6])
+        if len(ups) > 2:
+            ups[2] = (ups[2][0], ups[2][1], ups[2][2], None, None, ups[2][5], ups[2][6])  # mean only
+        if len(ups) > 3:
+            ups[3] = (ups[3][0], ups[3][1], None, None, ups[3][4], ups[3][5], ups[3][6])  # count only
+        return ups
+
+    calls = []
+    real_call = cbn.call
+
+    def spy(name, *args):
+        calls.append(name)
+        return real_call(name, *args)
+
+    monkeypatch.setattr(cbn, "call", spy)
+    ref_out, ref_bits = batch_norm_act_bits(y, m, v, w, b, idt, backend="cuda")
+    a, c = make(), make()
+    calls.clear()
+    out, bits = batch_norm_act_bits(y, m, v, w, b, idt, updates=a, backend="cuda")
+    assert calls[0] == "batch_norm_act_forward_running", calls
+    assert calls.count("bn_running_update_many") == (1 if len(Cs) > 4 else 0), calls
+    assert torch.equal(out, ref_out) and torch.equal(bits, ref_bits)
+    bn_running_update_many(c, backend="cuda")
+    for i, (ua, uc) in enumerate(zip(a, c)):
+        for name, ta, tc in zip(("running_mean", "running_var", "num_batches_tracked"), ua[2:5], uc[2:5]):
+            assert (ta is None) == (tc is None) and (ta is None or torch.equal(ta, tc)), f"{name}[{i}]"
+    _check_updated(a, _expected(make()))
+
+
 def test_bad_bits_are_named():
     grad_out, out, *rest = _coef_args("channels_last")
     bits = _bits.pack(out)
@@ -233,16 +285,202 @@ def test_triton_bits_with_several_channel_and_plane_tiles():
         assert torch.equal(bits, _bits.pack(out)), layout
 
 
+_NO_UPDATES = ([], [], [], [], [], [], [], [])
+
+
 def test_batch_norm_act_bits_opcheck_and_not_differentiable():
     from resnet_kernels.ops.batch_norm import batch_norm_act_bits
 
     y, m, v, w, b, idt = _fwd_args((2, 5, 3, 3), "channels_last")
     torch.library.opcheck(torch.ops.resnet_kernels.batch_norm_act_bits.default,
-                          (y, m, v, w, b, idt, None, None, None, None, 1e-5, 1e-5, True, "torch"),
+                          (y, m, v, w, b, idt, None, None, None, None, 1e-5, 1e-5, True, *_NO_UPDATES, "torch"),
+                          test_utils=("test_schema", "test_faketensor"))
+    # with updates: the schema declares the buffers it mutates (test_schema checks it)
+    ups = _updates([5, 7], torch.float32)
+    torch.library.opcheck(torch.ops.resnet_kernels.batch_norm_act_bits.default,
+                          (y, m, v, w, b, idt, None, None, None, None, 1e-5, 1e-5, True,
+                           [u[0] for u in ups], [u[1] for u in ups], [u[2] for u in ups], [u[3] for u in ups],
+                           [u[4] for u in ups], [7, 7], [u[5] for u in ups], [u[6] for u in ups], "torch"),
                           test_utils=("test_schema", "test_faketensor"))
     out, _ = batch_norm_act_bits(y.requires_grad_(), m, v, w, b, idt, backend="torch")
-    with pytest.raises(RuntimeError, match="not differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         out.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# batch_norm_act_bits' running-statistics updates (the block's, applied by its tail)
+# --------------------------------------------------------------------------------------------
+def _updates(Cs, buf_dtype, nbt=True, seed=2, factors=None):
+    """RunningUpdate tuples for BatchNorms of Cs channels: float32 statistics, buffers of
+    buf_dtype (the running_var of the second one float64 where buf_dtype is float32: mixed)."""
+    g = torch.Generator().manual_seed(seed)
+    ups = []
+    for i, C in enumerate(Cs):
+        mean, var = torch.randn(C, generator=g).to(DEV), (torch.rand(C, generator=g) + 0.1).to(DEV)
+        rm = torch.randn(C, generator=g).to(buf_dtype).to(DEV)
+        rv_dt = torch.float64 if (i == 1 and buf_dtype == torch.float32) else buf_dtype
+        rv = (torch.rand(C, generator=g) + 0.5).to(rv_dt).to(DEV)
+        n = torch.tensor(3 + i, dtype=torch.long, device=DEV) if nbt else None
+        f = factors[i] if factors else 0.1 + 0.05 * i
+        ups.append((mean, var, rm, rv, n, f, 1.0 + 1.0 / (8 + i)))
+    return ups
+
+
+def _expected(ups):
+    """float64 reference of each update: (running_mean, running_var, num_batches_tracked)."""
+    out = []
+    for mean, var, rm, rv, n, f, unbias in ups:
+        erm = None if rm is None else (1 - f) * rm.double() + f * mean.double()
+        erv = None if rv is None else (1 - f) * rv.double() + f * unbias * var.double()
+        out.append((erm, erv, None if n is None else n + 1))
+    return out
+
+
+def _check_updated(ups, exp):
+    for i, ((_, _, rm, rv, n, _, _), (erm, erv, en)) in enumerate(zip(ups, exp)):
+        for name, got, want in (("running_mean", rm, erm), ("running_var", rv, erv)):
+            if got is None:
+                continue
+            # one rounding to the buffer's dtype after float32 arithmetic (aten rounds var * unbias to
+            # the float32 statistics' dtype first, also for a float64 buffer)
+            tol = {torch.float64: 1e-6, torch.float32: 2e-6}.get(got.dtype, 1e-2)
+            torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=tol, atol=tol, msg=f"{name}[{i}]")
+        if n is not None:
+            assert int(n) == int(en), f"num_batches_tracked[{i}]"
+
+
+@pytest.mark.parametrize("backend", _backends("batch_norm_act_bits") + (["cuda"] if rt.HAS_GPU else []))
+@pytest.mark.parametrize("case", ["block", "five", "wide-few-programs", "half-buffers", "mean-only"])
+def test_batch_norm_act_bits_applies_the_running_updates(backend, case):
+    """The updates given to batch_norm_act_bits: each buffer as bn_running_update computes it
+    (float64 reference), out and bits bitwise those of the call without updates. Cases: a
+    bottleneck block's 4 (in triton's launch: C 3, 13, 64, 1040; a float64 running_var); 5 (beyond
+    triton's 4 slots: a second launch); C = 1040 with a 1-program grid (the per-program chunk loop);
+    16-bit buffers; running_mean without running_var nor count."""
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits
+
+    if backend == "cuda" and case in ("block", "five"):
+        pytest.skip("cuda's running-update kernel takes float32/16-bit buffers (the float64 one is refused: "
+                    "test_batch_norm_act_bits_refuses_before_any_update)")
+    shape = (1, 8, 2, 2) if case == "wide-few-programs" else (2, 16, 5, 5)
+    y, m, v, w, b, idt = _fwd_args(shape, "channels_last")
+    if case == "block":
+        ups = _updates([3, 13, 64, 1040], torch.float32)
+    elif case == "five":
+        ups = _updates([3, 5, 7, 9, 11], torch.float32)
+    elif case == "wide-few-programs":
+        ups = _updates([1040, 600], torch.float32, seed=3)
+        ups = [(u[0], u[1], u[2], u[3].float(), u[4], u[5], u[6]) for u in ups]
+    elif case == "half-buffers":
+        ups = _updates([16, 24], torch.bfloat16, nbt=False)
+    else:
+        ups = [(u[0], u[1], u[2], None, None, u[5], u[6]) for u in _updates([16], torch.float32)]
+    exp = _expected(ups)
+    ref_out, ref_bits = batch_norm_act_bits(y, m, v, w, b, idt, relu=True, backend=backend)
+    out, bits = batch_norm_act_bits(y, m, v, w, b, idt, relu=True, updates=ups, backend=backend)
+    assert torch.equal(out, ref_out) and torch.equal(bits, ref_bits)
+    _check_updated(ups, exp)
+
+
+@pytest.mark.parametrize("backend", _backends("batch_norm_act_bits"))
+def test_batch_norm_act_bits_with_updates_matches_bn_running_update(backend):
+    """Bitwise the buffers bn_running_update_many writes on the same backend (the block's commit
+    before)."""
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits, bn_running_update_many
+
+    y, m, v, w, b, idt = _fwd_args((2, 16, 3, 3), "nchw")
+    a, c = _updates([16, 40, 8], torch.float32), _updates([16, 40, 8], torch.float32)
+    batch_norm_act_bits(y, m, v, w, b, idt, updates=a, backend=backend)
+    bn_running_update_many(c, backend=backend)
+    for ua, uc in zip(a, c):
+        for ta, tc in zip(ua[2:5], uc[2:5]):
+            assert torch.equal(ta, tc)
+
+
+def test_batch_norm_act_bits_refuses_before_any_update():
+    """Bad updates raise naming the argument, and no buffer (nor count) has changed."""
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits
+
+    y, m, v, w, b, idt = _fwd_args((2, 8, 3, 3), "channels_last")
+    ups = _updates([8, 4], torch.float32)
+    before = [[t.clone() for t in u[2:5]] for u in ups]
+
+    def unchanged():
+        for u, bf in zip(ups, before):
+            for t, t0 in zip(u[2:5], bf):
+                assert torch.equal(t, t0)
+
+    with pytest.raises(ValueError, match=r"running_mean\[1\] shares memory with mean"):
+        batch_norm_act_bits(y, m, v, w, b, idt, updates=[ups[0], (m[:4], m[:4], m[4:], None, None, 0.1, 1.0)],
+                            backend="torch")
+    unchanged()
+    with pytest.raises(ValueError, match=r"running_var\[1\] shares memory with running_mean\[0\]"):
+        batch_norm_act_bits(y, m, v, w, b, idt, updates=[ups[0], (ups[1][0], ups[1][1], None, ups[0][2][:4], None,
+                                                                  0.1, 1.0)], backend="torch")
+    unchanged()
+    with pytest.raises(TypeError, match=r"batch_norm_act_bits: updates\[1\] must be a"):
+        batch_norm_act_bits(y, m, v, w, b, idt, updates=[ups[0], ups[1][:6]], backend="torch")
+    unchanged()
+    bad_nbt = ups[1][:4] + (torch.zeros((), dtype=torch.int32, device=DEV),) + ups[1][5:]
+    with pytest.raises(ValueError, match=r"num_batches_tracked\[1\] must be a one-element int64"):
+        batch_norm_act_bits(y, m, v, w, b, idt, updates=[ups[0], bad_nbt], backend="torch")
+    unchanged()
+    with pytest.raises(ValueError, match=r"identity must"):
+        batch_norm_act_bits(y, m, v, w, b, idt[:1], updates=ups, backend="torch")
+    unchanged()
+    if "cuda" in _registry.backend_names(include_hidden=True):
+        from resnet_kernels.backends import _cuda_bits_supports
+        from resnet_kernels.ops.batch_norm import bits_call
+
+        f64 = [(u[0], u[1], u[2], u[3].double(), u[4], u[5], u[6]) for u in ups]
+        lists = ([u[0] for u in f64], [u[1] for u in f64], [u[2] for u in f64], [u[3] for u in f64],
+                 [u[4] for u in f64], [7, 7], [u[5] for u in f64], [u[6] for u in f64])
+        why = _cuda_bits_supports(bits_call(y, m, v, w, b, idt, None, None, None, None, 1e-5, 1e-5, True, *lists))
+        assert why is not None and why.startswith("the running-statistics updates: float64"), why
+
+
+def test_batch_norm_act_bits_empty_batch_still_updates():
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits
+
+    y = torch.empty((0, 8, 3, 3), device=DEV)
+    m, v = torch.zeros(8, device=DEV), torch.ones(8, device=DEV)
+    ups = _updates([8], torch.float32)
+    exp = _expected(ups)
+    out, bits = batch_norm_act_bits(y, m, v, updates=ups, backend="torch")
+    assert out.shape == y.shape and bits.numel() == 0
+    _check_updated(ups, exp)
+
+
+def test_the_accountant_counts_the_updates_in_the_tail():
+    """triton and cuda apply up to 4 updates in the forward's own launch (their bytes only), beyond
+    that one bn_running_update launch more; aten adds its bn_running_update's cost."""
+    from resnet_kernels.ops.batch_norm import RunningUpdate, UpdateCall, bits_call
+
+    y = torch.empty((256, 256, 56, 56), dtype=torch.bfloat16, device="meta").contiguous(
+        memory_format=torch.channels_last)
+    m = torch.empty(256, device="meta")
+
+    def ups(n):
+        t = [torch.empty(256, device="meta") for _ in range(4 * n)]
+        nbt = [torch.empty((), dtype=torch.long, device="meta") for _ in range(n)]
+        return [RunningUpdate(t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3], nbt[i], 0.1, 1.0) for i in range(n)]
+
+    def call(u):
+        lists = ([x[0] for x in u], [x[1] for x in u], [x[2] for x in u], [x[3] for x in u], [x[4] for x in u],
+                 [7] * len(u), [x[5] for x in u], [x[6] for x in u])
+        return bits_call(y, m, m, m, m, y, m, m, m, m, 1e-5, 1e-5, True, *lists)
+
+    plain = bits_call(y, m, m, m, m, y, m, m, m, m, 1e-5, 1e-5, True)
+    upd = _registry.get_impl("bn_running_update", "triton").cost
+    for backend in ("triton", "cuda", "aten"):
+        cost = _registry.get_impl("batch_norm_act_bits", backend).cost
+        ucost = _registry.get_impl("bn_running_update", backend).cost
+        for n in (1, 4, 5):
+            u = ups(n)
+            ul, ub = ucost(UpdateCall(u, y.device))
+            extra = (0 if n <= 4 else 1) if backend in ("triton", "cuda") else ul
+            assert cost(call(u)) == (cost(plain)[0] + extra, cost(plain)[1] + ub), (backend, n)
+    assert upd(UpdateCall(ups(4), y.device))[0] == 1
 
 
 def test_the_accountant_counts_the_bits():
