@@ -591,3 +591,61 @@ def test_cuda_coef_reads_bits_like_out(layout, dtype, cuda_target):
             plain = batch_norm_act_coef(masked, out, *args, **{**kw, "relu": False})
             for a, b in zip(got, plain):  # the mask is applied (not a no-op)
                 assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (C, with_id)
+
+
+# fake implementations of batch_norm_act_bits for the measured 'auto' (registered by the test below)
+_FAKE_TAIL_RAN: list = []
+
+
+def _fake_tail_wrong_running(*args, running=None, **kw):
+    """The torch forward, its running update with the factor doubled: out right, buffers wrong."""
+    from resnet_kernels.backends import torch_batch_norm
+
+    _FAKE_TAIL_RAN.append("wrong")
+    torch_batch_norm.batch_norm_act_forward(*args, **kw)
+    if running:
+        torch_batch_norm.bn_running_update([u._replace(factor=2 * u.factor) for u in running])
+
+
+def _fake_tail_ok(*args, running=None, **kw):
+    from resnet_kernels.backends import torch_batch_norm
+
+    _FAKE_TAIL_RAN.append("ok")
+    torch_batch_norm.batch_norm_act_forward(*args, running=running, **kw)
+
+
+def test_auto_measures_the_tail_with_updates_on_copies(monkeypatch, tmp_path):
+    """'auto' measuring batch_norm_act_bits with updates (the call mutates): every candidate runs
+    on copies of the buffers, which the verification compares (a candidate updating them wrong is
+    excluded), and the chosen one then updates the real buffers exactly once."""
+    import sys
+
+    from resnet_kernels import _tune
+    from resnet_kernels._registry import Backend, Impl
+    from resnet_kernels.ops.batch_norm import batch_norm_act_bits
+
+    monkeypatch.setenv("RESNET_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESNET_KERNELS_TUNE", raising=False)
+    sys.modules.setdefault(__name__, sys.modules[__name__])
+    times = {"wrong": 0.1, "ok": 0.5}
+
+    def timer(fn, device):
+        _FAKE_TAIL_RAN.clear()
+        fn()
+        return times[_FAKE_TAIL_RAN[-1]] if _FAKE_TAIL_RAN else 10.0
+
+    impls = [Impl("batch_norm_act_bits", name, f"{__name__}:{fn}", priority=95, auto_on=("cpu",))
+             for name, fn in (("faketail", "_fake_tail_ok"), ("faketailbad", "_fake_tail_wrong_running"))]
+    y, m, v, w, b, idt = _fwd_args((2, 8, 3, 3), "channels_last")
+    ups = _updates([8, 5], torch.float32)
+    exp = _expected(ups)
+    with _registry.registered(Backend("faketail", "", lambda d: None), [impls[0]]), \
+            _registry.registered(Backend("faketailbad", "", lambda d: None), [impls[1]]), \
+            _tune.testing(timer=timer, devices=("cpu",)):
+        with pytest.warns(_tune.TuningWarning, match=r"'faketailbad' implementation of batch_norm_act_bits.*"
+                                                     r"running_mean\[0\]"), _tune.recording() as decisions:
+            out, bits = batch_norm_act_bits(y, m, v, w, b, idt, updates=ups, backend="auto")
+        assert [d.impl for d in decisions] == ["faketail"], decisions
+    _check_updated(ups, exp)  # once: the candidates' runs changed copies only
+    ref_out, ref_bits = batch_norm_act_bits(y, m, v, w, b, idt, backend="torch")
+    assert torch.equal(out, ref_out) and torch.equal(bits, ref_bits)
