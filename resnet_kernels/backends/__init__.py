@@ -663,14 +663,17 @@ def _with_running(cost, update_cost, in_launch: bool = False):
 
 
 def _cutlass_conv_cost(call):
-    """pack_weight (a permute copy: Cin % 8 == 0, no padding), then the CUTLASS kernel (x, packed
-    weight, the epilogue's operands, out) and, with statistics, the same kernel with the statistics
+    """pack_weight (a permute copy: Cin % 8 == 0, no padding) unless the weight is read in place
+    (``cuda_conv2d.in_place_ldw``: channels_last or 1x1), then the CUTLASS kernel (x, the weight
+    matrix, the epilogue's operands, out) and, with statistics, the same kernel with the statistics
     epilogue (csrc/sm90/col_stats_epilogue.hpp: out in the activation dtype plus each 128-row tile's
     per-channel (mean, M2) partials, no float32 copy of y) and nhwc_stats_combine's one launch
     (reads the partials, writes mean and var)."""
+    from .cuda_conv2d import in_place_ldw
+
     Cout, Cin, KH, KW = call.weight.shape
     wk = Cout * Cin * KH * KW * call.weight.element_size()
-    launches, b = 1, nbytes(call.weight) + wk
+    launches, b = (0, 0) if in_place_ldw(call.weight, call.x.dtype) else (1, nbytes(call.weight) + wk)
     if not call.compute_stats:
         return launches + 1, b + _conv_io(call) + wk
     p = _partials(call)  # 128-row tiles: the sm_90a CTA tile's rows, as csrc/sm90's epilogue writes them

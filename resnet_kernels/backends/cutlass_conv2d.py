@@ -9,8 +9,10 @@ the registry's ``supports`` (``cutlass_supports`` in backends/__init__.py) keeps
 kernel does not implement away from it: bfloat16/float16, or float32 where TF32 is allowed (computed
 in TF32: the operands' low mantissa bits are dropped by the tensor cores, as in Triton's tf32 dot),
 channels_last, Cin a multiple of 8 and Cout of 16 bytes' worth of channels, groups 1, dilation 1,
-an sm_90 GPU. The weight is packed to KRSC ((Cout, KH, KW, Cin)
-contiguous), the same pack as the cuda backend's (shared through resnet_kernels/_weight_cache.py).
+an sm_90 GPU. The weight is the kernel's KRSC matrix ((Cout, KH, KW, Cin) contiguous, ldw =
+KH*KW*Cin): read in place where its memory already is that (``cuda_conv2d.in_place_ldw``: a
+channels_last weight, or a 1x1 one; the cuda backend's rule, which with Cin % 8 == 0 needs no channel
+padding), else packed with the cuda backend's pack (shared through resnet_kernels/_weight_cache.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from .. import _alloc
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
-from .cuda_conv2d import NO_PROLOGUE, pack_weight
+from .cuda_conv2d import NO_PROLOGUE, in_place_ldw, pack_weight
 
 
 def _nhwc_strides(t: torch.Tensor):
@@ -46,7 +48,9 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
         if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"cutlass conv2d: {name} must be channels_last contiguous, got strides {t.stride()}")
     with device_guard(x):
-        wmat, ldw = pack_weight(weight)  # (Cout, KH*KW*Cin): Cin % 8 == 0, so no padding columns
+        # (Cout, KH*KW*Cin): Cin % 8 == 0, so no padding columns; in place when the weight already is it
+        ldw = in_place_ldw(weight, x.dtype)
+        wmat, ldw = (weight, ldw) if ldw else pack_weight(weight)
         scale, bias = _aligned_vec(scale), _aligned_vec(bias)
         mean = var = None
         if compute_stats:

@@ -16,6 +16,8 @@ the op layer with backend='cutlass'. Tolerances: the rule of tests/ops/test_conv
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,30 @@ def test_cutlass_epilogue_matches_float64(shape, epi, mode):
         return
     err = (out.double() - ref).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {e_torch:.3g})"
+
+
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("mode", list(DTYPE))
+@pytest.mark.parametrize("shape", ["3x3s1", "3x3s2", "7x7s2_cin8"])
+def test_cutlass_weight_in_place_is_bitwise_the_packed(shape, mode):
+    """A channels_last weight read in place (no pack) gives the packed weight's outputs and
+    statistics bitwise: the same KRSC matrix, the same kernel."""
+    dtype = DTYPE[mode]
+    x, w, scale, bias, res, stride, pad, oshape = _make(shape, dtype, EPILOGUES["bn_add_relu"], "cuda")
+    for stats in (False, True):
+        got = []
+        for weight in (w, _nhwc(w)):
+            out = _poisoned(oshape, dtype, "cuda")
+            if stats:
+                r = _launch(x, weight, None, None, None, out, stride, pad, False, True)
+            else:
+                r = _launch(x, weight, scale, bias, res, out, stride, pad, True, False)
+            got.append((out, r))
+        (a, ra), (b, rb) = got
+        assert torch.equal(a, b) and not a.isnan().any()
+        if stats:
+            assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
 
 
 def _tf32_bound(x, w, stride, pad, ref, scale=None):
@@ -358,6 +384,64 @@ def test_cost_declaration():
     # in 2 tiles) + the combine (reads them, writes mean and var); no float32 y
     partials = 2 * 2 * 24 * 4
     assert launches == 3 and nbytes_s == nbytes + 2 * partials + 2 * 24 * 4
+
+
+def test_cost_declaration_weight_in_place():
+    """A channels_last (or 1x1) weight is read in place (cuda_conv2d.in_place_ldw): no pack launch,
+    the weight read once by the kernel."""
+    c = _call(N=2, Cin=16, H=9, W=9, Cout=24)
+    c.weight = c.weight.contiguous(memory_format=torch.channels_last)
+    launches, nbytes = _registry.get_impl("conv2d_epilogue", "cutlass").cost(c)
+    w = 24 * 16 * 9 * 2
+    assert launches == 1 and nbytes == w + 2 * 16 * 81 * 2 + 2 * 24 * 81 * 2
+    one = _call(N=2, Cin=16, H=9, W=9, Cout=24, k=1, padding=(0, 0))  # a contiguous 1x1 weight: KRSC already
+    assert _registry.get_impl("conv2d_stats", "cutlass").cost(one)[0] == 1
+
+
+@pytest.mark.parametrize("weight_layout, in_place", [("channels_last", True), ("1x1", True), ("contiguous", False),
+                                                     ("channels_last-misaligned", False)])
+def test_launcher_reads_the_weight_in_place(weight_layout, in_place, monkeypatch):
+    """The launcher hands the kernel the weight's own memory as its KRSC matrix where it already is
+    one (no pack_weight call), else the packed copy; ldw = KH*KW*Cin either way. The _C entry
+    points are stubbed (no sm_90 GPU here): what is checked is the Conv2dArgs it would launch with."""
+    from resnet_kernels.backends import cutlass_conv2d as cc
+
+    launched, packs = [], []
+    real_pack = cc.pack_weight
+
+    class _Stub:
+        Conv2dArgs = C_.Conv2dArgs
+
+        @staticmethod
+        def conv2d_sm90_workspace_bytes(args):
+            return 0
+
+    def pack(w):
+        packs.append(w)
+        return real_pack(w)
+
+    monkeypatch.setattr(cc, "C_module", lambda: _Stub)
+    monkeypatch.setattr(cc, "device_guard", lambda t: contextlib.nullcontext())
+    monkeypatch.setattr(cc, "stream_of", lambda t: 0)
+    monkeypatch.setattr(cc, "call", lambda name, args: launched.append((name, args)))
+    monkeypatch.setattr(cc, "pack_weight", pack)
+    k = 1 if weight_layout == "1x1" else 3
+    x = _nhwc(torch.randn(2, 16, 9, 9, dtype=torch.bfloat16))
+    w = torch.randn(24, 16, k, k, dtype=torch.bfloat16)
+    if weight_layout.startswith("channels_last"):
+        w = w.contiguous(memory_format=torch.channels_last)
+    if weight_layout.endswith("misaligned"):  # the same strides 2 bytes into a buffer: not 16-byte aligned
+        buf = torch.empty(w.numel() + 1, dtype=w.dtype)
+        w = buf[1:].as_strided(w.shape, w.stride()).copy_(w)
+    pad = (k - 1) // 2
+    out = _nhwc(torch.empty(2, 24, 9, 9, dtype=torch.bfloat16))
+    cc.conv2d_forward(x, w, None, None, None, out, (1, 1), (pad, pad), False, False, False)
+    (name, args), = launched
+    assert name == "conv2d_sm90_forward" and args.ldw == k * k * 16
+    if in_place:
+        assert not packs and args.w == w.data_ptr()
+    else:
+        assert len(packs) == 1 and args.w != w.data_ptr()
 
 
 def _args(**over):
