@@ -285,8 +285,8 @@ class _BlockFn(torch.autograd.Function):
             std = batch_stats_args(proj.bn, yd, md, vd, updates, backend)
             if std is None:
                 raise _Fallback()
-        # the block's running-statistics updates go with its last op (in its launch on triton), which
-        # applies them only once it runs: a block that raises before has changed no buffer
+        # the block's running-statistics updates go with its last op (in its own launch on triton and
+        # cuda), which applies them only once it runs: a block that raises before has changed no buffer
         ups = one_call(updates)
         if proj is not None:
             out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean,

@@ -635,7 +635,7 @@ def _cuda_update_supports(call) -> Optional[str]:
 
 def _cuda_bits_supports(call) -> Optional[str]:
     """batch_norm_act_bits on cuda: the forward's (``_no_float64``) and, with running-statistics
-    updates, those of the running-update kernel it launches after (``_cuda_update_supports``)."""
+    updates, those of csrc's running update, which its launch applies (``_cuda_update_supports``)."""
     why = _no_float64(call)
     if why is None and call.ucall is not None:
         why = _cuda_update_supports(call.ucall)

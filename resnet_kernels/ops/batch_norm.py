@@ -472,7 +472,7 @@ def batch_norm_act_bits_op(y: Tensor, mean: Tensor, var: Tensor, weight: Optiona
                            factor: List[float], unbias: List[float], backend: str) -> List[Tensor]:
     """[out, bits]: batch_norm_act's out and the 1-bit mask of out > 0 (resnet_kernels/_bits.py);
     then the running-statistics updates of the lists (``bn_running_update``'s arguments, the
-    statistics named run_mean/run_var), in the same kernel where the implementation can (triton)."""
+    statistics named run_mean/run_var), in the same launch where the implementation can (triton, cuda)."""
     call = bits_call(y, mean, var, weight, bias, identity, id_mean, id_var, id_weight, id_bias, eps, id_eps, relu,
                      run_mean, run_var, running_mean, running_var, num_batches_tracked, buffers, factor, unbias)
     if y.numel() == 0:
@@ -1016,10 +1016,10 @@ def batch_norm_act_bits(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[T
     of out. Not differentiable (the block's own backward computes the gradients).
 
     ``updates``: running-statistics updates (``RunningUpdate``s, as ``bn_running_update_many``
-    takes them: the block's BatchNorms') applied after the output is written, by the same kernel
-    on triton (no launch of their own), else by the backend's ``bn_running_update``; no buffer in
-    two of them nor sharing memory with an input. All or nothing: a call that raises before its
-    launch has changed no buffer."""
+    takes them: the block's BatchNorms') applied after the output is written, by the same launch on
+    triton and cuda (up to 4: no launch of their own), else by the backend's ``bn_running_update``;
+    no buffer in two of them nor sharing memory with an input. All or nothing: every argument is
+    checked before the launch, so a call that raises has changed no buffer."""
     check_tensor_args(OP_BITS, ("weight", "bias", "identity", "id_mean", "id_var", "id_weight", "id_bias"), y=y,
                       mean=mean, var=var, weight=weight, bias=bias, identity=identity, id_mean=id_mean, id_var=id_var,
                       id_weight=id_weight, id_bias=id_bias)
@@ -1028,7 +1028,7 @@ def batch_norm_act_bits(y: Tensor, mean: Tensor, var: Tensor, weight: Optional[T
                       check_bool(OP_BITS, "relu", relu)) + _update_lists(_checked_updates(OP_BITS, updates)) + (
                           _backend.op_arg(backend),)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        # through the dispatcher: the op's autograd (a backward that raises) is attached to the outputs
+        # through the dispatcher: PyTorch's autograd fallback (a backward that raises) is attached to the outputs
         return batch_norm_act_bits_op(*args)
     return _batch_norm_act_bits(*args)
 
@@ -1054,8 +1054,8 @@ def bn_running_update_many(updates: Sequence[RunningUpdate], *, backend: Optiona
 
 def _checked_updates(op: str, updates) -> List[RunningUpdate]:
     """``updates`` (a sequence of 7-tuples) as RunningUpdates, their types checked."""
-    if isinstance(updates, (Tensor, str)) or not isinstance(updates, (list, tuple)):
-        raise TypeError(f"{op}: updates must be a list or tuple of RunningUpdate tuples, got {type(updates).__name__}")
+    if isinstance(updates, (Tensor, str, bytes)) or not hasattr(updates, "__iter__"):
+        raise TypeError(f"{op}: updates must be a sequence of RunningUpdate tuples, got {type(updates).__name__}")
     checked = []
     for i, u in enumerate(updates):
         if not isinstance(u, tuple) or len(u) != 7:
