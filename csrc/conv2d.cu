@@ -35,6 +35,15 @@ struct Params {
   void* out;
   float* part_mean;  // [m_tiles][Cout] or nullptr (no stats)
   float* part_m2;
+  // the statistics merge in this launch (conv2d.h): groups of stat_group_tiles consecutive m-tiles,
+  // [stat_groups][Cout] float64 group partials (stat_groups > 1), the outputs, int32 counters
+  // ([stat_groups][n_tiles] per (group, column tile), then [n_tiles] per column tile), all zero
+  double* grp_mean;
+  double* grp_m2;
+  float* mean_out;
+  float* var_out;
+  int* counters;
+  int stat_group_tiles, stat_groups;
   int N, Cin, H, W, Cout, KH, KW;
   int sh, sw, ph, pw, OH, OW;
   int M, K, ldw, num_k_tiles;
@@ -72,6 +81,133 @@ struct Elem<__nv_bfloat16> {
 };
 
 // PTX wrappers (cp.async, ldmatrix, mma.sync, cvt.rna.tf32): csrc/ptx.cuh.
+
+// ---- statistics merge (the last arrivals of conv2d_igemm_kernel; conv2d.h) ------------------
+// (n, mean, M2) of one channel over rows r0 .. r1 - 1 of a partials array (load(r, n, mean, m2)),
+// combined in row order with Chan's formula in float64 by the CTA's 2 * BN_ threads: thread tid
+// takes the channel tid % BN_ (ok: it exists) and the first (tid < BN_) or second half of the rows,
+// then the halves are combined (first, second) through s (3 * BN_ doubles of shared memory). The
+// result is in the threads tid < BN_. Every thread of the CTA calls it (two barriers).
+template <int BN_, typename Load>
+__device__ __forceinline__ void merge_rows(const Load& load, int r0, int r1, bool ok, int tid, double* s, double& n,
+                                           double& mu, double& m2) {
+  const int cl = tid % BN_;
+  const int mid = r0 + (r1 - r0 + 1) / 2;
+  const int lo = tid < BN_ ? r0 : mid, hi = tid < BN_ ? mid : r1;
+  n = mu = m2 = 0.0;
+  if (ok) {
+#pragma unroll 4
+    for (int r = lo; r < hi; ++r) {
+      double rn, rmu, rm2;
+      load(r, rn, rmu, rm2);
+      chan_combine(n, mu, m2, rn, rmu, rm2);
+    }
+  }
+  if (tid >= BN_) {
+    s[cl] = n;
+    s[BN_ + cl] = mu;
+    s[2 * BN_ + cl] = m2;
+  }
+  __syncthreads();
+  if (tid < BN_) chan_combine(n, mu, m2, s[cl], s[BN_ + cl], s[2 * BN_ + cl]);
+  __syncthreads();  // s is free again
+}
+
+// The per-tile partials' arrival and merge (conv2d.h), after a CTA has written its partial: its own
+// function, not inlined, so that its registers do not weigh on the main loop's allocation (inlined,
+// the 16-bit vector kernel's loop grew by 8 instructions per k-step at its 128-register cap).
+struct StatsMerge {
+  const float* part_mean;  // [m_tiles][Cout]
+  const float* part_m2;
+  double* grp_mean;  // [groups][Cout] (groups > 1)
+  double* grp_m2;
+  float* mean;  // (Cout,) outputs
+  float* var;
+  int* counters;  // [groups][n_tiles], then [n_tiles]; all zero
+  int M, Cout, m_tiles, n_tiles, group_tiles, groups;
+};
+template <int BN_>
+__device__ __noinline__ void stats_arrive_merge(const StatsMerge a, unsigned char* smem, int tid, int tile_m, int n0) {
+  // ---- the merge, in this launch (conv2d.h). Release: the CTA barrier (every thread's partial
+  // stores before it), then thread 0's gpu-scope fence (cumulative: it orders what the barrier
+  // made visible to thread 0) and its atomicAdd on the counter of this (group, column tile), as
+  // CUTLASS's split-K semaphore; acquire: thread 0's fence after the atomic, a barrier, L2 loads
+  // (ld.cg). The group's last arrival merges the group's tile partials in tile order; which CTA
+  // that is varies, the order does not. Each counter goes back to 0 in its last arrival (every
+  // arrival is in by then).
+  // smem: the kernel's (dead) pipeline memory; the flag after merge_rows' 3 * BN_ doubles (a static
+  // __shared__ int would take the 48 KiB kernels over the static limit)
+  double* const s_dbl = reinterpret_cast<double*>(smem);
+  int& s_last = *reinterpret_cast<int*>(smem + 3 * BN_ * sizeof(double));
+  const int cl = tid % BN_;
+  const int col = n0 + cl;
+  const bool okc = col < a.Cout;
+  const int grp = tile_m / a.group_tiles;
+  const int g0 = grp * a.group_tiles;
+  const int g1 = min(g0 + a.group_tiles, a.m_tiles);
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    int* const cnt1 = a.counters + grp * a.n_tiles + n0 / BN_;  // n0 / BN_: tile.n (one register fewer)
+    const int arrived = atomicAdd(cnt1, 1);
+    __threadfence();
+    s_last = arrived == g1 - g0 - 1;
+    if (s_last) *cnt1 = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const int Mrows = a.M, Cout = a.Cout;
+  const float* const pmean = a.part_mean;
+  const float* const pm2 = a.part_m2;
+  auto tile_part = [=](int t, double& rn, double& rmu, double& rm2) {
+    const long long o = static_cast<long long>(t) * Cout + col;
+    rn = static_cast<double>(min(BM, Mrows - t * BM));
+    rmu = static_cast<double>(__ldcg(pmean + o));
+    rm2 = static_cast<double>(__ldcg(pm2 + o));
+  };
+  double n, mu, m2;
+  merge_rows<BN_>(tile_part, g0, g1, okc, tid, s_dbl, n, mu, m2);
+  if (a.groups == 1) {
+    if (tid < BN_ && okc) {
+      a.mean[col] = static_cast<float>(mu);
+      a.var[col] = static_cast<float>(m2 / n);
+    }
+    return;
+  }
+  // several groups: the group partial, then the arrival on the column tile's counter (the same
+  // release / acquire); its last arrival merges the group partials in group order
+  if (tid < BN_ && okc) {
+    const long long o = static_cast<long long>(grp) * Cout + col;
+    a.grp_mean[o] = mu;
+    a.grp_m2[o] = m2;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    int* const cnt2 = a.counters + a.groups * a.n_tiles + n0 / BN_;
+    const int arrived = atomicAdd(cnt2, 1);
+    __threadfence();
+    s_last = arrived == a.groups - 1;
+    if (s_last) *cnt2 = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const long long rows_per_group = static_cast<long long>(a.group_tiles) * BM;
+  const double* const gmean = a.grp_mean;
+  const double* const gm2 = a.grp_m2;
+  auto group_part = [=](int g, double& rn, double& rmu, double& rm2) {
+    const long long o = static_cast<long long>(g) * Cout + col;
+    const long long end = min(static_cast<long long>(Mrows), (g + 1) * rows_per_group);
+    rn = static_cast<double>(end - g * rows_per_group);
+    rmu = __ldcg(gmean + o);
+    rm2 = __ldcg(gm2 + o);
+  };
+  merge_rows<BN_>(group_part, 0, a.groups, okc, tid, s_dbl, n, mu, m2);
+  if (tid < BN_ && okc) {
+    a.mean[col] = static_cast<float>(mu);
+    a.var[col] = static_cast<float>(m2 / n);
+  }
+}
 
 // ---- the convolution kernel --------------------------------------------------------------
 // K runs over (r, s, c) with c < Cp = Cin rounded up to a multiple of VEC = 16/sizeof(T) (the
@@ -634,45 +770,16 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128 && BKB == 12
       p.part_mean[o] = (s_sum[0][tid] + s_sum[1][tid]) * inv_cnt;
       p.part_m2[o] = s_m2[0][tid] + s_m2[1][tid];
     }
+
+    static_assert(3 * BN_ * sizeof(double) + sizeof(int) <= C::SMEM_BYTES, "stats_arrive_merge's shared memory");
+    stats_arrive_merge<BN_>(StatsMerge{p.part_mean, p.part_m2, p.grp_mean, p.grp_m2, p.mean_out, p.var_out,
+                                       p.counters, p.M, p.Cout, p.m_tiles, p.n_tiles, p.stat_group_tiles,
+                                       p.stat_groups},
+                            smem, tid, tile.m, n0);
   }
 #else
   __trap();
 #endif
-}
-
-// ---- statistics: combine the per-tile (mean, M2) partials of one channel (block) in a fixed
-// order with Chan's formula, in float64: strided per-thread runs, then a fixed binary tree.
-constexpr int kFinThreads = 256;
-__global__ void __launch_bounds__(kFinThreads)
-    conv2d_stats_finalize_kernel(const float* __restrict__ part_mean, const float* __restrict__ part_m2,
-                                 int m_tiles, int M, int Cout, float* __restrict__ mean, float* __restrict__ var) {
-  const int c = blockIdx.x;
-  const int tid = threadIdx.x;
-  double n = 0.0, mu = 0.0, m2 = 0.0;
-  for (int t = tid; t < m_tiles; t += kFinThreads) {
-    const long long o = static_cast<long long>(t) * Cout + c;
-    const double nb = static_cast<double>(min(BM, M - t * BM));
-    chan_combine(n, mu, m2, nb, static_cast<double>(part_mean[o]), static_cast<double>(part_m2[o]));
-  }
-  __shared__ double s_n[kFinThreads], s_mu[kFinThreads], s_m2[kFinThreads];
-  s_n[tid] = n;
-  s_mu[tid] = mu;
-  s_m2[tid] = m2;
-  __syncthreads();
-  for (int half = kFinThreads / 2; half > 0; half >>= 1) {
-    if (tid < half) {
-      double na = s_n[tid], ma = s_mu[tid], qa = s_m2[tid];
-      chan_combine(na, ma, qa, s_n[tid + half], s_mu[tid + half], s_m2[tid + half]);
-      s_n[tid] = na;
-      s_mu[tid] = ma;
-      s_m2[tid] = qa;
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    mean[c] = static_cast<float>(s_mu[0]);
-    var[c] = static_cast<float>(s_m2[0] / s_n[0]);
-  }
 }
 
 // The 128 x 128 tile with 128-byte K tiles in ST stages of dynamic shared memory (Cfg::SMEM_BYTES:
@@ -748,6 +855,14 @@ void launch_conv(const Params& p, bool vec_a, bool wide, int wide_stages, bool p
 
 constexpr int64_t kIntMax = 2147483647;
 
+// m-tiles per statistics group: about sqrt(m_tiles), at least 16 (so both merge levels of the last
+// arrivals read about sqrt(m_tiles) partials per channel)
+int64_t stat_group_tiles(int64_t m_tiles) {
+  int64_t g = 1;
+  while (g * g < m_tiles) ++g;
+  return g < 16 ? 16 : g;
+}
+
 void check_int32(int64_t v, const char* fn, const char* what) {
   if (v > kIntMax) throw ArgError(cat(fn, ": ", what, " = ", v, " exceeds the 32-bit index range of the kernel"));
 }
@@ -783,7 +898,22 @@ int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, 
   check_nonneg(Cout, fn, "Cout");
   if (!compute_stats) return 0;
   const int64_t m_tiles = ceil_div(N * OH * OW, conv::BM);
-  return 2 * m_tiles * Cout * static_cast<int64_t>(sizeof(float));
+  const int64_t groups = ceil_div(m_tiles, conv::stat_group_tiles(m_tiles));
+  return 2 * groups * Cout * static_cast<int64_t>(sizeof(double)) +
+         2 * m_tiles * Cout * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t conv2d_stats_counters(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
+  const char* fn = "conv2d_stats_counters";
+  check_nonneg(N, fn, "N");
+  check_nonneg(OH, fn, "OH");
+  check_nonneg(OW, fn, "OW");
+  check_nonneg(Cout, fn, "Cout");
+  if (!compute_stats) return 0;
+  const int64_t m_tiles = ceil_div(N * OH * OW, conv::BM);
+  const int64_t groups = ceil_div(m_tiles, conv::stat_group_tiles(m_tiles));
+  // per (group, column tile of the narrowest tile, 64 channels), then per column tile
+  return (groups + (groups > 1 ? 1 : 0)) * ceil_div(Cout, conv::BN);
 }
 
 void conv2d_forward(const Conv2dArgs& a) {
@@ -876,12 +1006,19 @@ void conv2d_forward(const Conv2dArgs& a) {
   if (stats) {
     check_ptr(a.mean, fn, "mean (var was given)");
     check_ptr(a.var, fn, "var (mean was given)");
-    if (M * a.Cout > 0) check_ptr(a.workspace, fn, "workspace (statistics requested)");
-    if (a.mean % 4 != 0 || a.var % 4 != 0 || a.workspace % 4 != 0)
-      throw ArgError(cat(fn, ": mean, var and workspace must be 4-byte aligned"));
+    if (M * a.Cout > 0) {
+      check_ptr(a.workspace, fn, "workspace (statistics requested)");
+      check_ptr(a.counters, fn, "counters (statistics requested)");
+    }
+    if (a.mean % 4 != 0 || a.var % 4 != 0 || a.counters % 4 != 0)
+      throw ArgError(cat(fn, ": mean, var and counters must be 4-byte aligned"));
+    if (a.workspace % 8 != 0) throw ArgError(cat(fn, ": workspace must be 8-byte aligned"));
     const int64_t need = conv2d_workspace_bytes(a.N, OH, OW, a.Cout, true);
     if (a.workspace_bytes < need)
       throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", need, " required"));
+    const int64_t need_cnt = conv2d_stats_counters(a.N, OH, OW, a.Cout, true);
+    if (a.counters_count < need_cnt)
+      throw ArgError(cat(fn, ": counters_count = ", a.counters_count, " < ", need_cnt, " required"));
   }
   // ---- device
   int dev = 0, major = 0;
@@ -910,9 +1047,20 @@ void conv2d_forward(const Conv2dArgs& a) {
   p.bias = reinterpret_cast<const float*>(a.bias);
   p.res = reinterpret_cast<const void*>(a.residual);
   p.out = reinterpret_cast<void*>(a.out);
-  p.part_mean = stats ? reinterpret_cast<float*>(a.workspace) : nullptr;
   const int64_t m_tiles = ceil_div(M, BM);
-  p.part_m2 = stats ? p.part_mean + m_tiles * a.Cout : nullptr;
+  const int64_t group_tiles = stat_group_tiles(m_tiles);
+  const int64_t groups = ceil_div(m_tiles, group_tiles);
+  if (stats) {  // workspace: [groups][Cout] float64 mean, M2; then [m_tiles][Cout] float32 mean, M2
+    p.grp_mean = reinterpret_cast<double*>(a.workspace);
+    p.grp_m2 = p.grp_mean + groups * a.Cout;
+    p.part_mean = reinterpret_cast<float*>(p.grp_m2 + groups * a.Cout);
+    p.part_m2 = p.part_mean + m_tiles * a.Cout;
+    p.mean_out = reinterpret_cast<float*>(a.mean);
+    p.var_out = reinterpret_cast<float*>(a.var);
+    p.counters = reinterpret_cast<int*>(a.counters);
+  }
+  p.stat_group_tiles = static_cast<int>(group_tiles);
+  p.stat_groups = static_cast<int>(groups);
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);
   p.H = static_cast<int>(a.H);
@@ -980,12 +1128,6 @@ void conv2d_forward(const Conv2dArgs& a) {
     case DType::F16: launch_conv<__half, kMma16>(p, vec_a, wide, wide_stages, pro, dev, grid, stream); break;
     case DType::BF16: launch_conv<__nv_bfloat16, kMma16>(p, vec_a, wide, wide_stages, pro, dev, grid, stream); break;
     case DType::F64: break;  // rejected above
-  }
-  if (stats) {
-    conv2d_stats_finalize_kernel<<<static_cast<unsigned>(a.Cout), kFinThreads, 0, stream>>>(
-        p.part_mean, p.part_m2, static_cast<int>(m_tiles), p.M, p.Cout, reinterpret_cast<float*>(a.mean),
-        reinterpret_cast<float*>(a.var));
-    check_launch("conv2d_forward: conv2d_stats_finalize_kernel");
   }
 }
 

@@ -21,9 +21,18 @@
 //   out      (N, Cout, OH, OW) of `dtype`, element strides out_stride[4].
 //   Tensor elements must be naturally aligned; out must not overlap x, w or residual.
 // Statistics (optional): mean/var (Cout,) float32 receive the per-channel mean and BIASED
-//   variance over N*OH*OW of y = conv(x, w) (fp32 accumulators, before scale/bias/residual/act).
-//   They need a device workspace of conv2d_workspace_bytes(...) bytes (per-tile partials);
-//   the reduction is deterministic (fixed order, no atomics).
+//   variance over N*OH*OW of y = conv(x, w) (fp32 accumulators, before scale/bias/residual/act),
+//   in the convolution's own launch. They need a device workspace of conv2d_workspace_bytes(...)
+//   bytes (8-byte aligned: per-tile float32 partials, per-group float64 partials) and
+//   conv2d_stats_counters(...) int32 arrival counters that are ALL ZERO at launch (the kernel puts
+//   them back to 0: a launch that completes leaves them as it found them). Each CTA writes its
+//   tile's (mean, M2) partial and arrives on its (group of m-tiles, column tile) counter (CTA
+//   barrier, a gpu-scope fence, one atomicAdd); the group's last arrival merges the group's tile
+//   partials in tile order (float64) and, with several groups, arrives on its column tile's
+//   counter, whose last arrival merges the group partials in group order and writes mean/var.
+//   Which CTA arrives last varies; the merge order does not: deterministic (bitwise reproducible),
+//   the counters decide who merges, not what. Launches that share a counter buffer must run one
+//   at a time (one stream).
 // Operand prologue (optional, bn_mean != 0): x is a BatchNorm's input y_prev and the convolution
 //   consumes h = relu(y_prev * scale[c] + shift[c]) instead, scale = bn_weight * 1/sqrt(bn_var + eps),
 //   shift = -bn_mean * scale + bn_bias (absent weight 1, bias 0), in float32 and rounded to `dtype`:
@@ -48,6 +57,8 @@ struct Conv2dArgs {
   std::uintptr_t mean, var;                          // stats outputs: both or neither
   std::uintptr_t workspace;                          // required iff stats requested
   int64_t workspace_bytes;
+  std::uintptr_t counters;                           // int32, all zero; required iff stats requested
+  int64_t counters_count;                            // counters available (>= conv2d_stats_counters)
   int64_t N, Cin, H, W, Cout, KH, KW;
   int64_t stride_h, stride_w, pad_h, pad_w;
   int64_t OH, OW;
@@ -68,6 +79,10 @@ constexpr int64_t kConvPrologueMaxChannels = 1536;
 
 // Bytes of device workspace conv2d_forward needs (0 when compute_stats is false).
 int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats);
+
+// Arrival counters (int32, all zero at launch) conv2d_forward's statistics need (0 when
+// compute_stats is false).
+int64_t conv2d_stats_counters(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats);
 
 // Validates every argument (rk::ArgError naming it), then launches on `stream`.
 void conv2d_forward(const Conv2dArgs& a);

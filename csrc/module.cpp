@@ -166,7 +166,8 @@ PYBIND11_MODULE(_C, m) {
   def_dtype(conv, "Conv2dArgs.dtype");
   RK_FIELD(conv, x); RK_FIELD(conv, w); RK_FIELD(conv, scale); RK_FIELD(conv, bias); RK_FIELD(conv, residual);
   RK_FIELD(conv, out); RK_FIELD(conv, mean); RK_FIELD(conv, var); RK_FIELD(conv, workspace);
-  RK_FIELD(conv, workspace_bytes); RK_FIELD(conv, N); RK_FIELD(conv, Cin); RK_FIELD(conv, H); RK_FIELD(conv, W);
+  RK_FIELD(conv, workspace_bytes); RK_FIELD(conv, counters); RK_FIELD(conv, counters_count);
+  RK_FIELD(conv, N); RK_FIELD(conv, Cin); RK_FIELD(conv, H); RK_FIELD(conv, W);
   RK_FIELD(conv, Cout); RK_FIELD(conv, KH); RK_FIELD(conv, KW); RK_FIELD(conv, stride_h); RK_FIELD(conv, stride_w);
   RK_FIELD(conv, pad_h); RK_FIELD(conv, pad_w); RK_FIELD(conv, OH); RK_FIELD(conv, OW); RK_FIELD(conv, ldw);
   RK_FIELD(conv, relu); RK_FIELD(conv, allow_tf32); RK_FIELD(conv, stream);
@@ -371,6 +372,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("N"), py::arg("OH"), py::arg("OW"), py::arg("Cout"), py::arg("compute_stats"),
       "bytes of device workspace conv2d_forward needs (0 without statistics)");
+  m.def(
+      "conv2d_stats_counters",
+      [](int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
+        return rk::conv2d_stats_counters(N, OH, OW, Cout, compute_stats);
+      },
+      py::arg("N"), py::arg("OH"), py::arg("OW"), py::arg("Cout"), py::arg("compute_stats"),
+      "int32 arrival counters (all zero at launch) conv2d_forward's statistics need (0 without statistics)");
 
   m.def(
       "conv2d_forward",

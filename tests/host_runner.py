@@ -183,10 +183,12 @@ class HostRunner:
         self._lib.rk_host_register_buffer.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
         self._lib.rk_host_configure.argtypes = [ctypes.c_int, ctypes.c_int]
         self._lib.rk_host_configure_device.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.rk_host_configure_order.argtypes = [ctypes.c_uint]
         self._lib.rk_host_take_launches.restype = ctypes.c_char_p
         # a "GPU" of 2 SMs x 2 resident blocks: grid-stride loops really loop
         self._lib.rk_host_configure(sm_count, blocks_per_sm)
         self.configure_device(*self.DEFAULT_DEVICE)
+        self.configure_order(0)
 
     # the device the runner poses as by default: an A100 (sm_80, 163 KiB opt-in shared memory per block)
     DEFAULT_DEVICE = (8, 0, 163 * 1024)
@@ -196,6 +198,11 @@ class HostRunner:
         shared memory per block (what cudaDeviceGetAttribute reports and cudaFuncSetAttribute and
         dynamic-shared-memory launches are checked against)."""
         self._lib.rk_host_configure_device(major, minor, smem_optin)
+
+    def configure_order(self, seed: int) -> None:
+        """Run each launch's CTAs in blockIdx order (seed 0) or in a pseudo-random permutation fixed
+        by ``seed`` (kernels whose CTAs meet on arrival counters must not depend on the order)."""
+        self._lib.rk_host_configure_order(seed)
 
     def take_launches(self) -> list[str]:
         """The kernels launched since the last call (their launch expressions in csrc), in order."""

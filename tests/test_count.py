@@ -55,16 +55,17 @@ def test_fused_layer_counts_declared_cost_not_decomposition(small):
     assert stats.calls == 1
     # per call: no pack_weight (the channels_last weight is read in place: Cin = 64 needs no channel
     # padding, K = 576 is a multiple of 8), the implicit GEMM (read x and the weight, write y and the
-    # per-tile (mean, M2) partials: N*OH*OW = 2048 rows in 16 tiles of 128, 64 channels, fp32), the
-    # finalize kernel (read the partials, write mean and var)
+    # per-tile (mean, M2) partials: N*OH*OW = 2048 rows in 16 tiles of 128, 64 channels, fp32), and
+    # in the same launch the statistics merge of the last CTA (16 tiles: one group; read the
+    # partials, write mean and var)
     partials = 2 * 16 * 64 * 4
     per_call = (A + W + A + partials) + (partials + 2 * V)
-    assert stats.launches == 2
+    assert stats.launches == 1
     assert stats.bytes == per_call
     assert ("convolution", "aten") not in ops  # the fused conv is not counted as aten ops
-    # the same two launches; the prologue reads y_prev in x's place plus mean, var, weight, bias
+    # the same launch; the prologue reads y_prev in x's place plus mean, var, weight, bias
     pro = ops[("conv2d_bn_stats", "cuda")]
-    assert pro.calls == 1 and pro.launches == 2
+    assert pro.calls == 1 and pro.launches == 1
     assert pro.bytes == per_call + 4 * V
     assert ("batch_norm_act", "cuda") not in ops
     # the tail: read y and the identity, write out; its 1-bit mask (8 bytes per pixel of 64

@@ -10,6 +10,7 @@ Adding an implementation: its launcher file(s) and one ``register`` call below.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -304,12 +305,21 @@ def _partials(call) -> int:
     return 2 * ((N * OH * OW + _CONV_BM - 1) // _CONV_BM) * Cout * 4  # (mean, M2) per tile, float32
 
 
+def _cuda_stat_groups(m_tiles: int) -> int:
+    """Groups of csrc/conv2d.cu's in-launch statistics merge: max(16, ceil(sqrt(m_tiles))) m-tiles
+    each (its ``stat_group_tiles``; tests/ops/test_conv2d_cuda.py checks the two agree)."""
+    g = max(16, math.isqrt(m_tiles - 1) + 1 if m_tiles > 0 else 0)
+    return (m_tiles + g - 1) // g
+
+
 def _cuda_conv_cost(call):
     """pack_weight where the weight is not read in place (``cuda_conv2d.in_place_ldw``): a permute
     copy, plus a zero fill of the whole packed matrix first when it has padding (channels Cin -> Cp,
     a multiple of 16 bytes' worth, or columns up to a multiple of 8); the implicit-GEMM kernel (x,
-    the weight matrix, the epilogue's operands, out; per-tile statistics partials) and, with
-    statistics, conv2d_stats_finalize_kernel."""
+    the weight matrix, the epilogue's operands, out) whose statistics, when asked for, are merged in
+    the same launch (csrc/conv2d.h): per-tile (mean, M2) partials written, read back by each group's
+    last CTA, per-group float64 partials (with several groups) written and read by each column
+    tile's last CTA, mean and var written."""
     from .cuda_conv2d import in_place_ldw, padded_channels
 
     Cout, Cin, KH, KW = call.weight.shape
@@ -324,8 +334,11 @@ def _cuda_conv_cost(call):
             launches, b = launches + 1, b + Cout * ldw * wsz
     launches, b = launches + 1, b + _conv_io(call) + Cout * ldw * wsz
     if call.compute_stats:
+        N, _, OH, OW = call.shape
+        m_tiles = (N * OH * OW + _CONV_BM - 1) // _CONV_BM
+        groups = _cuda_stat_groups(m_tiles)
         p = _partials(call)
-        launches, b = launches + 1, b + p + p + 2 * Cout * 4
+        b += p + p + (2 * (2 * groups * Cout * 8) if groups > 1 else 0) + 2 * Cout * 4
     return launches, b
 
 

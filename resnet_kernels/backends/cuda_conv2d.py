@@ -1,5 +1,6 @@
 """CUDA convolution launcher: wraps ``_C.conv2d_forward`` (csrc/conv2d.cu), an implicit-GEMM
-tensor-core kernel with a fused fp32 epilogue and deterministic batch statistics.
+tensor-core kernel with a fused fp32 epilogue and deterministic batch statistics (merged in the
+same launch by its last-arriving CTAs, on ``resnet_kernels._counters``' cached zeroed counters).
 
 Contract (shared by every backend's ``conv2d_forward``): see resnet_kernels/backends/torch_conv2d.py.
 The kernel takes the weight as a (Cout, ldw) matrix whose columns are ordered (kh, kw, cin) with
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _alloc
+from .._counters import arrival_counters, drop_arrival_counters
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 
 
@@ -93,22 +95,29 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
     with device_guard(x):
         ldw = in_place_ldw(weight, x.dtype)
         wmat, ldw = (weight, ldw) if ldw else pack_weight(weight)
-        mean = var = ws = None
+        mean = var = ws = counters = key = None
         nbytes = C_.conv2d_workspace_bytes(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
+        ncnt = C_.conv2d_stats_counters(N=N, OH=OH, OW=OW, Cout=Cout, compute_stats=bool(compute_stats))
         if compute_stats:
             mean = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
             var = _alloc.empty((Cout,), dtype=torch.float32, device=x.device)
-            # float32 elements: the kernel writes per-tile (mean, M2) partials here
-            ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=x.device)
+            # float64 per-group then float32 per-tile (mean, M2) partials (8-byte aligned: an allocation)
+            ws = _alloc.empty((max((nbytes + 7) // 8, 1),), dtype=torch.float64, device=x.device)
+            counters, key = arrival_counters(x.device, max(ncnt, 1))
         args = fill_args(
             C_.Conv2dArgs, dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
             residual=ptr(residual), out=ptr(out), mean=ptr(mean), var=ptr(var), workspace=ptr(ws),
-            workspace_bytes=nbytes, N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW,
+            workspace_bytes=nbytes, counters=ptr(counters), counters_count=counters.numel() if compute_stats else 0,
+            N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW,
             stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
             OH=OH, OW=OW, ldw=ldw, x_stride=list(x.stride()), out_stride=list(out.stride()),
             res_stride=list(residual.stride()) if residual is not None else [0, 0, 0, 0],
             relu=bool(relu), allow_tf32=bool(allow_tf32), stream=stream_of(x), **_prologue_fields(prologue))
-        call("conv2d_forward", args)
+        try:
+            call("conv2d_forward", args)
+        except BaseException:
+            drop_arrival_counters(key)  # it may have arrived partly (the host runner): not all zero
+            raise
     if compute_stats:
         return mean, var
     return None

@@ -59,6 +59,7 @@ def conv2d_forward(x, weight, scale, bias, residual, out, stride, padding, relu,
         fields = dict(
             dtype=DTYPE_CODES[x.dtype], x=ptr(x), w=ptr(wmat), scale=ptr(scale), bias=ptr(bias),
             residual=ptr(residual), out=ptr(out), mean=ptr(mean), var=ptr(var), workspace=0, workspace_bytes=0,
+            counters=0, counters_count=0,  # csrc/conv2d.cu's statistics merge only: sm90 has its own
             N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]),
             pad_h=int(padding[0]), pad_w=int(padding[1]), OH=OH, OW=OW, ldw=ldw, x_stride=_nhwc_strides(x),
             out_stride=_nhwc_strides(out), res_stride=_nhwc_strides(residual) if residual is not None else [0, 0, 0, 0],

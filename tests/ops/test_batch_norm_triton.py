@@ -348,7 +348,7 @@ def test_many_partials_finalize_loop(monkeypatch):
     rows: the in-launch finalize (the last-arriving program of each channel block) loops over P,
     and leaves the shared arrival counters all zero."""
     import resnet_kernels.triton_ops.bn_add_relu as BAR  # the shared tiling (_reduce_config uses it)
-    from resnet_kernels.triton_ops import _common
+    from resnet_kernels import _counters
 
     monkeypatch.setattr(BAR, "_target_programs", lambda device, interpret: 64)
     monkeypatch.setattr(TK, "_finalize_rows", lambda P, block_c, interpret=None: 2)
@@ -362,7 +362,7 @@ def test_many_partials_finalize_loop(monkeypatch):
         run_backward(TK, case, out, grads)
         expected, info = backward64(case, out)
         check_backward(case, grads, expected, info, f"many partials {layout}")
-        assert all(int(b.count_nonzero()) == 0 for b in _common.ARRIVAL_COUNTERS.values())
+        assert all(int(b.count_nonzero()) == 0 for b in _counters.ARRIVAL_COUNTERS.values())
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ CPU convolution of the same dtype, and for TF32 that of a float64 convolution of
 to TF32 (what cuDNN's TF32 path computes), so the tolerance rule stays the same.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,6 +174,87 @@ def test_conv2d_stats_matches_float64(shape, mode, layout, cuda_target):
     assert torch.equal(out, out2)
 
 
+# (N, Cin, H, W, Cout, k, stride, pad) -> the statistics merge's groups (csrc/conv2d.cu: groups of
+# max(16, ceil(sqrt(m_tiles))) m-tiles of 128 rows): 17 tiles = 16 + 1, two 64-channel column tiles
+# (the second partial); 25 tiles = 16 + 9 on the 128 x 128 tile; 44 tiles = 16 + 16 + 12, stride 2
+MERGE_SHAPES = {
+    "2_groups_last_1_tile": (1, 8, 17, 128, 72, 3, 1, 1),
+    "2_groups_wide_tile": (2, 16, 40, 40, 136, 3, 1, 1),
+    "3_groups_s2": (1, 8, 150, 150, 24, 3, 2, 1),
+}
+
+
+@pytest.mark.parametrize("mode, layout", [("bf16", "channels_last"), ("fp32", "nchw"), ("tf32", "channels_last")])
+@pytest.mark.parametrize("shape", list(MERGE_SHAPES))
+def test_conv2d_stats_merge_in_launch(shape, mode, layout, cuda_target, monkeypatch):
+    """The statistics are merged in the convolution's launch by the last CTA to arrive on each
+    (group, column tile) counter, then on each column tile's counter: parity with float64 across
+    one and two merge levels and partial groups; the counters are all zero again afterwards (a fresh
+    buffer first); on the host runner the CTAs run in blockIdx order and in 3 permutations, with
+    bit-identical statistics and output (the merge order does not depend on who arrives last). The
+    workspace's partials and mean/var are NaN-poisoned (tests' poison mode), so a partial read
+    before it is written, or a channel never finalized, fails."""
+    from resnet_kernels import _counters
+
+    monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
+    N, Cin, H, W, Cout, k, s, p = MERGE_SHAPES[shape]
+    dtype = DTYPE[mode]
+    x = torch.randn(N, Cin, H, W, device=cuda_target).to(dtype).contiguous(memory_format=_fmt(layout))
+    x = x + 3.0  # a mean well away from 0: the merge's Chan deltas matter
+    w = (torch.randn(Cout, Cin, k, k, device=cuda_target) / (Cin * k * k) ** 0.5).to(dtype)
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    m_tiles = -(-N * OH * OW // 128)
+    group = max(16, int(math.ceil(math.sqrt(m_tiles))))
+    assert -(-m_tiles // group) >= 2, "the shape must need the second merge level"
+    runner = cuda_common._host
+    seeds = [0, 1, 2, 3] if runner is not None else [0]
+    results = []
+    try:
+        for seed in seeds:
+            if runner is not None:
+                runner.configure_order(seed)
+            out = _poisoned((N, Cout, OH, OW), dtype, layout, cuda_target)
+            mean, var = _launch(x, w, None, None, None, out, (s, s), (p, p), False, True, mode)
+            results.append((out, mean, var))
+    finally:
+        if runner is not None:
+            runner.configure_order(0)
+    out, mean, var = results[0]
+    y64 = F.conv2d(x.double(), w.double(), None, (s, s), (p, p))
+    rvar, rmean = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+    tvar, tmean = torch.var_mean(_torch_conv(x, w, (s, s), (p, p), mode).float(), dim=(0, 2, 3), correction=0)
+    ymax = y64.abs().max().item()
+    tol_m = 2 * (tmean.double() - rmean).abs().max().item() + FLOOR[mode] * ymax
+    tol_v = 2 * (tvar.double() - rvar).abs().max().item() + FLOOR[mode] * ymax ** 2
+    assert not mean.isnan().any() and not var.isnan().any(), "a channel's statistics were never written"
+    assert (mean.double() - rmean).abs().max().item() <= tol_m
+    assert (var.double() - rvar).abs().max().item() <= tol_v
+    for o, m, v in results[1:]:
+        assert torch.equal(m, mean) and torch.equal(v, var) and torch.equal(o, out), "depends on the CTA order"
+    assert _counters.ARRIVAL_COUNTERS and all(int(b.count_nonzero()) == 0 for b in _counters.ARRIVAL_COUNTERS.values())
+
+
+def test_conv2d_stats_drops_counters_on_error(cuda_target, monkeypatch):
+    """A launch that raises (it may have arrived partly) drops the cached counter buffer it used."""
+    from resnet_kernels import _counters
+    from resnet_kernels.backends import cuda_conv2d
+
+    x = torch.randn(1, 8, 9, 9, device=cuda_target)
+    w = torch.randn(8, 8, 3, 3, device=cuda_target)
+    out = torch.empty(1, 8, 9, 9, device=cuda_target)
+    cuda_conv2d.conv2d_forward(x, w, None, None, None, out, (1, 1), (1, 1), False, True, False)
+    key = _counters._counter_key(x.device)
+    assert key in _counters.ARRIVAL_COUNTERS
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cuda_conv2d, "call", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        cuda_conv2d.conv2d_forward(x, w, None, None, None, out, (1, 1), (1, 1), False, True, False)
+    assert key not in _counters.ARRIVAL_COUNTERS
+
+
 def _conv_args(mod, **fields):
     return cuda_common.fill_args(mod.Conv2dArgs, **fields)
 
@@ -193,8 +276,9 @@ def test_conv2d_mixed_strides_via_C(mode, cuda_target):
     ptr = cuda_common.ptr
     cuda_common.call("conv2d_forward", _conv_args(
         cuda_common.C_module(), dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=ptr(x), w=ptr(wm), scale=0,
-        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
-        W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0, OH=5, OW=4, ldw=ldw,
+        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, counters=0,
+        counters_count=0, N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=3, KW=3, stride_h=2, stride_w=2, pad_h=1, pad_w=0,
+        OH=5, OW=4, ldw=ldw,
         x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
         allow_tf32=False, stream=cuda_common.stream_of(x), **NO_PROLOGUE))
     if x.is_cuda:
@@ -234,8 +318,9 @@ def test_conv2d_unaligned_out_and_residual_via_C(mode, layout, cuda_target):
     ptr = cuda_common.ptr
     cuda_common.call("conv2d_forward", _conv_args(
         cuda_common.C_module(), dtype={torch.float32: 0, torch.bfloat16: 2}[dtype], x=ptr(x), w=ptr(wm), scale=0,
-        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, N=N, Cin=Cin, H=H,
-        W=W, Cout=Cout, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, OH=H, OW=W, ldw=ldw,
+        bias=0, residual=ptr(res), out=ptr(out), mean=0, var=0, workspace=0, workspace_bytes=0, counters=0,
+        counters_count=0, N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1,
+        OH=H, OW=W, ldw=ldw,
         x_stride=list(x.stride()), out_stride=list(out.stride()), res_stride=list(res.stride()), relu=True,
         allow_tf32=False, stream=cuda_common.stream_of(x), **NO_PROLOGUE))
     if x.is_cuda:
@@ -341,7 +426,8 @@ def api(request):
 
 def _valid_args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
-             workspace_bytes=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
+             workspace_bytes=0, counters=0, counters_count=0, N=2, Cin=3, H=9, W=9, Cout=8, KH=3, KW=3, stride_h=1,
+             stride_w=1, pad_h=1,
              pad_w=1, OH=9, OW=9, ldw=72, x_stride=[243, 81, 9, 1], out_stride=[648, 81, 9, 1],
              res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0, **NO_PROLOGUE)
     a.update(over)
@@ -369,7 +455,12 @@ def _valid_args(**over):
     (dict(x_stride=[243, -81, 9, 1]), "x_stride"),
     (dict(mean=4096), "var"),
     (dict(mean=4096, var=4096), "workspace"),
-    (dict(mean=4096, var=4096, workspace=4096, workspace_bytes=4), "workspace_bytes"),
+    (dict(mean=4096, var=4096, workspace=4096), r"counters \(statistics requested\)"),
+    (dict(mean=4096, var=4096, workspace=4100, counters=4096), "workspace must be 8-byte aligned"),
+    (dict(mean=4096, var=4096, workspace=4096, counters=4098), "counters must be 4-byte aligned"),
+    (dict(mean=4096, var=4096, workspace=4096, counters=4096, workspace_bytes=4), "workspace_bytes"),
+    (dict(mean=4096, var=4096, workspace=4096, counters=4096, workspace_bytes=256, counters_count=0),
+     "counters_count = 0 < 1 required"),
     (dict(scale=4098), "scale"),
 ])
 def test_conv2d_C_rejects_bad_arguments(over, match, api):
@@ -379,7 +470,34 @@ def test_conv2d_C_rejects_bad_arguments(over, match, api):
 
 def test_conv2d_workspace_bytes(api):
     assert api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=False) == 0
-    # 162 rows -> 2 tiles of 128 rows; (mean, M2) float32 per tile and channel
-    assert api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 2 * 2 * 8 * 4
+    # 162 rows -> 2 tiles of 128 rows, one group (of up to 16 tiles): (mean, M2) float64 per group
+    # and channel, then float32 per tile and channel
+    assert api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 2 * 1 * 8 * 8 + 2 * 2 * 8 * 4
+    # 40000 rows -> 313 tiles, groups of 18 (ceil(sqrt(313))) -> 18 groups
+    assert api.conv2d_workspace_bytes(N=1, OH=200, OW=200, Cout=3, compute_stats=True) == \
+        2 * 18 * 3 * 8 + 2 * 313 * 3 * 4
     with pytest.raises(ValueError, match="Cout"):
         api.conv2d_workspace_bytes(N=2, OH=9, OW=9, Cout=-1, compute_stats=True)
+    # the declared cost's group count (resnet_kernels.backends._cuda_stat_groups) is the kernel's
+    from resnet_kernels.backends import _cuda_stat_groups
+
+    for rows in (1, 128, 129, 2048, 2049, 16 * 16 * 128, 16 * 16 * 128 + 1, 40000, 3211264):
+        m_tiles = -(-rows // 128)
+        groups = _cuda_stat_groups(m_tiles)
+        assert api.conv2d_workspace_bytes(N=1, OH=1, OW=rows, Cout=5, compute_stats=True) == \
+            2 * groups * 5 * 8 + 2 * m_tiles * 5 * 4, rows
+        assert api.conv2d_stats_counters(N=1, OH=1, OW=rows, Cout=5, compute_stats=True) == \
+            groups + (groups > 1), rows
+
+
+def test_conv2d_stats_counters(api):
+    """One counter per (group, 64-channel column tile), plus one per column tile with several groups."""
+    assert api.conv2d_stats_counters(N=2, OH=9, OW=9, Cout=8, compute_stats=False) == 0
+    assert api.conv2d_stats_counters(N=2, OH=9, OW=9, Cout=8, compute_stats=True) == 1
+    assert api.conv2d_stats_counters(N=2, OH=9, OW=9, Cout=65, compute_stats=True) == 2
+    # 16 tiles: one group; 17 tiles: groups of 16 -> 2 groups + the column counter
+    assert api.conv2d_stats_counters(N=1, OH=16, OW=128, Cout=64, compute_stats=True) == 1
+    assert api.conv2d_stats_counters(N=1, OH=17, OW=128, Cout=128, compute_stats=True) == (2 + 1) * 2
+    assert api.conv2d_stats_counters(N=1, OH=200, OW=200, Cout=3, compute_stats=True) == 18 + 1
+    with pytest.raises(ValueError, match="OH"):
+        api.conv2d_stats_counters(N=2, OH=-1, OW=9, Cout=8, compute_stats=True)

@@ -166,7 +166,8 @@ def test_op_runs_in_kernel_and_costs_no_h(cuda_target, monkeypatch):
 # ---- the C++ API's checks of the prologue's arguments (on the host runner's build of csrc)
 def _args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=4096, var=4096, workspace=4096,
-             workspace_bytes=1 << 20, N=1, Cin=16, H=7, W=7, Cout=8, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
+             workspace_bytes=1 << 20, counters=4096, counters_count=1 << 20, N=1, Cin=16, H=7, W=7, Cout=8, KH=3,
+             KW=3, stride_h=1, stride_w=1, pad_h=1,
              pad_w=1, OH=7, OW=7, ldw=144, x_stride=[784, 1, 112, 16], out_stride=[392, 1, 56, 8],
              res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0, bn_mean=4096, bn_var=4096, bn_weight=0,
              bn_bias=0, bn_weight_dtype=0, bn_bias_dtype=0, bn_eps=1e-5)

@@ -446,7 +446,8 @@ def test_launcher_reads_the_weight_in_place(weight_layout, in_place, monkeypatch
 
 def _args(**over):
     a = dict(dtype=2, x=4096, w=4096, scale=0, bias=0, residual=0, out=8192, mean=0, var=0, workspace=0,
-             workspace_bytes=0, N=2, Cin=16, H=9, W=9, Cout=24, KH=3, KW=3, stride_h=1, stride_w=1, pad_h=1,
+             workspace_bytes=0, counters=0, counters_count=0, N=2, Cin=16, H=9, W=9, Cout=24, KH=3, KW=3, stride_h=1,
+             stride_w=1, pad_h=1,
              pad_w=1, OH=9, OW=9, ldw=144, x_stride=[1296, 1, 144, 16], out_stride=[1944, 1, 216, 24],
              res_stride=[0, 0, 0, 0], relu=False, allow_tf32=False, stream=0, **NO_PROLOGUE)
     a.update(over)

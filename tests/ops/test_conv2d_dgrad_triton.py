@@ -341,11 +341,11 @@ def test_dgrad_finalize_many_arrivals(monkeypatch, shape_id, dt, layout):
     classes x all row tiles, those past a smaller class's rows too) arrives on the tile's counter and
     the last one sums the P partial rows (here in steps of 8 rows, the last one partial where P = 12
     or 5). 16-row tiles so that many programs arrive; parity with the reference; the counters
-    (``_common.ARRIVAL_COUNTERS``) are all 0 again afterwards; the partials are poisoned (every row
+    (``_counters.ARRIVAL_COUNTERS``) are all 0 again afterwards; the partials are poisoned (every row
     must be written before the finalize reads it)."""
-    from resnet_kernels.triton_ops import _common
+    from resnet_kernels import _counters
 
-    monkeypatch.setattr(_common, "ARRIVAL_COUNTERS", {})  # a fresh zeroed buffer (whatever ran before)
+    monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})  # a fresh zeroed buffer (whatever ran before)
     monkeypatch.setattr(dg, "INTERPRETER_CONFIG", _SMALL_TILES)
     monkeypatch.setattr(dg, "_finalize_rows", lambda P, block_c, interpret=None: 8)
     dtype, tf32 = DTYPES[dt]
@@ -359,23 +359,23 @@ def test_dgrad_finalize_many_arrivals(monkeypatch, shape_id, dt, layout):
     n, cin, h, w, cout, k, s, p = _shape(shape_id)
     assert plan.P == s * s * -(-n * -(-h // s) * -(-w // s) // 16) and plan.P >= 5, plan.P
     assert plan.grid == (plan.P // (s * s) * 2, s * s) and plan.constexprs["FIN_BLOCK_P"] == 8
-    assert plan.counter_key in _common.ARRIVAL_COUNTERS
+    assert plan.counter_key in _counters.ARRIVAL_COUNTERS
     b = _run_and_check(a, dtype, tf32, f"{shape_id} {dt} {layout}")
     assert (b["grad_x"] == 0).any() and (b["grad_x"] != 0).any()
-    assert all(int(c.count_nonzero()) == 0 for c in _common.ARRIVAL_COUNTERS.values())
+    assert all(int(c.count_nonzero()) == 0 for c in _counters.ARRIVAL_COUNTERS.values())
 
 
 def test_dgrad_finalize_drops_counters_on_error(monkeypatch):
     """A launch that raises (it may have arrived partly) drops its counter buffer: the next call
     starts from a fresh zeroed one."""
-    from resnet_kernels.triton_ops import _common
+    from resnet_kernels import _counters
 
     a = _make("1x1s1", torch.float32, "channels_last", up=True, seed=12)
     plan = dg._prepare(*(a[k] for k in ("g", "mask", "y", "mean", "coef", "weight", "grad_x", "stride", "padding",
                                         "residual", "res_mask", "up_out", "up_y", "up_mean")), True,
                        up_bn=(a["up_var"], a["up_weight"], None, a["up_eps"]))
     key = plan.counter_key
-    assert key in _common.ARRIVAL_COUNTERS
+    assert key in _counters.ARRIVAL_COUNTERS
 
     class Boom(Exception):
         pass
@@ -386,7 +386,7 @@ def test_dgrad_finalize_drops_counters_on_error(monkeypatch):
     monkeypatch.setattr(dg, "_conv2d_dgrad_kernel", {plan.grid: boom})  # kernel[grid](...) raises
     with pytest.raises(Boom):
         _call(dg.conv2d_dgrad, a, True)
-    assert key not in _common.ARRIVAL_COUNTERS
+    assert key not in _counters.ARRIVAL_COUNTERS
 
 
 def test_dgrad_deterministic():

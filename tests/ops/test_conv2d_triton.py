@@ -397,8 +397,8 @@ def _large_mean_case(seed=7):
 
 
 def _counters_all_zero():
-    from resnet_kernels.triton_ops import _common
-    return all(not b.any() for b in _common.ARRIVAL_COUNTERS.values())
+    from resnet_kernels import _counters
+    return all(not b.any() for b in _counters.ARRIVAL_COUNTERS.values())
 
 
 @pytest.mark.parametrize("tpg", [1, 4, None], ids=["group1", "group4", "default"])
@@ -451,7 +451,7 @@ def test_conv_stats_counters_dropped_after_a_failed_launch(monkeypatch):
     """A launch that raises (here after dirtying its arrival counters, as a kernel interrupted
     midway would) drops its cached counter buffer; the next call gets a zeroed one and the right
     statistics. An empty batch (M == 0) launches nothing and returns NaN statistics."""
-    from resnet_kernels.triton_ops import _common
+    from resnet_kernels import _counters
 
     x, w = _large_mean_case(seed=9)
     cfg = dataclasses.replace(conv.INTERPRETER_CONFIG if interpreting() else conv.select_config(
@@ -460,7 +460,7 @@ def test_conv_stats_counters_dropped_after_a_failed_launch(monkeypatch):
     plan = conv._prepare(x, w, None, None, None, probe, (1, 1), (0, 0), False, True, False, config=cfg)
     assert plan.num_groups > 1
     key = plan.counter_key
-    assert key in _common.ARRIVAL_COUNTERS and plan.args[10] is plan.counters  # cnt_ptr
+    assert key in _counters.ARRIVAL_COUNTERS and plan.args[10] is plan.counters  # cnt_ptr
 
     class _Failing:
         def __getitem__(self, grid):
@@ -473,7 +473,7 @@ def test_conv_stats_counters_dropped_after_a_failed_launch(monkeypatch):
         mp.setattr(conv, "_conv2d_fwd_kernel", _Failing())
         with pytest.raises(RuntimeError, match="injected"):
             _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last", config=cfg)
-    assert key not in _common.ARRIVAL_COUNTERS, "the dirty counter buffer is still cached"
+    assert key not in _counters.ARRIVAL_COUNTERS, "the dirty counter buffer is still cached"
     out, (mean, var) = _run(x, w, None, None, None, (1, 1), (0, 0), False, True, False, "channels_last", config=cfg)
     assert _counters_all_zero()
     v_own, m_own = torch.var_mean(out.detach().cpu().double(), dim=(0, 2, 3), unbiased=False)

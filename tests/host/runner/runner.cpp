@@ -1,6 +1,9 @@
 // The host runner: executes the CUDA kernels of csrc/, compiled for the CPU (rk_host.h), one CTA
 // after another. Test-only (docs/DESIGN.md "Host runner").
 //
+// * CTA order: blockIdx order, or (rk_host_configure_order(seed), seed != 0) a pseudo-random
+//   permutation of the grid fixed by the seed: what a kernel whose CTAs communicate through
+//   global memory (arrival counters: the last arrival merges) must not depend on.
 // * Threads: each thread of the running CTA is a fiber with its own stack. A fiber runs
 //   until it blocks at __syncthreads or at a warp-collective operation; the scheduler then runs
 //   the next runnable fiber (fixed round-robin order, so every run is deterministic).
@@ -40,6 +43,7 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rk_host.h"
@@ -177,6 +181,7 @@ const char* g_kernel = "";
 
 // ---- configuration and registered global buffers (Python, through ctypes)
 int g_sm_count = 2;
+unsigned g_cta_order_seed = 0;  // 0: blockIdx order; else a permutation (rk_host_configure_order)
 int g_blocks_per_sm = 2;
 int g_cc_major = 8, g_cc_minor = 0;  // the device posed as: A100 (sm_80) by default
 int g_smem_optin = 163 * 1024;       // its opt-in shared memory per block
@@ -735,12 +740,26 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
   g_entry_ctx = ctx;
   g_abort = false;
   g_error.clear();
-  for (unsigned z = 0; z < grid.z && !g_abort; ++z)
-    for (unsigned y = 0; y < grid.y && !g_abort; ++y)
-      for (unsigned x = 0; x < grid.x && !g_abort; ++x) {
-        g_bidx = uint3{x, y, z};
-        run_cta();
-      }
+  const uint64_t ctas = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> order;
+  if (g_cta_order_seed != 0) {  // Fisher-Yates with xorshift64*, seeded: the same permutation every run
+    order.resize(ctas);
+    for (uint64_t i = 0; i < ctas; ++i) order[i] = i;
+    uint64_t r = 0x9E3779B97F4A7C15ull * g_cta_order_seed;
+    for (uint64_t i = ctas; i > 1; --i) {
+      r ^= r >> 12;
+      r ^= r << 25;
+      r ^= r >> 27;
+      const uint64_t j = (r * 0x2545F4914F6CDD1Dull) % i;
+      std::swap(order[i - 1], order[j]);
+    }
+  }
+  for (uint64_t i = 0; i < ctas && !g_abort; ++i) {
+    const uint64_t b = order.empty() ? i : order[i];
+    g_bidx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                   static_cast<unsigned>(b / grid.x / grid.y)};
+    run_cta();
+  }
   if (g_abort && g_last_code == cudaSuccess) {
     g_last_code = cudaErrorLaunchFailure;
     g_last_error = "rk host runner: " + g_error + " [in " + kernel + "]";
@@ -866,6 +885,11 @@ extern "C" void rk_host_register_buffer(uintptr_t p, uint64_t n) {
   if (n) rk_host::g_buffers.push_back({p, p + n});
 }
 extern "C" void rk_host_clear_buffers() { rk_host::g_buffers.clear(); }
+// The order CTAs run in: 0 = blockIdx order (x fastest), else a permutation fixed by the seed.
+extern "C" void rk_host_configure_order(unsigned seed) {
+  std::lock_guard<std::recursive_mutex> lock(rk_host::g_launch_mutex);
+  rk_host::g_cta_order_seed = seed;
+}
 extern "C" void rk_host_configure(int sm_count, int blocks_per_sm) {
   rk_host::g_sm_count = sm_count;
   rk_host::g_blocks_per_sm = blocks_per_sm;

@@ -23,6 +23,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
@@ -162,6 +163,18 @@ inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
+}
+// ld.global.cg (L2 only) and the inter-CTA primitives: CTAs run one after another, so a fence has
+// nothing to order and an atomic is a plain read-modify-write (both accesses bounds-checked).
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+inline void __threadfence() {}
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
 }
 // Separately rounded products (the build passes -ffp-contract=off: nothing is fused on the host).
 inline float __fmul_rn(float a, float b) { return a * b; }
