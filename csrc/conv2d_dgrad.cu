@@ -82,6 +82,21 @@ struct ClassInfo {
   int wofs[kMaxTaps];              // r * w_stride[2] + s * w_stride[3]
 };
 
+// the upstream finalize's arguments (upstream_arrive_finalize, below)
+struct UpFinalize {
+  const float* part;  // [2][tiles][Cin]
+  double* grp;        // [2][groups][Cin]
+  int* counters;
+  const float* up_var;
+  const void* up_weight;
+  float* up_coef;
+  void* up_gw;
+  void* up_gb;
+  int tiles, Cin, n_tiles, group_rows, groups, w_code, gw_code;  // w_code / gw_code: 0 f32, 1 f16, 2 bf16
+  float eps;
+  double m;  // N*H*W
+};
+
 struct Params {
   bnbwd::Operand dy;  // the A operand's sources (C = Cout)
   const void* w;
@@ -92,6 +107,7 @@ struct Params {
   const void* up_out;
   bnbwd::Upstream up;  // up_y (UP) and its BN: up_out recomputed from it when up_out is null
   float* part;  // [2][tiles][Cin] (sum_g, sum_gd) or nullptr
+  UpFinalize fin;  // the upstream finalize's arguments (UP)
   int N, Cin, H, W, Cout, OH, OW, sw, sh;
   long long ws0;  // w_stride[0] (w_stride[1] == 1)
   int xbytes;     // of res_bits (ceil(Cin / 8))
@@ -104,6 +120,146 @@ struct Params {
 
 // the B tile: [32 co rows][64 ci] (8 chunks per row, XOR-swizzled with row & 7)
 __device__ __forceinline__ int b_swz(int row, int chunk) { return row * (BN * 2) + ((chunk ^ (row & 7)) << 4); }
+
+template <typename W>
+__device__ __forceinline__ float load_vec(const void* v, int c) {
+  return to_acc(static_cast<const W*>(v)[c]);
+}
+template <typename W>
+__device__ __forceinline__ void store_vec(void* v, int c, float x) {
+  static_cast<W*>(v)[c] = from_acc<W>(x);
+}
+
+// ---- the upstream finalize, in the dgrad's launch (conv2d_dgrad.h): every CTA of a column tile
+// (all parity classes' row tiles) arrives, after its partial row, on the counter of its (group of
+// group_rows partial rows, column tile): a CTA barrier, then thread 0's gpu-scope fence and
+// atomicAdd (CUTLASS's split-K semaphore); the group's last arrival (after a fence and a barrier)
+// sums the group's rows in row order in float64 from L2 (ld.cg) and, with several groups, arrives
+// on the column tile's counter, whose last arrival sums the group sums in group order and writes
+// the upstream outputs. Which CTA is last varies, the order does not: deterministic. Each counter
+// goes back to 0 in its last arrival. Not inlined: the main loop's registers stay the kernel's own.
+
+// The (sum_g, sum_gd) of rows r0 .. r1 - 1 (load(r, g, d)) of one channel, in row order in float64
+// by the CTA's 2 * BN threads: thread tid takes channel tid % BN (ok: it exists) and the first
+// (tid < BN) or second half of the rows; the halves are added (first + second) through s (2 * BN
+// doubles of shared memory). The result is in the threads tid < BN. Every thread calls it.
+template <typename Load>
+__device__ __forceinline__ void sum_rows(const Load& load, int r0, int r1, bool ok, int tid, double* s, double& sg,
+                                         double& sd) {
+  static_assert(kThreads == 2 * BN, "two threads per channel");
+  const int cl = tid % BN;
+  const int mid = r0 + (r1 - r0 + 1) / 2;
+  const int lo = tid < BN ? r0 : mid, hi = tid < BN ? mid : r1;
+  sg = sd = 0.0;
+  if (ok) {
+#pragma unroll 4
+    for (int r = lo; r < hi; ++r) {
+      double g, d;
+      load(r, g, d);
+      sg += g;
+      sd += d;
+    }
+  }
+  if (tid >= BN) {
+    s[cl] = sg;
+    s[BN + cl] = sd;
+  }
+  __syncthreads();
+  if (tid < BN) {
+    sg += s[cl];
+    sd += s[BN + cl];
+  }
+  __syncthreads();  // s is free again
+}
+
+__device__ __forceinline__ void finalize_channel(const UpFinalize& a, int c, double sg, double sd) {
+  const float sum_g = static_cast<float>(sg), sum_gd = static_cast<float>(sd);
+  const float invstd = 1.f / sqrtf(a.up_var[c] + a.eps);
+  float wv = 1.f;
+  if (a.up_weight != nullptr)
+    wv = a.w_code == 0 ? load_vec<float>(a.up_weight, c)
+         : a.w_code == 1 ? load_vec<__half>(a.up_weight, c)
+                         : load_vec<__nv_bfloat16>(a.up_weight, c);
+  const float av = wv * invstd;
+  const float mf = static_cast<float>(a.m);
+  a.up_coef[c] = av;
+  a.up_coef[a.Cin + c] = av * (sum_g / mf);
+  a.up_coef[2 * a.Cin + c] = av * (invstd * invstd) * (sum_gd / mf);
+  const float gw = sum_gd * invstd;
+  if (a.up_gw != nullptr) {
+    if (a.gw_code == 0) store_vec<float>(a.up_gw, c, gw);
+    else if (a.gw_code == 1) store_vec<__half>(a.up_gw, c, gw);
+    else store_vec<__nv_bfloat16>(a.up_gw, c, gw);
+  }
+  if (a.up_gb != nullptr) {
+    if (a.gw_code == 0) store_vec<float>(a.up_gb, c, sum_g);
+    else if (a.gw_code == 1) store_vec<__half>(a.up_gb, c, sum_g);
+    else store_vec<__nv_bfloat16>(a.up_gb, c, sum_g);
+  }
+}
+
+// row: this CTA's partial row (its class's part_start + its m tile); smem: the kernel's (dead)
+// shared memory, 2 * BN doubles then the flag
+__device__ __noinline__ void upstream_arrive_finalize(const UpFinalize a, unsigned char* smem, int tid, int row,
+                                                      int n0) {
+  double* const s_dbl = reinterpret_cast<double*>(smem);
+  int& s_last = *reinterpret_cast<int*>(smem + 2 * BN * sizeof(double));
+  const int col = n0 + tid % BN;
+  const bool okc = col < a.Cin;
+  const int nt = n0 / BN;
+  const int grp = row / a.group_rows;
+  const int r0 = grp * a.group_rows;
+  const int r1 = min(r0 + a.group_rows, a.tiles);
+  __syncthreads();  // every thread's partial stores
+  if (tid == 0) {
+    __threadfence();
+    int* const cnt1 = a.counters + grp * a.n_tiles + nt;
+    const int arrived = atomicAdd(cnt1, 1);
+    __threadfence();
+    s_last = arrived == r1 - r0 - 1;
+    if (s_last) *cnt1 = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const long long TC = static_cast<long long>(a.tiles) * a.Cin;
+  const float* const part = a.part;
+  const int Cin = a.Cin;
+  auto row_part = [=](int r, double& g, double& d) {
+    const long long o = static_cast<long long>(r) * Cin + col;
+    g = static_cast<double>(__ldcg(part + o));
+    d = static_cast<double>(__ldcg(part + TC + o));
+  };
+  double sg, sd;
+  sum_rows(row_part, r0, r1, okc, tid, s_dbl, sg, sd);
+  if (a.groups == 1) {
+    if (tid < BN && okc) finalize_channel(a, col, sg, sd);
+    return;
+  }
+  const long long GC = static_cast<long long>(a.groups) * a.Cin;
+  if (tid < BN && okc) {
+    a.grp[static_cast<long long>(grp) * a.Cin + col] = sg;
+    a.grp[GC + static_cast<long long>(grp) * a.Cin + col] = sd;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    int* const cnt2 = a.counters + a.groups * a.n_tiles + nt;
+    const int arrived = atomicAdd(cnt2, 1);
+    __threadfence();
+    s_last = arrived == a.groups - 1;
+    if (s_last) *cnt2 = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  const double* const gsum = a.grp;
+  auto group_part = [=](int g_, double& g, double& d) {
+    const long long o = static_cast<long long>(g_) * Cin + col;
+    g = __ldcg(gsum + o);
+    d = __ldcg(gsum + GC + o);
+  };
+  sum_rows(group_part, 0, a.groups, okc, tid, s_dbl, sg, sd);
+  if (tid < BN && okc) finalize_channel(a, col, sg, sd);
+}
 
 // ---- the dgrad kernel --------------------------------------------------------------------
 // Registers: the accumulators (64), the staged operand (g, y, mask: 3 x 4 chunks of 16 bytes, the
@@ -353,86 +509,26 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_dgrad_kernel(const Params 
       p.part[o] = sg;
       p.part[static_cast<long long>(p.tiles) * p.Cin + o] = sd;
     }
+    static_assert(2 * BN * sizeof(double) + sizeof(int) <= SMEM_BYTES, "upstream_arrive_finalize's shared memory");
+    upstream_arrive_finalize(p.fin, smem, tid, ci_.part_start + tile.m, n0);
   }
 #else
   __trap();
 #endif
 }
 
-template <typename W>
-__device__ __forceinline__ float load_vec(const void* v, int c) {
-  return to_acc(static_cast<const W*>(v)[c]);
-}
-template <typename W>
-__device__ __forceinline__ void store_vec(void* v, int c, float x) {
-  static_cast<W*>(v)[c] = from_acc<W>(x);
-}
-
-// ---- upstream finalize: one block per input channel; the tiles' partials summed in float64 in a
-// fixed order (strided per-thread runs, then a binary tree), then the BN-backward outputs.
-constexpr int kFinThreads = 128;
-struct FinParams {
-  const float* part;
-  const float* up_var;
-  const void* up_weight;
-  float* up_coef;
-  void* up_gw;
-  void* up_gb;
-  int tiles, Cin, w_code, gw_code;  // w_code / gw_code: 0 float32, 1 float16, 2 bfloat16
-  float eps;
-  double m;
-};
-__global__ void __launch_bounds__(kFinThreads) conv2d_dgrad_finalize_kernel(const FinParams p) {
-  const int c = blockIdx.x;
-  const int tid = threadIdx.x;
-  double sg = 0.0, sd = 0.0;
-  for (int t = tid; t < p.tiles; t += kFinThreads) {
-    const long long o = static_cast<long long>(t) * p.Cin + c;
-    sg += static_cast<double>(p.part[o]);
-    sd += static_cast<double>(p.part[static_cast<long long>(p.tiles) * p.Cin + o]);
-  }
-  __shared__ double s_g[kFinThreads], s_d[kFinThreads];
-  s_g[tid] = sg;
-  s_d[tid] = sd;
-  __syncthreads();
-  for (int half = kFinThreads / 2; half > 0; half >>= 1) {
-    if (tid < half) {
-      s_g[tid] += s_g[tid + half];
-      s_d[tid] += s_d[tid + half];
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    const float sum_g = static_cast<float>(s_g[0]), sum_gd = static_cast<float>(s_d[0]);
-    const float invstd = 1.f / sqrtf(p.up_var[c] + p.eps);
-    float wv = 1.f;
-    if (p.up_weight != nullptr)
-      wv = p.w_code == 0 ? load_vec<float>(p.up_weight, c)
-           : p.w_code == 1 ? load_vec<__half>(p.up_weight, c)
-                           : load_vec<__nv_bfloat16>(p.up_weight, c);
-    const float a = wv * invstd;
-    const float mf = static_cast<float>(p.m);
-    p.up_coef[c] = a;
-    p.up_coef[p.Cin + c] = a * (sum_g / mf);
-    p.up_coef[2 * p.Cin + c] = a * (invstd * invstd) * (sum_gd / mf);
-    const float gw = sum_gd * invstd;
-    if (p.up_gw != nullptr) {
-      if (p.gw_code == 0) store_vec<float>(p.up_gw, c, gw);
-      else if (p.gw_code == 1) store_vec<__half>(p.up_gw, c, gw);
-      else store_vec<__nv_bfloat16>(p.up_gw, c, gw);
-    }
-    if (p.up_gb != nullptr) {
-      if (p.gw_code == 0) store_vec<float>(p.up_gb, c, sum_g);
-      else if (p.gw_code == 1) store_vec<__half>(p.up_gb, c, sum_g);
-      else store_vec<__nv_bfloat16>(p.up_gb, c, sum_g);
-    }
-  }
-}
-
 constexpr int64_t kIntMax = 2147483647;
 
 void check_int32(int64_t v, const char* fn, const char* what) {
   if (v > kIntMax) throw ArgError(cat(fn, ": ", what, " = ", v, " exceeds the 32-bit index range of the kernel"));
+}
+
+// Partial rows per group of the upstream finalize: about sqrt(tiles), at least 16 (both levels read
+// about sqrt(tiles) rows per channel; csrc/conv2d.cu's statistics merge groups the same way).
+int64_t up_group_rows(int64_t tiles) {
+  int64_t g = 1;
+  while (g * g < tiles) ++g;
+  return g < 16 ? 16 : g;
 }
 
 // The parity classes of the input (class extents, m tiles); taps filled by the caller.
@@ -470,7 +566,20 @@ int64_t conv2d_dgrad_workspace_bytes(int64_t N, int64_t Cin, int64_t H, int64_t 
   check_positive(stride_h, fn, "stride_h");
   check_positive(stride_w, fn, "stride_w");
   if (!upstream) return 0;
-  return 2 * dgrad::total_tiles(N, H, W, stride_h, stride_w) * Cin * static_cast<int64_t>(sizeof(float));
+  const int64_t tiles = dgrad::total_tiles(N, H, W, stride_h, stride_w);
+  const int64_t groups = ceil_div(tiles, dgrad::up_group_rows(tiles));
+  // [2][groups][Cin] float64 group sums, then [2][tiles][Cin] float32 partial rows
+  return 2 * groups * Cin * static_cast<int64_t>(sizeof(double)) +
+         2 * tiles * Cin * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t conv2d_dgrad_counters(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w,
+                              bool upstream) {
+  conv2d_dgrad_workspace_bytes(N, Cin, H, W, stride_h, stride_w, upstream);  // the same checks
+  if (!upstream) return 0;
+  const int64_t tiles = dgrad::total_tiles(N, H, W, stride_h, stride_w);
+  const int64_t groups = ceil_div(tiles, dgrad::up_group_rows(tiles));
+  return (groups + (groups > 1 ? 1 : 0)) * ceil_div(Cin, dgrad::BN);
 }
 
 void conv2d_dgrad(const Conv2dDgradArgs& a) {
@@ -526,11 +635,16 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
     check_ptr(a.up_var, fn, "up_var (up_y was given)");
     check_ptr(a.up_coef, fn, "up_coef (up_y was given)");
     check_ptr(a.workspace, fn, "workspace (up_y was given)");
-    if (a.workspace % 4 || a.up_mean % 4 || a.up_var % 4 || a.up_coef % 4)
-      throw ArgError(cat(fn, ": up_mean, up_var, up_coef and workspace must be 4-byte aligned"));
+    check_ptr(a.counters, fn, "counters (up_y was given)");
+    if (a.up_mean % 4 || a.up_var % 4 || a.up_coef % 4 || a.counters % 4)
+      throw ArgError(cat(fn, ": up_mean, up_var, up_coef and counters must be 4-byte aligned"));
+    if (a.workspace % 8) throw ArgError(cat(fn, ": workspace must be 8-byte aligned"));
     const int64_t need = conv2d_dgrad_workspace_bytes(a.N, a.Cin, a.H, a.W, a.stride_h, a.stride_w, true);
     if (a.workspace_bytes < need)
       throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", need, " required"));
+    const int64_t need_cnt = conv2d_dgrad_counters(a.N, a.Cin, a.H, a.W, a.stride_h, a.stride_w, true);
+    if (a.counters_count < need_cnt)
+      throw ArgError(cat(fn, ": counters_count = ", a.counters_count, " < ", need_cnt, " required"));
     if (a.up_w_dtype == DType::F64) throw ArgError(cat(fn, ": up_w_dtype float64 is not supported"));
     if (a.up_gw_dtype == DType::F64) throw ArgError(cat(fn, ": up_gw_dtype float64 is not supported"));
   }
@@ -552,7 +666,6 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
   p.rbits = reinterpret_cast<const uint8_t*>(a.res_bits);
   p.up_out = reinterpret_cast<const void*>(a.up_out);
   p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
-  p.part = up ? reinterpret_cast<float*>(a.workspace) : nullptr;
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);
   p.H = static_cast<int>(a.H);
@@ -598,29 +711,37 @@ void conv2d_dgrad(const Conv2dDgradArgs& a) {
       ++p.nclasses;
     }
   p.tiles = tiles;
+  if (up && ctas == 0)  // every input pixel is in some parity class: never with positive sizes
+    throw ArgError(cat(fn, ": no tiles for the upstream reductions"));
+  if (up) {  // the finalize runs in the kernel's launch (upstream_arrive_finalize)
+    UpFinalize& f = p.fin;
+    const int64_t group_rows = up_group_rows(tiles);
+    const int64_t groups = ceil_div(tiles, group_rows);
+    f.grp = reinterpret_cast<double*>(a.workspace);
+    f.part = reinterpret_cast<const float*>(f.grp + 2 * groups * a.Cin);
+    p.part = const_cast<float*>(f.part);
+    f.counters = reinterpret_cast<int*>(a.counters);
+    f.up_var = reinterpret_cast<const float*>(a.up_var);
+    f.up_weight = reinterpret_cast<const void*>(a.up_weight);
+    f.up_coef = reinterpret_cast<float*>(a.up_coef);
+    f.up_gw = reinterpret_cast<void*>(a.up_grad_weight);
+    f.up_gb = reinterpret_cast<void*>(a.up_grad_bias);
+    f.tiles = static_cast<int>(tiles);
+    f.Cin = p.Cin;
+    f.n_tiles = p.n_tiles;
+    f.group_rows = static_cast<int>(group_rows);
+    f.groups = static_cast<int>(groups);
+    f.w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
+    f.gw_code = a.up_gw_dtype == DType::F32 ? 0 : a.up_gw_dtype == DType::F16 ? 1 : 2;
+    f.eps = static_cast<float>(a.up_eps);
+    f.m = static_cast<double>(a.N * a.H * a.W);
+  }
   if (ctas > 0) {
     const dim3 grid(static_cast<unsigned>(ctas));
     if (a.dtype == DType::F16)
       launch<__half>(p, up, grid, stream);
     else
       launch<__nv_bfloat16>(p, up, grid, stream);
-  }
-  if (up) {
-    FinParams f{};
-    f.part = p.part;
-    f.up_var = reinterpret_cast<const float*>(a.up_var);
-    f.up_weight = reinterpret_cast<const void*>(a.up_weight);
-    f.up_coef = reinterpret_cast<float*>(a.up_coef);
-    f.up_gw = reinterpret_cast<void*>(a.up_grad_weight);
-    f.up_gb = reinterpret_cast<void*>(a.up_grad_bias);
-    f.tiles = tiles;
-    f.Cin = p.Cin;
-    f.w_code = a.up_w_dtype == DType::F32 ? 0 : a.up_w_dtype == DType::F16 ? 1 : 2;
-    f.gw_code = a.up_gw_dtype == DType::F32 ? 0 : a.up_gw_dtype == DType::F16 ? 1 : 2;
-    f.eps = static_cast<float>(a.up_eps);
-    f.m = static_cast<double>(a.N * a.H * a.W);
-    conv2d_dgrad_finalize_kernel<<<static_cast<unsigned>(a.Cin), kFinThreads, 0, stream>>>(f);
-    check_launch("conv2d_dgrad: conv2d_dgrad_finalize_kernel");
   }
 }
 

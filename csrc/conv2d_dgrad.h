@@ -17,7 +17,10 @@
 //   grad_x = round(gx)
 //   upstream reductions (up_y given): per input channel ci over N, H, W (m = N*H*W)
 //     sum_g = sum(grad_x), sum_gd = sum(grad_x * (up_y - up_mean[ci])) (per-CTA float32 partials,
-//     combined in a fixed order in float64 by a finalize kernel: deterministic), then
+//     combined in a fixed order in float64 in the same launch: every CTA of a column tile arrives on
+//     an int32 counter of its group of partial rows, the group's last arrival sums the group in
+//     row order, and with several groups the last group's summer sums the groups in group order:
+//     deterministic, the counters pick who sums, not the order), then
 //     invstd = rsqrt(up_var + up_eps), A = up_weight * invstd (up_weight absent: invstd)
 //     up_coef (3, Cin) float32 = (A, A * sum_g / m, A * invstd^2 * sum_gd / m)
 //     up_grad_weight = sum_gd * invstd, up_grad_bias = sum_g (each optional, dtype up_gw_dtype)
@@ -39,7 +42,10 @@
 //                   res_bits: uint8 (N, H, W, ceil(Cin/8))
 //   up_mean, up_var (Cin,) float32; up_weight, up_bias (Cin,) of up_w_dtype or 0; up_coef (3, Cin) float32
 //   up_grad_weight, up_grad_bias (Cin,) of up_gw_dtype or 0
-//   workspace: conv2d_dgrad_workspace_bytes(...) bytes (the upstream partials; 0 without up_y)
+//   workspace: conv2d_dgrad_workspace_bytes(...) bytes, 8-byte aligned (the upstream partials and
+//              group sums; 0 without up_y)
+//   counters: conv2d_dgrad_counters(...) int32 arrival counters, ALL ZERO at launch (the kernel puts
+//              them back to 0); launches sharing them run one at a time (one stream). 0 without up_y.
 // Requires a device of compute capability >= 8.0.
 #pragma once
 #include <cstdint>
@@ -60,6 +66,8 @@ struct Conv2dDgradArgs {
   std::uintptr_t up_coef, up_grad_weight, up_grad_bias;
   std::uintptr_t workspace;
   int64_t workspace_bytes;
+  std::uintptr_t counters;  // int32, all zero (up_y given)
+  int64_t counters_count;   // counters available (>= conv2d_dgrad_counters)
   DType up_w_dtype;   // dtype of up_weight (float32 or dtype)
   DType up_gw_dtype;  // dtype of up_grad_weight / up_grad_bias
   double up_eps;
@@ -73,8 +81,12 @@ struct Conv2dDgradArgs {
 int64_t conv2d_dgrad_workspace_bytes(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w,
                                      bool upstream);
 
-// Validates every argument (rk::ArgError naming it), then launches on `stream`: the dgrad kernel,
-// plus the upstream finalize kernel when up_y is given.
+// Arrival counters conv2d_dgrad needs (0 without the upstream reductions).
+int64_t conv2d_dgrad_counters(int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w,
+                              bool upstream);
+
+// Validates every argument (rk::ArgError naming it), then launches the dgrad kernel on `stream` (the
+// upstream finalize in the same launch).
 void conv2d_dgrad(const Conv2dDgradArgs& a);
 
 }  // namespace rk

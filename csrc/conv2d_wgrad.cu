@@ -65,12 +65,60 @@ struct Params {
   bnbwd::Upstream up;  // x recomputed from up.y when given (x null)
   void* gw;
   float* part;  // [splits][KH*KW][Cout][Cin] or nullptr (one split: written directly)
+  int* counters;  // [KH*KW][m_tiles][n_tiles] int32 arrival counters, all zero (splits > 1)
   long long gws[4];
   int N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, OH, OW;
   int M;            // pixels N*OH*OW
   int m_tiles, n_tiles, taps, splits;
   int tiles_per_split;  // K tiles (of BK pixels) per split
 };
+
+// ---- split-K, in the same launch: after writing its float32 partial of a (tap, co tile, ci tile),
+// a CTA arrives on that tile's counter (CTA barrier, thread 0's gpu-scope fence and atomicAdd, as
+// CUTLASS's split-K semaphore); the last of the tile's `splits` arrivals (after a fence, a barrier)
+// sums the tile's partials in split order from L2 (ld.cg), rounds once and writes grad_weight, and
+// puts the counter back to 0. Which CTA is last varies; the sum's order does not: deterministic.
+// Not inlined: the main loop's register allocation stays that of the kernel without it.
+struct SplitReduce {
+  const float* part;  // [splits][taps][Cout][Cin]
+  void* gw;
+  int* counters;  // [taps][m_tiles][n_tiles]
+  long long gws[4];
+  int Cout, Cin, taps, splits;
+};
+template <typename T>
+__device__ __noinline__ void split_arrive_reduce(const SplitReduce a, int* s_flag, int tid, int tile, int tap, int r,
+                                                 int s, int m0, int n0) {
+  __syncthreads();  // every thread's partial stores
+  if (tid == 0) {
+    __threadfence();
+    const int arrived = atomicAdd(a.counters + tile, 1);
+    __threadfence();
+    *s_flag = arrived == a.splits - 1;
+    if (*s_flag) a.counters[tile] = 0;
+  }
+  __syncthreads();
+  if (!*s_flag) return;
+  const long long per = static_cast<long long>(a.taps) * a.Cout * a.Cin;  // one split's partials
+  const long long tap_off = r * a.gws[2] + s * a.gws[3];
+  T* const gw = static_cast<T*>(a.gw);
+  constexpr int PAIRS = BN / 2;  // ci pairs per co row (float2)
+  for (int j = tid; j < BM * PAIRS; j += kThreads) {
+    const int co = m0 + j / PAIRS, ci = n0 + (j % PAIRS) * 2;
+    if (co >= a.Cout || ci >= a.Cin) continue;  // Cin % 8 == 0: ci + 1 < Cin too
+    const float* src = a.part + (static_cast<long long>(tap) * a.Cout + co) * a.Cin + ci;
+    float v0 = 0.f, v1 = 0.f;
+#pragma unroll 4
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float2 q = __ldcg(reinterpret_cast<const float2*>(src + sp * per));
+      v0 += q.x;
+      v1 += q.y;
+    }
+    const long long o = co * a.gws[0] + ci * a.gws[1] + tap_off;
+    gw[o] = from_acc<T>(v0);
+    gw[o + a.gws[1]] = from_acc<T>(v1);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params p) {
@@ -259,28 +307,15 @@ __global__ void __launch_bounds__(kThreads, 2) conv2d_wgrad_kernel(const Params 
           *reinterpret_cast<float2*>(p.part + o) = make_float2(v0, v1);
         }
       }
+  if (p.part != nullptr) {  // the pipeline's shared memory is dead: its first word is the flag
+    const int tile = static_cast<int>(blockIdx.x) % (p.taps * p.m_tiles * p.n_tiles);
+    split_arrive_reduce<T>(SplitReduce{p.part, p.gw, p.counters, {p.gws[0], p.gws[1], p.gws[2], p.gws[3]}, p.Cout,
+                                       p.Cin, p.taps, p.splits},
+                           reinterpret_cast<int*>(smem), tid, tile, tap, r, s, m0, n0);
+  }
 #else
   __trap();
 #endif
-}
-
-// ---- split-K reduction: grad_weight[co, ci, r, s] = round(sum over splits in order of the partials)
-template <typename T>
-__global__ void __launch_bounds__(256) conv2d_wgrad_reduce_kernel(const float* __restrict__ part, T* __restrict__ gw,
-                                                                  int splits, int taps, int Cout, int Cin, int KW,
-                                                                  long long s0, long long s1, long long s2,
-                                                                  long long s3) {
-  const long long per = static_cast<long long>(taps) * Cout * Cin;
-  for (long long i = blockIdx.x * 256ll + threadIdx.x; i < per; i += static_cast<long long>(gridDim.x) * 256) {
-    float v = 0.f;
-    for (int sp = 0; sp < splits; ++sp) v += part[sp * per + i];
-    const int ci = static_cast<int>(i % Cin);
-    const long long rest = i / Cin;
-    const int co = static_cast<int>(rest % Cout);
-    const int tap = static_cast<int>(rest / Cout);
-    const int r = tap / KW, s = tap % KW;
-    gw[co * s0 + ci * s1 + r * s2 + s * s3] = from_acc<T>(v);
-  }
 }
 
 constexpr int64_t kIntMax = 2147483647;
@@ -293,14 +328,6 @@ template <typename T>
 void launch(const Params& p, int64_t ctas, cudaStream_t stream) {
   conv2d_wgrad_kernel<T><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
   check_launch("conv2d_wgrad: conv2d_wgrad_kernel");
-  if (p.part != nullptr) {
-    const long long per = static_cast<long long>(p.taps) * p.Cout * p.Cin;
-    const unsigned blocks = static_cast<unsigned>(std::min<long long>((per + 255) / 256, 4096));
-    conv2d_wgrad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.part, static_cast<T*>(p.gw), p.splits, p.taps,
-                                                              p.Cout, p.Cin, p.KW, p.gws[0], p.gws[1], p.gws[2],
-                                                              p.gws[3]);
-    check_launch("conv2d_wgrad: conv2d_wgrad_reduce_kernel");
-  }
 }
 
 }  // namespace
@@ -317,6 +344,11 @@ int64_t conv2d_wgrad_splits(int64_t N, int64_t Cin, int64_t Cout, int64_t KH, in
 
 int64_t conv2d_wgrad_workspace_bytes(int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits) {
   return splits > 1 ? splits * KH * KW * Cout * Cin * static_cast<int64_t>(sizeof(float)) : 0;
+}
+
+int64_t conv2d_wgrad_counters(int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits) {
+  using namespace wgrad;
+  return splits > 1 ? KH * KW * ceil_div(Cout, BM) * ceil_div(Cin, BN) : 0;
 }
 
 void conv2d_wgrad(const Conv2dWgradArgs& a) {
@@ -360,9 +392,14 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
   const int64_t need = conv2d_wgrad_workspace_bytes(a.Cin, a.Cout, a.KH, a.KW, a.splits);
   if (need > 0) {
     check_ptr(a.workspace, fn, "workspace (splits > 1)");
+    check_ptr(a.counters, fn, "counters (splits > 1)");
     if (a.workspace % 16 != 0) throw ArgError(cat(fn, ": workspace must be 16-byte aligned"));
+    if (a.counters % 4 != 0) throw ArgError(cat(fn, ": counters must be 4-byte aligned"));
     if (a.workspace_bytes < need)
       throw ArgError(cat(fn, ": workspace_bytes = ", a.workspace_bytes, " < ", need, " required"));
+    const int64_t need_cnt = conv2d_wgrad_counters(a.Cin, a.Cout, a.KH, a.KW, a.splits);
+    if (a.counters_count < need_cnt)
+      throw ArgError(cat(fn, ": counters_count = ", a.counters_count, " < ", need_cnt, " required"));
   }
   int dev = 0, major = 0;
   check_cuda(cudaGetDevice(&dev), "conv2d_wgrad: cudaGetDevice");
@@ -377,6 +414,7 @@ void conv2d_wgrad(const Conv2dWgradArgs& a) {
   p.up = bnbwd::upstream_of(a.up_y, a.up_mean, a.up_var, a.up_weight, a.up_bias, a.up_w_dtype, a.up_eps);
   p.gw = reinterpret_cast<void*>(a.grad_weight);
   p.part = need > 0 ? reinterpret_cast<float*>(a.workspace) : nullptr;
+  p.counters = need > 0 ? reinterpret_cast<int*>(a.counters) : nullptr;
   for (int i = 0; i < 4; ++i) p.gws[i] = a.gw_stride[i];
   p.N = static_cast<int>(a.N);
   p.Cin = static_cast<int>(a.Cin);

@@ -7,8 +7,10 @@
 //         to dtype
 //   gw[co, ci, r, s] = sum over (n, oh, ow) of dy[n, co, oh, ow] * x[n, ci, oh*sh - ph + r, ow*sw - pw + s]
 //         float32 accumulation (mma.sync m16n8k16); deterministic split-K over the pixels: with
-//         splits > 1 each split writes float32 partials to the workspace and a second kernel sums
-//         them in split order and rounds once; with one split the kernel rounds and writes directly.
+//         splits > 1 each split writes float32 partials to the workspace and arrives on its tile's
+//         int32 counter (`counters`, conv2d_wgrad_counters(...) of them, ALL ZERO at launch and
+//         left so); the tile's last arrival sums the partials in split order and rounds once, in
+//         the same launch; with one split the kernel rounds and writes directly.
 //   x   given, or (x = 0, up_y given) recomputed as it is loaded: x = round(relu(up_y * s + t)),
 //         s = up_weight * rsqrt(up_var + up_eps) (up_weight absent: 1), t = up_bias - up_mean * s
 //         (up_bias absent: 0), in float32: what batch_norm_act writes (torch_conv_backward.upstream_input).
@@ -35,6 +37,8 @@ struct Conv2dWgradArgs {
   int64_t gw_stride[4];  // element strides of grad_weight: co, ci, r, s
   std::uintptr_t workspace;
   int64_t workspace_bytes;
+  std::uintptr_t counters;  // int32, all zero (splits > 1)
+  int64_t counters_count;   // counters available (>= conv2d_wgrad_counters)
   int64_t splits;  // split-K count (>= 1): conv2d_wgrad_splits(...) or any other
   int64_t N, Cin, H, W, Cout, KH, KW;
   int64_t stride_h, stride_w, pad_h, pad_w;
@@ -47,6 +51,8 @@ struct Conv2dWgradArgs {
 int64_t conv2d_wgrad_splits(int64_t N, int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t OH, int64_t OW);
 // Bytes of workspace for `splits` (0 for one split).
 int64_t conv2d_wgrad_workspace_bytes(int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits);
+// Arrival counters for `splits` (0 for one split): one per (tap, 128-channel co tile, 64-channel ci tile).
+int64_t conv2d_wgrad_counters(int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits);
 
 void conv2d_wgrad(const Conv2dWgradArgs& a);
 

@@ -189,7 +189,8 @@ PYBIND11_MODULE(_C, m) {
   RK_FIELD(dg, up_out); RK_FIELD(dg, up_y); RK_FIELD(dg, up_mean); RK_FIELD(dg, up_var); RK_FIELD(dg, up_weight);
   RK_FIELD(dg, up_bias);
   RK_FIELD(dg, up_coef); RK_FIELD(dg, up_grad_weight); RK_FIELD(dg, up_grad_bias); RK_FIELD(dg, workspace);
-  RK_FIELD(dg, workspace_bytes); RK_FIELD(dg, up_eps); RK_FIELD(dg, N); RK_FIELD(dg, Cin); RK_FIELD(dg, H);
+  RK_FIELD(dg, workspace_bytes); RK_FIELD(dg, counters); RK_FIELD(dg, counters_count);
+  RK_FIELD(dg, up_eps); RK_FIELD(dg, N); RK_FIELD(dg, Cin); RK_FIELD(dg, H);
   RK_FIELD(dg, W); RK_FIELD(dg, Cout); RK_FIELD(dg, KH); RK_FIELD(dg, KW); RK_FIELD(dg, stride_h);
   RK_FIELD(dg, stride_w); RK_FIELD(dg, pad_h); RK_FIELD(dg, pad_w); RK_FIELD(dg, OH); RK_FIELD(dg, OW);
   RK_FIELD(dg, stream);
@@ -205,7 +206,8 @@ PYBIND11_MODULE(_C, m) {
   RK_FIELD(wg, g); RK_FIELD(wg, mask); RK_FIELD(wg, mask_bits); RK_FIELD(wg, y); RK_FIELD(wg, coef); RK_FIELD(wg, mean);
   RK_FIELD(wg, x); RK_FIELD(wg, up_y); RK_FIELD(wg, up_mean); RK_FIELD(wg, up_var); RK_FIELD(wg, up_weight);
   RK_FIELD(wg, up_bias); RK_FIELD(wg, up_eps); RK_FIELD(wg, grad_weight); RK_FIELD(wg, workspace);
-  RK_FIELD(wg, workspace_bytes); RK_FIELD(wg, splits); RK_FIELD(wg, N); RK_FIELD(wg, Cin); RK_FIELD(wg, H);
+  RK_FIELD(wg, workspace_bytes); RK_FIELD(wg, counters); RK_FIELD(wg, counters_count);
+  RK_FIELD(wg, splits); RK_FIELD(wg, N); RK_FIELD(wg, Cin); RK_FIELD(wg, H);
   RK_FIELD(wg, W); RK_FIELD(wg, Cout); RK_FIELD(wg, KH); RK_FIELD(wg, KW); RK_FIELD(wg, stride_h);
   RK_FIELD(wg, stride_w); RK_FIELD(wg, pad_h); RK_FIELD(wg, pad_w); RK_FIELD(wg, OH); RK_FIELD(wg, OW);
   RK_FIELD(wg, stream);
@@ -399,6 +401,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("N"), py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("stride_h"), py::arg("stride_w"),
       py::arg("upstream"), "bytes of device workspace conv2d_dgrad needs (0 without the upstream reductions)");
   m.def(
+      "conv2d_dgrad_counters",
+      [](int64_t N, int64_t Cin, int64_t H, int64_t W, int64_t stride_h, int64_t stride_w, bool upstream) {
+        return rk::conv2d_dgrad_counters(N, Cin, H, W, stride_h, stride_w, upstream);
+      },
+      py::arg("N"), py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("stride_h"), py::arg("stride_w"),
+      py::arg("upstream"), "int32 arrival counters (all zero at launch) conv2d_dgrad needs (0 without up_y)");
+  m.def(
       "conv2d_dgrad",
       [](const rk::Conv2dDgradArgs& a) {
         py::gil_scoped_release nogil;
@@ -422,6 +431,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("Cin"), py::arg("Cout"), py::arg("KH"), py::arg("KW"), py::arg("splits"),
       "bytes of device workspace conv2d_wgrad needs (0 for one split)");
+  m.def(
+      "conv2d_wgrad_counters",
+      [](int64_t Cin, int64_t Cout, int64_t KH, int64_t KW, int64_t splits) {
+        return rk::conv2d_wgrad_counters(Cin, Cout, KH, KW, splits);
+      },
+      py::arg("Cin"), py::arg("Cout"), py::arg("KH"), py::arg("KW"), py::arg("splits"),
+      "int32 arrival counters (all zero at launch) conv2d_wgrad needs (0 for one split)");
   m.def(
       "conv2d_wgrad",
       [](const rk::Conv2dWgradArgs& a) {

@@ -22,12 +22,17 @@ FILES = {
         "conv2d_dgrad_kernelI13__nv_bfloat16Lb1E": "HMMA.16816.F32.BF16",
         "conv2d_dgrad_kernelI6__halfLb0E": "HMMA.16816.F32",
         "conv2d_dgrad_kernelI6__halfLb1E": "HMMA.16816.F32",
-    }, ("conv2d_dgrad_finalize_kernel",)),
+    }, ()),  # the upstream finalize runs in the dgrad's own launch (upstream_arrive_finalize)
     "conv2d_wgrad": ("rk5wgrad", {
         "conv2d_wgrad_kernelI13__nv_bfloat16E": "HMMA.16816.F32.BF16",
         "conv2d_wgrad_kernelI6__halfE": "HMMA.16816.F32",
-    }, ("conv2d_wgrad_reduce_kernelI13__nv_bfloat16E", "conv2d_wgrad_reduce_kernelI6__halfE")),
+    }, ()),  # split-K summed in the wgrad's own launch (split_arrive_reduce): no reduce kernel
 }
+# kernel variants whose CTAs meet on arrival counters (a gpu-scope atomic add and fence in the SASS;
+# ATOM through a generic pointer: the counters reach the not-inlined function in a struct): every
+# wgrad (split-K), the dgrads with the upstream reductions (UP: Lb1E); the others have no atomic
+_ARRIVE = {"atomic add": r"\bATOMG?\.E\.ADD\S*\.GPU\b", "gpu-scope fence": r"\bMEMBAR\S*\.GPU\b"}
+ARRIVALS = {"conv2d_wgrad": lambda frag: True, "conv2d_dgrad": lambda frag: frag.endswith("Lb1E")}
 # instructions of the main loop per k-step (16 HMMA per warp), nvcc 13.0: dgrad 458-482 (sm_80) /
 # 478-502 (sm_90), wgrad 460-488 / 472-500, plus ~5%. The operand prologue (32 elements per thread
 # per K tile: unpack, mask, BN-backward FMA, round) dominates; the forward's vectorised loop
@@ -67,6 +72,9 @@ def test_kernels_use_tensor_cores_do_not_spill_and_do_not_divide(cubins, arch, s
         body = funcs[hits[0]]
         assert hmma in set(re.findall(r"HMMA\.[0-9A-Z.]+", body)), f"{arch} {frag}: no {hmma}"
         assert "LDSM" in body, f"{arch} {frag}: tensor-core operands not loaded with ldmatrix (LDSM)"
+        arrives = ARRIVALS[stem](frag)
+        for what, pattern in _ARRIVE.items():
+            assert bool(re.search(pattern, body)) == arrives, f"{arch} {frag}: {what} present: {not arrives}"
         loop = main_loop(body)
         assert loop, f"{arch} {frag}: no loop with HMMA found"
         div = [o for _, o in loop if o.startswith(DIVISION_OPS)]

@@ -985,7 +985,9 @@ def _cuda_own_dgrad_cost(call):
     write it) unless ``dgrad_weight_in_place``, the dgrad kernel (the operand g, the mask (activation or bits), y with coef, the weight
     once; the residual and its mask, the upstream mask x (x None: recomputed from the up_y it reads
     anyway, + 3 vectors) and up_y read once in the epilogue; grad_x and with upstream reductions the
-    per-tile partials written), the finalize kernel (partials and 4 per-channel vectors in, 5 out)."""
+    per-tile partials written), and in the same launch the upstream finalize of the last-arriving
+    CTAs (partials read back, float64 group sums written and read with several groups, 4 per-channel
+    vectors in, 5 out)."""
     from .cuda_conv_backward import dgrad_weight_in_place
 
     W = nbytes(call.weight)
@@ -998,16 +1000,17 @@ def _cuda_own_dgrad_cost(call):
         tiles = sum(-(-(N * -(-(H - ah) // sh) * -(-(Wd - aw) // sw)) // 128)
                     for ah in range(min(sh, H)) for aw in range(min(sw, Wd)))
         p = 2 * tiles * Cin * 4
-        launches += 1
+        groups = _cuda_stat_groups(tiles)  # csrc/conv2d_dgrad.cu's up_group_rows: the same rule
         b += (3 * Cin * 4 if call.x_from_up else nbytes(call.xs)) + nbytes(call.up_y) + 2 * p + 9 * Cin * 4
+        b += 2 * (2 * groups * Cin * 8) if groups > 1 else 0
     return launches, b
 
 
 def _cuda_own_wgrad_cost(call):
     """cuda_conv_backward._wgrad (csrc/conv2d_wgrad.cu): the operand (g, the mask, y with coef) and x
     (x None: up_y, recomputed as it is loaded, + 4 vectors) read once, grad_weight written (1 launch);
-    with split-K (``wgrad_splits``) the float32 partials written and read back by the reduce kernel
-    (a second launch)."""
+    with split-K (``wgrad_splits``) the float32 partials written and read back by each tile's last
+    CTA in the same launch."""
     from .cuda_conv_backward import wgrad_splits
 
     Cout, Cin, KH, KW = call.weight.shape
@@ -1018,7 +1021,7 @@ def _cuda_own_wgrad_cost(call):
     splits = wgrad_splits(N, Cin, Cout, KH, KW, OH, OW)
     if splits == 1:
         return 1, b
-    return 2, b + 2 * splits * Cout * Cin * KH * KW * 4
+    return 1, b + 2 * splits * Cout * Cin * KH * KW * 4
 
 
 def _cuda_conv_bwd_cost(call):

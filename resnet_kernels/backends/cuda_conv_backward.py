@@ -7,15 +7,16 @@ path that runs:
 * grad_x: csrc's implicit-GEMM dgrad (csrc/conv2d_dgrad.cu: mma.sync, sm_80+): the operand dy
   computed in registers from (g, mask, y, mean, coef) as it is loaded, the residual (+ res_mask),
   the upstream ReLU (x None: its mask recomputed from up_y) and the upstream BN-backward reductions
-  (per-CTA partials + a fixed-order finalize kernel) in its epilogue. Launches: the dgrad kernel,
-  with upstream reductions the finalize, and a channels_last copy of the weight unless it is read in
+  (per-CTA partials, summed in a fixed order by the last-arriving CTAs in the same launch) in its
+  epilogue. Launches: the dgrad kernel, and a channels_last copy of the weight unless it is read in
   place (:func:`dgrad_weight_in_place`: channels_last, or a 1x1).
   Taken for float16/bfloat16 with every activation-shaped tensor channels_last, Cin and Cout
   multiples of 8, stride 1 or 2, at most 9 filter taps per stride parity class (1x1, 3x3).
 * grad_weight: csrc's implicit-GEMM wgrad (csrc/conv2d_wgrad.cu): the same operand prologue, x
   (x None: recomputed from up_y as it is loaded), deterministic split-K (:func:`wgrad_splits`; with
-  more than one split a reduce kernel). Taken for float16/bfloat16 channels_last with Cin and Cout
-  multiples of 8 (any kernel, stride, padding).
+  more than one split the partials summed in split order by each tile's last-arriving CTA, in the
+  same launch, on ``resnet_kernels._counters``' cached zeroed counters). Taken for float16/bfloat16
+  channels_last with Cin and Cout multiples of 8 (any kernel, stride, padding).
 * otherwise csrc's elementwise and BatchNorm kernels around cuDNN's dgrad and/or wgrad
   (``aten.convolution_backward``, as the cuda backend's other convolution backwards): the operand
   dy materialised once in the activation dtype (x materialised by ``upstream_input`` when None).
@@ -41,6 +42,7 @@ import torch
 
 from .. import _alloc
 from .._bits import is_bits, unpack
+from .._counters import arrival_counters, drop_arrival_counters
 from .._checks import acc_dtype
 from .cuda_batch_norm import batch_norm_act_backward
 from .cuda_bn_add_relu import bn_add_relu_backward, bn_add_relu_forward
@@ -139,7 +141,11 @@ def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual,
         w = weight if dgrad_weight_in_place(weight) else weight.contiguous(memory_format=torch.channels_last)
         nbytes = C_.conv2d_dgrad_workspace_bytes(N=N, Cin=Cin, H=H, W=W, stride_h=int(stride[0]),
                                                  stride_w=int(stride[1]), upstream=up)
-        ws = _alloc.empty((max(nbytes // 4, 1),), dtype=torch.float32, device=g.device) if up else None
+        # float64 group sums then float32 partial rows (8-byte aligned: an allocation)
+        ws = _alloc.empty((max((nbytes + 7) // 8, 1),), dtype=torch.float64, device=g.device) if up else None
+        ncnt = C_.conv2d_dgrad_counters(N=N, Cin=Cin, H=H, W=W, stride_h=int(stride[0]), stride_w=int(stride[1]),
+                                        upstream=up)
+        counters, key = arrival_counters(g.device, ncnt) if up else (None, None)
         mbits, rbits = (mask if is_bits(mask) else None), (res_mask if is_bits(res_mask) else None)
         coef, mean = (None, None) if coef is None else (coef.contiguous(), mean.contiguous())  # (held: in use)
         pdt = up_grad_weight.dtype if up_grad_weight is not None else (
@@ -154,11 +160,16 @@ def _dgrad(g, mask, y, mean, coef, x, weight, grad_x, stride, padding, residual,
             up_var=ptr(up_var if up else None), up_weight=ptr(up_weight if up else None), up_bias=ptr(up_bias),
             up_coef=ptr(up_coef if up else None), up_grad_weight=ptr(up_grad_weight if up else None),
             up_grad_bias=ptr(up_grad_bias if up else None), workspace=ptr(ws), workspace_bytes=nbytes,
+            counters=ptr(counters), counters_count=counters.numel() if up else 0,
             up_w_dtype=DTYPE_CODES[_vec_dtype(up_weight, up_bias)],
             up_gw_dtype=DTYPE_CODES[pdt], up_eps=float(up_eps), N=N, Cin=Cin, H=H, W=W, Cout=Cout, KH=KH,
             KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]), pad_h=int(padding[0]), pad_w=int(padding[1]),
             OH=OH, OW=OW, stream=stream_of(g))
-        call("conv2d_dgrad", args)
+        try:
+            call("conv2d_dgrad", args)
+        except BaseException:
+            drop_arrival_counters(key)  # it may have arrived partly (the host runner): not all zero
+            raise
 
 
 def wgrad_splits(N: int, Cin: int, Cout: int, KH: int, KW: int, OH: int, OW: int) -> int:
@@ -198,6 +209,8 @@ def _wgrad(g, mask, y, mean, coef, x, weight, grad_weight, stride, padding, up_y
         splits = C_.conv2d_wgrad_splits(N=N, Cin=Cin, Cout=Cout, KH=KH, KW=KW, OH=OH, OW=OW)
         nbytes = C_.conv2d_wgrad_workspace_bytes(Cin=Cin, Cout=Cout, KH=KH, KW=KW, splits=splits)
         ws = _alloc.empty((nbytes // 4,), dtype=torch.float32, device=g.device) if nbytes else None
+        ncnt = C_.conv2d_wgrad_counters(Cin=Cin, Cout=Cout, KH=KH, KW=KW, splits=splits)
+        counters, key = arrival_counters(g.device, ncnt) if ncnt else (None, None)
         mbits = mask if is_bits(mask) else None
         coef, mean = (None, None) if coef is None else (coef.contiguous(), mean.contiguous())  # (held: in use)
         up_weight, up_bias = _same_dtype(up_weight, up_bias)
@@ -209,10 +222,15 @@ def _wgrad(g, mask, y, mean, coef, x, weight, grad_weight, stride, padding, up_y
             up_mean=ptr(up_mean if xup else None), up_var=ptr(up_var if xup else None),
             up_weight=ptr(up_weight if xup else None), up_bias=ptr(up_bias if xup else None),
             up_w_dtype=DTYPE_CODES[vdt], up_eps=float(up_eps), grad_weight=ptr(grad_weight),
-            gw_stride=list(grad_weight.stride()), workspace=ptr(ws), workspace_bytes=nbytes, splits=splits, N=N,
+            gw_stride=list(grad_weight.stride()), workspace=ptr(ws), workspace_bytes=nbytes, counters=ptr(counters),
+            counters_count=counters.numel() if ncnt else 0, splits=splits, N=N,
             Cin=Cin, H=H, W=W, Cout=Cout, KH=KH, KW=KW, stride_h=int(stride[0]), stride_w=int(stride[1]),
             pad_h=int(padding[0]), pad_w=int(padding[1]), OH=OH, OW=OW, stream=stream_of(g))
-        call("conv2d_wgrad", args)
+        try:
+            call("conv2d_wgrad", args)
+        except BaseException:
+            drop_arrival_counters(key)  # it may have arrived partly (the host runner): not all zero
+            raise
 
 
 def conv2d_backward(g, mask, y, mean, coef, x, weight, grad_x, grad_weight, stride, padding, residual, res_mask, up_y,

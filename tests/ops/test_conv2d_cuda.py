@@ -501,3 +501,37 @@ def test_conv2d_stats_counters(api):
     assert api.conv2d_stats_counters(N=1, OH=200, OW=200, Cout=3, compute_stats=True) == 18 + 1
     with pytest.raises(ValueError, match="OH"):
         api.conv2d_stats_counters(N=2, OH=-1, OW=9, Cout=8, compute_stats=True)
+
+
+# ---- planted bugs in the statistics merge (tests/host_runner.py ``build(patches=...)``)
+_MERGE_BUGS = {
+    # the first arrival merges: it reads partials the group's later CTAs have not written (poisoned)
+    "first_arrival_merges": [("    s_last = arrived == g1 - g0 - 1;\n", "    s_last = arrived == 0;\n")],
+    # the group counter is not put back to 0: the next launch's counts are off
+    "counter_not_reset": [("    if (s_last) *cnt1 = 0;\n", "")],
+}
+
+
+@pytest.mark.parametrize("bug", list(_MERGE_BUGS))
+def test_planted_merge_bugs_fail(bug, host_runner_module, monkeypatch):
+    """What test_conv2d_stats_merge_in_launch checks catches a wrong arrival rule and a counter left
+    dirty (on the host runner only: planted builds)."""
+    import host_runner
+    from resnet_kernels import _counters
+    from resnet_kernels.backends.cuda_conv2d import conv2d_forward
+
+    monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
+    runner = host_runner.HostRunner(host_runner.build(patches={"conv2d.cu": _MERGE_BUGS[bug]}))
+    N, Cin, H, W, Cout, k, s, p = MERGE_SHAPES["2_groups_last_1_tile"]
+    x = torch.randn(N, Cin, H, W).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(Cout, Cin, k, k) / (Cin * k * k) ** 0.5).to(torch.bfloat16)
+    rvar, rmean = torch.var_mean(F.conv2d(x.double(), w.double(), None, s, p), dim=(0, 2, 3), correction=0)
+    with cuda_common.host_runner(runner):
+        out = _poisoned((N, Cout, H, W), torch.bfloat16, "channels_last", "cpu")
+        mean, var = conv2d_forward(x, w, None, None, None, out, (s, s), (p, p), False, True, False)
+    wrong = mean.isnan().any() or (mean.double() - rmean).abs().max().item() > 1e-2
+    dirty = any(int(b.count_nonzero()) for b in _counters.ARRIVAL_COUNTERS.values())
+    if bug == "first_arrival_merges":  # the statistics are wrong (NaN: poisoned partials read)
+        assert wrong, bug
+    else:  # right this time, but the buffer is left dirty for the next launch
+        assert dirty and not wrong, bug

@@ -221,11 +221,119 @@ def test_upstream_parameters_in_the_activation_dtype(config, dtype, cuda_target,
 
 
 def test_results_are_bitwise_reproducible(cuda_target):
-    """Fixed-order reductions (the dgrad's upstream partials + finalize, the wgrad's split-K + reduce):
-    two runs give the same bits (on a GPU too: no atomics)."""
+    """Fixed-order reductions (the dgrad's upstream partials + finalize, the wgrad's split-K summed by
+    each tile's last-arriving CTA): two runs give the same bits (on a GPU too: the only atomic, the
+    split-K arrival counter, picks the CTA that sums, not the order)."""
     case = Case(("splitk3", 2, 16, 24, 24, 16, 3, 1, 1), "tail", torch.bfloat16, "channels_last", seed=4)
     assert cuda_conv_backward.wgrad_splits(2, 16, 16, 3, 3, 24, 24) > 1
     a = case.run("cuda", device=cuda_target)
     b = case.run("cuda", device=cuda_target)
     for name, u, v in zip(("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias"), a, b):
         assert torch.equal(u, v), name
+
+
+@pytest.mark.parametrize("shape", [("splitk3", 2, 16, 24, 24, 16, 3, 1, 1),
+                                   ("splitk_tiles", 4, 72, 16, 16, 136, 1, 1, 0),
+                                   ("up_groups_s2", 2, 16, 40, 40, 16, 3, 2, 1)],
+                         ids=["3x3-3splits", "1x1-2x2tiles-2splits", "s2-28rows-2groups"])
+def test_reductions_run_in_their_own_launch_in_any_cta_order(shape, cuda_target, monkeypatch):
+    """The wgrad's split-K partials are summed by each tile's last-arriving CTA, and the dgrad's
+    upstream partial rows by the last arrivals of each (group of rows, column tile) and then of each
+    column tile (s2-28rows-2groups: 4 parity classes x 7 row tiles = 28 rows, groups of 16), in their
+    own launches: one dgrad and one wgrad kernel launched, nothing else; on the host runner the grid
+    runs in blockIdx order and in 3 permutations with bit-identical results (the order of each sum
+    does not depend on which CTA arrives last); the counters are all zero afterwards (a fresh buffer
+    first). Parity: test_csrc_wgrad_alone_matches_the_reference, test_csrc_dgrad_matches_the_reference
+    and, for the two-group shape, the check below."""
+    from resnet_kernels import _counters
+    from resnet_kernels.backends import cuda_common
+
+    monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
+    _, N, Cin, H, W, Cout, k, s, p = shape
+    OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    assert cuda_conv_backward.wgrad_splits(N, Cin, Cout, k, k, OH, OW) > 1
+    case = Case(shape, "tail", torch.bfloat16, "channels_last", seed=5)
+    runner = cuda_common._host
+    outs = []
+    try:
+        for seed in ([0, 1, 2, 3] if runner is not None else [0]):
+            if runner is not None:
+                runner.configure_order(seed)
+                runner.take_launches()
+            outs.append(case.run("cuda", device=cuda_target))
+            if runner is not None:
+                launched = [n for n in runner.take_launches() if "grad" in n]
+                assert sorted(launched) == ["conv2d_dgrad_kernel<T, true>", "conv2d_wgrad_kernel<T>"], launched
+    finally:
+        if runner is not None:
+            runner.configure_order(0)
+    if shape[0] == "up_groups_s2":
+        got = outs[0]
+        ref = case.run("torch", device="cpu", dtype=torch.float64)
+        pt = case.run("aten", device="cpu")
+        _check(case, got, pt, ref)
+    for o in outs[1:]:
+        for name, u, v in zip(("grad_x", "grad_weight", "up_coef", "up_grad_weight", "up_grad_bias"), outs[0], o):
+            assert torch.equal(u, v), f"{name} depends on the CTA order"
+    assert _counters.ARRIVAL_COUNTERS and all(int(b.count_nonzero()) == 0 for b in _counters.ARRIVAL_COUNTERS.values())
+
+
+def test_wgrad_drops_its_counters_when_the_launch_raises(cuda_target, monkeypatch):
+    """A wgrad launch that raises (it may have arrived partly) drops the cached counter buffer."""
+    from resnet_kernels import _counters
+
+    case = Case(("splitk3", 2, 16, 24, 24, 16, 3, 1, 1), "tail", torch.bfloat16, "channels_last", seed=6)
+    case.run("cuda", device=cuda_target)
+    key = _counters._counter_key(torch.device(cuda_target))
+    assert key in _counters.ARRIVAL_COUNTERS
+    real = cuda_conv_backward.call
+
+    def boom(name, *args):
+        if name == "conv2d_wgrad":
+            raise RuntimeError("boom")
+        return real(name, *args)
+
+    monkeypatch.setattr(cuda_conv_backward, "call", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        case.run("cuda", device=cuda_target)
+    assert key not in _counters.ARRIVAL_COUNTERS
+
+
+def test_wgrad_names_its_counters(cuda_target):
+    """conv2d_wgrad with splits > 1 needs the counters (named when missing, misaligned or too few)."""
+    from resnet_kernels.backends.cuda_common import C_module, fill_args
+
+    C_ = C_module()
+    assert C_.conv2d_wgrad_counters(Cin=72, Cout=136, KH=3, KW=3, splits=1) == 0
+    assert C_.conv2d_wgrad_counters(Cin=72, Cout=136, KH=3, KW=3, splits=2) == 9 * 2 * 2
+    fields = {f: 0 for f in C_.Conv2dWgradArgs.fields}
+    fields.update(dtype=2, up_w_dtype=0, up_eps=1e-5, N=1, Cin=8, H=4, W=4, Cout=8, KH=1, KW=1, stride_h=1,
+                  stride_w=1, pad_h=0, pad_w=0, OH=4, OW=4, g=16, x=16, grad_weight=16, gw_stride=[8, 1, 8, 8],
+                  splits=2, workspace=16, workspace_bytes=1 << 20)
+    with pytest.raises(ValueError, match=r"counters \(splits > 1\)"):
+        C_.conv2d_wgrad(fill_args(C_.Conv2dWgradArgs, **fields))
+    fields.update(counters=18)
+    with pytest.raises(ValueError, match="counters must be 4-byte aligned"):
+        C_.conv2d_wgrad(fill_args(C_.Conv2dWgradArgs, **fields))
+    fields.update(counters=16, counters_count=0)
+    with pytest.raises(ValueError, match="counters_count = 0 < 1 required"):
+        C_.conv2d_wgrad(fill_args(C_.Conv2dWgradArgs, **fields))
+
+
+@pytest.mark.parametrize("dims", [(1, 8, 4, 4, 1, 1), (2, 16, 40, 40, 2, 2), (4, 64, 56, 56, 1, 1),
+                                  (256, 128, 56, 56, 2, 2)])
+def test_dgrad_workspace_and_counters_follow_the_declared_group_rule(dims, cuda_target):
+    """The upstream finalize's groups (csrc up_group_rows) are the declared cost's (backends'
+    _cuda_stat_groups): the workspace holds the float64 group sums and the float32 partial rows, one
+    counter per (group, 64-channel column tile), plus one per column tile with several groups."""
+    from resnet_kernels.backends import _cuda_stat_groups
+    from resnet_kernels.backends.cuda_common import C_module
+
+    N, Cin, H, W, sh, sw = dims
+    tiles = sum(-(-(N * -(-(H - ah) // sh) * -(-(W - aw) // sw)) // 128) for ah in range(sh) for aw in range(sw))
+    groups = _cuda_stat_groups(tiles)
+    C_ = C_module()
+    kw = dict(N=N, Cin=Cin, H=H, W=W, stride_h=sh, stride_w=sw)
+    assert C_.conv2d_dgrad_workspace_bytes(**kw, upstream=True) == 2 * groups * Cin * 8 + 2 * tiles * Cin * 4
+    assert C_.conv2d_dgrad_counters(**kw, upstream=True) == (groups + (groups > 1)) * -(-Cin // 64)
+    assert C_.conv2d_dgrad_workspace_bytes(**kw, upstream=False) == 0 == C_.conv2d_dgrad_counters(**kw, upstream=False)
