@@ -15,9 +15,11 @@
 //
 // Backward: the reduce kernel writes per-block partials of sum g, sum g*(y - mean) and
 // sum g*(identity - id_mean) (centred on the batch mean: no cancellation when |mean| >> std) into
-// the workspace as float[3][P][C]; the finalize kernel sums each channel's P partials in a fixed
-// order (deterministic: no atomics; the tiling depends only on shape, dtype and alignment, never
-// on the device), writes grad_weight/grad_bias/grad_id_* in their dtypes and the per-channel apply
+// the workspace as float[3][P][C]; in the same launch, the last block to arrive on the int32
+// counter of its column tile (channels_last) or channel (NCHW) sums each of its channels' P partials
+// in a fixed order (finalize_range: deterministic, the counter only picks the block; the tiling
+// depends only on shape, dtype and alignment, never on the device; an empty batch runs
+// bn_act_bwd_finalize_kernel alone), writes grad_weight/grad_bias/grad_id_* in their dtypes and the per-channel apply
 // coefficients float[8][C] (mean, weight*invstd, sum_g/m, invstd^2*sum_gd/m; the same for the
 // identity) after the partials; the apply kernel writes grad_y and grad_identity in one pass, the
 // ReLU mask recomputed from the saved output.
@@ -262,6 +264,103 @@ __global__ void __launch_bounds__(kThreads) bn_bits_pack_kernel(const T* __restr
 }
 
 // ---------------------------------------------------------------------------------------------
+// backward 2/3: per channel, the fixed-order sum of the P partials; per-channel gradients and the
+// apply coefficients. Run by the reduce kernel's last-arriving block of each column tile (channels_last)
+// or channel (NCHW), in the reduce's launch (finalize_range); by bn_act_bwd_finalize_kernel alone
+// for an empty batch (no partials, every sum 0).
+// ---------------------------------------------------------------------------------------------
+enum SumFlag : int { kSumG = 1, kSumD = 2, kSumI = 4 };
+
+struct FinParams {
+  const float* ws = nullptr;  // float[3][P][C]
+  float* coef = nullptr;      // float[8][C]
+  int* counters = nullptr;    // int32 arrival counters of the reduce's blocks (per column tile / channel), all zero
+  int64_t P = 0, C = 0;
+  float m = 1.f;  // elements per channel
+  int sums = 0;   // SumFlag bits present in ws
+  BnParams bn, idbn;
+  void *gw = nullptr, *gb = nullptr, *giw = nullptr, *gib = nullptr;
+  int gwd = kF32, gbd = kF32, giwd = kF32, gibd = kF32;
+  bool coef_y = false, coef_id = false;
+  float *abk = nullptr, *id_abk = nullptr;  // float[3][C] (A, B, K) outputs (batch_norm_act_coef), or null
+};
+
+// (A, B, K) = (A, A * mean_g, A * invstd^2 * mean_gd) at column c of a float[3][C] output, with the
+// rounding steps of triton_ops/batch_norm.py's _finalize_kernel: B = A * mean_g, K = (A * invstd^2) * mean_gd.
+__device__ __forceinline__ void store_abk(float* out, int64_t C, int64_t c, float A, float invstd, float mean_g,
+                                          float mean_gd) {
+  out[c] = A;
+  out[C + c] = mul_rn(A, mean_g);
+  out[2 * C + c] = mul_rn(mul_rn(A, mul_rn(invstd, invstd)), mean_gd);
+}
+
+// The outputs of channel c from its three sums.
+__device__ __forceinline__ void finalize_channel(const FinParams& f, int64_t c, float sum_g, float sum_gd,
+                                                 float sum_gi) {
+  if (f.gb != nullptr) store_param(f.gb, f.gbd, c, sum_g);
+  if (f.gib != nullptr) store_param(f.gib, f.gibd, c, sum_g);
+  if (f.gw != nullptr || f.coef_y || f.abk != nullptr) {
+    const float invstd = invstd_of(f.bn.var, f.bn.eps, c);
+    if (f.gw != nullptr) store_param(f.gw, f.gwd, c, mul_rn(sum_gd, invstd));
+    const float A = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
+    if (f.coef_y) {
+      f.coef[c] = f.bn.mean[c];
+      f.coef[f.C + c] = A;
+      f.coef[2 * f.C + c] = sum_g / f.m;
+      f.coef[3 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gd / f.m);
+    }
+    if (f.abk != nullptr) store_abk(f.abk, f.C, c, A, invstd, sum_g / f.m, sum_gd / f.m);
+  }
+  if (f.giw != nullptr || f.coef_id || f.id_abk != nullptr) {
+    const float invstd = invstd_of(f.idbn.var, f.idbn.eps, c);
+    if (f.giw != nullptr) store_param(f.giw, f.giwd, c, mul_rn(sum_gi, invstd));
+    const float A = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
+    if (f.coef_id) {
+      f.coef[4 * f.C + c] = f.idbn.mean[c];
+      f.coef[5 * f.C + c] = A;
+      f.coef[6 * f.C + c] = sum_g / f.m;
+      f.coef[7 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gi / f.m);
+    }
+    if (f.id_abk != nullptr) store_abk(f.id_abk, f.C, c, A, invstd, sum_g / f.m, sum_gi / f.m);
+  }
+}
+
+// Channels [c_lo, c_hi) by the whole block, 32 at a time: lane ty (of the block's blockDim / 32 full
+// warps: 8 for a 256-thread block) sums partials p = ty, ty + lanes, ... of channel c_lo + 32 k + tx
+// in float32 (L2 loads: other blocks of the launch wrote them), then the lanes in order; thread
+// (tx, 0) writes the channel's outputs. Every thread of the block calls it.
+__device__ __forceinline__ void finalize_range(const FinParams& f, int64_t c_lo, int64_t c_hi) {
+  __shared__ float sm[kThreads / 32][32];
+  const int lanes = static_cast<int>(blockDim.x) / 32;  // >= 6: blocks have >= 193 threads
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  for (int64_t cb = c_lo; cb < c_hi; cb += 32) {
+    const int64_t c = cb + tx;
+    float S[3] = {0.f, 0.f, 0.f};
+    for (int s = 0; s < 3; ++s) {
+      if (!(f.sums & (1 << s))) continue;  // uniform
+      const float* src = f.ws + static_cast<int64_t>(s) * f.P * f.C;
+      float t = 0.f;
+      if (ty < lanes && c < c_hi) {
+        for (int64_t p = ty; p < f.P; p += lanes) t += __ldcg(src + p * f.C + c);
+      }
+      if (ty < lanes) sm[ty][tx] = t;
+      __syncthreads();
+      float r = sm[0][tx];
+      for (int l = 1; l < lanes; ++l) r += sm[l][tx];
+      S[s] = r;
+      __syncthreads();  // sm is rewritten by the next sum
+    }
+    if (ty == 0 && c < c_hi) finalize_channel(f, c, S[0], S[1], S[2]);
+  }
+}
+
+// An empty batch's finalize (every sum 0: f.sums == 0): 32 channels per block.
+__global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const FinParams f) {
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32;
+  finalize_range(f, c0, c0 + 32 < f.C ? c0 + 32 : f.C);
+}
+
+// ---------------------------------------------------------------------------------------------
 // backward 1/3: per-block partials of sum g, sum g*(y - mean), sum g*(identity - id_mean)
 // ---------------------------------------------------------------------------------------------
 // MB: the ReLU mask is the 1-bit mask of out > 0 (out_bits, resnet_kernels/_bits.py: bit c % 8 of
@@ -273,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                              const uint8_t* __restrict__ out_bits, const T* __restrict__ y,
                              const T* __restrict__ identity, const float* __restrict__ mean,
                              const float* __restrict__ id_mean, float* __restrict__ ws, const Tiling t,
-                             const bool relu) {
+                             const bool relu, const FinParams f) {
   constexpr int NCH = NHWC ? VEC : 1;
   __shared__ float red[NHWC ? kThreads * VEC : kThreads / 32];
   int64_t c0;
@@ -350,85 +449,36 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (threadIdx.x == 0) ws[2 * PC + slot] = s;
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// backward 2/3: per channel, the fixed-order sum of the P partials; per-channel gradients and the
-// apply coefficients. Block = 32 channels x 8 partial lanes.
-// ---------------------------------------------------------------------------------------------
-enum SumFlag : int { kSumG = 1, kSumD = 2, kSumI = 4 };
-
-struct FinParams {
-  const float* ws = nullptr;  // float[3][P][C]
-  float* coef = nullptr;      // float[8][C]
-  int64_t P = 0, C = 0;
-  float m = 1.f;  // elements per channel
-  int sums = 0;   // SumFlag bits present in ws
-  BnParams bn, idbn;
-  void *gw = nullptr, *gb = nullptr, *giw = nullptr, *gib = nullptr;
-  int gwd = kF32, gbd = kF32, giwd = kF32, gibd = kF32;
-  bool coef_y = false, coef_id = false;
-  float *abk = nullptr, *id_abk = nullptr;  // float[3][C] (A, B, K) outputs (batch_norm_act_coef), or null
-};
-
-// (A, B, K) = (A, A * mean_g, A * invstd^2 * mean_gd) at column c of a float[3][C] output, with the
-// rounding steps of triton_ops/batch_norm.py's _finalize_kernel: B = A * mean_g, K = (A * invstd^2) * mean_gd.
-__device__ __forceinline__ void store_abk(float* out, int64_t C, int64_t c, float A, float invstd, float mean_g,
-                                          float mean_gd) {
-  out[c] = A;
-  out[C + c] = mul_rn(A, mean_g);
-  out[2 * C + c] = mul_rn(mul_rn(A, mul_rn(invstd, invstd)), mean_gd);
-}
-
-__global__ void __launch_bounds__(kThreads) bn_act_bwd_finalize_kernel(const FinParams f) {
-  constexpr int kLanes = kThreads / 32;
-  __shared__ float sm[kLanes][32];
-  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + tx;
-  float S[3] = {0.f, 0.f, 0.f};
-  for (int s = 0; s < 3; ++s) {
-    if (!(f.sums & (1 << s))) continue;  // uniform
-    const float* src = f.ws + static_cast<int64_t>(s) * f.P * f.C;
-    float t = 0.f;
-    if (c < f.C) {
-      for (int64_t p = ty; p < f.P; p += kLanes) t += src[p * f.C + c];
-    }
-    sm[ty][tx] = t;
-    __syncthreads();
-    float r = sm[0][tx];
-#pragma unroll
-    for (int l = 1; l < kLanes; ++l) r += sm[l][tx];
-    S[s] = r;
-    __syncthreads();  // sm is rewritten by the next sum
+  // ---- the finalize, in this launch: every block of a column tile (channels_last) or of a channel
+  // (NCHW) arrives on its counter after its partials (a block barrier, then thread 0's gpu-scope
+  // fence and atomicAdd, as CUTLASS's split-K semaphore); the last of the P arrivals (after a fence
+  // and a barrier) sums the P partials of its channels in a fixed order (finalize_range) and puts
+  // the counter back to 0. Which block is last varies, the order does not: deterministic.
+  __shared__ int s_last;
+  int64_t slot, c_lo, c_hi, arrivals;
+  if constexpr (NHWC) {
+    const int64_t width = static_cast<int64_t>(t.bx) * VEC;
+    slot = blockIdx.y;
+    c_lo = slot * width;
+    c_hi = c_lo + width < t.C ? c_lo + width : t.C;
+    arrivals = gridDim.x;
+  } else {
+    int64_t p, j0, j1;
+    t.g.block_range(blockIdx.x, slot, p, j0, j1);
+    c_lo = slot;
+    c_hi = slot + 1;
+    arrivals = t.g.P;
   }
-  if (ty != 0 || c >= f.C) return;
-  const float sum_g = S[0], sum_gd = S[1], sum_gi = S[2];
-  if (f.gb != nullptr) store_param(f.gb, f.gbd, c, sum_g);
-  if (f.gib != nullptr) store_param(f.gib, f.gibd, c, sum_g);
-  if (f.gw != nullptr || f.coef_y || f.abk != nullptr) {
-    const float invstd = invstd_of(f.bn.var, f.bn.eps, c);
-    if (f.gw != nullptr) store_param(f.gw, f.gwd, c, mul_rn(sum_gd, invstd));
-    const float A = f.bn.has_w ? mul_rn(load_param(f.bn.w, f.bn.wd, c), invstd) : invstd;
-    if (f.coef_y) {
-      f.coef[c] = f.bn.mean[c];
-      f.coef[f.C + c] = A;
-      f.coef[2 * f.C + c] = sum_g / f.m;
-      f.coef[3 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gd / f.m);
-    }
-    if (f.abk != nullptr) store_abk(f.abk, f.C, c, A, invstd, sum_g / f.m, sum_gd / f.m);
+  __syncthreads();  // every thread's partial stores
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const int arrived = atomicAdd(f.counters + slot, 1);
+    __threadfence();
+    s_last = arrived == arrivals - 1;
+    if (s_last) f.counters[slot] = 0;
   }
-  if (f.giw != nullptr || f.coef_id || f.id_abk != nullptr) {
-    const float invstd = invstd_of(f.idbn.var, f.idbn.eps, c);
-    if (f.giw != nullptr) store_param(f.giw, f.giwd, c, mul_rn(sum_gi, invstd));
-    const float A = f.idbn.has_w ? mul_rn(load_param(f.idbn.w, f.idbn.wd, c), invstd) : invstd;
-    if (f.coef_id) {
-      f.coef[4 * f.C + c] = f.idbn.mean[c];
-      f.coef[5 * f.C + c] = A;
-      f.coef[6 * f.C + c] = sum_g / f.m;
-      f.coef[7 * f.C + c] = mul_rn(mul_rn(invstd, invstd), sum_gi / f.m);
-    }
-    if (f.id_abk != nullptr) store_abk(f.id_abk, f.C, c, A, invstd, sum_g / f.m, sum_gi / f.m);
-  }
+  __syncthreads();
+  if (s_last) finalize_range(f, c_lo, c_hi);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,6 +817,10 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
     if (a.workspace_bytes < need)
       throw ArgError(cat(fn, ": workspace is too small: ", a.workspace_bytes, " bytes given, ", need,
                          " needed (use batch_norm_act_backward_workspace_bytes)"));
+    check_ptr(a.counters, fn, "counters");
+    const int64_t need_cnt = plan.nhwc ? plan.col_tiles : a.C;  // <= C: batch_norm_act_backward_counters
+    if (a.counters_count < need_cnt)
+      throw ArgError(cat(fn, ": counters_count = ", a.counters_count, " < ", need_cnt, " required"));
   }
   cudaStream_t st = as_stream(a.stream);
   float* ws = reinterpret_cast<float*>(a.workspace);
@@ -775,13 +829,36 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
   const bool mb = a.out_bits != 0;
   const uint8_t* ob = reinterpret_cast<const uint8_t*>(a.out_bits);
 
+  FinParams f;
+  f.ws = ws;
+  f.coef = coef;
+  f.counters = reinterpret_cast<int*>(a.counters);
+  f.P = plan.P;
+  f.C = a.C;
+  f.m = empty ? 1.f : static_cast<float>(a.numel / a.C);
+  f.sums = reduce ? (kSumG | (sum_d ? kSumD : 0) | (sum_i ? kSumI : 0)) : 0;
+  f.bn = bn_params(a.mean, a.var, a.weight, a.weight_dtype, 0, DType::F32, a.eps);
+  f.idbn = bn_params(a.id_mean, a.id_var, a.id_weight, a.id_weight_dtype, 0, DType::F32, a.id_eps);
+  f.gw = reinterpret_cast<void*>(a.grad_weight);
+  f.gb = reinterpret_cast<void*>(a.grad_bias);
+  f.giw = reinterpret_cast<void*>(a.grad_id_weight);
+  f.gib = reinterpret_cast<void*>(a.grad_id_bias);
+  f.gwd = static_cast<int>(a.grad_weight_dtype);
+  f.gbd = static_cast<int>(a.grad_bias_dtype);
+  f.giwd = static_cast<int>(a.grad_id_weight_dtype);
+  f.gibd = static_cast<int>(a.grad_id_bias_dtype);
+  f.coef_y = gy;
+  f.coef_id = gim == kIdBn;
+  f.abk = reinterpret_cast<float*>(a.coef);
+  f.id_abk = reinterpret_cast<float*>(a.id_coef);
+
   with_dtype(a.dtype, fn, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* go = reinterpret_cast<const T*>(a.grad_out);
     const T* o = reinterpret_cast<const T*>(a.out);
     const T* yy = reinterpret_cast<const T*>(a.y);
     const T* id = reinterpret_cast<const T*>(a.identity);
-    if (reduce) {
+    if (reduce) {  // the reduce, and in its launch the finalize (its last-arriving blocks)
       with_vec<T>(vec, [&](auto vc) {
         constexpr int VEC = decltype(vc)::value;
         with_bool(plan.nhwc, [&](auto nc) {
@@ -794,7 +871,7 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
                 constexpr bool MB = decltype(mc)::value;
                 bn_act_bwd_reduce_kernel<T, VEC, NHWC, SD, SI, MB><<<grid_of(plan, a.C), block_of(plan), 0, st>>>(
                     go, o, ob, yy, id, reinterpret_cast<const float*>(a.mean),
-                    reinterpret_cast<const float*>(a.id_mean), ws, t, a.relu);
+                    reinterpret_cast<const float*>(a.id_mean), ws, t, a.relu, f);
                 check_launch("bn_act_bwd_reduce_kernel");
               });
             });
@@ -802,28 +879,7 @@ void batch_norm_act_backward(const BatchNormActBackwardArgs& a) {
         });
       });
     }
-    if (any_sum && a.C > 0) {
-      FinParams f;
-      f.ws = ws;
-      f.coef = coef;
-      f.P = plan.P;
-      f.C = a.C;
-      f.m = empty ? 1.f : static_cast<float>(a.numel / a.C);
-      f.sums = reduce ? (kSumG | (sum_d ? kSumD : 0) | (sum_i ? kSumI : 0)) : 0;
-      f.bn = bn_params(a.mean, a.var, a.weight, a.weight_dtype, 0, DType::F32, a.eps);
-      f.idbn = bn_params(a.id_mean, a.id_var, a.id_weight, a.id_weight_dtype, 0, DType::F32, a.id_eps);
-      f.gw = reinterpret_cast<void*>(a.grad_weight);
-      f.gb = reinterpret_cast<void*>(a.grad_bias);
-      f.giw = reinterpret_cast<void*>(a.grad_id_weight);
-      f.gib = reinterpret_cast<void*>(a.grad_id_bias);
-      f.gwd = static_cast<int>(a.grad_weight_dtype);
-      f.gbd = static_cast<int>(a.grad_bias_dtype);
-      f.giwd = static_cast<int>(a.grad_id_weight_dtype);
-      f.gibd = static_cast<int>(a.grad_id_bias_dtype);
-      f.coef_y = gy;
-      f.coef_id = gim == kIdBn;
-      f.abk = reinterpret_cast<float*>(a.coef);
-      f.id_abk = reinterpret_cast<float*>(a.id_coef);
+    if (any_sum && !reduce && a.C > 0) {  // an empty batch: no reduce, every sum 0
       bn_act_bwd_finalize_kernel<<<static_cast<unsigned>(ceil_div(a.C, 32)), kThreads, 0, st>>>(f);
       check_launch("bn_act_bwd_finalize_kernel");
     }

@@ -75,6 +75,10 @@ struct BatchNormActBackwardArgs {
       grad_id_bias_dtype;
   std::uintptr_t workspace;  // device scratch of batch_norm_act_backward_workspace_bytes(...) bytes
   int64_t workspace_bytes;
+  // int32 arrival counters, ALL ZERO at launch and left so (at least C of them suffice): the reduce
+  // pass's last-arriving block of each column tile / channel runs the finalize in the same launch
+  std::uintptr_t counters;
+  int64_t counters_count;
   double eps, id_eps;
   int64_t numel, C, inner;
   bool relu;

@@ -276,7 +276,7 @@ PYBIND11_MODULE(_C, m) {
   RK_FIELD(bnb, weight); RK_FIELD(bnb, identity); RK_FIELD(bnb, id_mean); RK_FIELD(bnb, id_var);
   RK_FIELD(bnb, id_weight); RK_FIELD(bnb, grad_y); RK_FIELD(bnb, grad_identity); RK_FIELD(bnb, grad_weight);
   RK_FIELD(bnb, grad_bias); RK_FIELD(bnb, grad_id_weight); RK_FIELD(bnb, grad_id_bias);
-  RK_FIELD(bnb, coef); RK_FIELD(bnb, id_coef);
+  RK_FIELD(bnb, coef); RK_FIELD(bnb, id_coef); RK_FIELD(bnb, counters); RK_FIELD(bnb, counters_count);
   def_dtype_field<&rk::BatchNormActBackwardArgs::weight_dtype>(bnb, "weight_dtype");
   def_dtype_field<&rk::BatchNormActBackwardArgs::id_weight_dtype>(bnb, "id_weight_dtype");
   def_dtype_field<&rk::BatchNormActBackwardArgs::grad_weight_dtype>(bnb, "grad_weight_dtype");

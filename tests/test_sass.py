@@ -258,3 +258,26 @@ def test_find_nvcc_matches_setup():
     ns = {"os": os, "re": re, "shutil": shutil, "subprocess": subprocess, "Path": Path}
     exec(compile(ast.Module(body=defs, type_ignores=[]), "setup.py", "exec"), ns)  # noqa: S102
     assert ns["find_nvcc"]() == rk_build.find_nvcc()
+
+
+@pytest.mark.parametrize("arch", EXPECTED_ARCHS)
+def test_batch_norm_reduce_arrives_on_its_counters(arch, tmp_path):
+    """Every instantiation of bn_act_bwd_reduce_kernel runs the finalize in its own launch: a
+    gpu-scope atomic add on its arrival counter and gpu-scope fences in its SASS (csrc/batch_norm.cu);
+    the other batch_norm.cu kernels have no atomic."""
+    tool = _cuobjdump()
+    subprocess.run([tool, "-xelf", f"batch_norm.{arch}", so_path()], cwd=tmp_path, capture_output=True, check=True,
+                   timeout=300)
+    cubin = tmp_path / f"batch_norm.{arch}.cubin"
+    assert cubin.is_file(), f"no batch_norm.{arch}.cubin in {so_path()}"
+    parts = re.split(r"\n\s*Function : (\S+)\s*\n", _run([tool, "-sass", str(cubin)]))
+    funcs = dict(zip(parts[1::2], parts[2::2]))
+    reduces = {n: b for n, b in funcs.items() if matches(n, "bn_act_bwd_reduce_kernel")}
+    assert len(reduces) == 128, f"{arch}: {len(reduces)} reduce instantiations"
+    for name, body in funcs.items():
+        atomic = re.search(r"\bATOMG?\.E\.ADD\S*\.GPU\b", body) is not None
+        fence = re.search(r"\bMEMBAR\S*\.GPU\b", body) is not None
+        if name in reduces:
+            assert atomic and fence, f"{arch} {name}: no gpu-scope atomic add / fence (the finalize's arrival)"
+        else:
+            assert not atomic, f"{arch} {name}: an unexpected atomic"

@@ -481,13 +481,13 @@ def _bn_partials(call) -> int:
     return blocks * C * 4 * (3 if call.id_mean is not None else 2)
 
 
-def _fused_bn_bwd_cost(call, finalize_launches: int = 1):
-    """batch_norm_act_backward (cuda; triton: ``_triton_bn_bwd_cost``): the reduce pass (read
-    grad_out, the mask, y, the identity when it has its own BN; write per-block partials) and the
-    per-channel finalize (fixed-order sums, the parameter gradients; its own launch on cuda) when a
-    per-channel sum is needed; the apply pass (read grad_out, the mask and what the gradients need;
-    write grad_y and grad_identity) when an activation gradient is: 3 launches in a training step
-    (2 on triton)."""
+def _fused_bn_bwd_cost(call, finalize_launches: int = 0):
+    """batch_norm_act_backward (cuda, triton): the reduce pass (read grad_out, the mask, y, the
+    identity when it has its own BN; write per-block partials) and the per-channel finalize
+    (fixed-order sums, the parameter gradients; run by the reduce's last-arriving blocks in its
+    launch on both: ``finalize_launches`` 0) when a per-channel sum is needed; the apply pass (read
+    grad_out, the mask and what the gradients need; write grad_y and grad_identity) when an
+    activation gradient is: 2 launches in a training step."""
     ny, ni, nw, nb, niw, nib = call.needs
     g = nbytes(call.grad_out)
     side = call.id_mean is not None
@@ -537,12 +537,11 @@ def _aten_bn_bwd_cost(call):
     return max(launches, 1), b
 
 
-def _fused_bn_coef_cost(call, finalize_launches: int = 1):
+def _fused_bn_coef_cost(call, finalize_launches: int = 0):
     """batch_norm_act_coef (cuda, triton): batch_norm_act_backward's reduce pass (read grad_out, the
     mask, y, and the identity when it has its own BN; write per-block partials) and finalize (read
     them and the per-channel statistics and weights; write coef and id_coef, (3, C) each, and the
-    requested parameter gradients; its own launch on cuda, in the reduce's launch on triton): 2
-    launches (1 on triton), no apply pass."""
+    requested parameter gradients; in the reduce's launch on both): 1 launch, no apply pass."""
     g = nbytes(call.grad_out)
     sides = 2 if call.id_mean is not None else 1
     p = _bn_partials(call)
@@ -564,9 +563,9 @@ def _triton_bn_bwd_cost(call):
 
 
 def _cuda_bn_coef_cost(call):
-    """``_fused_bn_coef_cost`` (reduce + finalize: 2 launches); a 1-bit ``out``
-    (resnet_kernels/_bits.py) is read natively by the csrc reduce kernel (``out_bits``): its bytes are
-    the bits' (nbytes of a uint8 tensor)."""
+    """``_fused_bn_coef_cost`` (the finalize run by the csrc reduce kernel's last-arriving block per
+    column tile or channel: 1 launch); a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by
+    the csrc reduce kernel (``out_bits``): its bytes are the bits' (nbytes of a uint8 tensor)."""
     return _fused_bn_coef_cost(call)
 
 

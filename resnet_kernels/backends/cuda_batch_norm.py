@@ -13,13 +13,15 @@ For the accountant (counted from the code, not measured):
   float16/bfloat16 channels_last with C % 8 == 0 (16-byte-aligned activations: fresh allocations);
   otherwise (float32, NCHW, C % 8 != 0) a second csrc launch packs it from out (reads out, writes
   the bits).
-* backward: reduce + finalize when any per-channel sum is needed (grad_y, grad_weight, grad_bias,
-  grad_id_*, or grad_identity with id_mean), + apply when grad_y or grad_identity is needed: 3 in
-  training with every gradient, 1 for a raw grad_identity alone. The reduce reads grad_out, out
+* backward: the reduce, whose last-arriving block per column tile (channels_last) or channel (NCHW)
+  runs the finalize in the same launch (on ``resnet_kernels._counters``' cached zeroed counters),
+  when any per-channel sum is needed (grad_y, grad_weight, grad_bias, grad_id_*, or grad_identity
+  with id_mean); an empty batch's finalize alone; + apply when grad_y or grad_identity is needed:
+  2 in training with every gradient, 1 for a raw grad_identity alone. The reduce reads grad_out, out
   (relu), y (grad_y/grad_weight) and identity (grad_identity/grad_id_weight with id_mean); the apply
   reads grad_out, out (relu), y (grad_y) and identity (BN'd grad_identity) and writes grad_y and
   grad_identity; the workspace (partials and coefficients) is (3 * P + 8) * C * 4 bytes, P <= 1024.
-* coefficients (batch_norm_act_coef): the backward's reduce + finalize alone (2 launches): the same
+* coefficients (batch_norm_act_coef): the backward's reduce + finalize alone (1 launch): the same
   entry point with coef/id_coef set and no grad_y/grad_identity; the finalize writes (A, B, K) to
   the (3, C) outputs. A 1-bit ``out`` (resnet_kernels/_bits.py) is read by the reduce kernel
   itself (``out_bits``): its bytes instead of out's.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from .._bits import is_bits
+from .._counters import arrival_counters, drop_arrival_counters
 from .cuda_common import DTYPE_CODES, C_module, call, device_guard, fill_args, ptr, stream_of
 
 
@@ -75,6 +78,8 @@ def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id
         # Scratch for the per-block partial sums and the per-channel coefficients: every byte read
         # is written first by an earlier launch of the same call (so it is not poisoned).
         ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=grad_out.device)
+        # the reduce's blocks arrive on one counter per column tile (channels_last) or channel: <= C
+        counters, key = arrival_counters(grad_out.device, max(C, 1))
         args = fill_args(
             C_.BatchNormActBackwardArgs, dtype=code, grad_out=ptr(grad_out),
             out=ptr(out if relu and not bits else None), out_bits=ptr(out if relu and bits else None),
@@ -85,9 +90,13 @@ def _backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id
             id_coef=ptr(id_coef), weight_dtype=_code(weight), id_weight_dtype=_code(id_weight),
             grad_weight_dtype=_code(grad_weight), grad_bias_dtype=_code(grad_bias),
             grad_id_weight_dtype=_code(grad_id_weight), grad_id_bias_dtype=_code(grad_id_bias), workspace=ptr(ws),
-            workspace_bytes=nbytes, eps=float(eps), id_eps=float(id_eps), numel=numel, C=C, inner=inner,
-            relu=bool(relu), stream=stream_of(grad_out))
-        call("batch_norm_act_backward", args)
+            workspace_bytes=nbytes, counters=ptr(counters), counters_count=counters.numel(), eps=float(eps),
+            id_eps=float(id_eps), numel=numel, C=C, inner=inner, relu=bool(relu), stream=stream_of(grad_out))
+        try:
+            call("batch_norm_act_backward", args)
+        except BaseException:
+            drop_arrival_counters(key)  # it may have arrived partly (the host runner): not all zero
+            raise
 
 
 def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight,

@@ -522,3 +522,57 @@ def test_coef_argument_errors(cuda_target):
         cuda_impl._backward(case.grad_out, None, None, case.mean, case.var, None, None, None, None, None,
                             None, None, None, None, None, None, coef, None, EPS, ID_EPS, False, 3, 49)
     assert torch.isnan(coef).all() and torch.isnan(icoef).all(), "a refused call wrote an output"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [BIG, (2, 264, 8, 8)], ids=_name)
+def test_backward_finalize_runs_in_the_reduce_launch_in_any_order(shape, layout, cuda_target, monkeypatch):
+    """The finalize runs in the reduce's launch, by the last block to arrive on each column tile's
+    (channels_last; (2, 264, 8, 8) float32: 3 column tiles) or channel's (NCHW) counter: two launches
+    (reduce, apply), no finalize kernel; on the host runner the grid runs in blockIdx order and in 3
+    permutations with bit-identical gradients; the counters are all zero afterwards (a fresh buffer
+    first). Parity: the other backward tests (the same sums, now finalized in the reduce's launch)."""
+    from resnet_kernels import _counters
+    from resnet_kernels.backends import cuda_common
+
+    monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
+    case = Case(shape, torch.float32, layout, cuda_target, seed=9)
+    want = dict.fromkeys(GRADS, True)
+    runner = cuda_common._host
+    outs = []
+    try:
+        for seed in ([0, 1, 2, 3] if runner is not None else [0]):
+            if runner is not None:
+                runner.configure_order(seed)
+                runner.take_launches()
+            outs.append(_backward(case, "bn", True, want, cuda_impl))
+            if runner is not None:
+                launched = runner.take_launches()
+                assert len(launched) == 2 and "reduce" in launched[0] and "apply" in launched[1], launched
+    finally:
+        if runner is not None:
+            runner.configure_order(0)
+    for o in outs[1:]:
+        for name in GRADS:
+            assert torch.equal(o[name], outs[0][name]), f"{name} depends on the block order"
+    _check_backward(case, "bn", True, want, "finalized in the reduce's launch")
+    assert _counters.ARRIVAL_COUNTERS and all(int(b.count_nonzero()) == 0 for b in _counters.ARRIVAL_COUNTERS.values())
+
+
+def test_backward_drops_its_counters_when_the_launch_raises(cuda_target, monkeypatch):
+    """A backward launch that raises (it may have arrived partly) drops the cached counter buffer."""
+    from resnet_kernels import _counters
+
+    case = Case((2, 8, 4, 4), torch.float32, "channels_last", cuda_target, seed=10)
+    want = dict.fromkeys(GRADS, True)
+    _backward(case, "bn", True, want, cuda_impl)
+    key = _counters._counter_key(torch.device(cuda_target))
+    assert key in _counters.ARRIVAL_COUNTERS
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cuda_impl, "call", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        _backward(case, "bn", True, want, cuda_impl)
+    assert key not in _counters.ARRIVAL_COUNTERS
