@@ -33,6 +33,8 @@
 // update 1.
 #include "batch_norm.h"
 
+#include "arrival.cuh"
+
 #include "bn_add_relu_impl.cuh"
 #include "bn_affine.cuh"
 
@@ -450,9 +452,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   // ---- the finalize, in this launch: every block of a column tile (channels_last) or of a channel
-  // (NCHW) arrives on its counter after its partials (a block barrier, then thread 0's gpu-scope
-  // fence and atomicAdd, as CUTLASS's split-K semaphore); the last of the P arrivals (after a fence
-  // and a barrier) sums the P partials of its channels in a fixed order (finalize_range) and puts
+  // (NCHW) arrives on its counter after its partials (arrive_last, arrival.cuh); the last of the P
+  // arrivals sums the P partials of its channels in a fixed order (finalize_range) and puts
   // the counter back to 0. Which block is last varies, the order does not: deterministic.
   __shared__ int s_last;
   int64_t slot, c_lo, c_hi, arrivals;
@@ -469,16 +470,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     c_hi = slot + 1;
     arrivals = t.g.P;
   }
-  __syncthreads();  // every thread's partial stores
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const int arrived = atomicAdd(f.counters + slot, 1);
-    __threadfence();
-    s_last = arrived == arrivals - 1;
-    if (s_last) f.counters[slot] = 0;
-  }
-  __syncthreads();
-  if (s_last) finalize_range(f, c_lo, c_hi);
+  if (arrive_last(f.counters + slot, static_cast<int>(arrivals), &s_last)) finalize_range(f, c_lo, c_hi);
 }
 
 // ---------------------------------------------------------------------------------------------

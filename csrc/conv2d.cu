@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "acc_types.cuh"
+#include "arrival.cuh"
 #include "bn_affine.cuh"
 #include "conv2d.h"
 #include "conv2d_layout.h"
@@ -128,34 +129,21 @@ struct StatsMerge {
 };
 template <int BN_>
 __device__ __noinline__ void stats_arrive_merge(const StatsMerge a, unsigned char* smem, int tid, int tile_m, int n0) {
-  // ---- the merge, in this launch (conv2d.h). Release: the CTA barrier (every thread's partial
-  // stores before it), then thread 0's gpu-scope fence (cumulative: it orders what the barrier
-  // made visible to thread 0) and its atomicAdd on the counter of this (group, column tile), as
-  // CUTLASS's split-K semaphore; acquire: thread 0's fence after the atomic, a barrier, L2 loads
-  // (ld.cg). The group's last arrival merges the group's tile partials in tile order; which CTA
-  // that is varies, the order does not. Each counter goes back to 0 in its last arrival (every
-  // arrival is in by then).
+  // ---- the merge, in this launch (conv2d.h): the arrival on the counter of this (group, column
+  // tile) (arrive_last, arrival.cuh); the group's last arrival merges the group's tile partials in
+  // tile order; which CTA that is varies, the order does not.
   // smem: the kernel's (dead) pipeline memory; the flag after merge_rows' 3 * BN_ doubles (a static
   // __shared__ int would take the 48 KiB kernels over the static limit)
   double* const s_dbl = reinterpret_cast<double*>(smem);
-  int& s_last = *reinterpret_cast<int*>(smem + 3 * BN_ * sizeof(double));
+  int* const s_last = reinterpret_cast<int*>(smem + 3 * BN_ * sizeof(double));
   const int cl = tid % BN_;
   const int col = n0 + cl;
   const bool okc = col < a.Cout;
   const int grp = tile_m / a.group_tiles;
   const int g0 = grp * a.group_tiles;
   const int g1 = min(g0 + a.group_tiles, a.m_tiles);
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    int* const cnt1 = a.counters + grp * a.n_tiles + n0 / BN_;  // n0 / BN_: tile.n (one register fewer)
-    const int arrived = atomicAdd(cnt1, 1);
-    __threadfence();
-    s_last = arrived == g1 - g0 - 1;
-    if (s_last) *cnt1 = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
+  // n0 / BN_: tile.n (one register fewer in the kernel)
+  if (!arrive_last(a.counters + grp * a.n_tiles + n0 / BN_, g1 - g0, s_last)) return;
   const int Mrows = a.M, Cout = a.Cout;
   const float* const pmean = a.part_mean;
   const float* const pm2 = a.part_m2;
@@ -181,17 +169,7 @@ __device__ __noinline__ void stats_arrive_merge(const StatsMerge a, unsigned cha
     a.grp_mean[o] = mu;
     a.grp_m2[o] = m2;
   }
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    int* const cnt2 = a.counters + a.groups * a.n_tiles + n0 / BN_;
-    const int arrived = atomicAdd(cnt2, 1);
-    __threadfence();
-    s_last = arrived == a.groups - 1;
-    if (s_last) *cnt2 = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
+  if (!arrive_last(a.counters + a.groups * a.n_tiles + n0 / BN_, a.groups, s_last)) return;
   const long long rows_per_group = static_cast<long long>(a.group_tiles) * BM;
   const double* const gmean = a.grp_mean;
   const double* const gm2 = a.grp_m2;
@@ -772,6 +750,7 @@ __global__ void __launch_bounds__(TileCfg<BN_>::THREADS, BN_ == 128 && BKB == 12
     }
 
     static_assert(3 * BN_ * sizeof(double) + sizeof(int) <= C::SMEM_BYTES, "stats_arrive_merge's shared memory");
+    static_assert(C::THREADS == 2 * BN_, "merge_rows: two threads per channel");
     stats_arrive_merge<BN_>(StatsMerge{p.part_mean, p.part_m2, p.grp_mean, p.grp_m2, p.mean_out, p.var_out,
                                        p.counters, p.M, p.Cout, p.m_tiles, p.n_tiles, p.stat_group_tiles,
                                        p.stat_groups},
@@ -890,28 +869,32 @@ bool non_overlapping_dense(const int64_t (&size)[4], const int64_t (&stride)[4])
 }  // namespace
 }  // namespace conv
 
-int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
-  const char* fn = "conv2d_workspace_bytes";
+namespace conv {
+namespace {
+// The statistics' m-tiles and merge groups of an (N, Cout, OH, OW) output (the sizes checked, as `fn`'s).
+void stat_tiles(const char* fn, int64_t N, int64_t OH, int64_t OW, int64_t Cout, int64_t& m_tiles, int64_t& groups) {
   check_nonneg(N, fn, "N");
   check_nonneg(OH, fn, "OH");
   check_nonneg(OW, fn, "OW");
   check_nonneg(Cout, fn, "Cout");
+  m_tiles = ceil_div(N * OH * OW, BM);
+  groups = ceil_div(m_tiles, stat_group_tiles(m_tiles));
+}
+}  // namespace
+}  // namespace conv
+
+int64_t conv2d_workspace_bytes(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
+  int64_t m_tiles, groups;
+  conv::stat_tiles("conv2d_workspace_bytes", N, OH, OW, Cout, m_tiles, groups);
   if (!compute_stats) return 0;
-  const int64_t m_tiles = ceil_div(N * OH * OW, conv::BM);
-  const int64_t groups = ceil_div(m_tiles, conv::stat_group_tiles(m_tiles));
   return 2 * groups * Cout * static_cast<int64_t>(sizeof(double)) +
          2 * m_tiles * Cout * static_cast<int64_t>(sizeof(float));
 }
 
 int64_t conv2d_stats_counters(int64_t N, int64_t OH, int64_t OW, int64_t Cout, bool compute_stats) {
-  const char* fn = "conv2d_stats_counters";
-  check_nonneg(N, fn, "N");
-  check_nonneg(OH, fn, "OH");
-  check_nonneg(OW, fn, "OW");
-  check_nonneg(Cout, fn, "Cout");
+  int64_t m_tiles, groups;
+  conv::stat_tiles("conv2d_stats_counters", N, OH, OW, Cout, m_tiles, groups);
   if (!compute_stats) return 0;
-  const int64_t m_tiles = ceil_div(N * OH * OW, conv::BM);
-  const int64_t groups = ceil_div(m_tiles, conv::stat_group_tiles(m_tiles));
   // per (group, column tile of the narrowest tile, 64 channels), then per column tile
   return (groups + (groups > 1 ? 1 : 0)) * ceil_div(Cout, conv::BN);
 }

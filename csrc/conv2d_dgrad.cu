@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "acc_types.cuh"
+#include "arrival.cuh"
 #include "bn_backward_operand.cuh"
 #include "conv2d_dgrad.h"
 #include "conv2d_layout.h"
@@ -132,8 +133,7 @@ __device__ __forceinline__ void store_vec(void* v, int c, float x) {
 
 // ---- the upstream finalize, in the dgrad's launch (conv2d_dgrad.h): every CTA of a column tile
 // (all parity classes' row tiles) arrives, after its partial row, on the counter of its (group of
-// group_rows partial rows, column tile): a CTA barrier, then thread 0's gpu-scope fence and
-// atomicAdd (CUTLASS's split-K semaphore); the group's last arrival (after a fence and a barrier)
+// group_rows partial rows, column tile) (arrive_last, arrival.cuh); the group's last arrival
 // sums the group's rows in row order in float64 from L2 (ld.cg) and, with several groups, arrives
 // on the column tile's counter, whose last arrival sums the group sums in group order and writes
 // the upstream outputs. Which CTA is last varies, the order does not: deterministic. Each counter
@@ -203,24 +203,14 @@ __device__ __forceinline__ void finalize_channel(const UpFinalize& a, int c, dou
 __device__ __noinline__ void upstream_arrive_finalize(const UpFinalize a, unsigned char* smem, int tid, int row,
                                                       int n0) {
   double* const s_dbl = reinterpret_cast<double*>(smem);
-  int& s_last = *reinterpret_cast<int*>(smem + 2 * BN * sizeof(double));
+  int* const s_last = reinterpret_cast<int*>(smem + 2 * BN * sizeof(double));
   const int col = n0 + tid % BN;
   const bool okc = col < a.Cin;
   const int nt = n0 / BN;
   const int grp = row / a.group_rows;
   const int r0 = grp * a.group_rows;
   const int r1 = min(r0 + a.group_rows, a.tiles);
-  __syncthreads();  // every thread's partial stores
-  if (tid == 0) {
-    __threadfence();
-    int* const cnt1 = a.counters + grp * a.n_tiles + nt;
-    const int arrived = atomicAdd(cnt1, 1);
-    __threadfence();
-    s_last = arrived == r1 - r0 - 1;
-    if (s_last) *cnt1 = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
+  if (!arrive_last(a.counters + grp * a.n_tiles + nt, r1 - r0, s_last)) return;
   const long long TC = static_cast<long long>(a.tiles) * a.Cin;
   const float* const part = a.part;
   const int Cin = a.Cin;
@@ -240,17 +230,7 @@ __device__ __noinline__ void upstream_arrive_finalize(const UpFinalize a, unsign
     a.grp[static_cast<long long>(grp) * a.Cin + col] = sg;
     a.grp[GC + static_cast<long long>(grp) * a.Cin + col] = sd;
   }
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    int* const cnt2 = a.counters + a.groups * a.n_tiles + nt;
-    const int arrived = atomicAdd(cnt2, 1);
-    __threadfence();
-    s_last = arrived == a.groups - 1;
-    if (s_last) *cnt2 = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
+  if (!arrive_last(a.counters + a.groups * a.n_tiles + nt, a.groups, s_last)) return;
   const double* const gsum = a.grp;
   auto group_part = [=](int g_, double& g, double& d) {
     const long long o = static_cast<long long>(g_) * Cin + col;

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "acc_types.cuh"
+#include "arrival.cuh"
 #include "bn_backward_operand.cuh"
 #include "conv2d_layout.h"
 #include "conv2d_wgrad.h"
@@ -74,9 +75,8 @@ struct Params {
 };
 
 // ---- split-K, in the same launch: after writing its float32 partial of a (tap, co tile, ci tile),
-// a CTA arrives on that tile's counter (CTA barrier, thread 0's gpu-scope fence and atomicAdd, as
-// CUTLASS's split-K semaphore); the last of the tile's `splits` arrivals (after a fence, a barrier)
-// sums the tile's partials in split order from L2 (ld.cg), rounds once and writes grad_weight, and
+// a CTA arrives on that tile's counter (arrive_last, arrival.cuh); the last of the tile's `splits`
+// arrivals sums the tile's partials in split order from L2 (ld.cg), rounds once and writes grad_weight, and
 // puts the counter back to 0. Which CTA is last varies; the sum's order does not: deterministic.
 // Not inlined: the main loop's register allocation stays that of the kernel without it.
 struct SplitReduce {
@@ -89,16 +89,7 @@ struct SplitReduce {
 template <typename T>
 __device__ __noinline__ void split_arrive_reduce(const SplitReduce a, int* s_flag, int tid, int tile, int tap, int r,
                                                  int s, int m0, int n0) {
-  __syncthreads();  // every thread's partial stores
-  if (tid == 0) {
-    __threadfence();
-    const int arrived = atomicAdd(a.counters + tile, 1);
-    __threadfence();
-    *s_flag = arrived == a.splits - 1;
-    if (*s_flag) a.counters[tile] = 0;
-  }
-  __syncthreads();
-  if (!*s_flag) return;
+  if (!arrive_last(a.counters + tile, a.splits, s_flag)) return;
   const long long per = static_cast<long long>(a.taps) * a.Cout * a.Cin;  // one split's partials
   const long long tap_off = r * a.gws[2] + s * a.gws[3];
   T* const gw = static_cast<T*>(a.gw);

@@ -1,6 +1,7 @@
 """Arrival counters of the single-launch reductions (the last program/CTA to arrive merges): the
-Triton wgrad's split-K, statistics merges and finalizes (triton_ops/), and the CUDA convolution's
-statistics (csrc/conv2d.cu, through backends/cuda_conv2d.py). Torch only."""
+Triton kernels' split-K, statistics merges and finalizes (triton_ops/), and the csrc ones (the
+convolution's statistics, the wgrad's split-K, the dgrad's upstream finalize, the BatchNorm
+backward's finalize: csrc/arrival.cuh, through backends/cuda_*.py). Torch only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 # int32 counters, all zero between launches: a cached buffer per (device, stream), grown as needed
 # (a torch.zeros per call would be a memset launch of its own), shared by every kernel that uses
-# them (triton_ops' conv2d_wgrad, conv2d, conv2d_dgrad, batch_norm; csrc/conv2d.cu's statistics).
+# them (triton_ops' conv2d_wgrad, conv2d, conv2d_dgrad, batch_norm; csrc's through the cuda backends).
 # Each kernel's last-arriving program puts the counters it used back to 0, so a launch that
 # completes leaves the buffer as it found it.
 # Assumptions: the launches that use one buffer run one at a time, i.e. in the order of their

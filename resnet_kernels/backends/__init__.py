@@ -481,11 +481,11 @@ def _bn_partials(call) -> int:
     return blocks * C * 4 * (3 if call.id_mean is not None else 2)
 
 
-def _fused_bn_bwd_cost(call, finalize_launches: int = 0):
+def _fused_bn_bwd_cost(call):
     """batch_norm_act_backward (cuda, triton): the reduce pass (read grad_out, the mask, y, the
     identity when it has its own BN; write per-block partials) and the per-channel finalize
     (fixed-order sums, the parameter gradients; run by the reduce's last-arriving blocks in its
-    launch on both: ``finalize_launches`` 0) when a per-channel sum is needed; the apply pass (read
+    launch on both) when a per-channel sum is needed; the apply pass (read
     grad_out, the mask and what the gradients need; write grad_y and grad_identity) when an
     activation gradient is: 2 launches in a training step."""
     ny, ni, nw, nb, niw, nib = call.needs
@@ -497,7 +497,7 @@ def _fused_bn_bwd_cost(call, finalize_launches: int = 0):
     if sums:  # the reduce pass and the finalize
         p = _bn_partials(call)
         reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if side else 0)
-        launches, b = 1 + finalize_launches, reads + p + p + 8 * vec
+        launches, b = 1, reads + p + p + 8 * vec
     if ny or ni:  # the apply pass
         reads = g + nbytes(call.out) + (nbytes(call.y) if ny else 0) + (nbytes(call.identity) if side and ni else 0)
         launches, b = launches + 1, b + reads + g * (int(ny) + int(ni)) + 8 * vec
@@ -537,36 +537,21 @@ def _aten_bn_bwd_cost(call):
     return max(launches, 1), b
 
 
-def _fused_bn_coef_cost(call, finalize_launches: int = 0):
+def _fused_bn_coef_cost(call):
     """batch_norm_act_coef (cuda, triton): batch_norm_act_backward's reduce pass (read grad_out, the
     mask, y, and the identity when it has its own BN; write per-block partials) and finalize (read
     them and the per-channel statistics and weights; write coef and id_coef, (3, C) each, and the
-    requested parameter gradients; in the reduce's launch on both): 1 launch, no apply pass."""
+    requested parameter gradients; in the reduce's launch on both: its last-arriving program or block
+    per channel block, column tile or channel): 1 launch, no apply pass. A 1-bit ``out``
+    (resnet_kernels/_bits.py) is read natively by both reduce kernels: its bytes are the bits'
+    (nbytes of a uint8 tensor)."""
     g = nbytes(call.grad_out)
     sides = 2 if call.id_mean is not None else 1
     p = _bn_partials(call)
     reads = g + nbytes(call.out) + nbytes(call.y) + (nbytes(call.identity) if sides == 2 else 0)
     vec = call.C * torch.empty((), dtype=_acc(call.grad_out.dtype)).element_size()
-    return 1 + finalize_launches, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
+    return 1, reads + p + p + sides * (3 + 3) * vec + sum(call.needs) * vec
 
-
-def _triton_bn_coef_cost(call):
-    """``_fused_bn_coef_cost`` with the finalize in the reduce kernel's launch (its last-arriving
-    program per channel block); a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by the
-    reduce kernel: its bytes are the bits' (nbytes of a uint8 tensor)."""
-    return _fused_bn_coef_cost(call, finalize_launches=0)
-
-
-def _triton_bn_bwd_cost(call):
-    """``_fused_bn_bwd_cost`` with the finalize in the reduce kernel's launch."""
-    return _fused_bn_bwd_cost(call, finalize_launches=0)
-
-
-def _cuda_bn_coef_cost(call):
-    """``_fused_bn_coef_cost`` (the finalize run by the csrc reduce kernel's last-arriving block per
-    column tile or channel: 1 launch); a 1-bit ``out`` (resnet_kernels/_bits.py) is read natively by
-    the csrc reduce kernel (``out_bits``): its bytes are the bits' (nbytes of a uint8 tensor)."""
-    return _fused_bn_coef_cost(call)
 
 
 def _aten_bn_coef_cost(call):
@@ -707,9 +692,9 @@ _COSTS = {
     ("batch_norm_act_bits", "cuda"): _with_running(_cuda_bn_bits_cost, _update_cost, in_launch=True),
     ("batch_norm_act_bits", "triton"): _with_running(_triton_bn_bits_cost, _update_cost, in_launch=True),
     ("batch_norm_act_bits", "aten"): _with_running(_packed_after(_aten_bn_cost), _aten_update_cost),
-    ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _triton_bn_bwd_cost,
+    ("batch_norm_act_backward", "cuda"): _fused_bn_bwd_cost, ("batch_norm_act_backward", "triton"): _fused_bn_bwd_cost,
     ("batch_norm_act_backward", "aten"): _aten_bn_bwd_cost,
-    ("batch_norm_act_coef", "cuda"): _cuda_bn_coef_cost, ("batch_norm_act_coef", "triton"): _triton_bn_coef_cost,
+    ("batch_norm_act_coef", "cuda"): _fused_bn_coef_cost, ("batch_norm_act_coef", "triton"): _fused_bn_coef_cost,
     ("batch_norm_act_coef", "aten"): _aten_bn_coef_cost,
     ("bn_running_update", "cuda"): _update_cost, ("bn_running_update", "triton"): _update_cost,
     ("bn_running_update", "aten"): _aten_update_cost,

@@ -503,12 +503,12 @@ def test_conv2d_stats_counters(api):
         api.conv2d_stats_counters(N=2, OH=-1, OW=9, Cout=8, compute_stats=True)
 
 
-# ---- planted bugs in the statistics merge (tests/host_runner.py ``build(patches=...)``)
+# ---- planted bugs in the statistics merge's arrival (csrc/arrival.cuh; tests/host_runner.py ``build(patches=...)``)
 _MERGE_BUGS = {
-    # the first arrival merges: it reads partials the group's later CTAs have not written (poisoned)
-    "first_arrival_merges": [("    s_last = arrived == g1 - g0 - 1;\n", "    s_last = arrived == 0;\n")],
-    # the group counter is not put back to 0: the next launch's counts are off
-    "counter_not_reset": [("    if (s_last) *cnt1 = 0;\n", "")],
+    # off by one: the next-to-last arrival merges, before the last CTA's partial is written (poisoned)
+    "next_to_last_merges": [("    const int last = arrived == expected - 1;\n", "    const int last = arrived == expected - 2;\n")],
+    # the counter is not put back to 0: the next launch's counts are off
+    "counter_not_reset": [("    if (last) *counter = 0;\n", "")],
 }
 
 
@@ -521,7 +521,8 @@ def test_planted_merge_bugs_fail(bug, host_runner_module, monkeypatch):
     from resnet_kernels.backends.cuda_conv2d import conv2d_forward
 
     monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
-    runner = host_runner.HostRunner(host_runner.build(patches={"conv2d.cu": _MERGE_BUGS[bug]}))
+    # (arrival.cuh is every single-launch reduction's; only the convolution runs here)
+    runner = host_runner.HostRunner(host_runner.build(patches={"arrival.cuh": _MERGE_BUGS[bug]}))
     N, Cin, H, W, Cout, k, s, p = MERGE_SHAPES["2_groups_last_1_tile"]
     x = torch.randn(N, Cin, H, W).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(Cout, Cin, k, k) / (Cin * k * k) ** 0.5).to(torch.bfloat16)
@@ -531,7 +532,7 @@ def test_planted_merge_bugs_fail(bug, host_runner_module, monkeypatch):
         mean, var = conv2d_forward(x, w, None, None, None, out, (s, s), (p, p), False, True, False)
     wrong = mean.isnan().any() or (mean.double() - rmean).abs().max().item() > 1e-2
     dirty = any(int(b.count_nonzero()) for b in _counters.ARRIVAL_COUNTERS.values())
-    if bug == "first_arrival_merges":  # the statistics are wrong (NaN: poisoned partials read)
+    if bug == "next_to_last_merges":  # the statistics are wrong (NaN: poisoned partials read)
         assert wrong, bug
     else:  # right this time, but the buffer is left dirty for the next launch
         assert dirty and not wrong, bug
