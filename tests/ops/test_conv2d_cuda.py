@@ -506,7 +506,8 @@ def test_conv2d_stats_counters(api):
 # ---- planted bugs in the statistics merge's arrival (csrc/arrival.cuh; tests/host_runner.py ``build(patches=...)``)
 _MERGE_BUGS = {
     # off by one: the next-to-last arrival merges, before the last CTA's partial is written (poisoned)
-    "next_to_last_merges": [("    const int last = arrived == expected - 1;\n", "    const int last = arrived == expected - 2;\n")],
+    "next_to_last_merges": [("    const int last = arrived == expected - 1;\n",
+                             "    const int last = arrived == expected - 2;\n")],
     # the counter is not put back to 0: the next launch's counts are off
     "counter_not_reset": [("    if (last) *counter = 0;\n", "")],
 }
