@@ -174,3 +174,25 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
         raise AssertionError(f"{what}: {n} of {e.numel()} elements out of bounds; first at {idx}: "
                              f"got {a[idx].item()!r}, expected {e[idx].item()!r} (bound {b[idx].item():.3g}); "
                              f"max excess {float((err - b)[bad].max()):.3g}")
+
+
+def in_cta_orders(run, seeds=(0, 1, 2, 3)):
+    """[run(runner) for each CTA order]: on the host runner (``cuda_common.host_runner`` active) each
+    launch's grid runs in blockIdx order (seed 0) and in the seeded permutations
+    (``HostRunner.configure_order``), the launch log emptied before each run, blockIdx order
+    restored after; with a GPU (no runner) one run, ``run(None)``. For the kernels whose CTAs meet on
+    arrival counters: their results must not depend on which CTA arrives last."""
+    from resnet_kernels.backends import cuda_common
+
+    runner = cuda_common._host
+    out = []
+    try:
+        for seed in (seeds if runner is not None else seeds[:1]):
+            if runner is not None:
+                runner.configure_order(seed)
+                runner.take_launches()
+            out.append(run(runner))
+    finally:
+        if runner is not None:
+            runner.configure_order(0)
+    return out

@@ -533,25 +533,19 @@ def test_backward_finalize_runs_in_the_reduce_launch_in_any_order(shape, layout,
     permutations with bit-identical gradients; the counters are all zero afterwards (a fresh buffer
     first). Parity: the other backward tests (the same sums, now finalized in the reduce's launch)."""
     from resnet_kernels import _counters
-    from resnet_kernels.backends import cuda_common
 
     monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
     case = Case(shape, torch.float32, layout, cuda_target, seed=9)
     want = dict.fromkeys(GRADS, True)
-    runner = cuda_common._host
-    outs = []
-    try:
-        for seed in ([0, 1, 2, 3] if runner is not None else [0]):
-            if runner is not None:
-                runner.configure_order(seed)
-                runner.take_launches()
-            outs.append(_backward(case, "bn", True, want, cuda_impl))
-            if runner is not None:
-                launched = runner.take_launches()
-                assert len(launched) == 2 and "reduce" in launched[0] and "apply" in launched[1], launched
-    finally:
+
+    def run(runner):
+        got = _backward(case, "bn", True, want, cuda_impl)
         if runner is not None:
-            runner.configure_order(0)
+            launched = runner.take_launches()
+            assert len(launched) == 2 and "reduce" in launched[0] and "apply" in launched[1], launched
+        return got
+
+    outs = rt.in_cta_orders(run)
     for o in outs[1:]:
         for name in GRADS:
             assert torch.equal(o[name], outs[0][name]), f"{name} depends on the block order"

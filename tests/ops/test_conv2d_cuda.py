@@ -206,19 +206,13 @@ def test_conv2d_stats_merge_in_launch(shape, mode, layout, cuda_target, monkeypa
     m_tiles = -(-N * OH * OW // 128)
     group = max(16, int(math.ceil(math.sqrt(m_tiles))))
     assert -(-m_tiles // group) >= 2, "the shape must need the second merge level"
-    runner = cuda_common._host
-    seeds = [0, 1, 2, 3] if runner is not None else [0]
-    results = []
-    try:
-        for seed in seeds:
-            if runner is not None:
-                runner.configure_order(seed)
-            out = _poisoned((N, Cout, OH, OW), dtype, layout, cuda_target)
-            mean, var = _launch(x, w, None, None, None, out, (s, s), (p, p), False, True, mode)
-            results.append((out, mean, var))
-    finally:
-        if runner is not None:
-            runner.configure_order(0)
+
+    def run(runner):
+        out = _poisoned((N, Cout, OH, OW), dtype, layout, cuda_target)
+        mean, var = _launch(x, w, None, None, None, out, (s, s), (p, p), False, True, mode)
+        return out, mean, var
+
+    results = rk_testing.in_cta_orders(run)
     out, mean, var = results[0]
     y64 = F.conv2d(x.double(), w.double(), None, (s, s), (p, p))
     rvar, rmean = torch.var_mean(y64, dim=(0, 2, 3), correction=0)

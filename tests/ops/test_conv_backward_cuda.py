@@ -245,28 +245,23 @@ def test_reductions_run_in_their_own_launch_in_any_cta_order(shape, cuda_target,
     does not depend on which CTA arrives last); the counters are all zero afterwards (a fresh buffer
     first). Parity: test_csrc_wgrad_alone_matches_the_reference, test_csrc_dgrad_matches_the_reference
     and, for the two-group shape, the check below."""
+    import rk_testing
     from resnet_kernels import _counters
-    from resnet_kernels.backends import cuda_common
 
     monkeypatch.setattr(_counters, "ARRIVAL_COUNTERS", {})
     _, N, Cin, H, W, Cout, k, s, p = shape
     OH, OW = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     assert cuda_conv_backward.wgrad_splits(N, Cin, Cout, k, k, OH, OW) > 1
     case = Case(shape, "tail", torch.bfloat16, "channels_last", seed=5)
-    runner = cuda_common._host
-    outs = []
-    try:
-        for seed in ([0, 1, 2, 3] if runner is not None else [0]):
-            if runner is not None:
-                runner.configure_order(seed)
-                runner.take_launches()
-            outs.append(case.run("cuda", device=cuda_target))
-            if runner is not None:
-                launched = [n for n in runner.take_launches() if "grad" in n]
-                assert sorted(launched) == ["conv2d_dgrad_kernel<T, true>", "conv2d_wgrad_kernel<T>"], launched
-    finally:
+
+    def run(runner):
+        got = case.run("cuda", device=cuda_target)
         if runner is not None:
-            runner.configure_order(0)
+            launched = [n for n in runner.take_launches() if "grad" in n]
+            assert sorted(launched) == ["conv2d_dgrad_kernel<T, true>", "conv2d_wgrad_kernel<T>"], launched
+        return got
+
+    outs = rk_testing.in_cta_orders(run)
     if shape[0] == "up_groups_s2":
         got = outs[0]
         ref = case.run("torch", device="cpu", dtype=torch.float64)
