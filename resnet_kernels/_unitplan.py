@@ -436,7 +436,7 @@ def _update_entry(bn, mean, var, m: int):
     b = bn._buffers
     nbt, rm = b.get("num_batches_tracked"), b.get("running_mean")
     count = bn.training and bn.track_running_stats and nbt is not None
-    running = bn.training and rm is not None
+    running = bn.training and bn.track_running_stats and rm is not None
     if not (count or running):
         return None
     factor, unbias = _factor_unbias(bn, m, count, running)
@@ -564,7 +564,7 @@ class _Bound:
                 continue
             bufs = b._buffers
             count = bool(b.training and b.track_running_stats and bufs.get("num_batches_tracked") is not None)
-            running = bool(b.training and bufs.get("running_mean") is not None)
+            running = bool(b.training and b.track_running_stats and bufs.get("running_mean") is not None)
             if count or running:
                 sides.append((i, count, running))
         self.usides = tuple(sides)
@@ -932,13 +932,14 @@ def _make_train_plan(calls, requested: str, proj: bool, bn, rbn):
     upd = None
     if has_upd:
         ucall = calls[-1][2]
-        n = sum(1 for b in ((bn,) + ((rbn,) if proj else ())) if b.training and (
-            (b.track_running_stats and b.num_batches_tracked is not None) or b.running_mean is not None))
+        n = sum(1 for b in ((bn,) + ((rbn,) if proj else ())) if b.training and b.track_running_stats and (
+            b.num_batches_tracked is not None or b.running_mean is not None))
         if len(ucall.updates) != n:
             return _NO_PLAN
         upd = _clone_call(ucall, updates=None)
-    elif any(b.training and ((b.track_running_stats and b.num_batches_tracked is not None)
-                             or b.running_mean is not None) for b in ((bn,) + ((rbn,) if proj else ()))):
+    elif any(b.training and b.track_running_stats and (b.num_batches_tracked is not None
+                                                       or b.running_mean is not None)
+             for b in ((bn,) + ((rbn,) if proj else ()))):
         return _NO_PLAN
     return _TrainPlan(conv, rconv, _template(bcall, *_BN_TENSORS), upd, y_layout)
 

@@ -153,7 +153,7 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm, x: Tensor,
             # batches (a rank may have none), the running variance unbiased by the global count
             mean, var, total = sync_batch_stats(mean, var, m, group)
             unbias = total / (total - 1)
-        if bn.training and bn.running_mean is not None:
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
             mean_d, unbiased = mean.detach(), var.detach() * unbias
 
             def update_running():
@@ -216,7 +216,8 @@ def batch_stats_args(bn: nn.modules.batchnorm._BatchNorm, y: Tensor, mean: Tenso
     if m == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
     count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    running = bn.training and bn.running_mean is not None
+    # (as _BatchNorm.forward: buffers kept after track_running_stats was turned off are not updated)
+    running = bn.training and bn.track_running_stats and bn.running_mean is not None
     if count or running:
         if bn.momentum is None:
             # the count this update will follow: the buffer's, plus this BN's updates still pending

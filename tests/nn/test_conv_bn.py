@@ -117,7 +117,9 @@ def _check_train_eval(fused, pt, ref, shape, dtype, layout, residual=False):
                                 roundings=running_stat_roundings(3))
         assert_close_to_ref("running_var", bf.running_var, bp.running_var, br.running_var, dtype,
                                 roundings=running_stat_roundings(3))
-        assert bf.num_batches_tracked.item() == bp.num_batches_tracked.item() == 3
+        # (buffers kept after track_running_stats was turned off: neither updated nor counted)
+        steps = 3 if br.track_running_stats else 0
+        assert bf.num_batches_tracked.item() == bp.num_batches_tracked.item() == steps
     for m in (fused, pt, ref):
         m.eval()
     _step(fused, pt, ref, (1,) + tuple(shape[1:]), dtype, layout, "eval", residual)
@@ -204,6 +206,8 @@ _OPTIONS = {
     "momentum_none": dict(bn=dict(momentum=None)),
     "no_affine": dict(bn=dict(affine=False)),
     "no_running_stats": dict(bn=dict(track_running_stats=False)),
+    # turned off after construction: the buffers stay, training leaves them alone, eval uses them
+    "running_stats_off_later": dict(after=lambda m: setattr(m.bn, "track_running_stats", False)),
 }
 
 
@@ -213,11 +217,26 @@ def test_module_options_match_unfused(option):
     kw.update(_OPTIONS[option].get("conv", {}))
     m = ConvBNReLU(**kw, **_OPTIONS[option].get("bn", {}))
     randomize_bn(m.bn)
+    _OPTIONS[option].get("after", lambda m: None)(m)
     if m.conv.bias is not None:
         with torch.no_grad():
             m.conv.bias.normal_()
     fused, pt, ref = _models(m.conv, m.bn, True, None)
     _check_train_eval(fused, pt, ref, (2, 4, 7, 7), torch.float32, "nchw")
+
+
+@pytest.mark.parametrize("backend", sorted({"aten", *ALL_BACKENDS}))
+def test_running_stats_turned_off_later_on_every_backend(backend):
+    """nn.BatchNorm2d with track_running_stats turned off after construction keeps its buffers:
+    training uses batch statistics and updates neither the buffers nor the count; eval uses them."""
+    m = ConvBNReLU(4, 6, 3, padding=1)
+    randomize_bn(m.bn)
+    m.bn.track_running_stats = False
+    before = [b.clone() for b in m.bn.buffers()]
+    fused, pt, ref = _models(m.conv, m.bn, True, backend)
+    _check_train_eval(fused, pt, ref, (2, 4, 7, 7), torch.float32, "nchw")
+    for b, b0 in zip(fused.bn.buffers(), before):
+        assert torch.equal(b, b0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
