@@ -57,6 +57,10 @@ class Backend:
     hidden: bool = False
     # part of `resnet-kernels bench`'s default set (the slow reference is not)
     benchmark: bool = True
+    # a module running a whole planned training unit (conv [+ projection] -> BN -> add -> ReLU with the
+    # running update) and its backward in place of this backend's implementations of the unit's ops,
+    # where all of them resolved to this backend (resnet_kernels/_unitplan.py; e.g. backends/aten_unit.py)
+    train_unit: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ are unchanged and it is available, else resolved again), and later hits call the
 directly. The training unit's ops run under one autograd function whose backward is the ops' own
 backward formulas (``_setup_context``/``_backward`` of ``batch_norm_act`` and ``conv2d_stats``), the
 running-statistics update after the output, as ``commit`` does. Same launchers, same tensors, same
-order, same side effects: the same numbers.
+order, same side effects: the same numbers. Except where the backend declares a training unit
+(``Backend.train_unit``: aten's ``backends/aten_unit.py``, PyTorch's own BatchNorm calls) that takes the
+key's tensors: a bound hit then runs that unit and its backward instead of the ops, whose numbers
+are PyTorch's BatchNorm's, within rounding of the ops' (docs/DESIGN.md, "A backend's training unit").
 
 A call whose key has no plan takes the whole path, which validates (and raises exactly what it
 raises: a failed call makes no plan) and, when it succeeded, makes the plan from the Calls it
@@ -39,6 +42,7 @@ gradient is needed. ``RESNET_KERNELS_UNIT_PLANS=0`` (read at import) turns plans
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import weakref
@@ -503,7 +507,7 @@ def _forward(plan: _TrainPlan, requested, bn, rbn, xin, w, bw, bb, ident, rx, rw
     if (cimpl is not None and dense and impl is not None and (plan.upd is None or uimpl is not None)
             and call.weight is bw and call.bias is bb and call.id_weight is rbw and call.id_bias is rbb):
         plan.fast = _Bound(_token(tf32), _registry._backends[requested], cimpl, rimpl, impl, uimpl, y, xin, bn,
-                           rbn, bw, bb, rbw, rbb)
+                           rbn, bw, bb, rbw, rbb, plan)
     if not need_saves:
         return out, None
     saves = []
@@ -544,9 +548,9 @@ class _Bound:
     whether it counts batches and keeps running statistics (``_update_entry``'s conditions)."""
 
     __slots__ = ("token", "be", "conv", "rconv", "bn", "upd", "strides", "acc", "cshape", "cfn", "rcfn", "bfn",
-                 "ufn", "bro", "unbias", "usides", "pinfo")
+                 "ufn", "bro", "unbias", "usides", "pinfo", "unit", "uflags", "geometry", "rgeometry")
 
-    def __init__(self, token, be, conv, rconv, bn, upd, y, x, bn_mod, rbn_mod, bw, bb, rbw, rbb):
+    def __init__(self, token, be, conv, rconv, bn, upd, y, x, bn_mod, rbn_mod, bw, bb, rbw, rbb, plan):
         self.token, self.be, self.conv, self.rconv, self.bn, self.upd = token, be, conv, rconv, bn, upd
         self.strides = y.stride()
         self.acc = acc_dtype(x.dtype)
@@ -568,10 +572,39 @@ class _Bound:
             if count or running:
                 sides.append((i, count, running))
         self.usides = tuple(sides)
+        # the backend's training unit (``Backend.train_unit``), where every op resolved to this backend and
+        # the unit takes this key's tensors: per side (count, running) as above, the convolutions' geometry
+        flags = {i: (count, running) for i, count, running in sides}
+        self.uflags = (flags.get(0, (False, False)), flags.get(1, (False, False)))
+        self.unit = _unit_of(be, x, ((bn_mod, bw, bb, self.uflags[0][1]),) + (
+            () if rbn_mod is None else ((rbn_mod, rbw, rbb, self.uflags[1][1]),)))
+        self.geometry = _conv_geometry(plan.conv)
+        self.rgeometry = None if plan.rconv is None else _conv_geometry(plan.rconv)
         # the BN parameters' presence and dtypes (the key fixes them): what the backward converts to
         self.pinfo = (bb is not None, rbb is not None,
                       (None if bw is None else bw.dtype, None if bb is None else bb.dtype,
                        None if rbw is None else rbw.dtype, None if rbb is None else rbb.dtype))
+
+
+def _conv_geometry(tpl) -> tuple:
+    """(stride, padding, dilation, groups) of a convolution template, as ``torch.conv2d`` takes them."""
+    return tuple(tpl.stride), tuple(tpl.padding), tuple(tpl.dilation), tpl.groups
+
+
+def _unit_of(be, x, sides):
+    """``be``'s training unit module (``Backend.train_unit``) where it declares one and its
+    ``supports`` takes the key's BatchNorm tensors (per side: (module, weight, bias, whether its
+    running statistics update)), else None. (A bound plan's ops all resolved to ``be``'s own
+    implementations: ``resolve_explicit`` gives the named backend's or raises.)"""
+    name = be.train_unit
+    if name is None:
+        return None
+    unit = importlib.import_module(name)
+    tensors = []
+    for b, w, bias, running in sides:
+        bufs = b._buffers
+        tensors.append((w, bias) + ((bufs.get("running_mean"), bufs.get("running_var")) if running else (None, None)))
+    return unit if unit.supports(x.dtype, tensors) is None else None
 
 
 def _target(impl):
@@ -622,10 +655,35 @@ def _fast_updates(f: _Bound, bn, rbn, mean, var, rmean, rvar) -> list:
     return ups
 
 
+def _unit_side(b, count: bool, running: bool):
+    """(running_mean, running_var, num_batches_tracked, factor) of BatchNorm ``b`` for the training
+    unit: its buffers where it updates them (``f.uflags``: what the key fixes), else None; the
+    momentum read now (the cumulative average's factor from the count, as ``_fast_updates``)."""
+    bufs = b._buffers
+    nbt = bufs.get("num_batches_tracked") if count else None
+    mom = b.momentum
+    factor = (1.0 / (float(nbt) + 1.0) if count else 0.0) if mom is None else float(mom)
+    if running:
+        return bufs.get("running_mean"), bufs.get("running_var"), nbt, factor
+    return None, None, nbt, factor
+
+
 def _fast_forward(plan: _TrainPlan, f: _Bound, bn, rbn, xin, w, bw, bb, ident, rx, rw, rbw, rbb, eps, id_eps,
                   relu, tf32):
     """``_forward``'s ops through ``f``: (out, y, mean, var, r, rmean, rvar, identity as batch_norm_act
-    took it)."""
+    took it); through the backend's training unit where ``f`` has one: (out, y, mean, invstd, r, rmean,
+    rinvstd, r or the identity), with the running-statistics updates made."""
+    unit = f.unit
+    if unit is not None:
+        rm, rv, nbt, factor = _unit_side(bn, *f.uflags[0])
+        if rx is None:
+            rrm = rrv = rnbt = rfactor = None
+        else:
+            rrm, rrv, rnbt, rfactor = _unit_side(rbn, *f.uflags[1])
+        out, y, mean, inv, r, rmean, rinv = unit.forward(xin, w, f.geometry, bw, bb, rm, rv, nbt, factor, eps, ident,
+                                                         rx, rw, f.rgeometry, rbw, rbb, rrm, rrv, rnbt, rfactor,
+                                                         id_eps, relu)
+        return out, y, mean, inv, r, rmean, rinv, (ident if r is None else r)
     y, mean, var = _fast_conv(f, plan.conv, f.conv, f.cfn, xin, w, tf32)
     r = rmean = rvar = None
     if plan.rconv is not None:
@@ -663,7 +721,11 @@ def _fast_backward(ctx, grad):
     ni = ni and ident is not None
     needs = (ny, ni, nbw and bw is not None, nbb and has_b, nrbw and rbw is not None, nrbb and has_rb)
     bound = plan.fast_bwd.get(needs)
-    if bound is None or not _current(bound[0], bound[2], requested, grad.device, False):
+    unit = ctx.fast.unit
+    if unit is not None:  # (the unit's forward saved invstd where var was: its own backward, whatever resolves now)
+        gy, gi, gw, gb, giw, gib = unit.backward(grad, out, y, mean, var, bw, ident, rmean, rvar, rbw, needs, eps,
+                                                 id_eps, relu)
+    elif bound is None or not _current(bound[0], bound[2], requested, grad.device, False):
         gy, gi, gw, gb, giw, gib = plan.run_backward(
             grad, out, y, mean, var, bw, ident, rmean, rvar, rbw, eps, id_eps, relu, *needs,
             w_dt or b_dt, iw_dt or ib_dt, requested)

@@ -25,7 +25,13 @@ BACKENDS = ["aten", "torch"]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_plans():
+def _fresh_plans(request, monkeypatch):
+    """Fresh plans; and, except in the ``test_aten_unit_*`` tests, aten without its training unit
+    (``Backend.train_unit``): the plan machinery's tests compare bitwise with the whole path, which the
+    unit (PyTorch's own BatchNorm: tested against nn.BatchNorm2d below) matches within rounding."""
+    if not request.node.name.startswith("test_aten_unit"):
+        aten = _registry.get_backend_decl("aten")
+        monkeypatch.setitem(_registry._backends, "aten", dataclasses.replace(aten, train_unit=None))
     _unitplan.clear()
     yield
     _unitplan.ENABLED = True
@@ -659,3 +665,90 @@ def test_bitwise_the_whole_path_kernel_backends(request, backend, layout, projec
     got = _run(w, h, s, backend, plans=True)
     assert _unitplan.count() == (3 if projection else 2)
     _assert_same(got, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# aten's training unit (resnet_kernels/backends/aten_unit.py): PyTorch's own BatchNorm calls
+# --------------------------------------------------------------------------------------------
+def _plain_unit(world, h, s):
+    """nn.Conv2d -> nn.BatchNorm2d (+ the shortcut: raw, or nn.Conv2d -> nn.BatchNorm2d) -> ReLU."""
+    z = world["bn"](world["conv"](h))
+    return torch.relu(z + (world["sbn"](world["sconv"](s)) if "sconv" in world else s))
+
+
+_UNIT_DTYPES = {  # (the activations' and convolutions' dtype, the BatchNorms')
+    "float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
+    "bfloat16": (torch.bfloat16, torch.bfloat16), "bfloat16_bn_float32": (torch.bfloat16, torch.float32),
+    "float16_bn_float32": (torch.float16, torch.float32)}
+
+
+@pytest.mark.parametrize("dtypes", list(_UNIT_DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_aten_unit_is_pytorchs_own_batch_norm(monkeypatch, dtypes, layout, projection, momentum):
+    """Each training step from the same state: the planned aten unit and nn.Conv2d -> nn.BatchNorm2d
+    -> add -> ReLU. The whole path and the resolving hit (steps 0 and 1) agree within rounding; from
+    the bound hit on (steps 2+: the unit) the output, the input and parameter gradients and every
+    buffer are PyTorch's, bitwise."""
+    act, bnd = _UNIT_DTYPES[dtypes]
+    w = _world(projection, momentum)
+    for k, m in w.items():
+        m.to(act if "conv" in k else bnd)
+        if layout == "channels_last":
+            m.to(memory_format=torch.channels_last)
+    h0, s0 = (t.detach().to(act) for t in _inputs(projection, layout))
+    units = _counting(monkeypatch, __import__("resnet_kernels.backends.aten_unit").backends.aten_unit, "forward")
+    for step in range(5):
+        ref_w = copy.deepcopy(w)
+        got = []
+        for world, fn in ((w, lambda w_, h, s: _unit(w_, h, s, "aten")), (ref_w, _plain_unit)):
+            h, s = h0.clone().requires_grad_(), s0.clone().requires_grad_()
+            out = fn(world, h, s)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(act))
+            got.append([out.detach(), h.grad, s.grad] + [p.grad for m in world.values() for p in m.parameters()]
+                       + _state(world))
+        assert len(units) == max(0, step - 1)
+        if step >= 2:
+            _assert_same(got[0], got[1])
+        elif act in (torch.float32, torch.float64):  # (the ops' own parity: tests/ops, tests/nn)
+            for a, b in zip(*got):
+                torch.testing.assert_close(a, b)
+        for m in w.values():
+            m.zero_grad()
+
+
+def test_aten_unit_declines_what_native_batch_norm_does_not_take(monkeypatch):
+    """bfloat16 activations with float32 BatchNorm parameters and bfloat16 running buffers: the ops
+    take it (the update casts), native_batch_norm does not; the plan binds the ops one by one (its
+    numbers the whole path's, bitwise)."""
+    def world():
+        w = _world(False)
+        w["conv"].to(torch.bfloat16)
+        w["bn"].running_mean.data = w["bn"].running_mean.data.bfloat16()
+        w["bn"].running_var.data = w["bn"].running_var.data.bfloat16()
+        return w
+
+    h, s = (t.detach().bfloat16().requires_grad_() for t in _inputs(False, "nchw"))
+    units = _counting(monkeypatch, __import__("resnet_kernels.backends.aten_unit").backends.aten_unit, "forward")
+    w = world()
+    got = _run(w, h, s, "aten", plans=True, evals=0)
+    ref = _run(world(), h, s, "aten", plans=False, evals=0)
+    plan = next(iter(_unitplan._plans[w["bn"]].values()))
+    assert not units and plan.fast is not None and plan.fast.unit is None  # (bound, without the unit)
+    _assert_same(got, ref)
+
+
+def test_aten_unit_gradcheck():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    bn = nn.BatchNorm2d(4).double()
+    sconv = nn.Conv2d(2, 4, 1, stride=2, bias=False).double()
+    sbn = nn.BatchNorm2d(4).double()
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):  # the whole path, the resolving hit: the unit from now on
+        conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten")
+    f = _unitplan._plans[bn]
+    assert next(iter(f.values())).fast.unit is not None
+    torch.autograd.gradcheck(lambda x, r: conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten"), (x, r))

@@ -62,7 +62,8 @@ register_backend(Backend("cuda", "hand-written CUDA kernels (csrc/, resnet_kerne
 register_backend(Backend("triton", "Triton kernels (triton_ops/)", _triton_available))
 register_backend(Backend(
     "aten", "PyTorch's own kernels: cuDNN convolutions on CUDA (oneDNN on CPU), native elementwise and "
-            "reduction ops; the floor 'auto' falls back to, and what it uses on CPU tensors", _anywhere))
+            "reduction ops; the floor 'auto' falls back to, and what it uses on CPU tensors", _anywhere,
+    train_unit="resnet_kernels.backends.aten_unit"))
 register_backend(Backend(
     "torch", "the plain-PyTorch reference decomposition in the accumulation dtype (float64 capable): the "
              "test oracle", _anywhere, benchmark=False))

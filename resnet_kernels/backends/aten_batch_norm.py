@@ -89,8 +89,9 @@ def batch_norm_act_forward(y, mean, var, weight, bias, identity, id_mean, id_var
     return z
 
 
-def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
-    invstd = torch.add(var, _scalar(eps, var)).rsqrt_()
+def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype, invstd=None):
+    if invstd is None:
+        invstd = torch.add(var, _scalar(eps, var)).rsqrt_()
     w = weight if weight is None or weight.dtype is mean.dtype else weight.to(mean.dtype)
     gx, gw, gb = _native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, eps,
                                              [need_x, need_w and w is not None, need_b])
@@ -102,16 +103,18 @@ def _bn_grads(g, x, mean, var, weight, eps, need_x, need_w, need_b, w_dtype):
 
 
 def batch_norm_act_backward(grad_out, out, y, mean, var, weight, identity, id_mean, id_var, id_weight, needs, pdtypes,
-                            eps, id_eps, relu, C, inner):
+                            eps, id_eps, relu, C, inner, invstd=None, id_invstd=None):
     """Returns [grad_y, grad_identity, grad_weight, grad_bias, grad_id_weight, grad_id_bias] (None
-    where not needed)."""
+    where not needed). ``invstd``/``id_invstd``: 1/sqrt(var + eps) as native_batch_norm saved it (the
+    aten training unit, aten_unit.py; ``var``/``id_var`` are then not read), else computed here."""
     ny, ni, nw, nb, niw, nib = needs
     g = _threshold_backward(grad_out, out, 0) if relu else grad_out
     gy = gw = gb = gi = giw = gib = None
     if ny or nw or nb:
-        gy, gw, gb = _bn_grads(g, y, mean, var, weight, eps, ny, nw, nb, pdtypes[0])
+        gy, gw, gb = _bn_grads(g, y, mean, var, weight, eps, ny, nw, nb, pdtypes[0], invstd)
     if identity is not None and id_mean is not None and (ni or niw or nib):
-        gi, giw, gib = _bn_grads(g, identity, id_mean, id_var, id_weight, id_eps, ni, niw, nib, pdtypes[2])
+        gi, giw, gib = _bn_grads(g, identity, id_mean, id_var, id_weight, id_eps, ni, niw, nib, pdtypes[2],
+                                 id_invstd)
     elif ni:
         gi = g if g is not grad_out else grad_out.clone()
     return [gy, gi, gw, gb, giw, gib]
