@@ -3,7 +3,8 @@
 ``train_block(x, units, shortcut, backend, wdt)`` runs torchvision's BasicBlock/Bottleneck
     h_0 = x;  h_i = relu(bn_i(conv_i(h_{i-1})))                      (inner units, i < k)
     out = relu(bn_k(conv_k(h_{k-1})) + S),  S = x or bn_d(conv_d(x))   (the tail)
-with every BatchNorm in training (batch statistics), and returns ``out``; its forward is the ops of
+with every BatchNorm in training (batch statistics), and returns ``out`` (``add_input=False``
+without a projection: S = 0, the ResNets' stem as a one-unit block); its forward is the ops of
 the unfused path (``conv2d_stats``, ``batch_norm_act``, ``bn_running_update``: the same kernels,
 the same side effects, committed once everything succeeded; on the ``_PROLOGUE_BACKENDS``, and per
 unit under 'auto' where its chosen implementation does it in its loads and, measured forward + backward,
@@ -292,9 +293,10 @@ class _BlockFn(torch.autograd.Function):
             out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, yd, std.mean,
                                             std.var, std.weight, std.bias, eps=tail.eps, id_eps=std.eps, relu=True,
                                             updates=ups or (), backend=backend)
-        else:
-            out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias, x, eps=tail.eps,
-                                            relu=True, updates=ups or (), backend=backend)
+        else:  # (the identity shortcut; none where the block's input is not added: the stem)
+            out, bits = batch_norm_act_bits(ys[-1], tail.mean, tail.var, tail.weight, tail.bias,
+                                            x if plan["add_input"] else None, eps=tail.eps, relu=True,
+                                            updates=ups or (), backend=backend)
         if ups is None:  # (a BatchNorm used twice in the block: its updates in order, as commit splits them)
             commit(updates)
         ctx.plan = plan
@@ -349,7 +351,7 @@ class _BlockFn(torch.autograd.Function):
         grads_bn[2 * (k - 1)], grads_bn[2 * (k - 1) + 1] = gw_t, gb_t
         residual = res_mask = None
         if need_x:
-            if proj is None:
+            if proj is None and plan["add_input"]:
                 residual, res_mask = g_out, bits
         if proj is not None and (need_x or nw[-1]):
             gxd, gwd, _, _, _ = conv2d_backward(g_out, x, weights[-1], stride=proj.stride, padding=proj.padding,
@@ -407,9 +409,11 @@ def _cast_like(g: Optional[Tensor], p: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def train_block(x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.Module]], shortcut: Optional[Tuple[nn.Conv2d, nn.Module]],
-                backend: str, wdt: Optional[torch.dtype] = None) -> Optional[Tensor]:
+                backend: str, wdt: Optional[torch.dtype] = None, add_input: bool = True) -> Optional[Tensor]:
     """The block's output through ``_BlockFn``, or None where the per-op path must run instead
-    (nothing has happened then). ``wdt``: the autocast dtype (x already cast to it by the caller)."""
+    (nothing has happened then). ``wdt``: the autocast dtype (x already cast to it by the caller).
+    ``add_input``: without ``shortcut``, whether x is added before the last ReLU (the identity
+    shortcut) or nothing is (a chain of units alone: the ResNets' stem, one unit)."""
     us = [_Unit(c, b) for c, b in units]
     proj = _Unit(*shortcut) if shortcut is not None else None
     convs = [u.conv for u in us] + ([proj.conv] if proj else [])
@@ -418,7 +422,8 @@ def train_block(x: Tensor, units: Sequence[Tuple[nn.Conv2d, nn.Module]], shortcu
     bn_params: List[Optional[Tensor]] = []
     for b in bns:
         bn_params += [b.weight, b.bias]
-    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params}
+    plan = {"units": us, "proj": proj, "backend": backend, "bn_params": bn_params,
+            "add_input": add_input and proj is None}
     try:
         return _BlockFn.apply(plan, x, *weights, *bn_params)
     except _Fallback:

@@ -452,13 +452,15 @@ def _conv_bn_add_act_full(x, conv, bn, shortcut_input, shortcut_conv, shortcut_b
     return out
 
 
-def residual_block(x: Tensor, units, shortcut=None, *, backend: Optional[str] = None) -> Optional[Tensor]:
+def residual_block(x: Tensor, units, shortcut=None, *, backend: Optional[str] = None,
+                   add_input: bool = True) -> Optional[Tensor]:
     """A torchvision residual block in training as one autograd function (``resnet_kernels/_block.py``):
     ``units`` the (conv, bn) pairs of the main path (each followed by a ReLU but the last), the last
     one's output added to the shortcut (``x``, or ``shortcut`` = (conv, bn) applied to x) before the
-    final ReLU. Returns None where that path does not apply (then nothing has happened: run the
-    per-unit functions); see ``_block.applicable``. Under autocast x and the weights are cast to
-    the autocast dtype as for ``conv_bn_act``."""
+    final ReLU; with ``add_input=False`` and no ``shortcut`` nothing is added (relu(bn(conv(x))) for
+    one unit: the ResNets' stem). Returns None where that path does not apply (then nothing has
+    happened: run the per-unit functions); see ``_block.applicable``. Under autocast x and the weights
+    are cast to the autocast dtype as for ``conv_bn_act``."""
     from . import _block
 
     convs = [c for c, _ in units] + ([shortcut[0]] if shortcut is not None else [])
@@ -470,9 +472,9 @@ def residual_block(x: Tensor, units, shortcut=None, *, backend: Optional[str] = 
         return None  # 'auto' on CPU tensors: the per-unit path runs the user's own layers
     dt = _autocast_dtype(x)
     if dt is None:
-        return _block.train_block(x, units, shortcut, requested)
+        return _block.train_block(x, units, shortcut, requested, None, add_input)
     with torch.autocast(x.device.type, enabled=False):
-        return _block.train_block(_cast(x, dt), units, shortcut, requested, dt)
+        return _block.train_block(_cast(x, dt), units, shortcut, requested, dt, add_input)
 
 
 __all__ = ["conv_bn_act", "conv_bn_add_act", "residual_block"]

@@ -18,6 +18,7 @@ from torch import nn
 
 import resnet_kernels as rk
 from resnet_kernels import _block
+from resnet_kernels.models import resnet as rk_resnet
 
 BACKENDS = ["torch"]
 
@@ -103,6 +104,7 @@ def test_training_steps_match_torchvision_in_float64(arch, backend, block_calls)
         opt_o.zero_grad()
     blocks = sum(isinstance(m, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck))
                  for m in net.modules())
+    blocks += backend in rk_resnet._STEM_BACKENDS  # (the stem: a one-unit block, nothing added)
     assert block_calls == {"forward": steps * blocks, "backward": steps * blocks}
     for p, q in zip(ref.parameters(), net.parameters()):
         _close(q, p, "parameter after SGD")
@@ -272,12 +274,79 @@ def test_triton_block_matches_torchvision_in_float32(name, block_calls):
         testing.assert_close_to_ref("output", o_out, p_out, r_out, torch.float32, n_terms=n)
         testing.assert_close_to_ref("input gradient", o_gx, p_gx, r_gx, torch.float32, n_terms=n,
                                     roundings=2 * testing.ROUNDINGS)
-        for (k, a), (_, b), (_, c) in zip(o_m.named_parameters(), p_m.named_parameters(), r_m.named_parameters()):
-            testing.assert_close_to_ref(f"{k}.grad", a.grad, b.grad, c.grad, torch.float32, n_terms=n,
+        _assert_params_and_buffers_close(o_m, p_m, r_m, n)
+    assert block_calls == {"forward": 1, "backward": 1}
+
+
+def _assert_params_and_buffers_close(ours, pt, ref, n):
+    """Parameter gradients and floating buffers of ``ours`` (float32) against torchvision's in
+    float32 and float64, within the project's policy; integer buffers equal."""
+    from resnet_kernels import testing
+
+    for (k, a), (_, b), (_, c) in zip(ours.named_parameters(), pt.named_parameters(), ref.named_parameters()):
+        testing.assert_close_to_ref(f"{k}.grad", a.grad, b.grad, c.grad, torch.float32, n_terms=n,
+                                    roundings=2 * testing.ROUNDINGS)
+    for (k, a), (_, b), (_, c) in zip(ours.named_buffers(), pt.named_buffers(), ref.named_buffers()):
+        if a.is_floating_point():
+            testing.assert_close_to_ref(k, a, b, c, torch.float32, n_terms=n)
+        else:
+            assert torch.equal(a, c), k
+
+
+class _Stem(nn.Module):
+    """A ResNet stem's conv + BN + ReLU, run by the fused models as a one-unit block with nothing
+    added (``functional.residual_block(..., add_input=False)``)."""
+
+    def __init__(self, cin=3, cout=8):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_the_stem_as_a_one_unit_block(backend, input_grad, block_calls):
+    """relu(bn(conv7x7/2(x))) for a 3-channel image through ``residual_block(add_input=False)`` (the
+    fused ResNets' stem in training on ``models.resnet._STEM_BACKENDS``): output, gradients (the
+    image's too where it needs one) and running statistics against the layers' float64 copy, within
+    the project's policy; one block forward and backward, no bn_running_update call (the update is
+    in the BatchNorm's forward launch)."""
+    import rk_testing as rt
+    from resnet_kernels import testing
+    from resnet_kernels.functional import residual_block
+
+    if backend == "triton" and not (rt.HAS_GPU or rt.interpreting()):
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    torch.manual_seed(4)
+    stem = _Stem()
+    _randomise_bn(stem)
+    dev = rt.DEVICE if backend == "triton" else "cpu"
+    ref64, pt, ours = (copy.deepcopy(stem).to(dev, dt) for dt in (torch.float64, torch.float32, torch.float32))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, device=dev).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for model, dt in ((ref64, torch.float64), (pt, torch.float32), (ours, torch.float32)):
+        xi = x.detach().to(dt).requires_grad_(input_grad)
+        if model is ours:
+            with _UpdateCalls() as calls:
+                out = residual_block(xi, [(model.conv, model.bn)], None, backend=backend, add_input=False)
+            assert calls.sizes == [] and calls.tail == [1], (calls.sizes, calls.tail)
+        else:
+            out = model(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=dev, dtype=dt).view_as(out))
+        outs.append((out, xi.grad, model))
+    (r_out, r_gx, r_m), (p_out, p_gx, p_m), (o_out, o_gx, o_m) = outs
+    n = 2 * 8 * 8
+    with torch.no_grad():
+        testing.assert_close_to_ref("output", o_out, p_out, r_out, torch.float32, n_terms=n)
+        if input_grad:
+            testing.assert_close_to_ref("input gradient", o_gx, p_gx, r_gx, torch.float32, n_terms=n,
                                         roundings=2 * testing.ROUNDINGS)
-        for (k, a), (_, b), (_, c) in zip(o_m.named_buffers(), p_m.named_buffers(), r_m.named_buffers()):
-            if a.is_floating_point():
-                testing.assert_close_to_ref(k, a, b, c, torch.float32, n_terms=n)
+        else:
+            assert o_gx is None
+        _assert_params_and_buffers_close(o_m, p_m, r_m, n)
     assert block_calls == {"forward": 1, "backward": 1}
 
 

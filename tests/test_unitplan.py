@@ -26,10 +26,10 @@ BACKENDS = ["aten", "torch"]
 
 @pytest.fixture(autouse=True)
 def _fresh_plans(request, monkeypatch):
-    """Fresh plans; and, except in the ``test_aten_unit_*`` tests, aten without its training unit
+    """Fresh plans; and, except in tests named ``*aten_unit*``, aten without its training unit
     (``Backend.train_unit``): the plan machinery's tests compare bitwise with the whole path, which the
     unit (PyTorch's own BatchNorm: tested against nn.BatchNorm2d below) matches within rounding."""
-    if not request.node.name.startswith("test_aten_unit"):
+    if "aten_unit" not in request.node.name:
         aten = _registry.get_backend_decl("aten")
         monkeypatch.setitem(_registry._backends, "aten", dataclasses.replace(aten, train_unit=None))
     _unitplan.clear()
@@ -638,7 +638,10 @@ def test_no_plan_where_each_op_must_be_seen():
     assert _unitplan.count() == 0
 
 
-def test_gradcheck_through_the_planned_unit():
+@pytest.mark.parametrize("unit", [False, True], ids=["per_op", "aten_unit"])
+def test_gradcheck_through_the_planned_unit(unit):
+    """float64 gradcheck of a bound plan: its ops one by one, or aten's training unit (taken from the
+    third call on: the whole path, the resolving hit, then bound)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
     bn = nn.BatchNorm2d(4).double()
@@ -646,8 +649,10 @@ def test_gradcheck_through_the_planned_unit():
     sbn = nn.BatchNorm2d(4).double()
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten")  # makes the plan
+    for _ in range(2):  # the whole path (the plan made), the resolving hit (bound)
+        conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten")
     assert _unitplan.count() == 1
+    assert (next(iter(_unitplan._plans[bn].values())).fast.unit is not None) == unit
     torch.autograd.gradcheck(lambda x, r: conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten"), (x, r))
     assert _unitplan.count() == 1
 
@@ -738,17 +743,3 @@ def test_aten_unit_declines_what_native_batch_norm_does_not_take(monkeypatch):
     assert not units and plan.fast is not None and plan.fast.unit is None  # (bound, without the unit)
     _assert_same(got, ref)
 
-
-def test_aten_unit_gradcheck():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
-    bn = nn.BatchNorm2d(4).double()
-    sconv = nn.Conv2d(2, 4, 1, stride=2, bias=False).double()
-    sbn = nn.BatchNorm2d(4).double()
-    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    for _ in range(2):  # the whole path, the resolving hit: the unit from now on
-        conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten")
-    f = _unitplan._plans[bn]
-    assert next(iter(f.values())).fast.unit is not None
-    torch.autograd.gradcheck(lambda x, r: conv_bn_add_act(x, conv, bn, r, sconv, sbn, backend="aten"), (x, r))

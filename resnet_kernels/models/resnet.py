@@ -85,6 +85,26 @@ def _block_train(blk: nn.Module, x: Tensor, units) -> Optional[Tensor]:
     return residual_block(x, units, (ds[0], ds[1]) if ds is not None else None, backend=blk.backend)
 
 
+# The backends whose stem runs in training as a one-unit block (``_stem_train``): where its
+# conv2d_backward computes the stem's wgrad operand (the BatchNorm backward) in the kernel's loads
+# (triton; torch: the reference) and 'auto' (counted by its static choice, triton's; measured per call
+# on a GPU). Not cuda: its csrc wgrad takes Cin multiples of 8, so for a 3-channel image its
+# conv2d_backward is cuDNN's behind separate passes, which counts more than the per-unit stem
+# (ResNet-18 train, batch 256, bf16: 100 -> 104 launches, 16.88 -> 18.40 GB; resnet-kernels count).
+_STEM_BACKENDS = ("auto", "triton", "torch")
+
+
+def _stem_train(x: Tensor, conv: nn.Conv2d, bn: nn.Module, backend) -> Optional[Tensor]:
+    """The stem's conv + BN + ReLU in training as a one-unit block with nothing added
+    (``residual_block(..., add_input=False)``: the BatchNorm's backward computed in the convolution
+    backward's operand, its running update in the BatchNorm's forward launch), or None where the
+    per-unit path runs."""
+    requested = _backend.op_arg(backend)
+    if requested not in _STEM_BACKENDS or not torch.is_grad_enabled() or not _block.backend_ok(requested):
+        return None
+    return residual_block(x, [(conv, bn)], None, backend=requested, add_input=False)
+
+
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock (conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU)."""
 
@@ -278,7 +298,8 @@ class ResNet(nn.Module):
         m = self._modules  # (the submodules without nn.Module.__getattr__'s frame per read)
         conv1, bn1, relu = m.get("conv1"), m.get("bn1"), m.get("relu")
         if relu_ok(relu) and unit_ok(x, conv1, bn1):
-            x = unit_act(x, conv1, bn1, True, None, self.backend)
+            y = _stem_train(x, conv1, bn1, self.backend)
+            x = y if y is not None else unit_act(x, conv1, bn1, True, None, self.backend)
         else:
             x = relu(bn1(conv1(x)))
         x = stem_pool(m.get("maxpool"), x, self.backend)

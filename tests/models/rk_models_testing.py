@@ -146,7 +146,8 @@ def check_state(tag: str, ours: torch.nn.Module, tv: torch.nn.Module, ref: torch
 def count_calls(monkeypatch, module) -> Dict[str, int]:
     """Count the functional-API calls made through ``module`` (models.resnet or models.fuse), per
     unit: a residual block run as one function (``residual_block``, training) counts as the
-    per-unit calls it replaces (a ``conv_bn_act`` per inner unit, one ``conv_bn_add_act``)."""
+    per-unit calls it replaces (a ``conv_bn_act`` per inner unit, one ``conv_bn_add_act``; with
+    ``add_input=False`` and no shortcut, the stem: a ``conv_bn_act`` per unit)."""
     counts: Dict[str, int] = {}
     if hasattr(module, "residual_block"):
         orig_block = module.residual_block
@@ -154,8 +155,10 @@ def count_calls(monkeypatch, module) -> Dict[str, int]:
         def block(x, units, shortcut=None, _orig=orig_block, **k):
             out = _orig(x, units, shortcut, **k)
             if out is not None:
-                counts["conv_bn_act"] = counts.get("conv_bn_act", 0) + len(units) - 1
-                counts["conv_bn_add_act"] = counts.get("conv_bn_add_act", 0) + 1
+                added = shortcut is not None or k.get("add_input", True)
+                counts["conv_bn_act"] = counts.get("conv_bn_act", 0) + len(units) - added
+                if added:
+                    counts["conv_bn_add_act"] = counts.get("conv_bn_add_act", 0) + 1
             return out
         monkeypatch.setattr(module, "residual_block", block)
     # (models.resnet calls the functions past their module checks, unit_act / unit_add_act)
