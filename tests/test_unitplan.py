@@ -681,6 +681,23 @@ def _plain_unit(world, h, s):
     return torch.relu(z + (world["sbn"](world["sconv"](s)) if "sconv" in world else s))
 
 
+def _unit_and_plain_step(w, h0, s0):
+    """One training step from one state: ``w``'s unit through conv_bn_add_act on aten (planned), and
+    ``_plain_unit`` on a copy of ``w``; everything observable of each (output, input and parameter
+    gradients, parameters and buffers after it)."""
+    ref_w = copy.deepcopy(w)
+    got = []
+    for world, fn in ((w, lambda w_, h, s: _unit(w_, h, s, "aten")), (ref_w, _plain_unit)):
+        h, s = h0.clone().requires_grad_(), s0.clone().requires_grad_()
+        out = fn(world, h, s)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+        got.append([out.detach(), h.grad, s.grad] + [p.grad for m in world.values() for p in m.parameters()]
+                   + _state(world))
+    for m in w.values():
+        m.zero_grad()
+    return got
+
+
 _UNIT_DTYPES = {  # (the activations' and convolutions' dtype, the BatchNorms')
     "float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
     "bfloat16": (torch.bfloat16, torch.bfloat16), "bfloat16_bn_float32": (torch.bfloat16, torch.float32),
@@ -705,22 +722,33 @@ def test_aten_unit_is_pytorchs_own_batch_norm(monkeypatch, dtypes, layout, proje
     h0, s0 = (t.detach().to(act) for t in _inputs(projection, layout))
     units = _counting(monkeypatch, __import__("resnet_kernels.backends.aten_unit").backends.aten_unit, "forward")
     for step in range(5):
-        ref_w = copy.deepcopy(w)
-        got = []
-        for world, fn in ((w, lambda w_, h, s: _unit(w_, h, s, "aten")), (ref_w, _plain_unit)):
-            h, s = h0.clone().requires_grad_(), s0.clone().requires_grad_()
-            out = fn(world, h, s)
-            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(act))
-            got.append([out.detach(), h.grad, s.grad] + [p.grad for m in world.values() for p in m.parameters()]
-                       + _state(world))
+        got = _unit_and_plain_step(w, h0, s0)
         assert len(units) == max(0, step - 1)
         if step >= 2:
             _assert_same(got[0], got[1])
         elif act in (torch.float32, torch.float64):  # (the ops' own parity: tests/ops, tests/nn)
             for a, b in zip(*got):
                 torch.testing.assert_close(a, b)
-        for m in w.values():
-            m.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["no_affine", "no_running_stats", "running_stats_off_later"])
+def test_aten_unit_without_affine_parameters_or_running_statistics(monkeypatch, kind):
+    """The unit with BatchNorms without weight and bias, without running buffers, or whose
+    track_running_stats was turned off after construction (buffers kept, never updated): PyTorch's
+    numbers bitwise from the bound hit on, as above."""
+    w = _world(True)
+    for k in ("bn", "sbn"):
+        if kind == "running_stats_off_later":
+            w[k].track_running_stats = False
+        else:
+            w[k] = nn.BatchNorm2d(C, affine=kind != "no_affine", track_running_stats=kind != "no_running_stats")
+    h0, s0 = (t.detach() for t in _inputs(True, "nchw"))
+    units = _counting(monkeypatch, __import__("resnet_kernels.backends.aten_unit").backends.aten_unit, "forward")
+    for step in range(4):
+        got = _unit_and_plain_step(w, h0, s0)
+        if step >= 2:
+            _assert_same(got[0], got[1])
+    assert len(units) == 2
 
 
 def test_aten_unit_declines_what_native_batch_norm_does_not_take(monkeypatch):
