@@ -545,7 +545,9 @@ class _Bound:
     per call as the registry's ``_ModuleAttr`` does: a monkeypatched launcher is still the one
     called) and what the running-statistics update reads that the key fixes: the
     unbiasing factor m / (m - 1) (m = y's elements per channel) and, per BatchNorm with an update,
-    whether it counts batches and keeps running statistics (``_update_entry``'s conditions)."""
+    whether it counts batches and keeps running statistics (``_update_entry``'s conditions). Where the
+    backend declares a training unit that takes the key's tensors (``_unit_of``), ``unit`` is its
+    module, which a hit runs instead of the launchers (with the convolutions' ``geometry``)."""
 
     __slots__ = ("token", "be", "conv", "rconv", "bn", "upd", "strides", "acc", "cshape", "cfn", "rcfn", "bfn",
                  "ufn", "bro", "unbias", "usides", "pinfo", "unit", "uflags", "geometry", "rgeometry")
@@ -643,22 +645,14 @@ def _fast_updates(f: _Bound, bn, rbn, mean, var, rmean, rvar) -> list:
     ups = []
     for side, count, running in f.usides:
         b, mu, va = (bn, mean, var) if side == 0 else (rbn, rmean, rvar)
-        bufs = b._buffers
-        nbt = bufs.get("num_batches_tracked") if count else None
-        mom = b.momentum
-        if mom is None:
-            factor = 1.0 / (float(nbt) + 1.0) if count else 0.0
-        else:
-            factor = float(mom)
-        ups.append(_RunningUpdate(mu, va, bufs.get("running_mean") if running else None,
-                                  bufs.get("running_var") if running else None, nbt, factor, f.unbias))
+        ups.append(_RunningUpdate(mu, va, *_side_update(b, count, running), f.unbias))
     return ups
 
 
-def _unit_side(b, count: bool, running: bool):
-    """(running_mean, running_var, num_batches_tracked, factor) of BatchNorm ``b`` for the training
-    unit: its buffers where it updates them (``f.uflags``: what the key fixes), else None; the
-    momentum read now (the cumulative average's factor from the count, as ``_fast_updates``)."""
+def _side_update(b, count: bool, running: bool):
+    """(running_mean, running_var, num_batches_tracked, factor) of BatchNorm ``b``'s update in a bound
+    plan: its buffers where it counts / keeps running statistics (what the key fixes: ``f.usides``,
+    ``f.uflags``), else None; the momentum read now (the cumulative average's factor from the count)."""
     bufs = b._buffers
     nbt = bufs.get("num_batches_tracked") if count else None
     mom = b.momentum
@@ -675,11 +669,11 @@ def _fast_forward(plan: _TrainPlan, f: _Bound, bn, rbn, xin, w, bw, bb, ident, r
     rinvstd, r or the identity), with the running-statistics updates made."""
     unit = f.unit
     if unit is not None:
-        rm, rv, nbt, factor = _unit_side(bn, *f.uflags[0])
+        rm, rv, nbt, factor = _side_update(bn, *f.uflags[0])
         if rx is None:
             rrm = rrv = rnbt = rfactor = None
         else:
-            rrm, rrv, rnbt, rfactor = _unit_side(rbn, *f.uflags[1])
+            rrm, rrv, rnbt, rfactor = _side_update(rbn, *f.uflags[1])
         out, y, mean, inv, r, rmean, rinv = unit.forward(xin, w, f.geometry, bw, bb, rm, rv, nbt, factor, eps, ident,
                                                          rx, rw, f.rgeometry, rbw, rbb, rrm, rrv, rnbt, rfactor,
                                                          id_eps, relu)
