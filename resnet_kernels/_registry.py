@@ -7,7 +7,9 @@ first use), a ``supports(call)`` that returns None or the reason it cannot run t
 it is deterministic, its rank in the static order ``auto`` uses when it cannot measure, and the
 device types ``auto`` may pick it on. A *backend* is a family of implementations that share a
 build/device requirement (``available(device)``: None or why not here), e.g. ``cuda`` needs
-``resnet_kernels._C`` and a CUDA tensor.
+``resnet_kernels._C`` and a CUDA tensor; it may also declare a training unit (``train_unit``: a
+module that runs a planned conv -> BN -> add -> ReLU unit and its backward in place of its own
+implementations of those ops, resnet_kernels/_unitplan.py).
 
 Everything that names implementations reads this registry: ``resolve`` (the op layer),
 ``resnet_kernels.info``, ``check``, ``bench``, ``tune``, the CLI choices, the benchmarks and the
